@@ -1,0 +1,72 @@
+//! The names of every metric hubgate emits, with their descriptions.
+
+use metrics::{Unit, describe_counter, describe_gauge};
+
+/// MQTT messages received, before routing.
+pub const MQTT_MESSAGES_RECEIVED: &str = "hubgate_mqtt_messages_received_total";
+/// Payload bytes of MQTT messages received.
+pub const MQTT_RECEIVED_BYTES: &str = "hubgate_mqtt_received_bytes_total";
+/// 1 while the MQTT connection is up, 0 otherwise.
+pub const MQTT_CONNECTED: &str = "hubgate_mqtt_connected";
+/// MQTT connection failures and losses (each followed by a reconnect with backoff).
+pub const MQTT_CONNECTION_ERRORS: &str = "hubgate_mqtt_connection_errors_total";
+/// Messages whose topic no stream declares; dropped.
+pub const UNROUTED_MESSAGES: &str = "hubgate_unrouted_messages_total";
+/// Messages routed to a stream. Label: `stream`.
+pub const STREAM_MESSAGES: &str = "hubgate_stream_messages_total";
+/// Messages dropped whole. Labels: `stream`, `reason` (`decode`, `bad_time`).
+pub const MESSAGES_DROPPED: &str = "hubgate_messages_dropped_total";
+/// Fields removed by a privacy stage. Labels: `stream`, `stage` (`allow_list`).
+pub const FIELDS_DROPPED: &str = "hubgate_fields_dropped_total";
+/// Filtered records kept in the store. Label: `stream`.
+pub const RECORDS_KEPT: &str = "hubgate_records_kept_total";
+/// Records removed from the store. Labels: `stream`, `reason` (`retention`, `capacity`).
+pub const RECORDS_PURGED: &str = "hubgate_store_records_purged_total";
+/// Records sent to gRPC subscribers. Label: `stream`.
+pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
+/// gRPC Subscribe calls open now.
+pub const GRPC_SUBSCRIBERS: &str = "hubgate_grpc_subscribers";
+/// Always 1; label `policy_hash` names the running policy.
+pub const POLICY_INFO: &str = "hubgate_policy_info";
+/// Always 1; label `version` names the build.
+pub const BUILD_INFO: &str = "hubgate_build_info";
+
+/// Registers the description and unit of every metric with the installed recorder.
+pub fn describe() {
+    describe_counter!(
+        MQTT_MESSAGES_RECEIVED,
+        "MQTT messages received, before routing"
+    );
+    describe_counter!(
+        MQTT_RECEIVED_BYTES,
+        Unit::Bytes,
+        "payload bytes of MQTT messages received"
+    );
+    describe_gauge!(MQTT_CONNECTED, "1 while the MQTT connection is up");
+    describe_counter!(
+        MQTT_CONNECTION_ERRORS,
+        "MQTT connection failures and losses"
+    );
+    describe_counter!(
+        UNROUTED_MESSAGES,
+        "messages whose topic no stream declares (dropped)"
+    );
+    describe_counter!(STREAM_MESSAGES, "messages routed to each stream");
+    describe_counter!(
+        MESSAGES_DROPPED,
+        "messages dropped whole, by stream and reason"
+    );
+    describe_counter!(
+        FIELDS_DROPPED,
+        "fields removed by a privacy stage, by stream and stage"
+    );
+    describe_counter!(RECORDS_KEPT, "filtered records kept in the store");
+    describe_counter!(
+        RECORDS_PURGED,
+        "records removed from the store, by stream and reason"
+    );
+    describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
+    describe_gauge!(GRPC_SUBSCRIBERS, "gRPC Subscribe calls open now");
+    describe_gauge!(POLICY_INFO, "the running policy, by content hash");
+    describe_gauge!(BUILD_INFO, "the running build, by version");
+}

@@ -1,0 +1,218 @@
+//! The `hubgate` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use hubgate_privacy::Severity;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, Config};
+
+/// hubgate: an edge gateway that applies a city's privacy policy to MQTT telemetry and serves the
+/// filtered records over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "hubgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway. Without --config, runs the embedded default: an in-process MQTT broker on
+    /// 127.0.0.1:1883 (or a free port if that is taken) and a small district's policy.
+    Run {
+        /// Configuration file (TOML): broker, listeners and policy.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate configuration files; print every error and warning with its line and column.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run a simulated district through the gateway and show what the policy keeps.
+    #[cfg(feature = "embedded-broker")]
+    Demo {
+        /// How long to run, in seconds (0: until Ctrl-C).
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Messages the simulated district publishes per second.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+    },
+}
+
+/// Entry point of the `hubgate` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Check { files } => return check(&files),
+        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
+        #[cfg(feature = "embedded-broker")]
+        Command::Demo { seconds, rate } => {
+            runtime().and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("hubgate: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=off,rumqttc=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Reads and validates a config file, printing its diagnostics. `None` when it has errors.
+fn load(path: &Path) -> anyhow::Result<Option<Config>> {
+    let source =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let name = path.display().to_string();
+    match config::parse(&source) {
+        Ok((config, warnings)) => {
+            for w in &warnings {
+                eprintln!("{}", w.render(&name, &source));
+            }
+            Ok(Some(config))
+        }
+        Err(rejected) => {
+            for d in &rejected.diagnostics {
+                eprintln!("{}", d.render(&name, &source));
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn check(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for path in files {
+        let source = match std::fs::read_to_string(path) {
+            Ok(s) => s,
+            Err(err) => {
+                eprintln!("{}: error: cannot read: {err}", path.display());
+                failed = true;
+                continue;
+            }
+        };
+        let name = path.display().to_string();
+        let (diagnostics, outcome) = match config::parse(&source) {
+            Ok((config, warnings)) => {
+                let streams = config.policy.streams().len();
+                (warnings, Ok((config.policy.hash_hex(), streams)))
+            }
+            Err(rejected) => (rejected.diagnostics, Err(())),
+        };
+        for d in &diagnostics {
+            println!("{}", d.render(&name, &source));
+        }
+        let errors = diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .count();
+        let warnings = diagnostics.len() - errors;
+        match outcome {
+            Ok((hash, streams)) => {
+                println!("{name}: ok: {streams} streams, policy {hash}, {warnings} warnings");
+            }
+            Err(()) => {
+                println!("{name}: rejected: {errors} errors, {warnings} warnings");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let (config, broker) = match &config_path {
+        Some(path) => match load(path)? {
+            Some(config) => (config, None),
+            None => anyhow::bail!(
+                "{} has errors; nothing was started (see above)",
+                path.display()
+            ),
+        },
+        None => embedded_default()?,
+    };
+    let shutdown = CancellationToken::new();
+    let gateway = crate::start(config, shutdown.clone()).await?;
+    // One line on stdout that says where everything is (scripts and tests read it).
+    println!(
+        "hubgate: gRPC listening on {}, admin HTTP listening on {}{}",
+        gateway.grpc_addr,
+        gateway.admin_addr,
+        broker
+            .map(|b| format!(", embedded MQTT broker on {b}"))
+            .unwrap_or_default()
+    );
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stopping");
+        stop.cancel();
+    });
+    gateway.wait().await
+}
+
+#[cfg(feature = "embedded-broker")]
+fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> {
+    let (mut config, _) = config::parse(config::DEFAULT_CONFIG)
+        .map_err(|_| anyhow::anyhow!("the embedded default configuration is invalid"))?;
+    let addr = crate::broker::start(crate::broker::DEFAULT_ADDR)?;
+    config.mqtt.host = addr.ip().to_string();
+    config.mqtt.port = addr.port();
+    Ok((config, Some(addr)))
+}
+
+#[cfg(not(feature = "embedded-broker"))]
+fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> {
+    anyhow::bail!("this build has no embedded broker: run `hubgate run --config FILE`")
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,253 @@
+//! The gateway's configuration: one TOML file holding the connection settings and the policy.
+//!
+//! ```toml
+//! [mqtt]
+//! host = "127.0.0.1"
+//! port = 1883
+//! client_id = "hubgate-district-1"
+//!
+//! [grpc]
+//! listen = "127.0.0.1:50051"
+//!
+//! [admin]
+//! listen = "127.0.0.1:9464"
+//!
+//! [[stream]]   # the policy: see hubgate_privacy::policy
+//! ...
+//! ```
+//!
+//! [`parse`] reports every problem it finds with its line and column (see
+//! [`hubgate_privacy::diagnostics`]); nothing is applied from a file with errors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hubgate_privacy::diagnostics::{self, Diagnostic, Diagnostics};
+use hubgate_privacy::policy::{self, Policy};
+use serde::{Deserialize, Deserializer};
+
+/// The embedded default configuration: a small district's policy, used by `hubgate run` without a
+/// config file and by `hubgate demo`.
+pub const DEFAULT_CONFIG: &str = include_str!("default_config.toml");
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub grpc: GrpcConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub policy: Policy,
+}
+
+/// Connection to the MQTT broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Client identifier. The session is persistent (`clean_session = false`), so the broker
+    /// keeps QoS 1 messages for this id while the gateway is away: give each gateway its own.
+    pub client_id: String,
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// Largest MQTT packet accepted; larger messages are refused by the client.
+    pub max_packet_bytes: usize,
+    /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
+    /// stops reading from the broker (backpressure) instead of buffering more.
+    pub queue_capacity: usize,
+    /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "hubgate".into(),
+            keep_alive: Duration::from_secs(30),
+            max_packet_bytes: 256 * 1024,
+            queue_capacity: 4096,
+            reconnect_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The gRPC API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub listen: SocketAddr,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+        }
+    }
+}
+
+/// The admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// The store of filtered records that Subscribe replays from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Most records held per stream; the oldest are removed beyond it.
+    pub max_records_per_stream: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_records_per_stream: 100_000,
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration '{text}' (write e.g. \"30s\"): {e}"
+        ))
+    })
+}
+
+/// A configuration that was rejected, with every problem found.
+#[derive(Debug)]
+pub struct Rejected {
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// Parses and validates a configuration file's text.
+///
+/// On success, also returns the warnings (weak but accepted settings).
+pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
+    let doc = diagnostics::parse_document(source).map_err(|d| Rejected {
+        diagnostics: d.into_sorted(),
+    })?;
+    let mut diags = Diagnostics::default();
+    let (mut mqtt, mut grpc, mut admin, mut store) = Default::default();
+    let mut raw_streams = None;
+    for (key, value) in doc {
+        match key.get_ref().as_ref() {
+            "mqtt" => mqtt = diags.section(value),
+            "grpc" => grpc = diags.section(value),
+            "admin" => admin = diags.section(value),
+            "store" => store = diags.section(value),
+            "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
+            other => diags.error(
+                key.span(),
+                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'stream'"),
+            ),
+        }
+    }
+    let mqtt: MqttConfig = mqtt.unwrap_or_default();
+    let grpc: GrpcConfig = grpc.unwrap_or_default();
+    let admin: AdminConfig = admin.unwrap_or_default();
+    let store: StoreConfig = store.unwrap_or_default();
+    let whole = 0..source.len().min(1);
+    if mqtt.client_id.is_empty() {
+        diags.error(
+            whole.clone(),
+            "mqtt.client_id must not be empty (the session is persistent)",
+        );
+    }
+    if mqtt.queue_capacity == 0 || store.max_records_per_stream == 0 {
+        diags.error(
+            whole.clone(),
+            "mqtt.queue_capacity and store.max_records_per_stream must be at least 1",
+        );
+    }
+    if mqtt.max_packet_bytes < 1024 {
+        diags.error(whole.clone(), "mqtt.max_packet_bytes must be at least 1024");
+    }
+    if raw_streams.is_none() {
+        diags.error(
+            whole,
+            "no [[stream]] is declared: the gateway would pass nothing",
+        );
+    }
+    let raw_streams = raw_streams.unwrap_or_default();
+    let policy = policy::compile(raw_streams, &mut diags);
+    match policy {
+        Some(policy) if !diags.has_errors() => {
+            let config = Config {
+                mqtt,
+                grpc,
+                admin,
+                store,
+                policy,
+            };
+            Ok((config, diags.into_sorted()))
+        }
+        _ => Err(Rejected {
+            diagnostics: diags.into_sorted(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hubgate_privacy::Severity;
+
+    #[test]
+    fn the_default_config_is_valid() {
+        let (config, warnings) =
+            parse(DEFAULT_CONFIG).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(config.policy.streams().len(), 4);
+    }
+
+    #[test]
+    fn a_typo_is_reported_at_its_line_and_column() {
+        let src = format!("[mqtt]\nhost = \"broker\"\n  precison = 7\n\n{DEFAULT_CONFIG}")
+            .replacen("[mqtt]\nhost = \"127.0.0.1\"", "", 1);
+        let err = parse(&src).unwrap_err();
+        let errors: Vec<_> = err
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].message.starts_with("unknown field 'precison'"),
+            "{}",
+            errors[0].message
+        );
+        assert_eq!(errors[0].position(&src), (3, 3));
+    }
+
+    #[test]
+    fn errors_in_several_sections_are_all_reported() {
+        let src = "[grpc]\nlisten = \"nowhere\"\n[admin]\nport = 1\n[telemetry]\n";
+        let err = parse(src).unwrap_err();
+        let lines: Vec<_> = err.diagnostics.iter().map(|d| d.position(src).0).collect();
+        assert_eq!(lines, [1, 2, 4, 5], "{:?}", err.diagnostics);
+        assert!(
+            err.diagnostics
+                .iter()
+                .any(|d| d.message.contains("no [[stream]] is declared"))
+        );
+    }
+}

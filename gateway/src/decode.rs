@@ -1,0 +1,281 @@
+//! Payload decoders: message bytes into a [`Reading`].
+//!
+//! JSON: the payload must be one object. Nested objects are flattened into dotted paths
+//! (`{"location": {"district": "north"}}` gives `location.district`). Numbers become integers when
+//! they are whole and fit in 64 bits, floats otherwise. Arrays and nulls cannot be represented as
+//! field values: they are skipped and counted in [`Reading::unsupported`], so the allow-list counts
+//! them as dropped. A payload that is not a JSON object, nests deeper than [`MAX_DEPTH`], or gives
+//! two values for one path is rejected whole: the caller drops it and counts it.
+//!
+//! Decoders are pure functions over bytes; they never log what they read.
+
+use std::fmt;
+
+use hubgate_privacy::{Reading, Value};
+use serde::Deserializer as _;
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+/// Deepest object nesting accepted.
+pub const MAX_DEPTH: usize = 16;
+
+/// Why a payload was rejected. Messages never quote the payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is not valid JSON (line {line}, column {column})")]
+    Syntax { line: usize, column: usize },
+    #[error("payload is not a JSON object")]
+    NotAnObject,
+    #[error("payload nests objects deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("payload gives more than one value for a field")]
+    DuplicateField,
+}
+
+/// Decodes a JSON object payload.
+pub fn json(payload: &[u8]) -> Result<Reading, DecodeError> {
+    let mut reading = Reading::default();
+    let mut prefix = String::new();
+    let mut de = serde_json::Deserializer::from_slice(payload);
+    let seed = Flatten {
+        prefix: &mut prefix,
+        out: &mut reading,
+        depth: 0,
+    };
+    match de
+        .deserialize_map(ObjectVisitor(seed))
+        .and_then(|()| de.end())
+    {
+        Ok(()) => {}
+        Err(err) => {
+            return Err(match err.classify() {
+                serde_json::error::Category::Data if err.to_string().starts_with(TOO_DEEP) => {
+                    DecodeError::TooDeep
+                }
+                serde_json::error::Category::Data => DecodeError::NotAnObject,
+                _ => DecodeError::Syntax {
+                    line: err.line(),
+                    column: err.column(),
+                },
+            });
+        }
+    }
+    if has_duplicates(&reading.fields) {
+        return Err(DecodeError::DuplicateField);
+    }
+    Ok(reading)
+}
+
+const TOO_DEEP: &str = "hubgate: nesting too deep";
+
+fn has_duplicates(fields: &[(String, Value)]) -> bool {
+    if fields.len() <= 16 {
+        fields
+            .iter()
+            .enumerate()
+            .any(|(i, (p, _))| fields[..i].iter().any(|(q, _)| q == p))
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(fields.len());
+        !fields.iter().all(|(p, _)| seen.insert(p.as_str()))
+    }
+}
+
+struct Flatten<'a> {
+    prefix: &'a mut String,
+    out: &'a mut Reading,
+    depth: usize,
+}
+
+/// Visits the top-level object, which must be a map.
+struct ObjectVisitor<'a>(Flatten<'a>);
+
+impl<'de> Visitor<'de> for ObjectVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let Flatten { prefix, out, depth } = self.0;
+        visit_object(prefix, out, depth, map)
+    }
+}
+
+fn visit_object<'de, A: MapAccess<'de>>(
+    prefix: &mut String,
+    out: &mut Reading,
+    depth: usize,
+    mut map: A,
+) -> Result<(), A::Error> {
+    if depth >= MAX_DEPTH {
+        return Err(de::Error::custom(TOO_DEEP));
+    }
+    let base = prefix.len();
+    while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        if base > 0 {
+            prefix.push('.');
+        }
+        prefix.push_str(&key);
+        map.next_value_seed(Flatten {
+            prefix: &mut *prefix,
+            out: &mut *out,
+            depth: depth + 1,
+        })?;
+        prefix.truncate(base);
+    }
+    Ok(())
+}
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl Flatten<'_> {
+    fn push(self, value: Value) {
+        self.out.fields.push((self.prefix.clone(), value));
+    }
+}
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.push(Value::Bool(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.push(Value::Int(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.push(i64::try_from(v).map_or(Value::Float(v as f64), Value::Int));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.push(Value::Float(v));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.push(Value::Str(v.to_owned()));
+        Ok(())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.push(Value::Str(v));
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.out.unsupported += 1;
+        Ok(())
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.out.unsupported += 1;
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        visit_object(self.prefix, self.out, self.depth, map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn paths(r: &Reading) -> Vec<&str> {
+        r.fields.iter().map(|(p, _)| p.as_str()).collect()
+    }
+
+    #[test]
+    fn objects_are_flattened_and_typed() {
+        let r = json(
+            br#"{"id":"aq-1","pm25":12.5,"count":3,"big":18446744073709551615,"ok":true,
+                "location":{"district":"north","geo":{"lat":51.5}},"bands":[1,2],"note":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            paths(&r),
+            [
+                "id",
+                "pm25",
+                "count",
+                "big",
+                "ok",
+                "location.district",
+                "location.geo.lat"
+            ]
+        );
+        assert_eq!(r.fields[1].1, Value::Float(12.5));
+        assert_eq!(r.fields[2].1, Value::Int(3));
+        assert_eq!(r.fields[3].1, Value::Float(18446744073709551615.0));
+        assert_eq!(r.fields[4].1, Value::Bool(true));
+        assert_eq!(r.unsupported, 2, "the array and the null are counted");
+    }
+
+    #[test]
+    fn malformed_payloads_are_rejected() {
+        assert!(matches!(json(b"{\"a\":"), Err(DecodeError::Syntax { .. })));
+        assert!(matches!(
+            json(b"{\"a\":1} trailing"),
+            Err(DecodeError::Syntax { .. })
+        ));
+        assert!(matches!(json(b"\xff\xfe"), Err(DecodeError::Syntax { .. })));
+        assert!(matches!(json(b""), Err(DecodeError::Syntax { .. })));
+        assert_eq!(json(b"[1,2]"), Err(DecodeError::NotAnObject));
+        assert_eq!(json(b"42"), Err(DecodeError::NotAnObject));
+        assert_eq!(json(br#"{"a":1,"a":2}"#), Err(DecodeError::DuplicateField));
+        assert_eq!(
+            json(br#"{"a.b":1,"a":{"b":2}}"#),
+            Err(DecodeError::DuplicateField)
+        );
+        let deep = format!("{}1{}", "{\"a\":".repeat(40), "}".repeat(40));
+        assert_eq!(json(deep.as_bytes()), Err(DecodeError::TooDeep));
+        let ok = format!("{}1{}", "{\"a\":".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
+        assert!(json(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn error_messages_never_quote_the_payload() {
+        let secret = "aa:bb:cc:dd:ee:ff";
+        for payload in [format!("{{\"mac\":\"{secret}\""), format!("[\"{secret}\"]")] {
+            let msg = json(payload.as_bytes()).unwrap_err().to_string();
+            assert!(!msg.contains(secret), "{msg}");
+        }
+    }
+
+    proptest! {
+        /// Any bytes: the decoder returns, and an accepted reading has unique, non-empty paths.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(r) = json(&bytes) {
+                prop_assert!(!has_duplicates(&r.fields));
+            }
+        }
+
+        /// Flat objects of scalars decode to exactly their members.
+        #[test]
+        fn flat_objects_round_trip(members in prop::collection::btree_map("[a-z]{1,8}", any::<i64>(), 0..20)) {
+            let payload = serde_json::to_vec(&members).unwrap();
+            let r = json(&payload).unwrap();
+            let got: Vec<(String, Value)> = r.fields;
+            let want: Vec<(String, Value)> = members.into_iter().map(|(k, v)| (k, Value::Int(v))).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The gRPC API (`hubgate.v1.Gateway`), with gRPC health checking and server reflection.
+//!
+//! Subscribe: one follower task per requested stream reads the store from its own cursor and
+//! feeds a bounded channel that is the response stream. A follower that catches up waits for the
+//! store to grow; a client that reads slowly only fills its own channel, so it never blocks ingest
+//! or other subscribers. Replay and live are the same loop over the same log, so there is no gap
+//! and no duplicate where one becomes the other.
+//!
+//! Metrics: `hubgate_grpc_subscribers`, `hubgate_grpc_records_sent_total{stream}`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hubgate_exporters::catalogue;
+use hubgate_privacy::Policy;
+use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
+use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::pipeline::now_ms;
+use crate::store::Store;
+
+/// Records read from the store per turn of a follower.
+const READ_BATCH: usize = 256;
+/// Events buffered per subscriber before its followers wait for the client.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// The `Gateway` service.
+#[derive(Debug, Clone)]
+pub struct GatewayService {
+    policy: Arc<Policy>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+}
+
+impl GatewayService {
+    pub fn new(policy: Arc<Policy>, store: Arc<Store>, shutdown: CancellationToken) -> Self {
+        Self {
+            policy,
+            store,
+            shutdown,
+        }
+    }
+}
+
+/// Decrements the subscriber gauge when the last follower of a call ends.
+#[derive(Debug)]
+struct SubscriberGuard;
+
+impl SubscriberGuard {
+    fn new() -> Self {
+        metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).increment(1.0);
+        SubscriberGuard
+    }
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).decrement(1.0);
+    }
+}
+
+type EventResult = Result<v1::SubscribeResponse, Status>;
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    type SubscribeStream = ReceiverStream<EventResult>;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let indexes: Vec<usize> = if req.streams.is_empty() {
+            (0..self.policy.streams().len()).collect()
+        } else {
+            let mut indexes = Vec::new();
+            for name in &req.streams {
+                let Some(i) = self.policy.streams().iter().position(|s| &s.name == name) else {
+                    return Err(Status::not_found("no such stream"));
+                };
+                if !indexes.contains(&i) {
+                    indexes.push(i);
+                }
+            }
+            indexes
+        };
+        for name in req.from_sequence.keys() {
+            if !indexes
+                .iter()
+                .any(|&i| &self.policy.streams()[i].name == name)
+            {
+                return Err(Status::invalid_argument(
+                    "from_sequence names a stream that is not subscribed",
+                ));
+            }
+        }
+        let start = req
+            .start
+            .and_then(|s| s.position)
+            .unwrap_or(Position::Live(v1::Live {}));
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        let guard = Arc::new(SubscriberGuard::new());
+        for index in indexes {
+            let name = &self.policy.streams()[index].name;
+            let cursor = match (req.from_sequence.get(name), &start) {
+                (Some(&seq), _) => seq.max(1),
+                (None, Position::Sequence(seq)) => (*seq).max(1),
+                (None, Position::Oldest(_)) => 1,
+                (None, Position::Live(_)) => self.store.next_sequence(index),
+            };
+            let follower = Follower {
+                name: name.clone(),
+                store: Arc::clone(&self.store),
+                index,
+                cursor,
+                tx: tx.clone(),
+                sent: metrics::counter!(catalogue::GRPC_RECORDS_SENT, "stream" => name.clone()),
+                _guard: Arc::clone(&guard),
+            };
+            tokio::spawn(follower.run(self.shutdown.clone()));
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_streams(
+        &self,
+        _request: Request<v1::ListStreamsRequest>,
+    ) -> Result<Response<v1::ListStreamsResponse>, Status> {
+        let hash = self.policy.hash_hex();
+        let streams = self
+            .policy
+            .streams()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (oldest, last) = self.store.positions(i);
+                v1::StreamInfo {
+                    name: s.name.clone(),
+                    purpose: s.purpose.clone(),
+                    legal_basis: s.legal_basis.clone(),
+                    fields: s.fields.iter().map(|(p, _)| p.clone()).collect(),
+                    oldest_sequence: oldest,
+                    last_sequence: last,
+                    policy_hash: hash.clone(),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListStreamsResponse { streams }))
+    }
+}
+
+/// Follows one stream for one subscriber.
+struct Follower {
+    name: String,
+    store: Arc<Store>,
+    index: usize,
+    cursor: u64,
+    tx: mpsc::Sender<EventResult>,
+    sent: metrics::Counter,
+    _guard: Arc<SubscriberGuard>,
+}
+
+impl Follower {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut tip = self.store.watch(self.index);
+        loop {
+            // Mark the current tip as seen before reading, so an append after the read wakes us.
+            tip.borrow_and_update();
+            let batch = self
+                .store
+                .read(self.index, self.cursor, READ_BATCH, now_ms());
+            if let Some((first, last)) = batch.gap {
+                let stream = self.name.clone();
+                let gap = v1::Gap {
+                    stream,
+                    first_sequence: first,
+                    last_sequence: last,
+                };
+                if !self.send(Event::Gap(gap)).await {
+                    return;
+                }
+            }
+            let caught_up = batch.records.len() < READ_BATCH;
+            let count = batch.records.len() as u64;
+            for stored in batch.records {
+                if !self.send(Event::Record(stored.record.clone())).await {
+                    return;
+                }
+            }
+            self.sent.increment(count);
+            self.cursor = batch.next;
+            if caught_up {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = self.tx.closed() => return,
+                    changed = tip.changed() => if changed.is_err() { return },
+                }
+            }
+        }
+    }
+
+    async fn send(&self, event: Event) -> bool {
+        self.tx
+            .send(Ok(v1::SubscribeResponse { event: Some(event) }))
+            .await
+            .is_ok()
+    }
+}
+
+/// Serves the gRPC API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    service: GatewayService,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<GatewayServer<GatewayService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hubgate_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GatewayServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+/// Binds the gRPC listener, with a clear error when the address is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for gRPC on {addr}: {e} (set [grpc] listen to a free address, or port 0)"
+        )
+    })
+}

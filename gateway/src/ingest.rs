@@ -1,0 +1,147 @@
+//! MQTT ingest: one connection to the broker, subscribed at QoS 1 with a persistent session.
+//!
+//! - `clean_session = false`: while the gateway is away the broker keeps its subscriptions and
+//!   queues QoS 1 messages for it; unacknowledged messages are delivered again after a reconnect.
+//! - Manual acks: a message is acknowledged by the pipeline only after its record is kept (see
+//!   [`crate::pipeline`]). This task never acks and never waits on anything but the broker and the
+//!   pipeline's bounded queue.
+//! - Explicit settings instead of rumqttc's defaults: TCP_NODELAY on (Nagle's algorithm adds
+//!   milliseconds of latency at every load), a maximum packet size from the config (rumqttc's
+//!   default is 10 KiB), and a request channel large enough that acks rarely wait.
+//! - After a connection loss the loop reconnects with exponential backoff (100 ms doubling up to
+//!   `reconnect_backoff_max`) and subscribes again on every CONNACK.
+//! - Bounded: when the pipeline's queue is full this task stops reading from the socket, so the
+//!   broker holds messages (backpressure) and the gateway's memory does not grow.
+//!
+//! Connection errors are logged by kind only: rumqttc's error text can quote a whole packet.
+//!
+//! Metrics: `hubgate_mqtt_connected`, `hubgate_mqtt_connection_errors_total`.
+
+use std::time::Duration;
+
+use hubgate_exporters::catalogue;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, Publish,
+    QoS, SubscribeFilter,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MqttConfig;
+
+/// First wait before reconnecting.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+
+/// Creates the client and its event loop, with hubgate's settings.
+pub fn connect(config: &MqttConfig) -> (AsyncClient, EventLoop) {
+    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
+    options
+        .set_keep_alive(config.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+    // Room for one ack per queued message and per message in flight, plus control requests.
+    let capacity = config.queue_capacity + 1024;
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(10);
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
+
+/// Describes a connection error without quoting any packet content.
+fn describe(err: &ConnectionError) -> String {
+    match err {
+        ConnectionError::NotConnAck(_) => "broker sent another packet before CONNACK".into(),
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(e)) => {
+            format!("malformed packet from broker: {e}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Drives the connection until `shutdown`, sending every received PUBLISH to `queue`.
+///
+/// `connected` tracks whether the broker connection is up (for `/readyz`).
+pub async fn run(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    subscriptions: Vec<String>,
+    queue: mpsc::Sender<Publish>,
+    connected: watch::Sender<bool>,
+    backoff_max: Duration,
+    shutdown: CancellationToken,
+) {
+    let up = metrics::gauge!(catalogue::MQTT_CONNECTED);
+    let errors = metrics::counter!(catalogue::MQTT_CONNECTION_ERRORS);
+    let filters: Vec<SubscribeFilter> = subscriptions
+        .iter()
+        .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
+        .collect();
+    let mut backoff = BACKOFF_START;
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                // Waits while the pipeline is busy: that is the backpressure.
+                if queue.send(publish).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                tracing::info!(
+                    session_present = ack.session_present,
+                    "connected to MQTT broker"
+                );
+                backoff = BACKOFF_START;
+                up.set(1.0);
+                connected.send_replace(true);
+                // Subscribing again is harmless when the session survived and necessary when not.
+                if client.try_subscribe_many(filters.clone()).is_err() {
+                    tracing::error!("could not queue the MQTT subscription request");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let refused = ack
+                    .return_codes
+                    .iter()
+                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    tracing::error!(
+                        refused,
+                        "the broker refused some topic subscriptions (check its ACL)"
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                errors.increment(1);
+                up.set(0.0);
+                connected.send_replace(false);
+                tracing::warn!(error = %describe(&err), retry_in = ?backoff, "MQTT connection lost");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max.max(BACKOFF_START));
+            }
+        }
+    }
+    up.set(0.0);
+    connected.send_replace(false);
+    // The session stays on the broker; unacked messages come back on the next start.
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,160 @@
+//! hubgate: an edge gateway for people-centred smart-city hubs.
+//!
+//! It subscribes to city telemetry over MQTT, applies the city's privacy policy to every reading,
+//! keeps only the filtered records and serves them over gRPC.
+//!
+//! ```text
+//!  MQTT broker ─► ingest ─► queue ─► pipeline: route, decode, privacy chain ─► store ─► gRPC Subscribe
+//!                  (rumqttc,  (bounded)          (hubgate-privacy)                     (replay + live)
+//!                   QoS 1, manual acks after the record is kept)
+//! ```
+//!
+//! [`start`] runs a gateway inside the current tokio runtime and returns once it is listening, so
+//! the CLI, `hubgate demo` and tests all start it the same way and stop it with a
+//! [`CancellationToken`].
+
+pub mod admin;
+#[cfg(feature = "embedded-broker")]
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod decode;
+#[cfg(feature = "embedded-broker")]
+pub mod demo;
+pub mod grpc;
+pub mod ingest;
+pub mod pipeline;
+pub mod simulator;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hubgate_exporters::catalogue;
+use hubgate_privacy::Policy;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+pub use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::pipeline::{Acker, Pipeline, Stats};
+use crate::store::Store;
+
+/// A gateway that is running.
+#[derive(Debug)]
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub policy: Arc<Policy>,
+    pub stats: Arc<Stats>,
+    pub mqtt_connected: watch::Receiver<bool>,
+    tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    /// Waits until `shutdown` is cancelled and every task has stopped, or until a task fails (then
+    /// stops the others and returns its error).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(err) = outcome {
+                if result.is_ok() {
+                    result = Err(err);
+                }
+                self.shutdown.cancel();
+            }
+        }
+        result
+    }
+}
+
+/// Starts a gateway: binds its listeners, connects to the broker and starts the pipeline.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    hubgate_exporters::prometheus::install();
+    let grpc_listener = grpc::bind(config.grpc.listen).await?;
+    let admin_listener = admin::bind(config.admin.listen).await?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .context("gRPC listener address")?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .context("admin listener address")?;
+
+    let policy = Arc::new(config.policy);
+    metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
+    metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let store = Arc::new(Store::new(
+        policy
+            .streams()
+            .iter()
+            .map(|s| (s.name.as_str(), s.retention)),
+        config.store.max_records_per_stream,
+    ));
+    let stats = Arc::new(Stats::new(policy.streams().len()));
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let (queue_tx, queue_rx) = mpsc::channel(config.mqtt.queue_capacity);
+    let (client, eventloop) = ingest::connect(&config.mqtt);
+    let subscriptions = policy
+        .subscriptions()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+
+    let mut tasks = JoinSet::new();
+    let pipeline = Pipeline::new(Arc::clone(&policy), Arc::clone(&store), Arc::clone(&stats));
+    let acker = Acker::new(client.clone());
+    tasks.spawn(async move {
+        pipeline::run(pipeline, queue_rx, acker).await;
+        Ok(())
+    });
+    {
+        let (shutdown, backoff_max) = (shutdown.clone(), config.mqtt.reconnect_backoff_max);
+        tasks.spawn(async move {
+            ingest::run(
+                eventloop,
+                client,
+                subscriptions,
+                queue_tx,
+                connected_tx,
+                backoff_max,
+                shutdown,
+            )
+            .await;
+            Ok(())
+        });
+    }
+    let service =
+        grpc::GatewayService::new(Arc::clone(&policy), Arc::clone(&store), shutdown.clone());
+    tasks.spawn(grpc::serve(grpc_listener, service, shutdown.clone()));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        connected_rx.clone(),
+        shutdown.clone(),
+    ));
+    {
+        let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    _ = tick.tick() => store.purge_expired_all(pipeline::now_ms()),
+                }
+            }
+        });
+    }
+    tracing::info!(%grpc_addr, %admin_addr, policy_hash = %policy.hash_hex(), streams = policy.streams().len(), "hubgate started");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        policy,
+        stats,
+        mqtt_connected: connected_rx,
+        tasks,
+        shutdown,
+    })
+}

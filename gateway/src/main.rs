@@ -1,0 +1,5 @@
+//! The `hubgate` binary; see [`hubgate::cli`].
+
+fn main() -> std::process::ExitCode {
+    hubgate::cli::main()
+}

@@ -1,0 +1,22 @@
+//! The privacy policy of a hubgate gateway and the stages that enforce it.
+//!
+//! This crate is pure: no I/O, no clock reads, no metrics, no async. Time comes in through the
+//! caller (see [`chain::Context`]), so every stage is deterministic and easy to test.
+//!
+//! - [`diagnostics`]: errors and warnings with line and column, for `hubgate check`.
+//! - [`policy`]: the policy language (one TOML `[[stream]]` table per stream), its validation and
+//!   the compiled [`policy::Policy`] with its content hash.
+//! - [`topic`]: MQTT topic filters, used to route a message to the streams that declare it.
+//! - [`value`]: the internal form of a decoded reading and of a filtered record.
+//! - [`chain`]: the privacy chain a reading goes through, stage by stage.
+
+pub mod chain;
+pub mod diagnostics;
+pub mod policy;
+pub mod topic;
+pub mod value;
+
+pub use chain::{Context, Outcome, Rejection};
+pub use diagnostics::{Diagnostic, Severity};
+pub use policy::{Policy, StreamPolicy};
+pub use value::{Reading, Record, Value};

@@ -1,0 +1,624 @@
+//! The policy language: what a city allows each stream to collect, why, and for how long.
+//!
+//! A policy is a list of `[[stream]]` tables in the gateway's TOML configuration:
+//!
+//! ```toml
+//! [[stream]]
+//! name = "air_quality"
+//! topics = ["city/air/+/reading"]
+//! format = "json"
+//! purpose = "Inform public-health advice on air pollution"
+//! legal_basis = "public task (GDPR Art. 6(1)(e))"
+//! principles = ["sustainability_resilience"]
+//! retention = "30d"
+//! time_field = "ts"
+//!
+//! [stream.fields]
+//! station_id = "keep"
+//! pm25 = "keep"
+//! "location.district" = "keep"
+//! ```
+//!
+//! Parsing is split in two, as everywhere in hubgate's configuration: TOML into the plain `Raw*`
+//! types (serde, `deny_unknown_fields`, positions kept), then [`compile`] validates them into a
+//! [`Policy`], collecting every error with its position. The compiled policy has a content hash
+//! ([`Policy::hash_hex`]) computed over its canonical form, so comments and layout do not change
+//! it, and every record the gateway emits carries it.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+use toml::de::DeValue;
+
+use crate::diagnostics::Diagnostics;
+use crate::topic::TopicFilter;
+
+/// Version of the policy language; part of the hashed content.
+pub const POLICY_LANGUAGE_VERSION: u32 = 1;
+
+/// Retention above this is reported as a warning by `hubgate check`.
+const LONG_RETENTION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Payload encodings a stream can declare.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// A JSON object; nested objects are flattened into dotted paths.
+    #[default]
+    Json,
+}
+
+/// The principles of the UN-Habitat International Guidelines on People-Centred Smart Cities that a
+/// stream serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Principle {
+    /// Shared prosperity.
+    SharedProsperity,
+    /// Sustainability, resilience and crisis response.
+    SustainabilityResilience,
+    /// Community participation and collaboration.
+    CommunityParticipation,
+    /// Human rights, equity and inclusion.
+    HumanRightsEquityInclusion,
+}
+
+impl Principle {
+    /// The guideline's own wording.
+    pub fn title(self) -> &'static str {
+        match self {
+            Principle::SharedProsperity => "shared prosperity",
+            Principle::SustainabilityResilience => "sustainability, resilience and crisis response",
+            Principle::CommunityParticipation => "community participation and collaboration",
+            Principle::HumanRightsEquityInclusion => "human rights, equity and inclusion",
+        }
+    }
+}
+
+/// What happens to a declared field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Treatment {
+    /// The value passes unchanged.
+    Keep,
+}
+
+impl Treatment {
+    /// The names a treatment is written with in the policy.
+    pub const NAMES: &'static [&'static str] = &["keep"];
+}
+
+/// A `[[stream]]` table, less its `fields`, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStreamHeader {
+    pub name: Spanned<String>,
+    pub topics: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub format: PayloadFormat,
+    pub purpose: Spanned<String>,
+    pub legal_basis: Spanned<String>,
+    pub principles: Spanned<Vec<Spanned<Principle>>>,
+    pub retention: Spanned<String>,
+    #[serde(default)]
+    pub time_field: Option<Spanned<String>>,
+}
+
+/// A `[[stream]]` table as written.
+#[derive(Debug)]
+pub struct RawStream {
+    pub span: std::ops::Range<usize>,
+    pub header: RawStreamHeader,
+    /// Declared field paths with their treatments, in file order.
+    pub fields: Vec<(Spanned<String>, Treatment)>,
+}
+
+/// Reads the `stream` array of tables, recording every problem in `diags`.
+///
+/// Each stream, and each field of a stream, is deserialised on its own, so one mistake does not
+/// hide the others.
+pub fn parse_streams(value: Spanned<DeValue<'_>>, diags: &mut Diagnostics) -> Vec<RawStream> {
+    let span = value.span();
+    let DeValue::Array(items) = value.into_inner() else {
+        diags.error(
+            span,
+            "'stream' must be an array of tables: write each one as [[stream]]",
+        );
+        return Vec::new();
+    };
+    let mut streams = Vec::new();
+    for item in items {
+        let item_span = item.span();
+        let DeValue::Table(mut table) = item.into_inner() else {
+            diags.error(item_span, "each stream must be a table");
+            continue;
+        };
+        let fields_value = table.remove("fields");
+        let header = diags
+            .section::<RawStreamHeader>(Spanned::new(item_span.clone(), DeValue::Table(table)));
+        let fields = match fields_value {
+            None => {
+                diags.error(
+                    item_span.clone(),
+                    "missing table 'fields': declare every field the stream may pass",
+                );
+                Vec::new()
+            }
+            Some(fields) => parse_fields(fields, diags),
+        };
+        if let Some(header) = header {
+            streams.push(RawStream {
+                span: item_span,
+                header,
+                fields,
+            });
+        }
+    }
+    streams
+}
+
+fn parse_fields(
+    value: Spanned<DeValue<'_>>,
+    diags: &mut Diagnostics,
+) -> Vec<(Spanned<String>, Treatment)> {
+    let span = value.span();
+    let DeValue::Table(table) = value.into_inner() else {
+        diags.error(span, "'fields' must be a table of field path = treatment");
+        return Vec::new();
+    };
+    let mut fields = Vec::new();
+    for (key, value) in table {
+        let path = Spanned::new(key.span(), key.get_ref().to_string());
+        // A dotted key without quotes (location.lat = "keep") makes a nested table whose keys are
+        // not treatments; say so rather than report an unknown variant.
+        if let DeValue::Table(t) = value.get_ref()
+            && !t
+                .keys()
+                .any(|k| Treatment::NAMES.contains(&k.get_ref().as_ref()))
+        {
+            diags.error(
+                key.span(),
+                format!(
+                    "'{p}' is a table, not a treatment: quote dotted paths, as in \"{p}.<name>\" = \"keep\"",
+                    p = path.get_ref()
+                ),
+            );
+            continue;
+        }
+        if let Some(treatment) = diags.section::<Treatment>(value) {
+            fields.push((path, treatment));
+        }
+    }
+    fields
+}
+
+/// A compiled, validated stream policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StreamPolicy {
+    pub name: String,
+    pub topics: Vec<TopicFilter>,
+    pub format: PayloadFormat,
+    pub purpose: String,
+    pub legal_basis: String,
+    pub principles: Vec<Principle>,
+    /// How long records of this stream may be kept.
+    #[serde(serialize_with = "serialize_secs")]
+    pub retention: Duration,
+    /// Payload field that holds the event time (Unix seconds, or RFC 3339 in UTC).
+    pub time_field: Option<String>,
+    /// Declared field paths and their treatments, in file order.
+    pub fields: Vec<(String, Treatment)>,
+}
+
+fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+impl StreamPolicy {
+    /// The treatment of a field path, if the policy declares it.
+    pub fn treatment(&self, path: &str) -> Option<&Treatment> {
+        self.fields.iter().find(|(p, _)| p == path).map(|(_, t)| t)
+    }
+
+    /// Whether the stream takes messages from this topic.
+    pub fn takes_topic(&self, topic: &str) -> bool {
+        self.topics.iter().any(|f| f.matches(topic))
+    }
+}
+
+/// A compiled policy: every stream, and the content hash that identifies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    streams: Vec<StreamPolicy>,
+    hash: [u8; 32],
+}
+
+#[derive(Serialize)]
+struct CanonicalPolicy<'a> {
+    language_version: u32,
+    streams: &'a [StreamPolicy],
+}
+
+impl Policy {
+    /// Builds a policy from already validated streams and computes its hash.
+    pub fn new(streams: Vec<StreamPolicy>) -> Self {
+        let canonical = CanonicalPolicy {
+            language_version: POLICY_LANGUAGE_VERSION,
+            streams: &streams,
+        };
+        // Serialising plain data structures to JSON cannot fail.
+        let bytes = serde_json::to_vec(&canonical).unwrap_or_default();
+        let hash = Sha256::digest(&bytes).into();
+        Self { streams, hash }
+    }
+
+    pub fn streams(&self) -> &[StreamPolicy] {
+        &self.streams
+    }
+
+    pub fn stream(&self, name: &str) -> Option<&StreamPolicy> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    /// SHA-256 of the canonical JSON form of the policy.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    /// The hash as lowercase hex, as carried by every record.
+    pub fn hash_hex(&self) -> String {
+        self.hash.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Indexes of the streams whose topic filters match `topic`, in policy order.
+    pub fn route<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = usize> + 'a {
+        self.streams
+            .iter()
+            .enumerate()
+            .filter(move |(_, s)| s.takes_topic(topic))
+            .map(|(i, _)| i)
+    }
+
+    /// Every distinct topic filter, in policy order: what the gateway subscribes to.
+    pub fn subscriptions(&self) -> Vec<&str> {
+        let mut seen = HashSet::new();
+        self.streams
+            .iter()
+            .flat_map(|s| s.topics.iter().map(TopicFilter::as_str))
+            .filter(|t| seen.insert(*t))
+            .collect()
+    }
+}
+
+fn valid_stream_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= 63
+}
+
+fn valid_field_path(path: &str) -> bool {
+    !path.is_empty()
+        && path
+            .split('.')
+            .all(|seg| !seg.is_empty() && !seg.chars().any(char::is_control))
+}
+
+/// Validates raw streams into a policy, recording every problem in `diags`.
+///
+/// Returns `None` when there is at least one error.
+pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
+    let errors_before = diags.0.len();
+    let mut names = HashSet::new();
+    let mut streams = Vec::new();
+    for stream in raw {
+        let h = stream.header;
+        let name = h.name.get_ref().clone();
+        if !valid_stream_name(&name) {
+            diags.error(
+                h.name.span(),
+                format!("stream name '{name}' must be lowercase letters, digits and '_', starting with a letter, at most 63 characters"),
+            );
+        } else if !names.insert(name.clone()) {
+            diags.error(h.name.span(), format!("stream '{name}' is declared twice"));
+        }
+
+        let mut topics = Vec::new();
+        if h.topics.get_ref().is_empty() {
+            diags.error(
+                h.topics.span(),
+                format!("stream '{name}' declares no topics"),
+            );
+        }
+        for topic in h.topics.get_ref() {
+            match TopicFilter::new(topic.get_ref()) {
+                Ok(filter) => topics.push(filter),
+                Err(err) => diags.error(topic.span(), format!("invalid topic filter: {err}")),
+            }
+        }
+
+        for (text, what) in [(&h.purpose, "purpose"), (&h.legal_basis, "legal_basis")] {
+            if text.get_ref().trim().is_empty() {
+                diags.error(
+                    text.span(),
+                    format!("stream '{name}' must state its {what}"),
+                );
+            }
+        }
+
+        let mut principles = Vec::new();
+        if h.principles.get_ref().is_empty() {
+            diags.error(
+                h.principles.span(),
+                format!("stream '{name}' must name at least one guideline principle it serves"),
+            );
+        }
+        for p in h.principles.get_ref() {
+            if principles.contains(p.get_ref()) {
+                diags.error(p.span(), "principle listed twice");
+            } else {
+                principles.push(*p.get_ref());
+            }
+        }
+
+        let retention = match humantime::parse_duration(h.retention.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                diags.error(h.retention.span(), "retention must be longer than zero");
+                Duration::ZERO
+            }
+            Ok(d) => {
+                if d > LONG_RETENTION {
+                    diags.warning(
+                        h.retention.span(),
+                        format!("stream '{name}' keeps records for more than a year: check that its purpose needs it"),
+                    );
+                }
+                d
+            }
+            Err(err) => {
+                diags.error(
+                    h.retention.span(),
+                    format!("invalid retention (write e.g. \"30d\" or \"12h\"): {err}"),
+                );
+                Duration::ZERO
+            }
+        };
+
+        let time_field = h.time_field.as_ref().map(|t| {
+            if !valid_field_path(t.get_ref()) {
+                diags.error(t.span(), format!("invalid field path '{}'", t.get_ref()));
+            }
+            t.get_ref().clone()
+        });
+
+        let mut fields: Vec<(String, Treatment)> = Vec::new();
+        for (path, treatment) in &stream.fields {
+            let p = path.get_ref();
+            if !valid_field_path(p) {
+                diags.error(
+                    path.span(),
+                    format!("invalid field path '{p}': use names separated by '.'"),
+                );
+                continue;
+            }
+            fields.push((p.clone(), treatment.clone()));
+        }
+        for (path, _) in &stream.fields {
+            let p = path.get_ref();
+            let prefix = format!("{p}.");
+            if let Some((other, _)) = fields.iter().find(|(o, _)| o.starts_with(&prefix)) {
+                diags.error(
+                    path.span(),
+                    format!(
+                        "'{p}' is an object, since '{other}' is declared: declare leaf fields only"
+                    ),
+                );
+            }
+        }
+        if stream.fields.is_empty() {
+            diags.warning(
+                stream.span.clone(),
+                format!("stream '{name}' passes no fields"),
+            );
+        }
+
+        streams.push(StreamPolicy {
+            name,
+            topics,
+            format: h.format,
+            purpose: h.purpose.into_inner().trim().to_owned(),
+            legal_basis: h.legal_basis.into_inner().trim().to_owned(),
+            principles,
+            retention,
+            time_field,
+            fields,
+        });
+    }
+    let has_new_errors = diags.0[errors_before..]
+        .iter()
+        .any(|d| d.severity == crate::diagnostics::Severity::Error);
+    (!has_new_errors).then(|| Policy::new(streams))
+}
+
+/// Parses and compiles a document that holds only `[[stream]]` tables (used by tests and tools).
+pub fn from_toml(source: &str) -> Result<(Policy, Diagnostics), Diagnostics> {
+    let doc = crate::diagnostics::parse_document(source)?;
+    let mut diags = Diagnostics::default();
+    let mut raw = Vec::new();
+    for (key, value) in doc {
+        if key.get_ref() == "stream" {
+            raw = parse_streams(value, &mut diags);
+        } else {
+            diags.error(
+                key.span(),
+                format!("unknown section '{}', expected 'stream'", key.get_ref()),
+            );
+        }
+    }
+    match compile(raw, &mut diags) {
+        Some(policy) if !diags.has_errors() => Ok((policy, diags)),
+        _ => Err(diags),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diagnostics::Severity;
+
+    const AIR: &str = r#"
+[[stream]]
+name = "air_quality"
+topics = ["city/air/+/reading"]
+purpose = "Inform public-health advice"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "30d"
+time_field = "ts"
+
+[stream.fields]
+station_id = "keep"
+"location.district" = "keep"
+pm25 = "keep"
+"#;
+
+    fn errors(src: &str) -> Vec<(usize, usize, String)> {
+        let diags = from_toml(src).expect_err("policy must be rejected");
+        diags
+            .into_sorted()
+            .into_iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| {
+                let (l, c) = d.position(src);
+                (l, c, d.message)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_valid_policy_compiles() {
+        let (policy, diags) = from_toml(AIR).unwrap();
+        assert!(diags.0.is_empty(), "{diags:?}");
+        let s = &policy.streams()[0];
+        assert_eq!(s.name, "air_quality");
+        assert_eq!(s.retention, Duration::from_secs(30 * 86400));
+        assert_eq!(s.time_field.as_deref(), Some("ts"));
+        let paths: Vec<_> = s.fields.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["station_id", "location.district", "pm25"]);
+        assert_eq!(
+            policy.route("city/air/st-1/reading").collect::<Vec<_>>(),
+            [0]
+        );
+        assert_eq!(policy.route("city/noise/m-1").count(), 0);
+        assert_eq!(policy.hash_hex().len(), 64);
+    }
+
+    #[test]
+    fn the_hash_ignores_layout_but_not_content() {
+        let (a, _) = from_toml(AIR).unwrap();
+        let reformatted = AIR.replace(
+            "pm25 = \"keep\"",
+            "# particulate matter\npm25   =   \"keep\"",
+        );
+        let (b, _) = from_toml(&reformatted).unwrap();
+        assert_eq!(a.hash(), b.hash());
+        let (c, _) = from_toml(&AIR.replace("\"30d\"", "\"31d\"")).unwrap();
+        assert_ne!(a.hash(), c.hash());
+        let (d, _) = from_toml(&AIR.replace("pm25 = \"keep\"\n", "")).unwrap();
+        assert_ne!(a.hash(), d.hash());
+    }
+
+    #[test]
+    fn an_unknown_key_is_reported_at_the_typo() {
+        let src = AIR.replace("time_field = \"ts\"", "time_feild = \"ts\"");
+        let errs = errors(&src);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let (line, col, msg) = &errs[0];
+        assert!(msg.contains("unknown field 'time_feild'"), "{msg}");
+        assert_eq!((*line, *col), (9, 1));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_position() {
+        let src = r#"
+[[stream]]
+name = "Air Quality"
+topics = ["city/#/x"]
+purpose = ""
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "30 fortnights"
+
+[stream.fields]
+pm25 = "keep"
+pm10 = "blur"
+
+[[stream]]
+name = "noise"
+topics = ["city/noise/+"]
+purpose = "Noise maps"
+legal_basis = "public task"
+principles = []
+retention = "7d"
+
+[stream.fields]
+laeq = "keep"
+"#;
+        let errs = errors(src);
+        let lines: Vec<usize> = errs.iter().map(|e| e.0).collect();
+        assert_eq!(lines, [3, 4, 5, 8, 12, 19], "{errs:#?}");
+        assert!(errs[0].2.contains("stream name 'Air Quality'"));
+        assert!(errs[1].2.contains("'#' must be the last level"));
+        assert!(errs[2].2.contains("must state its purpose"));
+        assert!(errs[3].2.contains("invalid retention"));
+        assert!(
+            errs[4].2.contains("unknown variant 'blur'"),
+            "{}",
+            errs[4].2
+        );
+        assert!(errs[5].2.contains("at least one guideline principle"));
+    }
+
+    #[test]
+    fn unquoted_dotted_paths_are_explained() {
+        let src = AIR.replace(
+            "\"location.district\" = \"keep\"",
+            "location.district = \"keep\"",
+        );
+        let errs = errors(&src);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].2.contains("quote dotted paths"), "{}", errs[0].2);
+    }
+
+    #[test]
+    fn object_paths_and_duplicates_are_rejected() {
+        // The same stream twice, the first with an object path.
+        let src = format!("{AIR}\"location\" = \"keep\"\n{AIR}");
+        let errs = errors(&src);
+        assert!(
+            errs.iter().any(|e| e.2.contains("'location' is an object")),
+            "{errs:?}"
+        );
+        assert!(
+            errs.iter().any(|e| e.2.contains("declared twice")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn missing_fields_table_is_an_error() {
+        let src = AIR.split("[stream.fields]").next().unwrap().to_owned();
+        let errs = errors(&src);
+        assert!(errs[0].2.contains("missing table 'fields'"), "{errs:?}");
+    }
+
+    #[test]
+    fn long_retention_is_a_warning() {
+        let (_, diags) = from_toml(&AIR.replace("\"30d\"", "\"400days\"")).unwrap();
+        assert_eq!(diags.0.len(), 1);
+        assert_eq!(diags.0[0].severity, Severity::Warning);
+    }
+}

@@ -1,0 +1,375 @@
+//! Harness for hubgate's end-to-end tests: a real mosquitto on a free port, the gateway as a
+//! separate process, a real MQTT publisher and a real gRPC client.
+//!
+//! Each test starts its own broker and gateway in its own temporary directory, so tests are
+//! isolated and can run in parallel. They need `mosquitto` on PATH (`.ci/run` installs it).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hubgate_proto::v1::gateway_client::GatewayClient;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+/// Path of the gateway binary built for these tests.
+#[macro_export]
+macro_rules! gateway_bin {
+    () => {
+        std::path::Path::new(env!("CARGO_BIN_EXE_hubgate-e2e-gateway"))
+    };
+}
+
+/// A free TCP port on loopback (the OS picks it; it is released before use).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+/// A mosquitto broker of the test's own, with persistence so that a restart keeps sessions and
+/// queued QoS 1 messages (as a production broker is configured).
+#[derive(Debug)]
+pub struct Mosquitto {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut broker = Self {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data).expect("broker data dir");
+        // Started as root, mosquitto drops to its own user: let it write its data and log here.
+        for dir in [self.dir.path(), data.as_path()] {
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .expect("chmod");
+        }
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
+                 autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 20\nset_tcp_nodelay true\n\
+                 log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\n",
+                port = self.port,
+                data = data.display(),
+                log = self.dir.path().join("mosquitto.log").display(),
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be on PATH (apt-get install mosquitto)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Stops the broker gracefully (SIGTERM: it saves its sessions) and starts it again on the
+    /// same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Stops the broker gracefully.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A gateway configuration for tests: the given broker, free gRPC and admin ports, and the
+/// given `[[stream]]` tables.
+pub fn config(mqtt_port: u16, client_id: &str, streams: &str) -> String {
+    format!(
+        "[mqtt]\nhost = \"127.0.0.1\"\nport = {mqtt_port}\nclient_id = \"{client_id}\"\nreconnect_backoff_max = \"500ms\"\n\n\
+         [grpc]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{streams}"
+    )
+}
+
+/// The gateway, running as its own process.
+#[derive(Debug)]
+pub struct Gateway {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    dir: TempDir,
+}
+
+impl Gateway {
+    /// Starts `bin run --config` with `config_text`, and waits until it listens.
+    pub fn start(bin: &Path, config_text: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join("hubgate.toml");
+        std::fs::write(&config_path, config_text).expect("write config");
+        let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
+        let mut child = Command::new(bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start the gateway");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let log =
+                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+                panic!("the gateway did not start; its log:\n{log}")
+            });
+        let addr_after = |label: &str| -> SocketAddr {
+            let rest = line
+                .split(label)
+                .nth(1)
+                .unwrap_or_else(|| panic!("no '{label}' in {line:?}"));
+            rest.split([',', ' '])
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("address")
+        };
+        let grpc = addr_after("gRPC listening on ");
+        let admin = addr_after("admin HTTP listening on ");
+        Self {
+            grpc,
+            admin,
+            child,
+            dir,
+        }
+    }
+
+    /// The gateway's log so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("hubgate.toml")
+    }
+
+    /// Waits until `/readyz` says the MQTT connection is up.
+    pub fn wait_ready(&self) {
+        wait_for(
+            "the gateway to connect to the broker",
+            Duration::from_secs(20),
+            || http_get(self.admin, "/readyz").0 == 200,
+        );
+    }
+
+    pub async fn client(&self) -> GatewayClient<Channel> {
+        GatewayClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("gRPC connect")
+    }
+
+    /// The Prometheus page.
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_get(self.admin, "/metrics");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// The value of one sample of a metric, or 0 if it is absent. `labels` must match exactly.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics(), name, labels)
+    }
+
+    /// Stops the gateway with SIGTERM and waits for it.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        signal(&self.child, "TERM");
+        self.child.wait().expect("wait for the gateway")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses one sample out of a Prometheus text page.
+pub fn metric_value(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut want: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    want.sort();
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, mut have) = match series.split_once('{') {
+            Some((m, rest)) => (
+                m,
+                rest.trim_end_matches('}')
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+            ),
+            None => (series, Vec::new()),
+        };
+        have.sort();
+        if metric == name && have == want {
+            return value.parse().expect("metric value");
+        }
+    }
+    0.0
+}
+
+/// A plain HTTP/1.0 GET on loopback: `(status, body)`.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// An MQTT publisher with a persistent session: what the broker has not acknowledged is sent
+/// again after a reconnect.
+#[derive(Debug)]
+pub struct Publisher {
+    pub client: AsyncClient,
+    acks: tokio::sync::watch::Receiver<u64>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    pub fn connect(port: u16, client_id: &str) -> Self {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+        options
+            .set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
+        let (tx, acks) = tokio::sync::watch::channel(0);
+        let driver = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Self {
+            client,
+            acks,
+            driver,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+
+    /// Waits until the broker has acknowledged at least `n` messages.
+    pub async fn wait_acked(&mut self, n: u64) {
+        tokio::time::timeout(Duration::from_secs(30), self.acks.wait_for(|&a| a >= n))
+            .await
+            .expect("the broker acknowledged every message")
+            .expect("publisher running");
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Field values of a record, as JSON-like strings keyed by path (for assertions).
+pub fn fields(record: &hubgate_proto::v1::Record) -> HashMap<String, String> {
+    use hubgate_proto::v1::value::Kind;
+    record
+        .fields
+        .iter()
+        .map(|(k, v)| {
+            let text = match &v.kind {
+                Some(Kind::IntValue(i)) => i.to_string(),
+                Some(Kind::DoubleValue(d)) => d.to_string(),
+                Some(Kind::StringValue(s)) => s.clone(),
+                Some(Kind::BoolValue(b)) => b.to_string(),
+                None => String::new(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}

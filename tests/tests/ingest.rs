@@ -1,0 +1,421 @@
+//! End to end: MQTT through a real mosquitto, the gateway as its own process, a real gRPC client.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use hubgate_proto::v1::{
+    self, StartPosition, SubscribeRequest, start_position::Position, subscribe_response::Event,
+};
+use hubgate_tests::{Gateway, Mosquitto, Publisher, config, fields, gateway_bin};
+use tokio_stream::StreamExt;
+
+const AIR: &str = r#"
+[[stream]]
+name = "air"
+topics = ["city/air/+/reading"]
+purpose = "Air quality maps"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+time_field = "ts"
+
+[stream.fields]
+station_id = "keep"
+pm25 = "keep"
+"location.district" = "keep"
+"#;
+
+const NOISE: &str = r#"
+[[stream]]
+name = "noise"
+topics = ["city/noise/+"]
+purpose = "Noise maps"
+legal_basis = "public task"
+principles = ["human_rights_equity_inclusion"]
+retention = "1d"
+
+[stream.fields]
+laeq = "keep"
+"#;
+
+const PARKING: &str = r#"
+[[stream]]
+name = "parking"
+topics = ["city/parking/+"]
+purpose = "Free bays"
+legal_basis = "public task"
+principles = ["shared_prosperity"]
+retention = "1d"
+
+[stream.fields]
+occupied = "keep"
+"#;
+
+fn from(streams: &[&str], position: Position) -> SubscribeRequest {
+    SubscribeRequest {
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        start: Some(StartPosition {
+            position: Some(position),
+        }),
+        from_sequence: HashMap::new(),
+    }
+}
+
+/// Reads `n` records from a Subscribe stream (failing after 30 s).
+async fn take_records(
+    stream: &mut tonic::Streaming<v1::SubscribeResponse>,
+    n: usize,
+) -> Vec<v1::Record> {
+    let mut records = Vec::new();
+    while records.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
+        let message =
+            next.unwrap_or_else(|_| panic!("timed out after {} of {n} records", records.len()));
+        match message.expect("stream open").expect("no error").event {
+            Some(Event::Record(r)) => records.push(r),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    records
+}
+
+/// Asserts nothing more arrives on the stream within `wait`.
+async fn assert_quiet(stream: &mut tonic::Streaming<v1::SubscribeResponse>, wait: Duration) {
+    if let Ok(Some(m)) = tokio::time::timeout(wait, stream.next()).await {
+        panic!("unexpected message: {m:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_fields_arrive_and_everything_else_is_dropped_and_counted() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-fields", &format!("{AIR}{NOISE}")),
+    );
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let mut air = client
+        .subscribe(from(&["air"], Position::Live(v1::Live {})))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut publisher = Publisher::connect(broker.port, "pub-fields");
+    let mut published = 0;
+    for i in 0..10 {
+        let payload = serde_json::json!({
+            "station_id": format!("aq-{i}"), "ts": 1_700_000_000 + i, "pm25": 10.5 + i as f64,
+            "mac": "3c:22:fb:12:34:56", "location": {"district": "north", "lat": 52.3731, "lon": 4.8922},
+            "firmware": "2.4.1", "bands": [1, 2, 3],
+        });
+        publisher
+            .publish(&format!("city/air/aq-{i}/reading"), payload.to_string())
+            .await;
+        published += 1;
+        if i % 3 == 0 {
+            // A malformed payload between good ones must not stop the stream.
+            publisher
+                .publish(
+                    &format!("city/air/aq-{i}/reading"),
+                    &b"{\"station_id\": \"aq-x\", \"pm25\":"[..],
+                )
+                .await;
+            published += 1;
+        }
+    }
+    for i in 0..5 {
+        publisher
+            .publish(
+                &format!("city/noise/n-{i}"),
+                serde_json::json!({"laeq": 55.5, "gps": [1, 2]}).to_string(),
+            )
+            .await;
+        published += 1;
+    }
+    publisher.wait_acked(published).await;
+
+    let records = take_records(&mut air, 10).await;
+    let declared: BTreeSet<&str> = ["station_id", "pm25", "location.district"].into();
+    for (i, record) in records.iter().enumerate() {
+        let f = fields(record);
+        let keys: BTreeSet<&str> = f.keys().map(String::as_str).collect();
+        assert_eq!(keys, declared, "record {i}: {f:?}");
+        assert_eq!(f["station_id"], format!("aq-{i}"));
+        assert_eq!(f["location.district"], "north");
+        assert_eq!(record.stream, "air");
+        assert_eq!(record.sequence, i as u64 + 1);
+        assert_eq!(record.event_time.unwrap().seconds, 1_700_000_000 + i as i64);
+        assert_eq!(record.policy_hash.len(), 64);
+        assert!(
+            !format!("{record:?}").contains("3c:22:fb"),
+            "a MAC address reached the subscriber"
+        );
+    }
+    assert_quiet(&mut air, Duration::from_millis(300)).await;
+
+    let page = gw.metrics();
+    let m = |name: &str, labels: &[(&str, &str)]| hubgate_tests::metric_value(&page, name, labels);
+    assert_eq!(
+        m("hubgate_stream_messages_total", &[("stream", "air")]),
+        14.0
+    );
+    assert_eq!(
+        m(
+            "hubgate_messages_dropped_total",
+            &[("stream", "air"), ("reason", "decode")]
+        ),
+        4.0
+    );
+    // Per good air message: mac, location.lat, location.lon, firmware, bands.
+    assert_eq!(
+        m(
+            "hubgate_fields_dropped_total",
+            &[("stream", "air"), ("stage", "allow_list")]
+        ),
+        50.0
+    );
+    assert_eq!(m("hubgate_records_kept_total", &[("stream", "air")]), 10.0);
+    assert_eq!(m("hubgate_records_kept_total", &[("stream", "noise")]), 5.0);
+    assert_eq!(
+        m(
+            "hubgate_fields_dropped_total",
+            &[("stream", "noise"), ("stage", "allow_list")]
+        ),
+        5.0
+    );
+    assert_eq!(
+        m("hubgate_mqtt_messages_received_total", &[]),
+        published as f64
+    );
+    assert_eq!(m("hubgate_unrouted_messages_total", &[]), 0.0);
+    assert!(
+        !page.contains("city/air"),
+        "a topic appeared in the metrics"
+    );
+    assert!(
+        !gw.log().contains("3c:22:fb"),
+        "a MAC address appeared in the log"
+    );
+}
+
+/// A topic no stream declares never reaches a subscriber. The persistent session makes this real:
+/// after a policy change removes a stream, the broker still delivers its topics to the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_topics_are_dropped_and_counted() {
+    let broker = Mosquitto::start();
+    let before = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-routes", &format!("{AIR}{PARKING}")),
+    );
+    before.wait_ready();
+    assert!(before.stop().success());
+
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-routes", AIR));
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let mut all = client
+        .subscribe(from(&[], Position::Oldest(v1::Oldest {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut publisher = Publisher::connect(broker.port, "pub-routes");
+    for i in 0..6 {
+        publisher
+            .publish(
+                &format!("city/parking/p-{i}"),
+                r#"{"occupied": true, "plate": "AB-123-CD"}"#,
+            )
+            .await;
+    }
+    publisher
+        .publish(
+            "city/air/aq-1/reading",
+            r#"{"station_id": "aq-1", "pm25": 3}"#,
+        )
+        .await;
+    publisher.wait_acked(7).await;
+
+    let records = take_records(&mut all, 1).await;
+    assert_eq!(records[0].stream, "air");
+    assert_quiet(&mut all, Duration::from_millis(300)).await;
+    assert_eq!(gw.metric("hubgate_unrouted_messages_total", &[]), 6.0);
+    assert_eq!(gw.metric("hubgate_mqtt_messages_received_total", &[]), 7.0);
+    let streams = client
+        .list_streams(v1::ListStreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    assert_eq!(
+        streams.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["air"]
+    );
+    let status = client
+        .subscribe(from(&["parking"], Position::Live(v1::Live {})))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+/// The broker restarts mid-stream: every QoS 1 message still reaches the subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_loses_no_qos1_message() {
+    const N: u64 = 1500;
+    let mut broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-restart", NOISE));
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let mut stream = client
+        .subscribe(from(&["noise"], Position::Oldest(v1::Oldest {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let collector = tokio::spawn(async move {
+        let mut seen = BTreeSet::new();
+        let mut duplicates = 0u64;
+        while (seen.len() as u64) < N {
+            let next = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+            let Ok(Some(Ok(message))) = next else { break };
+            if let Some(Event::Record(r)) = message.event {
+                let n: u64 = fields(&r)["laeq"].parse().expect("laeq is a number");
+                if !seen.insert(n) {
+                    duplicates += 1;
+                }
+            }
+        }
+        (seen, duplicates)
+    });
+
+    let publisher = Publisher::connect(broker.port, "pub-restart");
+    for n in 0..N {
+        publisher
+            .publish("city/noise/m-1", format!("{{\"laeq\": {n}}}"))
+            .await;
+        if n % 100 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if n == N / 2 {
+            broker.restart();
+        }
+    }
+    let (seen, duplicates) = collector.await.unwrap();
+    let missing: Vec<u64> = (0..N).filter(|n| !seen.contains(n)).collect();
+    if !missing.is_empty() {
+        eprintln!("{}", gw.log());
+    }
+    assert!(
+        missing.is_empty(),
+        "lost {} messages, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    eprintln!("broker restart: {N} messages, {duplicates} duplicates");
+    assert!(
+        gw.metric("hubgate_mqtt_connection_errors_total", &[]) >= 1.0,
+        "the gateway saw the broker go"
+    );
+}
+
+/// Replay from a sequence number, then live, with no gap and no duplicate; plus health and
+/// reflection for standard clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_then_live_has_no_gap_and_no_duplicate() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-replay", NOISE));
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-replay");
+    for n in 1..=20 {
+        publisher
+            .publish("city/noise/m-1", format!("{{\"laeq\": {n}}}"))
+            .await;
+    }
+    publisher.wait_acked(20).await;
+    let mut client = gw.client().await;
+    // Wait until all 20 are kept.
+    for _ in 0..200 {
+        let info = client
+            .list_streams(v1::ListStreamsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if info.streams[0].last_sequence == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let info = client
+        .list_streams(v1::ListStreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    assert_eq!((info[0].oldest_sequence, info[0].last_sequence), (1, 20));
+    assert_eq!(info[0].fields, ["laeq"]);
+
+    let mut stream = client
+        .subscribe(from(&["noise"], Position::Sequence(5)))
+        .await
+        .unwrap()
+        .into_inner();
+    let replayed = take_records(&mut stream, 16).await;
+    for n in 21..=30 {
+        publisher
+            .publish("city/noise/m-1", format!("{{\"laeq\": {n}}}"))
+            .await;
+    }
+    let live = take_records(&mut stream, 10).await;
+    let sequences: Vec<u64> = replayed.iter().chain(&live).map(|r| r.sequence).collect();
+    assert_eq!(sequences, (5..=30).collect::<Vec<_>>());
+    let values: Vec<String> = replayed
+        .iter()
+        .chain(&live)
+        .map(|r| fields(r)["laeq"].clone())
+        .collect();
+    assert_eq!(values, (5..=30).map(|n| n.to_string()).collect::<Vec<_>>());
+    assert_quiet(&mut stream, Duration::from_millis(300)).await;
+
+    // Standard clients: gRPC health checking and server reflection.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "hubgate.v1.Gateway".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("{response:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"hubgate.v1.Gateway".to_owned()),
+        "{names:?}"
+    );
+}
