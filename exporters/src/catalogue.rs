@@ -14,10 +14,20 @@ pub const MQTT_CONNECTION_ERRORS: &str = "hubgate_mqtt_connection_errors_total";
 pub const UNROUTED_MESSAGES: &str = "hubgate_unrouted_messages_total";
 /// Messages routed to a stream. Label: `stream`.
 pub const STREAM_MESSAGES: &str = "hubgate_stream_messages_total";
-/// Messages dropped whole. Labels: `stream`, `reason` (`decode`, `bad_time`).
+/// Messages dropped whole. Labels: `stream`, `reason` (`decode`, `media`, `bad_time`).
 pub const MESSAGES_DROPPED: &str = "hubgate_messages_dropped_total";
 /// Fields removed by a privacy stage. Labels: `stream`, `stage` (`allow_list`).
 pub const FIELDS_DROPPED: &str = "hubgate_fields_dropped_total";
+/// String values in which a direct identifier was found (dropped or pseudonymised). Label: `stream`.
+pub const IDENTIFIERS_SUPPRESSED: &str = "hubgate_identifiers_suppressed_total";
+/// Values replaced by a keyed pseudonym. Label: `stream`.
+pub const FIELDS_PSEUDONYMISED: &str = "hubgate_fields_pseudonymised_total";
+/// Locations generalised to an H3 cell. Labels: `stream`, `outcome` (`cell`, `invalid`).
+pub const LOCATIONS_GENERALISED: &str = "hubgate_locations_generalised_total";
+/// New pseudonymisation keys made (one per stream and key epoch). Label: `stream`.
+pub const KEY_ROTATIONS: &str = "hubgate_key_rotations_total";
+/// Pseudonymisation keys destroyed at the end of their epoch. Label: `stream`.
+pub const KEYS_DESTROYED: &str = "hubgate_keys_destroyed_total";
 /// Filtered records kept in the store. Label: `stream`.
 pub const RECORDS_KEPT: &str = "hubgate_records_kept_total";
 /// Records removed from the store. Labels: `stream`, `reason` (`retention`, `capacity`).
@@ -59,6 +69,23 @@ pub fn describe() {
     describe_counter!(
         FIELDS_DROPPED,
         "fields removed by a privacy stage, by stream and stage"
+    );
+    describe_counter!(
+        IDENTIFIERS_SUPPRESSED,
+        "string values holding a direct identifier, dropped or pseudonymised"
+    );
+    describe_counter!(FIELDS_PSEUDONYMISED, "values replaced by a keyed pseudonym");
+    describe_counter!(
+        LOCATIONS_GENERALISED,
+        "locations generalised to an H3 cell, by outcome"
+    );
+    describe_counter!(
+        KEY_ROTATIONS,
+        "new pseudonymisation keys (one per stream and epoch)"
+    );
+    describe_counter!(
+        KEYS_DESTROYED,
+        "pseudonymisation keys destroyed at the end of their epoch"
     );
     describe_counter!(RECORDS_KEPT, "filtered records kept in the store");
     describe_counter!(

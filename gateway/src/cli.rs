@@ -187,6 +187,19 @@ fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> 
     let addr = crate::broker::start(crate::broker::DEFAULT_ADDR)?;
     config.mqtt.host = addr.ip().to_string();
     config.mqtt.port = addr.port();
+    // Without a config file there is nothing to edit: take a free port when a default one is taken.
+    for (what, listen) in [
+        ("gRPC", &mut config.grpc.listen),
+        ("admin HTTP", &mut config.admin.listen),
+    ] {
+        if std::net::TcpListener::bind(*listen).is_err() {
+            tracing::warn!(
+                "port {} is taken; {what} listens on a free port instead (printed below)",
+                listen.port()
+            );
+            listen.set_port(0);
+        }
+    }
     Ok((config, Some(addr)))
 }
 

@@ -148,12 +148,20 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let mut diags = Diagnostics::default();
     let (mut mqtt, mut grpc, mut admin, mut store) = Default::default();
     let mut raw_streams = None;
+    let whole = 0..source.len().min(1);
+    let (mut mqtt_span, mut store_span) = (whole.clone(), whole.clone());
     for (key, value) in doc {
         match key.get_ref().as_ref() {
-            "mqtt" => mqtt = diags.section(value),
+            "mqtt" => {
+                mqtt_span = key.span();
+                mqtt = diags.section(value);
+            }
             "grpc" => grpc = diags.section(value),
             "admin" => admin = diags.section(value),
-            "store" => store = diags.section(value),
+            "store" => {
+                store_span = key.span();
+                store = diags.section(value);
+            }
             "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
             other => diags.error(
                 key.span(),
@@ -165,21 +173,23 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let grpc: GrpcConfig = grpc.unwrap_or_default();
     let admin: AdminConfig = admin.unwrap_or_default();
     let store: StoreConfig = store.unwrap_or_default();
-    let whole = 0..source.len().min(1);
     if mqtt.client_id.is_empty() {
         diags.error(
-            whole.clone(),
+            mqtt_span.clone(),
             "mqtt.client_id must not be empty (the session is persistent)",
         );
     }
-    if mqtt.queue_capacity == 0 || store.max_records_per_stream == 0 {
-        diags.error(
-            whole.clone(),
-            "mqtt.queue_capacity and store.max_records_per_stream must be at least 1",
-        );
+    if mqtt.queue_capacity == 0 {
+        diags.error(mqtt_span.clone(), "mqtt.queue_capacity must be at least 1");
     }
     if mqtt.max_packet_bytes < 1024 {
-        diags.error(whole.clone(), "mqtt.max_packet_bytes must be at least 1024");
+        diags.error(mqtt_span, "mqtt.max_packet_bytes must be at least 1024");
+    }
+    if store.max_records_per_stream == 0 {
+        diags.error(
+            store_span,
+            "store.max_records_per_stream must be at least 1",
+        );
     }
     if raw_streams.is_none() {
         diags.error(

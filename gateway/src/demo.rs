@@ -222,6 +222,19 @@ fn print_summary(
         kb(field_bytes),
         kb(bytes_kept),
     );
+    let total = |f: fn(&crate::pipeline::StreamStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        stats
+            .streams
+            .iter()
+            .map(|s| f(s).load(Ordering::Relaxed))
+            .sum()
+    };
+    println!(
+        "  privacy stages: {} values pseudonymised, {} identifiers suppressed, {} locations generalised to H3 cells",
+        total(|s| &s.pseudonymised),
+        total(|s| &s.identifiers_suppressed),
+        total(|s| &s.locations_generalised),
+    );
     println!(
         "  raw identifiers: {} of the {} MAC addresses and plates sent reached the subscriber",
         received.identifiers_seen,

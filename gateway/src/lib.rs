@@ -23,6 +23,7 @@ pub mod decode;
 pub mod demo;
 pub mod grpc;
 pub mod ingest;
+pub mod keys;
 pub mod pipeline;
 pub mod simulator;
 pub mod store;

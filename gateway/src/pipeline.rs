@@ -7,7 +7,8 @@
 //!    dropped and counted (fail closed);
 //! 2. decodes the payload in the stream's format; a payload that does not decode is dropped and
 //!    counted per stream;
-//! 3. runs the stream's privacy chain ([`hubgate_privacy::chain`]);
+//! 3. runs the stream's privacy chain ([`hubgate_privacy::chain`]) with the stream's current
+//!    pseudonymisation key (see [`crate::keys`]); image and video payloads are dropped undecoded;
 //! 4. appends the filtered records to the store, one append per stream per batch;
 //! 5. only then acknowledges the messages to the broker (QoS 1), so a message is never acked
 //!    before its record is kept.
@@ -19,7 +20,9 @@
 //! Metrics (counted per batch): `hubgate_mqtt_messages_received_total`,
 //! `hubgate_mqtt_received_bytes_total`, `hubgate_unrouted_messages_total`,
 //! `hubgate_stream_messages_total{stream}`, `hubgate_messages_dropped_total{stream, reason}`,
-//! `hubgate_fields_dropped_total{stream, stage}`, `hubgate_records_kept_total{stream}`.
+//! `hubgate_fields_dropped_total{stream, stage}`, `hubgate_identifiers_suppressed_total{stream}`,
+//! `hubgate_fields_pseudonymised_total{stream}`, `hubgate_locations_generalised_total{stream, outcome}`,
+//! `hubgate_records_kept_total{stream}`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,7 +31,7 @@ use std::time::Duration;
 
 use hubgate_exporters::catalogue;
 use hubgate_privacy::policy::PayloadFormat;
-use hubgate_privacy::{Context, Policy, Reading, Record, Value, chain};
+use hubgate_privacy::{Context, Policy, Reading, Record, Value, chain, identifiers};
 use hubgate_proto::v1;
 use metrics::Counter;
 use prost::Message as _;
@@ -36,6 +39,7 @@ use rumqttc::{AsyncClient, Publish};
 use tokio::sync::mpsc;
 
 use crate::decode;
+use crate::keys::KeyManager;
 use crate::store::Store;
 
 /// Most messages taken from the queue in one turn.
@@ -48,8 +52,12 @@ pub struct StreamStats {
     pub messages: AtomicU64,
     pub bytes_in: AtomicU64,
     pub dropped_decode: AtomicU64,
+    pub dropped_media: AtomicU64,
     pub dropped_bad_time: AtomicU64,
     pub fields_dropped: AtomicU64,
+    pub identifiers_suppressed: AtomicU64,
+    pub pseudonymised: AtomicU64,
+    pub locations_generalised: AtomicU64,
     pub records_kept: AtomicU64,
     /// Encoded size of the records kept (protobuf), the bytes a subscriber receives per record.
     pub bytes_kept: AtomicU64,
@@ -85,8 +93,13 @@ struct Tally {
     messages: u64,
     bytes_in: u64,
     dropped_decode: u64,
+    dropped_media: u64,
     dropped_bad_time: u64,
     fields_dropped: u64,
+    identifiers_suppressed: u64,
+    pseudonymised: u64,
+    locations_generalised: u64,
+    locations_invalid: u64,
     bytes_kept: u64,
     field_bytes_kept: u64,
     records: Vec<v1::Record>,
@@ -96,8 +109,13 @@ struct Tally {
 struct StreamCounters {
     messages: Counter,
     dropped_decode: Counter,
+    dropped_media: Counter,
     dropped_bad_time: Counter,
     fields_dropped: Counter,
+    identifiers_suppressed: Counter,
+    pseudonymised: Counter,
+    locations_generalised: Counter,
+    locations_invalid: Counter,
     kept: Counter,
 }
 
@@ -107,8 +125,13 @@ impl StreamCounters {
         Self {
             messages: metrics::counter!(catalogue::STREAM_MESSAGES, "stream" => s.clone()),
             dropped_decode: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "decode"),
+            dropped_media: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "media"),
             dropped_bad_time: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "bad_time"),
             fields_dropped: metrics::counter!(catalogue::FIELDS_DROPPED, "stream" => s.clone(), "stage" => "allow_list"),
+            identifiers_suppressed: metrics::counter!(catalogue::IDENTIFIERS_SUPPRESSED, "stream" => s.clone()),
+            pseudonymised: metrics::counter!(catalogue::FIELDS_PSEUDONYMISED, "stream" => s.clone()),
+            locations_generalised: metrics::counter!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "cell"),
+            locations_invalid: metrics::counter!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "invalid"),
             kept: metrics::counter!(catalogue::RECORDS_KEPT, "stream" => s),
         }
     }
@@ -126,6 +149,7 @@ pub struct Pipeline {
     received_bytes: Counter,
     unrouted: Counter,
     tallies: Vec<Tally>,
+    keys: KeyManager,
 }
 
 impl Pipeline {
@@ -136,6 +160,7 @@ impl Pipeline {
             .map(|s| StreamCounters::new(&s.name))
             .collect();
         let tallies = policy.streams().iter().map(|_| Tally::default()).collect();
+        let policy_for_keys = Arc::clone(&policy);
         Self {
             policy_hash: policy.hash_hex(),
             policy,
@@ -146,19 +171,17 @@ impl Pipeline {
             received_bytes: metrics::counter!(catalogue::MQTT_RECEIVED_BYTES),
             unrouted: metrics::counter!(catalogue::UNROUTED_MESSAGES),
             tallies,
+            keys: KeyManager::new(&policy_for_keys),
         }
     }
 
     /// Processes a batch of messages and commits their records to the store.
     pub fn process(&mut self, batch: &[Publish], now_ms: i64) {
-        let ctx = Context {
-            received_ms: now_ms,
-        };
         let mut unrouted = 0u64;
         let mut bytes = 0u64;
         for publish in batch {
             bytes += publish.payload.len() as u64;
-            if !self.process_one(publish, &ctx) {
+            if !self.process_one(publish, now_ms) {
                 unrouted += 1;
             }
         }
@@ -181,20 +204,35 @@ impl Pipeline {
                 self.store.append(index, records.drain(..), now_ms);
             }
             let (c, s) = (&self.counters[index], &self.stats.streams[index]);
-            c.messages.increment(tally.messages);
-            c.dropped_decode.increment(tally.dropped_decode);
-            c.dropped_bad_time.increment(tally.dropped_bad_time);
-            c.fields_dropped.increment(tally.fields_dropped);
-            c.kept.increment(kept);
-            s.messages.fetch_add(tally.messages, Ordering::Relaxed);
+            // The same figures go to the metrics and to the stats `hubgate demo` reads.
+            for (counter, stat, n) in [
+                (&c.messages, &s.messages, tally.messages),
+                (&c.dropped_decode, &s.dropped_decode, tally.dropped_decode),
+                (&c.dropped_media, &s.dropped_media, tally.dropped_media),
+                (
+                    &c.dropped_bad_time,
+                    &s.dropped_bad_time,
+                    tally.dropped_bad_time,
+                ),
+                (&c.fields_dropped, &s.fields_dropped, tally.fields_dropped),
+                (
+                    &c.identifiers_suppressed,
+                    &s.identifiers_suppressed,
+                    tally.identifiers_suppressed,
+                ),
+                (&c.pseudonymised, &s.pseudonymised, tally.pseudonymised),
+                (
+                    &c.locations_generalised,
+                    &s.locations_generalised,
+                    tally.locations_generalised,
+                ),
+                (&c.kept, &s.records_kept, kept),
+            ] {
+                counter.increment(n);
+                stat.fetch_add(n, Ordering::Relaxed);
+            }
+            c.locations_invalid.increment(tally.locations_invalid);
             s.bytes_in.fetch_add(tally.bytes_in, Ordering::Relaxed);
-            s.dropped_decode
-                .fetch_add(tally.dropped_decode, Ordering::Relaxed);
-            s.dropped_bad_time
-                .fetch_add(tally.dropped_bad_time, Ordering::Relaxed);
-            s.fields_dropped
-                .fetch_add(tally.fields_dropped, Ordering::Relaxed);
-            s.records_kept.fetch_add(kept, Ordering::Relaxed);
             s.bytes_kept.fetch_add(tally.bytes_kept, Ordering::Relaxed);
             s.field_bytes_kept
                 .fetch_add(tally.field_bytes_kept, Ordering::Relaxed);
@@ -206,16 +244,22 @@ impl Pipeline {
     }
 
     /// Returns false when no stream takes the message's topic.
-    fn process_one(&mut self, publish: &Publish, ctx: &Context) -> bool {
+    fn process_one(&mut self, publish: &Publish, now_ms: i64) -> bool {
         let mut routed = false;
         // Decoded once, on first use, and shared by every stream of the same format.
         let mut decoded: Option<Result<Reading, decode::DecodeError>> = None;
+        let media = identifiers::is_media_payload(&publish.payload);
         for index in self.policy.route(&publish.topic) {
             routed = true;
             let stream = &self.policy.streams()[index];
             let tally = &mut self.tallies[index];
             tally.messages += 1;
             tally.bytes_in += publish.payload.len() as u64;
+            if media {
+                // Images and video are never decoded, kept or sent.
+                tally.dropped_media += 1;
+                continue;
+            }
             let reading = match stream.format {
                 PayloadFormat::Json => {
                     decoded.get_or_insert_with(|| decode::json(&publish.payload))
@@ -225,9 +269,17 @@ impl Pipeline {
                 tally.dropped_decode += 1;
                 continue;
             };
-            match chain::apply(stream, reading.clone(), ctx) {
+            let ctx = Context {
+                received_ms: now_ms,
+                key: self.keys.key(index, now_ms),
+            };
+            match chain::apply(stream, reading.clone(), &ctx) {
                 Ok(outcome) => {
                     tally.fields_dropped += u64::from(outcome.fields_dropped);
+                    tally.identifiers_suppressed += u64::from(outcome.identifiers_suppressed);
+                    tally.pseudonymised += u64::from(outcome.pseudonymised);
+                    tally.locations_generalised += u64::from(outcome.locations_generalised);
+                    tally.locations_invalid += u64::from(outcome.locations_invalid);
                     let record = to_proto(&stream.name, &self.policy_hash, outcome.record);
                     tally.bytes_kept += record.encoded_len() as u64;
                     tally.field_bytes_kept += prost::encoding::hash_map::encoded_len(

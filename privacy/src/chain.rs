@@ -1,24 +1,39 @@
 //! The privacy chain: the stages a reading goes through before anything of it is kept.
 //!
-//! Each stage is a small synchronous function over one reading. The chain today:
+//! Each stage is a small synchronous function over one reading, labelled with its ISO/IEC 20889
+//! technique class:
 //!
 //! 1. **Event time**: the stream's `time_field`, if declared and present, becomes the record's
 //!    event time (Unix seconds, or RFC 3339 in UTC); a value that is not a time rejects the reading.
-//!    Without it the event time is the time the gateway received the message.
-//! 2. **Allow-list** (ISO/IEC 20889 suppression, record-level): only declared field paths pass.
-//!    Fail closed: an undeclared field, or a value the decoder could not represent, is dropped and
-//!    counted; nothing passes by default.
+//!    Without it, the event time is when the gateway received the message.
+//! 2. **Time coarsening** (generalisation): the event time is floored to the stream's
+//!    `time_bucket`. The result depends on the reading alone, so arrival order and jitter cannot
+//!    change it.
+//! 3. **Location generalisation** (generalisation): each `h3` field is computed from the reading's
+//!    coordinates; the coordinates themselves are not declared, so they never pass.
+//! 4. **Allow-list** (suppression): only declared field paths pass. Fail closed: an undeclared
+//!    field, or a value the decoder could not represent, is dropped and counted.
+//! 5. **Pseudonymisation** (pseudonymisation): `pseudonymise` fields are replaced by their keyed
+//!    pseudonym under the stream's current key. Without a key they are dropped.
+//! 6. **Identifier suppression** (suppression): every string that passes as `keep` is scanned for
+//!    direct identifiers; a value holding one is dropped or pseudonymised, as the stream says.
 //!
-//! The chain never sees a clock: the receive time comes in through [`Context`].
+//! The chain never reads a clock or a random source: time and the key come in through [`Context`].
 
-use crate::policy::{StreamPolicy, Treatment};
+use h3o::{LatLng, Resolution};
+
+use crate::identifiers::IdKind;
+use crate::policy::{H3Cell, IdAction, StreamPolicy, Treatment};
+use crate::pseudonym::{Key, pseudonymise};
 use crate::value::{Reading, Record, Value};
 
 /// What the caller knows about the message that the policy may use.
 #[derive(Debug, Clone, Copy)]
-pub struct Context {
+pub struct Context<'a> {
     /// When the gateway received the message, in milliseconds since the Unix epoch.
     pub received_ms: i64,
+    /// The stream's pseudonymisation key for the current epoch, if it has one.
+    pub key: Option<&'a Key>,
 }
 
 /// A reading the chain refused as a whole.
@@ -38,39 +53,102 @@ impl Rejection {
 }
 
 /// The result of the chain for one reading.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outcome {
     pub record: Record,
     /// Fields the allow-list dropped (undeclared, or not representable).
     pub fields_dropped: u32,
+    /// String values in which a direct identifier was found (dropped or pseudonymised).
+    pub identifiers_suppressed: u32,
+    /// The kind of the last identifier found, for counting by kind.
+    pub last_identifier: Option<IdKind>,
+    /// Values replaced by a pseudonym.
+    pub pseudonymised: u32,
+    /// Locations generalised to a cell.
+    pub locations_generalised: u32,
+    /// Locations whose coordinates were present but invalid (the cell is left out).
+    pub locations_invalid: u32,
 }
 
 /// Runs every stage of `policy` over `reading`.
 pub fn apply(
     policy: &StreamPolicy,
     mut reading: Reading,
-    ctx: &Context,
+    ctx: &Context<'_>,
 ) -> Result<Outcome, Rejection> {
-    let event_time_ms = match &policy.time_field {
+    let mut out = Outcome::default();
+    let mut event_time_ms = match &policy.time_field {
         Some(path) => match take_field(&mut reading, path) {
             Some(value) => event_time(&value).ok_or(Rejection::BadTime)?,
             None => ctx.received_ms,
         },
         None => ctx.received_ms,
     };
-    let fields_dropped = allow_list(policy, &mut reading);
-    Ok(Outcome {
-        record: Record {
+    if let Some(bucket) = policy.time_bucket {
+        event_time_ms = coarsen(
             event_time_ms,
-            fields: reading.fields,
-        },
-        fields_dropped,
-    })
+            i64::try_from(bucket.as_millis()).unwrap_or(i64::MAX),
+        );
+    }
+
+    let mut fields = Vec::with_capacity(policy.fields.len());
+    for (path, treatment) in &policy.fields {
+        if let Treatment::H3(cell) = treatment {
+            match h3_cell(&reading, cell) {
+                Some(Ok(cell)) => {
+                    fields.push((path.clone(), Value::Str(cell)));
+                    out.locations_generalised += 1;
+                }
+                Some(Err(())) => out.locations_invalid += 1,
+                None => {}
+            }
+        }
+    }
+
+    out.fields_dropped = reading.unsupported;
+    for (path, value) in reading.fields {
+        match policy.treatment(&path) {
+            Some(Treatment::Keep) => {
+                let found = match &value {
+                    Value::Str(s) => policy.identifiers.detector.find(s),
+                    _ => None,
+                };
+                match found {
+                    None => fields.push((path, value)),
+                    Some(kind) => {
+                        out.identifiers_suppressed += 1;
+                        out.last_identifier = Some(kind);
+                        // Dropped, unless the stream pseudonymises hits and has a key.
+                        if let (IdAction::Pseudonymise, Some(key)) =
+                            (policy.identifiers.action, ctx.key)
+                        {
+                            fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
+                            out.pseudonymised += 1;
+                        }
+                    }
+                }
+            }
+            Some(Treatment::Pseudonymise) => match ctx.key {
+                Some(key) => {
+                    fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
+                    out.pseudonymised += 1;
+                }
+                None => out.fields_dropped += 1,
+            },
+            // An input field at an h3 output path is not the cell: it is dropped like any other.
+            Some(Treatment::H3(_)) | None => out.fields_dropped += 1,
+        }
+    }
+    out.record = Record {
+        event_time_ms,
+        fields,
+    };
+    Ok(out)
 }
 
-/// Keeps only the fields the policy declares; returns how many were dropped.
+/// Keeps only the fields the policy declares `keep`; returns how many were dropped.
 ///
-/// Invariant (property-tested): every path in the output is a declared path.
+/// This is the allow-list on its own, for callers that need no other stage.
 pub fn allow_list(policy: &StreamPolicy, reading: &mut Reading) -> u32 {
     let before = reading.fields.len();
     reading
@@ -80,6 +158,52 @@ pub fn allow_list(policy: &StreamPolicy, reading: &mut Reading) -> u32 {
     u32::try_from(dropped)
         .unwrap_or(u32::MAX)
         .saturating_add(reading.unsupported)
+}
+
+/// Floors a time to a multiple of `bucket_ms`.
+pub fn coarsen(t_ms: i64, bucket_ms: i64) -> i64 {
+    if bucket_ms <= 0 {
+        t_ms
+    } else {
+        t_ms - t_ms.rem_euclid(bucket_ms)
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Str(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::Bool(b) => b.to_string(),
+    }
+}
+
+/// The H3 cell of the reading's coordinates: `None` when they are absent, `Err` when invalid.
+fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<String, ()>> {
+    let number = |path: &str| {
+        reading
+            .fields
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, v)| match v {
+                Value::Float(f) => Some(*f),
+                Value::Int(i) => Some(*i as f64),
+                _ => None,
+            })
+    };
+    let (lat, lon) = (number(&cell.lat), number(&cell.lon));
+    if lat.is_none() && lon.is_none() {
+        return None;
+    }
+    let result = (|| {
+        let (lat, lon) = (lat.flatten()?, lon.flatten()?);
+        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+            return None;
+        }
+        let res = Resolution::try_from(cell.resolution).ok()?;
+        Some(LatLng::new(lat, lon).ok()?.to_cell(res).to_string())
+    })();
+    Some(result.ok_or(()))
 }
 
 fn take_field(reading: &mut Reading, path: &str) -> Option<Value> {
@@ -105,129 +229,4 @@ fn event_time(value: &Value) -> Option<i64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy;
-    use proptest::prelude::*;
-
-    fn stream(time_field: Option<&str>, fields: &[&str]) -> StreamPolicy {
-        let mut src = String::from(
-            "[[stream]]\nname = \"s\"\ntopics = [\"t\"]\npurpose = \"p\"\nlegal_basis = \"b\"\nprinciples = [\"shared_prosperity\"]\nretention = \"1d\"\n",
-        );
-        if let Some(t) = time_field {
-            src.push_str(&format!("time_field = \"{t}\"\n"));
-        }
-        src.push_str("[stream.fields]\n");
-        for f in fields {
-            src.push_str(&format!("\"{f}\" = \"keep\"\n"));
-        }
-        policy::from_toml(&src).unwrap().0.streams()[0].clone()
-    }
-
-    fn reading(fields: &[(&str, Value)]) -> Reading {
-        Reading {
-            fields: fields
-                .iter()
-                .map(|(p, v)| (p.to_string(), v.clone()))
-                .collect(),
-            unsupported: 0,
-        }
-    }
-
-    const CTX: Context = Context {
-        received_ms: 1_700_000_000_000,
-    };
-
-    #[test]
-    fn undeclared_fields_are_dropped_and_counted() {
-        let policy = stream(None, &["pm25", "location.district"]);
-        let mut r = reading(&[
-            ("pm25", Value::Float(12.5)),
-            ("mac", Value::Str("aa:bb:cc:dd:ee:ff".into())),
-            ("location.district", Value::Str("north".into())),
-            ("location.lat", Value::Float(51.5)),
-        ]);
-        r.unsupported = 1;
-        let out = apply(&policy, r, &CTX).unwrap();
-        assert_eq!(out.fields_dropped, 3);
-        assert_eq!(
-            out.record.fields,
-            vec![
-                ("pm25".into(), Value::Float(12.5)),
-                ("location.district".into(), Value::Str("north".into()))
-            ]
-        );
-        assert_eq!(out.record.event_time_ms, CTX.received_ms);
-    }
-
-    #[test]
-    fn event_time_comes_from_the_declared_field() {
-        let policy = stream(Some("ts"), &["v"]);
-        let r = reading(&[("ts", Value::Int(1_600_000_000)), ("v", Value::Int(1))]);
-        let out = apply(&policy, r, &CTX).unwrap();
-        assert_eq!(out.record.event_time_ms, 1_600_000_000_000);
-        assert_eq!(
-            out.fields_dropped, 0,
-            "the time field is consumed, not dropped"
-        );
-
-        let r = reading(&[("ts", Value::Str("2024-03-01T12:00:00Z".into()))]);
-        assert_eq!(
-            apply(&policy, r, &CTX).unwrap().record.event_time_ms,
-            1_709_294_400_000
-        );
-
-        let r = reading(&[("ts", Value::Float(1.5))]);
-        assert_eq!(apply(&policy, r, &CTX).unwrap().record.event_time_ms, 1500);
-
-        for bad in [
-            Value::Str("yesterday".into()),
-            Value::Bool(true),
-            Value::Int(-5),
-            Value::Int(i64::MAX),
-        ] {
-            let r = reading(&[("ts", bad.clone())]);
-            assert_eq!(apply(&policy, r, &CTX), Err(Rejection::BadTime), "{bad:?}");
-        }
-
-        let r = reading(&[("v", Value::Int(1))]);
-        assert_eq!(
-            apply(&policy, r, &CTX).unwrap().record.event_time_ms,
-            CTX.received_ms
-        );
-    }
-
-    fn arb_value() -> impl Strategy<Value = Value> {
-        prop_oneof![
-            any::<i64>().prop_map(Value::Int),
-            any::<f64>().prop_map(Value::Float),
-            "[ -~]{0,12}".prop_map(Value::Str),
-            any::<bool>().prop_map(Value::Bool),
-        ]
-    }
-
-    fn arb_path() -> impl Strategy<Value = String> {
-        prop::collection::vec("[a-c]{1,2}", 1..4).prop_map(|segs| segs.join("."))
-    }
-
-    proptest! {
-        /// Invariant: the output's field paths are a subset of the declared paths, and every
-        /// input field is either passed unchanged or counted as dropped, for any input.
-        #[test]
-        fn output_paths_are_declared_paths(
-            declared in prop::collection::btree_set("[a-c]{1,2}", 0..5),
-            input in prop::collection::vec((arb_path(), arb_value()), 0..20),
-        ) {
-            let declared: Vec<&str> = declared.iter().map(String::as_str).collect();
-            let policy = stream(None, &declared);
-            let r = Reading { fields: input.clone(), unsupported: 0 };
-            let out = apply(&policy, r, &CTX).unwrap();
-            for (path, _) in &out.record.fields {
-                prop_assert!(declared.contains(&path.as_str()), "undeclared path {path} passed");
-            }
-            let kept: Vec<_> = input.iter().filter(|(p, _)| declared.contains(&p.as_str())).cloned().collect();
-            prop_assert_eq!(&out.record.fields, &kept);
-            prop_assert_eq!(out.fields_dropped as usize, input.len() - kept.len());
-        }
-    }
-}
+mod tests;

@@ -6,13 +6,17 @@
 //! - [`diagnostics`]: errors and warnings with line and column, for `hubgate check`.
 //! - [`policy`]: the policy language (one TOML `[[stream]]` table per stream), its validation and
 //!   the compiled [`policy::Policy`] with its content hash.
+//! - [`identifiers`]: detectors for direct identifiers in string values.
+//! - [`pseudonym`]: keyed pseudonyms (HMAC-SHA256 under a per-epoch, per-stream key).
 //! - [`topic`]: MQTT topic filters, used to route a message to the streams that declare it.
 //! - [`value`]: the internal form of a decoded reading and of a filtered record.
 //! - [`chain`]: the privacy chain a reading goes through, stage by stage.
 
 pub mod chain;
 pub mod diagnostics;
+pub mod identifiers;
 pub mod policy;
+pub mod pseudonym;
 pub mod topic;
 pub mod value;
 

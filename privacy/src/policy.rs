@@ -34,10 +34,14 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use crate::diagnostics::Diagnostics;
+use crate::identifiers::{Detector, IdKind};
 use crate::topic::TopicFilter;
 
 /// Version of the policy language; part of the hashed content.
 pub const POLICY_LANGUAGE_VERSION: u32 = 1;
+
+/// Lifetime of a pseudonymisation key when the policy does not say.
+pub const DEFAULT_KEY_EPOCH: Duration = Duration::from_secs(24 * 3600);
 
 /// Retention above this is reported as a warning by `hubgate check`.
 const LONG_RETENTION: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -82,14 +86,91 @@ impl Principle {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Treatment {
-    /// The value passes unchanged.
+    /// The value passes unchanged (string values are still scanned for identifiers).
     Keep,
+    /// The value is replaced by its keyed pseudonym (ISO/IEC 20889: pseudonymisation).
+    Pseudonymise,
+    /// A location generalised to an H3 cell (ISO/IEC 20889: generalisation). The declared path is
+    /// the output; `lat` and `lon` name the payload fields it is computed from, which never pass.
+    H3(H3Cell),
 }
 
 impl Treatment {
     /// The names a treatment is written with in the policy.
-    pub const NAMES: &'static [&'static str] = &["keep"];
+    pub const NAMES: &'static [&'static str] = &["keep", "pseudonymise", "h3"];
 }
+
+/// Parameters of the `h3` treatment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct H3Cell {
+    /// H3 resolution, 0 (continents) to 15 (about 1 m²); 8 is about 0.74 km², 9 about 0.1 km².
+    pub resolution: u8,
+    /// Payload path of the latitude, in degrees (WGS 84).
+    pub lat: String,
+    /// Payload path of the longitude, in degrees (WGS 84).
+    pub lon: String,
+}
+
+/// What happens to a string value in which a direct identifier is detected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdAction {
+    /// The field is dropped.
+    #[default]
+    Drop,
+    /// The value is replaced by its keyed pseudonym.
+    Pseudonymise,
+}
+
+/// The `[stream.identifiers]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentifiers {
+    #[serde(default)]
+    pub action: IdAction,
+    /// Detectors to run; all of them when absent.
+    #[serde(default)]
+    pub detect: Option<Spanned<Vec<IdKind>>>,
+    /// Regular expressions for the licence plates of the city's region.
+    #[serde(default)]
+    pub plate_patterns: Vec<Spanned<String>>,
+}
+
+/// Identifier suppression settings of a stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentifierPolicy {
+    pub action: IdAction,
+    pub detect: Vec<IdKind>,
+    pub plate_patterns: Vec<String>,
+    #[serde(skip)]
+    pub detector: Detector,
+}
+
+/// Field names that usually hold a direct identifier: keeping one in clear earns a warning.
+const IDENTIFIER_NAMES: &[&str] = &[
+    "mac",
+    "mac_address",
+    "bssid",
+    "imsi",
+    "imei",
+    "msisdn",
+    "email",
+    "e_mail",
+    "phone",
+    "phone_number",
+    "plate",
+    "licence_plate",
+    "license_plate",
+    "number_plate",
+    "ip",
+    "ip_address",
+    "device_mac",
+    "name",
+    "user",
+    "user_id",
+    "username",
+];
 
 /// A `[[stream]]` table, less its `fields`, as written.
 #[derive(Debug, Deserialize)]
@@ -105,6 +186,14 @@ pub struct RawStreamHeader {
     pub retention: Spanned<String>,
     #[serde(default)]
     pub time_field: Option<Spanned<String>>,
+    /// Event times are floored to a multiple of this ("15m").
+    #[serde(default)]
+    pub time_bucket: Option<Spanned<String>>,
+    /// How long one pseudonymisation key lives ("24h" by default).
+    #[serde(default)]
+    pub key_epoch: Option<Spanned<String>>,
+    #[serde(default)]
+    pub identifiers: Option<RawIdentifiers>,
 }
 
 /// A `[[stream]]` table as written.
@@ -196,7 +285,7 @@ fn parse_fields(
 }
 
 /// A compiled, validated stream policy.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StreamPolicy {
     pub name: String,
     pub topics: Vec<TopicFilter>,
@@ -209,8 +298,23 @@ pub struct StreamPolicy {
     pub retention: Duration,
     /// Payload field that holds the event time (Unix seconds, or RFC 3339 in UTC).
     pub time_field: Option<String>,
+    /// Event times are floored to a multiple of this.
+    #[serde(serialize_with = "serialize_opt_secs")]
+    pub time_bucket: Option<Duration>,
+    /// Lifetime of one pseudonymisation key.
+    #[serde(serialize_with = "serialize_secs")]
+    pub key_epoch: Duration,
+    /// Identifier suppression over the string values that pass.
+    pub identifiers: IdentifierPolicy,
     /// Declared field paths and their treatments, in file order.
     pub fields: Vec<(String, Treatment)>,
+}
+
+fn serialize_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_some(&d.as_secs()),
+        None => s.serialize_none(),
+    }
 }
 
 fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -223,6 +327,15 @@ impl StreamPolicy {
         self.fields.iter().find(|(p, _)| p == path).map(|(_, t)| t)
     }
 
+    /// Whether records of this stream need a pseudonymisation key.
+    pub fn needs_key(&self) -> bool {
+        self.identifiers.action == IdAction::Pseudonymise
+            || self
+                .fields
+                .iter()
+                .any(|(_, t)| *t == Treatment::Pseudonymise)
+    }
+
     /// Whether the stream takes messages from this topic.
     pub fn takes_topic(&self, topic: &str) -> bool {
         self.topics.iter().any(|f| f.matches(topic))
@@ -230,7 +343,7 @@ impl StreamPolicy {
 }
 
 /// A compiled policy: every stream, and the content hash that identifies it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     streams: Vec<StreamPolicy>,
     hash: [u8; 32],
@@ -240,6 +353,13 @@ pub struct Policy {
 struct CanonicalPolicy<'a> {
     language_version: u32,
     streams: &'a [StreamPolicy],
+}
+
+impl PartialEq for Policy {
+    /// Two policies are the same when their content hashes are.
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+    }
 }
 
 impl Policy {
@@ -394,6 +514,43 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             t.get_ref().clone()
         });
 
+        let duration =
+            |d: &Spanned<String>, what: &str, diags: &mut Diagnostics| -> Option<Duration> {
+                match humantime::parse_duration(d.get_ref()) {
+                    Ok(v) if !v.is_zero() => Some(v),
+                    Ok(_) => {
+                        diags.error(d.span(), format!("{what} must be longer than zero"));
+                        None
+                    }
+                    Err(err) => {
+                        diags.error(
+                            d.span(),
+                            format!("invalid {what} (write e.g. \"15m\"): {err}"),
+                        );
+                        None
+                    }
+                }
+            };
+        let time_bucket = h
+            .time_bucket
+            .as_ref()
+            .and_then(|b| duration(b, "time_bucket", diags));
+        let key_epoch = h
+            .key_epoch
+            .as_ref()
+            .and_then(|e| duration(e, "key_epoch", diags))
+            .unwrap_or(DEFAULT_KEY_EPOCH);
+        if let Some(e) = &h.key_epoch
+            && key_epoch > Duration::from_secs(7 * 24 * 3600)
+        {
+            diags.warning(
+                e.span(),
+                "a key epoch longer than 7 days lets pseudonyms link a device over a long time",
+            );
+        }
+
+        let identifiers = compile_identifiers(h.identifiers, diags);
+
         let mut fields: Vec<(String, Treatment)> = Vec::new();
         for (path, treatment) in &stream.fields {
             let p = path.get_ref();
@@ -403,6 +560,45 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
                     format!("invalid field path '{p}': use names separated by '.'"),
                 );
                 continue;
+            }
+            if let Treatment::H3(cell) = treatment {
+                if cell.resolution > 15 {
+                    diags.error(
+                        path.span(),
+                        format!(
+                            "H3 resolution {} is out of range (0 to 15)",
+                            cell.resolution
+                        ),
+                    );
+                } else if cell.resolution > 10 {
+                    diags.warning(
+                        path.span(),
+                        format!("H3 resolution {} is finer than about 0.015 km²: it may single out a person", cell.resolution),
+                    );
+                }
+                for src in [&cell.lat, &cell.lon] {
+                    if !valid_field_path(src) {
+                        diags.error(path.span(), format!("invalid field path '{src}'"));
+                    } else if stream
+                        .fields
+                        .iter()
+                        .any(|(q, t)| q.get_ref() == src && *t == Treatment::Keep)
+                    {
+                        diags.warning(
+                            path.span(),
+                            format!("'{src}' is generalised to a cell but also kept in clear"),
+                        );
+                    }
+                }
+            }
+            if *treatment == Treatment::Keep {
+                let leaf = p.rsplit('.').next().unwrap_or(p).to_ascii_lowercase();
+                if IDENTIFIER_NAMES.contains(&leaf.as_str()) {
+                    diags.warning(
+                        path.span(),
+                        format!("'{p}' looks like a direct identifier kept in clear: pseudonymise it, or drop it"),
+                    );
+                }
             }
             fields.push((p.clone(), treatment.clone()));
         }
@@ -434,6 +630,9 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             principles,
             retention,
             time_field,
+            time_bucket,
+            key_epoch,
+            identifiers,
             fields,
         });
     }
@@ -441,6 +640,48 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
         .iter()
         .any(|d| d.severity == crate::diagnostics::Severity::Error);
     (!has_new_errors).then(|| Policy::new(streams))
+}
+
+fn compile_identifiers(raw: Option<RawIdentifiers>, diags: &mut Diagnostics) -> IdentifierPolicy {
+    let raw = raw.unwrap_or(RawIdentifiers {
+        action: IdAction::Drop,
+        detect: None,
+        plate_patterns: Vec::new(),
+    });
+    let detect = match &raw.detect {
+        Some(kinds) => {
+            let missing: Vec<&str> = IdKind::ALL
+                .iter()
+                .filter(|k| !kinds.get_ref().contains(k))
+                .map(|k| k.name())
+                .collect();
+            if !missing.is_empty() {
+                diags.warning(
+                    kinds.span(),
+                    format!("identifier detectors turned off: {}", missing.join(", ")),
+                );
+            }
+            kinds.get_ref().clone()
+        }
+        None => IdKind::ALL.to_vec(),
+    };
+    let mut plates = Vec::new();
+    for pattern in &raw.plate_patterns {
+        match regex::Regex::new(pattern.get_ref()) {
+            Ok(re) => plates.push(re),
+            Err(err) => diags.error(pattern.span(), format!("invalid plate pattern: {err}")),
+        }
+    }
+    IdentifierPolicy {
+        action: raw.action,
+        detect: detect.clone(),
+        plate_patterns: raw
+            .plate_patterns
+            .iter()
+            .map(|p| p.get_ref().clone())
+            .collect(),
+        detector: Detector::new(detect, plates),
+    }
 }
 
 /// Parses and compiles a document that holds only `[[stream]]` tables (used by tests and tools).

@@ -41,7 +41,7 @@ pub struct Reading {
 }
 
 /// A filtered record: what remains of a reading after the privacy chain.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Record {
     /// Event time in milliseconds since the Unix epoch, already coarsened where the policy says so.
     pub event_time_ms: i64,

@@ -1,0 +1,123 @@
+//! Pseudonymisation keys: one random 256-bit key per stream (purpose) and per key epoch.
+//!
+//! Keys live in memory only and are never written, logged or sent. When a stream's epoch ends, its
+//! key is replaced by a fresh random one and the old key is wiped from memory (zeroised on drop),
+//! which makes the old epoch's pseudonyms unlinkable to anything from then on (crypto-shredding).
+//! Each rotation and destruction is logged without the key and counted.
+//!
+//! Epochs are aligned to the Unix epoch (`floor(now / key_epoch)`), so a restart within an epoch
+//! also starts a new key: pseudonyms never survive a restart.
+//!
+//! Metrics: `hubgate_key_rotations_total{stream}`, `hubgate_keys_destroyed_total{stream}`.
+
+use hubgate_exporters::catalogue;
+use hubgate_privacy::Policy;
+use hubgate_privacy::pseudonym::Key;
+
+#[derive(Debug)]
+struct StreamKey {
+    name: String,
+    epoch_ms: i64,
+    current: Option<(i64, Key)>,
+}
+
+/// The current key of every stream that pseudonymises.
+#[derive(Debug)]
+pub struct KeyManager {
+    streams: Vec<Option<StreamKey>>,
+}
+
+impl KeyManager {
+    pub fn new(policy: &Policy) -> Self {
+        let streams = policy
+            .streams()
+            .iter()
+            .map(|s| {
+                s.needs_key().then(|| StreamKey {
+                    name: s.name.clone(),
+                    epoch_ms: i64::try_from(s.key_epoch.as_millis())
+                        .unwrap_or(i64::MAX)
+                        .max(1),
+                    current: None,
+                })
+            })
+            .collect();
+        Self { streams }
+    }
+
+    /// The key of stream `index` for the epoch that contains `now_ms`, rotating if the epoch
+    /// changed. `None` for streams that do not pseudonymise, or if no random key could be made
+    /// (then the chain drops what it would have pseudonymised).
+    pub fn key(&mut self, index: usize, now_ms: i64) -> Option<&Key> {
+        let stream = self.streams.get_mut(index)?.as_mut()?;
+        let epoch = now_ms.div_euclid(stream.epoch_ms);
+        if stream.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let fresh = random_key();
+            // Dropping the old key zeroises it.
+            if let Some((old_epoch, old)) = stream.current.take() {
+                drop(old);
+                metrics::counter!(catalogue::KEYS_DESTROYED, "stream" => stream.name.clone())
+                    .increment(1);
+                tracing::info!(stream = %stream.name, epoch = old_epoch, "pseudonymisation key destroyed");
+            }
+            match fresh {
+                Some(key) => {
+                    metrics::counter!(catalogue::KEY_ROTATIONS, "stream" => stream.name.clone())
+                        .increment(1);
+                    tracing::info!(stream = %stream.name, epoch, "new pseudonymisation key");
+                    stream.current = Some((epoch, key));
+                }
+                None => {
+                    tracing::error!(stream = %stream.name, "no random source for a pseudonymisation key; values to pseudonymise are dropped");
+                    return None;
+                }
+            }
+        }
+        stream.current.as_ref().map(|(_, k)| k)
+    }
+}
+
+fn random_key() -> Option<Key> {
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(bytes.as_mut_slice()).ok()?;
+    Some(Key::new(*bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hubgate_privacy::pseudonym::pseudonymise;
+
+    fn policy() -> Policy {
+        let src = "[[stream]]\nname = \"footfall\"\ntopics = [\"t\"]\npurpose = \"p\"\nlegal_basis = \"b\"\n\
+                   principles = [\"shared_prosperity\"]\nretention = \"1d\"\nkey_epoch = \"1h\"\n\
+                   [stream.fields]\nmac = \"pseudonymise\"\n\
+                   [[stream]]\nname = \"air\"\ntopics = [\"u\"]\npurpose = \"p\"\nlegal_basis = \"b\"\n\
+                   principles = [\"shared_prosperity\"]\nretention = \"1d\"\n[stream.fields]\npm25 = \"keep\"\n";
+        hubgate_privacy::policy::from_toml(src).unwrap().0
+    }
+
+    #[test]
+    fn one_key_per_epoch_and_a_fresh_one_after() {
+        let mut keys = KeyManager::new(&policy());
+        assert!(
+            keys.key(1, 0).is_none(),
+            "a stream that does not pseudonymise has no key"
+        );
+        let hour = 3_600_000;
+        let p1 = pseudonymise(keys.key(0, 10).unwrap(), "3c:22:fb:12:34:56");
+        let p1_again = pseudonymise(keys.key(0, hour - 1).unwrap(), "3c:22:fb:12:34:56");
+        assert_eq!(
+            p1, p1_again,
+            "the same epoch links a device to one pseudonym"
+        );
+        let p2 = pseudonymise(keys.key(0, hour).unwrap(), "3c:22:fb:12:34:56");
+        assert_ne!(p1, p2, "a new epoch gives an unrelated pseudonym");
+        // A second manager (a restart) never reuses a key, even within the same epoch.
+        let mut restarted = KeyManager::new(&policy());
+        assert_ne!(
+            pseudonymise(restarted.key(0, hour).unwrap(), "3c:22:fb:12:34:56"),
+            p2
+        );
+    }
+}

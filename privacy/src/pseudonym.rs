@@ -1,0 +1,180 @@
+//! Keyed pseudonymisation: `truncate(HMAC-SHA256(K_epoch_purpose, normalise(id)))`.
+//!
+//! A plain hash of an identifier is not a pseudonym: the MAC address space is small enough to
+//! enumerate, so anyone can invert it. hubgate keys the hash with a random 256-bit key per stream
+//! (purpose) and per key epoch (24 h by default). Within an epoch one device maps to one pseudonym,
+//! so it can be counted; across epochs its pseudonyms are unrelated, so it cannot be followed. The
+//! gateway holds keys in memory only and destroys each one when its epoch ends (see the gateway's
+//! key manager); this module only computes with a key it is given.
+//!
+//! Identifiers are normalised first so that formatting does not split a device in two: a MAC
+//! address written `3C:22:FB:12:34:56`, `3c-22-fb-12-34-56`, `3c22.fb12.3456` or `3c22fb123456`
+//! gives one pseudonym.
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+/// Bytes of HMAC output kept in a pseudonym (shown as twice as many hex digits).
+pub const PSEUDONYM_BYTES: usize = 16;
+
+/// A 256-bit pseudonymisation key, wiped from memory when dropped.
+#[derive(Clone)]
+pub struct Key(Zeroizing<[u8; 32]>);
+
+impl Key {
+    pub fn new(bytes: [u8; 32]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The all-zero key, for dry runs and tests only: deterministic, and never used to serve data.
+    pub fn fixed_for_dry_run() -> Self {
+        Self::new([0; 32])
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(<secret>)")
+    }
+}
+
+/// HMAC-SHA256 of `message` under `key` (RFC 2104).
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    // HMAC accepts keys of any length, so this cannot fail.
+    let mut mac =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(message);
+    mac.finalize().into_bytes().into()
+}
+
+/// Canonical form of an identifier: a MAC address or EUI-64 in any common notation becomes its
+/// lowercase hex digits; anything else is trimmed and lowercased.
+pub fn normalise(id: &str) -> String {
+    let t = id.trim();
+    let hex: String = t.chars().filter(char::is_ascii_hexdigit).collect();
+    let separators_only = t
+        .chars()
+        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
+    if separators_only && (hex.len() == 12 || hex.len() == 16) {
+        hex.to_ascii_lowercase()
+    } else {
+        t.to_lowercase()
+    }
+}
+
+/// The pseudonym of `id` under `key`: lowercase hex of the first [`PSEUDONYM_BYTES`] bytes of
+/// `HMAC-SHA256(key, normalise(id))`.
+pub fn pseudonymise(key: &Key, id: &str) -> String {
+    let digest = hmac_sha256(key.0.as_slice(), normalise(id).as_bytes());
+    digest[..PSEUDONYM_BYTES]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sha2::Digest;
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// RFC 4231 test cases 1, 2, 3, 4, 6 and 7 (HMAC-SHA-256). Case 5 tests truncated output.
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        let cases: [(Vec<u8>, Vec<u8>, &str); 6] = [
+            (vec![0x0b; 20], b"Hi There".to_vec(), "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"),
+            (b"Jefe".to_vec(), b"what do ya want for nothing?".to_vec(), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"),
+            (vec![0xaa; 20], vec![0xdd; 50], "773ea91e36800e46854db8ebd09181a72959098b3ef8c122d9635514ced565fe"),
+            (
+                unhex("0102030405060708090a0b0c0d0e0f10111213141516171819"),
+                vec![0xcd; 50],
+                "82558a389a443c0ea4cc819899f2083a85f0faa3e578f8077a2e3ff46729665b",
+            ),
+            (
+                vec![0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First".to_vec(),
+                "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54",
+            ),
+            (
+                vec![0xaa; 131],
+                b"This is a test using a larger than block-size key and a larger than block-size data. The key needs to be hashed before being used by the HMAC algorithm.".to_vec(),
+                "9b09ffa71b942fcb27635fbcd5b0e944bfdc63644f0713938a7f51535c3a35e2",
+            ),
+        ];
+        for (key, data, want) in cases {
+            assert_eq!(hex(&hmac_sha256(&key, &data)), want);
+        }
+    }
+
+    #[test]
+    fn formatting_variants_of_one_mac_give_one_pseudonym() {
+        let key = Key::new([7; 32]);
+        let variants = [
+            "3C:22:FB:12:34:56",
+            "3c-22-fb-12-34-56",
+            "3c22.fb12.3456",
+            "3c22fb123456",
+            " 3c:22:fb:12:34:56 ",
+        ];
+        let first = pseudonymise(&key, variants[0]);
+        for v in variants {
+            assert_eq!(pseudonymise(&key, v), first, "{v}");
+        }
+        assert_ne!(pseudonymise(&key, "3c:22:fb:12:34:57"), first);
+        assert_eq!(first.len(), 2 * PSEUDONYM_BYTES);
+    }
+
+    #[test]
+    fn the_key_is_never_printed() {
+        assert_eq!(format!("{:?}", Key::new([42; 32])), "Key(<secret>)");
+    }
+
+    fn arb_mac() -> impl Strategy<Value = String> {
+        any::<[u8; 6]>().prop_map(|b| {
+            b.iter()
+                .map(|x| format!("{x:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+    }
+
+    proptest! {
+        /// Within an epoch (one key) a device has one pseudonym; across epochs (two random keys)
+        /// its pseudonyms are unrelated: equal only by chance (2^-128), and sharing no more prefix
+        /// than chance allows.
+        #[test]
+        fn same_key_links_different_keys_do_not(mac in arb_mac(), k1 in any::<[u8; 32]>(), k2 in any::<[u8; 32]>()) {
+            prop_assume!(k1 != k2);
+            let (a, b) = (Key::new(k1), Key::new(k2));
+            prop_assert_eq!(pseudonymise(&a, &mac), pseudonymise(&a, &mac.to_uppercase()));
+            let (p1, p2) = (pseudonymise(&a, &mac), pseudonymise(&b, &mac));
+            prop_assert_ne!(&p1, &p2);
+            let shared = p1.chars().zip(p2.chars()).take_while(|(x, y)| x == y).count();
+            prop_assert!(shared < 8, "{} {}", p1, p2);
+        }
+
+        /// The pseudonym never equals, or is a prefix of, an unkeyed hash of the identifier (in any
+        /// of its normal forms): enumerating MAC addresses through SHA-256 does not invert it.
+        #[test]
+        fn never_an_unkeyed_hash(mac in arb_mac(), k in any::<[u8; 32]>()) {
+            let p = pseudonymise(&Key::new(k), &mac);
+            for form in [mac.clone(), normalise(&mac), mac.to_uppercase(), mac.replace(':', "")] {
+                let unkeyed = hex(&Sha256::digest(form.as_bytes()));
+                prop_assert!(!unkeyed.starts_with(&p));
+                prop_assert!(!unkeyed.contains(&p[..16]));
+            }
+        }
+    }
+}
