@@ -33,6 +33,15 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Show what the policy does to sample messages, field by field (deterministic).
+    DryRun {
+        /// Configuration file holding the policy.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Samples, one JSON object per line: {"topic": "...", "payload": {...}}.
+        #[arg(long, short)]
+        input: PathBuf,
+    },
     /// Run a simulated district through the gateway and show what the policy keeps.
     #[cfg(feature = "embedded-broker")]
     Demo {
@@ -52,6 +61,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { files } => return check(&files),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
+        Command::DryRun { config, input } => dry_run(&config, &input),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
             runtime().and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
@@ -103,6 +113,17 @@ fn load(path: &Path) -> anyhow::Result<Option<Config>> {
             Ok(None)
         }
     }
+}
+
+fn dry_run(config_path: &Path, input: &Path) -> anyhow::Result<()> {
+    let Some(config) = load(config_path)? else {
+        anyhow::bail!("{} has errors (see above)", config_path.display());
+    };
+    let file =
+        std::fs::File::open(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let report = crate::dry_run::run(&config.policy, std::io::BufReader::new(file))?;
+    print!("{report}");
+    Ok(())
 }
 
 fn check(files: &[PathBuf]) -> ExitCode {

@@ -21,6 +21,7 @@ pub mod config;
 pub mod decode;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
+pub mod dry_run;
 pub mod grpc;
 pub mod ingest;
 pub mod keys;

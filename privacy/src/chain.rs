@@ -70,16 +70,50 @@ pub struct Outcome {
     pub locations_invalid: u32,
 }
 
+/// What the chain did with one input field (for `hubgate dry-run`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Read as the event time, then consumed.
+    EventTime,
+    /// Passed unchanged.
+    Kept,
+    /// Replaced by its pseudonym.
+    Pseudonymised,
+    /// A coordinate, generalised into the cell at this output path; it does not pass itself.
+    Generalised(String),
+    /// Not declared by the policy: dropped.
+    Undeclared,
+    /// Held a direct identifier of this kind: dropped.
+    IdentifierDropped(IdKind),
+    /// Held a direct identifier of this kind: pseudonymised.
+    IdentifierPseudonymised(IdKind),
+    /// To be pseudonymised, but no key was available: dropped.
+    NoKey,
+}
+
 /// Runs every stage of `policy` over `reading`.
 pub fn apply(
     policy: &StreamPolicy,
+    reading: Reading,
+    ctx: &Context<'_>,
+) -> Result<Outcome, Rejection> {
+    apply_traced(policy, reading, ctx, |_, _| {})
+}
+
+/// Runs every stage of `policy` over `reading`, telling `trace` what happened to each input field.
+pub fn apply_traced(
+    policy: &StreamPolicy,
     mut reading: Reading,
     ctx: &Context<'_>,
+    mut trace: impl FnMut(&str, Fate),
 ) -> Result<Outcome, Rejection> {
     let mut out = Outcome::default();
     let mut event_time_ms = match &policy.time_field {
         Some(path) => match take_field(&mut reading, path) {
-            Some(value) => event_time(&value).ok_or(Rejection::BadTime)?,
+            Some(value) => {
+                trace(path, Fate::EventTime);
+                event_time(&value).ok_or(Rejection::BadTime)?
+            }
             None => ctx.received_ms,
         },
         None => ctx.received_ms,
@@ -113,30 +147,43 @@ pub fn apply(
                     Value::Str(s) => policy.identifiers.detector.find(s),
                     _ => None,
                 };
-                match found {
-                    None => fields.push((path, value)),
-                    Some(kind) => {
-                        out.identifiers_suppressed += 1;
-                        out.last_identifier = Some(kind);
-                        // Dropped, unless the stream pseudonymises hits and has a key.
-                        if let (IdAction::Pseudonymise, Some(key)) =
-                            (policy.identifiers.action, ctx.key)
-                        {
-                            fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
-                            out.pseudonymised += 1;
-                        }
+                let Some(kind) = found else {
+                    trace(&path, Fate::Kept);
+                    fields.push((path, value));
+                    continue;
+                };
+                out.identifiers_suppressed += 1;
+                out.last_identifier = Some(kind);
+                // Dropped, unless the stream pseudonymises hits and has a key.
+                match (policy.identifiers.action, ctx.key) {
+                    (IdAction::Pseudonymise, Some(key)) => {
+                        trace(&path, Fate::IdentifierPseudonymised(kind));
+                        fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
+                        out.pseudonymised += 1;
                     }
+                    _ => trace(&path, Fate::IdentifierDropped(kind)),
                 }
             }
             Some(Treatment::Pseudonymise) => match ctx.key {
                 Some(key) => {
+                    trace(&path, Fate::Pseudonymised);
                     fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
                     out.pseudonymised += 1;
                 }
-                None => out.fields_dropped += 1,
+                None => {
+                    trace(&path, Fate::NoKey);
+                    out.fields_dropped += 1;
+                }
             },
             // An input field at an h3 output path is not the cell: it is dropped like any other.
-            Some(Treatment::H3(_)) | None => out.fields_dropped += 1,
+            Some(Treatment::H3(_)) | None => {
+                out.fields_dropped += 1;
+                let cell = policy.fields.iter().find_map(|(out_path, t)| match t {
+                    Treatment::H3(c) if c.lat == path || c.lon == path => Some(out_path.clone()),
+                    _ => None,
+                });
+                trace(&path, cell.map_or(Fate::Undeclared, Fate::Generalised));
+            }
         }
     }
     out.record = Record {

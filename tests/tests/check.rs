@@ -50,3 +50,63 @@ fn every_shipped_config_passes_the_check() {
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches(": ok:").count(), files.len(), "{text}");
 }
+
+#[test]
+fn dry_run_explains_every_field_and_is_deterministic() {
+    let run = || {
+        Command::new(gateway_bin!())
+            .arg("dry-run")
+            .arg("--config")
+            .arg(repo().join("deploy/hubgate.toml"))
+            .arg("--input")
+            .arg(repo().join("deploy/samples.jsonl"))
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text,
+        String::from_utf8(run().stdout).unwrap(),
+        "the same samples give the same output"
+    );
+
+    // No raw identifier from the samples is echoed.
+    for raw in [
+        "3C:22:FB:12:34:56",
+        "3c22.fb12.3456",
+        "ana.silva@example.org",
+        "AB-123-CD",
+        "52.3731",
+        "/9j/",
+    ] {
+        assert!(!text.contains(raw), "{raw} appears in:\n{text}");
+    }
+    // The two notations of one MAC address give one pseudonym.
+    let pseudonyms: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"mac\":\""))
+        .map(|l| {
+            l.split("\"mac\":\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(pseudonyms.len(), 2, "{text}");
+    assert_eq!(pseudonyms[0], pseudonyms[1]);
+    for expected in [
+        "location.lat             generalised into the H3 cell 'cell', not passed",
+        "firmware                 not declared: dropped",
+        "mac                      pseudonymised",
+        "vehicle_class            holds an identifier (plate): dropped",
+        "payload is not valid JSON",
+        "city/cctv/cam-7/frame → no stream takes this topic: dropped",
+        "summary: 7 samples, 5 records out, 1 unrouted, 1 rejected whole",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}

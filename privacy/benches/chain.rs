@@ -1,0 +1,92 @@
+//! Per-record cost of the privacy chain and of its stages.
+//!
+//! `cargo bench -p hubgate-privacy --bench chain`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hubgate_privacy::chain::{self, Context};
+use hubgate_privacy::pseudonym::{Key, pseudonymise};
+use hubgate_privacy::{Reading, StreamPolicy, Value, policy};
+
+const POLICY: &str = r#"
+[[stream]]
+name = "footfall"
+topics = ["city/footfall/+/probe"]
+purpose = "p"
+legal_basis = "b"
+principles = ["community_participation"]
+retention = "7d"
+time_field = "ts"
+time_bucket = "1m"
+
+[stream.fields]
+counter_id = "keep"
+note = "keep"
+mac = "pseudonymise"
+cell = { h3 = { resolution = 9, lat = "location.lat", lon = "location.lon" } }
+"#;
+
+fn stream() -> StreamPolicy {
+    policy::from_toml(POLICY).expect("bench policy").0.streams()[0].clone()
+}
+
+fn reading() -> Reading {
+    let s = |v: &str| Value::Str(v.to_owned());
+    Reading {
+        fields: vec![
+            ("counter_id".into(), s("pc-01")),
+            ("ts".into(), Value::Int(1_704_067_245)),
+            ("mac".into(), s("3c:22:fb:12:34:56")),
+            ("rssi".into(), Value::Int(-61)),
+            ("channel".into(), Value::Int(6)),
+            ("note".into(), s("probe request seen at the north gate")),
+            ("location.lat".into(), Value::Float(52.3731)),
+            ("location.lon".into(), Value::Float(4.8922)),
+        ],
+        unsupported: 0,
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let policy = stream();
+    let key = Key::new([7; 32]);
+    let ctx = Context {
+        received_ms: 1_704_067_300_000,
+        key: Some(&key),
+    };
+    let input = reading();
+
+    let mut g = c.benchmark_group("privacy");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("whole_chain", |b| {
+        b.iter_batched(
+            || input.clone(),
+            |r| chain::apply(&policy, black_box(r), &ctx),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("allow_list", |b| {
+        b.iter_batched(
+            || input.clone(),
+            |mut r| chain::allow_list(&policy, black_box(&mut r)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("identifier_scan", |b| {
+        b.iter(|| {
+            policy
+                .identifiers
+                .detector
+                .find(black_box("probe request seen at the north gate"))
+        })
+    });
+    g.bench_function("pseudonymise", |b| {
+        b.iter(|| pseudonymise(&key, black_box("3c:22:fb:12:34:56")))
+    });
+    g.bench_function("reading_clone", |b| b.iter(|| black_box(&input).clone()));
+    g.finish();
+}
+
+criterion_group!(chain_benches, benches);
+criterion_main!(chain_benches);
