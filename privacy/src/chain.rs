@@ -43,15 +43,6 @@ pub enum Rejection {
     BadTime,
 }
 
-impl Rejection {
-    /// Short, stable name for metric labels.
-    pub fn reason(self) -> &'static str {
-        match self {
-            Rejection::BadTime => "bad_time",
-        }
-    }
-}
-
 /// The result of the chain for one reading.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Outcome {

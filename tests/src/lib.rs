@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -199,10 +199,6 @@ impl Gateway {
     /// The gateway's log so far (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
-    }
-
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("hubgate.toml")
     }
 
     /// Waits until `/readyz` says the MQTT connection is up.
