@@ -36,6 +36,19 @@ pub const RECORDS_PURGED: &str = "hubgate_store_records_purged_total";
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
 /// gRPC Subscribe calls open now.
 pub const GRPC_SUBSCRIBERS: &str = "hubgate_grpc_subscribers";
+/// Readings offered to an aggregated stream's windows. Labels: `stream`, `outcome` (`counted`,
+/// `late`, `early`, `no_contributor`, `no_group_key`, `bounded`, `state_full`).
+pub const AGGREGATE_READINGS: &str = "hubgate_aggregate_readings_total";
+/// Groups of closed windows. Labels: `stream`, `outcome` (`released`, `suppressed_min_group_size`).
+pub const AGGREGATE_GROUPS: &str = "hubgate_aggregate_groups_total";
+/// Windows closed. Label: `stream`.
+pub const AGGREGATE_WINDOWS_CLOSED: &str = "hubgate_aggregate_windows_closed_total";
+/// Groups, contributors and distinct values held by the open windows. Label: `stream`.
+pub const AGGREGATE_STATE_ENTRIES: &str = "hubgate_aggregate_state_entries";
+/// Window releases refused by the privacy-budget ledger. Label: `stream`.
+pub const PRIVACY_BUDGET_REFUSALS: &str = "hubgate_privacy_budget_refusals_total";
+/// Epsilon spent on the current UTC day. Label: `stream`.
+pub const PRIVACY_BUDGET_SPENT_TODAY: &str = "hubgate_privacy_budget_spent_today_epsilon";
 /// Always 1; label `policy_hash` names the running policy.
 pub const POLICY_INFO: &str = "hubgate_policy_info";
 /// Always 1; label `version` names the build.
@@ -75,6 +88,27 @@ pub fn describe() {
         "string values holding a direct identifier, dropped or pseudonymised"
     );
     describe_counter!(FIELDS_PSEUDONYMISED, "values replaced by a keyed pseudonym");
+    describe_counter!(
+        AGGREGATE_READINGS,
+        "readings offered to an aggregated stream's windows, by outcome"
+    );
+    describe_counter!(
+        AGGREGATE_GROUPS,
+        "groups of closed windows, released or suppressed below the minimum group size"
+    );
+    describe_counter!(AGGREGATE_WINDOWS_CLOSED, "aggregation windows closed");
+    describe_gauge!(
+        AGGREGATE_STATE_ENTRIES,
+        "groups, contributors and distinct values held by open windows"
+    );
+    describe_counter!(
+        PRIVACY_BUDGET_REFUSALS,
+        "window releases refused by the privacy-budget ledger"
+    );
+    describe_gauge!(
+        PRIVACY_BUDGET_SPENT_TODAY,
+        "differential-privacy epsilon spent on the current UTC day"
+    );
     describe_counter!(
         LOCATIONS_GENERALISED,
         "locations generalised to an H3 cell, by outcome"

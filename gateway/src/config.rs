@@ -113,12 +113,16 @@ impl Default for AdminConfig {
 pub struct StoreConfig {
     /// Most records held per stream; the oldest are removed beyond it.
     pub max_records_per_stream: usize,
+    /// Where the gateway keeps its state (the privacy-budget ledger); relative paths are taken
+    /// from the working directory.
+    pub data_dir: std::path::PathBuf,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             max_records_per_stream: 100_000,
+            data_dir: "hubgate-data".into(),
         }
     }
 }

@@ -235,6 +235,15 @@ fn print_summary(
         total(|s| &s.identifiers_suppressed),
         total(|s| &s.locations_generalised),
     );
+    if policy.streams().iter().any(|s| s.aggregate.is_some()) {
+        println!(
+            "  aggregation: {} readings into windows, {} late; {} groups released, {} suppressed with fewer than k contributors",
+            total(|s| &s.readings_aggregated),
+            total(|s| &s.dropped_late),
+            total(|s| &s.groups_released),
+            total(|s| &s.groups_suppressed),
+        );
+    }
     println!(
         "  raw identifiers: {} of the {} MAC addresses and plates sent reached the subscriber",
         received.identifiers_seen,

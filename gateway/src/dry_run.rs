@@ -6,15 +6,23 @@
 //! in (names only: the sample's raw values are never echoed), what each stage did to each field,
 //! and the record that would go out. A summary follows.
 //!
-//! Deterministic: a fixed pseudonymisation key (never used to serve data) and a fixed receive time
-//! unless a sample gives one, so the same samples always give the same output.
+//! For an aggregated stream, each sample's record goes into its window; a sample that gives no
+//! `received` time is taken to arrive on time. After the last sample every window is closed, and
+//! the report lists each group with its contributors, released or suppressed below k.
+//!
+//! Deterministic: a fixed pseudonymisation key (never used to serve data), a fixed receive time
+//! unless a sample gives one, and a fixed noise seed, so the same samples always give the same
+//! output.
 
 use std::fmt::Write as _;
 use std::io::BufRead;
 
+use hubgate_privacy::budget::StreamBudget;
 use hubgate_privacy::chain::{self, Fate};
 use hubgate_privacy::identifiers;
+use hubgate_privacy::noise::SeededRandom;
 use hubgate_privacy::pseudonym::Key;
+use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Context, Policy, Value};
 
 use crate::decode;
@@ -36,6 +44,18 @@ struct Summary {
     generalised: u64,
     cells: u64,
     unsupported: u64,
+    absorbed: u64,
+    left_out: u64,
+    groups_released: u64,
+    groups_suppressed: u64,
+    windows_refused: u64,
+}
+
+fn time(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
 }
 
 /// Runs the samples from `input` through `policy`, returning the report.
@@ -44,6 +64,11 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     let mut report = String::new();
     let mut sum = Summary::default();
     let _ = writeln!(report, "policy {}\n", policy.hash_hex());
+    let mut windows: Vec<WindowState> = policy
+        .streams()
+        .iter()
+        .map(|_| WindowState::default())
+        .collect();
     for (n, line) in input.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -61,10 +86,11 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
             Some(other) => serde_json::to_vec(other)?,
             None => anyhow::bail!("sample line {}: needs a \"payload\"", n + 1),
         };
-        let received_ms = sample
+        let given_received_ms = sample
             .get("received")
             .and_then(serde_json::Value::as_f64)
-            .map_or(DEFAULT_RECEIVED_MS, |s| (s * 1000.0) as i64);
+            .map(|s| (s * 1000.0) as i64);
+        let received_ms = given_received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
         let _ = write!(report, "sample {}: {topic}", n + 1);
         let streams: Vec<usize> = policy.route(topic).collect();
         if streams.is_empty() {
@@ -152,17 +178,27 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                         .iter()
                         .map(|(p, v)| (p.clone(), json_value(v)))
                         .collect();
-                    let time = humantime::format_rfc3339_millis(
-                        std::time::UNIX_EPOCH
-                            + std::time::Duration::from_millis(
-                                out.record.event_time_ms.max(0) as u64
-                            ),
-                    );
-                    let _ = writeln!(
-                        report,
-                        "  out: {} at {time}",
-                        serde_json::Value::Object(fields)
-                    );
+                    let at = time(out.record.event_time_ms);
+                    let fields = serde_json::Value::Object(fields);
+                    let Some(spec) = &stream.aggregate else {
+                        let _ = writeln!(report, "  out: {fields} at {at}");
+                        continue;
+                    };
+                    sum.records -= 1;
+                    let now = given_received_ms.unwrap_or(out.record.event_time_ms);
+                    let what = match windows[index].absorb(spec, &out.record, now) {
+                        Absorbed::Counted => {
+                            sum.absorbed += 1;
+                            let start = out.record.event_time_ms
+                                - out.record.event_time_ms.rem_euclid(spec.window_ms().max(1));
+                            format!("into the window from {}", time(start))
+                        }
+                        other => {
+                            sum.left_out += 1;
+                            format!("left out of the windows ({other:?})")
+                        }
+                    };
+                    let _ = writeln!(report, "  {what}: {fields} at {at}");
                 }
                 Err(rejection) => {
                     sum.rejected += 1;
@@ -172,13 +208,15 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
         }
         let _ = writeln!(report);
     }
+    close_windows(policy, &mut windows, &mut report, &mut sum);
     let _ = writeln!(
         report,
-        "summary: {} samples, {} records out, {} unrouted, {} rejected whole\n\
+        "summary: {} samples, {} records out, {} into windows, {} unrouted, {} rejected whole\n\
          fields: {} kept, {} pseudonymised, {} not declared, {} holding identifiers, {} coordinates \
          generalised into {} cells, {} without a key, {} arrays or nulls",
         sum.samples,
         sum.records,
+        sum.absorbed,
         sum.unrouted,
         sum.rejected,
         sum.kept,
@@ -190,7 +228,82 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
         sum.no_key,
         sum.unsupported,
     );
+    if policy.streams().iter().any(|s| s.aggregate.is_some()) {
+        let _ = writeln!(
+            report,
+            "windows: {} groups released, {} suppressed below the minimum group size, {} windows \
+             refused by the privacy budget, {} readings left out",
+            sum.groups_released, sum.groups_suppressed, sum.windows_refused, sum.left_out,
+        );
+    }
     Ok(report)
+}
+
+/// Closes every window and reports each group, released or suppressed.
+fn close_windows(
+    policy: &Policy,
+    windows: &mut [WindowState],
+    report: &mut String,
+    sum: &mut Summary,
+) {
+    let mut rng = SeededRandom::new(0);
+    for (stream, state) in policy.streams().iter().zip(windows) {
+        let Some(spec) = &stream.aggregate else {
+            continue;
+        };
+        if state.open_windows() == 0 {
+            continue;
+        }
+        let _ = writeln!(
+            report,
+            "windows of stream {} (k = {}):",
+            stream.name, spec.min_group_size
+        );
+        for (start, key, contributors) in state.groups() {
+            let key: Vec<String> = spec
+                .group_by
+                .iter()
+                .zip(&key)
+                .map(|(name, v)| format!("{name}={}", json_value(v)))
+                .collect();
+            let fate = if contributors >= spec.min_group_size as usize {
+                "released"
+            } else {
+                "suppressed"
+            };
+            let _ = writeln!(
+                report,
+                "  {} [{}]: {contributors} contributor(s): {fate}",
+                time(start),
+                key.join(", ")
+            );
+        }
+        let mut budget = StreamBudget::default();
+        let release = state.release(spec, i64::MAX / 4, Some((&mut budget, &mut rng)));
+        for record in &release.records {
+            let fields: serde_json::Map<String, serde_json::Value> = record
+                .fields
+                .iter()
+                .map(|(p, v)| (p.clone(), json_value(v)))
+                .collect();
+            let _ = writeln!(
+                report,
+                "  out: {} at {}",
+                serde_json::Value::Object(fields),
+                time(record.event_time_ms)
+            );
+        }
+        if spec.noise.is_some() && !release.records.is_empty() {
+            let _ = writeln!(
+                report,
+                "  (counts carry differential-privacy noise, drawn here from a fixed seed)"
+            );
+        }
+        sum.groups_released += release.records.len() as u64;
+        sum.groups_suppressed += u64::from(release.groups_suppressed);
+        sum.windows_refused += u64::from(release.windows_refused);
+        let _ = writeln!(report);
+    }
 }
 
 fn json_value(v: &Value) -> serde_json::Value {

@@ -143,7 +143,7 @@ impl Gateway for GatewayService {
                     name: s.name.clone(),
                     purpose: s.purpose.clone(),
                     legal_basis: s.legal_basis.clone(),
-                    fields: s.fields.iter().map(|(p, _)| p.clone()).collect(),
+                    fields: s.output_fields().into_iter().map(str::to_owned).collect(),
                     oldest_sequence: oldest,
                     last_sequence: last,
                     policy_hash: hash.clone(),

@@ -16,6 +16,7 @@
 pub mod admin;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod decode;
@@ -107,7 +108,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .collect();
 
     let mut tasks = JoinSet::new();
-    let pipeline = Pipeline::new(Arc::clone(&policy), Arc::clone(&store), Arc::clone(&stats));
+    let budget = if policy
+        .streams()
+        .iter()
+        .any(|s| s.aggregate.as_ref().is_some_and(|a| a.noise.is_some()))
+    {
+        Some(budget::BudgetFile::open(&config.store.data_dir)?)
+    } else {
+        None
+    };
+    let pipeline = Pipeline::new(
+        Arc::clone(&policy),
+        Arc::clone(&store),
+        Arc::clone(&stats),
+        budget,
+    );
     let acker = Acker::new(client.clone());
     tasks.spawn(async move {
         pipeline::run(pipeline, queue_rx, acker).await;

@@ -9,9 +9,19 @@
 //!    counted per stream;
 //! 3. runs the stream's privacy chain ([`hubgate_privacy::chain`]) with the stream's current
 //!    pseudonymisation key (see [`crate::keys`]); image and video payloads are dropped undecoded;
-//! 4. appends the filtered records to the store, one append per stream per batch;
+//! 4. appends the filtered records to the store, one append per stream per batch; for an
+//!    aggregated stream, absorbs them into the stream's open windows instead
+//!    ([`hubgate_privacy::window`]), and appends the groups each closing window releases;
 //! 5. only then acknowledges the messages to the broker (QoS 1), so a message is never acked
-//!    before its record is kept.
+//!    before its record is kept (or absorbed).
+//!
+//! Windows close on the gateway's clock: after every batch, and at least twice a second when no
+//! message comes. A stream with differential-privacy noise pays for each release in the
+//! privacy-budget ledger, which is written to disk before the released records are kept (see
+//! [`crate::budget`]).
+//!
+//! Open windows are held in memory: a stop or a crash loses the readings of the windows still open
+//! (the broker does not resend them, since they were acknowledged).
 //!
 //! Acknowledgements go through rumqttc's request channel without ever waiting on it (`try_ack`):
 //! the MQTT task may itself be waiting for room in this task's queue, and waiting on each other
@@ -22,7 +32,11 @@
 //! `hubgate_stream_messages_total{stream}`, `hubgate_messages_dropped_total{stream, reason}`,
 //! `hubgate_fields_dropped_total{stream, stage}`, `hubgate_identifiers_suppressed_total{stream}`,
 //! `hubgate_fields_pseudonymised_total{stream}`, `hubgate_locations_generalised_total{stream, outcome}`,
-//! `hubgate_records_kept_total{stream}`.
+//! `hubgate_records_kept_total{stream}`; for aggregated streams
+//! `hubgate_aggregate_readings_total{stream, outcome}`, `hubgate_aggregate_groups_total{stream, outcome}`,
+//! `hubgate_aggregate_windows_closed_total{stream}`, `hubgate_aggregate_state_entries{stream}`,
+//! `hubgate_privacy_budget_refusals_total{stream}` and
+//! `hubgate_privacy_budget_spent_today_epsilon{stream}`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -31,13 +45,15 @@ use std::time::Duration;
 
 use hubgate_exporters::catalogue;
 use hubgate_privacy::policy::PayloadFormat;
+use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Context, Policy, Reading, Record, Value, chain, identifiers};
 use hubgate_proto::v1;
-use metrics::Counter;
+use metrics::{Counter, Gauge};
 use prost::Message as _;
 use rumqttc::{AsyncClient, Publish};
 use tokio::sync::mpsc;
 
+use crate::budget::{BudgetFile, OsRandom};
 use crate::decode;
 use crate::keys::KeyManager;
 use crate::store::Store;
@@ -64,6 +80,18 @@ pub struct StreamStats {
     /// Encoded size of the field data alone in the records kept, without the envelope (stream,
     /// sequence, time, policy hash): what is left of the payload's content.
     pub field_bytes_kept: AtomicU64,
+    /// Aggregated streams: readings counted in a window.
+    pub readings_aggregated: AtomicU64,
+    /// Aggregated streams: readings that arrived after their window closed.
+    pub dropped_late: AtomicU64,
+    /// Aggregated streams: readings left out for another reason (see [`Absorbed`]).
+    pub dropped_aggregate: AtomicU64,
+    /// Aggregated streams: groups released as records.
+    pub groups_released: AtomicU64,
+    /// Aggregated streams: groups with fewer than k contributors, never released.
+    pub groups_suppressed: AtomicU64,
+    /// Aggregated streams: windows the privacy budget refused.
+    pub windows_refused: AtomicU64,
 }
 
 /// Counts for the whole gateway.
@@ -102,7 +130,61 @@ struct Tally {
     locations_invalid: u64,
     bytes_kept: u64,
     field_bytes_kept: u64,
+    /// Per [`Absorbed`] outcome, indexed by [`absorbed_index`].
+    absorbed: [u64; ABSORBED.len()],
     records: Vec<v1::Record>,
+}
+
+/// Every outcome of offering a record to the windows, with its metric label.
+const ABSORBED: [(Absorbed, &str); 7] = [
+    (Absorbed::Counted, "counted"),
+    (Absorbed::Late, "late"),
+    (Absorbed::Early, "early"),
+    (Absorbed::NoContributor, "no_contributor"),
+    (Absorbed::NoGroupKey, "no_group_key"),
+    (Absorbed::Bounded, "bounded"),
+    (Absorbed::Full, "state_full"),
+];
+
+fn absorbed_index(a: Absorbed) -> usize {
+    ABSORBED.iter().position(|(x, _)| *x == a).unwrap_or(0)
+}
+
+/// Counters of an aggregated stream.
+#[derive(Debug)]
+struct WindowCounters {
+    absorbed: Vec<Counter>,
+    released: Counter,
+    suppressed: Counter,
+    windows: Counter,
+    refusals: Counter,
+    entries: Gauge,
+    spent_today: Gauge,
+}
+
+impl WindowCounters {
+    fn new(stream: &str) -> Self {
+        let s = stream.to_owned();
+        Self {
+            absorbed: ABSORBED
+                .iter()
+                .map(|(_, label)| metrics::counter!(catalogue::AGGREGATE_READINGS, "stream" => s.clone(), "outcome" => *label))
+                .collect(),
+            released: metrics::counter!(catalogue::AGGREGATE_GROUPS, "stream" => s.clone(), "outcome" => "released"),
+            suppressed: metrics::counter!(catalogue::AGGREGATE_GROUPS, "stream" => s.clone(), "outcome" => "suppressed_min_group_size"),
+            windows: metrics::counter!(catalogue::AGGREGATE_WINDOWS_CLOSED, "stream" => s.clone()),
+            refusals: metrics::counter!(catalogue::PRIVACY_BUDGET_REFUSALS, "stream" => s.clone()),
+            entries: metrics::gauge!(catalogue::AGGREGATE_STATE_ENTRIES, "stream" => s.clone()),
+            spent_today: metrics::gauge!(catalogue::PRIVACY_BUDGET_SPENT_TODAY, "stream" => s),
+        }
+    }
+}
+
+/// The open windows of an aggregated stream.
+#[derive(Debug)]
+struct Windows {
+    state: WindowState,
+    counters: WindowCounters,
 }
 
 #[derive(Debug)]
@@ -150,10 +232,22 @@ pub struct Pipeline {
     unrouted: Counter,
     tallies: Vec<Tally>,
     keys: KeyManager,
+    /// Per stream, in policy order: the open windows of aggregated streams.
+    windows: Vec<Option<Windows>>,
+    /// The privacy-budget ledger, when a stream adds noise.
+    budget: Option<BudgetFile>,
+    rng: OsRandom,
 }
 
 impl Pipeline {
-    pub fn new(policy: Arc<Policy>, store: Arc<Store>, stats: Arc<Stats>) -> Self {
+    /// A pipeline for `policy`. `budget` must be given when a stream adds noise; without it, such
+    /// a stream releases nothing.
+    pub fn new(
+        policy: Arc<Policy>,
+        store: Arc<Store>,
+        stats: Arc<Stats>,
+        budget: Option<BudgetFile>,
+    ) -> Self {
         let counters = policy
             .streams()
             .iter()
@@ -172,6 +266,97 @@ impl Pipeline {
             unrouted: metrics::counter!(catalogue::UNROUTED_MESSAGES),
             tallies,
             keys: KeyManager::new(&policy_for_keys),
+            windows: policy_for_keys
+                .streams()
+                .iter()
+                .map(|s| {
+                    s.aggregate.as_ref().map(|_| Windows {
+                        state: WindowState::default(),
+                        counters: WindowCounters::new(&s.name),
+                    })
+                })
+                .collect(),
+            budget,
+            rng: OsRandom::new(),
+        }
+    }
+
+    /// Whether any stream aggregates (then [`Pipeline::release`] must run on a timer).
+    pub fn aggregates(&self) -> bool {
+        self.windows.iter().any(Option::is_some)
+    }
+
+    /// Closes the windows that are due and keeps the groups they release.
+    pub fn release(&mut self, now_ms: i64) {
+        let policy = Arc::clone(&self.policy);
+        for (index, stream) in policy.streams().iter().enumerate() {
+            let (Some(spec), Some(windows)) = (&stream.aggregate, self.windows[index].as_mut())
+            else {
+                continue;
+            };
+            let dp = match (&spec.noise, self.budget.as_mut()) {
+                (Some(_), Some(file)) => Some((
+                    file.ledger.stream(&stream.name),
+                    &mut self.rng as &mut dyn hubgate_privacy::noise::RandomSource,
+                )),
+                _ => None,
+            };
+            let release = windows.state.release(spec, now_ms, dp);
+            let c = &windows.counters;
+            c.entries.set(windows.state.entries() as f64);
+            if release.windows == 0 {
+                continue;
+            }
+            let stats = &self.stats.streams[index];
+            let mut records = release.records;
+            if release.epsilon_spent_micro > 0
+                && let Some(file) = &mut self.budget
+            {
+                c.spent_today.set(
+                    file.ledger.stream(&stream.name).spent_on_day_of(now_ms) as f64
+                        / hubgate_privacy::policy::aggregate::MICRO,
+                );
+                // The spending is on disk before anything it paid for is kept.
+                if let Err(err) = file.save() {
+                    tracing::error!(stream = %stream.name, %err, "cannot write the privacy-budget ledger: the window's groups are not released");
+                    c.refusals.increment(1);
+                    stats.windows_refused.fetch_add(1, Ordering::Relaxed);
+                    records.clear();
+                }
+            }
+            if let Some(refusal) = release.last_refusal {
+                tracing::warn!(stream = %stream.name, windows = release.windows_refused, %refusal, "window release refused");
+            }
+            c.windows.increment(u64::from(release.windows));
+            c.suppressed.increment(u64::from(release.groups_suppressed));
+            c.refusals.increment(u64::from(release.windows_refused));
+            c.released.increment(records.len() as u64);
+            stats
+                .groups_suppressed
+                .fetch_add(u64::from(release.groups_suppressed), Ordering::Relaxed);
+            stats
+                .windows_refused
+                .fetch_add(u64::from(release.windows_refused), Ordering::Relaxed);
+            stats
+                .groups_released
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            if records.is_empty() {
+                continue;
+            }
+            let mut bytes = 0;
+            let protos: Vec<v1::Record> = records
+                .into_iter()
+                .map(|r| {
+                    let record = to_proto(&stream.name, &self.policy_hash, r);
+                    bytes += record.encoded_len() as u64;
+                    record
+                })
+                .collect();
+            let n = protos.len() as u64;
+            self.store.append(index, protos, now_ms);
+            self.counters[index].kept.increment(n);
+            stats.records_kept.fetch_add(n, Ordering::Relaxed);
+            stats.bytes_kept.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
@@ -197,6 +382,19 @@ impl Pipeline {
         for (index, tally) in self.tallies.iter_mut().enumerate() {
             if tally.messages == 0 {
                 continue;
+            }
+            if let Some(windows) = &self.windows[index] {
+                let s = &self.stats.streams[index];
+                for (i, n) in tally.absorbed.iter().enumerate() {
+                    windows.counters.absorbed[i].increment(*n);
+                }
+                let counted = tally.absorbed[absorbed_index(Absorbed::Counted)];
+                let late = tally.absorbed[absorbed_index(Absorbed::Late)];
+                let all: u64 = tally.absorbed.iter().sum();
+                s.readings_aggregated.fetch_add(counted, Ordering::Relaxed);
+                s.dropped_late.fetch_add(late, Ordering::Relaxed);
+                s.dropped_aggregate
+                    .fetch_add(all - counted - late, Ordering::Relaxed);
             }
             let mut records = std::mem::take(&mut tally.records);
             let kept = records.len() as u64;
@@ -241,6 +439,9 @@ impl Pipeline {
                 ..Tally::default()
             };
         }
+        if self.aggregates() {
+            self.release(now_ms);
+        }
     }
 
     /// Returns false when no stream takes the message's topic.
@@ -280,6 +481,13 @@ impl Pipeline {
                     tally.pseudonymised += u64::from(outcome.pseudonymised);
                     tally.locations_generalised += u64::from(outcome.locations_generalised);
                     tally.locations_invalid += u64::from(outcome.locations_invalid);
+                    if let (Some(spec), Some(windows)) =
+                        (&stream.aggregate, self.windows[index].as_mut())
+                    {
+                        let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
+                        tally.absorbed[absorbed_index(absorbed)] += 1;
+                        continue;
+                    }
                     let record = to_proto(&stream.name, &self.policy_hash, outcome.record);
                     tally.bytes_kept += record.encoded_len() as u64;
                     tally.field_bytes_kept += prost::encoding::hash_map::encoded_len(
@@ -367,17 +575,19 @@ impl Acker {
 /// Runs the pipeline until the queue closes.
 pub async fn run(mut pipeline: Pipeline, mut queue: mpsc::Receiver<Publish>, mut acker: Acker) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let aggregates = pipeline.aggregates();
     loop {
-        let received = if acker.flush() {
-            // Acks are waiting for room in the request channel: come back soon even if idle.
-            match tokio::time::timeout(Duration::from_millis(5), queue.recv_many(&mut batch, BATCH))
-                .await
-            {
-                Ok(n) => n,
-                Err(_) => continue,
+        // Acks waiting for room in the request channel: come back soon even if idle.
+        let acks_waiting = acker.flush();
+        let received = tokio::select! {
+            n = queue.recv_many(&mut batch, BATCH) => n,
+            _ = tick.tick(), if aggregates => {
+                pipeline.release(now_ms());
+                continue;
             }
-        } else {
-            queue.recv_many(&mut batch, BATCH).await
+            () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
         };
         if received == 0 {
             break;

@@ -11,14 +11,19 @@
 //! - [`topic`]: MQTT topic filters, used to route a message to the streams that declare it.
 //! - [`value`]: the internal form of a decoded reading and of a filtered record.
 //! - [`chain`]: the privacy chain a reading goes through, stage by stage.
+//! - [`window`]: windowed aggregation with a minimum group size, and differential-privacy noise
+//!   ([`noise`]) paid for from a per-day budget ([`budget`]).
 
+pub mod budget;
 pub mod chain;
 pub mod diagnostics;
 pub mod identifiers;
+pub mod noise;
 pub mod policy;
 pub mod pseudonym;
 pub mod topic;
 pub mod value;
+pub mod window;
 
 pub use chain::{Context, Outcome, Rejection};
 pub use diagnostics::{Diagnostic, Severity};

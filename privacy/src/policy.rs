@@ -33,6 +33,8 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 use toml::de::DeValue;
 
+pub mod aggregate;
+
 use crate::diagnostics::Diagnostics;
 use crate::identifiers::{Detector, IdKind};
 use crate::topic::TopicFilter;
@@ -203,6 +205,7 @@ pub struct RawStream {
     pub header: RawStreamHeader,
     /// Declared field paths with their treatments, in file order.
     pub fields: Vec<(Spanned<String>, Treatment)>,
+    pub aggregate: Option<aggregate::RawAggregate>,
 }
 
 /// Reads the `stream` array of tables, recording every problem in `diags`.
@@ -226,6 +229,7 @@ pub fn parse_streams(value: Spanned<DeValue<'_>>, diags: &mut Diagnostics) -> Ve
             continue;
         };
         let fields_value = table.remove("fields");
+        let aggregate_value = table.remove("aggregate");
         let header = diags
             .section::<RawStreamHeader>(Spanned::new(item_span.clone(), DeValue::Table(table)));
         let fields = match fields_value {
@@ -238,11 +242,13 @@ pub fn parse_streams(value: Spanned<DeValue<'_>>, diags: &mut Diagnostics) -> Ve
             }
             Some(fields) => parse_fields(fields, diags),
         };
+        let aggregate = aggregate_value.and_then(|a| aggregate::parse(a, diags));
         if let Some(header) = header {
             streams.push(RawStream {
                 span: item_span,
                 header,
                 fields,
+                aggregate,
             });
         }
     }
@@ -308,6 +314,8 @@ pub struct StreamPolicy {
     pub identifiers: IdentifierPolicy,
     /// Declared field paths and their treatments, in file order.
     pub fields: Vec<(String, Treatment)>,
+    /// Windowed aggregation: when present, only aggregates of the fields leave the gateway.
+    pub aggregate: Option<aggregate::Aggregation>,
 }
 
 fn serialize_opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -334,6 +342,14 @@ impl StreamPolicy {
                 .fields
                 .iter()
                 .any(|(_, t)| *t == Treatment::Pseudonymise)
+    }
+
+    /// The field names of the records the stream emits.
+    pub fn output_fields(&self) -> Vec<&str> {
+        match &self.aggregate {
+            Some(a) => a.output_fields().collect(),
+            None => self.fields.iter().map(|(p, _)| p.as_str()).collect(),
+        }
     }
 
     /// Whether the stream takes messages from this topic.
@@ -410,6 +426,24 @@ impl Policy {
             .flat_map(|s| s.topics.iter().map(TopicFilter::as_str))
             .filter(|t| seen.insert(*t))
             .collect()
+    }
+}
+
+/// A duration longer than zero, written as "15m"; errors are recorded in `diags`.
+fn positive_duration(d: &Spanned<String>, what: &str, diags: &mut Diagnostics) -> Option<Duration> {
+    match humantime::parse_duration(d.get_ref()) {
+        Ok(v) if !v.is_zero() => Some(v),
+        Ok(_) => {
+            diags.error(d.span(), format!("{what} must be longer than zero"));
+            None
+        }
+        Err(err) => {
+            diags.error(
+                d.span(),
+                format!("invalid {what} (write e.g. \"15m\"): {err}"),
+            );
+            None
+        }
     }
 }
 
@@ -514,31 +548,14 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             t.get_ref().clone()
         });
 
-        let duration =
-            |d: &Spanned<String>, what: &str, diags: &mut Diagnostics| -> Option<Duration> {
-                match humantime::parse_duration(d.get_ref()) {
-                    Ok(v) if !v.is_zero() => Some(v),
-                    Ok(_) => {
-                        diags.error(d.span(), format!("{what} must be longer than zero"));
-                        None
-                    }
-                    Err(err) => {
-                        diags.error(
-                            d.span(),
-                            format!("invalid {what} (write e.g. \"15m\"): {err}"),
-                        );
-                        None
-                    }
-                }
-            };
         let time_bucket = h
             .time_bucket
             .as_ref()
-            .and_then(|b| duration(b, "time_bucket", diags));
+            .and_then(|b| positive_duration(b, "time_bucket", diags));
         let key_epoch = h
             .key_epoch
             .as_ref()
-            .and_then(|e| duration(e, "key_epoch", diags))
+            .and_then(|e| positive_duration(e, "key_epoch", diags))
             .unwrap_or(DEFAULT_KEY_EPOCH);
         if let Some(e) = &h.key_epoch
             && key_epoch > Duration::from_secs(7 * 24 * 3600)
@@ -614,6 +631,9 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
                 );
             }
         }
+        let aggregate = stream
+            .aggregate
+            .and_then(|a| aggregate::compile(a, &fields, time_bucket, diags));
         if stream.fields.is_empty() {
             diags.warning(
                 stream.span.clone(),
@@ -634,6 +654,7 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             key_epoch,
             identifiers,
             fields,
+            aggregate,
         });
     }
     let has_new_errors = diags.0[errors_before..]

@@ -154,6 +154,8 @@ impl Gateway {
         std::fs::write(&config_path, config_text).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
         let mut child = Command::new(bin)
+            // Relative paths in the config (the data directory) land in the test's own directory.
+            .current_dir(dir.path())
             .arg("run")
             .arg("--config")
             .arg(&config_path)

@@ -153,3 +153,133 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
         "a MAC address appeared in the log"
     );
 }
+
+const FOOTFALL_AGGREGATED: &str = r#"
+[[stream]]
+name = "footfall"
+topics = ["city/footfall/+/probe"]
+purpose = "How busy public spaces are"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+time_field = "ts"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+rssi = "keep"
+
+[stream.aggregate]
+window = "4s"
+allowed_lateness = "3s"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 5
+
+[stream.aggregate.measures]
+readings = "count"
+devices = "contributors"
+mean_rssi = { fn = "mean", field = "rssi" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-aggregate", FOOTFALL_AGGREGATED),
+    );
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let request = SubscribeRequest {
+        streams: vec!["footfall".into()],
+        start: Some(StartPosition {
+            position: Some(Position::Oldest(v1::Oldest {})),
+        }),
+        from_sequence: HashMap::new(),
+    };
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+
+    // All readings carry the same event time, now: one window, which closes 3 to 7 s from now.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    // Devices heard per counter: pc-01 above k, pc-02 below it, pc-03 exactly k.
+    let counters = [("pc-01", 12u8), ("pc-02", 4), ("pc-03", 5)];
+    let mut publisher = Publisher::connect(broker.port, "pub-aggregate");
+    let mut sent = 0;
+    let mut macs = Vec::new();
+    for (c, (counter, devices)) in counters.iter().enumerate() {
+        for d in 0..*devices {
+            let octets = [0x3c, 0x22, 0xfb, c as u8, d, 0x5a];
+            let forms = forbidden_forms(octets);
+            macs.extend(forms.clone());
+            // Each device is heard twice, in two notations.
+            for (round, rssi) in [(0, -50), (1, -70)] {
+                let payload = serde_json::json!({
+                    "counter_id": counter, "ts": now, "mac": forms[round], "rssi": rssi,
+                });
+                publisher
+                    .publish(
+                        &format!("city/footfall/{counter}/probe"),
+                        payload.to_string(),
+                    )
+                    .await;
+                sent += 1;
+            }
+        }
+    }
+    // A reading for a window that closed long ago.
+    let late = serde_json::json!({"counter_id": "pc-01", "ts": now - 60, "mac": "3c:22:fb:ff:ff:ff", "rssi": -60});
+    publisher
+        .publish("city/footfall/pc-01/probe", late.to_string())
+        .await;
+    sent += 1;
+    publisher.wait_acked(sent).await;
+
+    let mut groups = HashMap::new();
+    while groups.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("the window's groups are released");
+        let Some(Event::Record(record)) = message.unwrap().unwrap().event else {
+            panic!("not a record")
+        };
+        let printed = format!("{record:?}").to_lowercase();
+        for m in &macs {
+            assert!(!printed.contains(&m.to_lowercase()), "a record carries {m}");
+        }
+        let f = fields(&record);
+        let mut names: Vec<&str> = f.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["counter_id", "devices", "mean_rssi", "readings"]);
+        let window = record.event_time.unwrap().seconds;
+        assert_eq!(window, now - now.rem_euclid(4), "the window's start");
+        groups.insert(f["counter_id"].clone(), f);
+    }
+    assert_eq!(groups["pc-01"]["devices"], "12");
+    assert_eq!(groups["pc-01"]["readings"], "24");
+    assert_eq!(groups["pc-01"]["mean_rssi"], "-60");
+    assert_eq!(groups["pc-03"]["devices"], "5");
+    // pc-02 had 4 devices, fewer than k = 5: it never comes, now or later.
+    let more = tokio::time::timeout(Duration::from_secs(2), stream.next()).await;
+    assert!(more.is_err(), "an unexpected record: {more:?}");
+
+    let metric = |name: &str, outcome: &str| {
+        gw.metric(name, &[("stream", "footfall"), ("outcome", outcome)])
+    };
+    assert_eq!(metric("hubgate_aggregate_groups_total", "released"), 2.0);
+    assert_eq!(
+        metric(
+            "hubgate_aggregate_groups_total",
+            "suppressed_min_group_size"
+        ),
+        1.0
+    );
+    assert_eq!(metric("hubgate_aggregate_readings_total", "late"), 1.0);
+    assert_eq!(
+        metric("hubgate_aggregate_readings_total", "counted"),
+        (sent - 1) as f64
+    );
+}

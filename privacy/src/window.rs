@@ -1,0 +1,426 @@
+//! Windowed aggregation with a minimum group size (ISO/IEC 20889: aggregation, k-anonymity), and
+//! optional differential-privacy noise.
+//!
+//! Records that come out of the privacy chain of an aggregated stream are not kept one by one:
+//! they are absorbed into tumbling windows by event time, grouped by the stream's `group_by`
+//! fields. When a window closes (the gateway's clock passes its end plus the allowed lateness),
+//! each group becomes one record holding the group keys and the measures, unless it has fewer than
+//! `min_group_size` (k) distinct contributors, in which case it is suppressed and counted. A
+//! reading for a window that has closed is late: it is dropped and counted.
+//!
+//! With noise, each contributor's readings are bounded to `max_contributions` per window (the
+//! rest are left out and counted), numeric values are clamped to their declared bounds and
+//! rounded, and each released quantity gets integer discrete Laplace noise scaled to its
+//! sensitivity, drawn from the caller's random source. The window's epsilon is paid to the
+//! [`budget`](crate::budget) ledger first; a window the ledger refuses is not released.
+//!
+//! Groups are thresholded on their true number of contributors, so that no released group ever
+//! has fewer than k; with noise, this makes the release (epsilon, delta)-differentially private
+//! rather than pure epsilon, delta being the chance that a group of exactly k is released.
+//!
+//! The state ([`WindowState`]) is plain data (serde), so the gateway can checkpoint it and a
+//! restart can resume the open windows. Contributors and distinct values are held as 64-bit
+//! digests, never as the values themselves.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::budget::{Refusal, StreamBudget};
+use crate::noise::{RandomSource, discrete_laplace};
+use crate::policy::aggregate::{Aggregation, MeasureFn};
+use crate::value::{Record, Value};
+
+/// What happened to a record offered to the windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Absorbed {
+    /// Counted in its window's group.
+    Counted,
+    /// Its window has closed: dropped.
+    Late,
+    /// Its event time is more than a window ahead of the gateway's clock: dropped.
+    Early,
+    /// It lacks the contributor field: dropped.
+    NoContributor,
+    /// It lacks a group field, or holds a decimal number in one: dropped.
+    NoGroupKey,
+    /// Its contributor already gave `max_contributions` readings to this window: left out.
+    Bounded,
+    /// The open windows hold `max_state_entries`: dropped.
+    Full,
+}
+
+/// A value of a group key. Decimal numbers are not group keys.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum KeyValue {
+    Int(i64),
+    Str(String),
+    Bool(bool),
+}
+
+impl From<KeyValue> for Value {
+    fn from(k: KeyValue) -> Self {
+        match k {
+            KeyValue::Int(i) => Value::Int(i),
+            KeyValue::Str(s) => Value::Str(s),
+            KeyValue::Bool(b) => Value::Bool(b),
+        }
+    }
+}
+
+/// Running figures for one measure of one group.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Acc {
+    n: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    distinct: BTreeSet<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Group {
+    readings: u64,
+    contributors: BTreeSet<u64>,
+    measures: Vec<Acc>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Window {
+    /// Groups by key, as pairs so that the state serialises to any format.
+    groups: Vec<(Vec<KeyValue>, Group)>,
+    /// Readings counted per contributor digest (kept only when contributions are bounded).
+    contributions: BTreeMap<u64, u32>,
+}
+
+/// What a release produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Release {
+    /// One record per released group, in window then key order.
+    pub records: Vec<Record>,
+    /// Windows closed.
+    pub windows: u32,
+    /// Groups suppressed for having fewer than k contributors.
+    pub groups_suppressed: u32,
+    /// Windows the budget ledger refused (their groups are not released).
+    pub windows_refused: u32,
+    /// Why the last refusal happened.
+    pub last_refusal: Option<Refusal>,
+    /// Micro-epsilon spent by this release.
+    pub epsilon_spent_micro: u64,
+    /// Time range `[first window start, last window end)` of the windows closed.
+    pub range_ms: Option<(i64, i64)>,
+}
+
+/// The open windows of one aggregated stream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowState {
+    windows: BTreeMap<i64, Window>,
+    /// Windows that start before this have been closed: their readings are late.
+    closed_before_ms: i64,
+    /// Groups, contributors and distinct values held, bounded by `max_state_entries`.
+    entries: u64,
+}
+
+fn digest(value: &Value) -> u64 {
+    let mut h = Sha256::new();
+    match value {
+        Value::Int(i) => {
+            h.update([0]);
+            h.update(i.to_le_bytes());
+        }
+        Value::Float(f) => {
+            h.update([1]);
+            h.update(f.to_bits().to_le_bytes());
+        }
+        Value::Str(s) => {
+            h.update([2]);
+            h.update(s.as_bytes());
+        }
+        Value::Bool(b) => h.update([3, u8::from(*b)]),
+    }
+    let bytes = h.finalize();
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(word)
+}
+
+fn number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) if f.is_finite() => Some(*f),
+        _ => None,
+    }
+}
+
+fn field<'a>(record: &'a Record, path: &str) -> Option<&'a Value> {
+    record
+        .fields
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, v)| v)
+}
+
+impl WindowState {
+    /// Number of windows still open.
+    pub fn open_windows(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Groups, contributors and distinct values held.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+
+    /// The open groups as (window start, group key values, distinct contributors), for tools that
+    /// explain a policy.
+    pub fn groups(&self) -> impl Iterator<Item = (i64, Vec<Value>, usize)> + '_ {
+        self.windows.iter().flat_map(|(start, w)| {
+            w.groups.iter().map(move |(key, g)| {
+                (
+                    *start,
+                    key.iter().cloned().map(Value::from).collect(),
+                    g.contributors.len(),
+                )
+            })
+        })
+    }
+
+    /// Adds a filtered record to its window. `now_ms` is the gateway's clock.
+    pub fn absorb(&mut self, spec: &Aggregation, record: &Record, now_ms: i64) -> Absorbed {
+        let (window_ms, lateness_ms) = (spec.window_ms().max(1), spec.lateness_ms());
+        let start = record.event_time_ms - record.event_time_ms.rem_euclid(window_ms);
+        if start < self.closed_before_ms
+            || start.saturating_add(window_ms).saturating_add(lateness_ms) <= now_ms
+        {
+            return Absorbed::Late;
+        }
+        if start > now_ms.saturating_add(window_ms) {
+            return Absorbed::Early;
+        }
+        let Some(contributor) = field(record, &spec.contributor).map(digest) else {
+            return Absorbed::NoContributor;
+        };
+        let mut key = Vec::with_capacity(spec.group_by.len());
+        for path in &spec.group_by {
+            key.push(match field(record, path) {
+                Some(Value::Int(i)) => KeyValue::Int(*i),
+                Some(Value::Str(s)) => KeyValue::Str(s.clone()),
+                Some(Value::Bool(b)) => KeyValue::Bool(*b),
+                Some(Value::Float(_)) | None => return Absorbed::NoGroupKey,
+            });
+        }
+        if self.entries >= spec.max_state_entries {
+            return Absorbed::Full;
+        }
+        let window = self.windows.entry(start).or_default();
+        if let Some(noise) = &spec.noise {
+            let given = window.contributions.entry(contributor).or_insert(0);
+            if *given >= noise.max_contributions {
+                return Absorbed::Bounded;
+            }
+            if *given == 0 {
+                self.entries += 1;
+            }
+            *given += 1;
+        }
+        let group = match window.groups.binary_search_by(|(k, _)| k.cmp(&key)) {
+            Ok(i) => &mut window.groups[i].1,
+            Err(i) => {
+                self.entries += 1;
+                let group = Group {
+                    measures: vec![Acc::default(); spec.measures.len()],
+                    ..Group::default()
+                };
+                window.groups.insert(i, (key, group));
+                &mut window.groups[i].1
+            }
+        };
+        group.readings += 1;
+        if group.contributors.insert(contributor) {
+            self.entries += 1;
+        }
+        for (measure, acc) in spec.measures.iter().zip(&mut group.measures) {
+            let Some(value) = measure.field.as_deref().and_then(|p| field(record, p)) else {
+                continue;
+            };
+            match measure.func {
+                MeasureFn::Count | MeasureFn::Contributors => {}
+                MeasureFn::Distinct => {
+                    if acc.distinct.insert(digest(value)) {
+                        self.entries += 1;
+                    }
+                }
+                MeasureFn::Sum | MeasureFn::Mean | MeasureFn::Min | MeasureFn::Max => {
+                    let Some(mut x) = number(value) else { continue };
+                    if let Some((lo, hi)) = measure.bounds {
+                        x = x.clamp(lo, hi);
+                    }
+                    if spec.noise.is_some() {
+                        x = x.round();
+                    }
+                    if acc.n == 0 {
+                        (acc.min, acc.max) = (x, x);
+                    } else {
+                        acc.min = acc.min.min(x);
+                        acc.max = acc.max.max(x);
+                    }
+                    acc.n += 1;
+                    acc.sum += x;
+                }
+            }
+        }
+        Absorbed::Counted
+    }
+
+    /// Closes every window whose end plus the allowed lateness is at or before `now_ms`.
+    ///
+    /// Streams with noise need `dp`: the stream's budget and a random source.
+    pub fn release(
+        &mut self,
+        spec: &Aggregation,
+        now_ms: i64,
+        mut dp: Option<(&mut StreamBudget, &mut dyn RandomSource)>,
+    ) -> Release {
+        let (window_ms, lateness_ms) = (spec.window_ms().max(1), spec.lateness_ms());
+        let mut out = Release::default();
+        while let Some(entry) = self.windows.first_entry() {
+            let start = *entry.key();
+            let end = start.saturating_add(window_ms);
+            if end.saturating_add(lateness_ms) > now_ms {
+                break;
+            }
+            let window = entry.remove();
+            self.entries = self.entries.saturating_sub(window_entries(&window));
+            self.closed_before_ms = self.closed_before_ms.max(end);
+            out.windows += 1;
+            let first = out.range_ms.map_or(start, |(s, _)| s);
+            out.range_ms = Some((first, end));
+
+            let k = u64::from(spec.min_group_size);
+            let (released, suppressed): (Vec<_>, Vec<_>) = window
+                .groups
+                .into_iter()
+                .partition(|(_, g)| g.contributors.len() as u64 >= k);
+            out.groups_suppressed += suppressed.len() as u32;
+            if released.is_empty() {
+                continue;
+            }
+            let mut rng: Option<&mut dyn RandomSource> = None;
+            if let Some(noise) = &spec.noise {
+                let Some((budget, source)) = dp.as_mut() else {
+                    // Noise is required but no source was given: release nothing.
+                    out.windows_refused += 1;
+                    continue;
+                };
+                match budget.charge(start, noise.epsilon_micro, noise.daily_budget_micro) {
+                    Ok(()) => out.epsilon_spent_micro += noise.epsilon_micro,
+                    Err(refusal) => {
+                        out.windows_refused += 1;
+                        out.last_refusal = Some(refusal);
+                        continue;
+                    }
+                }
+                rng = Some(&mut **source);
+            }
+            for (key, group) in released {
+                out.records
+                    .push(group_record(spec, start, key, &group, rng.as_deref_mut()));
+            }
+        }
+        // Nothing can arrive any more for windows that ended before now minus the lateness.
+        let horizon = now_ms.saturating_sub(lateness_ms);
+        self.closed_before_ms = self
+            .closed_before_ms
+            .max(horizon - horizon.rem_euclid(window_ms));
+        out
+    }
+}
+
+fn window_entries(window: &Window) -> u64 {
+    let groups: u64 = window
+        .groups
+        .iter()
+        .map(|(_, g)| {
+            1 + g.contributors.len() as u64
+                + g.measures
+                    .iter()
+                    .map(|a| a.distinct.len() as u64)
+                    .sum::<u64>()
+        })
+        .sum();
+    groups + window.contributions.len() as u64
+}
+
+/// The record for one released group, noised when `rng` is given.
+fn group_record<R: RandomSource + ?Sized>(
+    spec: &Aggregation,
+    start: i64,
+    key: Vec<KeyValue>,
+    group: &Group,
+    mut rng: Option<&mut R>,
+) -> Record {
+    let mut fields: Vec<(String, Value)> = spec
+        .group_by
+        .iter()
+        .cloned()
+        .zip(key.into_iter().map(Value::from))
+        .collect();
+    // Under noise: each quantity gets an equal share of the window's epsilon.
+    let share = spec.noise.as_ref().map(|n| {
+        let quantities: u32 = spec
+            .measures
+            .iter()
+            .filter_map(|m| m.func.noisy_quantities())
+            .sum();
+        let m = u64::from(n.max_contributions);
+        ((n.epsilon_micro / u64::from(quantities.max(1))).max(1), m)
+    });
+    let mut noisy = |exact: u64, sensitivity: u64| -> i64 {
+        let exact = i64::try_from(exact).unwrap_or(i64::MAX);
+        match (rng.as_deref_mut(), share) {
+            (Some(mut rng), Some((eps, m))) => {
+                exact.saturating_add(discrete_laplace(&mut rng, (sensitivity * m).max(1), eps))
+            }
+            _ => exact,
+        }
+    };
+    for (measure, acc) in spec.measures.iter().zip(&group.measures) {
+        let bound = measure
+            .bounds
+            .map_or(1, |(lo, hi)| lo.abs().max(hi.abs()).ceil() as u64);
+        let value = match measure.func {
+            MeasureFn::Count => Value::Int(noisy(group.readings, 1).max(0)),
+            MeasureFn::Contributors => Value::Int(noisy(group.contributors.len() as u64, 1).max(0)),
+            MeasureFn::Distinct => Value::Int(noisy(acc.distinct.len() as u64, 1).max(0)),
+            MeasureFn::Sum if share.is_some() => {
+                // The exact sum of rounded, clamped values is an integer.
+                let exact = acc.sum as i64;
+                let noise = noisy(0, bound);
+                Value::Int(exact.saturating_add(noise))
+            }
+            MeasureFn::Sum => Value::Float(acc.sum),
+            MeasureFn::Mean if share.is_some() => {
+                let sum = acc.sum as i64 + noisy(0, bound);
+                let n = noisy(acc.n, 1).max(1);
+                let mean = sum as f64 / n as f64;
+                let (lo, hi) = measure.bounds.unwrap_or((f64::MIN, f64::MAX));
+                Value::Float(mean.clamp(lo, hi))
+            }
+            MeasureFn::Mean if acc.n > 0 => Value::Float(acc.sum / acc.n as f64),
+            MeasureFn::Min if acc.n > 0 => Value::Float(acc.min),
+            MeasureFn::Max if acc.n > 0 => Value::Float(acc.max),
+            // No value of the field in this group.
+            MeasureFn::Mean | MeasureFn::Min | MeasureFn::Max => continue,
+        };
+        fields.push((measure.name.clone(), value));
+    }
+    Record {
+        event_time_ms: start,
+        fields,
+    }
+}
+
+#[cfg(test)]
+mod tests;
