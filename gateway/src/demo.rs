@@ -230,7 +230,7 @@ fn print_summary(
             .sum()
     };
     println!(
-        "  privacy stages: {} values pseudonymised, {} identifiers suppressed, {} locations generalised to H3 cells",
+        "  privacy stages: {} values pseudonymised, {} identifiers suppressed, {} locations generalised to cells",
         total(|s| &s.pseudonymised),
         total(|s| &s.identifiers_suppressed),
         total(|s| &s.locations_generalised),

@@ -146,7 +146,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                     }
                     Fate::Generalised(cell) => {
                         sum.generalised += 1;
-                        format!("generalised into the H3 cell '{cell}', not passed")
+                        format!("generalised into the cell at '{cell}', not passed")
                     }
                     Fate::Undeclared => {
                         sum.undeclared += 1;

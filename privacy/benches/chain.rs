@@ -7,7 +7,8 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hubgate_privacy::chain::{self, Context};
 use hubgate_privacy::pseudonym::{Key, pseudonymise};
-use hubgate_privacy::{Reading, StreamPolicy, Value, policy};
+use hubgate_privacy::window::WindowState;
+use hubgate_privacy::{Reading, Record, StreamPolicy, Value, policy};
 
 const POLICY: &str = r#"
 [[stream]]
@@ -25,6 +26,17 @@ counter_id = "keep"
 note = "keep"
 mac = "pseudonymise"
 cell = { h3 = { resolution = 9, lat = "location.lat", lon = "location.lon" } }
+"#;
+
+const AGGREGATE: &str = r#"
+[stream.aggregate]
+window = "15m"
+group_by = ["counter_id"]
+contributor = "mac"
+
+[stream.aggregate.measures]
+readings = "count"
+devices = "contributors"
 "#;
 
 fn stream() -> StreamPolicy {
@@ -85,6 +97,31 @@ fn benches(c: &mut Criterion) {
         b.iter(|| pseudonymise(&key, black_box("3c:22:fb:12:34:56")))
     });
     g.bench_function("reading_clone", |b| b.iter(|| black_box(&input).clone()));
+
+    // One window of 50 counters and 200,000 devices: the cost of counting a filtered record.
+    let aggregated = policy::from_toml(&format!("{POLICY}{AGGREGATE}"))
+        .expect("bench policy")
+        .0
+        .streams()[0]
+        .clone();
+    let spec = aggregated.aggregate.as_ref().expect("aggregate");
+    let records: Vec<Record> = (0..200_000)
+        .map(|i| Record {
+            event_time_ms: 1_704_067_200_000,
+            fields: vec![
+                ("counter_id".into(), Value::Str(format!("pc-{:02}", i % 50))),
+                ("mac".into(), Value::Str(format!("{i:032x}"))),
+            ],
+        })
+        .collect();
+    let mut state = WindowState::default();
+    let mut next = 0;
+    g.bench_function("window_absorb", |b| {
+        b.iter(|| {
+            next = (next + 1) % records.len();
+            state.absorb(spec, black_box(&records[next]), 1_704_067_200_000)
+        })
+    });
     g.finish();
 }
 

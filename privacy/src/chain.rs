@@ -9,8 +9,8 @@
 //! 2. **Time coarsening** (generalisation): the event time is floored to the stream's
 //!    `time_bucket`. The result depends on the reading alone, so arrival order and jitter cannot
 //!    change it.
-//! 3. **Location generalisation** (generalisation): each `h3` field is computed from the reading's
-//!    coordinates; the coordinates themselves are not declared, so they never pass.
+//! 3. **Location generalisation** (generalisation): each `h3` or `grid` field is computed from the
+//!    reading's coordinates; the coordinates themselves are not declared, so they never pass.
 //! 4. **Allow-list** (suppression): only declared field paths pass. Fail closed: an undeclared
 //!    field, or a value the decoder could not represent, is dropped and counted.
 //! 5. **Pseudonymisation** (pseudonymisation): `pseudonymise` fields are replaced by their keyed
@@ -23,7 +23,7 @@
 use h3o::{LatLng, Resolution};
 
 use crate::identifiers::IdKind;
-use crate::policy::{H3Cell, IdAction, StreamPolicy, Treatment};
+use crate::policy::{GridCell, H3Cell, IdAction, StreamPolicy, Treatment};
 use crate::pseudonym::{Key, pseudonymise};
 use crate::value::{Reading, Record, Value};
 
@@ -118,15 +118,18 @@ pub fn apply_traced(
 
     let mut fields = Vec::with_capacity(policy.fields.len());
     for (path, treatment) in &policy.fields {
-        if let Treatment::H3(cell) = treatment {
-            match h3_cell(&reading, cell) {
-                Some(Ok(cell)) => {
-                    fields.push((path.clone(), Value::Str(cell)));
-                    out.locations_generalised += 1;
-                }
-                Some(Err(())) => out.locations_invalid += 1,
-                None => {}
+        let cell = match treatment {
+            Treatment::H3(cell) => h3_cell(&reading, cell),
+            Treatment::Grid(grid) => grid_cell(&reading, grid),
+            Treatment::Keep | Treatment::Pseudonymise => continue,
+        };
+        match cell {
+            Some(Ok(cell)) => {
+                fields.push((path.clone(), Value::Str(cell)));
+                out.locations_generalised += 1;
             }
+            Some(Err(())) => out.locations_invalid += 1,
+            None => {}
         }
     }
 
@@ -167,11 +170,12 @@ pub fn apply_traced(
                 }
             },
             // An input field at an h3 output path is not the cell: it is dropped like any other.
-            Some(Treatment::H3(_)) | None => {
+            Some(Treatment::H3(_) | Treatment::Grid(_)) | None => {
                 out.fields_dropped += 1;
-                let cell = policy.fields.iter().find_map(|(out_path, t)| match t {
-                    Treatment::H3(c) if c.lat == path || c.lon == path => Some(out_path.clone()),
-                    _ => None,
+                let cell = policy.fields.iter().find_map(|(out_path, t)| {
+                    t.coordinates()
+                        .filter(|(lat, lon)| *lat == path || *lon == path)
+                        .map(|_| out_path.clone())
                 });
                 trace(&path, cell.map_or(Fate::Undeclared, Fate::Generalised));
             }
@@ -216,8 +220,8 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// The H3 cell of the reading's coordinates: `None` when they are absent, `Err` when invalid.
-fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<String, ()>> {
+/// The reading's coordinates at these paths: `None` when both are absent, `Err` when invalid.
+fn coordinates(reading: &Reading, lat: &str, lon: &str) -> Option<Result<(f64, f64), ()>> {
     let number = |path: &str| {
         reading
             .fields
@@ -229,19 +233,36 @@ fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<String, ()>> {
                 _ => None,
             })
     };
-    let (lat, lon) = (number(&cell.lat), number(&cell.lon));
+    let (lat, lon) = (number(lat), number(lon));
     if lat.is_none() && lon.is_none() {
         return None;
     }
     let result = (|| {
         let (lat, lon) = (lat.flatten()?, lon.flatten()?);
-        if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-            return None;
-        }
-        let res = Resolution::try_from(cell.resolution).ok()?;
-        Some(LatLng::new(lat, lon).ok()?.to_cell(res).to_string())
+        ((-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon)).then_some((lat, lon))
     })();
     Some(result.ok_or(()))
+}
+
+/// The H3 cell of the reading's coordinates: `None` when they are absent, `Err` when invalid.
+fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<String, ()>> {
+    let coords = coordinates(reading, &cell.lat, &cell.lon)?;
+    Some(coords.and_then(|(lat, lon)| {
+        let res = Resolution::try_from(cell.resolution).map_err(|_| ())?;
+        let point = LatLng::new(lat, lon).map_err(|_| ())?;
+        Ok(point.to_cell(res).to_string())
+    }))
+}
+
+/// The grid cell of the reading's coordinates, as `"lat,lon"` of its south-west corner.
+fn grid_cell(reading: &Reading, grid: &GridCell) -> Option<Result<String, ()>> {
+    let coords = coordinates(reading, &grid.lat, &grid.lon)?;
+    Some(coords.map(|(lat, lon)| {
+        // The nudge keeps a coordinate on a cell's edge (52.37 at 0.01) out of the cell below it.
+        let corner = |x: f64| (x / grid.step + 1e-9).floor() * grid.step;
+        let d = grid.decimals();
+        format!("{:.d$},{:.d$}", corner(lat), corner(lon))
+    }))
 }
 
 fn take_field(reading: &mut Reading, path: &str) -> Option<Value> {

@@ -85,7 +85,7 @@ impl Principle {
 }
 
 /// What happens to a declared field.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Treatment {
     /// The value passes unchanged (string values are still scanned for identifiers).
@@ -95,11 +95,47 @@ pub enum Treatment {
     /// A location generalised to an H3 cell (ISO/IEC 20889: generalisation). The declared path is
     /// the output; `lat` and `lon` name the payload fields it is computed from, which never pass.
     H3(H3Cell),
+    /// A location generalised to the south-west corner of a square grid cell of `step` degrees,
+    /// written `"lat,lon"` (ISO/IEC 20889: generalisation), for systems that do not use H3.
+    Grid(GridCell),
 }
 
 impl Treatment {
     /// The names a treatment is written with in the policy.
-    pub const NAMES: &'static [&'static str] = &["keep", "pseudonymise", "h3"];
+    pub const NAMES: &'static [&'static str] = &["keep", "pseudonymise", "h3", "grid"];
+
+    /// The payload paths of the coordinates a location treatment is computed from.
+    pub fn coordinates(&self) -> Option<(&str, &str)> {
+        match self {
+            Treatment::H3(c) => Some((&c.lat, &c.lon)),
+            Treatment::Grid(g) => Some((&g.lat, &g.lon)),
+            Treatment::Keep | Treatment::Pseudonymise => None,
+        }
+    }
+}
+
+/// Parameters of the `grid` treatment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridCell {
+    /// Cell size in degrees of latitude and longitude (0.01° of latitude is about 1.1 km).
+    pub step: f64,
+    /// Payload path of the latitude, in degrees (WGS 84).
+    pub lat: String,
+    /// Payload path of the longitude, in degrees (WGS 84).
+    pub lon: String,
+}
+
+impl GridCell {
+    /// Decimal places that show a multiple of `step` exactly (at most 6).
+    pub fn decimals(&self) -> usize {
+        (0..=6)
+            .find(|d| {
+                let scaled = self.step * 10f64.powi(*d as i32);
+                (scaled - scaled.round()).abs() < 1e-9
+            })
+            .unwrap_or(6)
+    }
 }
 
 /// Parameters of the `h3` treatment.
@@ -593,7 +629,22 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
                         format!("H3 resolution {} is finer than about 0.015 km²: it may single out a person", cell.resolution),
                     );
                 }
-                for src in [&cell.lat, &cell.lon] {
+            }
+            if let Treatment::Grid(grid) = treatment {
+                if !(grid.step.is_finite() && grid.step >= 0.000_001 && grid.step <= 10.0) {
+                    diags.error(
+                        path.span(),
+                        "grid step must be between 0.000001 and 10 degrees",
+                    );
+                } else if grid.step < 0.001 {
+                    diags.warning(
+                        path.span(),
+                        format!("a grid step of {}° is finer than about 100 m: it may single out a person", grid.step),
+                    );
+                }
+            }
+            if let Some((lat, lon)) = treatment.coordinates() {
+                for src in [lat, lon] {
                     if !valid_field_path(src) {
                         diags.error(path.span(), format!("invalid field path '{src}'"));
                     } else if stream

@@ -99,7 +99,7 @@ fn dry_run_explains_every_field_and_is_deterministic() {
     assert_eq!(pseudonyms.len(), 2, "{text}");
     assert_eq!(pseudonyms[0], pseudonyms[1]);
     for expected in [
-        "location.lat             generalised into the H3 cell 'cell', not passed",
+        "location.lat             generalised into the cell at 'cell', not passed",
         "firmware                 not declared: dropped",
         "mac                      pseudonymised",
         "vehicle_class            holds an identifier (plate): dropped",

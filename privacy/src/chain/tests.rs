@@ -358,4 +358,33 @@ proptest! {
             }
         }
     }
+
+    /// Invariant: a grid location is the south-west corner of the cell holding the point, a
+    /// multiple of the step, written with no more decimals than the step has.
+    #[test]
+    fn grid_locations_are_multiples_of_the_step(
+        lat in -89.9f64..89.9,
+        lon in -179.9f64..179.9,
+        step in prop::sample::select(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 1.0]),
+    ) {
+        let policy = stream_with(
+            "",
+            &format!("area = {{ grid = {{ step = {step}, lat = \"lat\", lon = \"lon\" }} }}\n"),
+        );
+        let r = reading(&[("lat", Value::Float(lat)), ("lon", Value::Float(lon))]);
+        let out = apply(&policy, r, &CTX).unwrap();
+        prop_assert_eq!(out.record.fields.len(), 1);
+        let Value::Str(area) = &out.record.fields[0].1 else {
+            return Err(TestCaseError::fail("not a string"));
+        };
+        let (a, b) = area.split_once(',').ok_or_else(|| TestCaseError::fail("no comma"))?;
+        let decimals = if step >= 1.0 { 0 } else { step.to_string().split('.').nth(1).map_or(0, str::len) };
+        for (text, x) in [(a, lat), (b, lon)] {
+            prop_assert_eq!(text.split('.').nth(1).map_or(0, str::len), decimals, "{}", area);
+            let corner: f64 = text.parse().unwrap();
+            let cells = corner / step;
+            prop_assert!((cells - cells.round()).abs() < 1e-6, "{} is not a multiple of {}", corner, step);
+            prop_assert!(corner <= x + 1e-9 && x < corner + step + 1e-9, "{} not in the cell at {}", x, corner);
+        }
+    }
 }

@@ -464,7 +464,9 @@ pub fn compile(
                     );
                         ok = false;
                     }
-                    Some(Treatment::H3(_)) | Some(Treatment::Pseudonymise) if m.func.numeric() => {
+                    Some(Treatment::H3(_) | Treatment::Grid(_) | Treatment::Pseudonymise)
+                        if m.func.numeric() =>
+                    {
                         diags.error(
                             name.span(),
                             format!("measure '{n}' needs a numeric field; '{f}' is not"),
