@@ -283,3 +283,107 @@ async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
         (sent - 1) as f64
     );
 }
+
+const FOOTFALL_NOISY: &str = r#"
+[[stream]]
+name = "footfall"
+topics = ["city/footfall/+/probe"]
+purpose = "How busy public spaces are"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+time_field = "ts"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+
+[stream.aggregate]
+window = "2s"
+allowed_lateness = "1s"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 3
+
+[stream.aggregate.measures]
+devices = "contributors"
+
+[stream.aggregate.noise]
+epsilon = 1.0
+daily_budget = 2.0
+"#;
+
+/// Publishes 6 devices heard by one counter, all at event time `ts`.
+async fn publish_window(publisher: &mut Publisher, ts: i64, sent: &mut u64) {
+    for d in 0..6u8 {
+        let payload = serde_json::json!({
+            "counter_id": "pc-01", "ts": ts, "mac": format!("3c:22:fb:00:{d:02x}:{:02x}", ts % 256),
+        });
+        publisher
+            .publish("city/footfall/pc-01/probe", payload.to_string())
+            .await;
+        *sent += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_reset_a_spent_privacy_budget() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(broker.port, "gw-budget", FOOTFALL_NOISY).replace(
+        "[grpc]",
+        &format!("[store]\ndata_dir = {:?}\n\n[grpc]", data.path()),
+    );
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    // Three windows of one UTC day: not across midnight.
+    while (now() + 10) / 86_400 != now() / 86_400 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut publisher = Publisher::connect(broker.port, "pub-budget");
+    let mut sent = 0;
+
+    // First run: two windows, each paid for (epsilon 1 each, budget 2 a day).
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let t = now();
+    publish_window(&mut publisher, t, &mut sent).await;
+    publish_window(&mut publisher, t + 2, &mut sent).await;
+    publisher.wait_acked(sent).await;
+    let released = [("stream", "footfall"), ("outcome", "released")];
+    let footfall = [("stream", "footfall")];
+    hubgate_tests::wait_for("two windows released", Duration::from_secs(20), || {
+        gw.metric("hubgate_aggregate_groups_total", &released) == 2.0
+    });
+    assert_eq!(
+        gw.metric("hubgate_privacy_budget_spent_today_epsilon", &footfall),
+        2.0
+    );
+    assert!(gw.stop().success());
+    assert!(data.path().join("privacy-budget.json").exists());
+
+    // Second run, same data directory: the day's budget is spent, the next window is refused.
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    publish_window(&mut publisher, now(), &mut sent).await;
+    publisher.wait_acked(sent).await;
+    hubgate_tests::wait_for("the window refused", Duration::from_secs(20), || {
+        gw.metric("hubgate_privacy_budget_refusals_total", &footfall) == 1.0
+    });
+    assert_eq!(gw.metric("hubgate_aggregate_groups_total", &released), 0.0);
+    let mut client = gw.client().await;
+    let streams = client
+        .list_streams(v1::ListStreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    assert_eq!(
+        streams[0].last_sequence, 0,
+        "nothing was released: {streams:?}"
+    );
+}
