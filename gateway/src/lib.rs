@@ -26,6 +26,7 @@ pub mod dry_run;
 pub mod grpc;
 pub mod ingest;
 pub mod keys;
+pub mod outbox;
 pub mod pipeline;
 pub mod simulator;
 pub mod store;
