@@ -170,7 +170,6 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
             }
             match outcome {
                 Ok(out) => {
-                    sum.records += 1;
                     sum.cells += u64::from(out.locations_generalised);
                     let fields: serde_json::Map<String, serde_json::Value> = out
                         .record
@@ -181,16 +180,15 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                     let at = time(out.record.event_time_ms);
                     let fields = serde_json::Value::Object(fields);
                     let Some(spec) = &stream.aggregate else {
+                        sum.records += 1;
                         let _ = writeln!(report, "  out: {fields} at {at}");
                         continue;
                     };
-                    sum.records -= 1;
                     let now = given_received_ms.unwrap_or(out.record.event_time_ms);
                     let what = match windows[index].absorb(spec, &out.record, now) {
                         Absorbed::Counted => {
                             sum.absorbed += 1;
-                            let start = out.record.event_time_ms
-                                - out.record.event_time_ms.rem_euclid(spec.window_ms().max(1));
+                            let start = spec.window_start(out.record.event_time_ms);
                             format!("into the window from {}", time(start))
                         }
                         other => {

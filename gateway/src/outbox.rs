@@ -131,11 +131,25 @@ pub struct SledOutbox {
 
 impl SledOutbox {
     /// Opens (or creates) the outbox in directory `path`.
+    ///
+    /// sled locks its directory; a database closed a moment ago can still hold the lock while its
+    /// background flusher stops, so a locked directory is retried for up to two seconds.
     pub fn open(path: &Path) -> Result<Self, OutboxError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
-            .cache_capacity(16 * 1024 * 1024)
-            .open()?;
+            .cache_capacity(16 * 1024 * 1024);
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(err))
+                    if attempts < 40 && err.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         Ok(Self {
             records: db.open_tree("records")?,
             checkpoints: db.open_tree("checkpoints")?,

@@ -343,12 +343,13 @@ impl Pipeline {
             if records.is_empty() {
                 continue;
             }
-            let mut bytes = 0;
+            let (mut bytes, mut field_bytes) = (0, 0);
             let protos: Vec<v1::Record> = records
                 .into_iter()
                 .map(|r| {
                     let record = to_proto(&stream.name, &self.policy_hash, r);
-                    bytes += record.encoded_len() as u64;
+                    let (b, f) = encoded_sizes(&record);
+                    (bytes, field_bytes) = (bytes + b, field_bytes + f);
                     record
                 })
                 .collect();
@@ -357,6 +358,9 @@ impl Pipeline {
             self.counters[index].kept.increment(n);
             stats.records_kept.fetch_add(n, Ordering::Relaxed);
             stats.bytes_kept.fetch_add(bytes, Ordering::Relaxed);
+            stats
+                .field_bytes_kept
+                .fetch_add(field_bytes, Ordering::Relaxed);
         }
     }
 
@@ -489,13 +493,9 @@ impl Pipeline {
                         continue;
                     }
                     let record = to_proto(&stream.name, &self.policy_hash, outcome.record);
-                    tally.bytes_kept += record.encoded_len() as u64;
-                    tally.field_bytes_kept += prost::encoding::hash_map::encoded_len(
-                        prost::encoding::string::encoded_len,
-                        prost::encoding::message::encoded_len,
-                        5,
-                        &record.fields,
-                    ) as u64;
+                    let (bytes, field_bytes) = encoded_sizes(&record);
+                    tally.bytes_kept += bytes;
+                    tally.field_bytes_kept += field_bytes;
                     tally.records.push(record);
                 }
                 Err(chain::Rejection::BadTime) => tally.dropped_bad_time += 1,
@@ -503,6 +503,18 @@ impl Pipeline {
         }
         routed
     }
+}
+
+/// Encoded size of a record, and of its field data alone (without stream, sequence, time and
+/// policy hash): what a subscriber receives, and what is left of the payload's content.
+fn encoded_sizes(record: &v1::Record) -> (u64, u64) {
+    let fields = prost::encoding::hash_map::encoded_len(
+        prost::encoding::string::encoded_len,
+        prost::encoding::message::encoded_len,
+        5,
+        &record.fields,
+    );
+    (record.encoded_len() as u64, fields as u64)
 }
 
 /// Converts a filtered record into its gRPC form (sequence assigned by the store).

@@ -189,8 +189,8 @@ impl WindowState {
 
     /// Adds a filtered record to its window. `now_ms` is the gateway's clock.
     pub fn absorb(&mut self, spec: &Aggregation, record: &Record, now_ms: i64) -> Absorbed {
-        let (window_ms, lateness_ms) = (spec.window_ms().max(1), spec.lateness_ms());
-        let start = record.event_time_ms - record.event_time_ms.rem_euclid(window_ms);
+        let (window_ms, lateness_ms) = (spec.window_ms(), spec.lateness_ms());
+        let start = spec.window_start(record.event_time_ms);
         if start < self.closed_before_ms
             || start.saturating_add(window_ms).saturating_add(lateness_ms) <= now_ms
         {
@@ -283,7 +283,7 @@ impl WindowState {
         now_ms: i64,
         mut dp: Option<(&mut StreamBudget, &mut dyn RandomSource)>,
     ) -> Release {
-        let (window_ms, lateness_ms) = (spec.window_ms().max(1), spec.lateness_ms());
+        let (window_ms, lateness_ms) = (spec.window_ms(), spec.lateness_ms());
         let mut out = Release::default();
         while let Some(entry) = self.windows.first_entry() {
             let start = *entry.key();
@@ -331,9 +331,7 @@ impl WindowState {
         }
         // Nothing can arrive any more for windows that ended before now minus the lateness.
         let horizon = now_ms.saturating_sub(lateness_ms);
-        self.closed_before_ms = self
-            .closed_before_ms
-            .max(horizon - horizon.rem_euclid(window_ms));
+        self.closed_before_ms = self.closed_before_ms.max(spec.window_start(horizon));
         out
     }
 }

@@ -32,6 +32,20 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A Subscribe request for `streams` (all when empty) starting at `position`.
+pub fn subscribe_request(
+    streams: &[&str],
+    position: hubgate_proto::v1::start_position::Position,
+) -> hubgate_proto::v1::SubscribeRequest {
+    hubgate_proto::v1::SubscribeRequest {
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        start: Some(hubgate_proto::v1::StartPosition {
+            position: Some(position),
+        }),
+        from_sequence: HashMap::new(),
+    }
+}
+
 /// Polls `ready` every 25 ms until it holds, failing the test after `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -1,11 +1,9 @@
 //! End to end: MQTT through a real mosquitto, the gateway as its own process, a real gRPC client.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use hubgate_proto::v1::{
-    self, StartPosition, SubscribeRequest, start_position::Position, subscribe_response::Event,
-};
+use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
 use hubgate_tests::{Gateway, Mosquitto, Publisher, config, fields, gateway_bin};
 use tokio_stream::StreamExt;
 
@@ -51,15 +49,7 @@ retention = "1d"
 occupied = "keep"
 "#;
 
-fn from(streams: &[&str], position: Position) -> SubscribeRequest {
-    SubscribeRequest {
-        streams: streams.iter().map(|s| s.to_string()).collect(),
-        start: Some(StartPosition {
-            position: Some(position),
-        }),
-        from_sequence: HashMap::new(),
-    }
-}
+use hubgate_tests::subscribe_request as from;
 
 /// Reads `n` records from a Subscribe stream (failing after 30 s).
 async fn take_records(

@@ -4,10 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use hubgate_proto::v1::{
-    self, StartPosition, SubscribeRequest, start_position::Position, subscribe_response::Event,
+use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
+use hubgate_tests::{
+    Gateway, Mosquitto, Publisher, config, fields, gateway_bin, subscribe_request,
 };
-use hubgate_tests::{Gateway, Mosquitto, Publisher, config, fields, gateway_bin};
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
@@ -60,13 +60,7 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
     let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-privacy", FOOTFALL));
     gw.wait_ready();
     let mut client = gw.client().await;
-    let request = SubscribeRequest {
-        streams: vec!["footfall".into()],
-        start: Some(StartPosition {
-            position: Some(Position::Oldest(v1::Oldest {})),
-        }),
-        from_sequence: HashMap::new(),
-    };
+    let request = subscribe_request(&["footfall"], Position::Oldest(v1::Oldest {}));
     let mut stream = client.subscribe(request).await.unwrap().into_inner();
 
     let mut publisher = Publisher::connect(broker.port, "pub-privacy");
@@ -191,13 +185,7 @@ async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
     );
     gw.wait_ready();
     let mut client = gw.client().await;
-    let request = SubscribeRequest {
-        streams: vec!["footfall".into()],
-        start: Some(StartPosition {
-            position: Some(Position::Oldest(v1::Oldest {})),
-        }),
-        from_sequence: HashMap::new(),
-    };
+    let request = subscribe_request(&["footfall"], Position::Oldest(v1::Oldest {}));
     let mut stream = client.subscribe(request).await.unwrap().into_inner();
 
     // All readings carry the same event time, now: one window, which closes 3 to 7 s from now.

@@ -174,8 +174,16 @@ pub struct Aggregation {
 }
 
 impl Aggregation {
+    /// The window length in milliseconds (at least 1).
     pub fn window_ms(&self) -> i64 {
-        i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX)
+        i64::try_from(self.window.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// Start of the window that holds `t_ms`.
+    pub fn window_start(&self, t_ms: i64) -> i64 {
+        t_ms - t_ms.rem_euclid(self.window_ms())
     }
 
     pub fn lateness_ms(&self) -> i64 {
