@@ -32,6 +32,13 @@ pub const KEYS_DESTROYED: &str = "hubgate_keys_destroyed_total";
 pub const RECORDS_KEPT: &str = "hubgate_records_kept_total";
 /// Records removed from the store. Labels: `stream`, `reason` (`retention`, `capacity`).
 pub const RECORDS_PURGED: &str = "hubgate_store_records_purged_total";
+/// Records lost to a damaged outbox batch (checksum mismatch), found on read. Label: `stream`.
+pub const OUTBOX_RECORDS_DAMAGED: &str = "hubgate_outbox_records_damaged_total";
+/// Bytes of records held in the outbox, over all streams.
+pub const OUTBOX_BYTES: &str = "hubgate_outbox_bytes";
+/// Outbox commits that failed (disk error, or full with `on_full = "stop_acking"`); the turn is
+/// retried and its messages are not acknowledged meanwhile. Label: `reason` (`error`, `full`).
+pub const OUTBOX_COMMIT_FAILURES: &str = "hubgate_outbox_commit_failures_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
 /// gRPC Subscribe calls open now.
@@ -125,6 +132,19 @@ pub fn describe() {
     describe_counter!(
         RECORDS_PURGED,
         "records removed from the store, by stream and reason"
+    );
+    describe_counter!(
+        OUTBOX_RECORDS_DAMAGED,
+        "records lost to a damaged outbox batch, found on read"
+    );
+    describe_gauge!(
+        OUTBOX_BYTES,
+        Unit::Bytes,
+        "bytes of records held in the outbox"
+    );
+    describe_counter!(
+        OUTBOX_COMMIT_FAILURES,
+        "outbox commits that failed and are retried, by reason"
     );
     describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
     describe_gauge!(GRPC_SUBSCRIBERS, "gRPC Subscribe calls open now");

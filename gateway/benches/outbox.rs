@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hubgate::outbox::{Outbox, SledOutbox};
+use hubgate::outbox::{Append, Commit, Outbox, SledOutbox};
 
 const BATCH: u64 = 1_000;
 
@@ -35,9 +35,17 @@ fn benches(c: &mut Criterion) {
                 next += BATCH;
                 (next - BATCH, batch)
             },
-            |(first, batch)| {
-                outbox.append("s", first, &batch).expect("append");
-                outbox.flush().expect("flush");
+            |(first, records)| {
+                let commit = Commit {
+                    appends: vec![Append {
+                        stream: "s".into(),
+                        first,
+                        kept_ms: 0,
+                        records,
+                    }],
+                    checkpoints: Vec::new(),
+                };
+                outbox.commit(&commit).expect("commit");
             },
             criterion::BatchSize::PerIteration,
         )

@@ -107,24 +107,83 @@ impl Default for AdminConfig {
     }
 }
 
-/// The store of filtered records that Subscribe replays from.
+/// The store of filtered records that Subscribe replays from: the durable outbox on disk, and the
+/// newest records of each stream in memory.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Most records held per stream; the oldest are removed beyond it.
-    pub max_records_per_stream: usize,
-    /// Where the gateway keeps its state (the privacy-budget ledger); relative paths are taken
-    /// from the working directory.
+    /// Where the gateway keeps its state (the outbox and the privacy-budget ledger); relative paths
+    /// are taken from the working directory.
     pub data_dir: std::path::PathBuf,
+    /// Bytes of records the outbox may hold over all streams, e.g. "1GiB"; what happens beyond is
+    /// `on_full`.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_bytes: u64,
+    /// What happens when the outbox is full: `drop_oldest` (the oldest records are purged) or
+    /// `stop_acking` (nothing more is taken from the broker, which holds the messages, until
+    /// retention frees room).
+    pub on_full: OnFull,
+    /// Newest records held in memory per stream, so live subscribers never read the disk.
+    pub memory_records_per_stream: usize,
+}
+
+/// What happens when the outbox is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    DropOldest,
+    StopAcking,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
-            max_records_per_stream: 100_000,
             data_dir: "hubgate-data".into(),
+            max_bytes: 1 << 30,
+            on_full: OnFull::DropOldest,
+            memory_records_per_stream: 4096,
         }
     }
+}
+
+/// A size in bytes: an integer, or a string with a unit ("512MiB", "2GB", "64KiB").
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    let text = match Size::deserialize(d)? {
+        Size::Bytes(n) => return Ok(n),
+        Size::Text(t) => t,
+    };
+    parse_byte_size(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "invalid size '{text}' (write e.g. \"512MiB\", \"2GB\" or a number of bytes)"
+        ))
+    })
+}
+
+fn parse_byte_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(multiplier)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -189,11 +248,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     if mqtt.max_packet_bytes < 1024 {
         diags.error(mqtt_span, "mqtt.max_packet_bytes must be at least 1024");
     }
-    if store.max_records_per_stream == 0 {
+    if store.memory_records_per_stream == 0 {
         diags.error(
-            store_span,
-            "store.max_records_per_stream must be at least 1",
+            store_span.clone(),
+            "store.memory_records_per_stream must be at least 1",
         );
+    }
+    if store.max_bytes < 1 << 16 {
+        diags.error(store_span, "store.max_bytes must be at least 64KiB");
     }
     if raw_streams.is_none() {
         diags.error(
@@ -250,6 +312,30 @@ mod tests {
             errors[0].message
         );
         assert_eq!(errors[0].position(&src), (3, 3));
+    }
+
+    #[test]
+    fn store_sizes_take_units() {
+        assert_eq!(parse_byte_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_byte_size("2GB"), Some(2_000_000_000));
+        assert_eq!(parse_byte_size("4096"), Some(4096));
+        assert_eq!(parse_byte_size("1 GiB"), Some(1 << 30));
+        assert_eq!(parse_byte_size("1.5GB"), None);
+        assert_eq!(parse_byte_size("12parsecs"), None);
+        let src =
+            format!("[store]\nmax_bytes = \"8MiB\"\non_full = \"stop_acking\"\n{DEFAULT_CONFIG}");
+        let (config, _) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+        assert_eq!(config.store.max_bytes, 8 << 20);
+        assert_eq!(config.store.on_full, OnFull::StopAcking);
+        let src = format!("[store]\nmax_bytes = \"lots\"\n{DEFAULT_CONFIG}");
+        let err = parse(&src).unwrap_err();
+        assert_eq!(
+            err.diagnostics[0].position(&src),
+            (2, 13),
+            "{:?}",
+            err.diagnostics
+        );
+        assert!(err.diagnostics[0].message.contains("invalid size 'lots'"));
     }
 
     #[test]

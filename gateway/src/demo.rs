@@ -29,6 +29,15 @@ struct Received {
     identifiers_seen: u64,
 }
 
+/// The demo's data directory, removed when the demo ends.
+struct DemoData(std::path::PathBuf);
+
+impl Drop for DemoData {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the demo for `seconds` (0: until Ctrl-C) at about `rate` messages a second.
 pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
     let broker = crate::broker::start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -39,6 +48,9 @@ pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
     config.mqtt.client_id = format!("hubgate-demo-{}", std::process::id());
     config.grpc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    // The demo's outbox lives in a directory of its own, removed at the end.
+    let data = DemoData(std::env::temp_dir().join(format!("hubgate-demo-{}", std::process::id())));
+    config.store.data_dir = data.0.clone();
 
     let shutdown = CancellationToken::new();
     let gateway = crate::start(config, shutdown.clone()).await?;

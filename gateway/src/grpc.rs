@@ -1,7 +1,8 @@
 //! The gRPC API (`hubgate.v1.Gateway`), with gRPC health checking and server reflection.
 //!
 //! Subscribe: one follower task per requested stream reads the store from its own cursor and
-//! feeds a bounded channel that is the response stream. A follower that catches up waits for the
+//! feeds a bounded channel that is the response stream. Records still in memory are read in
+//! place; older ones come from the outbox on a blocking thread. A follower that catches up waits for the
 //! store to grow; a client that reads slowly only fills its own channel, so it never blocks ingest
 //! or other subscribers. Replay and live are the same loop over the same log, so there is no gap
 //! and no duplicate where one becomes the other.
@@ -171,9 +172,21 @@ impl Follower {
         loop {
             // Mark the current tip as seen before reading, so an append after the read wakes us.
             tip.borrow_and_update();
-            let batch = self
-                .store
-                .read(self.index, self.cursor, READ_BATCH, now_ms());
+            let batch = if self.store.reads_disk(self.index, self.cursor) {
+                // Replay of records no longer in memory: off the async threads.
+                let (store, index, cursor) = (Arc::clone(&self.store), self.index, self.cursor);
+                match tokio::task::spawn_blocking(move || {
+                    store.read(index, cursor, READ_BATCH, now_ms())
+                })
+                .await
+                {
+                    Ok(batch) => batch,
+                    Err(_) => return,
+                }
+            } else {
+                self.store
+                    .read(self.index, self.cursor, READ_BATCH, now_ms())
+            };
             if let Some((first, last)) = batch.gap {
                 let stream = self.name.clone();
                 let gap = v1::Gap {

@@ -91,13 +91,23 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     let policy = Arc::new(config.policy);
     metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
     metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    let store = Arc::new(Store::new(
+    std::fs::create_dir_all(&config.store.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.store.data_dir.display()
+        )
+    })?;
+    let outbox_dir = config.store.data_dir.join("outbox");
+    let outbox = outbox::SledOutbox::open(&outbox_dir)
+        .with_context(|| format!("cannot open the outbox in {}", outbox_dir.display()))?;
+    let store = Arc::new(Store::open(
+        Arc::new(outbox),
         policy
             .streams()
             .iter()
             .map(|s| (s.name.as_str(), s.retention)),
-        config.store.max_records_per_stream,
-    ));
+        &config.store,
+    )?);
     let stats = Arc::new(Stats::new(policy.streams().len()));
     let (connected_tx, connected_rx) = watch::channel(false);
     let (queue_tx, queue_rx) = mpsc::channel(config.mqtt.queue_capacity);
@@ -123,12 +133,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&store),
         Arc::clone(&stats),
         budget,
-    );
+    )?;
     let acker = Acker::new(client.clone());
-    tasks.spawn(async move {
-        pipeline::run(pipeline, queue_rx, acker).await;
-        Ok(())
-    });
+    {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            pipeline::run(pipeline, queue_rx, acker, shutdown).await;
+            Ok(())
+        });
+    }
     {
         let (shutdown, backoff_max) = (shutdown.clone(), config.mqtt.reconnect_backoff_max);
         tasks.spawn(async move {

@@ -4,26 +4,38 @@
 //! it, never a raw payload. The store behind it is swappable through the narrow [`Outbox`] trait;
 //! [`SledOutbox`] implements it on sled.
 //!
-//! Layout: records are written in batches, one key per batch (a key per record costs sled about
-//! 9 µs), keyed by `stream name, 0x00, first sequence (big-endian)` so that a stream's batches sort
-//! in sequence order. A batch value is
+//! Writes go through [`Outbox::commit`]: every record batch, sequence mark and checkpoint of one
+//! pipeline turn is applied atomically and made durable (fsync) before it returns, so after a crash
+//! the outbox holds either all of a turn or none of it. The pipeline acknowledges MQTT messages
+//! only after that.
+//!
+//! Layout (sled, one tree, keys sorted bytewise):
 //!
 //! ```text
-//! version (1 byte) | record count (u32 LE) | CRC-32 of the body (u32 LE) | body
+//! 'r' stream 0x00 first-sequence (u64 BE)  → a batch of records
+//! 'n' stream                                → the stream's next sequence (u64 BE)
+//! 'c' name                                  → a checkpoint
+//! ```
+//!
+//! Records are stored in batches, one key per batch (a key per record costs sled about 9 µs). A
+//! batch value is
+//!
+//! ```text
+//! version (1) | CRC-32 of the rest (u32 LE) | count (u32 LE) | kept at, Unix ms (i64 LE) | body
 //! body = for each record: length (u32 LE) | bytes
 //! ```
 //!
-//! so a torn or damaged batch is detected on read: it is reported as a gap, never returned as
-//! records. Checkpoints (serialised window state) live in their own tree by name.
-//!
-//! Not wired into the gateway yet: the pipeline still keeps records in memory (see
-//! [`crate::store`]).
+//! so a torn or damaged batch is detected on read and reported, never returned as records. The
+//! kept time lets retention purge by age. The next-sequence mark survives purges, so sequence
+//! numbers are never reused, even when retention has emptied a stream.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Format version of a batch value.
 const BATCH_VERSION: u8 = 1;
-const HEADER: usize = 9;
+/// Bytes before the body: version, CRC, count, kept time.
+const HEADER: usize = 17;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -33,39 +45,132 @@ pub enum OutboxError {
     TooLarge(usize),
 }
 
+/// Records appended to one stream, with sequences `first, first + 1, …`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    pub stream: String,
+    pub first: u64,
+    /// When the records were kept (Unix ms): retention counts from here.
+    pub kept_ms: i64,
+    pub records: Vec<Vec<u8>>,
+}
+
+/// Everything one pipeline turn writes, applied atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Commit {
+    pub appends: Vec<Append>,
+    /// Named checkpoints, each replacing the previous one of its name.
+    pub checkpoints: Vec<(String, Vec<u8>)>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.appends.iter().all(|a| a.records.is_empty()) && self.checkpoints.is_empty()
+    }
+
+    /// Bytes the commit's record batches take in the outbox.
+    pub fn record_bytes(&self) -> u64 {
+        self.appends
+            .iter()
+            .filter(|a| !a.records.is_empty())
+            .map(|a| batch_len(&a.records) as u64)
+            .sum()
+    }
+}
+
+/// A record read back, with its sequence and when it was kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub sequence: u64,
+    pub kept_ms: i64,
+    pub bytes: Vec<u8>,
+}
+
 /// What a read returns.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ReadBatch {
-    /// `(sequence, encoded record)` in sequence order.
-    pub records: Vec<(u64, Vec<u8>)>,
-    /// Sequence ranges `[first, last]` whose batch failed its checksum: lost, and reported.
+    /// Consecutive records in sequence order.
+    pub records: Vec<StoredRecord>,
+    /// Sequence ranges `[first, last]` before the first record returned whose batch failed its
+    /// checksum: lost, and reported. A read stops at a damaged batch once it has records.
     pub damaged: Vec<(u64, u64)>,
+}
+
+/// The header of a stored batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchInfo {
+    pub first: u64,
+    pub count: u64,
+    /// When the batch was kept; `i64::MIN` for a damaged batch (which retention removes first).
+    pub kept_ms: i64,
+    /// Bytes the batch takes in the outbox.
+    pub bytes: u64,
+    pub damaged: bool,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub records: u64,
+    pub bytes: u64,
+    /// First and last sequence removed.
+    pub sequences: Option<(u64, u64)>,
+    /// Oldest and newest kept time of the batches removed (damaged batches not included).
+    pub kept_ms: Option<(i64, i64)>,
+}
+
+impl Purged {
+    fn add(&mut self, info: &BatchInfo) {
+        self.records += info.count;
+        self.bytes += info.bytes;
+        let last = info.first + info.count.max(1) - 1;
+        self.sequences = Some(
+            self.sequences
+                .map_or((info.first, last), |(f, _)| (f, last)),
+        );
+        if !info.damaged {
+            self.kept_ms = Some(self.kept_ms.map_or((info.kept_ms, info.kept_ms), |(a, b)| {
+                (a.min(info.kept_ms), b.max(info.kept_ms))
+            }));
+        }
+    }
 }
 
 /// The operations the gateway needs from durable storage.
 pub trait Outbox: Send + Sync + 'static {
-    /// Appends `records` to `stream` as one batch, with sequences `first, first + 1, …`. Durable
-    /// once [`Outbox::flush`] returns.
-    fn append(&self, stream: &str, first: u64, records: &[Vec<u8>]) -> Result<(), OutboxError>;
-    /// Makes every append so far durable (fsync).
-    fn flush(&self) -> Result<(), OutboxError>;
-    /// Up to `max` records of `stream` with sequence at least `from`, in order.
+    /// Applies `commit` atomically and makes it durable before returning.
+    fn commit(&self, commit: &Commit) -> Result<(), OutboxError>;
+    /// Up to `max` consecutive records of `stream` from sequence `from` on (see [`ReadBatch`]).
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError>;
-    /// Removes the batches whose records all have sequences below `before`; returns how many
-    /// records were removed.
-    fn purge_before(&self, stream: &str, before: u64) -> Result<u64, OutboxError>;
-    /// The first and last sequence held for `stream`.
-    fn bounds(&self, stream: &str) -> Result<Option<(u64, u64)>, OutboxError>;
-    /// Stores a named checkpoint, replacing the previous one.
-    fn put_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), OutboxError>;
+    /// The oldest batch held for `stream`.
+    fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError>;
+    /// Removes `stream`'s batches from the oldest on, while `purge` says so; durable on return.
+    fn purge_while(
+        &self,
+        stream: &str,
+        purge: &mut dyn FnMut(&BatchInfo) -> bool,
+    ) -> Result<Purged, OutboxError>;
+    /// The sequence the next record of `stream` gets: 1 for a stream never written.
+    fn next_sequence(&self, stream: &str) -> Result<u64, OutboxError>;
+    /// The last checkpoint stored under `name`.
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError>;
+    /// Bytes of record batches held, over all streams (the figure the size cap applies to).
+    fn record_bytes(&self) -> u64;
 }
 
-fn key(stream: &str, seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(stream.len() + 9);
+fn record_key(stream: &str, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 10);
+    k.push(b'r');
     k.extend_from_slice(stream.as_bytes());
     k.push(0);
     k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn named_key(kind: u8, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(name.len() + 1);
+    k.push(kind);
+    k.extend_from_slice(name.as_bytes());
     k
 }
 
@@ -77,63 +182,96 @@ fn seq_of(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-fn encode(records: &[Vec<u8>]) -> Result<Vec<u8>, OutboxError> {
-    let count = u32::try_from(records.len()).map_err(|_| OutboxError::TooLarge(records.len()))?;
-    let body_len: usize = records.iter().map(|r| 4 + r.len()).sum();
-    let mut value = Vec::with_capacity(HEADER + body_len);
+fn batch_len(records: &[Vec<u8>]) -> usize {
+    HEADER + records.iter().map(|r| 4 + r.len()).sum::<usize>()
+}
+
+fn encode(kept_ms: i64, records: &[Vec<u8>]) -> Result<Vec<u8>, OutboxError> {
+    let too_large = || OutboxError::TooLarge(records.len());
+    let count = u32::try_from(records.len()).map_err(|_| too_large())?;
+    let mut value = Vec::with_capacity(batch_len(records));
     value.push(BATCH_VERSION);
-    value.extend_from_slice(&count.to_le_bytes());
     value.extend_from_slice(&[0; 4]);
+    value.extend_from_slice(&count.to_le_bytes());
+    value.extend_from_slice(&kept_ms.to_le_bytes());
     for r in records {
-        let len = u32::try_from(r.len()).map_err(|_| OutboxError::TooLarge(records.len()))?;
+        let len = u32::try_from(r.len()).map_err(|_| too_large())?;
         value.extend_from_slice(&len.to_le_bytes());
         value.extend_from_slice(r);
     }
-    let crc = crc32fast::hash(&value[HEADER..]);
-    value[5..9].copy_from_slice(&crc.to_le_bytes());
+    let crc = crc32fast::hash(&value[5..]);
+    value[1..5].copy_from_slice(&crc.to_le_bytes());
     Ok(value)
 }
 
-/// The number of records a batch value claims, read from its header.
-fn count_of(value: &[u8]) -> u64 {
-    value.get(1..5).map_or(0, |b| {
-        u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    })
+/// Whether a batch value is intact: its version and checksum match.
+fn intact(value: &[u8]) -> bool {
+    value.len() >= HEADER
+        && value[0] == BATCH_VERSION
+        && crc32fast::hash(&value[5..])
+            == u32::from_le_bytes([value[1], value[2], value[3], value[4]])
 }
 
-/// The records of a batch value, or `None` when it is damaged.
-fn decode(value: &[u8]) -> Option<Vec<Vec<u8>>> {
-    if value.len() < HEADER || value[0] != BATCH_VERSION {
+/// The header of an intact batch value; `count` and `kept_ms` of a damaged one are unknown.
+fn info(first: u64, value: &[u8], next_first: impl FnOnce() -> u64) -> BatchInfo {
+    let bytes = value.len() as u64;
+    if intact(value) {
+        let count = u64::from(u32::from_le_bytes(
+            value[5..9].try_into().unwrap_or_default(),
+        ));
+        let kept_ms = i64::from_le_bytes(value[9..17].try_into().unwrap_or_default());
+        BatchInfo {
+            first,
+            count,
+            kept_ms,
+            bytes,
+            damaged: false,
+        }
+    } else {
+        // The damaged batch ends where the next one starts.
+        let count = next_first().saturating_sub(first).max(1);
+        BatchInfo {
+            first,
+            count,
+            kept_ms: i64::MIN,
+            bytes,
+            damaged: true,
+        }
+    }
+}
+
+/// The records of an intact batch value, or `None` when it is damaged.
+fn decode(value: &[u8]) -> Option<(i64, Vec<Vec<u8>>)> {
+    if !intact(value) {
         return None;
     }
-    let crc = u32::from_le_bytes([value[5], value[6], value[7], value[8]]);
+    let count = u32::from_le_bytes(value[5..9].try_into().ok()?);
+    let kept_ms = i64::from_le_bytes(value[9..17].try_into().ok()?);
     let mut body = &value[HEADER..];
-    if crc32fast::hash(body) != crc {
-        return None;
-    }
-    let count = count_of(value);
     let mut out = Vec::with_capacity(usize::try_from(count).ok()?.min(1 << 16));
     for _ in 0..count {
         let len = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
         out.push(body.get(4..4 + len)?.to_vec());
         body = &body[4 + len..];
     }
-    body.is_empty().then_some(out)
+    body.is_empty().then_some((kept_ms, out))
 }
 
 /// The outbox on sled.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SledOutbox {
     db: sled::Db,
-    records: sled::Tree,
-    checkpoints: sled::Tree,
+    tree: sled::Tree,
+    /// Bytes of record batches held (see [`Outbox::record_bytes`]).
+    record_bytes: AtomicU64,
 }
 
 impl SledOutbox {
     /// Opens (or creates) the outbox in directory `path`.
     ///
     /// sled locks its directory; a database closed a moment ago can still hold the lock while its
-    /// background flusher stops, so a locked directory is retried for up to two seconds.
+    /// background flusher stops, so a locked directory is retried for up to two seconds. Opening
+    /// reads every batch header once, to learn the bytes held.
     pub fn open(path: &Path) -> Result<Self, OutboxError> {
         let config = sled::Config::new()
             .path(path)
@@ -150,112 +288,161 @@ impl SledOutbox {
                 other => break other?,
             }
         };
+        let tree = db.open_tree("outbox")?;
+        let mut bytes = 0;
+        for item in tree.scan_prefix(b"r") {
+            bytes += item?.1.len() as u64;
+        }
         Ok(Self {
-            records: db.open_tree("records")?,
-            checkpoints: db.open_tree("checkpoints")?,
             db,
+            tree,
+            record_bytes: AtomicU64::new(bytes),
         })
     }
 
-    /// Bytes the outbox occupies on disk.
+    /// Bytes the outbox occupies on disk (sled's own figure, which lags deletions).
     pub fn size_on_disk(&self) -> Result<u64, OutboxError> {
         Ok(self.db.size_on_disk()?)
+    }
+
+    /// The batches of `stream` from the one holding sequence `from` on.
+    fn batches_from(&self, stream: &str, from: u64) -> Result<sled::Iter, OutboxError> {
+        let start = self
+            .tree
+            .range(record_key(stream, 0)..=record_key(stream, from))
+            .next_back()
+            .transpose()?
+            .map_or(from, |(k, _)| seq_of(&k));
+        Ok(self
+            .tree
+            .range(record_key(stream, start)..=record_key(stream, u64::MAX)))
     }
 
     /// Overwrites a stored batch value (tests of damage detection).
     #[cfg(test)]
     fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
-        self.records.insert(key(stream, first), value).unwrap();
+        self.tree.insert(record_key(stream, first), value).unwrap();
     }
 }
 
 impl Outbox for SledOutbox {
-    fn append(&self, stream: &str, first: u64, records: &[Vec<u8>]) -> Result<(), OutboxError> {
-        if records.is_empty() {
-            return Ok(());
+    fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
+        let mut batch = sled::Batch::default();
+        let mut added = 0;
+        for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
+            let value = encode(a.kept_ms, &a.records)?;
+            added += value.len() as u64;
+            batch.insert(record_key(&a.stream, a.first), value);
+            let next = a.first + a.records.len() as u64;
+            batch.insert(named_key(b'n', &a.stream), &next.to_be_bytes());
         }
-        self.records.insert(key(stream, first), encode(records)?)?;
-        Ok(())
-    }
-
-    fn flush(&self) -> Result<(), OutboxError> {
+        for (name, bytes) in &commit.checkpoints {
+            batch.insert(named_key(b'c', name), bytes.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
         self.db.flush()?;
+        self.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
     }
 
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError> {
         let mut out = ReadBatch::default();
-        // Start at the batch that holds `from`: the last one that starts at or before it.
-        let start = self
-            .records
-            .range(key(stream, 0)..=key(stream, from))
-            .next_back()
-            .transpose()?
-            .map_or(from, |(k, _)| seq_of(&k));
-        for item in self
-            .records
-            .range(key(stream, start)..=key(stream, u64::MAX))
-        {
+        let mut batches = self.batches_from(stream, from)?.peekable();
+        while let Some(item) = batches.next() {
             let (k, v) = item?;
             let first = seq_of(&k);
-            match decode(&v) {
-                Some(records) => {
-                    for (i, r) in records.into_iter().enumerate() {
-                        let seq = first + i as u64;
-                        if seq >= from {
-                            out.records.push((seq, r));
-                            if out.records.len() >= max {
-                                return Ok(out);
-                            }
+            if let Some((kept_ms, records)) = decode(&v) {
+                for (i, bytes) in records.into_iter().enumerate() {
+                    let sequence = first + i as u64;
+                    if sequence >= from {
+                        out.records.push(StoredRecord {
+                            sequence,
+                            kept_ms,
+                            bytes,
+                        });
+                        if out.records.len() >= max {
+                            return Ok(out);
                         }
                     }
                 }
-                None => {
-                    let last = first + count_of(&v).max(1) - 1;
-                    if last >= from {
-                        out.damaged.push((first.max(from), last));
-                    }
-                }
+                continue;
+            }
+            if !out.records.is_empty() {
+                break;
+            }
+            let next_first = match batches.peek() {
+                Some(Ok((k, _))) => seq_of(k),
+                _ => self.next_sequence(stream)?,
+            };
+            let last = next_first.saturating_sub(1).max(first);
+            if last >= from {
+                out.damaged.push((first.max(from), last));
             }
         }
         Ok(out)
     }
 
-    fn purge_before(&self, stream: &str, before: u64) -> Result<u64, OutboxError> {
-        let mut removed = 0;
-        for item in self.records.range(key(stream, 0)..key(stream, before)) {
-            let (k, v) = item?;
-            let count = count_of(&v);
-            if seq_of(&k) + count <= before {
-                self.records.remove(&k)?;
-                removed += count;
-            }
-        }
-        Ok(removed)
-    }
-
-    fn bounds(&self, stream: &str) -> Result<Option<(u64, u64)>, OutboxError> {
-        let mut range = self.records.range(key(stream, 0)..=key(stream, u64::MAX));
-        let Some((first_key, _)) = range.next().transpose()? else {
+    fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
+        let mut batches = self
+            .tree
+            .range(record_key(stream, 0)..=record_key(stream, u64::MAX));
+        let Some((k, v)) = batches.next().transpose()? else {
             return Ok(None);
         };
-        let last = match range.next_back().transpose()? {
-            Some((k, v)) => seq_of(&k) + count_of(&v).max(1) - 1,
-            None => {
-                let v = self.records.get(&first_key)?.unwrap_or_default();
-                seq_of(&first_key) + count_of(&v).max(1) - 1
-            }
+        let next = batches.next().transpose()?;
+        let next_first = || match &next {
+            Some((k, _)) => seq_of(k),
+            None => self.next_sequence(stream).unwrap_or(0),
         };
-        Ok(Some((seq_of(&first_key), last)))
+        Ok(Some(info(seq_of(&k), &v, next_first)))
     }
 
-    fn put_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), OutboxError> {
-        self.checkpoints.insert(name.as_bytes(), bytes)?;
-        Ok(())
+    fn purge_while(
+        &self,
+        stream: &str,
+        purge: &mut dyn FnMut(&BatchInfo) -> bool,
+    ) -> Result<Purged, OutboxError> {
+        let mut purged = Purged::default();
+        let mut removals = sled::Batch::default();
+        let mut batches = self
+            .tree
+            .range(record_key(stream, 0)..=record_key(stream, u64::MAX))
+            .peekable();
+        while let Some(item) = batches.next() {
+            let (k, v) = item?;
+            let next_first = || match batches.peek() {
+                Some(Ok((k, _))) => seq_of(k),
+                _ => self.next_sequence(stream).unwrap_or(0),
+            };
+            let batch = info(seq_of(&k), &v, next_first);
+            if !purge(&batch) {
+                break;
+            }
+            purged.add(&batch);
+            removals.remove(k);
+        }
+        if purged.records > 0 || purged.bytes > 0 {
+            self.tree.apply_batch(removals)?;
+            self.db.flush()?;
+            self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
+        }
+        Ok(purged)
+    }
+
+    fn next_sequence(&self, stream: &str) -> Result<u64, OutboxError> {
+        Ok(self
+            .tree
+            .get(named_key(b'n', stream))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes))
     }
 
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self.checkpoints.get(name.as_bytes())?.map(|v| v.to_vec()))
+        Ok(self.tree.get(named_key(b'c', name))?.map(|v| v.to_vec()))
+    }
+
+    fn record_bytes(&self) -> u64 {
+        self.record_bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -271,60 +458,126 @@ mod tests {
         format!("record {seq}").into_bytes()
     }
 
+    fn append(stream: &str, first: u64, last: u64, kept_ms: i64) -> Append {
+        Append {
+            stream: stream.into(),
+            first,
+            kept_ms,
+            records: (first..=last).map(rec).collect(),
+        }
+    }
+
+    fn commit(outbox: &SledOutbox, appends: Vec<Append>) {
+        outbox
+            .commit(&Commit {
+                appends,
+                checkpoints: Vec::new(),
+            })
+            .unwrap();
+    }
+
+    fn seqs(read: &ReadBatch) -> Vec<u64> {
+        read.records.iter().map(|r| r.sequence).collect()
+    }
+
     #[test]
-    fn records_survive_a_reopen_and_read_from_any_sequence() {
+    fn records_and_checkpoints_survive_a_reopen_and_read_from_any_sequence() {
         let dir = tempfile::tempdir().unwrap();
         {
             let outbox = SledOutbox::open(dir.path()).unwrap();
             outbox
-                .append("noise", 1, &(1..=5).map(rec).collect::<Vec<_>>())
+                .commit(&Commit {
+                    appends: vec![append("noise", 1, 5, 10), append("air", 1, 1, 10)],
+                    checkpoints: vec![("window/footfall".into(), b"{\"windows\":{}}".to_vec())],
+                })
                 .unwrap();
-            outbox
-                .append("noise", 6, &(6..=8).map(rec).collect::<Vec<_>>())
-                .unwrap();
-            outbox
-                .append("air", 1, &[b"other stream".to_vec()])
-                .unwrap();
-            outbox
-                .put_checkpoint("footfall", b"{\"windows\":{}}")
-                .unwrap();
-            outbox.flush().unwrap();
+            commit(&outbox, vec![append("noise", 6, 8, 20)]);
         }
         let outbox = SledOutbox::open(dir.path()).unwrap();
-        assert_eq!(outbox.bounds("noise").unwrap(), Some((1, 8)));
-        assert_eq!(outbox.bounds("air").unwrap(), Some((1, 1)));
-        assert_eq!(outbox.bounds("parking").unwrap(), None);
+        assert_eq!(outbox.next_sequence("noise").unwrap(), 9);
+        assert_eq!(outbox.next_sequence("air").unwrap(), 2);
+        assert_eq!(outbox.next_sequence("parking").unwrap(), 1);
+        assert_eq!(
+            outbox
+                .oldest("noise")
+                .unwrap()
+                .map(|b| (b.first, b.count, b.kept_ms)),
+            Some((1, 5, 10))
+        );
         let read = outbox.read("noise", 4, 3).unwrap();
-        assert_eq!(read.records, vec![(4, rec(4)), (5, rec(5)), (6, rec(6))]);
+        assert_eq!(seqs(&read), [4, 5, 6]);
+        assert_eq!(read.records[0].bytes, rec(4));
+        assert_eq!((read.records[1].kept_ms, read.records[2].kept_ms), (10, 20));
         assert_eq!(outbox.read("noise", 9, 10).unwrap(), ReadBatch::default());
         assert_eq!(
-            outbox.checkpoint("footfall").unwrap().as_deref(),
+            outbox.checkpoint("window/footfall").unwrap().as_deref(),
             Some(&b"{\"windows\":{}}"[..])
         );
+        // The byte count is rebuilt from the batches on open.
+        let expected = [
+            append("noise", 1, 5, 10),
+            append("air", 1, 1, 10),
+            append("noise", 6, 8, 20),
+        ]
+        .iter()
+        .map(|a| batch_len(&a.records) as u64)
+        .sum::<u64>();
+        assert_eq!(outbox.record_bytes(), expected);
+    }
+
+    #[test]
+    fn purges_by_age_keep_sequences_moving_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = SledOutbox::open(dir.path()).unwrap();
+        commit(&outbox, vec![append("s", 1, 3, 1_000)]);
+        commit(&outbox, vec![append("s", 4, 4, 2_000)]);
+        commit(&outbox, vec![append("s", 5, 6, 3_000)]);
+        let purged = outbox.purge_while("s", &mut |b| b.kept_ms < 2_500).unwrap();
+        assert_eq!(purged.records, 4);
+        assert_eq!(purged.sequences, Some((1, 4)));
+        assert_eq!(purged.kept_ms, Some((1_000, 2_000)));
+        assert_eq!(seqs(&outbox.read("s", 1, 10).unwrap()), [5, 6]);
+        outbox.purge_while("s", &mut |_| true).unwrap();
+        assert_eq!(outbox.oldest("s").unwrap(), None);
+        assert_eq!(outbox.record_bytes(), 0);
+        drop(outbox);
+        // Emptied by retention, the stream still continues from 7 after a restart.
+        let outbox = SledOutbox::open(dir.path()).unwrap();
+        assert_eq!(outbox.next_sequence("s").unwrap(), 7);
     }
 
     #[test]
     fn a_damaged_batch_is_reported_not_returned() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = SledOutbox::open(dir.path()).unwrap();
-        outbox
-            .append("noise", 1, &(1..=3).map(rec).collect::<Vec<_>>())
-            .unwrap();
-        outbox
-            .append("noise", 4, &(4..=6).map(rec).collect::<Vec<_>>())
-            .unwrap();
-        outbox
-            .append("noise", 7, &(7..=9).map(rec).collect::<Vec<_>>())
-            .unwrap();
+        for (f, l) in [(1, 3), (4, 6), (7, 9)] {
+            commit(&outbox, vec![append("noise", f, l, 5)]);
+        }
         // A flipped bit in the middle batch, and a torn (truncated) last batch.
-        let mut value = encode(&(4..=6).map(rec).collect::<Vec<_>>()).unwrap();
+        let mut value = encode(5, &(4..=6).map(rec).collect::<Vec<_>>()).unwrap();
         value[HEADER + 6] ^= 0x10;
         outbox.raw_insert("noise", 4, &value);
-        let torn = encode(&(7..=9).map(rec).collect::<Vec<_>>()).unwrap();
+        let torn = encode(5, &(7..=9).map(rec).collect::<Vec<_>>()).unwrap();
         outbox.raw_insert("noise", 7, &torn[..torn.len() - 3]);
+        // A read stops before the damage once it has records …
         let read = outbox.read("noise", 2, 100).unwrap();
-        assert_eq!(read.records, vec![(2, rec(2)), (3, rec(3))]);
+        assert_eq!(seqs(&read), [2, 3]);
+        assert!(read.damaged.is_empty());
+        // … and reports it when it starts there.
+        let read = outbox.read("noise", 4, 100).unwrap();
+        assert_eq!(seqs(&read), Vec::<u64>::new());
         assert_eq!(read.damaged, vec![(4, 6), (7, 9)]);
+        // Retention removes damaged batches first.
+        let purged = outbox.purge_while("noise", &mut |b| b.kept_ms < 0).unwrap();
+        assert_eq!(purged, Purged::default());
+        let mut seen = Vec::new();
+        outbox
+            .purge_while("noise", &mut |b| {
+                seen.push((b.first, b.count, b.damaged));
+                true
+            })
+            .unwrap();
+        assert_eq!(seen, [(1, 3, false), (4, 3, true), (7, 3, true)]);
     }
 
     #[derive(Debug, Clone)]
@@ -359,30 +612,29 @@ mod tests {
             for op in ops {
                 match op {
                     Op::Append(n) => {
-                        let records: Vec<Vec<u8>> = (next..next + u64::from(n)).map(rec).collect();
-                        outbox.append("s", next, &records).unwrap();
-                        for (i, r) in records.into_iter().enumerate() {
-                            model.insert(next + i as u64, r);
+                        let n = u64::from(n);
+                        commit(&outbox, vec![append("s", next, next + n - 1, 0)]);
+                        for s in next..next + n {
+                            model.insert(s, rec(s));
                         }
-                        batches.push((next, u64::from(n)));
-                        next += u64::from(n);
+                        batches.push((next, n));
+                        next += n;
                     }
                     Op::Purge(before) => {
                         let before = u64::from(before);
-                        let removed = outbox.purge_before("s", before).unwrap();
+                        let removed = outbox.purge_while("s", &mut |b| b.first + b.count <= before).unwrap();
                         let mut expected = 0;
-                        batches.retain(|(f, c)| {
-                            if f + c <= before {
-                                for s in *f..f + c {
-                                    model.remove(&s);
-                                }
-                                expected += c;
-                                false
-                            } else {
-                                true
+                        while let Some(&(f, c)) = batches.first() {
+                            if f + c > before {
+                                break;
                             }
-                        });
-                        prop_assert_eq!(removed, expected);
+                            for s in f..f + c {
+                                model.remove(&s);
+                            }
+                            expected += c;
+                            batches.remove(0);
+                        }
+                        prop_assert_eq!(removed.records, expected);
                     }
                     Op::Read(from, max) => {
                         let read = outbox.read("s", u64::from(from), usize::from(max)).unwrap();
@@ -391,21 +643,19 @@ mod tests {
                             .take(usize::from(max))
                             .map(|(s, r)| (*s, r.clone()))
                             .collect();
-                        prop_assert_eq!(read.records, want);
+                        let got: Vec<(u64, Vec<u8>)> = read.records.into_iter().map(|r| (r.sequence, r.bytes)).collect();
+                        prop_assert_eq!(got, want);
                         prop_assert!(read.damaged.is_empty());
                     }
                     Op::Reopen => {
-                        outbox.flush().unwrap();
                         drop(outbox);
                         outbox = SledOutbox::open(dir.path()).unwrap();
                     }
                 }
-                let bounds = outbox.bounds("s").unwrap();
-                let want = batches
-                    .first()
-                    .zip(batches.last())
-                    .map(|(f, l)| (f.0, l.0 + l.1 - 1));
-                prop_assert_eq!(bounds, want);
+                prop_assert_eq!(outbox.next_sequence("s").unwrap(), next);
+                prop_assert_eq!(outbox.oldest("s").unwrap().map(|b| b.first), batches.first().map(|b| b.0));
+                let bytes: u64 = batches.iter().map(|&(f, c)| batch_len(&(f..f + c).map(rec).collect::<Vec<_>>()) as u64).sum();
+                prop_assert_eq!(outbox.record_bytes(), bytes);
             }
         }
     }

@@ -9,19 +9,24 @@
 //!    counted per stream;
 //! 3. runs the stream's privacy chain ([`hubgate_privacy::chain`]) with the stream's current
 //!    pseudonymisation key (see [`crate::keys`]); image and video payloads are dropped undecoded;
-//! 4. appends the filtered records to the store, one append per stream per batch; for an
+//! 4. stages the filtered records in the store, one append per stream per batch; for an
 //!    aggregated stream, absorbs them into the stream's open windows instead
-//!    ([`hubgate_privacy::window`]), and appends the groups each closing window releases;
-//! 5. only then acknowledges the messages to the broker (QoS 1), so a message is never acked
-//!    before its record is kept (or absorbed).
+//!    ([`hubgate_privacy::window`]), and stages the groups each closing window releases;
+//! 5. commits the turn to the outbox: the records, and a checkpoint of every aggregated stream's
+//!    windows that changed, in one atomic, durable write ([`crate::store::Store::commit`]);
+//! 6. only then acknowledges the messages to the broker (QoS 1), so a message is never acked
+//!    before its record (or the window state that absorbed it) is on disk. A commit that fails
+//!    (a disk error, or a full outbox with `on_full = "stop_acking"`) is retried with backoff, and
+//!    no further message is taken until it succeeds.
 //!
 //! Windows close on the gateway's clock: after every batch, and at least twice a second when no
 //! message comes. A stream with differential-privacy noise pays for each release in the
 //! privacy-budget ledger, which is written to disk before the released records are kept (see
 //! [`crate::budget`]).
 //!
-//! Open windows are held in memory: a stop or a crash loses the readings of the windows still open
-//! (the broker does not resend them, since they were acknowledged).
+//! Open windows are checkpointed in the outbox under `window/<stream>`, and a restart resumes
+//! them. A checkpoint written under a different aggregation spec (the policy changed) is not
+//! resumed: its windows are discarded, with a warning.
 //!
 //! Acknowledgements go through rumqttc's request channel without ever waiting on it (`try_ack`):
 //! the MQTT task may itself be waiting for room in this task's queue, and waiting on each other
@@ -52,11 +57,12 @@ use metrics::{Counter, Gauge};
 use prost::Message as _;
 use rumqttc::{AsyncClient, Publish};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::budget::{BudgetFile, OsRandom};
 use crate::decode;
 use crate::keys::KeyManager;
-use crate::store::Store;
+use crate::store::{CommitError, Pending, Store};
 
 /// Most messages taken from the queue in one turn.
 const BATCH: usize = 512;
@@ -185,6 +191,54 @@ impl WindowCounters {
 struct Windows {
     state: WindowState,
     counters: WindowCounters,
+    /// Changed since the last checkpoint.
+    dirty: bool,
+    /// Identifies the aggregation spec the state was built under.
+    spec: u32,
+}
+
+/// A window checkpoint as stored in the outbox.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    spec: u32,
+    state: WindowState,
+}
+
+fn checkpoint_name(stream: &str) -> String {
+    format!("window/{stream}")
+}
+
+/// Opens the windows of an aggregated stream from its checkpoint.
+fn resume_windows(
+    store: &Store,
+    stream: &hubgate_privacy::policy::StreamPolicy,
+    spec: &hubgate_privacy::policy::aggregate::Aggregation,
+) -> anyhow::Result<Windows> {
+    let fingerprint = crc32fast::hash(format!("{spec:?}").as_bytes());
+    let name = checkpoint_name(&stream.name);
+    let mut state = WindowState::default();
+    if let Some(bytes) = store.checkpoint(&name)? {
+        let saved: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "the window checkpoint of stream '{}' is damaged: {e}",
+                stream.name
+            )
+        })?;
+        if saved.spec == fingerprint {
+            tracing::info!(stream = %stream.name, windows = saved.state.open_windows(), "resumed open windows from the checkpoint");
+            state = saved.state;
+        } else {
+            tracing::warn!(stream = %stream.name, windows = saved.state.open_windows(), "the aggregation changed since the checkpoint: its open windows are discarded");
+        }
+    }
+    let counters = WindowCounters::new(&stream.name);
+    counters.entries.set(state.entries() as f64);
+    Ok(Windows {
+        state,
+        counters,
+        dirty: false,
+        spec: fingerprint,
+    })
 }
 
 #[derive(Debug)]
@@ -237,17 +291,21 @@ pub struct Pipeline {
     /// The privacy-budget ledger, when a stream adds noise.
     budget: Option<BudgetFile>,
     rng: OsRandom,
+    /// What this turn stages, until it is committed.
+    pending: Pending,
+    commit_failures: [Counter; 2],
 }
 
 impl Pipeline {
-    /// A pipeline for `policy`. `budget` must be given when a stream adds noise; without it, such
-    /// a stream releases nothing.
+    /// A pipeline for `policy`, resuming aggregated streams' windows from their checkpoints.
+    /// `budget` must be given when a stream adds noise; without it, such a stream releases
+    /// nothing.
     pub fn new(
         policy: Arc<Policy>,
         store: Arc<Store>,
         stats: Arc<Stats>,
         budget: Option<BudgetFile>,
-    ) -> Self {
+    ) -> anyhow::Result<Self> {
         let counters = policy
             .streams()
             .iter()
@@ -255,7 +313,14 @@ impl Pipeline {
             .collect();
         let tallies = policy.streams().iter().map(|_| Tally::default()).collect();
         let policy_for_keys = Arc::clone(&policy);
-        Self {
+        let mut windows = Vec::new();
+        for stream in policy.streams() {
+            windows.push(match &stream.aggregate {
+                Some(spec) => Some(resume_windows(&store, stream, spec)?),
+                None => None,
+            });
+        }
+        Ok(Self {
             policy_hash: policy.hash_hex(),
             policy,
             store,
@@ -266,19 +331,46 @@ impl Pipeline {
             unrouted: metrics::counter!(catalogue::UNROUTED_MESSAGES),
             tallies,
             keys: KeyManager::new(&policy_for_keys),
-            windows: policy_for_keys
-                .streams()
-                .iter()
-                .map(|s| {
-                    s.aggregate.as_ref().map(|_| Windows {
-                        state: WindowState::default(),
-                        counters: WindowCounters::new(&s.name),
-                    })
-                })
-                .collect(),
+            windows,
             budget,
             rng: OsRandom::new(),
+            pending: Pending::default(),
+            commit_failures: ["error", "full"].map(
+                |reason| metrics::counter!(catalogue::OUTBOX_COMMIT_FAILURES, "reason" => reason),
+            ),
+        })
+    }
+
+    /// Commits what this turn staged: records and changed window checkpoints, atomically and
+    /// durably. On an error everything stays staged for the next attempt.
+    pub fn commit(&mut self, now_ms: i64) -> Result<(), CommitError> {
+        for (stream, windows) in self.policy.streams().iter().zip(&mut self.windows) {
+            let Some(w) = windows.as_mut().filter(|w| w.dirty) else {
+                continue;
+            };
+            let checkpoint = Checkpoint {
+                spec: w.spec,
+                state: std::mem::take(&mut w.state),
+            };
+            let bytes = serde_json::to_vec(&checkpoint);
+            w.state = checkpoint.state;
+            match bytes {
+                Ok(bytes) => {
+                    self.pending
+                        .checkpoint(checkpoint_name(&stream.name), bytes);
+                    w.dirty = false;
+                }
+                Err(err) => {
+                    tracing::error!(stream = %stream.name, %err, "cannot serialise the window checkpoint")
+                }
+            }
         }
+        let result = self.store.commit(&mut self.pending, now_ms);
+        if let Err(err) = &result {
+            let reason = usize::from(matches!(err, CommitError::Full { .. }));
+            self.commit_failures[reason].increment(1);
+        }
+        result
     }
 
     /// Whether any stream aggregates (then [`Pipeline::release`] must run on a timer).
@@ -302,6 +394,7 @@ impl Pipeline {
                 _ => None,
             };
             let release = windows.state.release(spec, now_ms, dp);
+            windows.dirty |= release.windows > 0;
             let c = &windows.counters;
             c.entries.set(windows.state.entries() as f64);
             if release.windows == 0 {
@@ -354,7 +447,7 @@ impl Pipeline {
                 })
                 .collect();
             let n = protos.len() as u64;
-            self.store.append(index, protos, now_ms);
+            self.store.stage(&mut self.pending, index, protos, now_ms);
             self.counters[index].kept.increment(n);
             stats.records_kept.fetch_add(n, Ordering::Relaxed);
             stats.bytes_kept.fetch_add(bytes, Ordering::Relaxed);
@@ -364,7 +457,7 @@ impl Pipeline {
         }
     }
 
-    /// Processes a batch of messages and commits their records to the store.
+    /// Processes a batch of messages and stages their records (see [`Pipeline::commit`]).
     pub fn process(&mut self, batch: &[Publish], now_ms: i64) {
         let mut unrouted = 0u64;
         let mut bytes = 0u64;
@@ -403,7 +496,8 @@ impl Pipeline {
             let mut records = std::mem::take(&mut tally.records);
             let kept = records.len() as u64;
             if kept > 0 {
-                self.store.append(index, records.drain(..), now_ms);
+                self.store
+                    .stage(&mut self.pending, index, records.drain(..), now_ms);
             }
             let (c, s) = (&self.counters[index], &self.stats.streams[index]);
             // The same figures go to the metrics and to the stats `hubgate demo` reads.
@@ -489,6 +583,7 @@ impl Pipeline {
                         (&stream.aggregate, self.windows[index].as_mut())
                     {
                         let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
+                        windows.dirty = true;
                         tally.absorbed[absorbed_index(absorbed)] += 1;
                         continue;
                     }
@@ -584,8 +679,13 @@ impl Acker {
     }
 }
 
-/// Runs the pipeline until the queue closes.
-pub async fn run(mut pipeline: Pipeline, mut queue: mpsc::Receiver<Publish>, mut acker: Acker) {
+/// Runs the pipeline until the queue closes or `shutdown`.
+pub async fn run(
+    mut pipeline: Pipeline,
+    mut queue: mpsc::Receiver<Publish>,
+    mut acker: Acker,
+    shutdown: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -593,21 +693,54 @@ pub async fn run(mut pipeline: Pipeline, mut queue: mpsc::Receiver<Publish>, mut
     loop {
         // Acks waiting for room in the request channel: come back soon even if idle.
         let acks_waiting = acker.flush();
-        let received = tokio::select! {
-            n = queue.recv_many(&mut batch, BATCH) => n,
-            _ = tick.tick(), if aggregates => {
-                pipeline.release(now_ms());
-                continue;
+        tokio::select! {
+            n = queue.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    break;
+                }
+                pipeline.process(&batch, now_ms());
             }
+            _ = tick.tick(), if aggregates => pipeline.release(now_ms()),
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
-        };
-        if received == 0 {
-            break;
+            () = shutdown.cancelled() => break,
         }
-        pipeline.process(&batch, now_ms());
+        if !commit_until_done(&mut pipeline, &shutdown).await {
+            // Stopping with the turn uncommitted: its messages are not acknowledged, so the broker
+            // delivers them again after the restart.
+            return;
+        }
         acker.ack(batch.drain(..));
     }
     acker.flush();
+}
+
+/// Commits the turn, retrying with backoff (10 ms doubling to 1 s) until it succeeds. Returns false
+/// when `shutdown` comes first.
+async fn commit_until_done(pipeline: &mut Pipeline, shutdown: &CancellationToken) -> bool {
+    let mut wait = Duration::from_millis(10);
+    let mut failures = 0u32;
+    loop {
+        match pipeline.commit(now_ms()) {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(failures, "outbox commit succeeded after retrying");
+                }
+                return true;
+            }
+            Err(err) => {
+                // Logged on the first failure, then every 30th, so a long outage does not flood.
+                if failures.is_multiple_of(30) {
+                    tracing::warn!(%err, failures, "outbox commit failed: retrying; messages stay unacknowledged");
+                }
+                failures += 1;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return false,
+            () = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.

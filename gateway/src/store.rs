@@ -1,24 +1,45 @@
 //! The store of filtered records that gRPC subscribers read from.
 //!
-//! Design: one ordered log per stream. Appending never waits for readers; each reader keeps its
-//! own cursor and is woken through a watch channel when the log grows, so a slow subscriber falls
-//! behind without holding anyone else up. Records carry per-stream sequence numbers starting at 1.
-//! A reader whose cursor points before the oldest record still held is told so with a gap.
+//! Design: one ordered log per stream, with sequence numbers starting at 1 and never reused. Every
+//! record is in the durable outbox ([`crate::outbox`]); the newest `memory_records_per_stream` of
+//! each stream are also held in memory, so live subscribers never touch the disk and a subscriber
+//! replaying older records reads them from the outbox.
 //!
-//! This implementation holds records in memory, bounded per stream by a record count and by the
-//! stream's retention limit (records older than it are purged on every append and read). Only
-//! filtered records ever enter it: the privacy chain runs before [`Store::append`].
+//! Writing is two-phase: the pipeline stages the records of a turn ([`Store::stage`]), then
+//! [`Store::commit`] writes them, with the turn's window checkpoints, in one atomic and durable
+//! outbox commit. Only then do they become visible to readers and are the turn's MQTT messages
+//! acknowledged. A reader therefore never sees a record that a crash could take back.
 //!
-//! Metrics: `hubgate_store_records_purged_total{stream, reason}`.
+//! Appending never waits for readers; each reader keeps its own cursor and is woken through a
+//! watch channel when the log grows, so a slow subscriber falls behind without holding anyone else
+//! up. A reader whose cursor points before the oldest record still held is told so with a gap.
+//!
+//! Limits, enforced on disk and in memory:
+//! - retention: records kept longer ago than their stream's retention limit are purged (every
+//!   second, by [`Store::purge_expired_all`]) and never returned by a read, delivered or not;
+//! - size: the outbox holds at most `store.max_bytes` of records. Beyond that, `drop_oldest`
+//!   purges the oldest batches of any stream, and `stop_acking` refuses the commit
+//!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room.
+//!
+//! Each purge is logged as an audit event (target `hubgate::audit`: stream, reason, record count,
+//! sequence range and time range), never with record content.
+//!
+//! Metrics: `hubgate_store_records_purged_total{stream, reason}`,
+//! `hubgate_outbox_records_damaged_total{stream}`, `hubgate_outbox_bytes`.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hubgate_exporters::catalogue;
 use hubgate_proto::v1;
-use metrics::Counter;
+use metrics::{Counter, Gauge};
+use prost::Message as _;
 use tokio::sync::watch;
+
+use crate::config::{OnFull, StoreConfig};
+use crate::outbox::{Append, BatchInfo, Commit, Outbox, OutboxError, Purged};
 
 /// A record in the store, with when it was kept.
 #[derive(Debug)]
@@ -37,161 +58,405 @@ pub struct Batch {
     pub next: u64,
 }
 
-#[derive(Debug)]
-struct Log {
-    records: VecDeque<Arc<Stored>>,
-    /// Sequence of the next record appended; the records held are `next - len .. next`.
-    next: u64,
+/// Records staged for the next commit, and the checkpoints to write with them.
+#[derive(Debug, Default)]
+pub struct Pending {
+    commit: Commit,
+    /// Per stream index, the staged records in sequence order.
+    records: Vec<(usize, Vec<Arc<Stored>>)>,
 }
 
-impl Log {
-    fn oldest(&self) -> u64 {
-        self.next - self.records.len() as u64
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.commit.is_empty()
     }
+
+    /// Adds a checkpoint to the commit, replacing one staged earlier under the same name.
+    pub fn checkpoint(&mut self, name: String, bytes: Vec<u8>) {
+        self.commit.checkpoints.retain(|(n, _)| *n != name);
+        self.commit.checkpoints.push((name, bytes));
+    }
+}
+
+/// Why a commit did not happen. The pending records stay staged; the commit can be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error(
+        "the outbox is full ({held} of {max} bytes held) and store.on_full is stop_acking: waiting for retention to free room"
+    )]
+    Full { held: u64, max: u64 },
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+/// The in-memory tail of a stream.
+#[derive(Debug)]
+struct Tail {
+    records: VecDeque<Arc<Stored>>,
+    /// Sequence of the next record committed: everything below is in the outbox.
+    next: u64,
 }
 
 #[derive(Debug)]
 struct StreamLog {
-    log: Mutex<Log>,
+    name: String,
+    tail: Mutex<Tail>,
+    /// Sequence the next staged record gets (only the pipeline stages).
+    staged: AtomicU64,
     retention_ms: i64,
-    capacity: usize,
-    /// Sequence of the newest record (0 before the first).
+    /// Sequence of the newest committed record (0 before the first).
     tip: watch::Sender<u64>,
     purged_retention: Counter,
     purged_capacity: Counter,
+    damaged: Counter,
+}
+
+impl StreamLog {
+    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+        self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cutoff(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.retention_ms)
+    }
+
+    /// Drops from memory what the outbox no longer holds, and what has expired.
+    fn forget(&self, purged_through: u64, now_ms: i64) {
+        let cutoff = self.cutoff(now_ms);
+        let mut tail = self.tail();
+        while tail
+            .records
+            .front()
+            .is_some_and(|r| r.record.sequence <= purged_through || r.kept_ms < cutoff)
+        {
+            tail.records.pop_front();
+        }
+    }
 }
 
 /// Per-stream logs of filtered records. Streams are addressed by their index in the policy.
-#[derive(Debug)]
 pub struct Store {
+    outbox: Arc<dyn Outbox>,
     streams: Vec<StreamLog>,
+    max_bytes: u64,
+    on_full: OnFull,
+    memory_records: usize,
+    bytes_held: Gauge,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("streams", &self.streams)
+            .field("max_bytes", &self.max_bytes)
+            .field("on_full", &self.on_full)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
-    /// A store for streams with these names and retention limits.
-    pub fn new<'a>(
+    /// A store for streams with these names and retention limits, on `outbox`. Each stream
+    /// continues from the sequence its last run reached.
+    pub fn open<'a>(
+        outbox: Arc<dyn Outbox>,
         streams: impl IntoIterator<Item = (&'a str, Duration)>,
-        capacity: usize,
-    ) -> Self {
-        let streams = streams
-            .into_iter()
-            .map(|(name, retention)| StreamLog {
-                log: Mutex::new(Log { records: VecDeque::new(), next: 1 }),
+        config: &StoreConfig,
+    ) -> Result<Self, OutboxError> {
+        let mut logs = Vec::new();
+        for (name, retention) in streams {
+            let next = outbox.next_sequence(name)?;
+            let counter = |reason: &'static str| metrics::counter!(catalogue::RECORDS_PURGED, "stream" => name.to_owned(), "reason" => reason);
+            logs.push(StreamLog {
+                name: name.to_owned(),
+                tail: Mutex::new(Tail {
+                    records: VecDeque::new(),
+                    next,
+                }),
+                staged: AtomicU64::new(next),
                 retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-                capacity,
-                tip: watch::channel(0).0,
-                purged_retention: metrics::counter!(catalogue::RECORDS_PURGED, "stream" => name.to_owned(), "reason" => "retention"),
-                purged_capacity: metrics::counter!(catalogue::RECORDS_PURGED, "stream" => name.to_owned(), "reason" => "capacity"),
-            })
-            .collect();
-        Self { streams }
+                tip: watch::channel(next - 1).0,
+                purged_retention: counter("retention"),
+                purged_capacity: counter("capacity"),
+                damaged: metrics::counter!(catalogue::OUTBOX_RECORDS_DAMAGED, "stream" => name.to_owned()),
+            });
+        }
+        let store = Self {
+            outbox,
+            streams: logs,
+            max_bytes: config.max_bytes,
+            on_full: config.on_full,
+            memory_records: config.memory_records_per_stream.max(1),
+            bytes_held: metrics::gauge!(catalogue::OUTBOX_BYTES),
+        };
+        store.bytes_held.set(store.outbox.record_bytes() as f64);
+        Ok(store)
     }
 
     fn stream(&self, index: usize) -> &StreamLog {
         &self.streams[index]
     }
 
-    /// Appends records to a stream, assigning their sequence numbers, and wakes its readers.
-    pub fn append(
+    /// Stages records for the next commit, assigning their sequence numbers.
+    pub fn stage(
         &self,
+        pending: &mut Pending,
         index: usize,
         records: impl IntoIterator<Item = v1::Record>,
         now_ms: i64,
-    ) -> u64 {
+    ) {
         let s = self.stream(index);
-        let mut log = s.log.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut appended = 0;
-        for mut record in records {
-            record.sequence = log.next;
-            log.next += 1;
-            log.records.push_back(Arc::new(Stored {
+        let mut encoded = Vec::new();
+        let mut stored = Vec::new();
+        let first = s.staged.load(Ordering::Relaxed);
+        for (i, mut record) in records.into_iter().enumerate() {
+            record.sequence = first + i as u64;
+            encoded.push(record.encode_to_vec());
+            stored.push(Arc::new(Stored {
                 kept_ms: now_ms,
                 record,
             }));
-            appended += 1;
         }
-        let over = log.records.len().saturating_sub(s.capacity);
-        log.records.drain(..over);
-        s.purged_capacity.increment(over as u64);
-        Self::purge_expired(s, &mut log, now_ms);
-        let tip = log.next - 1;
-        drop(log);
-        s.tip.send_replace(tip);
-        appended
+        if stored.is_empty() {
+            return;
+        }
+        s.staged.fetch_add(stored.len() as u64, Ordering::Relaxed);
+        pending.commit.appends.push(Append {
+            stream: s.name.clone(),
+            first,
+            kept_ms: now_ms,
+            records: encoded,
+        });
+        pending.records.push((index, stored));
     }
 
-    fn purge_expired(s: &StreamLog, log: &mut Log, now_ms: i64) {
-        let cutoff = now_ms.saturating_sub(s.retention_ms);
-        let expired = log
-            .records
-            .iter()
-            .take_while(|r| r.kept_ms < cutoff)
-            .count();
-        if expired > 0 {
-            log.records.drain(..expired);
-            s.purged_retention.increment(expired as u64);
+    /// Writes the staged records and checkpoints durably, then shows the records to readers.
+    ///
+    /// On an error nothing is written and `pending` is left as it was, to be retried.
+    pub fn commit(&self, pending: &mut Pending, now_ms: i64) -> Result<(), CommitError> {
+        if pending.is_empty() {
+            return Ok(());
         }
+        let need = pending.commit.record_bytes();
+        while self.outbox.record_bytes() + need > self.max_bytes {
+            match self.on_full {
+                OnFull::StopAcking => {
+                    return Err(CommitError::Full {
+                        held: self.outbox.record_bytes(),
+                        max: self.max_bytes,
+                    });
+                }
+                OnFull::DropOldest => {
+                    if !self.drop_oldest_batch(now_ms)? {
+                        break;
+                    }
+                }
+            }
+        }
+        self.outbox.commit(&pending.commit)?;
+        self.bytes_held.set(self.outbox.record_bytes() as f64);
+        for (index, records) in std::mem::take(&mut pending.records) {
+            let s = self.stream(index);
+            let mut tail = s.tail();
+            if let Some(last) = records.last() {
+                tail.next = last.record.sequence + 1;
+            }
+            tail.records.extend(records);
+            let over = tail.records.len().saturating_sub(self.memory_records);
+            tail.records.drain(..over);
+            let tip = tail.next - 1;
+            drop(tail);
+            s.tip.send_replace(tip);
+        }
+        pending.commit = Commit::default();
+        Ok(())
     }
 
-    /// Reads up to `max` records of a stream from sequence `from` on.
-    pub fn read(&self, index: usize, from: u64, max: usize, now_ms: i64) -> Batch {
+    /// Purges the oldest batch of the stream whose oldest batch is oldest. Returns false when
+    /// there is nothing to purge.
+    fn drop_oldest_batch(&self, now_ms: i64) -> Result<bool, OutboxError> {
+        let mut oldest: Option<(usize, BatchInfo)> = None;
+        for (index, s) in self.streams.iter().enumerate() {
+            if let Some(batch) = self.outbox.oldest(&s.name)?
+                && oldest.is_none_or(|(_, o)| batch.kept_ms < o.kept_ms)
+            {
+                oldest = Some((index, batch));
+            }
+        }
+        let Some((index, batch)) = oldest else {
+            return Ok(false);
+        };
         let s = self.stream(index);
-        let mut log = s.log.lock().unwrap_or_else(PoisonError::into_inner);
-        Self::purge_expired(s, &mut log, now_ms);
-        let oldest = log.oldest();
-        let mut batch = Batch::default();
-        let mut from = from.max(1);
-        if from < oldest {
-            batch.gap = Some((from, oldest - 1));
-            from = oldest;
-        }
-        let skip = usize::try_from(from - oldest).unwrap_or(usize::MAX);
-        batch.records = log.records.iter().skip(skip).take(max).cloned().collect();
-        batch.next = from + batch.records.len() as u64;
-        batch
+        let purged = self
+            .outbox
+            .purge_while(&s.name, &mut |b| b.first == batch.first)?;
+        s.purged_capacity.increment(purged.records);
+        self.purged(s, "capacity", &purged, now_ms);
+        Ok(purged.bytes > 0)
     }
 
-    /// Removes every record older than its stream's retention limit.
+    /// Accounts for a purge: memory, gauge and audit event.
+    fn purged(&self, s: &StreamLog, reason: &str, purged: &Purged, now_ms: i64) {
+        let Some((first, last)) = purged.sequences else {
+            return;
+        };
+        s.forget(last, now_ms);
+        self.bytes_held.set(self.outbox.record_bytes() as f64);
+        let (oldest_ms, newest_ms) = purged.kept_ms.unwrap_or_default();
+        tracing::info!(
+            target: "hubgate::audit",
+            event = "purge",
+            stream = %s.name,
+            reason,
+            records = purged.records,
+            first_sequence = first,
+            last_sequence = last,
+            kept_from_ms = oldest_ms,
+            kept_to_ms = newest_ms,
+            "records purged"
+        );
+    }
+
+    /// Removes every record older than its stream's retention limit, from disk and memory.
     pub fn purge_expired_all(&self, now_ms: i64) {
         for s in &self.streams {
-            let mut log = s.log.lock().unwrap_or_else(PoisonError::into_inner);
-            Self::purge_expired(s, &mut log, now_ms);
+            let cutoff = s.cutoff(now_ms);
+            match self
+                .outbox
+                .purge_while(&s.name, &mut |b| b.kept_ms < cutoff)
+            {
+                Ok(purged) => {
+                    s.purged_retention.increment(purged.records);
+                    self.purged(s, "retention", &purged, now_ms);
+                }
+                Err(err) => {
+                    tracing::error!(stream = %s.name, %err, "cannot purge expired records");
+                }
+            }
+            s.forget(0, now_ms);
+        }
+    }
+
+    /// Whether a read from `from` must go to the disk (it is before the records held in memory).
+    pub fn reads_disk(&self, index: usize, from: u64) -> bool {
+        let tail = self.stream(index).tail();
+        from < tail.next
+            && tail
+                .records
+                .front()
+                .is_none_or(|r| from < r.record.sequence)
+    }
+
+    /// Reads up to `max` consecutive records of a stream from sequence `from` on. Reads from disk
+    /// when `from` is older than the records held in memory (see [`Store::reads_disk`]).
+    pub fn read(&self, index: usize, from: u64, max: usize, now_ms: i64) -> Batch {
+        let s = self.stream(index);
+        let from = from.max(1);
+        let cutoff = s.cutoff(now_ms);
+        let memory_oldest = {
+            let tail = s.tail();
+            if from >= tail.next {
+                return Batch {
+                    next: from,
+                    ..Batch::default()
+                };
+            }
+            match tail.records.front() {
+                Some(front) if front.record.sequence <= from => {
+                    let skip = usize::try_from(from - front.record.sequence).unwrap_or(usize::MAX);
+                    let records: Vec<_> = tail
+                        .records
+                        .iter()
+                        .skip(skip)
+                        .take(max)
+                        .filter(|r| r.kept_ms >= cutoff)
+                        .cloned()
+                        .collect();
+                    return Self::batch(from, records, tail.next);
+                }
+                Some(front) => front.record.sequence,
+                None => tail.next,
+            }
+        };
+        let read = match self.outbox.read(&s.name, from, max) {
+            Ok(read) => read,
+            Err(err) => {
+                tracing::error!(stream = %s.name, %err, "cannot read the outbox");
+                return Batch {
+                    next: from,
+                    ..Batch::default()
+                };
+            }
+        };
+        for (first, last) in &read.damaged {
+            tracing::error!(stream = %s.name, first, last, "damaged outbox batch: its records are lost");
+            s.damaged.increment(last - first + 1);
+        }
+        let mut records = Vec::with_capacity(read.records.len());
+        for r in read.records {
+            let contiguous = records
+                .last()
+                .is_none_or(|l: &Arc<Stored>| l.record.sequence + 1 == r.sequence);
+            if r.kept_ms < cutoff && records.is_empty() {
+                continue;
+            }
+            let Ok(record) = v1::Record::decode(r.bytes.as_slice()) else {
+                s.damaged.increment(1);
+                break;
+            };
+            if !contiguous || r.kept_ms < cutoff {
+                break;
+            }
+            records.push(Arc::new(Stored {
+                kept_ms: r.kept_ms,
+                record,
+            }));
+        }
+        Self::batch(from, records, memory_oldest)
+    }
+
+    /// A batch of consecutive `records` asked for from `from`; when empty, everything before
+    /// `resume` is gone.
+    fn batch(from: u64, records: Vec<Arc<Stored>>, resume: u64) -> Batch {
+        let start = records.first().map_or(resume, |r| r.record.sequence);
+        let next = records.last().map_or(resume, |r| r.record.sequence + 1);
+        Batch {
+            gap: (start > from).then(|| (from, start - 1)),
+            records,
+            next,
         }
     }
 
     /// `(oldest held, newest kept)` sequences of a stream; 0 where there is none.
     pub fn positions(&self, index: usize) -> (u64, u64) {
-        let log = self
-            .stream(index)
-            .log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let oldest = if log.records.is_empty() {
-            0
-        } else {
-            log.oldest()
+        let s = self.stream(index);
+        let last = s.tail().next - 1;
+        let oldest = match self.outbox.oldest(&s.name) {
+            Ok(Some(batch)) => batch.first,
+            _ => s.tail().records.front().map_or(0, |r| r.record.sequence),
         };
-        (oldest, log.next - 1)
+        (oldest, last)
     }
 
     /// Sequence the next record of a stream will get: where a live reader starts.
     pub fn next_sequence(&self, index: usize) -> u64 {
-        self.stream(index)
-            .log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .next
+        self.stream(index).tail().next
     }
 
     /// A receiver that changes whenever the stream grows.
     pub fn watch(&self, index: usize) -> watch::Receiver<u64> {
         self.stream(index).tip.subscribe()
     }
+
+    /// The last checkpoint committed under `name`.
+    pub fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+        self.outbox.checkpoint(name)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::SledOutbox;
 
     fn rec(n: i64) -> v1::Record {
         v1::Record {
@@ -208,19 +473,36 @@ mod tests {
         b.records.iter().map(|r| r.record.sequence).collect()
     }
 
-    fn store(capacity: usize) -> Store {
-        Store::new([("s", Duration::from_secs(60))], capacity)
+    fn config(memory: usize, max_bytes: u64, on_full: OnFull) -> StoreConfig {
+        StoreConfig {
+            memory_records_per_stream: memory,
+            max_bytes,
+            on_full,
+            ..StoreConfig::default()
+        }
+    }
+
+    fn open(dir: &std::path::Path, config: &StoreConfig) -> Store {
+        let outbox = Arc::new(SledOutbox::open(dir).unwrap());
+        Store::open(outbox, [("s", Duration::from_secs(60))], config).unwrap()
+    }
+
+    fn append(store: &Store, events: std::ops::Range<i64>, now_ms: i64) {
+        let mut pending = Pending::default();
+        store.stage(&mut pending, 0, events.map(rec), now_ms);
+        store.commit(&mut pending, now_ms).unwrap();
     }
 
     #[test]
     fn sequences_start_at_one_and_reads_resume_without_gaps_or_duplicates() {
-        let s = store(100);
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
         assert_eq!(s.positions(0), (0, 0));
-        s.append(0, (0..5).map(rec), 0);
+        append(&s, 0..5, 0);
         let b = s.read(0, 1, 3, 0);
         assert_eq!(seqs(&b), [1, 2, 3]);
         assert_eq!(b.gap, None);
-        s.append(0, (5..7).map(rec), 0);
+        append(&s, 5..7, 0);
         let b2 = s.read(0, b.next, 100, 0);
         assert_eq!(seqs(&b2), [4, 5, 6, 7]);
         assert_eq!(s.read(0, b2.next, 100, 0).records.len(), 0);
@@ -229,37 +511,101 @@ mod tests {
     }
 
     #[test]
-    fn a_reader_behind_the_capacity_gets_a_gap() {
-        let s = store(3);
-        s.append(0, (0..10).map(rec), 0);
-        assert_eq!(s.positions(0), (8, 10));
-        let b = s.read(0, 2, 100, 0);
-        assert_eq!(b.gap, Some((2, 7)));
-        assert_eq!(seqs(&b), [8, 9, 10]);
-        assert_eq!(b.next, 11);
+    fn staged_records_are_invisible_until_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
+        let mut w = s.watch(0);
+        let mut pending = Pending::default();
+        s.stage(&mut pending, 0, (0..3).map(rec), 0);
+        assert_eq!(s.read(0, 1, 10, 0).records.len(), 0);
+        assert_eq!(s.next_sequence(0), 1);
+        assert!(!w.has_changed().unwrap());
+        s.commit(&mut pending, 0).unwrap();
+        assert!(pending.is_empty());
+        assert!(w.has_changed().unwrap());
+        assert_eq!(*w.borrow_and_update(), 3);
+        assert_eq!(seqs(&s.read(0, 1, 10, 0)), [1, 2, 3]);
     }
 
     #[test]
-    fn records_older_than_retention_are_purged() {
-        let s = store(100);
-        s.append(0, (0..2).map(rec), 0);
-        s.append(0, (2..3).map(rec), 30_000);
-        // At 61 s the first two are older than the 60 s limit; the third is not.
+    fn older_records_are_read_from_disk_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = open(dir.path(), &config(3, 1 << 20, OnFull::DropOldest));
+            append(&s, 0..10, 0);
+            assert!(s.reads_disk(0, 2));
+            assert!(!s.reads_disk(0, 8));
+            let b = s.read(0, 2, 100, 0);
+            assert_eq!(b.gap, None);
+            assert_eq!(seqs(&b), (2..=10).collect::<Vec<_>>());
+            assert_eq!(b.records[0].record.event_time.unwrap().seconds, 1);
+        }
+        let s = open(dir.path(), &config(3, 1 << 20, OnFull::DropOldest));
+        assert_eq!(s.positions(0), (1, 10));
+        assert_eq!(seqs(&s.read(0, 9, 100, 0)), [9, 10]);
+        append(&s, 10..11, 0);
+        assert_eq!(seqs(&s.read(0, 10, 100, 0)), [10, 11]);
+    }
+
+    #[test]
+    fn records_older_than_retention_are_purged_from_disk_and_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
+        append(&s, 0..2, 0);
+        append(&s, 2..3, 30_000);
+        // At 61 s the first two are older than the 60 s limit; the third is not. Reads leave
+        // expired records out even before the purge runs.
         let b = s.read(0, 1, 100, 61_000);
         assert_eq!(b.gap, Some((1, 2)));
         assert_eq!(seqs(&b), [3]);
+        s.purge_expired_all(61_000);
+        assert_eq!(s.positions(0), (3, 3));
+        assert_eq!(s.outbox.read("s", 1, 10).unwrap().records.len(), 1);
+        s.purge_expired_all(91_000);
+        assert_eq!(s.outbox.record_bytes(), 0);
         let b = s.read(0, 1, 100, 91_000);
         assert_eq!(seqs(&b), Vec::<u64>::new());
+        assert_eq!(b.gap, Some((1, 3)));
         assert_eq!(b.next, 4);
     }
 
     #[test]
-    fn watchers_see_appends() {
-        let s = store(10);
-        let mut w = s.watch(0);
-        assert!(!w.has_changed().unwrap());
-        s.append(0, [rec(1)], 0);
-        assert!(w.has_changed().unwrap());
-        assert_eq!(*w.borrow_and_update(), 1);
+    fn a_full_outbox_drops_the_oldest_or_refuses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut one = Pending::default();
+        let probe = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
+        probe.stage(&mut one, 0, (10..20).map(rec), 0);
+        let batch = one.commit.record_bytes();
+        drop(probe);
+        let dir = tempfile::tempdir().unwrap();
+        // Room for three batches of ten records (event times from 10 s on all encode alike).
+        let s = open(dir.path(), &config(100, 3 * batch + 1, OnFull::DropOldest));
+        for i in 1..6 {
+            append(&s, i * 10..i * 10 + 10, i);
+        }
+        assert_eq!(s.positions(0), (21, 50));
+        let b = s.read(0, 1, 100, 10);
+        assert_eq!(b.gap, Some((1, 20)));
+        assert_eq!(b.records.len(), 30);
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &config(100, 3 * batch + 1, OnFull::StopAcking));
+        for i in 0..3 {
+            append(&s, 10 + i * 10..20 + i * 10, i);
+        }
+        let mut pending = Pending::default();
+        s.stage(&mut pending, 0, (40..50).map(rec), 3);
+        assert!(matches!(
+            s.commit(&mut pending, 3),
+            Err(CommitError::Full { .. })
+        ));
+        assert!(!pending.is_empty());
+        assert_eq!(s.positions(0), (1, 30));
+        // Retention frees room; the same pending commit then goes through with its sequences.
+        s.purge_expired_all(60_001);
+        s.commit(&mut pending, 60_001).unwrap();
+        let b = s.read(0, 1, 100, 60_001);
+        assert_eq!(b.gap, Some((1, 10)));
+        assert_eq!(seqs(&b), (11..=40).collect::<Vec<_>>());
     }
 }
