@@ -19,7 +19,8 @@
 //!   second, by [`Store::purge_expired_all`]) and never returned by a read, delivered or not;
 //! - size: the outbox holds at most `store.max_bytes` of records. Beyond that, `drop_oldest`
 //!   purges the oldest batches of any stream, and `stop_acking` refuses the commit
-//!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room.
+//!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room. The
+//!   only excess: one turn's records larger than the whole cap are written to an empty outbox.
 //!
 //! Each purge is logged as an audit event (target `hubgate::audit`: stream, reason, record count,
 //! sequence range and time range), never with record content.
@@ -237,7 +238,8 @@ impl Store {
             return Ok(());
         }
         let need = pending.commit.record_bytes();
-        while self.outbox.record_bytes() + need > self.max_bytes {
+        // A turn larger than the whole cap is written into an empty outbox rather than never.
+        while self.outbox.record_bytes() > 0 && self.outbox.record_bytes() + need > self.max_bytes {
             match self.on_full {
                 OnFull::StopAcking => {
                     return Err(CommitError::Full {

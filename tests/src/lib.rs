@@ -245,6 +245,24 @@ impl Gateway {
         metric_value(&self.metrics(), name, labels)
     }
 
+    /// Kills the gateway with SIGKILL (no chance to flush or close anything) and waits for it.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill the gateway");
+        self.child.wait().expect("wait for the gateway");
+    }
+
+    /// Resident memory of the gateway process, in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
+    }
+
     /// Stops the gateway with SIGTERM and waits for it.
     pub fn stop(mut self) -> std::process::ExitStatus {
         signal(&self.child, "TERM");

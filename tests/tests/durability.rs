@@ -1,0 +1,410 @@
+//! End to end: the durable outbox under process kills, retention and a full disk budget. Real
+//! mosquitto, the gateway as its own process (killed with SIGKILL), a real gRPC client.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
+use hubgate_tests::{
+    Gateway, Mosquitto, Publisher, config, fields, gateway_bin, subscribe_request, wait_for,
+};
+use tokio_stream::StreamExt;
+
+fn sequence_stream(retention: &str) -> String {
+    format!(
+        r#"
+[[stream]]
+name = "seq"
+topics = ["test/seq"]
+purpose = "Delivery guarantees under test"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "{retention}"
+
+[stream.fields]
+n = "keep"
+pad = "keep"
+"#
+    )
+}
+
+/// A configuration whose state lives in `data` (so it outlives each gateway process), with a
+/// `[store]` section of `store` lines.
+fn durable_config(port: u16, client_id: &str, data: &Path, store: &str, streams: &str) -> String {
+    config(port, client_id, streams).replace(
+        "[grpc]",
+        &format!("[store]\ndata_dir = {:?}\n{store}\n\n[grpc]", data),
+    )
+}
+
+/// What a subscriber reading one stream from the oldest record saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// How many times each published number arrived.
+    numbers: BTreeMap<u64, u32>,
+    sequences: Vec<u64>,
+    gaps: Vec<(u64, u64)>,
+}
+
+/// Reads `stream` from the oldest record until `done` holds for what was seen, or nothing new
+/// arrives for `quiet`.
+async fn replay(gw: &Gateway, stream: &str, quiet: Duration, done: impl Fn(&Seen) -> bool) -> Seen {
+    let mut client = gw.client().await;
+    let mut events = client
+        .subscribe(subscribe_request(
+            &[stream],
+            Position::Oldest(v1::Oldest {}),
+        ))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut seen = Seen::default();
+    while !done(&seen) {
+        let Ok(Some(message)) = tokio::time::timeout(quiet, events.next()).await else {
+            break;
+        };
+        match message.expect("no error").event {
+            Some(Event::Record(r)) => {
+                let n: u64 = fields(&r)["n"].parse().expect("n is a number");
+                *seen.numbers.entry(n).or_default() += 1;
+                seen.sequences.push(r.sequence);
+            }
+            Some(Event::Gap(g)) => seen.gaps.push((g.first_sequence, g.last_sequence)),
+            None => {}
+        }
+    }
+    seen
+}
+
+/// A small xorshift generator: the kill moments vary from run to run, and the seed is printed so
+/// a failing run can be replayed.
+struct Moments(u64);
+
+impl Moments {
+    fn between(&mut self, lo_ms: u64, hi_ms: u64) -> Duration {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        Duration::from_millis(lo_ms + self.0 % (hi_ms - lo_ms))
+    }
+}
+
+/// The crash test: a numbered sequence at QoS 1 while the gateway is killed with SIGKILL five
+/// times at random moments and restarted. Every number reaches the subscriber (duplicates are
+/// allowed and counted), sequence numbers are never reused and never skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_no_acknowledged_message() {
+    const N: u64 = 6000;
+    const KILLS: usize = 5;
+    let seed = std::env::var("HUBGATE_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("crash test seed {seed} (HUBGATE_CRASH_SEED={seed} replays it)");
+    let mut moments = Moments(seed);
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = durable_config(
+        broker.port,
+        "gw-crash",
+        data.path(),
+        "",
+        &sequence_stream("1d"),
+    );
+    let mut gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+
+    let mut publisher = Publisher::connect(broker.port, "pub-crash");
+    let publishing = tokio::spawn(async move {
+        for n in 1..=N {
+            publisher
+                .publish(
+                    "test/seq",
+                    format!("{{\"n\": {n}, \"pad\": \"{:0>64}\"}}", n),
+                )
+                .await;
+            if n % 25 == 0 {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }
+        publisher.wait_acked(N).await;
+    });
+    for _ in 0..KILLS {
+        tokio::time::sleep(moments.between(150, 900)).await;
+        gw.kill();
+        gw = Gateway::start(gateway_bin!(), &cfg);
+    }
+    publishing.await.expect("every message published");
+    gw.wait_ready();
+
+    let started = Instant::now();
+    let seen = replay(&gw, "seq", Duration::from_secs(20), |s| {
+        s.numbers.len() as u64 == N
+    })
+    .await;
+    let missing: Vec<u64> = (1..=N).filter(|n| !seen.numbers.contains_key(n)).collect();
+    if !missing.is_empty() {
+        eprintln!("{}", gw.log());
+    }
+    assert!(
+        missing.is_empty(),
+        "seed {seed}: lost {} of {N} numbers, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let duplicates: u32 = seen.numbers.values().map(|c| c - 1).sum();
+    // Sequences run 1, 2, 3, … with no hole and no repeat across the restarts.
+    assert!(seen.gaps.is_empty(), "gaps: {:?}", seen.gaps);
+    let expected: Vec<u64> = (1..=seen.sequences.len() as u64).collect();
+    assert!(
+        seen.sequences == expected,
+        "sequences are not 1..={}",
+        seen.sequences.len()
+    );
+    eprintln!(
+        "crash test: {N} messages, {KILLS} SIGKILLs, {duplicates} duplicates, replayed in {:?}",
+        started.elapsed()
+    );
+}
+
+const FOOTFALL_WINDOWED: &str = r#"
+[[stream]]
+name = "footfall"
+topics = ["city/footfall/+/probe"]
+purpose = "How busy public spaces are"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+time_field = "ts"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+
+[stream.aggregate]
+window = "10s"
+allowed_lateness = "1s"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 5
+
+[stream.aggregate.measures]
+readings = "count"
+devices = "contributors"
+"#;
+
+/// Readings absorbed into an open window survive a SIGKILL: the restarted gateway resumes the
+/// window from its checkpoint and releases the group, though the broker sends nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_windows_survive_a_sigkill() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = durable_config(broker.port, "gw-window", data.path(), "", FOOTFALL_WINDOWED);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // Start early in a 10 s window, so that it is still open when the gateway is killed.
+    while now() % 10_000 > 2_000 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-window");
+    let ts = now() / 1000;
+    for d in 0..6u8 {
+        let payload = format!(
+            "{{\"counter_id\": \"pc-01\", \"ts\": {ts}, \"mac\": \"3c:22:fb:00:00:{d:02x}\"}}"
+        );
+        publisher
+            .publish("city/footfall/pc-01/probe", payload)
+            .await;
+    }
+    publisher.wait_acked(6).await;
+    let counted = [("stream", "footfall"), ("outcome", "counted")];
+    wait_for("six readings counted", Duration::from_secs(10), || {
+        gw.metric("hubgate_aggregate_readings_total", &counted) == 6.0
+    });
+    // Counted, committed and acknowledged: the broker holds nothing more for the gateway.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        now() / 10_000 == ts / 10,
+        "the window closed before the kill"
+    );
+    gw.kill();
+
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let released = [("stream", "footfall"), ("outcome", "released")];
+    wait_for(
+        "the resumed window released",
+        Duration::from_secs(20),
+        || gw.metric("hubgate_aggregate_groups_total", &released) == 1.0,
+    );
+    assert_eq!(
+        gw.metric("hubgate_aggregate_readings_total", &counted),
+        0.0,
+        "the broker sent readings again: the test proves nothing"
+    );
+    assert!(
+        gw.log()
+            .contains("resumed open windows from the checkpoint")
+    );
+    let mut client = gw.client().await;
+    let mut events = client
+        .subscribe(subscribe_request(
+            &["footfall"],
+            Position::Oldest(v1::Oldest {}),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let message = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("a record")
+        .unwrap()
+        .unwrap();
+    let Some(Event::Record(record)) = message.event else {
+        panic!("expected a record, got {message:?}");
+    };
+    let f = fields(&record);
+    assert_eq!((f["readings"].as_str(), f["devices"].as_str()), ("6", "6"));
+}
+
+/// Records older than the retention limit are purged from disk and replay, with metrics and an
+/// audit event; nothing is returned from before the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_records_from_disk_and_replay() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = durable_config(
+        broker.port,
+        "gw-retention",
+        data.path(),
+        "",
+        &sequence_stream("2s"),
+    );
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-retention");
+    for n in 1..=100 {
+        publisher
+            .publish("test/seq", format!("{{\"n\": {n}}}"))
+            .await;
+    }
+    publisher.wait_acked(100).await;
+    let kept = [("stream", "seq")];
+    wait_for("100 records kept", Duration::from_secs(10), || {
+        gw.metric("hubgate_records_kept_total", &kept) == 100.0
+    });
+    assert!(gw.metric("hubgate_outbox_bytes", &[]) > 0.0);
+    let purged = [("stream", "seq"), ("reason", "retention")];
+    wait_for("the records purged", Duration::from_secs(10), || {
+        gw.metric("hubgate_store_records_purged_total", &purged) == 100.0
+    });
+    assert_eq!(gw.metric("hubgate_outbox_bytes", &[]), 0.0);
+    let seen = replay(&gw, "seq", Duration::from_secs(1), |s| !s.gaps.is_empty()).await;
+    assert_eq!(seen.gaps, [(1, 100)]);
+    assert!(seen.numbers.is_empty());
+    let log = gw.log();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hubgate::audit") && l.contains("records purged"))
+        .collect();
+    assert!(!audit.is_empty(), "no audit event in:\n{log}");
+    assert!(
+        audit
+            .iter()
+            .all(|l| l.contains("retention") && l.contains("stream=seq"))
+    );
+    // After a restart too: the outbox on disk no longer holds them.
+    gw.stop();
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    let seen = replay(&gw, "seq", Duration::from_secs(1), |s| !s.gaps.is_empty()).await;
+    assert_eq!(seen.gaps, [(1, 100)]);
+    assert!(seen.numbers.is_empty());
+}
+
+/// With a tiny size cap and no consumer: `drop_oldest` keeps the newest records within the cap;
+/// `stop_acking` takes nothing more until retention frees room, and then loses nothing. Memory stays
+/// flat either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_applies_its_policy_with_flat_memory() {
+    const N: u64 = 6000;
+    const CAP: f64 = 256.0 * 1024.0;
+    let broker = Mosquitto::start();
+    for (policy, retention) in [("drop_oldest", "1d"), ("stop_acking", "2s")] {
+        let data = tempfile::tempdir().unwrap();
+        let cfg = durable_config(
+            broker.port,
+            &format!("gw-full-{policy}"),
+            data.path(),
+            &format!(
+                "max_bytes = \"256KiB\"\non_full = \"{policy}\"\nmemory_records_per_stream = 64"
+            ),
+            &sequence_stream(retention),
+        );
+        let gw = Gateway::start(gateway_bin!(), &cfg);
+        gw.wait_ready();
+        let rss_start = gw.rss_kib();
+        let mut publisher = Publisher::connect(broker.port, &format!("pub-full-{policy}"));
+        for n in 1..=N {
+            publisher
+                .publish(
+                    "test/seq",
+                    format!("{{\"n\": {n}, \"pad\": \"{:0>64}\"}}", n),
+                )
+                .await;
+        }
+        publisher.wait_acked(N).await;
+        let kept = [("stream", "seq")];
+        let mut rss_peak = 0;
+        wait_for("every message kept", Duration::from_secs(60), || {
+            rss_peak = rss_peak.max(gw.rss_kib());
+            assert!(gw.metric("hubgate_outbox_bytes", &[]) <= CAP);
+            gw.metric("hubgate_records_kept_total", &kept) == N as f64
+        });
+        let purged = |reason| {
+            gw.metric(
+                "hubgate_store_records_purged_total",
+                &[("stream", "seq"), ("reason", reason)],
+            )
+        };
+        match policy {
+            "drop_oldest" => {
+                assert!(purged("capacity") > 0.0);
+                let seen = replay(&gw, "seq", Duration::from_secs(2), |s| {
+                    s.numbers.contains_key(&N)
+                })
+                .await;
+                // A gap for what was dropped, then the newest records up to the last.
+                assert_eq!(seen.gaps.len(), 1, "{:?}", seen.gaps);
+                let (_, last_dropped) = seen.gaps[0];
+                assert_eq!(seen.sequences.first(), Some(&(last_dropped + 1)));
+                assert_eq!(seen.sequences.last(), Some(&N));
+            }
+            _ => {
+                let full = [("reason", "full")];
+                assert!(gw.metric("hubgate_outbox_commit_failures_total", &full) > 0.0);
+                assert_eq!(purged("capacity"), 0.0);
+            }
+        }
+        eprintln!(
+            "full outbox, {policy}: RSS {} KiB at start, peak {} KiB",
+            rss_start, rss_peak
+        );
+        assert!(
+            rss_peak < rss_start + 16 * 1024,
+            "{policy}: memory grew from {rss_start} KiB to {rss_peak} KiB"
+        );
+    }
+}
