@@ -19,6 +19,8 @@ struct StreamKey {
     name: String,
     epoch_ms: i64,
     current: Option<(i64, Key)>,
+    /// Keys made so far for this stream.
+    generation: u64,
 }
 
 /// The current key of every stream that pseudonymises.
@@ -39,6 +41,7 @@ impl KeyManager {
                         .unwrap_or(i64::MAX)
                         .max(1),
                     current: None,
+                    generation: 0,
                 })
             })
             .collect();
@@ -66,6 +69,7 @@ impl KeyManager {
                         .increment(1);
                     tracing::info!(stream = %stream.name, epoch, "new pseudonymisation key");
                     stream.current = Some((epoch, key));
+                    stream.generation += 1;
                 }
                 None => {
                     tracing::error!(stream = %stream.name, "no random source for a pseudonymisation key; values to pseudonymise are dropped");
@@ -74,6 +78,15 @@ impl KeyManager {
             }
         }
         stream.current.as_ref().map(|(_, k)| k)
+    }
+
+    /// How many keys stream `index` has had in this process: it changes exactly when the
+    /// stream's pseudonyms do. 0 for streams that do not pseudonymise.
+    pub fn generation(&self, index: usize) -> u64 {
+        self.streams
+            .get(index)
+            .and_then(Option::as_ref)
+            .map_or(0, |s| s.generation)
     }
 }
 
@@ -111,7 +124,9 @@ mod tests {
             p1, p1_again,
             "the same epoch links a device to one pseudonym"
         );
+        assert_eq!(keys.generation(0), 1);
         let p2 = pseudonymise(keys.key(0, hour).unwrap(), "3c:22:fb:12:34:56");
+        assert_eq!((keys.generation(0), keys.generation(1)), (2, 0));
         assert_ne!(p1, p2, "a new epoch gives an unrelated pseudonym");
         // A second manager (a restart) never reuses a key, even within the same epoch.
         let mut restarted = KeyManager::new(&policy());

@@ -195,6 +195,8 @@ struct Windows {
     dirty: bool,
     /// Identifies the aggregation spec the state was built under.
     spec: u32,
+    /// The stream's key generation ([`KeyManager::generation`]) the windows last absorbed under.
+    key_generation: Option<u64>,
 }
 
 /// A window checkpoint as stored in the outbox.
@@ -227,6 +229,11 @@ fn resume_windows(
         if saved.spec == fingerprint {
             tracing::info!(stream = %stream.name, windows = saved.state.open_windows(), "resumed open windows from the checkpoint");
             state = saved.state;
+            if stream.needs_key() {
+                // This process pseudonymises with keys of its own: the same devices get new
+                // pseudonyms, which must not count as new contributors.
+                state.rekey(now_ms());
+            }
         } else {
             tracing::warn!(stream = %stream.name, windows = saved.state.open_windows(), "the aggregation changed since the checkpoint: its open windows are discarded");
         }
@@ -238,6 +245,7 @@ fn resume_windows(
         counters,
         dirty: false,
         spec: fingerprint,
+        key_generation: None,
     })
 }
 
@@ -582,6 +590,11 @@ impl Pipeline {
                     if let (Some(spec), Some(windows)) =
                         (&stream.aggregate, self.windows[index].as_mut())
                     {
+                        let generation = self.keys.generation(index);
+                        if windows.key_generation.is_some_and(|g| g != generation) {
+                            windows.state.rekey(now_ms);
+                        }
+                        windows.key_generation = Some(generation);
                         let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
                         windows.dirty = true;
                         tally.absorbed[absorbed_index(absorbed)] += 1;

@@ -21,6 +21,15 @@
 //! The state ([`WindowState`]) is plain data (serde), so the gateway can checkpoint it and a
 //! restart can resume the open windows. Contributors and distinct values are held as 64-bit
 //! digests, never as the values themselves.
+//!
+//! Contributors are usually pseudonyms, and a pseudonym changes when its key does (a new key
+//! epoch, or a restart). The caller says so with [`WindowState::rekey`]: contributors are then
+//! counted per key generation, and a group's contributor count is the largest count within one
+//! generation, a lower bound of the true number that never exceeds it (the same device under two
+//! keys is never counted twice). Under noise, a device may give `max_contributions` readings in
+//! each generation, so the sensitivity of a window is multiplied by the number of key generations
+//! that overlap the time readings for it can arrive, a figure that depends on the rekey times
+//! only, never on the data.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -82,16 +91,41 @@ struct Acc {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Group {
     readings: u64,
-    contributors: BTreeSet<u64>,
+    /// Contributor digests by key generation.
+    contributors: BTreeSet<(u32, u64)>,
     measures: Vec<Acc>,
+}
+
+impl Group {
+    /// Distinct contributors in the key generation that has most: a lower bound of the true
+    /// number of distinct contributors.
+    fn contributors(&self) -> u64 {
+        let mut best = 0;
+        let mut run = (u32::MAX, 0u64);
+        for (generation, _) in &self.contributors {
+            if *generation == run.0 {
+                run.1 += 1;
+            } else {
+                run = (*generation, 1);
+            }
+            best = best.max(run.1);
+        }
+        best
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Window {
     /// Groups by key, as pairs so that the state serialises to any format.
     groups: Vec<(Vec<KeyValue>, Group)>,
-    /// Readings counted per contributor digest (kept only when contributions are bounded).
+    /// Readings counted per contributor digest and key generation (see [`generation_digest`]),
+    /// kept only when contributions are bounded.
     contributions: BTreeMap<u64, u32>,
+}
+
+/// A contributor digest made distinct per key generation, for the contributions map.
+fn generation_digest(generation: u32, contributor: u64) -> u64 {
+    contributor ^ u64::from(generation).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// What a release produced.
@@ -121,6 +155,12 @@ pub struct WindowState {
     closed_before_ms: i64,
     /// Groups, contributors and distinct values held, bounded by `max_state_entries`.
     entries: u64,
+    /// The current key generation: contributors of different generations are never matched.
+    #[serde(default)]
+    generation: u32,
+    /// When the key generation changed (gateway clock, ms), while it can still matter to a window.
+    #[serde(default)]
+    rekeys_ms: Vec<i64>,
 }
 
 fn digest(value: &Value) -> u64 {
@@ -173,18 +213,39 @@ impl WindowState {
         self.entries
     }
 
-    /// The open groups as (window start, group key values, distinct contributors), for tools that
-    /// explain a policy.
+    /// The open groups as (window start, group key values, distinct contributors as counted for
+    /// the minimum group size), for tools that explain a policy.
     pub fn groups(&self) -> impl Iterator<Item = (i64, Vec<Value>, usize)> + '_ {
         self.windows.iter().flat_map(|(start, w)| {
             w.groups.iter().map(move |(key, g)| {
                 (
                     *start,
                     key.iter().cloned().map(Value::from).collect(),
-                    g.contributors.len(),
+                    usize::try_from(g.contributors()).unwrap_or(usize::MAX),
                 )
             })
         })
+    }
+
+    /// Starts a new key generation at `now_ms`: from now on the contributor field holds different
+    /// pseudonyms for the same devices (a new key epoch, or a restart with a fresh key).
+    pub fn rekey(&mut self, now_ms: i64) {
+        self.generation = self.generation.wrapping_add(1);
+        self.rekeys_ms.push(now_ms);
+    }
+
+    /// Key generations that overlap the arrival time of readings for the window starting at
+    /// `start`: from a window before its start (earlier readings are refused as early) to its end
+    /// plus the allowed lateness.
+    fn generations(&self, spec: &Aggregation, start: i64) -> u64 {
+        let (window_ms, lateness_ms) = (spec.window_ms(), spec.lateness_ms());
+        let from = start.saturating_sub(window_ms);
+        let to = start.saturating_add(window_ms).saturating_add(lateness_ms);
+        1 + self
+            .rekeys_ms
+            .iter()
+            .filter(|t| (from..=to).contains(*t))
+            .count() as u64
     }
 
     /// Adds a filtered record to its window. `now_ms` is the gateway's clock.
@@ -214,9 +275,13 @@ impl WindowState {
         if self.entries >= spec.max_state_entries {
             return Absorbed::Full;
         }
+        let generation = self.generation;
         let window = self.windows.entry(start).or_default();
         if let Some(noise) = &spec.noise {
-            let given = window.contributions.entry(contributor).or_insert(0);
+            let given = window
+                .contributions
+                .entry(generation_digest(generation, contributor))
+                .or_insert(0);
             if *given >= noise.max_contributions {
                 return Absorbed::Bounded;
             }
@@ -238,7 +303,7 @@ impl WindowState {
             }
         };
         group.readings += 1;
-        if group.contributors.insert(contributor) {
+        if group.contributors.insert((generation, contributor)) {
             self.entries += 1;
         }
         for (measure, acc) in spec.measures.iter().zip(&mut group.measures) {
@@ -302,7 +367,7 @@ impl WindowState {
             let (released, suppressed): (Vec<_>, Vec<_>) = window
                 .groups
                 .into_iter()
-                .partition(|(_, g)| g.contributors.len() as u64 >= k);
+                .partition(|(_, g)| g.contributors() >= k);
             out.groups_suppressed += suppressed.len() as u32;
             if released.is_empty() {
                 continue;
@@ -324,14 +389,24 @@ impl WindowState {
                 }
                 rng = Some(&mut **source);
             }
+            let generations = self.generations(spec, start);
             for (key, group) in released {
-                out.records
-                    .push(group_record(spec, start, key, &group, rng.as_deref_mut()));
+                out.records.push(group_record(
+                    spec,
+                    start,
+                    key,
+                    &group,
+                    generations,
+                    rng.as_deref_mut(),
+                ));
             }
         }
         // Nothing can arrive any more for windows that ended before now minus the lateness.
         let horizon = now_ms.saturating_sub(lateness_ms);
         self.closed_before_ms = self.closed_before_ms.max(spec.window_start(horizon));
+        // Rekeys before the arrival range of every window still to come no longer matter.
+        let oldest_relevant = self.closed_before_ms.saturating_sub(window_ms);
+        self.rekeys_ms.retain(|t| *t >= oldest_relevant);
         out
     }
 }
@@ -351,12 +426,14 @@ fn window_entries(window: &Window) -> u64 {
     groups + window.contributions.len() as u64
 }
 
-/// The record for one released group, noised when `rng` is given.
+/// The record for one released group, noised when `rng` is given. Each contributor may have given
+/// `max_contributions` readings in each of `generations` key generations.
 fn group_record<R: RandomSource + ?Sized>(
     spec: &Aggregation,
     start: i64,
     key: Vec<KeyValue>,
     group: &Group,
+    generations: u64,
     mut rng: Option<&mut R>,
 ) -> Record {
     let mut fields: Vec<(String, Value)> = spec
@@ -372,7 +449,7 @@ fn group_record<R: RandomSource + ?Sized>(
             .iter()
             .filter_map(|m| m.func.noisy_quantities())
             .sum();
-        let m = u64::from(n.max_contributions);
+        let m = u64::from(n.max_contributions) * generations;
         ((n.epsilon_micro / u64::from(quantities.max(1))).max(1), m)
     });
     let mut noisy = |exact: u64, sensitivity: u64| -> i64 {
@@ -390,7 +467,7 @@ fn group_record<R: RandomSource + ?Sized>(
             .map_or(1, |(lo, hi)| lo.abs().max(hi.abs()).ceil() as u64);
         let value = match measure.func {
             MeasureFn::Count => Value::Int(noisy(group.readings, 1).max(0)),
-            MeasureFn::Contributors => Value::Int(noisy(group.contributors.len() as u64, 1).max(0)),
+            MeasureFn::Contributors => Value::Int(noisy(group.contributors(), 1).max(0)),
             MeasureFn::Distinct => Value::Int(noisy(acc.distinct.len() as u64, 1).max(0)),
             MeasureFn::Sum if share.is_some() => {
                 // The exact sum of rounded, clamped values is an integer.

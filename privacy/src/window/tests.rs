@@ -340,6 +340,72 @@ fn contributions_are_bounded_under_noise() {
 }
 
 #[test]
+fn a_device_under_two_keys_is_not_counted_twice() {
+    let p = policy(PLAIN);
+    let spec = agg(&p);
+    let mut state = WindowState::default();
+    // Two devices, then a new key (a restart): the same two devices under new pseudonyms.
+    for d in ["a", "b"] {
+        state.absorb(spec, &reading(T0, "c-1", &format!("m-{d}@0"), -50, "n"), T0);
+    }
+    state.rekey(T0 + 1);
+    for d in ["a", "b"] {
+        state.absorb(
+            spec,
+            &reading(T0, "c-1", &format!("m-{d}@1"), -50, "n"),
+            T0 + 1,
+        );
+    }
+    assert_eq!(state.groups().next().map(|g| g.2), Some(2));
+    // k = 3: two devices are not enough, however many pseudonyms they had.
+    let release = state.release(spec, T0 + 2 * MIN, None);
+    assert_eq!((release.records.len(), release.groups_suppressed), (0, 1));
+    // A checkpoint keeps the generation: resumed state does not match new pseudonyms to old ones.
+    let mut state = WindowState::default();
+    state.rekey(T0);
+    state.absorb(spec, &reading(T0, "c-1", "m-a", -50, "n"), T0);
+    let resumed: WindowState =
+        serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    assert_eq!(resumed, state);
+}
+
+#[test]
+fn noise_sensitivity_counts_the_key_generations_a_window_can_see() {
+    let p = policy(NOISY);
+    let spec = agg(&p);
+    let mut state = WindowState::default();
+    assert_eq!(state.generations(spec, T0), 1);
+    // Readings for the window [T0, T0 + 1m) arrive from T0 - 1m (early) to T0 + 1m (no lateness).
+    state.rekey(T0 - 2 * MIN);
+    assert_eq!(state.generations(spec, T0), 1);
+    state.rekey(T0 + 30_000);
+    assert_eq!(state.generations(spec, T0), 2);
+    assert_eq!(state.generations(spec, T0 + 5 * MIN), 1);
+    // Under max_contributions = 2, a device gives two readings per generation.
+    let r = |mac: &str| reading(T0, "c-1", mac, -50, "n");
+    assert_eq!(
+        state.absorb(spec, &r("m-a@1"), T0 + 30_000),
+        Absorbed::Counted
+    );
+    state.rekey(T0 + 40_000);
+    assert_eq!(
+        state.absorb(spec, &r("m-a@1"), T0 + 40_000),
+        Absorbed::Counted
+    );
+    assert_eq!(
+        state.absorb(spec, &r("m-a@1"), T0 + 40_000),
+        Absorbed::Counted
+    );
+    assert_eq!(
+        state.absorb(spec, &r("m-a@1"), T0 + 40_000),
+        Absorbed::Bounded
+    );
+    // Old rekeys are forgotten once no window can see them.
+    state.release(spec, T0 + 10 * MIN, None);
+    assert!(state.rekeys_ms.is_empty());
+}
+
+#[test]
 fn noisy_counts_scatter_around_the_true_count() {
     let p = policy(&NOISY.replace("daily_budget = 2.0", "daily_budget = 100000.0"));
     let spec = agg(&p);
@@ -374,14 +440,15 @@ fn arb_reading() -> impl Strategy<Value = (i64, u8, u8, i64)> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
-    /// Whatever the input and however often the windows are released, no group with fewer than
-    /// k distinct contributors leaves, with or without noise.
+    /// Whatever the input, however often the windows are released and the pseudonymisation key
+    /// changes, no group with fewer than k distinct contributors leaves, with or without noise.
     #[test]
     fn no_released_group_has_fewer_than_k_contributors(
         input in prop::collection::vec(arb_reading(), 0..300),
         k in 1u32..8,
         noisy in any::<bool>(),
         releases in prop::collection::vec(0..6 * MIN, 1..6),
+        rekeys in prop::collection::vec(0..6 * MIN, 0..4),
     ) {
         let base = if noisy {
             NOISY.replace("daily_budget = 2.0", "daily_budget = 1000.0")
@@ -399,14 +466,24 @@ proptest! {
         releases.sort_unstable();
         let mut released = Vec::new();
         let mut next = releases.into_iter().peekable();
+        let mut rekeys = rekeys;
+        rekeys.sort_unstable();
+        let mut next_rekey = rekeys.into_iter().peekable();
+        // Each rekey gives every device a new pseudonym.
+        let mut generation = 0;
         for (i, (offset, counter, contributor, rssi)) in input.iter().enumerate() {
             let now = T0 + i as i64 * (6 * MIN) / 300;
             while let Some(at) = next.peek().copied().filter(|at| T0 + at <= now) {
                 next.next();
                 released.extend(state.release(spec, T0 + at, Some((&mut budget, &mut rng))).records);
             }
+            while next_rekey.next_if(|at| T0 + at <= now).is_some() {
+                state.rekey(now);
+                generation += 1;
+            }
             let t = T0 + offset;
-            let r = reading(t, &format!("c-{counter}"), &format!("m-{contributor}"), *rssi, "z");
+            let pseudonym = format!("m-{contributor}@{generation}");
+            let r = reading(t, &format!("c-{counter}"), &pseudonym, *rssi, "z");
             if state.absorb(spec, &r, now) == Absorbed::Counted {
                 truth
                     .entry((t - t.rem_euclid(MIN), format!("c-{counter}")))
