@@ -125,6 +125,17 @@ pub struct StoreConfig {
     pub on_full: OnFull,
     /// Newest records held in memory per stream, so live subscribers never read the disk.
     pub memory_records_per_stream: usize,
+    /// The outbox's storage engine: `redb` (`<data_dir>/outbox.redb`, in builds with the `redb`
+    /// feature, the default) or `sled` (`<data_dir>/outbox/`).
+    pub engine: Engine,
+}
+
+/// The outbox's storage engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    Sled,
+    Redb,
 }
 
 /// What happens when the outbox is full.
@@ -142,6 +153,11 @@ impl Default for StoreConfig {
             max_bytes: 1 << 30,
             on_full: OnFull::DropOldest,
             memory_records_per_stream: 4096,
+            engine: if cfg!(feature = "redb") {
+                Engine::Redb
+            } else {
+                Engine::Sled
+            },
         }
     }
 }
@@ -255,7 +271,13 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         );
     }
     if store.max_bytes < 1 << 16 {
-        diags.error(store_span, "store.max_bytes must be at least 64KiB");
+        diags.error(store_span.clone(), "store.max_bytes must be at least 64KiB");
+    }
+    if store.engine == Engine::Redb && !cfg!(feature = "redb") {
+        diags.error(
+            store_span,
+            "store.engine = \"redb\" needs a build with the redb feature (cargo build --features redb)",
+        );
     }
     if raw_streams.is_none() {
         diags.error(

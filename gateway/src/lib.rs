@@ -97,11 +97,14 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             config.store.data_dir.display()
         )
     })?;
-    let outbox_dir = config.store.data_dir.join("outbox");
-    let outbox = outbox::SledOutbox::open(&outbox_dir)
-        .with_context(|| format!("cannot open the outbox in {}", outbox_dir.display()))?;
+    let outbox = outbox::open(config.store.engine, &config.store.data_dir).with_context(|| {
+        format!(
+            "cannot open the outbox in {}",
+            config.store.data_dir.display()
+        )
+    })?;
     let store = Arc::new(Store::open(
-        Arc::new(outbox),
+        outbox,
         policy
             .streams()
             .iter()

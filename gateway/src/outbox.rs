@@ -1,15 +1,19 @@
 //! The durable outbox: per-stream ordered logs of filtered records, on disk.
 //!
 //! Only filtered records (encoded `hubgate.v1.Record` messages) and window checkpoints ever enter
-//! it, never a raw payload. The store behind it is swappable through the narrow [`Outbox`] trait;
-//! [`SledOutbox`] implements it on sled.
+//! it, never a raw payload. The store behind it is swappable through the narrow [`Outbox`] trait,
+//! implemented on redb ([`RedbOutbox`], the default engine) and on sled ([`SledOutbox`]); both pass
+//! the same model tests and the end-to-end SIGKILL crash test. redb is the default because sled
+//! does not give back the space of purged records: held at 200,000 live records of 200 B with the
+//! oldest purged as new ones come (`cargo bench -p hubgate --bench outbox`), sled's files grew to
+//! 79x the live data while redb's stayed at 1.9x, and redb's durable appends were twice as fast.
 //!
 //! Writes go through [`Outbox::commit`]: every record batch, sequence mark and checkpoint of one
 //! pipeline turn is applied atomically and made durable (fsync) before it returns, so after a crash
 //! the outbox holds either all of a turn or none of it. The pipeline acknowledges MQTT messages
 //! only after that.
 //!
-//! Layout (sled, one tree, keys sorted bytewise):
+//! Layout (one sled tree or redb table, keys sorted bytewise):
 //!
 //! ```text
 //! 'r' stream 0x00 first-sequence (u64 BE)  → a batch of records
@@ -32,6 +36,11 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(feature = "redb")]
+mod on_redb;
+#[cfg(feature = "redb")]
+pub use on_redb::RedbOutbox;
+
 /// Format version of a batch value.
 const BATCH_VERSION: u8 = 1;
 /// Bytes before the body: version, CRC, count, kept time.
@@ -41,6 +50,12 @@ const HEADER: usize = 17;
 pub enum OutboxError {
     #[error("outbox storage: {0}")]
     Sled(#[from] sled::Error),
+    #[cfg(feature = "redb")]
+    #[error("outbox storage: {0}")]
+    Redb(Box<redb::Error>),
+    #[cfg(not(feature = "redb"))]
+    #[error("this build has no {0} engine")]
+    NotBuilt(&'static str),
     #[error("a batch of {0} records is larger than the outbox can hold in one value")]
     TooLarge(usize),
 }
@@ -257,6 +272,95 @@ fn decode(value: &[u8]) -> Option<(i64, Vec<Vec<u8>>)> {
     body.is_empty().then_some((kept_ms, out))
 }
 
+/// Opens the outbox of `engine` in `data_dir`.
+pub fn open(
+    engine: crate::config::Engine,
+    data_dir: &Path,
+) -> Result<std::sync::Arc<dyn Outbox>, OutboxError> {
+    match engine {
+        crate::config::Engine::Sled => Ok(std::sync::Arc::new(SledOutbox::open(
+            &data_dir.join("outbox"),
+        )?)),
+        #[cfg(feature = "redb")]
+        crate::config::Engine::Redb => Ok(std::sync::Arc::new(RedbOutbox::open(
+            &data_dir.join("outbox.redb"),
+        )?)),
+        #[cfg(not(feature = "redb"))]
+        crate::config::Engine::Redb => Err(OutboxError::NotBuilt("redb")),
+    }
+}
+
+/// One stored batch as a backend yields it: its first sequence and its value.
+type Entry<V> = Result<(u64, V), OutboxError>;
+
+/// Up to `max` consecutive records from `from` on, out of a stream's batches in order, starting
+/// with the one that holds `from` (see [`ReadBatch`]).
+fn read_batches<V: AsRef<[u8]>>(
+    batches: impl Iterator<Item = Entry<V>>,
+    from: u64,
+    max: usize,
+    next_sequence: &dyn Fn() -> Result<u64, OutboxError>,
+) -> Result<ReadBatch, OutboxError> {
+    let mut out = ReadBatch::default();
+    let mut batches = batches.peekable();
+    while let Some(item) = batches.next() {
+        let (first, value) = item?;
+        if let Some((kept_ms, records)) = decode(value.as_ref()) {
+            for (i, bytes) in records.into_iter().enumerate() {
+                let sequence = first + i as u64;
+                if sequence >= from {
+                    out.records.push(StoredRecord {
+                        sequence,
+                        kept_ms,
+                        bytes,
+                    });
+                    if out.records.len() >= max {
+                        return Ok(out);
+                    }
+                }
+            }
+            continue;
+        }
+        if !out.records.is_empty() {
+            break;
+        }
+        let next_first = match batches.peek() {
+            Some(Ok((next, _))) => *next,
+            _ => next_sequence()?,
+        };
+        let last = next_first.saturating_sub(1).max(first);
+        if last >= from {
+            out.damaged.push((first.max(from), last));
+        }
+    }
+    Ok(out)
+}
+
+/// The batches to remove from the front of a stream while `purge` says so, and what they held.
+fn purge_batches<V: AsRef<[u8]>>(
+    batches: impl Iterator<Item = Entry<V>>,
+    purge: &mut dyn FnMut(&BatchInfo) -> bool,
+    next_sequence: &dyn Fn() -> u64,
+) -> Result<(Purged, Vec<u64>), OutboxError> {
+    let mut purged = Purged::default();
+    let mut firsts = Vec::new();
+    let mut batches = batches.peekable();
+    while let Some(item) = batches.next() {
+        let (first, value) = item?;
+        let next_first = || match batches.peek() {
+            Some(Ok((next, _))) => *next,
+            _ => next_sequence(),
+        };
+        let batch = info(first, value.as_ref(), next_first);
+        if !purge(&batch) {
+            break;
+        }
+        purged.add(&batch);
+        firsts.push(first);
+    }
+    Ok((purged, firsts))
+}
+
 /// The outbox on sled.
 #[derive(Debug)]
 pub struct SledOutbox {
@@ -300,11 +404,6 @@ impl SledOutbox {
         })
     }
 
-    /// Bytes the outbox occupies on disk (sled's own figure, which lags deletions).
-    pub fn size_on_disk(&self) -> Result<u64, OutboxError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
     /// The batches of `stream` from the one holding sequence `from` on.
     fn batches_from(&self, stream: &str, from: u64) -> Result<sled::Iter, OutboxError> {
         let start = self
@@ -316,6 +415,19 @@ impl SledOutbox {
         Ok(self
             .tree
             .range(record_key(stream, start)..=record_key(stream, u64::MAX)))
+    }
+
+    /// Scans the batches of `stream` from the oldest while `purge` says so.
+    fn purge_scan(
+        &self,
+        stream: &str,
+        purge: &mut dyn FnMut(&BatchInfo) -> bool,
+    ) -> Result<(Purged, Vec<u64>), OutboxError> {
+        let batches = self
+            .tree
+            .range(record_key(stream, 0)..=record_key(stream, u64::MAX))
+            .map(|item| Ok(item.map(|(k, v)| (seq_of(&k), v))?));
+        purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
     }
 
     /// Overwrites a stored batch value (tests of damage detection).
@@ -346,55 +458,19 @@ impl Outbox for SledOutbox {
     }
 
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError> {
-        let mut out = ReadBatch::default();
-        let mut batches = self.batches_from(stream, from)?.peekable();
-        while let Some(item) = batches.next() {
-            let (k, v) = item?;
-            let first = seq_of(&k);
-            if let Some((kept_ms, records)) = decode(&v) {
-                for (i, bytes) in records.into_iter().enumerate() {
-                    let sequence = first + i as u64;
-                    if sequence >= from {
-                        out.records.push(StoredRecord {
-                            sequence,
-                            kept_ms,
-                            bytes,
-                        });
-                        if out.records.len() >= max {
-                            return Ok(out);
-                        }
-                    }
-                }
-                continue;
-            }
-            if !out.records.is_empty() {
-                break;
-            }
-            let next_first = match batches.peek() {
-                Some(Ok((k, _))) => seq_of(k),
-                _ => self.next_sequence(stream)?,
-            };
-            let last = next_first.saturating_sub(1).max(first);
-            if last >= from {
-                out.damaged.push((first.max(from), last));
-            }
-        }
-        Ok(out)
+        let batches = self
+            .batches_from(stream, from)?
+            .map(|item| Ok(item.map(|(k, v)| (seq_of(&k), v))?));
+        read_batches(batches, from, max, &|| self.next_sequence(stream))
     }
 
     fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
-        let mut batches = self
-            .tree
-            .range(record_key(stream, 0)..=record_key(stream, u64::MAX));
-        let Some((k, v)) = batches.next().transpose()? else {
-            return Ok(None);
-        };
-        let next = batches.next().transpose()?;
-        let next_first = || match &next {
-            Some((k, _)) => seq_of(k),
-            None => self.next_sequence(stream).unwrap_or(0),
-        };
-        Ok(Some(info(seq_of(&k), &v, next_first)))
+        let mut found = None;
+        self.purge_scan(stream, &mut |b| {
+            found = Some(*b);
+            false
+        })?;
+        Ok(found)
     }
 
     fn purge_while(
@@ -402,26 +478,12 @@ impl Outbox for SledOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
-        let mut purged = Purged::default();
-        let mut removals = sled::Batch::default();
-        let mut batches = self
-            .tree
-            .range(record_key(stream, 0)..=record_key(stream, u64::MAX))
-            .peekable();
-        while let Some(item) = batches.next() {
-            let (k, v) = item?;
-            let next_first = || match batches.peek() {
-                Some(Ok((k, _))) => seq_of(k),
-                _ => self.next_sequence(stream).unwrap_or(0),
-            };
-            let batch = info(seq_of(&k), &v, next_first);
-            if !purge(&batch) {
-                break;
+        let (purged, firsts) = self.purge_scan(stream, purge)?;
+        if !firsts.is_empty() {
+            let mut removals = sled::Batch::default();
+            for first in firsts {
+                removals.remove(record_key(stream, first));
             }
-            purged.add(&batch);
-            removals.remove(k);
-        }
-        if purged.records > 0 || purged.bytes > 0 {
             self.tree.apply_batch(removals)?;
             self.db.flush()?;
             self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
@@ -454,6 +516,51 @@ mod tests {
 
     use super::*;
 
+    /// What the tests need from each backend beyond the trait.
+    trait Backend: Outbox + Sized {
+        fn open_in(dir: &Path) -> Self;
+        /// Overwrites a stored batch value (tests of damage detection).
+        fn raw(&self, stream: &str, first: u64, value: &[u8]);
+    }
+
+    impl Backend for SledOutbox {
+        fn open_in(dir: &Path) -> Self {
+            SledOutbox::open(dir).unwrap()
+        }
+        fn raw(&self, stream: &str, first: u64, value: &[u8]) {
+            self.raw_insert(stream, first, value);
+        }
+    }
+
+    #[cfg(feature = "redb")]
+    impl Backend for RedbOutbox {
+        fn open_in(dir: &Path) -> Self {
+            RedbOutbox::open(&dir.join("outbox.redb")).unwrap()
+        }
+        fn raw(&self, stream: &str, first: u64, value: &[u8]) {
+            self.raw_insert(stream, first, value);
+        }
+    }
+
+    /// Runs each generic test on every backend built.
+    macro_rules! on_every_backend {
+        ($($test:ident),* $(,)?) => {
+            mod sled {
+                $(#[test] fn $test() { super::$test::<super::SledOutbox>() })*
+            }
+            #[cfg(feature = "redb")]
+            mod redb {
+                $(#[test] fn $test() { super::$test::<super::RedbOutbox>() })*
+            }
+        };
+    }
+
+    on_every_backend!(
+        records_and_checkpoints_survive_a_reopen_and_read_from_any_sequence,
+        purges_by_age_keep_sequences_moving_forward,
+        a_damaged_batch_is_reported_not_returned,
+    );
+
     fn rec(seq: u64) -> Vec<u8> {
         format!("record {seq}").into_bytes()
     }
@@ -467,7 +574,7 @@ mod tests {
         }
     }
 
-    fn commit(outbox: &SledOutbox, appends: Vec<Append>) {
+    fn commit(outbox: &impl Outbox, appends: Vec<Append>) {
         outbox
             .commit(&Commit {
                 appends,
@@ -480,11 +587,10 @@ mod tests {
         read.records.iter().map(|r| r.sequence).collect()
     }
 
-    #[test]
-    fn records_and_checkpoints_survive_a_reopen_and_read_from_any_sequence() {
+    fn records_and_checkpoints_survive_a_reopen_and_read_from_any_sequence<B: Backend>() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let outbox = SledOutbox::open(dir.path()).unwrap();
+            let outbox = B::open_in(dir.path());
             outbox
                 .commit(&Commit {
                     appends: vec![append("noise", 1, 5, 10), append("air", 1, 1, 10)],
@@ -493,7 +599,7 @@ mod tests {
                 .unwrap();
             commit(&outbox, vec![append("noise", 6, 8, 20)]);
         }
-        let outbox = SledOutbox::open(dir.path()).unwrap();
+        let outbox = B::open_in(dir.path());
         assert_eq!(outbox.next_sequence("noise").unwrap(), 9);
         assert_eq!(outbox.next_sequence("air").unwrap(), 2);
         assert_eq!(outbox.next_sequence("parking").unwrap(), 1);
@@ -525,10 +631,9 @@ mod tests {
         assert_eq!(outbox.record_bytes(), expected);
     }
 
-    #[test]
-    fn purges_by_age_keep_sequences_moving_forward() {
+    fn purges_by_age_keep_sequences_moving_forward<B: Backend>() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = SledOutbox::open(dir.path()).unwrap();
+        let outbox = B::open_in(dir.path());
         commit(&outbox, vec![append("s", 1, 3, 1_000)]);
         commit(&outbox, vec![append("s", 4, 4, 2_000)]);
         commit(&outbox, vec![append("s", 5, 6, 3_000)]);
@@ -542,23 +647,22 @@ mod tests {
         assert_eq!(outbox.record_bytes(), 0);
         drop(outbox);
         // Emptied by retention, the stream still continues from 7 after a restart.
-        let outbox = SledOutbox::open(dir.path()).unwrap();
+        let outbox = B::open_in(dir.path());
         assert_eq!(outbox.next_sequence("s").unwrap(), 7);
     }
 
-    #[test]
-    fn a_damaged_batch_is_reported_not_returned() {
+    fn a_damaged_batch_is_reported_not_returned<B: Backend>() {
         let dir = tempfile::tempdir().unwrap();
-        let outbox = SledOutbox::open(dir.path()).unwrap();
+        let outbox = B::open_in(dir.path());
         for (f, l) in [(1, 3), (4, 6), (7, 9)] {
             commit(&outbox, vec![append("noise", f, l, 5)]);
         }
         // A flipped bit in the middle batch, and a torn (truncated) last batch.
         let mut value = encode(5, &(4..=6).map(rec).collect::<Vec<_>>()).unwrap();
         value[HEADER + 6] ^= 0x10;
-        outbox.raw_insert("noise", 4, &value);
+        outbox.raw("noise", 4, &value);
         let torn = encode(5, &(7..=9).map(rec).collect::<Vec<_>>()).unwrap();
-        outbox.raw_insert("noise", 7, &torn[..torn.len() - 3]);
+        outbox.raw("noise", 7, &torn[..torn.len() - 3]);
         // A read stops before the damage once it has records …
         let read = outbox.read("noise", 2, 100).unwrap();
         assert_eq!(seqs(&read), [2, 3]);
@@ -597,66 +701,89 @@ mod tests {
         ]
     }
 
+    /// The outbox behaves like an ordered map of sequence to record, across reopens.
+    fn the_outbox_matches_a_model<B: Backend>(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = B::open_in(dir.path());
+        let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut next = 1u64;
+        // Batches as (first, count), to model purges of whole batches.
+        let mut batches: Vec<(u64, u64)> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Append(n) => {
+                    let n = u64::from(n);
+                    commit(&outbox, vec![append("s", next, next + n - 1, 0)]);
+                    for s in next..next + n {
+                        model.insert(s, rec(s));
+                    }
+                    batches.push((next, n));
+                    next += n;
+                }
+                Op::Purge(before) => {
+                    let before = u64::from(before);
+                    let removed = outbox
+                        .purge_while("s", &mut |b| b.first + b.count <= before)
+                        .unwrap();
+                    let mut expected = 0;
+                    while let Some(&(f, c)) = batches.first() {
+                        if f + c > before {
+                            break;
+                        }
+                        for s in f..f + c {
+                            model.remove(&s);
+                        }
+                        expected += c;
+                        batches.remove(0);
+                    }
+                    prop_assert_eq!(removed.records, expected);
+                }
+                Op::Read(from, max) => {
+                    let read = outbox.read("s", u64::from(from), usize::from(max)).unwrap();
+                    let want: Vec<(u64, Vec<u8>)> = model
+                        .range(u64::from(from)..)
+                        .take(usize::from(max))
+                        .map(|(s, r)| (*s, r.clone()))
+                        .collect();
+                    let got: Vec<(u64, Vec<u8>)> = read
+                        .records
+                        .into_iter()
+                        .map(|r| (r.sequence, r.bytes))
+                        .collect();
+                    prop_assert_eq!(got, want);
+                    prop_assert!(read.damaged.is_empty());
+                }
+                Op::Reopen => {
+                    drop(outbox);
+                    outbox = B::open_in(dir.path());
+                }
+            }
+            prop_assert_eq!(outbox.next_sequence("s").unwrap(), next);
+            prop_assert_eq!(
+                outbox.oldest("s").unwrap().map(|b| b.first),
+                batches.first().map(|b| b.0)
+            );
+            let bytes: u64 = batches
+                .iter()
+                .map(|&(f, c)| batch_len(&(f..f + c).map(rec).collect::<Vec<_>>()) as u64)
+                .sum();
+            prop_assert_eq!(outbox.record_bytes(), bytes);
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
-        /// The outbox behaves like an ordered map of sequence to record, across reopens.
         #[test]
-        fn the_outbox_matches_a_model(ops in prop::collection::vec(op(), 1..40)) {
-            let dir = tempfile::tempdir().unwrap();
-            let mut outbox = SledOutbox::open(dir.path()).unwrap();
-            let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-            let mut next = 1u64;
-            // Batches as (first, count), to model purges of whole batches.
-            let mut batches: Vec<(u64, u64)> = Vec::new();
-            for op in ops {
-                match op {
-                    Op::Append(n) => {
-                        let n = u64::from(n);
-                        commit(&outbox, vec![append("s", next, next + n - 1, 0)]);
-                        for s in next..next + n {
-                            model.insert(s, rec(s));
-                        }
-                        batches.push((next, n));
-                        next += n;
-                    }
-                    Op::Purge(before) => {
-                        let before = u64::from(before);
-                        let removed = outbox.purge_while("s", &mut |b| b.first + b.count <= before).unwrap();
-                        let mut expected = 0;
-                        while let Some(&(f, c)) = batches.first() {
-                            if f + c > before {
-                                break;
-                            }
-                            for s in f..f + c {
-                                model.remove(&s);
-                            }
-                            expected += c;
-                            batches.remove(0);
-                        }
-                        prop_assert_eq!(removed.records, expected);
-                    }
-                    Op::Read(from, max) => {
-                        let read = outbox.read("s", u64::from(from), usize::from(max)).unwrap();
-                        let want: Vec<(u64, Vec<u8>)> = model
-                            .range(u64::from(from)..)
-                            .take(usize::from(max))
-                            .map(|(s, r)| (*s, r.clone()))
-                            .collect();
-                        let got: Vec<(u64, Vec<u8>)> = read.records.into_iter().map(|r| (r.sequence, r.bytes)).collect();
-                        prop_assert_eq!(got, want);
-                        prop_assert!(read.damaged.is_empty());
-                    }
-                    Op::Reopen => {
-                        drop(outbox);
-                        outbox = SledOutbox::open(dir.path()).unwrap();
-                    }
-                }
-                prop_assert_eq!(outbox.next_sequence("s").unwrap(), next);
-                prop_assert_eq!(outbox.oldest("s").unwrap().map(|b| b.first), batches.first().map(|b| b.0));
-                let bytes: u64 = batches.iter().map(|&(f, c)| batch_len(&(f..f + c).map(rec).collect::<Vec<_>>()) as u64).sum();
-                prop_assert_eq!(outbox.record_bytes(), bytes);
-            }
+        fn sled_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+            the_outbox_matches_a_model::<SledOutbox>(ops)?;
+        }
+
+        #[cfg(feature = "redb")]
+        #[test]
+        fn redb_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
+            the_outbox_matches_a_model::<RedbOutbox>(ops)?;
         }
     }
 }

@@ -94,7 +94,17 @@ impl Moments {
 /// times at random moments and restarted. Every number reaches the subscriber (duplicates are
 /// allowed and counted), sequence numbers are never reused and never skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_no_acknowledged_message() {
+async fn sigkill_at_random_moments_loses_no_acknowledged_message_on_sled() {
+    crash_test("sled").await;
+}
+
+/// The crash test on the redb outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_no_acknowledged_message_on_redb() {
+    crash_test("redb").await;
+}
+
+async fn crash_test(engine: &str) {
     const N: u64 = 6000;
     const KILLS: usize = 5;
     let seed = std::env::var("HUBGATE_CRASH_SEED")
@@ -107,7 +117,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_message() {
                 .as_nanos() as u64
                 | 1
         });
-    eprintln!("crash test seed {seed} (HUBGATE_CRASH_SEED={seed} replays it)");
+    eprintln!("crash test on {engine}: seed {seed} (HUBGATE_CRASH_SEED={seed} replays it)");
     let mut moments = Moments(seed);
     let broker = Mosquitto::start();
     let data = tempfile::tempdir().unwrap();
@@ -115,7 +125,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_message() {
         broker.port,
         "gw-crash",
         data.path(),
-        "",
+        &format!("engine = \"{engine}\""),
         &sequence_stream("1d"),
     );
     let mut gw = Gateway::start(gateway_bin!(), &cfg);
@@ -155,7 +165,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_message() {
     }
     assert!(
         missing.is_empty(),
-        "seed {seed}: lost {} of {N} numbers, first {:?}",
+        "{engine}, seed {seed}: lost {} of {N} numbers, first {:?}",
         missing.len(),
         &missing[..missing.len().min(10)]
     );
@@ -169,7 +179,7 @@ async fn sigkill_at_random_moments_loses_no_acknowledged_message() {
         seen.sequences.len()
     );
     eprintln!(
-        "crash test: {N} messages, {KILLS} SIGKILLs, {duplicates} duplicates, replayed in {:?}",
+        "crash test on {engine}: {N} messages, {KILLS} SIGKILLs, {duplicates} duplicates, replayed in {:?}",
         started.elapsed()
     );
 }

@@ -1,0 +1,190 @@
+//! The outbox on redb: the same layout and batch format as on sled, in one redb table, with one
+//! write transaction per commit (redb makes it durable before `commit` returns).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+
+use super::{
+    BatchInfo, Commit, Outbox, OutboxError, Purged, ReadBatch, encode, named_key, purge_batches,
+    read_batches, record_key, seq_of,
+};
+
+const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
+
+fn db_error(err: impl Into<redb::Error>) -> OutboxError {
+    OutboxError::Redb(Box::new(err.into()))
+}
+
+/// The outbox on redb.
+#[derive(Debug)]
+pub struct RedbOutbox {
+    db: Database,
+    /// Bytes of record batches held (see [`Outbox::record_bytes`]).
+    record_bytes: AtomicU64,
+}
+
+impl RedbOutbox {
+    /// Opens (or creates) the outbox in file `path`. A file left by a killed process is repaired
+    /// by redb on open. Opening reads every batch once, to learn the bytes held.
+    pub fn open(path: &Path) -> Result<Self, OutboxError> {
+        let db = Database::builder()
+            .set_cache_size(16 * 1024 * 1024)
+            .create(path)
+            .map_err(db_error)?;
+        let tx = db.begin_write().map_err(db_error)?;
+        tx.open_table(TABLE).map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        let tx = db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(TABLE).map_err(db_error)?;
+        let mut bytes = 0;
+        for item in table.range(&b"r"[..]..&b"s"[..]).map_err(db_error)? {
+            bytes += item.map_err(db_error)?.1.value().len() as u64;
+        }
+        Ok(Self {
+            db,
+            record_bytes: AtomicU64::new(bytes),
+        })
+    }
+
+    /// Runs `f` over `stream`'s batches from the one holding `from` (0: from the oldest).
+    fn with_batches<T>(
+        &self,
+        stream: &str,
+        from: u64,
+        f: impl FnOnce(&mut dyn Iterator<Item = Result<(u64, Vec<u8>), OutboxError>>) -> T,
+    ) -> Result<T, OutboxError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(TABLE).map_err(db_error)?;
+        let (lo, hi) = (record_key(stream, 0), record_key(stream, from));
+        let start = table
+            .range(lo.as_slice()..=hi.as_slice())
+            .map_err(db_error)?
+            .next_back()
+            .transpose()
+            .map_err(db_error)?
+            .map_or(from, |(k, _)| seq_of(k.value()));
+        let (lo, hi) = (record_key(stream, start), record_key(stream, u64::MAX));
+        let mut batches = table
+            .range(lo.as_slice()..=hi.as_slice())
+            .map_err(db_error)?
+            .map(|item| {
+                let (k, v) = item.map_err(db_error)?;
+                Ok((seq_of(k.value()), v.value().to_vec()))
+            });
+        Ok(f(&mut batches))
+    }
+
+    /// Overwrites a stored batch value (tests of damage detection).
+    #[cfg(test)]
+    pub(super) fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
+        let tx = self.db.begin_write().unwrap();
+        tx.open_table(TABLE)
+            .unwrap()
+            .insert(record_key(stream, first).as_slice(), value)
+            .unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+impl Outbox for RedbOutbox {
+    fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
+        let tx = self.db.begin_write().map_err(db_error)?;
+        let mut added = 0;
+        {
+            let mut table = tx.open_table(TABLE).map_err(db_error)?;
+            for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
+                let value = encode(a.kept_ms, &a.records)?;
+                added += value.len() as u64;
+                table
+                    .insert(record_key(&a.stream, a.first).as_slice(), value.as_slice())
+                    .map_err(db_error)?;
+                let next = a.first + a.records.len() as u64;
+                table
+                    .insert(
+                        named_key(b'n', &a.stream).as_slice(),
+                        &next.to_be_bytes()[..],
+                    )
+                    .map_err(db_error)?;
+            }
+            for (name, bytes) in &commit.checkpoints {
+                table
+                    .insert(named_key(b'c', name).as_slice(), bytes.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        tx.commit().map_err(db_error)?;
+        self.record_bytes.fetch_add(added, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError> {
+        self.with_batches(stream, from, |batches| {
+            read_batches(batches, from, max, &|| self.next_sequence(stream))
+        })?
+    }
+
+    fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
+        let mut found = None;
+        self.with_batches(stream, 0, |batches| {
+            purge_batches(
+                batches,
+                &mut |b| {
+                    found = Some(*b);
+                    false
+                },
+                &|| self.next_sequence(stream).unwrap_or(0),
+            )
+        })??;
+        Ok(found)
+    }
+
+    fn purge_while(
+        &self,
+        stream: &str,
+        purge: &mut dyn FnMut(&BatchInfo) -> bool,
+    ) -> Result<Purged, OutboxError> {
+        let (purged, firsts) = self.with_batches(stream, 0, |batches| {
+            purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
+        })??;
+        if !firsts.is_empty() {
+            let tx = self.db.begin_write().map_err(db_error)?;
+            {
+                let mut table = tx.open_table(TABLE).map_err(db_error)?;
+                for first in firsts {
+                    table
+                        .remove(record_key(stream, first).as_slice())
+                        .map_err(db_error)?;
+                }
+            }
+            tx.commit().map_err(db_error)?;
+            self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
+        }
+        Ok(purged)
+    }
+
+    fn next_sequence(&self, stream: &str) -> Result<u64, OutboxError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(TABLE).map_err(db_error)?;
+        let value = table
+            .get(named_key(b'n', stream).as_slice())
+            .map_err(db_error)?;
+        Ok(value
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(1, u64::from_be_bytes))
+    }
+
+    fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(TABLE).map_err(db_error)?;
+        let value = table
+            .get(named_key(b'c', name).as_slice())
+            .map_err(db_error)?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    fn record_bytes(&self) -> u64 {
+        self.record_bytes.load(Ordering::Relaxed)
+    }
+}
