@@ -34,6 +34,8 @@ pub const RECORDS_KEPT: &str = "hubgate_records_kept_total";
 pub const RECORDS_PURGED: &str = "hubgate_store_records_purged_total";
 /// Records lost to a damaged outbox batch (checksum mismatch), found on read. Label: `stream`.
 pub const OUTBOX_RECORDS_DAMAGED: &str = "hubgate_outbox_records_damaged_total";
+/// Outbox data keys destroyed once every record they sealed was purged. Label: `stream`.
+pub const OUTBOX_KEYS_DESTROYED: &str = "hubgate_outbox_keys_destroyed_total";
 /// Bytes of records held in the outbox, over all streams.
 pub const OUTBOX_BYTES: &str = "hubgate_outbox_bytes";
 /// Outbox commits that failed (disk error, or full with `on_full = "stop_acking"`); the turn is
@@ -136,6 +138,10 @@ pub fn describe() {
     describe_counter!(
         OUTBOX_RECORDS_DAMAGED,
         "records lost to a damaged outbox batch, found on read"
+    );
+    describe_counter!(
+        OUTBOX_KEYS_DESTROYED,
+        "outbox data keys destroyed after the records they sealed were purged"
     );
     describe_gauge!(
         OUTBOX_BYTES,

@@ -3,7 +3,8 @@
 //! `cargo bench -p hubgate --features redb --bench outbox` (without the feature: sled only)
 //!
 //! Appends are batches of 1,000 records of 200 bytes, each batch committed durably (fsync) before
-//! the next: the pattern of the pipeline, which commits once per turn before acknowledging. The
+//! the next: the pattern of the pipeline, which commits once per turn before acknowledging; each
+//! batch is sealed under the stream's data key, as always. The
 //! outbox is held at 200,000 records (40 MB) by purging the oldest batch, untimed, as retention
 //! would: a steady state, and a bounded disk.
 
@@ -51,6 +52,7 @@ fn bench_engine(c: &mut Criterion, name: &str, outbox: &dyn Outbox) -> u64 {
                         stream: "s".into(),
                         first,
                         kept_ms: 0,
+                        key_period: std::time::Duration::from_secs(3600),
                         records,
                     }],
                     checkpoints: Vec::new(),
@@ -110,7 +112,7 @@ fn benches(c: &mut Criterion) {
 
     #[cfg(feature = "redb")]
     {
-        let path = dir.path().join("outbox.redb");
+        let path = dir.path().join("redb");
         let redb = hubgate::outbox::RedbOutbox::open(&path).expect("redb outbox");
         let held = bench_engine(c, "redb", &redb);
         report("redb", held, disk_size(&path));

@@ -19,6 +19,7 @@ pub mod broker;
 pub mod budget;
 pub mod cli;
 pub mod config;
+pub mod datakeys;
 pub mod decode;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;

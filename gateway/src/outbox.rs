@@ -25,16 +25,27 @@
 //! batch value is
 //!
 //! ```text
-//! version (1) | CRC-32 of the rest (u32 LE) | count (u32 LE) | kept at, Unix ms (i64 LE) | body
+//! version (1) | CRC-32 of the rest (u32 LE) | count (u32 LE) | kept at, Unix ms (i64 LE) | sealed body
 //! body = for each record: length (u32 LE) | bytes
 //! ```
 //!
 //! so a torn or damaged batch is detected on read and reported, never returned as records. The
 //! kept time lets retention purge by age. The next-sequence mark survives purges, so sequence
 //! numbers are never reused, even when retention has emptied a stream.
+//!
+//! The body is sealed (ChaCha20-Poly1305, nonce = the batch's first sequence) under a data key of
+//! the stream, kept in `keys` beside the engine's files, and a purge destroys the keys that no
+//! longer seal anything held ([`crate::datakeys`]). Neither engine overwrites what it deletes:
+//! without this, most purged records could still be read from the files (both engines, in a
+//! test). With it, a purged record is unreadable once its key goes, at most one key period (an
+//! eighth of the stream's retention, at most an hour) after the purge.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use crate::datakeys::{self, DataKeys};
 
 #[cfg(feature = "redb")]
 mod on_redb;
@@ -43,7 +54,7 @@ pub use on_redb::RedbOutbox;
 
 /// Format version of a batch value.
 const BATCH_VERSION: u8 = 1;
-/// Bytes before the body: version, CRC, count, kept time.
+/// Bytes before the sealed body: version, CRC, count, kept time.
 const HEADER: usize = 17;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +67,8 @@ pub enum OutboxError {
     #[cfg(not(feature = "redb"))]
     #[error("this build has no {0} engine")]
     NotBuilt(&'static str),
+    #[error("outbox data keys: {0}")]
+    Keys(#[from] std::io::Error),
     #[error("a batch of {0} records is larger than the outbox can hold in one value")]
     TooLarge(usize),
 }
@@ -67,6 +80,8 @@ pub struct Append {
     pub first: u64,
     /// When the records were kept (Unix ms): retention counts from here.
     pub kept_ms: i64,
+    /// How long one data key of the stream seals (see [`datakeys::rotation`]).
+    pub key_period: Duration,
     pub records: Vec<Vec<u8>>,
 }
 
@@ -107,7 +122,8 @@ pub struct ReadBatch {
     /// Consecutive records in sequence order.
     pub records: Vec<StoredRecord>,
     /// Sequence ranges `[first, last]` before the first record returned whose batch failed its
-    /// checksum: lost, and reported. A read stops at a damaged batch once it has records.
+    /// checksum or authentication: lost, and reported. A read stops at a damaged batch once it
+    /// has records. Batches whose data key was destroyed by a purge are skipped, not reported.
     pub damaged: Vec<(u64, u64)>,
 }
 
@@ -132,6 +148,8 @@ pub struct Purged {
     pub sequences: Option<(u64, u64)>,
     /// Oldest and newest kept time of the batches removed (damaged batches not included).
     pub kept_ms: Option<(i64, i64)>,
+    /// The first sequence of each data key destroyed because nothing it sealed is held any more.
+    pub keys_destroyed: Vec<u64>,
 }
 
 impl Purged {
@@ -159,7 +177,9 @@ pub trait Outbox: Send + Sync + 'static {
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError>;
     /// The oldest batch held for `stream`.
     fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError>;
-    /// Removes `stream`'s batches from the oldest on, while `purge` says so; durable on return.
+    /// Removes `stream`'s batches from the oldest on, while `purge` says so, then destroys the
+    /// data keys that no longer seal anything held (also when nothing was removed); durable on
+    /// return.
     fn purge_while(
         &self,
         stream: &str,
@@ -171,6 +191,21 @@ pub trait Outbox: Send + Sync + 'static {
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError>;
     /// Bytes of record batches held, over all streams (the figure the size cap applies to).
     fn record_bytes(&self) -> u64;
+}
+
+/// Opens the outbox of `engine` in `<data_dir>/outbox/`.
+pub fn open(
+    engine: crate::config::Engine,
+    data_dir: &Path,
+) -> Result<std::sync::Arc<dyn Outbox>, OutboxError> {
+    let dir = data_dir.join("outbox");
+    match engine {
+        crate::config::Engine::Sled => Ok(std::sync::Arc::new(SledOutbox::open(&dir)?)),
+        #[cfg(feature = "redb")]
+        crate::config::Engine::Redb => Ok(std::sync::Arc::new(RedbOutbox::open(&dir)?)),
+        #[cfg(not(feature = "redb"))]
+        crate::config::Engine::Redb => Err(OutboxError::NotBuilt("redb")),
+    }
 }
 
 fn record_key(stream: &str, seq: u64) -> Vec<u8> {
@@ -198,22 +233,49 @@ fn seq_of(key: &[u8]) -> u64 {
 }
 
 fn batch_len(records: &[Vec<u8>]) -> usize {
-    HEADER + records.iter().map(|r| 4 + r.len()).sum::<usize>()
+    HEADER + datakeys::OVERHEAD + records.iter().map(|r| 4 + r.len()).sum::<usize>()
 }
 
-fn encode(kept_ms: i64, records: &[Vec<u8>]) -> Result<Vec<u8>, OutboxError> {
-    let too_large = || OutboxError::TooLarge(records.len());
-    let count = u32::try_from(records.len()).map_err(|_| too_large())?;
-    let mut value = Vec::with_capacity(batch_len(records));
+/// The keys of an outbox, shared by both engines: the directory's key file, behind a lock that a
+/// commit holds from sealing until it is durable, and a purge while it destroys keys, so that a
+/// key is never destroyed while records sealed with it are on their way in.
+#[derive(Debug)]
+struct Vault(Mutex<DataKeys>);
+
+impl Vault {
+    fn open(dir: &Path) -> Result<Self, OutboxError> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self(Mutex::new(DataKeys::open(&dir.join("keys"))?)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DataKeys> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The stored value of a batch: its header, and its records framed and sealed.
+fn encode(keys: &mut DataKeys, append: &Append) -> Result<Vec<u8>, OutboxError> {
+    let too_large = || OutboxError::TooLarge(append.records.len());
+    let count = u32::try_from(append.records.len()).map_err(|_| too_large())?;
+    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(batch_len(&append.records)));
+    for r in &append.records {
+        let len = u32::try_from(r.len()).map_err(|_| too_large())?;
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(r);
+    }
+    let sealed = keys.seal(
+        &append.stream,
+        append.first,
+        append.kept_ms,
+        append.key_period,
+        &body,
+    )?;
+    let mut value = Vec::with_capacity(HEADER + sealed.len());
     value.push(BATCH_VERSION);
     value.extend_from_slice(&[0; 4]);
     value.extend_from_slice(&count.to_le_bytes());
-    value.extend_from_slice(&kept_ms.to_le_bytes());
-    for r in records {
-        let len = u32::try_from(r.len()).map_err(|_| too_large())?;
-        value.extend_from_slice(&len.to_le_bytes());
-        value.extend_from_slice(r);
-    }
+    value.extend_from_slice(&append.kept_ms.to_le_bytes());
+    value.extend_from_slice(&sealed);
     let crc = crc32fast::hash(&value[5..]);
     value[1..5].copy_from_slice(&crc.to_le_bytes());
     Ok(value)
@@ -255,47 +317,57 @@ fn info(first: u64, value: &[u8], next_first: impl FnOnce() -> u64) -> BatchInfo
     }
 }
 
-/// The records of an intact batch value, or `None` when it is damaged.
-fn decode(value: &[u8]) -> Option<(i64, Vec<Vec<u8>>)> {
+/// What a stored batch holds for a reader.
+enum Decoded {
+    Records(i64, Vec<Vec<u8>>),
+    /// Its data key was destroyed: purged.
+    Shredded,
+    Damaged,
+}
+
+fn decode(keys: &DataKeys, stream: &str, first: u64, value: &[u8]) -> Decoded {
     if !intact(value) {
-        return None;
+        return Decoded::Damaged;
     }
-    let count = u32::from_le_bytes(value[5..9].try_into().ok()?);
-    let kept_ms = i64::from_le_bytes(value[9..17].try_into().ok()?);
-    let mut body = &value[HEADER..];
-    let mut out = Vec::with_capacity(usize::try_from(count).ok()?.min(1 << 16));
+    if !keys.holds(stream, first) {
+        return Decoded::Shredded;
+    }
+    let count = u32::from_le_bytes([value[5], value[6], value[7], value[8]]);
+    let kept_ms = i64::from_le_bytes(value[9..17].try_into().unwrap_or_default());
+    let Some(body) = keys.unseal(stream, first, &value[HEADER..]) else {
+        return Decoded::Damaged;
+    };
+    let body = zeroize::Zeroizing::new(body);
+    let mut rest = body.as_slice();
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 16));
     for _ in 0..count {
-        let len = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
-        out.push(body.get(4..4 + len)?.to_vec());
-        body = &body[4 + len..];
+        let Some(len) = rest
+            .get(..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        else {
+            return Decoded::Damaged;
+        };
+        let Some(record) = rest.get(4..4 + len) else {
+            return Decoded::Damaged;
+        };
+        out.push(record.to_vec());
+        rest = &rest[4 + len..];
     }
-    body.is_empty().then_some((kept_ms, out))
-}
-
-/// Opens the outbox of `engine` in `data_dir`.
-pub fn open(
-    engine: crate::config::Engine,
-    data_dir: &Path,
-) -> Result<std::sync::Arc<dyn Outbox>, OutboxError> {
-    match engine {
-        crate::config::Engine::Sled => Ok(std::sync::Arc::new(SledOutbox::open(
-            &data_dir.join("outbox"),
-        )?)),
-        #[cfg(feature = "redb")]
-        crate::config::Engine::Redb => Ok(std::sync::Arc::new(RedbOutbox::open(
-            &data_dir.join("outbox.redb"),
-        )?)),
-        #[cfg(not(feature = "redb"))]
-        crate::config::Engine::Redb => Err(OutboxError::NotBuilt("redb")),
+    if rest.is_empty() {
+        Decoded::Records(kept_ms, out)
+    } else {
+        Decoded::Damaged
     }
 }
 
-/// One stored batch as a backend yields it: its first sequence and its value.
+/// One stored batch as an engine yields it: its first sequence and its value.
 type Entry<V> = Result<(u64, V), OutboxError>;
 
 /// Up to `max` consecutive records from `from` on, out of a stream's batches in order, starting
 /// with the one that holds `from` (see [`ReadBatch`]).
 fn read_batches<V: AsRef<[u8]>>(
+    vault: &Vault,
+    stream: &str,
     batches: impl Iterator<Item = Entry<V>>,
     from: u64,
     max: usize,
@@ -305,24 +377,27 @@ fn read_batches<V: AsRef<[u8]>>(
     let mut batches = batches.peekable();
     while let Some(item) = batches.next() {
         let (first, value) = item?;
-        if let Some((kept_ms, records)) = decode(value.as_ref()) {
-            for (i, bytes) in records.into_iter().enumerate() {
-                let sequence = first + i as u64;
-                if sequence >= from {
-                    out.records.push(StoredRecord {
-                        sequence,
-                        kept_ms,
-                        bytes,
-                    });
-                    if out.records.len() >= max {
-                        return Ok(out);
+        let decoded = decode(&vault.lock(), stream, first, value.as_ref());
+        match decoded {
+            Decoded::Records(kept_ms, records) => {
+                for (i, bytes) in records.into_iter().enumerate() {
+                    let sequence = first + i as u64;
+                    if sequence >= from {
+                        out.records.push(StoredRecord {
+                            sequence,
+                            kept_ms,
+                            bytes,
+                        });
+                        if out.records.len() >= max {
+                            return Ok(out);
+                        }
                     }
                 }
+                continue;
             }
-            continue;
-        }
-        if !out.records.is_empty() {
-            break;
+            _ if !out.records.is_empty() => break,
+            Decoded::Shredded => continue,
+            Decoded::Damaged => {}
         }
         let next_first = match batches.peek() {
             Some(Ok((next, _))) => *next,
@@ -361,24 +436,42 @@ fn purge_batches<V: AsRef<[u8]>>(
     Ok((purged, firsts))
 }
 
+/// Destroys the data keys of `stream` that seal nothing held once a purge is durable. Takes the
+/// vault's lock before reading the bounds, so no commit is between sealing and writing.
+fn shred<O: Outbox + ?Sized>(
+    outbox: &O,
+    vault: &Vault,
+    stream: &str,
+    purged: &mut Purged,
+) -> Result<(), OutboxError> {
+    let mut keys = vault.lock();
+    let next = outbox.next_sequence(stream)?;
+    let oldest = outbox.oldest(stream)?.map_or(next, |b| b.first);
+    purged.keys_destroyed = keys.shred(stream, oldest, next)?;
+    Ok(())
+}
+
 /// The outbox on sled.
 #[derive(Debug)]
 pub struct SledOutbox {
     db: sled::Db,
     tree: sled::Tree,
+    vault: Vault,
     /// Bytes of record batches held (see [`Outbox::record_bytes`]).
     record_bytes: AtomicU64,
 }
 
 impl SledOutbox {
-    /// Opens (or creates) the outbox in directory `path`.
+    /// Opens (or creates) the outbox in directory `dir`: sled's files in `dir/sled/`, the data keys
+    /// in `dir/keys`.
     ///
     /// sled locks its directory; a database closed a moment ago can still hold the lock while its
     /// background flusher stops, so a locked directory is retried for up to two seconds. Opening
     /// reads every batch header once, to learn the bytes held.
-    pub fn open(path: &Path) -> Result<Self, OutboxError> {
+    pub fn open(dir: &Path) -> Result<Self, OutboxError> {
+        let vault = Vault::open(dir)?;
         let config = sled::Config::new()
-            .path(path)
+            .path(dir.join("sled"))
             .cache_capacity(16 * 1024 * 1024);
         let mut attempts = 0;
         let db = loop {
@@ -387,7 +480,7 @@ impl SledOutbox {
                     if attempts < 40 && err.to_string().contains("could not acquire lock") =>
                 {
                     attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    std::thread::sleep(Duration::from_millis(50));
                 }
                 other => break other?,
             }
@@ -400,12 +493,17 @@ impl SledOutbox {
         Ok(Self {
             db,
             tree,
+            vault,
             record_bytes: AtomicU64::new(bytes),
         })
     }
 
     /// The batches of `stream` from the one holding sequence `from` on.
-    fn batches_from(&self, stream: &str, from: u64) -> Result<sled::Iter, OutboxError> {
+    fn batches_from(
+        &self,
+        stream: &str,
+        from: u64,
+    ) -> Result<impl Iterator<Item = Entry<sled::IVec>>, OutboxError> {
         let start = self
             .tree
             .range(record_key(stream, 0)..=record_key(stream, from))
@@ -414,20 +512,8 @@ impl SledOutbox {
             .map_or(from, |(k, _)| seq_of(&k));
         Ok(self
             .tree
-            .range(record_key(stream, start)..=record_key(stream, u64::MAX)))
-    }
-
-    /// Scans the batches of `stream` from the oldest while `purge` says so.
-    fn purge_scan(
-        &self,
-        stream: &str,
-        purge: &mut dyn FnMut(&BatchInfo) -> bool,
-    ) -> Result<(Purged, Vec<u64>), OutboxError> {
-        let batches = self
-            .tree
-            .range(record_key(stream, 0)..=record_key(stream, u64::MAX))
-            .map(|item| Ok(item.map(|(k, v)| (seq_of(&k), v))?));
-        purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
+            .range(record_key(stream, start)..=record_key(stream, u64::MAX))
+            .map(|item| Ok(item.map(|(k, v)| (seq_of(&k), v))?)))
     }
 
     /// Overwrites a stored batch value (tests of damage detection).
@@ -435,14 +521,24 @@ impl SledOutbox {
     fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
         self.tree.insert(record_key(stream, first), value).unwrap();
     }
+
+    #[cfg(test)]
+    fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
+        self.tree
+            .get(record_key(stream, first))
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    }
 }
 
 impl Outbox for SledOutbox {
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
+        let mut keys = self.vault.lock();
         let mut batch = sled::Batch::default();
         let mut added = 0;
         for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
-            let value = encode(a.kept_ms, &a.records)?;
+            let value = encode(&mut keys, a)?;
             added += value.len() as u64;
             batch.insert(record_key(&a.stream, a.first), value);
             let next = a.first + a.records.len() as u64;
@@ -453,23 +549,28 @@ impl Outbox for SledOutbox {
         }
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
+        drop(keys);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
     }
 
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError> {
-        let batches = self
-            .batches_from(stream, from)?
-            .map(|item| Ok(item.map(|(k, v)| (seq_of(&k), v))?));
-        read_batches(batches, from, max, &|| self.next_sequence(stream))
+        let batches = self.batches_from(stream, from)?;
+        read_batches(&self.vault, stream, batches, from, max, &|| {
+            self.next_sequence(stream)
+        })
     }
 
     fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
         let mut found = None;
-        self.purge_scan(stream, &mut |b| {
-            found = Some(*b);
-            false
-        })?;
+        purge_batches(
+            self.batches_from(stream, 0)?,
+            &mut |b| {
+                found = Some(*b);
+                false
+            },
+            &|| self.next_sequence(stream).unwrap_or(0),
+        )?;
         Ok(found)
     }
 
@@ -478,7 +579,9 @@ impl Outbox for SledOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
-        let (purged, firsts) = self.purge_scan(stream, purge)?;
+        let (mut purged, firsts) = purge_batches(self.batches_from(stream, 0)?, purge, &|| {
+            self.next_sequence(stream).unwrap_or(0)
+        })?;
         if !firsts.is_empty() {
             let mut removals = sled::Batch::default();
             for first in firsts {
@@ -488,6 +591,7 @@ impl Outbox for SledOutbox {
             self.db.flush()?;
             self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
         }
+        shred(self, &self.vault, stream, &mut purged)?;
         Ok(purged)
     }
 
@@ -521,6 +625,9 @@ mod tests {
         fn open_in(dir: &Path) -> Self;
         /// Overwrites a stored batch value (tests of damage detection).
         fn raw(&self, stream: &str, first: u64, value: &[u8]);
+        /// A stored batch value.
+        fn raw_value(&self, stream: &str, first: u64) -> Vec<u8>;
+        fn vault(&self) -> &Vault;
     }
 
     impl Backend for SledOutbox {
@@ -530,15 +637,27 @@ mod tests {
         fn raw(&self, stream: &str, first: u64, value: &[u8]) {
             self.raw_insert(stream, first, value);
         }
+        fn raw_value(&self, stream: &str, first: u64) -> Vec<u8> {
+            self.raw_get(stream, first)
+        }
+        fn vault(&self) -> &Vault {
+            &self.vault
+        }
     }
 
     #[cfg(feature = "redb")]
     impl Backend for RedbOutbox {
         fn open_in(dir: &Path) -> Self {
-            RedbOutbox::open(&dir.join("outbox.redb")).unwrap()
+            RedbOutbox::open(dir).unwrap()
         }
         fn raw(&self, stream: &str, first: u64, value: &[u8]) {
             self.raw_insert(stream, first, value);
+        }
+        fn raw_value(&self, stream: &str, first: u64) -> Vec<u8> {
+            self.raw_get(stream, first)
+        }
+        fn vault(&self) -> &Vault {
+            self.vault_for_tests()
         }
     }
 
@@ -559,6 +678,7 @@ mod tests {
         records_and_checkpoints_survive_a_reopen_and_read_from_any_sequence,
         purges_by_age_keep_sequences_moving_forward,
         a_damaged_batch_is_reported_not_returned,
+        purged_records_cannot_be_read_back_from_the_disk,
     );
 
     fn rec(seq: u64) -> Vec<u8> {
@@ -570,6 +690,7 @@ mod tests {
             stream: stream.into(),
             first,
             kept_ms,
+            key_period: Duration::from_secs(10),
             records: (first..=last).map(rec).collect(),
         }
     }
@@ -658,10 +779,10 @@ mod tests {
             commit(&outbox, vec![append("noise", f, l, 5)]);
         }
         // A flipped bit in the middle batch, and a torn (truncated) last batch.
-        let mut value = encode(5, &(4..=6).map(rec).collect::<Vec<_>>()).unwrap();
+        let mut value = outbox.raw_value("noise", 4);
         value[HEADER + 6] ^= 0x10;
         outbox.raw("noise", 4, &value);
-        let torn = encode(5, &(7..=9).map(rec).collect::<Vec<_>>()).unwrap();
+        let torn = outbox.raw_value("noise", 7);
         outbox.raw("noise", 7, &torn[..torn.len() - 3]);
         // A read stops before the damage once it has records …
         let read = outbox.read("noise", 2, 100).unwrap();
@@ -682,6 +803,61 @@ mod tests {
             })
             .unwrap();
         assert_eq!(seen, [(1, 3, false), (4, 3, true), (7, 3, true)]);
+    }
+
+    /// Every file under `dir`, concatenated.
+    fn disk_bytes(dir: &Path) -> Vec<u8> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(disk_bytes(&path));
+            } else {
+                out.extend(std::fs::read(&path).unwrap());
+            }
+        }
+        out
+    }
+
+    fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Neither engine overwrites what it deletes; the destroyed data key makes what is left of a
+    /// purged record unreadable.
+    fn purged_records_cannot_be_read_back_from_the_disk<B: Backend>() {
+        let dir = tempfile::tempdir().unwrap();
+        let marked = |first: u64, kept_ms: i64| {
+            let mut a = append("s", first, first + 99, kept_ms);
+            for (i, r) in a.records.iter_mut().enumerate() {
+                *r = format!("MARKER-{:05}", first + i as u64).into_bytes();
+            }
+            a
+        };
+        let outbox = B::open_in(dir.path());
+        // Two key periods (10 s each): records 1..=200 under one key, 201..=300 under the next.
+        commit(&outbox, vec![marked(1, 0)]);
+        commit(&outbox, vec![marked(101, 5_000)]);
+        let key_path = dir.path().join("keys");
+        let old_key = outbox.vault().lock().raw_key(&key_path, "s", 1).unwrap();
+        commit(&outbox, vec![marked(201, 10_000)]);
+        // Sealed: no record is on disk in clear.
+        assert!(!holds(&disk_bytes(dir.path()), b"MARKER-"));
+        // Purging the first batch leaves the key: the second batch still needs it.
+        let purged = outbox.purge_while("s", &mut |b| b.first == 1).unwrap();
+        assert!(purged.keys_destroyed.is_empty());
+        assert!(holds(&disk_bytes(dir.path()), &old_key));
+        // Purging the second destroys it, in the key file too.
+        let purged = outbox.purge_while("s", &mut |b| b.first == 101).unwrap();
+        assert_eq!(purged.keys_destroyed, [1]);
+        assert!(!holds(&disk_bytes(dir.path()), &old_key));
+        // The records still held read as before, also after a reopen.
+        drop(outbox);
+        let outbox = B::open_in(dir.path());
+        let read = outbox.read("s", 1, 1000).unwrap();
+        assert_eq!(seqs(&read), (201..=300).collect::<Vec<_>>());
+        assert_eq!(read.records[0].bytes, b"MARKER-00201");
+        assert!(read.damaged.is_empty());
     }
 
     #[derive(Debug, Clone)]

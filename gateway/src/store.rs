@@ -22,11 +22,16 @@
 //!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room. The
 //!   only excess: one turn's records larger than the whole cap are written to an empty outbox.
 //!
-//! Each purge is logged as an audit event (target `hubgate::audit`: stream, reason, record count,
-//! sequence range and time range), never with record content.
+//! The outbox seals records under data keys that purges destroy ([`crate::datakeys`]), so purged
+//! records are unreadable on disk too, within a key period (an eighth of the stream's retention,
+//! at most an hour).
+//!
+//! Each purge and key destruction is logged as an audit event (target `hubgate::audit`: stream,
+//! reason, record count, sequence range and time range), never with record content.
 //!
 //! Metrics: `hubgate_store_records_purged_total{stream, reason}`,
-//! `hubgate_outbox_records_damaged_total{stream}`, `hubgate_outbox_bytes`.
+//! `hubgate_outbox_records_damaged_total{stream}`, `hubgate_outbox_bytes`,
+//! `hubgate_outbox_keys_destroyed_total{stream}`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +46,7 @@ use tokio::sync::watch;
 
 use crate::config::{OnFull, StoreConfig};
 use crate::outbox::{Append, BatchInfo, Commit, Outbox, OutboxError, Purged};
+use crate::pipeline::now_ms;
 
 /// A record in the store, with when it was kept.
 #[derive(Debug)]
@@ -105,11 +111,14 @@ struct StreamLog {
     /// Sequence the next staged record gets (only the pipeline stages).
     staged: AtomicU64,
     retention_ms: i64,
+    /// How long one data key of the stream seals.
+    key_period: Duration,
     /// Sequence of the newest committed record (0 before the first).
     tip: watch::Sender<u64>,
     purged_retention: Counter,
     purged_capacity: Counter,
     damaged: Counter,
+    keys_destroyed: Counter,
 }
 
 impl StreamLog {
@@ -175,10 +184,12 @@ impl Store {
                 }),
                 staged: AtomicU64::new(next),
                 retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+                key_period: crate::datakeys::rotation(retention),
                 tip: watch::channel(next - 1).0,
                 purged_retention: counter("retention"),
                 purged_capacity: counter("capacity"),
                 damaged: metrics::counter!(catalogue::OUTBOX_RECORDS_DAMAGED, "stream" => name.to_owned()),
+                keys_destroyed: metrics::counter!(catalogue::OUTBOX_KEYS_DESTROYED, "stream" => name.to_owned()),
             });
         }
         let store = Self {
@@ -190,6 +201,11 @@ impl Store {
             bytes_held: metrics::gauge!(catalogue::OUTBOX_BYTES),
         };
         store.bytes_held.set(store.outbox.record_bytes() as f64);
+        // Keys left by a crash, or by purges that stopped short of destroying them.
+        for s in &store.streams {
+            let swept = store.outbox.purge_while(&s.name, &mut |_| false)?;
+            store.purged(s, "retention", &swept, now_ms());
+        }
         Ok(store)
     }
 
@@ -225,6 +241,7 @@ impl Store {
             stream: s.name.clone(),
             first,
             kept_ms: now_ms,
+            key_period: s.key_period,
             records: encoded,
         });
         pending.records.push((index, stored));
@@ -298,6 +315,16 @@ impl Store {
 
     /// Accounts for a purge: memory, gauge and audit event.
     fn purged(&self, s: &StreamLog, reason: &str, purged: &Purged, now_ms: i64) {
+        for first in &purged.keys_destroyed {
+            s.keys_destroyed.increment(1);
+            tracing::info!(
+                target: "hubgate::audit",
+                event = "outbox_key_destroyed",
+                stream = %s.name,
+                first_sequence = first,
+                "outbox data key destroyed: the purged records it sealed are unreadable"
+            );
+        }
         let Some((first, last)) = purged.sequences else {
             return;
         };

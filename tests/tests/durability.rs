@@ -77,6 +77,21 @@ async fn replay(gw: &Gateway, stream: &str, quiet: Duration, done: impl Fn(&Seen
     seen
 }
 
+/// Whether any file under `dir` holds `needle`.
+fn disk_holds(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            disk_holds(&path, needle)
+        } else {
+            std::fs::read(&path)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+        }
+    })
+}
+
 /// A small xorshift generator: the kill moments vary from run to run, and the seed is printed so
 /// a failing run can be replayed.
 struct Moments(u64);
@@ -308,7 +323,10 @@ async fn retention_purges_records_from_disk_and_replay() {
     let mut publisher = Publisher::connect(broker.port, "pub-retention");
     for n in 1..=100 {
         publisher
-            .publish("test/seq", format!("{{\"n\": {n}}}"))
+            .publish(
+                "test/seq",
+                format!("{{\"n\": {n}, \"pad\": \"RETAINED-{n:04}\"}}"),
+            )
             .await;
     }
     publisher.wait_acked(100).await;
@@ -322,6 +340,11 @@ async fn retention_purges_records_from_disk_and_replay() {
         gw.metric("hubgate_store_records_purged_total", &purged) == 100.0
     });
     assert_eq!(gw.metric("hubgate_outbox_bytes", &[]), 0.0);
+    // The data keys of the purged records are destroyed, and no record was ever on disk in clear.
+    wait_for("the data keys destroyed", Duration::from_secs(10), || {
+        gw.metric("hubgate_outbox_keys_destroyed_total", &kept) >= 1.0
+    });
+    assert!(!disk_holds(data.path(), b"RETAINED-"));
     let seen = replay(&gw, "seq", Duration::from_secs(1), |s| !s.gaps.is_empty()).await;
     assert_eq!(seen.gaps, [(1, 100)]);
     assert!(seen.numbers.is_empty());

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, ReadableDatabase, TableDefinition};
 
 use super::{
-    BatchInfo, Commit, Outbox, OutboxError, Purged, ReadBatch, encode, named_key, purge_batches,
-    read_batches, record_key, seq_of,
+    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, encode, named_key,
+    purge_batches, read_batches, record_key, seq_of, shred,
 };
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
@@ -21,17 +21,20 @@ fn db_error(err: impl Into<redb::Error>) -> OutboxError {
 #[derive(Debug)]
 pub struct RedbOutbox {
     db: Database,
+    vault: Vault,
     /// Bytes of record batches held (see [`Outbox::record_bytes`]).
     record_bytes: AtomicU64,
 }
 
 impl RedbOutbox {
-    /// Opens (or creates) the outbox in file `path`. A file left by a killed process is repaired
-    /// by redb on open. Opening reads every batch once, to learn the bytes held.
-    pub fn open(path: &Path) -> Result<Self, OutboxError> {
+    /// Opens (or creates) the outbox in directory `dir`: the database in `dir/outbox.redb`, the
+    /// data keys in `dir/keys`. A file left by a killed process is repaired by redb on open.
+    /// Opening reads every batch once, to learn the bytes held.
+    pub fn open(dir: &Path) -> Result<Self, OutboxError> {
+        let vault = Vault::open(dir)?;
         let db = Database::builder()
             .set_cache_size(16 * 1024 * 1024)
-            .create(path)
+            .create(dir.join("outbox.redb"))
             .map_err(db_error)?;
         let tx = db.begin_write().map_err(db_error)?;
         tx.open_table(TABLE).map_err(db_error)?;
@@ -44,6 +47,7 @@ impl RedbOutbox {
         }
         Ok(Self {
             db,
+            vault,
             record_bytes: AtomicU64::new(bytes),
         })
     }
@@ -53,7 +57,7 @@ impl RedbOutbox {
         &self,
         stream: &str,
         from: u64,
-        f: impl FnOnce(&mut dyn Iterator<Item = Result<(u64, Vec<u8>), OutboxError>>) -> T,
+        f: impl FnOnce(&mut dyn Iterator<Item = Entry<Vec<u8>>>) -> T,
     ) -> Result<T, OutboxError> {
         let tx = self.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
@@ -86,16 +90,33 @@ impl RedbOutbox {
             .unwrap();
         tx.commit().unwrap();
     }
+
+    #[cfg(test)]
+    pub(super) fn vault_for_tests(&self) -> &Vault {
+        &self.vault
+    }
+
+    #[cfg(test)]
+    pub(super) fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
+        let tx = self.db.begin_read().unwrap();
+        let table = tx.open_table(TABLE).unwrap();
+        let value = table
+            .get(record_key(stream, first).as_slice())
+            .unwrap()
+            .unwrap();
+        value.value().to_vec()
+    }
 }
 
 impl Outbox for RedbOutbox {
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
+        let mut keys = self.vault.lock();
         let tx = self.db.begin_write().map_err(db_error)?;
         let mut added = 0;
         {
             let mut table = tx.open_table(TABLE).map_err(db_error)?;
             for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
-                let value = encode(a.kept_ms, &a.records)?;
+                let value = encode(&mut keys, a)?;
                 added += value.len() as u64;
                 table
                     .insert(record_key(&a.stream, a.first).as_slice(), value.as_slice())
@@ -115,13 +136,16 @@ impl Outbox for RedbOutbox {
             }
         }
         tx.commit().map_err(db_error)?;
+        drop(keys);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
     }
 
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError> {
         self.with_batches(stream, from, |batches| {
-            read_batches(batches, from, max, &|| self.next_sequence(stream))
+            read_batches(&self.vault, stream, batches, from, max, &|| {
+                self.next_sequence(stream)
+            })
         })?
     }
 
@@ -145,7 +169,7 @@ impl Outbox for RedbOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
-        let (purged, firsts) = self.with_batches(stream, 0, |batches| {
+        let (mut purged, firsts) = self.with_batches(stream, 0, |batches| {
             purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
         })??;
         if !firsts.is_empty() {
@@ -161,6 +185,7 @@ impl Outbox for RedbOutbox {
             tx.commit().map_err(db_error)?;
             self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
         }
+        shred(self, &self.vault, stream, &mut purged)?;
         Ok(purged)
     }
 
