@@ -41,6 +41,21 @@ pub const OUTBOX_BYTES: &str = "hubgate_outbox_bytes";
 /// Outbox commits that failed (disk error, or full with `on_full = "stop_acking"`); the turn is
 /// retried and its messages are not acknowledged meanwhile. Label: `reason` (`error`, `full`).
 pub const OUTBOX_COMMIT_FAILURES: &str = "hubgate_outbox_commit_failures_total";
+/// Records other gateways forwarded (gRPC Push). Labels: `stream`, `outcome` (`kept`,
+/// `duplicate`).
+pub const PUSH_RECORDS: &str = "hubgate_push_records_total";
+/// 1 while the Push call to the upstream hub is open.
+pub const UPSTREAM_CONNECTED: &str = "hubgate_upstream_connected";
+/// Failed connections and broken Push calls to the upstream hub.
+pub const UPSTREAM_ERRORS: &str = "hubgate_upstream_errors_total";
+/// Records sent to the upstream hub, resends included. Label: `stream`.
+pub const UPSTREAM_RECORDS_SENT: &str = "hubgate_upstream_records_sent_total";
+/// Records the upstream hub acknowledged. Label: `stream`.
+pub const UPSTREAM_RECORDS_ACKED: &str = "hubgate_upstream_records_acked_total";
+/// Records purged here before they could be sent upstream. Label: `stream`.
+pub const UPSTREAM_RECORDS_LOST: &str = "hubgate_upstream_records_lost_total";
+/// Records kept and not yet acknowledged by the upstream hub. Label: `stream`.
+pub const UPSTREAM_LAG: &str = "hubgate_upstream_lag_records";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
 /// gRPC Subscribe calls open now.
@@ -151,6 +166,34 @@ pub fn describe() {
     describe_counter!(
         OUTBOX_COMMIT_FAILURES,
         "outbox commits that failed and are retried, by reason"
+    );
+    describe_counter!(
+        PUSH_RECORDS,
+        "records other gateways forwarded, kept or duplicate"
+    );
+    describe_gauge!(
+        UPSTREAM_CONNECTED,
+        "1 while the Push call to the upstream hub is open"
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "failed connections and broken Push calls to the upstream hub"
+    );
+    describe_counter!(
+        UPSTREAM_RECORDS_SENT,
+        "records sent to the upstream hub, resends included"
+    );
+    describe_counter!(
+        UPSTREAM_RECORDS_ACKED,
+        "records the upstream hub acknowledged"
+    );
+    describe_counter!(
+        UPSTREAM_RECORDS_LOST,
+        "records purged before they could be sent upstream"
+    );
+    describe_gauge!(
+        UPSTREAM_LAG,
+        "records kept and not yet acknowledged by the upstream hub"
     );
     describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
     describe_gauge!(GRPC_SUBSCRIBERS, "gRPC Subscribe calls open now");

@@ -37,7 +37,54 @@ pub struct Config {
     pub grpc: GrpcConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
+    /// Where to forward records, if anywhere.
+    pub upstream: Option<UpstreamConfig>,
     pub policy: Policy,
+}
+
+/// An upstream hub that receives this gateway's records (gRPC `Push`); see [`crate::upstream`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The hub's gRPC address, `http://host:port`.
+    pub endpoint: String,
+    /// This gateway's name at the hub: stable, and unique among the gateways that push to it.
+    pub origin: String,
+    /// Streams to forward; all when absent.
+    #[serde(default)]
+    pub streams: Option<Vec<String>>,
+    /// Records per request.
+    #[serde(default = "UpstreamConfig::default_batch")]
+    pub batch: usize,
+    /// Records sent and not yet acknowledged, per stream, at most.
+    #[serde(default = "UpstreamConfig::default_window")]
+    pub window: u64,
+    /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
+    #[serde(
+        default = "UpstreamConfig::default_backoff",
+        deserialize_with = "duration"
+    )]
+    pub reconnect_backoff_max: Duration,
+}
+
+impl UpstreamConfig {
+    fn default_batch() -> usize {
+        256
+    }
+    fn default_window() -> u64 {
+        4096
+    }
+    fn default_backoff() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+/// Whether `origin` is a usable origin name: 1 to 64 of letters, digits, '.', '_' and '-'.
+pub fn valid_origin(origin: &str) -> bool {
+    (1..=64).contains(&origin.len())
+        && origin
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Connection to the MQTT broker.
@@ -226,6 +273,8 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     })?;
     let mut diags = Diagnostics::default();
     let (mut mqtt, mut grpc, mut admin, mut store) = Default::default();
+    let mut upstream: Option<UpstreamConfig> = None;
+    let mut upstream_span = 0..0;
     let mut raw_streams = None;
     let whole = 0..source.len().min(1);
     let (mut mqtt_span, mut store_span) = (whole.clone(), whole.clone());
@@ -241,10 +290,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 store_span = key.span();
                 store = diags.section(value);
             }
+            "upstream" => {
+                upstream_span = key.span();
+                upstream = diags.section(value);
+            }
             "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
             other => diags.error(
                 key.span(),
-                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'stream'"),
+                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'stream'"),
             ),
         }
     }
@@ -287,6 +340,9 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     }
     let raw_streams = raw_streams.unwrap_or_default();
     let policy = policy::compile(raw_streams, &mut diags);
+    if let Some(up) = &upstream {
+        check_upstream(up, policy.as_ref(), upstream_span, &mut diags);
+    }
     match policy {
         Some(policy) if !diags.has_errors() => {
             let config = Config {
@@ -294,6 +350,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 grpc,
                 admin,
                 store,
+                upstream,
                 policy,
             };
             Ok((config, diags.into_sorted()))
@@ -301,6 +358,48 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         _ => Err(Rejected {
             diagnostics: diags.into_sorted(),
         }),
+    }
+}
+
+fn check_upstream(
+    up: &UpstreamConfig,
+    policy: Option<&Policy>,
+    span: std::ops::Range<usize>,
+    diags: &mut Diagnostics,
+) {
+    if !up.endpoint.starts_with("http://") {
+        diags.error(
+            span.clone(),
+            format!(
+                "upstream.endpoint '{}' must be http://host:port (TLS to the upstream is not supported yet)",
+                up.endpoint
+            ),
+        );
+    }
+    if !valid_origin(&up.origin) {
+        diags.error(
+            span.clone(),
+            "upstream.origin must be 1 to 64 letters, digits, '.', '_' or '-'",
+        );
+    }
+    if up.batch == 0 || up.batch > 4096 {
+        diags.error(span.clone(), "upstream.batch must be between 1 and 4096");
+    }
+    if up.window < up.batch as u64 {
+        diags.error(
+            span.clone(),
+            "upstream.window must be at least upstream.batch",
+        );
+    }
+    if let (Some(names), Some(policy)) = (&up.streams, policy) {
+        for name in names {
+            if !policy.streams().iter().any(|s| &s.name == name) {
+                diags.error(
+                    span.clone(),
+                    format!("upstream.streams names '{name}', which no [[stream]] declares"),
+                );
+            }
+        }
     }
 }
 
@@ -358,6 +457,32 @@ mod tests {
             err.diagnostics
         );
         assert!(err.diagnostics[0].message.contains("invalid size 'lots'"));
+    }
+
+    #[test]
+    fn upstream_settings_are_checked() {
+        let with = |upstream: &str| format!("[upstream]\n{upstream}\n{DEFAULT_CONFIG}");
+        let ok =
+            with("endpoint = \"http://hub:50051\"\norigin = \"district-1\"\nstreams = [\"noise\"]");
+        let (config, _) = parse(&ok).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+        let up = config.upstream.unwrap();
+        assert_eq!((up.batch, up.window), (256, 4096));
+        let errors = |src: &str| -> Vec<String> {
+            parse(src)
+                .unwrap_err()
+                .diagnostics
+                .into_iter()
+                .map(|d| d.message)
+                .collect()
+        };
+        let e = errors(&with(
+            "endpoint = \"https://hub\"\norigin = \"district 1\"\nstreams = [\"weather\"]\nbatch = 0",
+        ));
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e.iter().any(|m| m.contains("must be http://")));
+        assert!(e.iter().any(|m| m.contains("upstream.origin")));
+        assert!(e.iter().any(|m| m.contains("'weather'")));
+        assert!(e.iter().any(|m| m.contains("upstream.batch")));
     }
 
     #[test]

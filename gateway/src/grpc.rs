@@ -7,6 +7,9 @@
 //! or other subscribers. Replay and live are the same loop over the same log, so there is no gap
 //! and no duplicate where one becomes the other.
 //!
+//! Push: one task per call reads the origin's requests, validates each and waits for the pipeline
+//! to commit it before answering (see [`crate::push`]); a slow commit slows only that origin.
+//!
 //! Metrics: `hubgate_grpc_subscribers`, `hubgate_grpc_records_sent_total{stream}`.
 
 use std::net::SocketAddr;
@@ -17,12 +20,12 @@ use hubgate_privacy::Policy;
 use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::pipeline::now_ms;
+use crate::push::{self, PushJob};
 use crate::store::Store;
 
 /// Records read from the store per turn of a follower.
@@ -35,14 +38,22 @@ const SUBSCRIBER_BUFFER: usize = 1024;
 pub struct GatewayService {
     policy: Arc<Policy>,
     store: Arc<Store>,
+    /// To the pipeline: records other gateways push.
+    pushed: mpsc::Sender<PushJob>,
     shutdown: CancellationToken,
 }
 
 impl GatewayService {
-    pub fn new(policy: Arc<Policy>, store: Arc<Store>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        policy: Arc<Policy>,
+        store: Arc<Store>,
+        pushed: mpsc::Sender<PushJob>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             policy,
             store,
+            pushed,
             shutdown,
         }
     }
@@ -70,6 +81,62 @@ type EventResult = Result<v1::SubscribeResponse, Status>;
 #[tonic::async_trait]
 impl Gateway for GatewayService {
     type SubscribeStream = ReceiverStream<EventResult>;
+    type PushStream = ReceiverStream<Result<v1::PushAck, Status>>;
+
+    async fn push(
+        &self,
+        request: Request<tonic::Streaming<v1::PushRequest>>,
+    ) -> Result<Response<Self::PushStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let (policy, pushed, shutdown) = (
+            Arc::clone(&self.policy),
+            self.pushed.clone(),
+            self.shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    next = inbound.message() => match next {
+                        Ok(Some(request)) => request,
+                        // The origin closed the call, or it broke: nothing to answer.
+                        Ok(None) | Err(_) => return,
+                    },
+                };
+                let stream = match push::validate(&policy, &request) {
+                    Ok(stream) => stream,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let (reply, answer) = oneshot::channel();
+                let job = PushJob {
+                    origin: request.origin,
+                    stream,
+                    records: request.records,
+                    reply,
+                };
+                if pushed.send(job).await.is_err() {
+                    let _ = tx.send(Err(Status::unavailable("shutting down"))).await;
+                    return;
+                }
+                let ack = match answer.await {
+                    Ok(sequence) => Ok(v1::PushAck {
+                        stream: request.stream,
+                        sequence,
+                    }),
+                    Err(_) => Err(Status::unavailable("the records could not be kept")),
+                };
+                let failed = ack.is_err();
+                if tx.send(ack).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn subscribe(
         &self,
@@ -172,20 +239,12 @@ impl Follower {
         loop {
             // Mark the current tip as seen before reading, so an append after the read wakes us.
             tip.borrow_and_update();
-            let batch = if self.store.reads_disk(self.index, self.cursor) {
-                // Replay of records no longer in memory: off the async threads.
-                let (store, index, cursor) = (Arc::clone(&self.store), self.index, self.cursor);
-                match tokio::task::spawn_blocking(move || {
-                    store.read(index, cursor, READ_BATCH, now_ms())
-                })
+            let Some(batch) = self
+                .store
+                .read_async(self.index, self.cursor, READ_BATCH)
                 .await
-                {
-                    Ok(batch) => batch,
-                    Err(_) => return,
-                }
-            } else {
-                self.store
-                    .read(self.index, self.cursor, READ_BATCH, now_ms())
+            else {
+                return;
             };
             if let Some((first, last)) = batch.gap {
                 let stream = self.name.clone();

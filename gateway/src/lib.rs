@@ -29,8 +29,10 @@ pub mod ingest;
 pub mod keys;
 pub mod outbox;
 pub mod pipeline;
+pub mod push;
 pub mod simulator;
 pub mod store;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -139,10 +141,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         budget,
     )?;
     let acker = Acker::new(client.clone());
+    let (push_tx, push_rx) = mpsc::channel(16);
     {
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            pipeline::run(pipeline, queue_rx, acker, shutdown).await;
+            pipeline::run(pipeline, queue_rx, push_rx, acker, shutdown).await;
             Ok(())
         });
     }
@@ -162,8 +165,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Ok(())
         });
     }
-    let service =
-        grpc::GatewayService::new(Arc::clone(&policy), Arc::clone(&store), shutdown.clone());
+    let service = grpc::GatewayService::new(
+        Arc::clone(&policy),
+        Arc::clone(&store),
+        push_tx,
+        shutdown.clone(),
+    );
+    if let Some(upstream) = config.upstream {
+        tasks.spawn(upstream::run(
+            upstream,
+            Arc::clone(&policy),
+            Arc::clone(&store),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(grpc::serve(grpc_listener, service, shutdown.clone()));
     tasks.spawn(admin::serve(
         admin_listener,

@@ -62,6 +62,7 @@ use tokio_util::sync::CancellationToken;
 use crate::budget::{BudgetFile, OsRandom};
 use crate::decode;
 use crate::keys::KeyManager;
+use crate::push::PushJob;
 use crate::store::{CommitError, Pending, Store};
 
 /// Most messages taken from the queue in one turn.
@@ -302,6 +303,8 @@ pub struct Pipeline {
     /// What this turn stages, until it is committed.
     pending: Pending,
     commit_failures: [Counter; 2],
+    /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::push`]).
+    push_marks: std::collections::HashMap<String, u64>,
 }
 
 impl Pipeline {
@@ -346,7 +349,77 @@ impl Pipeline {
             commit_failures: ["error", "full"].map(
                 |reason| metrics::counter!(catalogue::OUTBOX_COMMIT_FAILURES, "reason" => reason),
             ),
+            push_marks: std::collections::HashMap::new(),
         })
+    }
+
+    /// Stages the records another gateway forwarded (see [`crate::push`]): those not kept
+    /// before, with the fields this gateway's policy admits. Returns the origin sequence to
+    /// acknowledge once the turn is committed.
+    pub fn accept_push(&mut self, job: &PushJob, now_ms: i64) -> anyhow::Result<u64> {
+        let stream = &self.policy.streams()[job.stream];
+        let mark_name = crate::push::mark_name(&job.origin, &stream.name);
+        let mark = match self.push_marks.get(&mark_name) {
+            Some(mark) => *mark,
+            None => self
+                .store
+                .checkpoint(&mark_name)?
+                .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or(0, u64::from_be_bytes),
+        };
+        let (mut last, mut duplicates, mut dropped, mut identifiers) = (mark, 0u64, 0u64, 0u64);
+        let mut records = Vec::new();
+        for r in &job.records {
+            if r.sequence <= last {
+                duplicates += 1;
+                continue;
+            }
+            last = r.sequence;
+            let fields = r
+                .fields
+                .iter()
+                .filter_map(|(p, v)| Some((p.clone(), from_proto_value(v.clone())?)))
+                .collect();
+            let admitted = chain::admit_forwarded(stream, fields);
+            dropped += u64::from(admitted.fields_dropped);
+            identifiers += u64::from(admitted.identifiers_suppressed);
+            records.push(v1::Record {
+                stream: stream.name.clone(),
+                sequence: 0,
+                event_time: r.event_time,
+                policy_hash: r.policy_hash.clone(),
+                fields: admitted
+                    .fields
+                    .into_iter()
+                    .map(|(p, v)| (p, to_proto_value(v)))
+                    .collect(),
+                origin: job.origin.clone(),
+                origin_sequence: r.sequence,
+            });
+        }
+        let kept = records.len() as u64;
+        if kept > 0 {
+            self.store
+                .stage(&mut self.pending, job.stream, records, now_ms);
+            self.pending
+                .checkpoint(mark_name.clone(), last.to_be_bytes().to_vec());
+            self.push_marks.insert(mark_name, last);
+        }
+        let name = stream.name.clone();
+        metrics::counter!(catalogue::PUSH_RECORDS, "stream" => name.clone(), "outcome" => "kept")
+            .increment(kept);
+        metrics::counter!(catalogue::PUSH_RECORDS, "stream" => name.clone(), "outcome" => "duplicate")
+            .increment(duplicates);
+        let c = &self.counters[job.stream];
+        c.kept.increment(kept);
+        c.identifiers_suppressed.increment(identifiers);
+        metrics::counter!(catalogue::FIELDS_DROPPED, "stream" => name, "stage" => "forwarded")
+            .increment(dropped);
+        let s = &self.stats.streams[job.stream];
+        s.records_kept.fetch_add(kept, Ordering::Relaxed);
+        s.identifiers_suppressed
+            .fetch_add(identifiers, Ordering::Relaxed);
+        Ok(last)
     }
 
     /// Commits what this turn staged: records and changed window checkpoints, atomically and
@@ -641,7 +714,19 @@ pub fn to_proto(stream: &str, policy_hash: &str, record: Record) -> v1::Record {
             .into_iter()
             .map(|(path, value)| (path, to_proto_value(value)))
             .collect(),
+        origin: String::new(),
+        origin_sequence: 0,
     }
+}
+
+fn from_proto_value(value: v1::Value) -> Option<Value> {
+    use v1::value::Kind;
+    Some(match value.kind? {
+        Kind::IntValue(i) => Value::Int(i),
+        Kind::DoubleValue(f) => Value::Float(f),
+        Kind::StringValue(s) => Value::Str(s),
+        Kind::BoolValue(b) => Value::Bool(b),
+    })
 }
 
 fn to_proto_value(value: Value) -> v1::Value {
@@ -692,10 +777,12 @@ impl Acker {
     }
 }
 
-/// Runs the pipeline until the queue closes or `shutdown`.
+/// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
+/// forward (see [`crate::push`]).
 pub async fn run(
     mut pipeline: Pipeline,
     mut queue: mpsc::Receiver<Publish>,
+    mut pushed: mpsc::Receiver<PushJob>,
     mut acker: Acker,
     shutdown: CancellationToken,
 ) {
@@ -706,6 +793,7 @@ pub async fn run(
     loop {
         // Acks waiting for room in the request channel: come back soon even if idle.
         let acks_waiting = acker.flush();
+        let mut push_reply = None;
         tokio::select! {
             n = queue.recv_many(&mut batch, BATCH) => {
                 if n == 0 {
@@ -713,16 +801,24 @@ pub async fn run(
                 }
                 pipeline.process(&batch, now_ms());
             }
+            Some(job) = pushed.recv() => match pipeline.accept_push(&job, now_ms()) {
+                Ok(ack) => push_reply = Some((job.reply, ack)),
+                Err(err) => tracing::error!(%err, "cannot accept forwarded records"),
+            },
             _ = tick.tick(), if aggregates => pipeline.release(now_ms()),
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
             () = shutdown.cancelled() => break,
         }
         if !commit_until_done(&mut pipeline, &shutdown).await {
             // Stopping with the turn uncommitted: its messages are not acknowledged, so the broker
-            // delivers them again after the restart.
+            // delivers them again after the restart (and the origin of forwarded records sends
+            // them again).
             return;
         }
         acker.ack(batch.drain(..));
+        if let Some((reply, ack)) = push_reply {
+            let _ = reply.send(ack);
+        }
     }
     acker.flush();
 }

@@ -443,6 +443,32 @@ impl Store {
         Self::batch(from, records, memory_oldest)
     }
 
+    /// [`Store::read`] from an async task: on a blocking thread when it goes to the disk. `None`
+    /// when the runtime is shutting down.
+    pub async fn read_async(
+        self: &Arc<Self>,
+        index: usize,
+        from: u64,
+        max: usize,
+    ) -> Option<Batch> {
+        if self.reads_disk(index, from) {
+            let store = Arc::clone(self);
+            tokio::task::spawn_blocking(move || store.read(index, from, max, now_ms()))
+                .await
+                .ok()
+        } else {
+            Some(self.read(index, from, max, now_ms()))
+        }
+    }
+
+    /// Stores a named checkpoint on its own, durably (for state outside the pipeline's turns).
+    pub fn save_checkpoint(&self, name: &str, bytes: Vec<u8>) -> Result<(), OutboxError> {
+        self.outbox.commit(&Commit {
+            appends: Vec::new(),
+            checkpoints: vec![(name.to_owned(), bytes)],
+        })
+    }
+
     /// A batch of consecutive `records` asked for from `from`; when empty, everything before
     /// `resume` is gone.
     fn batch(from: u64, records: Vec<Arc<Stored>>, resume: u64) -> Batch {

@@ -287,5 +287,51 @@ fn event_time(value: &Value) -> Option<i64> {
     (0..=MAX_EVENT_MS).contains(&ms).then_some(ms)
 }
 
+/// What [`admit_forwarded`] let through.
+#[derive(Debug, Default, PartialEq)]
+pub struct Admitted {
+    pub fields: Vec<(String, Value)>,
+    pub fields_dropped: u32,
+    pub identifiers_suppressed: u32,
+}
+
+/// Admits the fields of a record another gateway filtered and forwarded (an upstream hub receiving
+/// a district's records), under this gateway's policy for the stream, fail closed:
+///
+/// - a field the stream does not declare is dropped;
+/// - a field declared `keep` passes unless it holds a direct identifier (then it is dropped: no
+///   key of this gateway ever applies to forwarded values);
+/// - a field declared `pseudonymise` passes only if it already is a pseudonym (lowercase hex of
+///   the pseudonym's length), so a raw value can never slip through under a pseudonym's name;
+/// - a field declared as a location cell passes only as a string (the cell id).
+pub fn admit_forwarded(policy: &StreamPolicy, fields: Vec<(String, Value)>) -> Admitted {
+    let mut out = Admitted::default();
+    for (path, value) in fields {
+        let pass = match (policy.treatment(&path), &value) {
+            (Some(Treatment::Keep), Value::Str(s)) => {
+                if policy.identifiers.detector.find(s).is_some() {
+                    out.identifiers_suppressed += 1;
+                    false
+                } else {
+                    true
+                }
+            }
+            (Some(Treatment::Keep), _) => true,
+            (Some(Treatment::Pseudonymise), Value::Str(s)) => {
+                s.len() == 2 * crate::pseudonym::PSEUDONYM_BYTES
+                    && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+            }
+            (Some(Treatment::H3(_) | Treatment::Grid(_)), Value::Str(_)) => true,
+            _ => false,
+        };
+        if pass {
+            out.fields.push((path, value));
+        } else {
+            out.fields_dropped += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;

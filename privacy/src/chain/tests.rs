@@ -388,3 +388,45 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn forwarded_records_are_admitted_fail_closed() {
+    let policy = stream_with(
+        "",
+        "counter_id = \"keep\"\ndevice = \"pseudonymise\"\nrssi = \"keep\"\n\
+         cell = { h3 = { resolution = 8, lat = \"lat\", lon = \"lon\" } }\n",
+    );
+    let pseudonym = "0123456789abcdef0123456789abcdef".to_owned();
+    let out = admit_forwarded(
+        &policy,
+        vec![
+            ("counter_id".into(), s("pc-01")),
+            ("rssi".into(), Value::Int(-60)),
+            ("device".into(), Value::Str(pseudonym.clone())),
+            ("cell".into(), s("8828308281fffff")),
+            ("undeclared".into(), s("x")),
+        ],
+    );
+    assert_eq!(
+        out.fields,
+        vec![
+            ("counter_id".into(), s("pc-01")),
+            ("rssi".into(), Value::Int(-60)),
+            ("device".into(), Value::Str(pseudonym)),
+            ("cell".into(), s("8828308281fffff")),
+        ]
+    );
+    assert_eq!((out.fields_dropped, out.identifiers_suppressed), (1, 0));
+    // A raw identifier under a kept name, or a raw value under a pseudonym's name, never passes.
+    let out = admit_forwarded(
+        &policy,
+        vec![
+            ("counter_id".into(), s("3c:22:fb:12:34:56")),
+            ("device".into(), s("3c:22:fb:12:34:56")),
+            ("device".into(), s("0123456789ABCDEF0123456789ABCDEF")),
+            ("cell".into(), Value::Int(7)),
+        ],
+    );
+    assert!(out.fields.is_empty(), "{:?}", out.fields);
+    assert_eq!((out.fields_dropped, out.identifiers_suppressed), (4, 1));
+}

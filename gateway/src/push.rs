@@ -1,0 +1,140 @@
+//! Receiving another gateway's records (gRPC `Push`), as an upstream hub.
+//!
+//! The gRPC handler validates each request and hands it to the pipeline task as a [`PushJob`]: the
+//! pipeline is the store's only writer, so forwarded records are staged, de-duplicated and
+//! committed like the gateway's own, in the same turns and with the same durability. The answer
+//! (the acknowledged origin sequence) goes back only after the commit.
+//!
+//! De-duplication is by (origin, stream, origin sequence): per origin and stream, the highest
+//! origin sequence kept is a checkpoint (`push/<origin>/<stream>`) committed atomically with the
+//! records, so a batch sent again after a crash of either side is acknowledged and not kept twice.
+//! Fields pass this gateway's policy again, fail closed
+//! ([`hubgate_privacy::chain::admit_forwarded`]).
+//!
+//! Metrics: `hubgate_push_records_total{stream, outcome}` (`kept`, `duplicate`),
+//! `hubgate_fields_dropped_total{stream, stage="forwarded"}`,
+//! `hubgate_identifiers_suppressed_total{stream}`.
+
+use hubgate_proto::v1;
+use tokio::sync::oneshot;
+use tonic::Status;
+
+/// Most records in one request.
+pub const MAX_BATCH: usize = 4096;
+
+/// A validated request, for the pipeline.
+#[derive(Debug)]
+pub struct PushJob {
+    pub origin: String,
+    /// The stream's index in this gateway's policy.
+    pub stream: usize,
+    /// Records in strictly increasing origin sequence order.
+    pub records: Vec<v1::Record>,
+    /// The acknowledged origin sequence, once committed.
+    pub reply: oneshot::Sender<u64>,
+}
+
+/// The name of the de-duplication checkpoint of an origin's stream.
+pub fn mark_name(origin: &str, stream: &str) -> String {
+    format!("push/{origin}/{stream}")
+}
+
+/// Checks a request against the policy; returns the stream's index.
+pub fn validate(
+    policy: &hubgate_privacy::Policy,
+    request: &v1::PushRequest,
+) -> Result<usize, Status> {
+    if !crate::config::valid_origin(&request.origin) {
+        return Err(Status::invalid_argument(
+            "origin must be 1 to 64 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    let Some(index) = policy
+        .streams()
+        .iter()
+        .position(|s| s.name == request.stream)
+    else {
+        return Err(Status::not_found("no such stream"));
+    };
+    if policy.streams()[index].aggregate.is_some() {
+        return Err(Status::failed_precondition(
+            "the stream is aggregated here: forwarded records cannot join its windows",
+        ));
+    }
+    if request.records.len() > MAX_BATCH {
+        return Err(Status::invalid_argument("too many records in one request"));
+    }
+    let ordered = request
+        .records
+        .windows(2)
+        .all(|w| w[0].sequence < w[1].sequence);
+    if !ordered || request.records.first().is_some_and(|r| r.sequence == 0) {
+        return Err(Status::invalid_argument(
+            "records must have increasing sequences from 1 on",
+        ));
+    }
+    Ok(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn record(sequence: u64) -> v1::Record {
+        v1::Record {
+            sequence,
+            ..v1::Record::default()
+        }
+    }
+
+    fn request(origin: &str, stream: &str, sequences: &[u64]) -> v1::PushRequest {
+        v1::PushRequest {
+            origin: origin.into(),
+            stream: stream.into(),
+            records: sequences.iter().copied().map(record).collect(),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_policy() {
+        let (config, _) = crate::config::parse(crate::config::DEFAULT_CONFIG).unwrap();
+        let policy = config.policy;
+        let air = policy
+            .streams()
+            .iter()
+            .position(|s| s.name == "air_quality")
+            .unwrap();
+        assert_eq!(
+            validate(&policy, &request("district-1", "air_quality", &[3, 4, 9])).unwrap(),
+            air
+        );
+        let code = |r: v1::PushRequest| validate(&policy, &r).unwrap_err().code();
+        assert_eq!(
+            code(request("", "air_quality", &[1])),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(request("district 1", "air_quality", &[1])),
+            Code::InvalidArgument
+        );
+        assert_eq!(code(request("d1", "weather", &[1])), Code::NotFound);
+        assert_eq!(
+            code(request("d1", "footfall", &[1])),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(request("d1", "air_quality", &[2, 2])),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(request("d1", "air_quality", &[0, 1])),
+            Code::InvalidArgument
+        );
+        let too_many: Vec<u64> = (1..=MAX_BATCH as u64 + 1).collect();
+        assert_eq!(
+            code(request("d1", "air_quality", &too_many)),
+            Code::InvalidArgument
+        );
+    }
+}
