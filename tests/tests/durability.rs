@@ -79,17 +79,20 @@ async fn replay(gw: &Gateway, stream: &str, quiet: Duration, done: impl Fn(&Seen
 
 /// Whether any file under `dir` holds `needle`.
 fn disk_holds(dir: &Path, needle: &[u8]) -> bool {
-    std::fs::read_dir(dir).unwrap().flatten().any(|entry| {
-        let path = entry.path();
-        if path.is_dir() {
-            disk_holds(&path, needle)
-        } else {
-            std::fs::read(&path)
-                .unwrap()
-                .windows(needle.len())
-                .any(|w| w == needle)
-        }
-    })
+    std::fs::read_dir(dir)
+        .expect("read the data directory")
+        .flatten()
+        .any(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                disk_holds(&path, needle)
+            } else {
+                std::fs::read(&path)
+                    .expect("read a data file")
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+            }
+        })
 }
 
 /// A small xorshift generator: the kill moments vary from run to run, and the seed is printed so
@@ -128,14 +131,14 @@ async fn crash_test(engine: &str) {
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
+                .expect("clock after 1970")
                 .as_nanos() as u64
                 | 1
         });
     eprintln!("crash test on {engine}: seed {seed} (HUBGATE_CRASH_SEED={seed} replays it)");
     let mut moments = Moments(seed);
     let broker = Mosquitto::start();
-    let data = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().expect("temp dir");
     let cfg = durable_config(
         broker.port,
         "gw-crash",
