@@ -175,7 +175,7 @@ async fn call(
     let mut last_save = Instant::now();
     loop {
         for s in streams.iter_mut() {
-            while s.sent - s.acked < config.window {
+            while s.sent.saturating_sub(s.acked) < config.window {
                 let Some(batch) = store.read_async(s.index, s.sent + 1, config.batch).await else {
                     return Ok(());
                 };
@@ -221,6 +221,9 @@ async fn call(
                 {
                     s.acked_total.increment(ack.sequence - s.acked);
                     s.acked = ack.sequence;
+                    // The hub may hold more than this call sent (it kept records an earlier call
+                    // sent after the last saved position): those need not be sent again.
+                    s.sent = s.sent.max(ack.sequence);
                 }
             }
             () = tokio::time::sleep(POLL) => {}

@@ -236,7 +236,16 @@ impl Gateway {
     /// The Prometheus page.
     pub fn metrics(&self) -> String {
         let (status, body) = http_get(self.admin, "/metrics");
-        assert_eq!(status, 200);
+        if status != 200 {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "GET /metrics on {} answered {status}; the gateway's log ends with:\n{}",
+                self.admin,
+                tail.join("\n")
+            );
+        }
         body
     }
 
