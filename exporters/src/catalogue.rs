@@ -56,6 +56,8 @@ pub const UPSTREAM_RECORDS_ACKED: &str = "hubgate_upstream_records_acked_total";
 pub const UPSTREAM_RECORDS_LOST: &str = "hubgate_upstream_records_lost_total";
 /// Records kept and not yet acknowledged by the upstream hub. Label: `stream`.
 pub const UPSTREAM_LAG: &str = "hubgate_upstream_lag_records";
+/// Audit log entries that could not be written.
+pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
 /// gRPC Subscribe calls open now.
@@ -194,6 +196,10 @@ pub fn describe() {
     describe_gauge!(
         UPSTREAM_LAG,
         "records kept and not yet acknowledged by the upstream hub"
+    );
+    describe_counter!(
+        AUDIT_WRITE_ERRORS,
+        "audit log entries that could not be written"
     );
     describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
     describe_gauge!(GRPC_SUBSCRIBERS, "gRPC Subscribe calls open now");

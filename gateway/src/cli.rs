@@ -42,6 +42,11 @@ enum Command {
         #[arg(long, short)]
         input: PathBuf,
     },
+    /// Check the audit log's hash chain and report the first broken entry.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Run a simulated district through the gateway and show what the policy keeps.
     #[cfg(feature = "embedded-broker")]
     Demo {
@@ -54,6 +59,12 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum AuditAction {
+    /// Verify the chain of an audit log file (`<data_dir>/audit.jsonl`); exits 1 if it is broken.
+    Verify { file: PathBuf },
+}
+
 /// Entry point of the `hubgate` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -62,6 +73,9 @@ pub fn main() -> ExitCode {
         Command::Check { files } => return check(&files),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
         Command::DryRun { config, input } => dry_run(&config, &input),
+        Command::Audit {
+            action: AuditAction::Verify { file },
+        } => return audit_verify(&file),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
             runtime().and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
@@ -71,6 +85,26 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("hubgate: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn audit_verify(file: &Path) -> ExitCode {
+    match crate::audit::verify(file) {
+        Ok(crate::audit::Verdict::Intact { entries, last_hash }) => {
+            println!(
+                "{}: intact, {entries} entries, last entry hash {last_hash}",
+                file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(crate::audit::Verdict::Broken { line, reason }) => {
+            println!("{}:{line}: broken: {reason}", file.display());
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("hubgate: error: cannot read {}: {err}", file.display());
             ExitCode::FAILURE
         }
     }

@@ -10,8 +10,10 @@
 //!
 //! - A stream's records are protected by a series of keys, each covering the sequences from its
 //!   `first` up to the next key's. A new key starts when the current one is older than the
-//!   stream's rotation period (an eighth of its retention, between 1 s and 1 h), so a purged
-//!   record becomes unreadable at most one period after it is purged.
+//!   stream's key period (a 24th of its retention, between 1 s and 1 h), so a key seals records
+//!   kept within one period. The store purges records one period before their retention ends
+//!   ([`crate::store`]), so a key is destroyed by the time the first record it sealed reaches the
+//!   retention limit: no record stays readable past it.
 //! - A key seals only in the process that made it. The nonce is the record's sequence number,
 //!   unique under one key; a restart may stage different records under sequences a crash left
 //!   uncommitted, so it never seals with a key from before.
@@ -40,10 +42,10 @@ const SLOT: usize = 64;
 /// Bytes a sealed record is longer than the plain one (the authentication tag).
 pub const OVERHEAD: usize = 16;
 
-/// How long a stream's data key seals before the next one starts: an eighth of the retention,
+/// How long a stream's data key seals before the next one starts: a 24th of the retention,
 /// between 1 s and 1 h.
 pub fn rotation(retention: Duration) -> Duration {
-    (retention / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+    (retention / 24).clamp(Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 /// A stable 64-bit id of a stream name (FNV-1a): names are the policy's, not secrets, and this runs
@@ -398,9 +400,9 @@ mod tests {
     }
 
     #[test]
-    fn rotation_is_an_eighth_of_retention_within_bounds() {
+    fn rotation_is_a_24th_of_retention_within_bounds() {
         assert_eq!(rotation(Duration::from_secs(2)), Duration::from_secs(1));
-        assert_eq!(rotation(Duration::from_secs(80)), Duration::from_secs(10));
+        assert_eq!(rotation(Duration::from_secs(240)), Duration::from_secs(10));
         assert_eq!(rotation(Duration::from_secs(30 * 86_400)), HOUR);
     }
 }

@@ -3,7 +3,7 @@
 //! Keys live in memory only and are never written, logged or sent. When a stream's epoch ends, its
 //! key is replaced by a fresh random one and the old key is wiped from memory (zeroised on drop),
 //! which makes the old epoch's pseudonyms unlinkable to anything from then on (crypto-shredding).
-//! Each rotation and destruction is logged without the key and counted.
+//! Each rotation and destruction is counted and written to the audit log, without the key.
 //!
 //! Epochs are aligned to the Unix epoch (`floor(now / key_epoch)`), so a restart within an epoch
 //! also starts a new key: pseudonyms never survive a restart.
@@ -27,10 +27,12 @@ struct StreamKey {
 #[derive(Debug)]
 pub struct KeyManager {
     streams: Vec<Option<StreamKey>>,
+    audit: Option<std::sync::Arc<crate::audit::AuditLog>>,
 }
 
 impl KeyManager {
-    pub fn new(policy: &Policy) -> Self {
+    /// Keys for `policy`'s streams; rotations and destructions go to `audit` when given.
+    pub fn new(policy: &Policy, audit: Option<std::sync::Arc<crate::audit::AuditLog>>) -> Self {
         let streams = policy
             .streams()
             .iter()
@@ -45,7 +47,7 @@ impl KeyManager {
                 })
             })
             .collect();
-        Self { streams }
+        Self { streams, audit }
     }
 
     /// The key of stream `index` for the epoch that contains `now_ms`, rotating if the epoch
@@ -62,12 +64,26 @@ impl KeyManager {
                 metrics::counter!(catalogue::KEYS_DESTROYED, "stream" => stream.name.clone())
                     .increment(1);
                 tracing::info!(stream = %stream.name, epoch = old_epoch, "pseudonymisation key destroyed");
+                if let Some(audit) = &self.audit {
+                    audit.record(
+                        now_ms,
+                        "pseudonym_key_destroyed",
+                        serde_json::json!({ "stream": stream.name, "epoch": old_epoch }),
+                    );
+                }
             }
             match fresh {
                 Some(key) => {
                     metrics::counter!(catalogue::KEY_ROTATIONS, "stream" => stream.name.clone())
                         .increment(1);
                     tracing::info!(stream = %stream.name, epoch, "new pseudonymisation key");
+                    if let Some(audit) = &self.audit {
+                        audit.record(
+                            now_ms,
+                            "pseudonym_key_rotated",
+                            serde_json::json!({ "stream": stream.name, "epoch": epoch }),
+                        );
+                    }
                     stream.current = Some((epoch, key));
                     stream.generation += 1;
                 }
@@ -112,7 +128,7 @@ mod tests {
 
     #[test]
     fn one_key_per_epoch_and_a_fresh_one_after() {
-        let mut keys = KeyManager::new(&policy());
+        let mut keys = KeyManager::new(&policy(), None);
         assert!(
             keys.key(1, 0).is_none(),
             "a stream that does not pseudonymise has no key"
@@ -129,7 +145,7 @@ mod tests {
         assert_eq!((keys.generation(0), keys.generation(1)), (2, 0));
         assert_ne!(p1, p2, "a new epoch gives an unrelated pseudonym");
         // A second manager (a restart) never reuses a key, even within the same epoch.
-        let mut restarted = KeyManager::new(&policy());
+        let mut restarted = KeyManager::new(&policy(), None);
         assert_ne!(
             pseudonymise(restarted.key(0, hour).unwrap(), "3c:22:fb:12:34:56"),
             p2

@@ -14,6 +14,7 @@
 //! [`CancellationToken`].
 
 pub mod admin;
+pub mod audit;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod budget;
@@ -100,6 +101,20 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             config.store.data_dir.display()
         )
     })?;
+    let audit_path = config.store.data_dir.join("audit.jsonl");
+    let audit = Arc::new(
+        audit::AuditLog::open(&audit_path)
+            .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
+    );
+    audit.record(
+        pipeline::now_ms(),
+        "start",
+        serde_json::json!({
+            "policy_hash": policy.hash_hex(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "streams": policy.streams().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        }),
+    );
     let outbox = outbox::open(config.store.engine, &config.store.data_dir).with_context(|| {
         format!(
             "cannot open the outbox in {}",
@@ -113,6 +128,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             .iter()
             .map(|s| (s.name.as_str(), s.retention)),
         &config.store,
+        Arc::clone(&audit),
     )?);
     let stats = Arc::new(Stats::new(policy.streams().len()));
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -139,6 +155,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&store),
         Arc::clone(&stats),
         budget,
+        audit,
     )?;
     let acker = Acker::new(client.clone());
     let (push_tx, push_rx) = mpsc::channel(16);

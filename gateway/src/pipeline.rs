@@ -59,6 +59,7 @@ use rumqttc::{AsyncClient, Publish};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::AuditLog;
 use crate::budget::{BudgetFile, OsRandom};
 use crate::decode;
 use crate::keys::KeyManager;
@@ -300,6 +301,7 @@ pub struct Pipeline {
     /// The privacy-budget ledger, when a stream adds noise.
     budget: Option<BudgetFile>,
     rng: OsRandom,
+    audit: Arc<AuditLog>,
     /// What this turn stages, until it is committed.
     pending: Pending,
     commit_failures: [Counter; 2],
@@ -316,6 +318,7 @@ impl Pipeline {
         store: Arc<Store>,
         stats: Arc<Stats>,
         budget: Option<BudgetFile>,
+        audit: Arc<AuditLog>,
     ) -> anyhow::Result<Self> {
         let counters = policy
             .streams()
@@ -341,7 +344,8 @@ impl Pipeline {
             received_bytes: metrics::counter!(catalogue::MQTT_RECEIVED_BYTES),
             unrouted: metrics::counter!(catalogue::UNROUTED_MESSAGES),
             tallies,
-            keys: KeyManager::new(&policy_for_keys),
+            keys: KeyManager::new(&policy_for_keys, Some(Arc::clone(&audit))),
+            audit,
             windows,
             budget,
             rng: OsRandom::new(),
@@ -496,10 +500,32 @@ impl Pipeline {
                     c.refusals.increment(1);
                     stats.windows_refused.fetch_add(1, Ordering::Relaxed);
                     records.clear();
+                } else {
+                    let (from_ms, to_ms) = release.range_ms.unwrap_or_default();
+                    self.audit.record(
+                        now_ms,
+                        "privacy_budget_spent",
+                        serde_json::json!({
+                            "stream": stream.name,
+                            "epsilon_micro": release.epsilon_spent_micro,
+                            "spent_today_micro": file.ledger.stream(&stream.name).spent_on_day_of(now_ms),
+                            "windows_from_ms": from_ms,
+                            "windows_to_ms": to_ms,
+                        }),
+                    );
                 }
             }
             if let Some(refusal) = release.last_refusal {
                 tracing::warn!(stream = %stream.name, windows = release.windows_refused, %refusal, "window release refused");
+                self.audit.record(
+                    now_ms,
+                    "privacy_budget_refused",
+                    serde_json::json!({
+                        "stream": stream.name,
+                        "windows": release.windows_refused,
+                        "reason": refusal.to_string(),
+                    }),
+                );
             }
             c.windows.increment(u64::from(release.windows));
             c.suppressed.increment(u64::from(release.groups_suppressed));

@@ -15,19 +15,20 @@
 //! up. A reader whose cursor points before the oldest record still held is told so with a gap.
 //!
 //! Limits, enforced on disk and in memory:
-//! - retention: records kept longer ago than their stream's retention limit are purged (every
-//!   second, by [`Store::purge_expired_all`]) and never returned by a read, delivered or not;
+//! - retention: records are purged (every second, by [`Store::purge_expired_all`]) and no longer
+//!   returned by a read, delivered or not, once they are within one data-key period (a 24th of the
+//!   retention, at most an hour) of their retention limit: early enough that the key that sealed
+//!   them is destroyed before the first record it sealed reaches the limit;
 //! - size: the outbox holds at most `store.max_bytes` of records. Beyond that, `drop_oldest`
 //!   purges the oldest batches of any stream, and `stop_acking` refuses the commit
 //!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room. The
 //!   only excess: one turn's records larger than the whole cap are written to an empty outbox.
 //!
-//! The outbox seals records under data keys that purges destroy ([`crate::datakeys`]), so purged
-//! records are unreadable on disk too, within a key period (an eighth of the stream's retention,
-//! at most an hour).
+//! The outbox seals records under data keys that purges destroy ([`crate::datakeys`]), so no
+//! record is readable on disk past its retention limit either.
 //!
-//! Each purge and key destruction is logged as an audit event (target `hubgate::audit`: stream,
-//! reason, record count, sequence range and time range), never with record content.
+//! Each purge and key destruction is an entry of the audit log ([`crate::audit`]: stream, reason,
+//! record count, sequence range and time range), never with record content.
 //!
 //! Metrics: `hubgate_store_records_purged_total{stream, reason}`,
 //! `hubgate_outbox_records_damaged_total{stream}`, `hubgate_outbox_bytes`,
@@ -44,6 +45,7 @@ use metrics::{Counter, Gauge};
 use prost::Message as _;
 use tokio::sync::watch;
 
+use crate::audit::AuditLog;
 use crate::config::{OnFull, StoreConfig};
 use crate::outbox::{Append, BatchInfo, Commit, Outbox, OutboxError, Purged};
 use crate::pipeline::now_ms;
@@ -126,8 +128,10 @@ impl StreamLog {
         self.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Records kept before this are purged: one key period before their retention ends.
     fn cutoff(&self, now_ms: i64) -> i64 {
-        now_ms.saturating_sub(self.retention_ms)
+        let early = i64::try_from(self.key_period.as_millis()).unwrap_or(0);
+        now_ms.saturating_sub(self.retention_ms.saturating_sub(early))
     }
 
     /// Drops from memory what the outbox no longer holds, and what has expired.
@@ -147,6 +151,7 @@ impl StreamLog {
 /// Per-stream logs of filtered records. Streams are addressed by their index in the policy.
 pub struct Store {
     outbox: Arc<dyn Outbox>,
+    audit: Arc<AuditLog>,
     streams: Vec<StreamLog>,
     max_bytes: u64,
     on_full: OnFull,
@@ -171,6 +176,7 @@ impl Store {
         outbox: Arc<dyn Outbox>,
         streams: impl IntoIterator<Item = (&'a str, Duration)>,
         config: &StoreConfig,
+        audit: Arc<AuditLog>,
     ) -> Result<Self, OutboxError> {
         let mut logs = Vec::new();
         for (name, retention) in streams {
@@ -194,6 +200,7 @@ impl Store {
         }
         let store = Self {
             outbox,
+            audit,
             streams: logs,
             max_bytes: config.max_bytes,
             on_full: config.on_full,
@@ -315,33 +322,44 @@ impl Store {
 
     /// Accounts for a purge: memory, gauge and audit event.
     fn purged(&self, s: &StreamLog, reason: &str, purged: &Purged, now_ms: i64) {
+        if let Some((first, last)) = purged.sequences {
+            self.purge_recorded(s, reason, purged, first, last, now_ms);
+        }
         for first in &purged.keys_destroyed {
             s.keys_destroyed.increment(1);
-            tracing::info!(
-                target: "hubgate::audit",
-                event = "outbox_key_destroyed",
-                stream = %s.name,
-                first_sequence = first,
-                "outbox data key destroyed: the purged records it sealed are unreadable"
+            self.audit.record(
+                now_ms,
+                "outbox_key_destroyed",
+                serde_json::json!({ "stream": s.name, "first_sequence": first }),
             );
         }
-        let Some((first, last)) = purged.sequences else {
-            return;
-        };
+    }
+
+    fn purge_recorded(
+        &self,
+        s: &StreamLog,
+        reason: &str,
+        purged: &Purged,
+        first: u64,
+        last: u64,
+        now_ms: i64,
+    ) {
         s.forget(last, now_ms);
         self.bytes_held.set(self.outbox.record_bytes() as f64);
         let (oldest_ms, newest_ms) = purged.kept_ms.unwrap_or_default();
-        tracing::info!(
-            target: "hubgate::audit",
-            event = "purge",
-            stream = %s.name,
-            reason,
-            records = purged.records,
-            first_sequence = first,
-            last_sequence = last,
-            kept_from_ms = oldest_ms,
-            kept_to_ms = newest_ms,
-            "records purged"
+        tracing::info!(stream = %s.name, reason, records = purged.records, "records purged");
+        self.audit.record(
+            now_ms,
+            "purge",
+            serde_json::json!({
+                "stream": s.name,
+                "reason": reason,
+                "records": purged.records,
+                "first_sequence": first,
+                "last_sequence": last,
+                "kept_from_ms": oldest_ms,
+                "kept_to_ms": newest_ms,
+            }),
         );
     }
 
@@ -539,7 +557,8 @@ mod tests {
 
     fn open(dir: &std::path::Path, config: &StoreConfig) -> Store {
         let outbox = Arc::new(SledOutbox::open(dir).unwrap());
-        Store::open(outbox, [("s", Duration::from_secs(60))], config).unwrap()
+        let audit = Arc::new(AuditLog::open(&dir.join("audit.jsonl")).unwrap());
+        Store::open(outbox, [("s", Duration::from_secs(60))], config, audit).unwrap()
     }
 
     fn append(store: &Store, events: std::ops::Range<i64>, now_ms: i64) {
@@ -608,8 +627,8 @@ mod tests {
         let s = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
         append(&s, 0..2, 0);
         append(&s, 2..3, 30_000);
-        // At 61 s the first two are older than the 60 s limit; the third is not. Reads leave
-        // expired records out even before the purge runs.
+        // At 61 s the first two are within one key period (2.5 s) of the 60 s limit; the third is
+        // not. Reads leave expired records out even before the purge runs.
         let b = s.read(0, 1, 100, 61_000);
         assert_eq!(b.gap, Some((1, 2)));
         assert_eq!(seqs(&b), [3]);
@@ -657,9 +676,10 @@ mod tests {
         assert!(!pending.is_empty());
         assert_eq!(s.positions(0), (1, 30));
         // Retention frees room; the same pending commit then goes through with its sequences.
-        s.purge_expired_all(60_001);
-        s.commit(&mut pending, 60_001).unwrap();
-        let b = s.read(0, 1, 100, 60_001);
+        // (Records go one key period, 2.5 s of the 60 s retention, before the limit.)
+        s.purge_expired_all(57_501);
+        s.commit(&mut pending, 57_501).unwrap();
+        let b = s.read(0, 1, 100, 57_501);
         assert_eq!(b.gap, Some((1, 10)));
         assert_eq!(seqs(&b), (11..=40).collect::<Vec<_>>());
     }

@@ -351,16 +351,60 @@ async fn retention_purges_records_from_disk_and_replay() {
     let seen = replay(&gw, "seq", Duration::from_secs(1), |s| !s.gaps.is_empty()).await;
     assert_eq!(seen.gaps, [(1, 100)]);
     assert!(seen.numbers.is_empty());
-    let log = gw.log();
-    let audit: Vec<&str> = log
+    // The audit log holds the purges, 100 records in all, and its chain verifies.
+    let audit_path = data.path().join("audit.jsonl");
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    let purges: Vec<serde_json::Value> = audit
         .lines()
-        .filter(|l| l.contains("hubgate::audit") && l.contains("records purged"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "purge")
         .collect();
-    assert!(!audit.is_empty(), "no audit event in:\n{log}");
     assert!(
-        audit
+        purges
             .iter()
-            .all(|l| l.contains("retention") && l.contains("stream=seq"))
+            .all(|e| e["data"]["stream"] == "seq" && e["data"]["reason"] == "retention")
+    );
+    let purged: u64 = purges
+        .iter()
+        .map(|e| e["data"]["records"].as_u64().unwrap())
+        .sum();
+    assert_eq!(purged, 100, "{audit}");
+    assert!(audit.contains("\"event\":\"outbox_key_destroyed\""));
+    assert!(!audit.contains("RETAINED-"));
+    let verify = |path: &Path| {
+        std::process::Command::new(gateway_bin!())
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&audit_path);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact"));
+    // One changed count, and verification fails at that entry.
+    let tampered = data.path().join("tampered.jsonl");
+    let first_purge = audit
+        .lines()
+        .position(|l| l.contains("\"event\":\"purge\""))
+        .unwrap();
+    let lines: Vec<String> = audit
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == first_purge {
+                l.replacen("\"records\":", "\"records\":1", 1)
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect();
+    std::fs::write(&tampered, lines.join("\n") + "\n").unwrap();
+    let out = verify(&tampered);
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        report.contains(&format!(":{}: broken", first_purge + 1)),
+        "{report}"
     );
     // After a restart too: the outbox on disk no longer holds them.
     gw.stop();
