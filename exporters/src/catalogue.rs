@@ -44,7 +44,7 @@ pub const OUTBOX_COMMIT_FAILURES: &str = "hubgate_outbox_commit_failures_total";
 /// Records other gateways forwarded (gRPC Push). Labels: `stream`, `outcome` (`kept`,
 /// `duplicate`).
 pub const PUSH_RECORDS: &str = "hubgate_push_records_total";
-/// 1 while the Push call to the upstream hub is open.
+/// Push calls open to the upstream hub (one per forwarded stream).
 pub const UPSTREAM_CONNECTED: &str = "hubgate_upstream_connected";
 /// Failed connections and broken Push calls to the upstream hub.
 pub const UPSTREAM_ERRORS: &str = "hubgate_upstream_errors_total";
@@ -175,7 +175,7 @@ pub fn describe() {
     );
     describe_gauge!(
         UPSTREAM_CONNECTED,
-        "1 while the Push call to the upstream hub is open"
+        "Push calls open to the upstream hub, one per forwarded stream"
     );
     describe_counter!(
         UPSTREAM_ERRORS,

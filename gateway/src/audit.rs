@@ -10,7 +10,8 @@
 //! previous entry's `hash` (64 zeros for the first entry). Changing an entry breaks its own hash;
 //! removing, inserting or reordering entries, or rewriting one with a fresh hash, breaks the
 //! chain at the entry after. [`verify`] (`hubgate audit verify FILE`) names the first broken
-//! entry. Entries are written with
+//! entry and prints the last entry's hash: entries cut off the end leave no trace in the file
+//! itself, so an auditor keeps that hash (or compares it with an earlier one) to notice them. Entries are written with
 //! `O_APPEND` and synced one by one: the events are rare (purges, key rotations and
 //! destructions, budget spends and refusals, starts), and an audit entry that a crash could take
 //! back is worth little.
@@ -148,6 +149,7 @@ impl AuditLog {
             data,
             prev: tail.prev.clone(),
         };
+        let length = tail.file.metadata().map(|m| m.len());
         let written = serde_json::to_vec(&entry)
             .map_err(io::Error::other)
             .and_then(|mut line| {
@@ -167,6 +169,10 @@ impl AuditLog {
                 tail.next_seq += 1;
             }
             Err(err) => {
+                // Whatever part of the entry reached the file would fork the chain: cut it off.
+                if let Ok(length) = length {
+                    let _ = tail.file.set_len(length);
+                }
                 self.write_errors.increment(1);
                 tracing::error!(%err, event, "cannot write the audit log");
             }

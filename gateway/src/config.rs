@@ -172,8 +172,8 @@ pub struct StoreConfig {
     pub on_full: OnFull,
     /// Newest records held in memory per stream, so live subscribers never read the disk.
     pub memory_records_per_stream: usize,
-    /// The outbox's storage engine: `redb` (`<data_dir>/outbox.redb`, in builds with the `redb`
-    /// feature, the default) or `sled` (`<data_dir>/outbox/`).
+    /// The outbox's storage engine: `redb` (`<data_dir>/outbox/outbox.redb`, in builds with the
+    /// `redb` feature, the default) or `sled` (`<data_dir>/outbox/sled/`).
     pub engine: Engine,
 }
 

@@ -19,7 +19,7 @@
 //!   uncommitted, so it never seals with a key from before.
 //! - A key is written to the key file and synced before any record sealed with it is committed.
 //!   At start, keys that protect no committed record (made just before a crash) are destroyed.
-//! - The key file (`<data_dir>/outbox-keys`) is a sequence of 64-byte slots, each
+//! - The key file (`<data_dir>/outbox/keys`) is a sequence of 64-byte slots, each
 //!   `live (1) | 0 (3) | CRC-32 of the rest (4) | stream id (8) | first sequence (8) |
 //!   made at, Unix ms (8) | key (32)`. It is only ever written in place: never renamed or copied,
 //!   so no stale copy of a destroyed key is left behind by the file system's own writes.
@@ -89,8 +89,9 @@ impl std::fmt::Debug for DataKeys {
 }
 
 impl DataKeys {
-    /// Opens (or creates) the key file. A slot whose checksum fails is taken as a key that never
-    /// protected anything (it was being written when the process died) and is freed.
+    /// Opens (or creates) the key file. A slot whose checksum fails (torn by a crash while its key
+    /// was made, or damaged) is kept aside: never used and never reused, and logged, since the
+    /// records it may have sealed can no longer be read.
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
@@ -113,8 +114,11 @@ impl DataKeys {
             }
             let crc = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
             if crc32fast::hash(&raw[8..]) != crc {
-                tracing::warn!(slot, "a torn outbox key slot is freed");
-                keys.erase(slot)?;
+                tracing::error!(
+                    slot,
+                    "a damaged outbox key slot is kept aside: what it sealed cannot be read"
+                );
+                keys.used[slot] = true;
                 continue;
             }
             let word =
@@ -384,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_slot_is_freed() {
+    fn a_damaged_slot_is_kept_aside() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         let sealed = {
@@ -394,9 +398,13 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[40] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let keys = DataKeys::open(&path).unwrap();
+        let mut keys = DataKeys::open(&path).unwrap();
         assert_eq!(keys.unseal("s", 1, &sealed), None);
-        assert_eq!(format!("{keys:?}"), "DataKeys { keys: 0, .. }");
+        // The slot is neither erased nor reused: a new key takes a slot of its own.
+        keys.seal("s", 2, 0, HOUR, b"y").unwrap();
+        let after = std::fs::read(&path).unwrap();
+        assert_eq!(after.len(), 2 * SLOT);
+        assert_eq!(after[..SLOT], bytes[..SLOT]);
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl Gateway for GatewayService {
                 let (reply, answer) = oneshot::channel();
                 let job = PushJob {
                     origin: request.origin,
+                    incarnation: request.incarnation,
                     stream,
                     records: request.records,
                     reply,

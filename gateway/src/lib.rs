@@ -48,7 +48,7 @@ pub use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::pipeline::{Acker, Pipeline, Stats};
-use crate::store::Store;
+use crate::store::{PURGE_TICK_MS, Store};
 
 /// A gateway that is running.
 #[derive(Debug)]
@@ -60,6 +60,8 @@ pub struct Running {
     pub mqtt_connected: watch::Receiver<bool>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
+    /// Held while the gateway runs (see [`start`]).
+    _data_lock: std::fs::File,
 }
 
 impl Running {
@@ -99,6 +101,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         format!(
             "cannot create the data directory {}",
             config.store.data_dir.display()
+        )
+    })?;
+    // One gateway per data directory: a second one would corrupt the keys and the audit chain.
+    let lock_path = config.store.data_dir.join("lock");
+    let data_lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    data_lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another hubgate is running with the data directory {} (it holds {})",
+            config.store.data_dir.display(),
+            lock_path.display()
         )
     })?;
     let audit_path = config.store.data_dir.join("audit.jsonl");
@@ -205,11 +222,17 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     {
         let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(PURGE_TICK_MS.unsigned_abs()));
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    _ = tick.tick() => store.purge_expired_all(pipeline::now_ms()),
+                    _ = tick.tick() => {
+                        // Disk work (deletes, fsync): off the async threads.
+                        let store = Arc::clone(&store);
+                        let purge = move || store.purge_expired_all(pipeline::now_ms());
+                        let _ = tokio::task::spawn_blocking(purge).await;
+                    }
                 }
             }
         });
@@ -223,5 +246,6 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         mqtt_connected: connected_rx,
         tasks,
         shutdown,
+        _data_lock: data_lock,
     })
 }

@@ -37,8 +37,8 @@
 //! the stream, kept in `keys` beside the engine's files, and a purge destroys the keys that no
 //! longer seal anything held ([`crate::datakeys`]). Neither engine overwrites what it deletes:
 //! without this, most purged records could still be read from the files (both engines, in a
-//! test). With it, a purged record is unreadable once its key goes, at most one key period (an
-//! eighth of the stream's retention, at most an hour) after the purge.
+//! test). With it, a purged record is unreadable once its key goes; the store purges early enough
+//! that this happens before the record's retention ends ([`crate::store`]).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -191,6 +191,16 @@ pub trait Outbox: Send + Sync + 'static {
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError>;
     /// Bytes of record batches held, over all streams (the figure the size cap applies to).
     fn record_bytes(&self) -> u64;
+    /// Every stream ever written.
+    fn streams(&self) -> Result<Vec<String>, OutboxError>;
+}
+
+/// The stream names of next-sequence keys.
+fn stream_names<K: AsRef<[u8]>>(
+    keys: impl Iterator<Item = Result<K, OutboxError>>,
+) -> Result<Vec<String>, OutboxError> {
+    keys.map(|k| k.map(|k| String::from_utf8_lossy(&k.as_ref()[1..]).into_owned()))
+        .collect()
 }
 
 /// Opens the outbox of `engine` in `<data_dir>/outbox/`.
@@ -451,6 +461,13 @@ fn shred<O: Outbox + ?Sized>(
     Ok(())
 }
 
+/// Takes `bytes` off a byte count, stopping at zero.
+fn sub_bytes(count: &AtomicU64, bytes: u64) {
+    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+        Some(held.saturating_sub(bytes))
+    });
+}
+
 /// The outbox on sled.
 #[derive(Debug)]
 pub struct SledOutbox {
@@ -589,7 +606,7 @@ impl Outbox for SledOutbox {
             }
             self.tree.apply_batch(removals)?;
             self.db.flush()?;
-            self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
+            sub_bytes(&self.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
         Ok(purged)
@@ -609,6 +626,10 @@ impl Outbox for SledOutbox {
 
     fn record_bytes(&self) -> u64 {
         self.record_bytes.load(Ordering::Relaxed)
+    }
+
+    fn streams(&self) -> Result<Vec<String>, OutboxError> {
+        stream_names(self.tree.scan_prefix(b"n").map(|item| Ok(item?.0)))
     }
 }
 

@@ -362,7 +362,7 @@ impl Pipeline {
     /// acknowledge once the turn is committed.
     pub fn accept_push(&mut self, job: &PushJob, now_ms: i64) -> anyhow::Result<u64> {
         let stream = &self.policy.streams()[job.stream];
-        let mark_name = crate::push::mark_name(&job.origin, &stream.name);
+        let mark_name = crate::push::mark_name(&job.origin, &job.incarnation, &stream.name);
         let mark = match self.push_marks.get(&mark_name) {
             Some(mark) => *mark,
             None => self
@@ -445,9 +445,8 @@ impl Pipeline {
                         .checkpoint(checkpoint_name(&stream.name), bytes);
                     w.dirty = false;
                 }
-                Err(err) => {
-                    tracing::error!(stream = %stream.name, %err, "cannot serialise the window checkpoint")
-                }
+                // Nothing is committed (or acknowledged) without the window state.
+                Err(_) => return Err(CommitError::Checkpoint(stream.name.clone())),
             }
         }
         let result = self.store.commit(&mut self.pending, now_ms);
@@ -855,7 +854,14 @@ async fn commit_until_done(pipeline: &mut Pipeline, shutdown: &CancellationToken
     let mut wait = Duration::from_millis(10);
     let mut failures = 0u32;
     loop {
-        match pipeline.commit(now_ms()) {
+        // The commit waits for the disk (fsync): tell the runtime, so other tasks move meanwhile.
+        let committed = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| pipeline.commit(now_ms()))
+            }
+            _ => pipeline.commit(now_ms()),
+        };
+        match committed {
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(failures, "outbox commit succeeded after retrying");

@@ -5,9 +5,11 @@
 //! committed like the gateway's own, in the same turns and with the same durability. The answer
 //! (the acknowledged origin sequence) goes back only after the commit.
 //!
-//! De-duplication is by (origin, stream, origin sequence): per origin and stream, the highest
-//! origin sequence kept is a checkpoint (`push/<origin>/<stream>`) committed atomically with the
-//! records, so a batch sent again after a crash of either side is acknowledged and not kept twice.
+//! De-duplication is by (origin, incarnation, stream, origin sequence): per origin store and
+//! stream, the highest origin sequence kept is a checkpoint (`push/<origin>/<incarnation>/<stream>`)
+//! committed atomically with the records, so a batch sent again after a crash of either side is
+//! acknowledged and not kept twice, and an origin that starts over with an empty store (a new
+//! incarnation) is not mistaken for one resending.
 //! Fields pass this gateway's policy again, fail closed
 //! ([`hubgate_privacy::chain::admit_forwarded`]).
 //!
@@ -26,6 +28,7 @@ pub const MAX_BATCH: usize = 4096;
 #[derive(Debug)]
 pub struct PushJob {
     pub origin: String,
+    pub incarnation: String,
     /// The stream's index in this gateway's policy.
     pub stream: usize,
     /// Records in strictly increasing origin sequence order.
@@ -34,9 +37,14 @@ pub struct PushJob {
     pub reply: oneshot::Sender<u64>,
 }
 
-/// The name of the de-duplication checkpoint of an origin's stream.
-pub fn mark_name(origin: &str, stream: &str) -> String {
-    format!("push/{origin}/{stream}")
+/// The name of the de-duplication checkpoint of an origin store's stream.
+pub fn mark_name(origin: &str, incarnation: &str, stream: &str) -> String {
+    format!("push/{origin}/{incarnation}/{stream}")
+}
+
+/// Whether `incarnation` is usable: 1 to 64 ASCII letters and digits.
+pub fn valid_incarnation(incarnation: &str) -> bool {
+    (1..=64).contains(&incarnation.len()) && incarnation.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Checks a request against the policy; returns the stream's index.
@@ -47,6 +55,11 @@ pub fn validate(
     if !crate::config::valid_origin(&request.origin) {
         return Err(Status::invalid_argument(
             "origin must be 1 to 64 letters, digits, '.', '_' or '-'",
+        ));
+    }
+    if !valid_incarnation(&request.incarnation) {
+        return Err(Status::invalid_argument(
+            "incarnation must be 1 to 64 letters and digits",
         ));
     }
     let Some(index) = policy
@@ -93,6 +106,7 @@ mod tests {
             origin: origin.into(),
             stream: stream.into(),
             records: sequences.iter().copied().map(record).collect(),
+            incarnation: "0f3a".into(),
         }
     }
 
@@ -119,6 +133,9 @@ mod tests {
             Code::InvalidArgument
         );
         assert_eq!(code(request("d1", "weather", &[1])), Code::NotFound);
+        let mut no_incarnation = request("d1", "air_quality", &[1]);
+        no_incarnation.incarnation.clear();
+        assert_eq!(code(no_incarnation), Code::InvalidArgument);
         assert_eq!(
             code(request("d1", "footfall", &[1])),
             Code::FailedPrecondition

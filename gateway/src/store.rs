@@ -50,6 +50,9 @@ use crate::config::{OnFull, StoreConfig};
 use crate::outbox::{Append, BatchInfo, Commit, Outbox, OutboxError, Purged};
 use crate::pipeline::now_ms;
 
+/// How often [`Store::purge_expired_all`] runs (see `crate::start`).
+pub const PURGE_TICK_MS: i64 = 1_000;
+
 /// A record in the store, with when it was kept.
 #[derive(Debug)]
 pub struct Stored {
@@ -96,6 +99,8 @@ pub enum CommitError {
     Full { held: u64, max: u64 },
     #[error(transparent)]
     Outbox(#[from] OutboxError),
+    #[error("cannot serialise the window checkpoint of stream '{0}'")]
+    Checkpoint(String),
 }
 
 /// The in-memory tail of a stream.
@@ -128,9 +133,11 @@ impl StreamLog {
         self.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Records kept before this are purged: one key period before their retention ends.
+    /// Records kept before this are purged: one key period and one purge tick (1 s) before their
+    /// retention ends, but never more than half the retention early.
     fn cutoff(&self, now_ms: i64) -> i64 {
-        let early = i64::try_from(self.key_period.as_millis()).unwrap_or(0);
+        let period = i64::try_from(self.key_period.as_millis()).unwrap_or(0);
+        let early = (period + PURGE_TICK_MS).min(self.retention_ms / 2);
         now_ms.saturating_sub(self.retention_ms.saturating_sub(early))
     }
 
@@ -152,6 +159,7 @@ impl StreamLog {
 pub struct Store {
     outbox: Arc<dyn Outbox>,
     audit: Arc<AuditLog>,
+    purge_lock: Mutex<()>,
     streams: Vec<StreamLog>,
     max_bytes: u64,
     on_full: OnFull,
@@ -201,6 +209,7 @@ impl Store {
         let store = Self {
             outbox,
             audit,
+            purge_lock: Mutex::new(()),
             streams: logs,
             max_bytes: config.max_bytes,
             on_full: config.on_full,
@@ -212,6 +221,26 @@ impl Store {
         for s in &store.streams {
             let swept = store.outbox.purge_while(&s.name, &mut |_| false)?;
             store.purged(s, "retention", &swept, now_ms());
+        }
+        // A stream the policy no longer declares has no retention left: all of it goes.
+        for name in store.outbox.streams()? {
+            if store.streams.iter().any(|s| s.name == name) {
+                continue;
+            }
+            let purged = store.outbox.purge_while(&name, &mut |_| true)?;
+            tracing::warn!(stream = %name, records = purged.records, "records of a stream the policy no longer declares are purged");
+            store.audit.record(
+                now_ms(),
+                "purge",
+                serde_json::json!({
+                    "stream": name,
+                    "reason": "stream_removed",
+                    "records": purged.records,
+                    "first_sequence": purged.sequences.map(|s| s.0),
+                    "last_sequence": purged.sequences.map(|s| s.1),
+                    "keys_destroyed": purged.keys_destroyed.len(),
+                }),
+            );
         }
         Ok(store)
     }
@@ -300,6 +329,7 @@ impl Store {
     /// Purges the oldest batch of the stream whose oldest batch is oldest. Returns false when
     /// there is nothing to purge.
     fn drop_oldest_batch(&self, now_ms: i64) -> Result<bool, OutboxError> {
+        let _one_purge_at_a_time = self.purging();
         let mut oldest: Option<(usize, BatchInfo)> = None;
         for (index, s) in self.streams.iter().enumerate() {
             if let Some(batch) = self.outbox.oldest(&s.name)?
@@ -318,6 +348,14 @@ impl Store {
         s.purged_capacity.increment(purged.records);
         self.purged(s, "capacity", &purged, now_ms);
         Ok(purged.bytes > 0)
+    }
+
+    /// Held during each purge: the retention task and a full outbox's `drop_oldest` must not both
+    /// purge the same batch.
+    fn purging(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.purge_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Accounts for a purge: memory, gauge and audit event.
@@ -366,6 +404,7 @@ impl Store {
     /// Removes every record older than its stream's retention limit, from disk and memory.
     pub fn purge_expired_all(&self, now_ms: i64) {
         for s in &self.streams {
+            let _one_purge_at_a_time = self.purging();
             let cutoff = s.cutoff(now_ms);
             match self
                 .outbox
@@ -410,15 +449,13 @@ impl Store {
             match tail.records.front() {
                 Some(front) if front.record.sequence <= from => {
                     let skip = usize::try_from(from - front.record.sequence).unwrap_or(usize::MAX);
-                    let records: Vec<_> = tail
-                        .records
-                        .iter()
-                        .skip(skip)
-                        .take(max)
-                        .filter(|r| r.kept_ms >= cutoff)
-                        .cloned()
-                        .collect();
-                    return Self::batch(from, records, tail.next);
+                    let mut fresh = Fresh::new(cutoff, max);
+                    for r in tail.records.iter().skip(skip) {
+                        if !fresh.offer(r.record.sequence, r.kept_ms, || Some(Arc::clone(r))) {
+                            break;
+                        }
+                    }
+                    return fresh.batch(from, tail.next);
                 }
                 Some(front) => front.record.sequence,
                 None => tail.next,
@@ -438,27 +475,23 @@ impl Store {
             tracing::error!(stream = %s.name, first, last, "damaged outbox batch: its records are lost");
             s.damaged.increment(last - first + 1);
         }
-        let mut records = Vec::with_capacity(read.records.len());
+        let mut fresh = Fresh::new(cutoff, max);
         for r in read.records {
-            let contiguous = records
-                .last()
-                .is_none_or(|l: &Arc<Stored>| l.record.sequence + 1 == r.sequence);
-            if r.kept_ms < cutoff && records.is_empty() {
-                continue;
-            }
-            let Ok(record) = v1::Record::decode(r.bytes.as_slice()) else {
-                s.damaged.increment(1);
-                break;
+            let decoded = || match v1::Record::decode(r.bytes.as_slice()) {
+                Ok(record) => Some(Arc::new(Stored {
+                    kept_ms: r.kept_ms,
+                    record,
+                })),
+                Err(_) => {
+                    s.damaged.increment(1);
+                    None
+                }
             };
-            if !contiguous || r.kept_ms < cutoff {
+            if !fresh.offer(r.sequence, r.kept_ms, decoded) {
                 break;
             }
-            records.push(Arc::new(Stored {
-                kept_ms: r.kept_ms,
-                record,
-            }));
         }
-        Self::batch(from, records, memory_oldest)
+        fresh.batch(from, memory_oldest)
     }
 
     /// [`Store::read`] from an async task: on a blocking thread when it goes to the disk. `None`
@@ -487,18 +520,6 @@ impl Store {
         })
     }
 
-    /// A batch of consecutive `records` asked for from `from`; when empty, everything before
-    /// `resume` is gone.
-    fn batch(from: u64, records: Vec<Arc<Stored>>, resume: u64) -> Batch {
-        let start = records.first().map_or(resume, |r| r.record.sequence);
-        let next = records.last().map_or(resume, |r| r.record.sequence + 1);
-        Batch {
-            gap: (start > from).then(|| (from, start - 1)),
-            records,
-            next,
-        }
-    }
-
     /// `(oldest held, newest kept)` sequences of a stream; 0 where there is none.
     pub fn positions(&self, index: usize) -> (u64, u64) {
         let s = self.stream(index);
@@ -523,6 +544,71 @@ impl Store {
     /// The last checkpoint committed under `name`.
     pub fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
         self.outbox.checkpoint(name)
+    }
+}
+
+/// Collects the consecutive records a read returns: records gone at the front (expired, or
+/// unreadable) are skipped and become the gap; the first one gone after a record kept, or a hole
+/// in the sequence, ends the batch, as does `max`.
+struct Fresh {
+    cutoff: i64,
+    max: usize,
+    records: Vec<Arc<Stored>>,
+    /// The last sequence skipped at the front.
+    skipped_to: Option<u64>,
+}
+
+impl Fresh {
+    fn new(cutoff: i64, max: usize) -> Self {
+        Self {
+            cutoff,
+            max,
+            records: Vec::new(),
+            skipped_to: None,
+        }
+    }
+
+    /// Offers the next record; returns false when the batch is complete.
+    fn offer(
+        &mut self,
+        sequence: u64,
+        kept_ms: i64,
+        record: impl FnOnce() -> Option<Arc<Stored>>,
+    ) -> bool {
+        if self.records.len() >= self.max
+            || self
+                .records
+                .last()
+                .is_some_and(|l| l.record.sequence + 1 != sequence)
+        {
+            return false;
+        }
+        let record = if kept_ms < self.cutoff {
+            None
+        } else {
+            record()
+        };
+        match record {
+            Some(record) => self.records.push(record),
+            None if self.records.is_empty() => self.skipped_to = Some(sequence),
+            None => return false,
+        }
+        true
+    }
+
+    /// The batch for a read from `from`; when nothing at all was offered, everything before
+    /// `resume` is gone.
+    fn batch(self, from: u64, resume: u64) -> Batch {
+        let (start, next) = match (self.records.first(), self.records.last(), self.skipped_to) {
+            (Some(first), Some(last), _) => (first.record.sequence, last.record.sequence + 1),
+            (_, _, Some(skipped)) => (skipped + 1, skipped + 1),
+            _ => (resume, resume),
+        };
+        Batch {
+            gap: (start > from).then(|| (from, start - 1)),
+            records: self.records,
+            next,
+        }
     }
 }
 
@@ -627,8 +713,8 @@ mod tests {
         let s = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
         append(&s, 0..2, 0);
         append(&s, 2..3, 30_000);
-        // At 61 s the first two are within one key period (2.5 s) of the 60 s limit; the third is
-        // not. Reads leave expired records out even before the purge runs.
+        // At 61 s the first two are within one key period and a purge tick (3.5 s) of the 60 s
+        // limit; the third is not. Reads leave expired records out even before the purge runs.
         let b = s.read(0, 1, 100, 61_000);
         assert_eq!(b.gap, Some((1, 2)));
         assert_eq!(seqs(&b), [3]);
@@ -641,6 +727,57 @@ mod tests {
         assert_eq!(seqs(&b), Vec::<u64>::new());
         assert_eq!(b.gap, Some((1, 3)));
         assert_eq!(b.next, 4);
+    }
+
+    #[test]
+    fn a_gap_for_expired_records_never_covers_fresh_ones() {
+        // From memory (capacity 100) and from disk (capacity 3).
+        for memory in [100, 3] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = open(dir.path(), &config(memory, 1 << 20, OnFull::DropOldest));
+            append(&s, 0..10, 0);
+            append(&s, 10..20, 30_000);
+            // At 61 s the first ten are expired but not purged yet; reads of five at a time
+            // report exactly those ten as gone, and every fresh one.
+            let (mut gone, mut got, mut next) = (Vec::new(), Vec::new(), 1);
+            while next <= 20 {
+                let b = s.read(0, next, 5, 61_000);
+                if let Some((first, last)) = b.gap {
+                    gone.extend(first..=last);
+                }
+                got.extend(seqs(&b));
+                next = b.next;
+            }
+            assert_eq!(gone, (1..=10).collect::<Vec<_>>(), "memory {memory}");
+            assert_eq!(got, (11..=20).collect::<Vec<_>>(), "memory {memory}");
+        }
+    }
+
+    #[test]
+    fn a_stream_the_policy_no_longer_declares_is_purged_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
+        append(&s, 0..5, 0);
+        drop(s);
+        let outbox = Arc::new(SledOutbox::open(dir.path()).unwrap());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl")).unwrap());
+        let config = StoreConfig {
+            data_dir: dir.path().to_owned(),
+            ..StoreConfig::default()
+        };
+        let s = Store::open(
+            Arc::clone(&outbox) as Arc<dyn Outbox>,
+            [("renamed", Duration::from_secs(60))],
+            &config,
+            audit,
+        )
+        .unwrap();
+        assert_eq!(outbox.oldest("s").unwrap(), None);
+        assert_eq!(outbox.record_bytes(), 0);
+        drop(s);
+        let log = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert!(log.contains("\"reason\":\"stream_removed\""), "{log}");
+        assert!(log.contains("\"records\":5"), "{log}");
     }
 
     #[test]
@@ -676,10 +813,10 @@ mod tests {
         assert!(!pending.is_empty());
         assert_eq!(s.positions(0), (1, 30));
         // Retention frees room; the same pending commit then goes through with its sequences.
-        // (Records go one key period, 2.5 s of the 60 s retention, before the limit.)
-        s.purge_expired_all(57_501);
-        s.commit(&mut pending, 57_501).unwrap();
-        let b = s.read(0, 1, 100, 57_501);
+        // (Records go one key period and a purge tick, 3.5 s of the 60 s retention, early.)
+        s.purge_expired_all(56_501);
+        s.commit(&mut pending, 56_501).unwrap();
+        let b = s.read(0, 1, 100, 56_501);
         assert_eq!(b.gap, Some((1, 10)));
         assert_eq!(seqs(&b), (11..=40).collect::<Vec<_>>());
     }

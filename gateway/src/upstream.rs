@@ -1,11 +1,18 @@
 //! Forwarding to an upstream hub: a gRPC client of another gateway's `Push`.
 //!
-//! One Push call carries every forwarded stream. For each stream the client keeps two positions:
-//! the last sequence sent and the last the hub acknowledged. It sends batches of records from the
-//! store (`batch` records per request) while fewer than `window` are unacknowledged, and the hub
-//! answers each batch once it is durably kept. Delivery is at least once: after a broken call or a
-//! restart the client sends again from the last acknowledged record, and the hub, which
-//! identifies records by (origin, stream, sequence), keeps none twice.
+//! Each forwarded stream has a Push call of its own (one HTTP/2 connection carries them all), so a
+//! stream the hub refuses holds up no other. For each stream the client keeps two positions: the
+//! last sequence sent and the last the hub acknowledged. It sends batches of records from the store
+//! (`batch` records per request) while fewer than `window` are unacknowledged, and the hub answers
+//! each batch once it is durably kept. Delivery is at least once: after a broken call or a restart
+//! the client sends again from the last acknowledged record, and the hub, which identifies records
+//! by (origin, incarnation, stream, sequence), keeps none twice. The incarnation is a random id
+//! made with this gateway's outbox (checkpoint `upstream/incarnation`): a gateway that starts over
+//! with an empty data directory gets a new one, so its new sequence numbers are not taken for
+//! records the hub already has.
+//!
+//! An acknowledgement beyond the last record this gateway ever kept is a protocol error: the call
+//! is dropped and retried, and the position does not move.
 //!
 //! - The acknowledged position is a checkpoint in the outbox (`upstream/<stream>`), written at most
 //!   twice a second, so a restart resends at most half a second of acknowledged records.
@@ -35,6 +42,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::UpstreamConfig;
 use crate::store::Store;
+
+/// Settings every stream's call shares.
+struct Shared {
+    config: UpstreamConfig,
+    incarnation: String,
+    store: Arc<Store>,
+    channel: tonic::transport::Channel,
+    connected: Gauge,
+    errors: Counter,
+}
 
 /// First wait before reconnecting.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -66,12 +83,25 @@ fn checkpoint_name(stream: &str) -> String {
 /// Why a call ended.
 #[derive(Debug, thiserror::Error)]
 enum CallError {
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
     #[error("the hub refused or broke the call: {}", .0.code())]
     Status(#[from] tonic::Status),
     #[error("the hub closed the call")]
     Closed,
+    #[error("the hub acknowledged sequence {0}, beyond the last record kept here")]
+    Protocol(u64),
+}
+
+/// This gateway's incarnation: made, and saved, with its first upstream start.
+fn incarnation(store: &Store) -> anyhow::Result<String> {
+    const NAME: &str = "upstream/incarnation";
+    if let Some(id) = store.checkpoint(NAME)? {
+        return Ok(String::from_utf8_lossy(&id).into_owned());
+    }
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no random source: {e}"))?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    store.save_checkpoint(NAME, id.clone().into_bytes())?;
+    Ok(id)
 }
 
 /// Forwards the configured streams until `shutdown`.
@@ -81,21 +111,34 @@ pub async fn run(
     store: Arc<Store>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut streams = Vec::new();
+    let channel = tonic::transport::Endpoint::from_shared(config.endpoint.clone())?
+        .connect_timeout(Duration::from_secs(10))
+        .connect_lazy();
+    let shared = Arc::new(Shared {
+        incarnation: incarnation(&store)?,
+        connected: metrics::gauge!(catalogue::UPSTREAM_CONNECTED),
+        errors: metrics::counter!(catalogue::UPSTREAM_ERRORS),
+        store,
+        channel,
+        config,
+    });
+    let mut tasks = tokio::task::JoinSet::new();
     for (index, s) in policy.streams().iter().enumerate() {
-        if config
+        let forwarded = shared
+            .config
             .streams
             .as_ref()
-            .is_some_and(|names| !names.contains(&s.name))
-        {
+            .is_none_or(|names| names.contains(&s.name));
+        if !forwarded {
             continue;
         }
-        let acked = store
+        let acked = shared
+            .store
             .checkpoint(&checkpoint_name(&s.name))?
             .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
             .map_or(0, u64::from_be_bytes);
         let name = s.name.clone();
-        streams.push(Forwarded {
+        let stream = Forwarded {
             index,
             sent: acked,
             acked,
@@ -105,132 +148,144 @@ pub async fn run(
             lost: metrics::counter!(catalogue::UPSTREAM_RECORDS_LOST, "stream" => name.clone()),
             lag: metrics::gauge!(catalogue::UPSTREAM_LAG, "stream" => name.clone()),
             name,
-        });
+        };
+        tasks.spawn(forward(Arc::clone(&shared), stream, shutdown.clone()));
     }
-    let connected = metrics::gauge!(catalogue::UPSTREAM_CONNECTED);
-    let errors = metrics::counter!(catalogue::UPSTREAM_ERRORS);
-    tracing::info!(endpoint = %config.endpoint, streams = streams.len(), "forwarding to the upstream hub");
+    tracing::info!(endpoint = %shared.config.endpoint, streams = tasks.len(), "forwarding to the upstream hub");
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Forwards one stream until `shutdown`, reconnecting with backoff.
+async fn forward(shared: Arc<Shared>, mut s: Forwarded, shutdown: CancellationToken) {
     let mut backoff = BACKOFF_START;
     let mut failures = 0u32;
     while !shutdown.is_cancelled() {
-        let progress_before: u64 = streams.iter().map(|s| s.acked).sum();
-        let outcome = call(&config, &store, &mut streams, &connected, &shutdown).await;
-        connected.set(0.0);
-        save(&store, &mut streams).await;
+        let acked_before = s.acked;
+        let outcome = call(&shared, &mut s, &shutdown).await;
+        save(&shared.store, &mut s).await;
         let Err(err) = outcome else {
             break;
         };
-        errors.increment(1);
-        if streams.iter().map(|s| s.acked).sum::<u64>() > progress_before {
+        shared.errors.increment(1);
+        if s.acked > acked_before {
             (backoff, failures) = (BACKOFF_START, 0);
         }
         // Logged on the first failure of an outage, then every 20th.
         if failures.is_multiple_of(20) {
-            tracing::warn!(%err, retry_in = ?backoff, "upstream hub unavailable; records wait in the outbox");
+            tracing::warn!(stream = %s.name, %err, retry_in = ?backoff, "upstream hub unavailable; records wait in the outbox");
         }
         failures += 1;
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(config.reconnect_backoff_max);
+        backoff = (backoff * 2).min(shared.config.reconnect_backoff_max);
     }
-    save(&store, &mut streams).await;
-    Ok(())
+    save(&shared.store, &mut s).await;
 }
 
-/// Writes the acknowledged positions that moved.
-async fn save(store: &Arc<Store>, streams: &mut [Forwarded]) {
-    for s in streams.iter_mut().filter(|s| s.acked != s.saved) {
-        let (store, name, acked) = (Arc::clone(store), checkpoint_name(&s.name), s.acked);
-        let saved = tokio::task::spawn_blocking(move || {
-            store.save_checkpoint(&name, acked.to_be_bytes().to_vec())
-        })
-        .await;
-        match saved {
-            Ok(Ok(())) => s.saved = acked,
-            Ok(Err(err)) => {
-                tracing::error!(stream = %s.name, %err, "cannot save the upstream position");
-            }
-            Err(_) => return,
+/// Writes the acknowledged position if it moved.
+async fn save(store: &Arc<Store>, s: &mut Forwarded) {
+    if s.acked == s.saved {
+        return;
+    }
+    let (store, name, acked) = (Arc::clone(store), checkpoint_name(&s.name), s.acked);
+    let saved = tokio::task::spawn_blocking(move || {
+        store.save_checkpoint(&name, acked.to_be_bytes().to_vec())
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => s.saved = acked,
+        Ok(Err(err)) => {
+            tracing::error!(stream = %s.name, %err, "cannot save the upstream position")
         }
+        Err(_) => {}
     }
 }
 
-/// One Push call: sends and collects acks until the call breaks or `shutdown`.
+/// One Push call for one stream: sends and collects acks until the call breaks or `shutdown`.
 async fn call(
-    config: &UpstreamConfig,
-    store: &Arc<Store>,
-    streams: &mut [Forwarded],
-    connected: &Gauge,
+    shared: &Shared,
+    s: &mut Forwarded,
     shutdown: &CancellationToken,
 ) -> Result<(), CallError> {
-    let mut client = GatewayClient::connect(config.endpoint.clone()).await?;
+    let (config, store) = (&shared.config, &shared.store);
+    let mut client = GatewayClient::new(shared.channel.clone());
     let (tx, rx) = mpsc::channel(4);
     let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
-    connected.set(1.0);
-    for s in streams.iter_mut() {
-        s.sent = s.acked;
-    }
+    shared.connected.increment(1.0);
+    let _closed = on_close(&shared.connected);
+    s.sent = s.acked;
     let mut last_save = Instant::now();
     loop {
-        for s in streams.iter_mut() {
-            while s.sent.saturating_sub(s.acked) < config.window {
-                let Some(batch) = store.read_async(s.index, s.sent + 1, config.batch).await else {
-                    return Ok(());
-                };
-                if let Some((first, last)) = batch.gap {
-                    s.lost.increment(last - first + 1);
-                    tracing::warn!(stream = %s.name, first, last, "records purged before they were sent upstream");
-                    if s.sent == s.acked {
-                        s.acked = last;
-                    }
-                    s.sent = last;
+        while s.sent.saturating_sub(s.acked) < config.window {
+            let Some(batch) = store.read_async(s.index, s.sent + 1, config.batch).await else {
+                return Ok(());
+            };
+            if let Some((first, last)) = batch.gap {
+                s.lost.increment(last - first + 1);
+                tracing::warn!(stream = %s.name, first, last, "records purged before they were sent upstream");
+                if s.sent == s.acked {
+                    s.acked = last;
                 }
-                let Some(newest) = batch.records.last().map(|r| r.record.sequence) else {
-                    break;
-                };
-                let records: Vec<v1::Record> =
-                    batch.records.iter().map(|r| r.record.clone()).collect();
-                let count = records.len() as u64;
-                let request = v1::PushRequest {
-                    origin: config.origin.clone(),
-                    stream: s.name.clone(),
-                    records,
-                };
-                // Never wait to send: acks must keep being read, or both sides would wait on
-                // each other. A full channel is tried again on the next turn.
-                match tx.try_send(request) {
-                    Ok(()) => {
-                        s.sent_total.increment(count);
-                        s.sent = newest;
-                    }
-                    Err(mpsc::error::TrySendError::Full(_)) => break,
-                    Err(mpsc::error::TrySendError::Closed(_)) => return Err(CallError::Closed),
-                }
+                s.sent = last;
             }
-            s.lag
-                .set(store.next_sequence(s.index).saturating_sub(1 + s.acked) as f64);
+            let Some(newest) = batch.records.last().map(|r| r.record.sequence) else {
+                break;
+            };
+            let records: Vec<v1::Record> = batch.records.iter().map(|r| r.record.clone()).collect();
+            let count = records.len() as u64;
+            let request = v1::PushRequest {
+                origin: config.origin.clone(),
+                incarnation: shared.incarnation.clone(),
+                stream: s.name.clone(),
+                records,
+            };
+            // Never wait to send: acks must keep being read, or both sides would wait on each
+            // other. A full channel is tried again on the next turn.
+            match tx.try_send(request) {
+                Ok(()) => {
+                    s.sent_total.increment(count);
+                    s.sent = newest;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => break,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(CallError::Closed),
+            }
         }
+        let kept = store.next_sequence(s.index).saturating_sub(1);
+        s.lag.set(kept.saturating_sub(s.acked) as f64);
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             message = acks.message() => {
                 let ack = message?.ok_or(CallError::Closed)?;
-                if let Some(s) = streams.iter_mut().find(|s| s.name == ack.stream)
-                    && ack.sequence > s.acked
-                {
+                if ack.sequence > kept {
+                    return Err(CallError::Protocol(ack.sequence));
+                }
+                if ack.sequence > s.acked {
                     s.acked_total.increment(ack.sequence - s.acked);
                     s.acked = ack.sequence;
-                    // The hub may hold more than this call sent (it kept records an earlier call
-                    // sent after the last saved position): those need not be sent again.
+                    // The hub may hold more than this call sent (records an earlier call sent
+                    // after the last saved position): those need not be sent again.
                     s.sent = s.sent.max(ack.sequence);
                 }
             }
             () = tokio::time::sleep(POLL) => {}
         }
         if last_save.elapsed() >= SAVE_EVERY {
-            save(store, streams).await;
+            save(store, s).await;
             last_save = Instant::now();
         }
     }
+}
+
+/// Counts a call out of the open-calls gauge when it ends, however it ends.
+fn on_close(gauge: &Gauge) -> impl Drop + '_ {
+    struct Closed<'a>(&'a Gauge);
+    impl Drop for Closed<'_> {
+        fn drop(&mut self) {
+            self.0.decrement(1.0);
+        }
+    }
+    Closed(gauge)
 }

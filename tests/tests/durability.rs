@@ -606,7 +606,60 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
         &[("stream", "seq"), ("outcome", "duplicate")],
     );
     assert_eq!(origin.metric("hubgate_upstream_lag_records", &seq), 0.0);
+
+    // The origin starts over with an empty data directory, under the same name: its new records
+    // (sequences from 1 again) reach the hub, not taken for the ones it already has.
+    origin.kill();
+    let fresh_data = tempfile::tempdir().unwrap();
+    let fresh_cfg = origin_cfg.replace(
+        &format!("{:?}", origin_data.path()),
+        &format!("{:?}", fresh_data.path()),
+    );
+    assert_ne!(fresh_cfg, origin_cfg);
+    let origin = Gateway::start(gateway_bin!(), &fresh_cfg);
+    origin.wait_ready();
+    publish(&mut publisher, N + 10).await;
+    let seen = replay(&hub, "seq", Duration::from_secs(10), |s| {
+        s.numbers.len() as u64 == N + 10
+    })
+    .await;
+    assert_eq!(seen.numbers.len() as u64, N + 10);
+    drop(origin);
     eprintln!(
         "upstream outage: {N} records at the hub once each; {duplicates} resent records dropped as duplicates"
     );
+}
+
+/// A second gateway on the same data directory refuses to start, with a clear error, and the
+/// first one goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gateway_per_data_directory() {
+    let broker = Mosquitto::start();
+    let data = tempfile::tempdir().unwrap();
+    let cfg = durable_config(
+        broker.port,
+        "gw-lock",
+        data.path(),
+        "",
+        &sequence_stream("1d"),
+    );
+    let first = Gateway::start(gateway_bin!(), &cfg);
+    first.wait_ready();
+    let config_path = data.path().join("second.toml");
+    std::fs::write(&config_path, cfg.replace("gw-lock", "gw-lock-2")).unwrap();
+    let second = std::process::Command::new(gateway_bin!())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another hubgate is running with the data directory"),
+        "{err}"
+    );
+    // The second one wrote nothing: the audit log has only the first one's start.
+    let audit = std::fs::read_to_string(data.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.matches("\"event\":\"start\"").count(), 1, "{audit}");
+    assert_eq!(first.metric("hubgate_mqtt_connected", &[]), 1.0);
 }

@@ -8,7 +8,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 
 use super::{
     BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, encode, named_key,
-    purge_batches, read_batches, record_key, seq_of, shred,
+    purge_batches, read_batches, record_key, seq_of, shred, stream_names, sub_bytes,
 };
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
@@ -183,7 +183,7 @@ impl Outbox for RedbOutbox {
                 }
             }
             tx.commit().map_err(db_error)?;
-            self.record_bytes.fetch_sub(purged.bytes, Ordering::Relaxed);
+            sub_bytes(&self.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
         Ok(purged)
@@ -211,5 +211,15 @@ impl Outbox for RedbOutbox {
 
     fn record_bytes(&self) -> u64 {
         self.record_bytes.load(Ordering::Relaxed)
+    }
+
+    fn streams(&self) -> Result<Vec<String>, OutboxError> {
+        let tx = self.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(TABLE).map_err(db_error)?;
+        let keys = table
+            .range(&b"n"[..]..&b"o"[..])
+            .map_err(db_error)?
+            .map(|item| Ok(item.map_err(db_error)?.0.value().to_vec()));
+        stream_names(keys)
     }
 }

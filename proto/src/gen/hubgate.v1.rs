@@ -11,6 +11,11 @@ pub struct PushRequest {
     /// Records of the stream, in increasing sequence order (the origin's sequence numbers).
     #[prost(message, repeated, tag = "3")]
     pub records: ::prost::alloc::vec::Vec<Record>,
+    /// Identifies the origin's store: a random id made with it, which changes when the origin starts
+    /// over with an empty store, so that its new sequence numbers are not taken for records already
+    /// kept. 1 to 64 letters and digits.
+    #[prost(string, tag = "4")]
+    pub incarnation: ::prost::alloc::string::String,
 }
 /// Everything of `stream` the origin sent up to `sequence` (the origin's numbering) is kept.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -319,12 +324,13 @@ pub mod gateway_client {
         /// origin sends batches of its records, each stream's in sequence order; the upstream keeps those
         /// its own policy declares (a stream of the same name, not aggregated; only the fields it
         /// declares) and answers, per stream, the origin sequence up to which everything sent is durably
-        /// kept or was already kept before. Records are identified by (origin, stream, origin sequence):
-        /// a record sent again is acknowledged, not kept twice, across restarts of either side.
+        /// kept or was already kept before. Records are identified by (origin, incarnation, stream,
+        /// origin sequence): a record sent again is acknowledged, not kept twice, across restarts of
+        /// either side.
         ///
-        /// Errors: INVALID_ARGUMENT for a request without an origin or with unordered sequences,
-        /// NOT_FOUND for a stream this gateway does not declare, FAILED_PRECONDITION for an aggregated
-        /// one.
+        /// Errors: INVALID_ARGUMENT for a request without an origin or incarnation or with unordered
+        /// sequences, NOT_FOUND for a stream this gateway does not declare, FAILED_PRECONDITION for an
+        /// aggregated one.
         pub async fn push(
             &mut self,
             request: impl tonic::IntoStreamingRequest<Message = super::PushRequest>,
@@ -394,12 +400,13 @@ pub mod gateway_server {
         /// origin sends batches of its records, each stream's in sequence order; the upstream keeps those
         /// its own policy declares (a stream of the same name, not aggregated; only the fields it
         /// declares) and answers, per stream, the origin sequence up to which everything sent is durably
-        /// kept or was already kept before. Records are identified by (origin, stream, origin sequence):
-        /// a record sent again is acknowledged, not kept twice, across restarts of either side.
+        /// kept or was already kept before. Records are identified by (origin, incarnation, stream,
+        /// origin sequence): a record sent again is acknowledged, not kept twice, across restarts of
+        /// either side.
         ///
-        /// Errors: INVALID_ARGUMENT for a request without an origin or with unordered sequences,
-        /// NOT_FOUND for a stream this gateway does not declare, FAILED_PRECONDITION for an aggregated
-        /// one.
+        /// Errors: INVALID_ARGUMENT for a request without an origin or incarnation or with unordered
+        /// sequences, NOT_FOUND for a stream this gateway does not declare, FAILED_PRECONDITION for an
+        /// aggregated one.
         async fn push(
             &self,
             request: tonic::Request<tonic::Streaming<super::PushRequest>>,
