@@ -39,6 +39,11 @@
 //! without this, most purged records could still be read from the files (both engines, in a
 //! test). With it, a purged record is unreadable once its key goes; the store purges early enough
 //! that this happens before the record's retention ends ([`crate::store`]).
+//!
+//! Checkpoints are sealed the same way (nonce = a per-name version counter), each name under keys
+//! of its own that rotate every ten minutes; a key is destroyed once a version sealed under a newer
+//! one is durable. So the old versions of a window's state, which hold groups below the minimum
+//! size, cannot be read back from free pages either.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -250,16 +255,97 @@ fn batch_len(records: &[Vec<u8>]) -> usize {
 /// commit holds from sealing until it is durable, and a purge while it destroys keys, so that a
 /// key is never destroyed while records sealed with it are on their way in.
 #[derive(Debug)]
-struct Vault(Mutex<DataKeys>);
+struct Vault {
+    keys: Mutex<DataKeys>,
+    /// Per checkpoint name, the counter of its next version (locked only with `keys`).
+    counters: Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// How long one key seals a checkpoint's versions before the next key starts; older keys are
+/// destroyed as soon as a version under a newer one is durable.
+const CHECKPOINT_KEY_PERIOD: Duration = Duration::from_secs(600);
+const CHECKPOINT_VERSION: u8 = 1;
+
+/// The data-key series of a checkpoint name (a control character keeps it apart from streams).
+fn checkpoint_series(name: &str) -> String {
+    format!("\u{1}{name}")
+}
 
 impl Vault {
     fn open(dir: &Path) -> Result<Self, OutboxError> {
         std::fs::create_dir_all(dir)?;
-        Ok(Self(Mutex::new(DataKeys::open(&dir.join("keys"))?)))
+        Ok(Self {
+            keys: Mutex::new(DataKeys::open(&dir.join("keys"))?),
+            counters: Mutex::new(std::collections::HashMap::new()),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, DataKeys> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Seals a version of checkpoint `name`. `stored` gives the version stored now, read only
+    /// the first time a name is written in this process. Returns the version's counter and value.
+    fn seal_checkpoint(
+        &self,
+        keys: &mut DataKeys,
+        name: &str,
+        bytes: &[u8],
+        stored: impl FnOnce() -> Result<Option<Vec<u8>>, OutboxError>,
+    ) -> Result<(u64, Vec<u8>), OutboxError> {
+        let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let counter = match counters.get(name) {
+            Some(next) => *next,
+            None => stored()?
+                .and_then(|v| {
+                    v.get(1..9)
+                        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or_default()))
+                })
+                .map_or(1, |c| c + 1),
+        };
+        counters.insert(name.to_owned(), counter + 1);
+        let sealed = keys.seal(
+            &checkpoint_series(name),
+            counter,
+            crate::pipeline::now_ms(),
+            CHECKPOINT_KEY_PERIOD,
+            bytes,
+        )?;
+        let mut value = Vec::with_capacity(9 + sealed.len());
+        value.push(CHECKPOINT_VERSION);
+        value.extend_from_slice(&counter.to_be_bytes());
+        value.extend_from_slice(&sealed);
+        Ok((counter, value))
+    }
+
+    /// Destroys the keys of checkpoint versions older than the ones just committed.
+    fn checkpoints_committed(
+        keys: &mut DataKeys,
+        written: &[(&str, u64)],
+    ) -> Result<(), OutboxError> {
+        for (name, counter) in written {
+            keys.shred(&checkpoint_series(name), *counter, counter + 1)?;
+        }
+        Ok(())
+    }
+
+    /// Opens a stored checkpoint value; `None` (and an error logged) when it cannot be read.
+    fn open_checkpoint(&self, name: &str, value: &[u8]) -> Option<Vec<u8>> {
+        let opened = (value.first() == Some(&CHECKPOINT_VERSION))
+            .then(|| value.get(1..9))
+            .flatten()
+            .and_then(|c| {
+                let counter = u64::from_be_bytes(c.try_into().unwrap_or_default());
+                self.lock()
+                    .unseal(&checkpoint_series(name), counter, &value[9..])
+            });
+        if opened.is_none() {
+            tracing::error!(
+                checkpoint = name,
+                "a checkpoint cannot be read: it is ignored"
+            );
+        }
+        opened
     }
 }
 
@@ -561,11 +647,18 @@ impl Outbox for SledOutbox {
             let next = a.first + a.records.len() as u64;
             batch.insert(named_key(b'n', &a.stream), &next.to_be_bytes());
         }
+        let mut written = Vec::new();
         for (name, bytes) in &commit.checkpoints {
-            batch.insert(named_key(b'c', name), bytes.as_slice());
+            let key = named_key(b'c', name);
+            let (counter, value) = self.vault.seal_checkpoint(&mut keys, name, bytes, || {
+                Ok(self.tree.get(&key)?.map(|v| v.to_vec()))
+            })?;
+            batch.insert(key, value);
+            written.push((name.as_str(), counter));
         }
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
+        Vault::checkpoints_committed(&mut keys, &written)?;
         drop(keys);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
@@ -621,7 +714,8 @@ impl Outbox for SledOutbox {
     }
 
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-        Ok(self.tree.get(named_key(b'c', name))?.map(|v| v.to_vec()))
+        let value = self.tree.get(named_key(b'c', name))?;
+        Ok(value.and_then(|v| self.vault.open_checkpoint(name, &v)))
     }
 
     fn record_bytes(&self) -> u64 {
@@ -700,6 +794,7 @@ mod tests {
         purges_by_age_keep_sequences_moving_forward,
         a_damaged_batch_is_reported_not_returned,
         purged_records_cannot_be_read_back_from_the_disk,
+        checkpoints_are_sealed_and_old_versions_shredded,
     );
 
     fn rec(seq: u64) -> Vec<u8> {
@@ -879,6 +974,50 @@ mod tests {
         assert_eq!(seqs(&read), (201..=300).collect::<Vec<_>>());
         assert_eq!(read.records[0].bytes, b"MARKER-00201");
         assert!(read.damaged.is_empty());
+    }
+
+    fn checkpoint_commit(outbox: &impl Outbox, name: &str, bytes: &[u8]) {
+        outbox
+            .commit(&Commit {
+                appends: Vec::new(),
+                checkpoints: vec![(name.into(), bytes.to_vec())],
+            })
+            .unwrap();
+    }
+
+    fn checkpoints_are_sealed_and_old_versions_shredded<B: Backend>() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_path = dir.path().join("keys");
+        let series = checkpoint_series("window/footfall");
+        let first_key = {
+            let outbox = B::open_in(dir.path());
+            checkpoint_commit(&outbox, "window/footfall", b"GROUPS-v1");
+            checkpoint_commit(&outbox, "window/footfall", b"GROUPS-v2");
+            assert_eq!(
+                outbox.checkpoint("window/footfall").unwrap().as_deref(),
+                Some(&b"GROUPS-v2"[..])
+            );
+            outbox
+                .vault()
+                .lock()
+                .raw_key(&key_path, &series, 1)
+                .unwrap()
+        };
+        assert!(!holds(&disk_bytes(dir.path()), b"GROUPS-"));
+        // A new process seals the next version under a key of its own; once it is durable, the
+        // key of the older versions is destroyed.
+        let outbox = B::open_in(dir.path());
+        assert_eq!(
+            outbox.checkpoint("window/footfall").unwrap().as_deref(),
+            Some(&b"GROUPS-v2"[..])
+        );
+        checkpoint_commit(&outbox, "window/footfall", b"GROUPS-v3");
+        assert!(!holds(&disk_bytes(dir.path()), &first_key));
+        assert_eq!(
+            outbox.checkpoint("window/footfall").unwrap().as_deref(),
+            Some(&b"GROUPS-v3"[..])
+        );
+        assert_eq!(outbox.checkpoint("window/other").unwrap(), None);
     }
 
     #[derive(Debug, Clone)]

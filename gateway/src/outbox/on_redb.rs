@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
     BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, encode, named_key,
@@ -113,6 +113,7 @@ impl Outbox for RedbOutbox {
         let mut keys = self.vault.lock();
         let tx = self.db.begin_write().map_err(db_error)?;
         let mut added = 0;
+        let mut written = Vec::new();
         {
             let mut table = tx.open_table(TABLE).map_err(db_error)?;
             for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
@@ -130,12 +131,20 @@ impl Outbox for RedbOutbox {
                     .map_err(db_error)?;
             }
             for (name, bytes) in &commit.checkpoints {
+                let key = named_key(b'c', name);
+                let (counter, value) =
+                    self.vault.seal_checkpoint(&mut keys, name, bytes, || {
+                        let stored = table.get(key.as_slice()).map_err(db_error)?;
+                        Ok(stored.map(|v| v.value().to_vec()))
+                    })?;
                 table
-                    .insert(named_key(b'c', name).as_slice(), bytes.as_slice())
+                    .insert(key.as_slice(), value.as_slice())
                     .map_err(db_error)?;
+                written.push((name.as_str(), counter));
             }
         }
         tx.commit().map_err(db_error)?;
+        Vault::checkpoints_committed(&mut keys, &written)?;
         drop(keys);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
@@ -206,7 +215,7 @@ impl Outbox for RedbOutbox {
         let value = table
             .get(named_key(b'c', name).as_slice())
             .map_err(db_error)?;
-        Ok(value.map(|v| v.value().to_vec()))
+        Ok(value.and_then(|v| self.vault.open_checkpoint(name, v.value())))
     }
 
     fn record_bytes(&self) -> u64 {
