@@ -532,6 +532,23 @@ fn purge_batches<V: AsRef<[u8]>>(
     Ok((purged, firsts))
 }
 
+/// The header of the first of a stream's batches.
+fn first_batch<V: AsRef<[u8]>>(
+    batches: impl Iterator<Item = Entry<V>>,
+    next_sequence: &dyn Fn() -> u64,
+) -> Result<Option<BatchInfo>, OutboxError> {
+    let mut found = None;
+    purge_batches(
+        batches,
+        &mut |b| {
+            found = Some(*b);
+            false
+        },
+        next_sequence,
+    )?;
+    Ok(found)
+}
+
 /// Destroys the data keys of `stream` that seal nothing held once a purge is durable. Takes the
 /// vault's lock before reading the bounds, so no commit is between sealing and writing.
 fn shred<O: Outbox + ?Sized>(
@@ -672,16 +689,9 @@ impl Outbox for SledOutbox {
     }
 
     fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
-        let mut found = None;
-        purge_batches(
-            self.batches_from(stream, 0)?,
-            &mut |b| {
-                found = Some(*b);
-                false
-            },
-            &|| self.next_sequence(stream).unwrap_or(0),
-        )?;
-        Ok(found)
+        first_batch(self.batches_from(stream, 0)?, &|| {
+            self.next_sequence(stream).unwrap_or(0)
+        })
     }
 
     fn purge_while(

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
-    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, encode, named_key,
-    purge_batches, read_batches, record_key, seq_of, shred, stream_names, sub_bytes,
+    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, encode, first_batch,
+    named_key, purge_batches, read_batches, record_key, seq_of, shred, stream_names, sub_bytes,
 };
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
@@ -159,18 +159,9 @@ impl Outbox for RedbOutbox {
     }
 
     fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
-        let mut found = None;
         self.with_batches(stream, 0, |batches| {
-            purge_batches(
-                batches,
-                &mut |b| {
-                    found = Some(*b);
-                    false
-                },
-                &|| self.next_sequence(stream).unwrap_or(0),
-            )
-        })??;
-        Ok(found)
+            first_batch(batches, &|| self.next_sequence(stream).unwrap_or(0))
+        })?
     }
 
     fn purge_while(
