@@ -56,6 +56,11 @@ pub const UPSTREAM_RECORDS_ACKED: &str = "hubgate_upstream_records_acked_total";
 pub const UPSTREAM_RECORDS_LOST: &str = "hubgate_upstream_records_lost_total";
 /// Records kept and not yet acknowledged by the upstream hub. Label: `stream`.
 pub const UPSTREAM_LAG: &str = "hubgate_upstream_lag_records";
+/// Energy attributed to the gateway process (floating point; see [`crate::energy`]).
+pub const ENERGY_JOULES: &str = "hubgate_energy_joules_total";
+/// Always 1; labels `method` (`rapl` or `model`), `zones` (RAPL) or the model's coefficients
+/// (`idle_watts_per_vcpu`, `max_watts_per_vcpu`, `memory_watts_per_gb`, `vcpus`).
+pub const FOOTPRINT_INFO: &str = "hubgate_footprint_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
@@ -196,6 +201,10 @@ pub fn describe() {
     describe_gauge!(
         UPSTREAM_LAG,
         "records kept and not yet acknowledged by the upstream hub"
+    );
+    describe_gauge!(
+        FOOTPRINT_INFO,
+        "how the energy figures are obtained: method and coefficients"
     );
     describe_counter!(
         AUDIT_WRITE_ERRORS,

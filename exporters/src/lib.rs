@@ -5,4 +5,5 @@
 //! device identifiers), never a device identifier, never error text.
 
 pub mod catalogue;
+pub mod energy;
 pub mod prometheus;

@@ -25,6 +25,7 @@ pub mod decode;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
 pub mod dry_run;
+pub mod footprint;
 pub mod grpc;
 pub mod ingest;
 pub mod keys;
@@ -214,6 +215,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ));
     }
     tasks.spawn(grpc::serve(grpc_listener, service, shutdown.clone()));
+    tasks.spawn(footprint::run(shutdown.clone()));
     tasks.spawn(admin::serve(
         admin_listener,
         connected_rx.clone(),

@@ -187,6 +187,15 @@ async fn declared_fields_arrive_and_everything_else_is_dropped_and_counted() {
         !gw.log().contains("3c:22:fb"),
         "a MAC address appeared in the log"
     );
+    // The footprint meter: its method is named, and the work above cost energy.
+    assert!(
+        page.contains("hubgate_footprint_info{method=\"model\"")
+            || page.contains("hubgate_footprint_info{method=\"rapl\""),
+        "{page}"
+    );
+    hubgate_tests::wait_for("energy counted", Duration::from_secs(15), || {
+        gw.metric("hubgate_energy_joules_total", &[]) > 0.0
+    });
 }
 
 /// A topic no stream declares never reaches a subscriber. The persistent session makes this real:
