@@ -26,7 +26,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
 use hubgate_exporters::catalogue;
@@ -72,7 +72,6 @@ struct Tail {
 /// The audit log of a gateway.
 #[derive(Debug)]
 pub struct AuditLog {
-    path: PathBuf,
     tail: Mutex<Tail>,
     write_errors: metrics::Counter,
 }
@@ -117,7 +116,6 @@ impl AuditLog {
             None => (1, GENESIS.to_owned()),
         };
         let log = Self {
-            path: path.to_owned(),
             tail: Mutex::new(Tail {
                 file,
                 next_seq,
@@ -133,10 +131,6 @@ impl AuditLog {
             );
         }
         Ok(log)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Appends an entry and syncs it. `data` must hold no value or identifier from a reading.
@@ -239,7 +233,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn log_with(dir: &Path, n: u64) -> PathBuf {
+    fn log_with(dir: &Path, n: u64) -> std::path::PathBuf {
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path).unwrap();
         for i in 0..n {
