@@ -61,6 +61,15 @@ pub const ENERGY_JOULES: &str = "hubgate_energy_joules_total";
 /// Always 1; labels `method` (`rapl` or `model`), `zones` (RAPL) or the model's coefficients
 /// (`idle_watts_per_vcpu`, `max_watts_per_vcpu`, `memory_watts_per_gb`, `vcpus`).
 pub const FOOTPRINT_INFO: &str = "hubgate_footprint_info";
+/// Operational emissions of the gateway (energy × grid intensity), floating point.
+pub const CARBON_OPERATIONAL_GRAMS: &str = "hubgate_carbon_operational_grams_total";
+/// Embodied emissions of the hardware attributed to the gateway's running, floating point.
+pub const CARBON_EMBODIED_GRAMS: &str = "hubgate_carbon_embodied_grams_total";
+/// Software Carbon Intensity since the start: gCO2e per 1,000 readings kept.
+pub const SCI: &str = "hubgate_sci_grams_per_1000_readings";
+/// Always 1; labels name the carbon figures' inputs (`grid_intensity_g_per_kwh`, `embodied_kg`,
+/// `lifetime_years`, `hardware_share`).
+pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
@@ -202,6 +211,11 @@ pub fn describe() {
         UPSTREAM_LAG,
         "records kept and not yet acknowledged by the upstream hub"
     );
+    describe_gauge!(
+        SCI,
+        "software carbon intensity since the start, gCO2e per 1,000 readings kept"
+    );
+    describe_gauge!(CARBON_INFO, "the inputs of the carbon figures");
     describe_gauge!(
         FOOTPRINT_INFO,
         "how the energy figures are obtained: method and coefficients"

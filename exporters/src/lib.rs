@@ -4,6 +4,7 @@
 //! description. Labels are stream names, stage kinds and reasons: never a topic (topics often carry
 //! device identifiers), never a device identifier, never error text.
 
+pub mod carbon;
 pub mod catalogue;
 pub mod energy;
 pub mod prometheus;

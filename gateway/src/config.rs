@@ -39,7 +39,70 @@ pub struct Config {
     pub store: StoreConfig,
     /// Where to forward records, if anywhere.
     pub upstream: Option<UpstreamConfig>,
+    pub footprint: FootprintConfig,
     pub policy: Policy,
+}
+
+/// How the gateway's own footprint is figured (see `hubgate_exporters::energy` and
+/// `hubgate_exporters::carbon`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FootprintConfig {
+    /// Location-based carbon intensity of the grid the hub draws from, in gCO2e per kWh. No
+    /// operational carbon (nor SCI) is reported without it.
+    pub grid_intensity_g_per_kwh: Option<f64>,
+    /// Emissions of making the hardware, in kgCO2e (the vendor's LCA when known).
+    pub embodied_kg: f64,
+    /// Expected life of the hardware, in years.
+    pub lifetime_years: f64,
+    /// Share of the hardware reserved for the gateway (1 on a dedicated device).
+    pub hardware_share: f64,
+    /// The energy model's coefficients, used when no sensor can be read.
+    pub idle_watts_per_vcpu: f64,
+    pub max_watts_per_vcpu: f64,
+    pub memory_watts_per_gb: f64,
+}
+
+impl Default for FootprintConfig {
+    fn default() -> Self {
+        let model = hubgate_exporters::energy::Coefficients::default();
+        let embodied = hubgate_exporters::carbon::Embodied::default();
+        Self {
+            grid_intensity_g_per_kwh: None,
+            embodied_kg: embodied.kg,
+            lifetime_years: embodied.lifetime_years,
+            hardware_share: embodied.share,
+            idle_watts_per_vcpu: model.idle_watts_per_vcpu,
+            max_watts_per_vcpu: model.max_watts_per_vcpu,
+            memory_watts_per_gb: model.memory_watts_per_gb,
+        }
+    }
+}
+
+impl FootprintConfig {
+    fn problems(&self) -> Vec<&'static str> {
+        let mut problems = Vec::new();
+        let figures = [
+            self.grid_intensity_g_per_kwh.unwrap_or(0.0),
+            self.embodied_kg,
+            self.idle_watts_per_vcpu,
+            self.max_watts_per_vcpu,
+            self.memory_watts_per_gb,
+        ];
+        if figures.iter().any(|f| !f.is_finite() || *f < 0.0) {
+            problems.push("footprint figures must be finite and not negative");
+        }
+        if !(self.lifetime_years.is_finite() && self.lifetime_years > 0.0) {
+            problems.push("footprint.lifetime_years must be more than 0");
+        }
+        if !(self.hardware_share > 0.0 && self.hardware_share <= 1.0) {
+            problems.push("footprint.hardware_share must be more than 0 and at most 1");
+        }
+        if self.max_watts_per_vcpu < self.idle_watts_per_vcpu {
+            problems.push("footprint.max_watts_per_vcpu must be at least idle_watts_per_vcpu");
+        }
+        problems
+    }
 }
 
 /// An upstream hub that receives this gateway's records (gRPC `Push`); see [`crate::upstream`].
@@ -275,6 +338,8 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let (mut mqtt, mut grpc, mut admin, mut store) = Default::default();
     let mut upstream: Option<UpstreamConfig> = None;
     let mut upstream_span = 0..0;
+    let mut footprint: Option<FootprintConfig> = None;
+    let mut footprint_span = 0..0;
     let mut raw_streams = None;
     let whole = 0..source.len().min(1);
     let (mut mqtt_span, mut store_span) = (whole.clone(), whole.clone());
@@ -294,10 +359,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 upstream_span = key.span();
                 upstream = diags.section(value);
             }
+            "footprint" => {
+                footprint_span = key.span();
+                footprint = diags.section(value);
+            }
             "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
             other => diags.error(
                 key.span(),
-                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'stream'"),
+                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'footprint', 'stream'"),
             ),
         }
     }
@@ -343,6 +412,10 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     if let Some(up) = &upstream {
         check_upstream(up, policy.as_ref(), upstream_span, &mut diags);
     }
+    let footprint = footprint.unwrap_or_default();
+    for problem in footprint.problems() {
+        diags.error(footprint_span.clone(), problem);
+    }
     match policy {
         Some(policy) if !diags.has_errors() => {
             let config = Config {
@@ -351,6 +424,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 admin,
                 store,
                 upstream,
+                footprint,
                 policy,
             };
             Ok((config, diags.into_sorted()))
@@ -457,6 +531,25 @@ mod tests {
             err.diagnostics
         );
         assert!(err.diagnostics[0].message.contains("invalid size 'lots'"));
+    }
+
+    #[test]
+    fn footprint_settings_are_checked() {
+        let (config, _) = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(config.footprint.grid_intensity_g_per_kwh, None);
+        assert_eq!(config.footprint.embodied_kg, 30.0);
+        let src = format!(
+            "[footprint]\ngrid_intensity_g_per_kwh = 250.0\nembodied_kg = 4000.0\n{DEFAULT_CONFIG}"
+        );
+        let (config, _) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+        assert_eq!(config.footprint.grid_intensity_g_per_kwh, Some(250.0));
+        let src = format!(
+            "[footprint]\nlifetime_years = 0.0\nhardware_share = 2.0\nidle_watts_per_vcpu = 5.0\n{DEFAULT_CONFIG}"
+        );
+        let err = parse(&src).unwrap_err();
+        let messages: Vec<&str> = err.diagnostics.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(err.diagnostics.iter().all(|d| d.position(&src).0 == 1));
     }
 
     #[test]

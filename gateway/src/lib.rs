@@ -215,7 +215,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         ));
     }
     tasks.spawn(grpc::serve(grpc_listener, service, shutdown.clone()));
-    tasks.spawn(footprint::run(shutdown.clone()));
+    tasks.spawn(footprint::run(
+        config.footprint,
+        Arc::clone(&stats),
+        shutdown.clone(),
+    ));
     tasks.spawn(admin::serve(
         admin_listener,
         connected_rx.clone(),

@@ -81,7 +81,11 @@ async fn declared_fields_arrive_and_everything_else_is_dropped_and_counted() {
     let broker = Mosquitto::start();
     let gw = Gateway::start(
         gateway_bin!(),
-        &config(broker.port, "gw-fields", &format!("{AIR}{NOISE}")),
+        &config(
+            broker.port,
+            "gw-fields",
+            &format!("[footprint]\ngrid_intensity_g_per_kwh = 250.0\n{AIR}{NOISE}"),
+        ),
     );
     gw.wait_ready();
     let mut client = gw.client().await;
@@ -195,6 +199,21 @@ async fn declared_fields_arrive_and_everything_else_is_dropped_and_counted() {
     );
     hubgate_tests::wait_for("energy counted", Duration::from_secs(15), || {
         gw.metric("hubgate_energy_joules_total", &[]) > 0.0
+    });
+    // Carbon follows: operational at the configured 250 g/kWh, embodied by running time, and the
+    // SCI per 1,000 readings kept (15) consistent with them. (Read until one page holds a whole
+    // sample: the figures move together every 5 s.)
+    hubgate_tests::wait_for("consistent carbon figures", Duration::from_secs(15), || {
+        let page = gw.metrics();
+        let figure = |name| hubgate_tests::metric_value(&page, name, &[]);
+        let joules = figure("hubgate_energy_joules_total");
+        let operational = figure("hubgate_carbon_operational_grams_total");
+        let embodied = figure("hubgate_carbon_embodied_grams_total");
+        let sci = figure("hubgate_sci_grams_per_1000_readings");
+        embodied > 0.0
+            && sci > 0.0
+            && (operational - joules / 3.6e6 * 250.0).abs() < 1e-9
+            && (sci - (operational + embodied) / 15.0 * 1000.0).abs() < 1e-6 * sci
     });
 }
 
