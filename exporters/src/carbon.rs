@@ -14,6 +14,13 @@
 //!
 //! Emissions avoided elsewhere (fewer bytes sent) never lower SCI; they are reported apart.
 
+/// Attributional network energy intensity, kWh per GB: Aslan et al. 2018 (data of 2015, an
+/// intensity that halved about every two years since, so an upper estimate today; Traficom's
+/// operator-reported 2021 figures are 0.05 fixed and 0.12 mobile). Network power is mostly
+/// baseline (Mytton, Lundén and Malmodin 2024): bytes avoided do not save this energy one for one,
+/// which is why it is reported apart from SCI.
+pub const NETWORK_KWH_PER_GB: f64 = 0.06;
+
 /// Joules in one kilowatt-hour.
 pub const JOULES_PER_KWH: f64 = 3.6e6;
 /// Seconds in a (Julian) year.

@@ -61,6 +61,18 @@ pub const ENERGY_JOULES: &str = "hubgate_energy_joules_total";
 /// Always 1; labels `method` (`rapl` or `model`), `zones` (RAPL) or the model's coefficients
 /// (`idle_watts_per_vcpu`, `max_watts_per_vcpu`, `memory_watts_per_gb`, `vcpus`).
 pub const FOOTPRINT_INFO: &str = "hubgate_footprint_info";
+/// Bytes of records sent to gRPC subscribers (encoded). Label: `stream`.
+pub const GRPC_SENT_BYTES: &str = "hubgate_grpc_sent_bytes_total";
+/// Bytes of Push requests sent to the upstream hub (encoded). Label: `stream`.
+pub const UPSTREAM_SENT_BYTES: &str = "hubgate_upstream_sent_bytes_total";
+/// Bytes of record batches written to the outbox (sealed, with headers).
+pub const OUTBOX_WRITTEN_BYTES: &str = "hubgate_outbox_written_bytes_total";
+/// Bytes the policy kept from leaving: MQTT payload bytes received minus the encoded field content
+/// of the records kept (their envelope is counted in the bytes sent, not here).
+pub const BYTES_AVOIDED: &str = "hubgate_bytes_avoided_total";
+/// Attributional network energy of the bytes avoided (kWh per GB configured), floating point;
+/// reported apart from SCI, which it never lowers.
+pub const NETWORK_ENERGY_AVOIDED_JOULES: &str = "hubgate_network_energy_avoided_joules_total";
 /// Operational emissions of the gateway (energy × grid intensity), floating point.
 pub const CARBON_OPERATIONAL_GRAMS: &str = "hubgate_carbon_operational_grams_total";
 /// Embodied emissions of the hardware attributed to the gateway's running, floating point.
@@ -210,6 +222,26 @@ pub fn describe() {
     describe_gauge!(
         UPSTREAM_LAG,
         "records kept and not yet acknowledged by the upstream hub"
+    );
+    describe_counter!(
+        GRPC_SENT_BYTES,
+        Unit::Bytes,
+        "bytes of records sent to gRPC subscribers"
+    );
+    describe_counter!(
+        UPSTREAM_SENT_BYTES,
+        Unit::Bytes,
+        "bytes of Push requests sent to the upstream hub"
+    );
+    describe_counter!(
+        OUTBOX_WRITTEN_BYTES,
+        Unit::Bytes,
+        "bytes of record batches written to the outbox"
+    );
+    describe_counter!(
+        BYTES_AVOIDED,
+        Unit::Bytes,
+        "payload bytes received minus the field content kept: what minimisation kept from leaving"
     );
     describe_gauge!(
         SCI,

@@ -57,6 +57,8 @@ pub struct FootprintConfig {
     pub lifetime_years: f64,
     /// Share of the hardware reserved for the gateway (1 on a dedicated device).
     pub hardware_share: f64,
+    /// Attributional network energy of a gigabyte, for the bytes avoided (kWh per GB).
+    pub network_kwh_per_gb: f64,
     /// The energy model's coefficients, used when no sensor can be read.
     pub idle_watts_per_vcpu: f64,
     pub max_watts_per_vcpu: f64,
@@ -72,6 +74,7 @@ impl Default for FootprintConfig {
             embodied_kg: embodied.kg,
             lifetime_years: embodied.lifetime_years,
             hardware_share: embodied.share,
+            network_kwh_per_gb: hubgate_exporters::carbon::NETWORK_KWH_PER_GB,
             idle_watts_per_vcpu: model.idle_watts_per_vcpu,
             max_watts_per_vcpu: model.max_watts_per_vcpu,
             memory_watts_per_gb: model.memory_watts_per_gb,
@@ -85,6 +88,7 @@ impl FootprintConfig {
         let figures = [
             self.grid_intensity_g_per_kwh.unwrap_or(0.0),
             self.embodied_kg,
+            self.network_kwh_per_gb,
             self.idle_watts_per_vcpu,
             self.max_watts_per_vcpu,
             self.memory_watts_per_gb,

@@ -56,6 +56,8 @@ pub async fn run(
     )
     .set(1.0);
     let sci = metrics::gauge!(catalogue::SCI);
+    let bytes_avoided = metrics::counter!(catalogue::BYTES_AVOIDED);
+    let mut avoided_before = 0u64;
     let (mut operational_total, mut embodied_total) = (0.0, 0.0);
     let mut meter = match Meter::new(
         Path::new("/sys/class/powercap"),
@@ -100,6 +102,24 @@ pub async fn run(
         }
         let elapsed = last.elapsed().as_secs_f64();
         last = Instant::now();
+        // Minimisation: payload bytes in, minus the content kept from them (the fields of the
+        // records kept; their envelope of stream, sequence, time and policy hash is the API's
+        // own cost, counted in the bytes sent).
+        let received = stats.received_bytes.load(Ordering::Relaxed);
+        let kept: u64 = stats
+            .streams
+            .iter()
+            .map(|s| s.field_bytes_kept.load(Ordering::Relaxed))
+            .sum();
+        let avoided = received.saturating_sub(kept).max(avoided_before);
+        let delta = avoided - avoided_before;
+        avoided_before = avoided;
+        bytes_avoided.increment(delta);
+        add_float_counter(
+            catalogue::NETWORK_ENERGY_AVOIDED_JOULES,
+            "attributional network energy of the bytes avoided, at the configured kWh per GB (apart from SCI)",
+            delta as f64 / 1e9 * config.network_kwh_per_gb * carbon::JOULES_PER_KWH,
+        );
         let embodied_grams = carbon::embodied_grams(elapsed, &embodied);
         embodied_total += embodied_grams;
         add_float_counter(

@@ -19,6 +19,7 @@ use hubgate_exporters::catalogue;
 use hubgate_privacy::Policy;
 use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
+use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
@@ -189,6 +190,7 @@ impl Gateway for GatewayService {
                 cursor,
                 tx: tx.clone(),
                 sent: metrics::counter!(catalogue::GRPC_RECORDS_SENT, "stream" => name.clone()),
+                sent_bytes: metrics::counter!(catalogue::GRPC_SENT_BYTES, "stream" => name.clone()),
                 _guard: Arc::clone(&guard),
             };
             tokio::spawn(follower.run(self.shutdown.clone()));
@@ -231,6 +233,7 @@ struct Follower {
     cursor: u64,
     tx: mpsc::Sender<EventResult>,
     sent: metrics::Counter,
+    sent_bytes: metrics::Counter,
     _guard: Arc<SubscriberGuard>,
 }
 
@@ -260,12 +263,15 @@ impl Follower {
             }
             let caught_up = batch.records.len() < READ_BATCH;
             let count = batch.records.len() as u64;
+            let mut bytes = 0;
             for stored in batch.records {
+                bytes += stored.record.encoded_len() as u64;
                 if !self.send(Event::Record(stored.record.clone())).await {
                     return;
                 }
             }
             self.sent.increment(count);
+            self.sent_bytes.increment(bytes);
             self.cursor = batch.next;
             if caught_up {
                 tokio::select! {

@@ -165,6 +165,7 @@ pub struct Store {
     on_full: OnFull,
     memory_records: usize,
     bytes_held: Gauge,
+    bytes_written: Counter,
 }
 
 impl std::fmt::Debug for Store {
@@ -215,6 +216,7 @@ impl Store {
             on_full: config.on_full,
             memory_records: config.memory_records_per_stream.max(1),
             bytes_held: metrics::gauge!(catalogue::OUTBOX_BYTES),
+            bytes_written: metrics::counter!(catalogue::OUTBOX_WRITTEN_BYTES),
         };
         store.bytes_held.set(store.outbox.record_bytes() as f64);
         // Keys left by a crash, or by purges that stopped short of destroying them.
@@ -309,6 +311,7 @@ impl Store {
         }
         self.outbox.commit(&pending.commit)?;
         self.bytes_held.set(self.outbox.record_bytes() as f64);
+        self.bytes_written.increment(need);
         for (index, records) in std::mem::take(&mut pending.records) {
             let s = self.stream(index);
             let mut tail = s.tail();

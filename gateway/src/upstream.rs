@@ -71,6 +71,7 @@ struct Forwarded {
     /// Last acknowledged sequence written to the checkpoint.
     saved: u64,
     sent_total: Counter,
+    sent_bytes: Counter,
     acked_total: Counter,
     lost: Counter,
     lag: Gauge,
@@ -144,6 +145,7 @@ pub async fn run(
             acked,
             saved: acked,
             sent_total: metrics::counter!(catalogue::UPSTREAM_RECORDS_SENT, "stream" => name.clone()),
+            sent_bytes: metrics::counter!(catalogue::UPSTREAM_SENT_BYTES, "stream" => name.clone()),
             acked_total: metrics::counter!(catalogue::UPSTREAM_RECORDS_ACKED, "stream" => name.clone()),
             lost: metrics::counter!(catalogue::UPSTREAM_RECORDS_LOST, "stream" => name.clone()),
             lag: metrics::gauge!(catalogue::UPSTREAM_LAG, "stream" => name.clone()),
@@ -242,11 +244,13 @@ async fn call(
                 stream: s.name.clone(),
                 records,
             };
+            let bytes = prost::Message::encoded_len(&request) as u64;
             // Never wait to send: acks must keep being read, or both sides would wait on each
             // other. A full channel is tried again on the next turn.
             match tx.try_send(request) {
                 Ok(()) => {
                     s.sent_total.increment(count);
+                    s.sent_bytes.increment(bytes);
                     s.sent = newest;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => break,

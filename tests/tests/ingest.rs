@@ -215,6 +215,26 @@ async fn declared_fields_arrive_and_everything_else_is_dropped_and_counted() {
             && (operational - joules / 3.6e6 * 250.0).abs() < 1e-9
             && (sci - (operational + embodied) / 15.0 * 1000.0).abs() < 1e-6 * sci
     });
+    // Bytes: the policy drops most of each payload's content; the difference is counted as
+    // avoided, with its attributional network energy at the default 0.06 kWh/GB. (The records'
+    // envelope, about 90 bytes with the policy hash, outweighs these small payloads: it is in the
+    // bytes sent, not in the bytes avoided.)
+    hubgate_tests::wait_for("consistent byte figures", Duration::from_secs(15), || {
+        let page = gw.metrics();
+        let figure =
+            |name, labels: &[(&str, &str)]| hubgate_tests::metric_value(&page, name, labels);
+        let received = figure("hubgate_mqtt_received_bytes_total", &[]);
+        let sent = figure("hubgate_grpc_sent_bytes_total", &[("stream", "air")])
+            + figure("hubgate_grpc_sent_bytes_total", &[("stream", "noise")]);
+        let written = figure("hubgate_outbox_written_bytes_total", &[]);
+        let avoided = figure("hubgate_bytes_avoided_total", &[]);
+        let avoided_joules = figure("hubgate_network_energy_avoided_joules_total", &[]);
+        sent > 0.0
+            && written > 0.0
+            && avoided > 0.0
+            && avoided < received
+            && (avoided_joules - avoided / 1e9 * 0.06 * 3.6e6).abs() < 1e-9
+    });
 }
 
 /// A topic no stream declares never reaches a subscriber. The persistent session makes this real:
