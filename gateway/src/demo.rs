@@ -256,6 +256,15 @@ fn print_summary(
             total(|s| &s.groups_suppressed),
         );
     }
+    if let Some(method) = crate::footprint::method() {
+        use hubgate_exporters::{catalogue, prometheus::float_counter};
+        println!(
+            "  footprint ({method}, sampled every 5 s): {:.1} J used by the gateway, {:.1} mg CO2e embodied; {:.3} J of network energy avoided (attributional)",
+            float_counter(catalogue::ENERGY_JOULES),
+            float_counter(catalogue::CARBON_EMBODIED_GRAMS) * 1000.0,
+            float_counter(catalogue::NETWORK_ENERGY_AVOIDED_JOULES),
+        );
+    }
     println!(
         "  raw identifiers: {} of the {} MAC addresses and plates sent reached the subscriber",
         received.identifiers_seen,

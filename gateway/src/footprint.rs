@@ -29,6 +29,14 @@ use crate::pipeline::Stats;
 /// How often the meter is read.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
+/// The method of the running meter (`rapl` or `model`), once known.
+static METHOD: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// The method of the running meter, for summaries; `None` before the meter starts.
+pub fn method() -> Option<&'static str> {
+    METHOD.get().copied()
+}
+
 /// Samples the meter until `shutdown`; `stats` counts the readings kept (SCI's unit).
 pub async fn run(
     config: FootprintConfig,
@@ -71,6 +79,7 @@ pub async fn run(
             return Ok(());
         }
     };
+    let _ = METHOD.set(meter.method_name());
     match meter.method() {
         Method::Rapl(rapl) => {
             let zones = rapl.zones().join(",");
