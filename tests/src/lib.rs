@@ -143,6 +143,45 @@ impl Drop for Mosquitto {
     }
 }
 
+/// An aggregated footfall stream: people counters on `city/footfall/<counter>/probe` report the
+/// MAC addresses they hear; the MAC is pseudonymised and counted as the contributor, groups are per
+/// counter. `extra_fields` are more `[stream.fields]` lines; `window`, `lateness` and `k` set the
+/// aggregation; `measures` is the `[stream.aggregate.measures]` table's lines and anything after
+/// it (a noise table).
+pub fn footfall_aggregated(
+    extra_fields: &str,
+    window: &str,
+    lateness: &str,
+    k: u32,
+    measures: &str,
+) -> String {
+    format!(
+        r#"
+[[stream]]
+name = "footfall"
+topics = ["city/footfall/+/probe"]
+purpose = "How busy public spaces are"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+time_field = "ts"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+{extra_fields}
+[stream.aggregate]
+window = "{window}"
+allowed_lateness = "{lateness}"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = {k}
+
+[stream.aggregate.measures]
+{measures}"#
+    )
+}
+
 /// A gateway configuration for tests: the given broker, free gRPC and admin ports, and the
 /// given `[[stream]]` tables.
 pub fn config(mqtt_port: u16, client_id: &str, streams: &str) -> String {

@@ -202,31 +202,15 @@ async fn crash_test(engine: &str) {
     );
 }
 
-const FOOTFALL_WINDOWED: &str = r#"
-[[stream]]
-name = "footfall"
-topics = ["city/footfall/+/probe"]
-purpose = "How busy public spaces are"
-legal_basis = "public task"
-principles = ["community_participation"]
-retention = "1d"
-time_field = "ts"
-
-[stream.fields]
-counter_id = "keep"
-mac = "pseudonymise"
-
-[stream.aggregate]
-window = "10s"
-allowed_lateness = "1s"
-group_by = ["counter_id"]
-contributor = "mac"
-min_group_size = 5
-
-[stream.aggregate.measures]
-readings = "count"
-devices = "contributors"
-"#;
+fn footfall_windowed() -> String {
+    hubgate_tests::footfall_aggregated(
+        "",
+        "10s",
+        "1s",
+        5,
+        "readings = \"count\"\ndevices = \"contributors\"\n",
+    )
+}
 
 /// Readings absorbed into an open window survive a SIGKILL: the restarted gateway resumes the
 /// window from its checkpoint and releases the group, though the broker sends nothing again.
@@ -234,7 +218,13 @@ devices = "contributors"
 async fn open_windows_survive_a_sigkill() {
     let broker = Mosquitto::start();
     let data = tempfile::tempdir().unwrap();
-    let cfg = durable_config(broker.port, "gw-window", data.path(), "", FOOTFALL_WINDOWED);
+    let cfg = durable_config(
+        broker.port,
+        "gw-window",
+        data.path(),
+        "",
+        &footfall_windowed(),
+    );
     let now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

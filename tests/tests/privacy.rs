@@ -148,40 +148,22 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
     );
 }
 
-const FOOTFALL_AGGREGATED: &str = r#"
-[[stream]]
-name = "footfall"
-topics = ["city/footfall/+/probe"]
-purpose = "How busy public spaces are"
-legal_basis = "public task"
-principles = ["community_participation"]
-retention = "1d"
-time_field = "ts"
-
-[stream.fields]
-counter_id = "keep"
-mac = "pseudonymise"
-rssi = "keep"
-
-[stream.aggregate]
-window = "4s"
-allowed_lateness = "3s"
-group_by = ["counter_id"]
-contributor = "mac"
-min_group_size = 5
-
-[stream.aggregate.measures]
-readings = "count"
-devices = "contributors"
-mean_rssi = { fn = "mean", field = "rssi" }
-"#;
+fn footfall_aggregated() -> String {
+    hubgate_tests::footfall_aggregated(
+        "rssi = \"keep\"\n",
+        "4s",
+        "3s",
+        5,
+        "readings = \"count\"\ndevices = \"contributors\"\nmean_rssi = { fn = \"mean\", field = \"rssi\" }\n",
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
     let broker = Mosquitto::start();
     let gw = Gateway::start(
         gateway_bin!(),
-        &config(broker.port, "gw-aggregate", FOOTFALL_AGGREGATED),
+        &config(broker.port, "gw-aggregate", &footfall_aggregated()),
     );
     gw.wait_ready();
     let mut client = gw.client().await;
@@ -272,34 +254,15 @@ async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
     );
 }
 
-const FOOTFALL_NOISY: &str = r#"
-[[stream]]
-name = "footfall"
-topics = ["city/footfall/+/probe"]
-purpose = "How busy public spaces are"
-legal_basis = "public task"
-principles = ["community_participation"]
-retention = "1d"
-time_field = "ts"
-
-[stream.fields]
-counter_id = "keep"
-mac = "pseudonymise"
-
-[stream.aggregate]
-window = "2s"
-allowed_lateness = "1s"
-group_by = ["counter_id"]
-contributor = "mac"
-min_group_size = 3
-
-[stream.aggregate.measures]
-devices = "contributors"
-
-[stream.aggregate.noise]
-epsilon = 1.0
-daily_budget = 2.0
-"#;
+fn footfall_noisy() -> String {
+    hubgate_tests::footfall_aggregated(
+        "",
+        "2s",
+        "1s",
+        3,
+        "devices = \"contributors\"\n\n[stream.aggregate.noise]\nepsilon = 1.0\ndaily_budget = 2.0\n",
+    )
+}
 
 /// Publishes 6 devices heard by one counter, all at event time `ts`.
 async fn publish_window(publisher: &mut Publisher, ts: i64, sent: &mut u64) {
@@ -318,7 +281,7 @@ async fn publish_window(publisher: &mut Publisher, ts: i64, sent: &mut u64) {
 async fn a_restart_does_not_reset_a_spent_privacy_budget() {
     let broker = Mosquitto::start();
     let data = tempfile::tempdir().unwrap();
-    let cfg = config(broker.port, "gw-budget", FOOTFALL_NOISY).replace(
+    let cfg = config(broker.port, "gw-budget", &footfall_noisy()).replace(
         "[grpc]",
         &format!("[store]\ndata_dir = {:?}\n\n[grpc]", data.path()),
     );
