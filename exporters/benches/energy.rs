@@ -10,7 +10,7 @@ use hubgate_exporters::energy::{Coefficients, Meter};
 
 fn benches(c: &mut Criterion) {
     let mut meter = Meter::new(
-        Path::new("/sys/class/powercap"),
+        Path::new("/sys/class"),
         Path::new("/proc"),
         Coefficients::default(),
         2,

@@ -63,6 +63,184 @@ pub fn sci_per_1000(operational_grams: f64, embodied_grams: f64, readings: u64) 
     (readings > 0).then(|| (operational_grams + embodied_grams) / readings as f64 * 1000.0)
 }
 
+/// Hourly carbon intensities of one grid zone, in gCO2e per kWh, read from a CSV file such as a
+/// grid operator or Electricity Maps publishes, reshaped to three columns:
+///
+/// ```text
+/// zone,hour,g_per_kwh
+/// DE,2026-11-25T09:00:00Z,312.5
+/// DE,2026-11-25T10:00:00Z,298
+/// ```
+///
+/// `hour` is the start of the hour in UTC (RFC 3339). Blank lines and lines starting with `#` are
+/// skipped. The file may hold several zones; the one the hub draws from is chosen by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HourlyIntensity {
+    zone: String,
+    /// Start of the hour in seconds since the Unix epoch → gCO2e per kWh.
+    hours: std::collections::BTreeMap<u64, f64>,
+}
+
+/// A problem in an intensity file, at a line and column (both from 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntensityError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for IntensityError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}: {}", self.line, self.column, self.message)
+    }
+}
+
+impl std::error::Error for IntensityError {}
+
+/// The header an intensity file starts with.
+pub const INTENSITY_HEADER: &str = "zone,hour,g_per_kwh";
+
+impl HourlyIntensity {
+    /// Parses an intensity file's `text`, keeping the rows of `zone`; with no zone given, the file
+    /// must hold exactly one.
+    pub fn parse(text: &str, zone: Option<&str>) -> Result<Self, IntensityError> {
+        let error = |line: usize, column: usize, message: String| IntensityError {
+            line,
+            column,
+            message,
+        };
+        let mut rows = text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
+            .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
+        match rows.next() {
+            Some((_, header)) if header.trim() == INTENSITY_HEADER => {}
+            Some((line, _)) => {
+                return Err(error(
+                    line,
+                    1,
+                    format!("the header must be `{INTENSITY_HEADER}`"),
+                ));
+            }
+            None => return Err(error(1, 1, "the file is empty".into())),
+        }
+        let mut zones: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, f64>> =
+            std::collections::BTreeMap::new();
+        for (line, row) in rows {
+            let mut cells = Vec::with_capacity(3);
+            let mut column = 1;
+            for cell in row.split(',') {
+                cells.push((column, cell.trim()));
+                column += cell.chars().count() + 1;
+            }
+            if cells.len() != 3 {
+                return Err(error(
+                    line,
+                    1,
+                    format!(
+                        "expected 3 columns (zone, hour, g_per_kwh), found {}",
+                        cells.len()
+                    ),
+                ));
+            }
+            let (_, name) = cells[0];
+            if name.is_empty() {
+                return Err(error(line, 1, "the zone is empty".into()));
+            }
+            let (hour_column, hour) = cells[1];
+            let time = humantime::parse_rfc3339(hour).map_err(|e| {
+                error(
+                    line,
+                    hour_column,
+                    format!("`{hour}` is not an RFC 3339 UTC time ({e})"),
+                )
+            })?;
+            let seconds = time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| error(line, hour_column, "the hour is before 1970".into()))?
+                .as_secs();
+            if seconds % 3600 != 0 {
+                return Err(error(
+                    line,
+                    hour_column,
+                    format!("`{hour}` is not the start of an hour"),
+                ));
+            }
+            let (value_column, value) = cells[2];
+            let grams: f64 = value
+                .parse()
+                .ok()
+                .filter(|g: &f64| g.is_finite() && *g >= 0.0)
+                .ok_or_else(|| {
+                    error(
+                        line,
+                        value_column,
+                        format!(
+                            "`{value}` is not a number of grams per kWh (finite, not negative)"
+                        ),
+                    )
+                })?;
+            if zones
+                .entry(name.to_owned())
+                .or_default()
+                .insert(seconds, grams)
+                .is_some()
+            {
+                return Err(error(
+                    line,
+                    hour_column,
+                    format!("a second value for {name} at {hour}"),
+                ));
+            }
+        }
+        let names = zones.keys().cloned().collect::<Vec<_>>().join(", ");
+        let (zone, hours) = match zone {
+            Some(wanted) => match zones.remove(wanted) {
+                Some(hours) => (wanted.to_owned(), hours),
+                None => {
+                    return Err(error(
+                        1,
+                        1,
+                        format!("no rows for the zone {wanted} (the file has: {})", names),
+                    ));
+                }
+            },
+            None if zones.len() == 1 => zones.pop_first().unwrap_or_default(),
+            None if zones.is_empty() => return Err(error(1, 1, "the file has no rows".into())),
+            None => {
+                return Err(error(
+                    1,
+                    1,
+                    format!("the file has several zones ({}): name the hub's", names),
+                ));
+            }
+        };
+        Ok(Self { zone, hours })
+    }
+
+    /// The zone's name.
+    pub fn zone(&self) -> &str {
+        &self.zone
+    }
+
+    /// Hours the file covers.
+    pub fn len(&self) -> usize {
+        self.hours.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hours.is_empty()
+    }
+
+    /// The intensity of the hour holding `unix_seconds`, if the file has it.
+    pub fn at(&self, unix_seconds: u64) -> Option<f64> {
+        self.hours
+            .get(&(unix_seconds - unix_seconds % 3600))
+            .copied()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +263,62 @@ mod tests {
         // 3 g over 6,000 readings: 0.5 g per 1,000.
         assert_eq!(sci_per_1000(2.0, 1.0, 6_000), Some(0.5));
         assert_eq!(sci_per_1000(2.0, 1.0, 0), None);
+    }
+
+    #[test]
+    fn hourly_intensities_are_read_per_zone_and_looked_up_by_hour() {
+        let file = "# exported 2026-11-25\nzone,hour,g_per_kwh\r\n\
+                    DE,2026-11-25T09:00:00Z,312.5\n\
+                    FR,2026-11-25T09:00:00Z,41\n\
+                    DE, 2026-11-25T10:00:00Z ,298\n\n";
+        let de = HourlyIntensity::parse(file, Some("DE")).unwrap();
+        assert_eq!((de.zone(), de.len()), ("DE", 2));
+        // 2026-11-25T09:00:00Z is 1795597200 s.
+        assert_eq!(de.at(1_795_597_200), Some(312.5));
+        assert_eq!(de.at(1_795_597_200 + 3599), Some(312.5));
+        assert_eq!(de.at(1_795_597_200 + 3600), Some(298.0));
+        assert_eq!(de.at(1_795_597_200 + 7200), None);
+        assert_eq!(de.at(1_795_597_200 - 1), None);
+        let fr = HourlyIntensity::parse(file, Some("FR")).unwrap();
+        assert_eq!(fr.at(1_795_597_200 + 1800), Some(41.0));
+        // Two zones and none named; a zone the file lacks.
+        let err = HourlyIntensity::parse(file, None).unwrap_err();
+        assert!(err.message.contains("several zones (DE, FR)"), "{err}");
+        let err = HourlyIntensity::parse(file, Some("PL")).unwrap_err();
+        assert!(err.message.contains("no rows for the zone PL"), "{err}");
+        // One zone needs no name.
+        let one =
+            HourlyIntensity::parse("zone,hour,g_per_kwh\nPL,2026-11-25T09:00:00Z,700\n", None)
+                .unwrap();
+        assert_eq!(one.zone(), "PL");
+    }
+
+    #[test]
+    fn a_bad_intensity_file_is_refused_at_the_line_and_column() {
+        let at = |text: &str| {
+            let e = HourlyIntensity::parse(text, None).unwrap_err();
+            (e.line, e.column, e.message)
+        };
+        let h = "zone,hour,g_per_kwh\n";
+        assert_eq!(at("zone;hour;g\n").0, 1);
+        let (line, column, message) = at(&format!("{h}DE,2026-11-25T09:00:00Z,lots\n"));
+        assert_eq!((line, column), (2, 25), "{message}");
+        let (line, column, message) = at(&format!("{h}DE,2026-11-25T09:00:00Z,-1\n"));
+        assert_eq!((line, column), (2, 25), "{message}");
+        let (line, column, message) = at(&format!("{h}\nDE,yesterday,300\n"));
+        assert_eq!((line, column), (3, 4), "{message}");
+        let (line, column, message) = at(&format!("{h}DE,2026-11-25T09:30:00Z,300\n"));
+        assert_eq!((line, column), (2, 4));
+        assert!(message.contains("not the start of an hour"), "{message}");
+        let (line, _, message) = at(&format!(
+            "{h}DE,2026-11-25T09:00:00Z,300\nDE,2026-11-25T09:00:00Z,301\n"
+        ));
+        assert_eq!(line, 3);
+        assert!(message.contains("a second value"), "{message}");
+        let (line, _, message) = at(&format!("{h}DE,2026-11-25T09:00:00Z\n"));
+        assert_eq!(line, 2);
+        assert!(message.contains("expected 3 columns"), "{message}");
+        assert!(at(h).2.contains("no rows"));
+        assert!(at("").2.contains("empty"));
     }
 }

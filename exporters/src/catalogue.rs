@@ -58,8 +58,9 @@ pub const UPSTREAM_RECORDS_LOST: &str = "hubgate_upstream_records_lost_total";
 pub const UPSTREAM_LAG: &str = "hubgate_upstream_lag_records";
 /// Energy attributed to the gateway process (floating point; see [`crate::energy`]).
 pub const ENERGY_JOULES: &str = "hubgate_energy_joules_total";
-/// Always 1; labels `method` (`rapl` or `model`), `zones` (RAPL) or the model's coefficients
-/// (`idle_watts_per_vcpu`, `max_watts_per_vcpu`, `memory_watts_per_gb`, `vcpus`).
+/// Always 1; labels `method` (`rapl`, `hwmon` or `model`), `zones` (the counters read) or the
+/// model's coefficients (`idle_watts_per_vcpu`, `max_watts_per_vcpu`, `memory_watts_per_gb`,
+/// `vcpus`).
 pub const FOOTPRINT_INFO: &str = "hubgate_footprint_info";
 /// Bytes of records sent to gRPC subscribers (encoded). Label: `stream`.
 pub const GRPC_SENT_BYTES: &str = "hubgate_grpc_sent_bytes_total";
@@ -79,8 +80,13 @@ pub const CARBON_OPERATIONAL_GRAMS: &str = "hubgate_carbon_operational_grams_tot
 pub const CARBON_EMBODIED_GRAMS: &str = "hubgate_carbon_embodied_grams_total";
 /// Software Carbon Intensity since the start: gCO2e per 1,000 readings kept.
 pub const SCI: &str = "hubgate_sci_grams_per_1000_readings";
-/// Always 1; labels name the carbon figures' inputs (`grid_intensity_g_per_kwh`, `embodied_kg`,
-/// `lifetime_years`, `hardware_share`).
+/// The grid carbon intensity used at the latest sample, gCO2e per kWh (absent until one is known).
+pub const GRID_INTENSITY: &str = "hubgate_grid_intensity_grams_per_kwh";
+/// Seconds for which no grid intensity was known (no operational carbon counted for them);
+/// floating point.
+pub const INTENSITY_MISSING_SECONDS: &str = "hubgate_grid_intensity_missing_seconds_total";
+/// Always 1; labels name the carbon figures' inputs (`grid_intensity_g_per_kwh`,
+/// `grid_intensity_file`, `grid_zone`, `embodied_kg`, `lifetime_years`, `hardware_share`).
 pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
@@ -248,6 +254,10 @@ pub fn describe() {
         "software carbon intensity since the start, gCO2e per 1,000 readings kept"
     );
     describe_gauge!(CARBON_INFO, "the inputs of the carbon figures");
+    describe_gauge!(
+        GRID_INTENSITY,
+        "grid carbon intensity used at the latest sample, gCO2e per kWh"
+    );
     describe_gauge!(
         FOOTPRINT_INFO,
         "how the energy figures are obtained: method and coefficients"

@@ -6,14 +6,18 @@
 //!   zones overlap (a `psys` platform zone contains the packages; the packages contain their core
 //!   and uncore subzones), so they are never summed across levels: `psys` alone when the host has
 //!   it, otherwise the top-level package zones. The counters are root-only on kernels patched for
-//!   CVE-2020-8694; an unreadable counter means the model instead.
-//! - **Model** (the Cloud Carbon Footprint method), where no sensor can be read (virtual machines,
+//!   CVE-2020-8694; an unreadable counter means hwmon or the model instead.
+//! - **hwmon**, where RAPL cannot be read: the processors' socket energy counters that some
+//!   hwmon drivers expose (`amd_energy`, `zenergy`: `energyN_input` in µJ, labelled `Esocket…`),
+//!   64-bit accumulators that start over only when the driver reloads. Their per-core counters
+//!   are inside the socket's and are never added to it.
+//! - **Model** (the Cloud Carbon Footprint method), where neither can be read (virtual machines,
 //!   no permission): host watts = vCPUs × (idle + u × (max − idle)) with u the host's CPU
 //!   utilisation, plus memory watts per GB of the process's resident memory. The default
 //!   coefficients are Cloud Carbon Footprint's averages for AWS: 0.74 W idle and 3.5 W at full load
 //!   per vCPU, 0.392 W per GB of memory.
 //!
-//! Either way the host's energy is attributed to the process by its share of the CPU time the host
+//! Whatever the method, the host's energy is attributed to the process by its share of the CPU time the host
 //! spent active over the interval (P_process = P_host × ΔCPU_process / ΔCPU_active), the method of
 //! Scaphandre and Kepler. CPU times come from `/proc/self/stat` and `/proc/stat`, in clock ticks of
 //! 1/100 s (`USER_HZ`, fixed by the kernel's ABI).
@@ -23,7 +27,7 @@
 //! two for one machine. The attribution charges the process with idle power in proportion to its
 //! share of the active time.
 //!
-//! Pure file reading with injectable roots (`/sys/class/powercap`, `/proc`), so tests run against
+//! Pure file reading with injectable roots (`/sys/class`, `/proc`), so tests run against
 //! a fake tree; the caller samples it on a timer (a few small reads every few seconds).
 
 use std::fs;
@@ -121,13 +125,17 @@ fn invalid(what: &str) -> io::Error {
 struct Zone {
     name: String,
     counter: PathBuf,
-    max_range_uj: u64,
+    /// Where a RAPL counter wraps to zero; `None` for a 64-bit hwmon accumulator, which only
+    /// starts over when its driver is reloaded.
+    max_range_uj: Option<u64>,
     last_uj: u64,
 }
 
-/// The RAPL zones whose energy is the host's, without overlap.
+/// Cumulative energy counters that together are the host's energy, without overlap: RAPL zones
+/// or hwmon socket counters.
 #[derive(Debug)]
-pub struct Rapl {
+pub struct Counters {
+    source: &'static str,
     zones: Vec<Zone>,
 }
 
@@ -138,24 +146,25 @@ fn read_u64(path: &Path) -> io::Result<u64> {
         .map_err(|_| invalid("not a number"))
 }
 
-impl Rapl {
-    /// Finds the zones under `powercap_root` (normally `/sys/class/powercap`) and reads each once.
-    /// The error says why RAPL cannot be used.
-    pub fn discover(powercap_root: &Path) -> Result<Self, String> {
-        let entries =
-            fs::read_dir(powercap_root).map_err(|e| format!("no powercap interface ({e})"))?;
-        let mut top: Vec<(String, PathBuf)> = entries
-            .flatten()
-            .filter_map(|e| {
-                let dir = e.file_name().to_string_lossy().into_owned();
-                // Top-level zones are `intel-rapl:N`; `intel-rapl:N:M` are their subzones.
-                let top_level = dir.starts_with("intel-rapl:") && dir.matches(':').count() == 1;
-                top_level.then(|| (dir, e.path()))
-            })
-            .collect();
-        top.sort();
-        let named: Vec<(String, PathBuf)> = top
+/// Subdirectories of `root`, sorted by name; the error says why `root` cannot be listed.
+fn sorted_dirs(root: &Path, what: &str) -> Result<Vec<(String, PathBuf)>, String> {
+    let entries = fs::read_dir(root).map_err(|e| format!("no {what} interface ({e})"))?;
+    let mut dirs: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+impl Counters {
+    /// Finds the RAPL zones under `powercap_root` (normally `/sys/class/powercap`) and reads each
+    /// once. The error says why RAPL cannot be used.
+    pub fn rapl(powercap_root: &Path) -> Result<Self, String> {
+        let named: Vec<(String, PathBuf)> = sorted_dirs(powercap_root, "powercap")?
             .into_iter()
+            // Top-level zones are `intel-rapl:N`; `intel-rapl:N:M` are their subzones.
+            .filter(|(dir, _)| dir.starts_with("intel-rapl:") && dir.matches(':').count() == 1)
             .map(|(dir, path)| {
                 let name =
                     fs::read_to_string(path.join("name")).map_or(dir, |n| n.trim().to_owned());
@@ -180,28 +189,83 @@ impl Rapl {
             zones.push(Zone {
                 name,
                 counter,
-                max_range_uj,
+                max_range_uj: Some(max_range_uj),
                 last_uj,
             });
         }
-        Ok(Self { zones })
+        Ok(Self {
+            source: "rapl",
+            zones,
+        })
     }
 
-    /// Names of the zones read.
+    /// Finds the processors' socket energy counters among the hwmon devices under `hwmon_root`
+    /// (normally `/sys/class/hwmon`) and reads each once: the `energyN_input` files (µJ) labelled
+    /// `Esocket…`, as the `amd_energy` and `zenergy` drivers name them. Their per-core counters
+    /// (`Ecore…`) are inside the socket's and are not summed; other energy inputs (graphics
+    /// cards) are not the processors' and are left out. The error says why hwmon cannot be used.
+    pub fn hwmon(hwmon_root: &Path) -> Result<Self, String> {
+        let mut zones = Vec::new();
+        for (dir, path) in sorted_dirs(hwmon_root, "hwmon")? {
+            let Ok(files) = fs::read_dir(&path) else {
+                continue;
+            };
+            let mut inputs: Vec<String> = files
+                .flatten()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .filter(|f| f.starts_with("energy") && f.ends_with("_input"))
+                .collect();
+            inputs.sort();
+            for input in inputs {
+                let label_file = path.join(input.replace("_input", "_label"));
+                let Ok(label) = fs::read_to_string(&label_file) else {
+                    continue;
+                };
+                let label = label.trim();
+                if !label.starts_with("Esocket") {
+                    continue;
+                }
+                let counter = path.join(&input);
+                let last_uj = read_u64(&counter)
+                    .map_err(|e| format!("{} is not readable ({e})", counter.display()))?;
+                zones.push(Zone {
+                    name: format!("{dir}/{label}"),
+                    counter,
+                    max_range_uj: None,
+                    last_uj,
+                });
+            }
+        }
+        if zones.is_empty() {
+            return Err("no processor socket energy counters in hwmon".into());
+        }
+        Ok(Self {
+            source: "hwmon",
+            zones,
+        })
+    }
+
+    /// `rapl` or `hwmon`.
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+
+    /// Names of the counters read.
     pub fn zones(&self) -> Vec<&str> {
         self.zones.iter().map(|z| z.name.as_str()).collect()
     }
 
-    /// Joules the zones used since the last sample, across a counter wrap.
+    /// Joules the counters gained since the last sample, across a wrap or a reset.
     pub fn sample(&mut self) -> io::Result<f64> {
         let mut microjoules = 0u64;
         for zone in &mut self.zones {
             let now = read_u64(&zone.counter)?;
-            microjoules += if now >= zone.last_uj {
-                now - zone.last_uj
-            } else {
+            microjoules += match zone.max_range_uj {
+                _ if now >= zone.last_uj => now - zone.last_uj,
                 // Wrapped: up to the maximum, then from zero.
-                zone.max_range_uj.saturating_sub(zone.last_uj) + now
+                Some(max) => max.saturating_sub(zone.last_uj) + now,
+                // Started over (the driver was reloaded): what it counted since.
+                None => now,
             };
             zone.last_uj = now;
         }
@@ -212,11 +276,10 @@ impl Rapl {
 /// How the meter gets the host's energy.
 #[derive(Debug)]
 pub enum Method {
-    Rapl(Rapl),
+    /// Energy counters: RAPL, else hwmon.
+    Sensor(Counters),
     /// The model, and why no sensor is used.
-    Model {
-        reason: String,
-    },
+    Model { reason: String },
 }
 
 /// What one sample found for the process.
@@ -239,16 +302,23 @@ pub struct Meter {
 }
 
 impl Meter {
-    /// A meter reading RAPL under `powercap_root` when it can, else the model with `vcpus` CPUs.
+    /// A meter reading RAPL under `sys_class/powercap` when it can, else hwmon's socket counters
+    /// under `sys_class/hwmon`, else the model with `vcpus` CPUs. `sys_class` is normally
+    /// `/sys/class`.
     pub fn new(
-        powercap_root: &Path,
+        sys_class: &Path,
         proc_root: &Path,
         coefficients: Coefficients,
         vcpus: usize,
     ) -> io::Result<Self> {
-        let method = match Rapl::discover(powercap_root) {
-            Ok(rapl) => Method::Rapl(rapl),
-            Err(reason) => Method::Model { reason },
+        let method = match Counters::rapl(&sys_class.join("powercap")) {
+            Ok(rapl) => Method::Sensor(rapl),
+            Err(no_rapl) => match Counters::hwmon(&sys_class.join("hwmon")) {
+                Ok(hwmon) => Method::Sensor(hwmon),
+                Err(no_hwmon) => Method::Model {
+                    reason: format!("RAPL: {no_rapl}; hwmon: {no_hwmon}"),
+                },
+            },
         };
         Ok(Self {
             method,
@@ -263,10 +333,10 @@ impl Meter {
         &self.method
     }
 
-    /// `rapl` or `model`.
+    /// `rapl`, `hwmon` or `model`.
     pub fn method_name(&self) -> &'static str {
-        match self.method {
-            Method::Rapl(_) => "rapl",
+        match &self.method {
+            Method::Sensor(counters) => counters.source(),
             Method::Model { .. } => "model",
         }
     }
@@ -284,7 +354,7 @@ impl Meter {
         self.last = now;
         let c = self.coefficients;
         let (host_joules, memory_joules) = match &mut self.method {
-            Method::Rapl(rapl) => (rapl.sample()?, 0.0),
+            Method::Sensor(counters) => (counters.sample()?, 0.0),
             Method::Model { .. } => {
                 let utilisation = if total > 0.0 { active / total } else { 0.0 };
                 let watts = self.vcpus
@@ -365,7 +435,7 @@ mod tests {
         zone(root, "intel-rapl:0", "package-0", 900_000, 1_000_000);
         zone(root, "intel-rapl:0:0", "core", 500_000, 1_000_000);
         zone(root, "intel-rapl:1", "package-1", 100_000, 1_000_000);
-        let mut rapl = Rapl::discover(root).unwrap();
+        let mut rapl = Counters::rapl(root).unwrap();
         assert_eq!(rapl.zones(), ["package-0", "package-1"]);
         // package-0 wraps: 900,000 → 1,000,000 → 50,000 is 150,000 µJ; package-1 gains 200,000.
         fs::write(root.join("intel-rapl:0/energy_uj"), "50000").unwrap();
@@ -376,7 +446,7 @@ mod tests {
 
         // With a platform zone, it alone is the host.
         zone(root, "intel-rapl:2", "psys", 10, 1_000_000);
-        let rapl = Rapl::discover(root).unwrap();
+        let rapl = Counters::rapl(root).unwrap();
         assert_eq!(rapl.zones(), ["psys"]);
     }
 
@@ -386,14 +456,15 @@ mod tests {
         let (sys, proc_root) = (dir.path().join("sys"), dir.path().join("proc"));
         fake_proc(&proc_root, (0, 0), [0; 8], 0);
         // A counter that cannot be read (permission denied looks the same to the meter).
-        fs::create_dir_all(sys.join("intel-rapl:0/energy_uj")).unwrap();
-        fs::write(sys.join("intel-rapl:0/name"), "package-0").unwrap();
+        fs::create_dir_all(sys.join("powercap/intel-rapl:0/energy_uj")).unwrap();
+        fs::write(sys.join("powercap/intel-rapl:0/name"), "package-0").unwrap();
         let meter = Meter::new(&sys, &proc_root, Coefficients::default(), 2).unwrap();
         assert_eq!(meter.method_name(), "model");
         let Method::Model { reason } = meter.method() else {
             panic!()
         };
         assert!(reason.contains("energy_uj is not readable"), "{reason}");
+        assert!(reason.contains("hwmon: no hwmon interface"), "{reason}");
         // No powercap at all.
         let meter = Meter::new(
             &dir.path().join("none"),
@@ -403,6 +474,97 @@ mod tests {
         )
         .unwrap();
         assert_eq!(meter.method_name(), "model");
+    }
+
+    /// An hwmon device `dir` with energy inputs of the given labels and values (µJ).
+    fn hwmon(root: &Path, dir: &str, name: &str, inputs: &[(&str, u64)]) {
+        let d = root.join(dir);
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("name"), format!("{name}\n")).unwrap();
+        for (i, (label, value)) in inputs.iter().enumerate() {
+            fs::write(
+                d.join(format!("energy{}_label", i + 1)),
+                format!("{label}\n"),
+            )
+            .unwrap();
+            fs::write(
+                d.join(format!("energy{}_input", i + 1)),
+                format!("{value}\n"),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn hwmon_socket_counters_are_used_without_their_cores_and_across_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sys, proc_root) = (dir.path().join("sys"), dir.path().join("proc"));
+        fake_proc(&proc_root, (0, 0), [0; 8], 1024);
+        // No RAPL; amd_energy with two cores inside one socket, a graphics card's energy, and a
+        // temperature sensor with no energy at all.
+        fs::create_dir_all(sys.join("powercap")).unwrap();
+        hwmon(
+            &sys.join("hwmon"),
+            "hwmon0",
+            "amd_energy",
+            &[
+                ("Ecore000", 1_000),
+                ("Ecore001", 2_000),
+                ("Esocket0", 5_000_000),
+            ],
+        );
+        hwmon(&sys.join("hwmon"), "hwmon1", "amdgpu", &[("PPT", 7_000)]);
+        fs::create_dir_all(sys.join("hwmon/hwmon2")).unwrap();
+        fs::write(sys.join("hwmon/hwmon2/temp1_input"), "40000").unwrap();
+        let mut meter = Meter::new(&sys, &proc_root, Coefficients::default(), 2).unwrap();
+        assert_eq!(meter.method_name(), "hwmon");
+        let Method::Sensor(counters) = meter.method() else {
+            panic!()
+        };
+        assert_eq!(counters.zones(), ["hwmon0/Esocket0"]);
+        // The socket gains 20 J, its cores and the card more; the process had all the active time.
+        fs::write(sys.join("hwmon/hwmon0/energy3_input"), "25000000").unwrap();
+        fs::write(sys.join("hwmon/hwmon0/energy1_input"), "9000000").unwrap();
+        fs::write(sys.join("hwmon/hwmon1/energy1_input"), "99000000").unwrap();
+        fake_proc(&proc_root, (100, 0), [100, 0, 0, 100, 0, 0, 0, 0], 1024);
+        let sample = meter.sample(5.0).unwrap();
+        assert!((sample.joules - 20.0).abs() < 1e-9, "{sample:?}");
+        // The driver reloaded: its counter starts over from zero, and what it counted since is
+        // the interval's energy (not a wrap at 2^64).
+        fs::write(sys.join("hwmon/hwmon0/energy3_input"), "3000000").unwrap();
+        fake_proc(&proc_root, (200, 0), [200, 0, 0, 200, 0, 0, 0, 0], 1024);
+        let sample = meter.sample(5.0).unwrap();
+        assert!((sample.joules - 3.0).abs() < 1e-9, "{sample:?}");
+    }
+
+    #[test]
+    fn rapl_is_preferred_to_hwmon_and_unreadable_hwmon_counters_mean_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sys, proc_root) = (dir.path().join("sys"), dir.path().join("proc"));
+        fake_proc(&proc_root, (0, 0), [0; 8], 1024);
+        hwmon(&sys.join("hwmon"), "hwmon0", "zenergy", &[("Esocket0", 10)]);
+        zone(
+            &sys.join("powercap"),
+            "intel-rapl:0",
+            "package-0",
+            0,
+            1 << 40,
+        );
+        let meter = Meter::new(&sys, &proc_root, Coefficients::default(), 2).unwrap();
+        assert_eq!(meter.method_name(), "rapl");
+        // Without RAPL, an hwmon socket counter that cannot be read: the model, saying why.
+        fs::remove_dir_all(sys.join("powercap")).unwrap();
+        fs::remove_file(sys.join("hwmon/hwmon0/energy1_input")).unwrap();
+        fs::create_dir(sys.join("hwmon/hwmon0/energy1_input")).unwrap();
+        let meter = Meter::new(&sys, &proc_root, Coefficients::default(), 2).unwrap();
+        let Method::Model { reason } = meter.method() else {
+            panic!("{:?}", meter.method())
+        };
+        assert!(
+            reason.contains("RAPL: no powercap interface")
+                && reason.contains("energy1_input is not readable"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -437,12 +599,18 @@ mod tests {
     fn rapl_energy_is_shared_by_cpu_time() {
         let dir = tempfile::tempdir().unwrap();
         let (sys, proc_root) = (dir.path().join("sys"), dir.path().join("proc"));
-        zone(&sys, "intel-rapl:0", "package-0", 0, 1 << 40);
+        zone(
+            &sys.join("powercap"),
+            "intel-rapl:0",
+            "package-0",
+            0,
+            1 << 40,
+        );
         fake_proc(&proc_root, (0, 0), [0; 8], 1024);
         let mut meter = Meter::new(&sys, &proc_root, Coefficients::default(), 2).unwrap();
         assert_eq!(meter.method_name(), "rapl");
         // 40 J on the package; the process used a quarter of the active time.
-        fs::write(sys.join("intel-rapl:0/energy_uj"), "40000000").unwrap();
+        fs::write(sys.join("powercap/intel-rapl:0/energy_uj"), "40000000").unwrap();
         fake_proc(&proc_root, (100, 0), [400, 0, 0, 600, 0, 0, 0, 0], 1024);
         let sample = meter.sample(5.0).unwrap();
         assert!((sample.joules - 10.0).abs() < 1e-9, "{sample:?}");

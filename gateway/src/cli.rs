@@ -175,9 +175,17 @@ fn check(files: &[PathBuf]) -> ExitCode {
         let (diagnostics, outcome) = match config::parse(&source) {
             Ok((config, warnings)) => {
                 let streams = config.policy.streams().len();
-                (warnings, Ok((config.policy.hash_hex(), streams)))
+                // The files the config names, read as the gateway would at start.
+                let files = crate::footprint::GridIntensity::load(&config.footprint);
+                match files {
+                    Ok(_) => (warnings, Ok((config.policy.hash_hex(), streams))),
+                    Err(err) => {
+                        println!("{name}: error: {err:#}");
+                        (warnings, Err(1))
+                    }
+                }
             }
-            Err(rejected) => (rejected.diagnostics, Err(())),
+            Err(rejected) => (rejected.diagnostics, Err(0)),
         };
         for d in &diagnostics {
             println!("{}", d.render(&name, &source));
@@ -191,7 +199,8 @@ fn check(files: &[PathBuf]) -> ExitCode {
             Ok((hash, streams)) => {
                 println!("{name}: ok: {streams} streams, policy {hash}, {warnings} warnings");
             }
-            Err(()) => {
+            Err(file_errors) => {
+                let errors = errors + file_errors;
                 println!("{name}: rejected: {errors} errors, {warnings} warnings");
                 failed = true;
             }

@@ -48,9 +48,18 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FootprintConfig {
-    /// Location-based carbon intensity of the grid the hub draws from, in gCO2e per kWh. No
-    /// operational carbon (nor SCI) is reported without it.
+    /// Location-based carbon intensity of the grid the hub draws from, in gCO2e per kWh: for every
+    /// hour when there is no hourly file, else for the hours the file lacks. No operational carbon
+    /// (nor SCI) is reported without an intensity.
     pub grid_intensity_g_per_kwh: Option<f64>,
+    /// A file of hourly intensities per zone (`zone,hour,g_per_kwh`; see
+    /// `hubgate_exporters::carbon::HourlyIntensity`), read again when it changes.
+    pub grid_intensity_file: Option<std::path::PathBuf>,
+    /// The hub's zone in that file; may be left out when the file holds one zone.
+    pub grid_zone: Option<String>,
+    /// How often the meter is read.
+    #[serde(deserialize_with = "duration")]
+    pub sample_every: Duration,
     /// Emissions of making the hardware, in kgCO2e (the vendor's LCA when known).
     pub embodied_kg: f64,
     /// Expected life of the hardware, in years.
@@ -71,6 +80,9 @@ impl Default for FootprintConfig {
         let embodied = hubgate_exporters::carbon::Embodied::default();
         Self {
             grid_intensity_g_per_kwh: None,
+            grid_intensity_file: None,
+            grid_zone: None,
+            sample_every: Duration::from_secs(5),
             embodied_kg: embodied.kg,
             lifetime_years: embodied.lifetime_years,
             hardware_share: embodied.share,
@@ -101,6 +113,12 @@ impl FootprintConfig {
         }
         if !(self.hardware_share > 0.0 && self.hardware_share <= 1.0) {
             problems.push("footprint.hardware_share must be more than 0 and at most 1");
+        }
+        if self.sample_every < Duration::from_secs(1) {
+            problems.push("footprint.sample_every must be at least 1s");
+        }
+        if self.grid_zone.is_some() && self.grid_intensity_file.is_none() {
+            problems.push("footprint.grid_zone names a zone of footprint.grid_intensity_file, which is not set");
         }
         if self.max_watts_per_vcpu < self.idle_watts_per_vcpu {
             problems.push("footprint.max_watts_per_vcpu must be at least idle_watts_per_vcpu");
@@ -548,11 +566,18 @@ mod tests {
         let (config, _) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
         assert_eq!(config.footprint.grid_intensity_g_per_kwh, Some(250.0));
         let src = format!(
-            "[footprint]\nlifetime_years = 0.0\nhardware_share = 2.0\nidle_watts_per_vcpu = 5.0\n{DEFAULT_CONFIG}"
+            "[footprint]\nlifetime_years = 0.0\nhardware_share = 2.0\nidle_watts_per_vcpu = 5.0\n\
+             sample_every = \"100ms\"\ngrid_zone = \"DE\"\n{DEFAULT_CONFIG}"
         );
         let err = parse(&src).unwrap_err();
         let messages: Vec<&str> = err.diagnostics.iter().map(|d| d.message.as_str()).collect();
-        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert_eq!(messages.len(), 5, "{messages:?}");
+        assert!(messages.iter().any(|m| m.contains("sample_every")));
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("grid_zone names a zone"))
+        );
         assert!(err.diagnostics.iter().all(|d| d.position(&src).0 == 1));
     }
 

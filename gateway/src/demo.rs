@@ -27,6 +27,8 @@ struct Received {
     fields: HashMap<String, Vec<String>>,
     /// Records holding a value equal to an identifier the simulator sent.
     identifiers_seen: u64,
+    /// The gateway's latest footprint, from its WatchFootprint call.
+    footprint: Option<v1::Footprint>,
 }
 
 /// The demo's data directory, removed when the demo ends.
@@ -74,6 +76,11 @@ pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
         Arc::clone(&received),
         shutdown.clone(),
     ));
+    let footprint = tokio::spawn(watch_footprint(
+        gateway.grpc_addr,
+        Arc::clone(&received),
+        shutdown.clone(),
+    ));
     // Give the subscriber a moment to attach before devices start talking.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let district_stop = CancellationToken::new();
@@ -102,6 +109,7 @@ pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     shutdown.cancel();
     let _ = subscriber.await;
+    let _ = footprint.await;
     gateway.wait().await?;
     print_summary(&policy, &stats, &sent, &received, started.elapsed(), true);
     let seen = received
@@ -165,6 +173,32 @@ async fn subscribe(
                 fields.push(path.clone());
             }
         }
+    }
+}
+
+/// Keeps the gateway's latest footprint figures, as a dashboard would.
+async fn watch_footprint(
+    addr: SocketAddr,
+    received: Arc<Mutex<Received>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut client = GatewayClient::connect(format!("http://{addr}")).await?;
+    let mut figures = client
+        .watch_footprint(v1::WatchFootprintRequest {})
+        .await?
+        .into_inner();
+    loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = figures.message() => next?,
+        };
+        let Some(footprint) = next else {
+            return Ok(());
+        };
+        received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .footprint = Some(footprint);
     }
 }
 
@@ -256,13 +290,34 @@ fn print_summary(
             total(|s| &s.groups_suppressed),
         );
     }
-    if let Some(method) = crate::footprint::method() {
-        use hubgate_exporters::{catalogue, prometheus::float_counter};
+    if let Some(f) = &received.footprint {
+        let params = |keys: &[&str]| {
+            let mut shown: Vec<String> = keys
+                .iter()
+                .filter_map(|k| {
+                    f.energy_method_parameters
+                        .get(*k)
+                        .map(|v| format!("{k} {v}"))
+                })
+                .collect();
+            shown.retain(|s| !s.is_empty());
+            shown.join(", ")
+        };
         println!(
-            "  footprint ({method}, sampled every 5 s): {:.1} J used by the gateway, {:.1} mg CO2e embodied; {:.3} J of network energy avoided (attributional)",
-            float_counter(catalogue::ENERGY_JOULES),
-            float_counter(catalogue::CARBON_EMBODIED_GRAMS) * 1000.0,
-            float_counter(catalogue::NETWORK_ENERGY_AVOIDED_JOULES),
+            "  footprint (over gRPC; {}: {}): {:.1} J used by the gateway, {:.1} mg CO2e embodied; {} received, {} sent to subscribers, {} avoided by minimisation, {:.3} J of network energy avoided (attributional)",
+            f.energy_method,
+            params(&[
+                "zones",
+                "vcpus",
+                "idle_watts_per_vcpu",
+                "max_watts_per_vcpu"
+            ]),
+            f.energy_joules,
+            f.carbon_embodied_grams * 1000.0,
+            kb(f.mqtt_received_bytes),
+            kb(f.grpc_sent_bytes),
+            kb(f.bytes_avoided),
+            f.network_energy_avoided_joules,
         );
     }
     println!(

@@ -1,46 +1,166 @@
-//! The gateway's own footprint, sampled every five seconds: energy into
-//! `hubgate_energy_joules_total` (see [`hubgate_exporters::energy`] for the method, its sources and
-//! its uncertainty), embodied carbon into `hubgate_carbon_embodied_grams_total`, and, when the
-//! grid's carbon intensity is configured, operational carbon into
-//! `hubgate_carbon_operational_grams_total` and the Software Carbon Intensity per 1,000 readings
-//! kept into `hubgate_sci_grams_per_1000_readings` (see [`hubgate_exporters::carbon`]).
+//! The gateway's own footprint, sampled every `footprint.sample_every` (5 s by default): energy
+//! into `hubgate_energy_joules_total` (see [`hubgate_exporters::energy`] for the method, its
+//! sources and its uncertainty), embodied carbon into `hubgate_carbon_embodied_grams_total`, and,
+//! while the grid's carbon intensity is known (a fixed value, or an hourly file per zone),
+//! operational carbon into `hubgate_carbon_operational_grams_total` and the Software Carbon
+//! Intensity per 1,000 readings kept into `hubgate_sci_grams_per_1000_readings` (see
+//! [`hubgate_exporters::carbon`]). Bytes moved and avoided are counted as they move and read at
+//! each sample.
 //!
-//! `hubgate_footprint_info` names the method in use (`rapl` or `model`) with its zones or its
-//! coefficients, so that every figure can be traced to how it was obtained. The meter reads a
+//! `hubgate_footprint_info` names the energy method in use (`rapl`, `hwmon` or `model`) with its
+//! counters or its coefficients, and `hubgate_carbon_info` the carbon figures' inputs, so that
+//! every figure can be traced to how it was obtained. The same figures go to gRPC as a
+//! [`v1::Footprint`] after every sample (`GetFootprint`, `WatchFootprint`). The meter reads a
 //! handful of small procfs and sysfs files per sample: it samples, it does not trace.
-//!
-//! Not yet here: bytes moved and avoided, the gRPC `GetFootprint` call and the demo's footprint
-//! line.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use hubgate_exporters::carbon::{self, Embodied};
+use anyhow::Context as _;
+use hubgate_exporters::carbon::{self, Embodied, HourlyIntensity};
 use hubgate_exporters::catalogue;
 use hubgate_exporters::energy::{Coefficients, Meter, Method};
 use hubgate_exporters::prometheus::add_float_counter;
+use hubgate_proto::v1;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::FootprintConfig;
 use crate::pipeline::Stats;
 
-/// How often the meter is read.
-const SAMPLE_EVERY: Duration = Duration::from_secs(5);
-
-/// The method of the running meter (`rapl` or `model`), once known.
-static METHOD: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-
-/// The method of the running meter, for summaries; `None` before the meter starts.
-pub fn method() -> Option<&'static str> {
-    METHOD.get().copied()
+/// Bytes the gateway sent or wrote, process-wide (as the metrics are), for the footprint's
+/// snapshots; the per-stream detail is in the metrics.
+#[derive(Debug)]
+pub struct Traffic {
+    pub grpc_sent: AtomicU64,
+    pub upstream_sent: AtomicU64,
+    pub outbox_written: AtomicU64,
 }
 
-/// Samples the meter until `shutdown`; `stats` counts the readings kept (SCI's unit).
+/// The process's [`Traffic`].
+pub static TRAFFIC: Traffic = Traffic {
+    grpc_sent: AtomicU64::new(0),
+    upstream_sent: AtomicU64::new(0),
+    outbox_written: AtomicU64::new(0),
+};
+
+/// Where the grid's carbon intensity comes from: an hourly file, a fixed value for the hours the
+/// file lacks (or for every hour without a file), or nothing.
+#[derive(Debug)]
+pub struct GridIntensity {
+    fixed: Option<f64>,
+    file: Option<IntensityFile>,
+}
+
+#[derive(Debug)]
+struct IntensityFile {
+    path: PathBuf,
+    zone: Option<String>,
+    modified: Option<SystemTime>,
+    table: HourlyIntensity,
+    /// The last reload failed (warned about once until it succeeds).
+    failing: bool,
+}
+
+impl IntensityFile {
+    fn read(
+        path: &PathBuf,
+        zone: Option<&str>,
+    ) -> anyhow::Result<(HourlyIntensity, Option<SystemTime>)> {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the grid intensity file {}", path.display()))?;
+        let table = HourlyIntensity::parse(&text, zone)
+            .map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))?;
+        Ok((table, modified))
+    }
+}
+
+impl GridIntensity {
+    /// Reads the configured intensities; an hourly file with errors is refused, naming the line
+    /// and column.
+    pub fn load(config: &FootprintConfig) -> anyhow::Result<Self> {
+        let file = match &config.grid_intensity_file {
+            Some(path) => {
+                let zone = config.grid_zone.as_deref();
+                let (table, modified) = IntensityFile::read(path, zone)?;
+                Some(IntensityFile {
+                    path: path.clone(),
+                    zone: config.grid_zone.clone(),
+                    modified,
+                    table,
+                    failing: false,
+                })
+            }
+            None => None,
+        };
+        Ok(Self {
+            fixed: config.grid_intensity_g_per_kwh,
+            file,
+        })
+    }
+
+    /// Reads the file again if it changed; a changed file with errors leaves the previous table
+    /// in use, with a warning.
+    fn refresh(&mut self) {
+        let Some(file) = &mut self.file else {
+            return;
+        };
+        let modified = std::fs::metadata(&file.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified == file.modified {
+            return;
+        }
+        match IntensityFile::read(&file.path, file.zone.as_deref()) {
+            Ok((table, modified)) => {
+                tracing::info!(
+                    zone = table.zone(),
+                    hours = table.len(),
+                    "grid intensity file reloaded"
+                );
+                file.table = table;
+                file.modified = modified;
+                file.failing = false;
+            }
+            Err(err) if !file.failing => {
+                file.failing = true;
+                tracing::warn!(%err, "the grid intensity file changed but cannot be used; keeping the previous one");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The intensity for the hour holding `unix_seconds` and where it came from.
+    fn at(&self, unix_seconds: u64) -> Option<(f64, &'static str)> {
+        self.file
+            .as_ref()
+            .and_then(|f| f.table.at(unix_seconds))
+            .map(|g| (g, "file"))
+            .or(self.fixed.map(|g| (g, "fixed")))
+    }
+}
+
+/// A snapshot channel for [`run`], starting with empty figures counted from now.
+pub fn channel() -> (watch::Sender<v1::Footprint>, watch::Receiver<v1::Footprint>) {
+    let now = prost_types::Timestamp::from(SystemTime::now());
+    watch::channel(v1::Footprint {
+        sampled_at: Some(now),
+        since: Some(now),
+        ..v1::Footprint::default()
+    })
+}
+
+/// Samples the meter until `shutdown`, publishing each sample's figures on `publish`; `stats`
+/// counts the readings received and kept (SCI's unit).
 pub async fn run(
     config: FootprintConfig,
+    mut intensity: GridIntensity,
     stats: Arc<Stats>,
+    publish: watch::Sender<v1::Footprint>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let vcpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -54,22 +174,23 @@ pub async fn run(
         lifetime_years: config.lifetime_years,
         share: config.hardware_share,
     };
-    let intensity = config.grid_intensity_g_per_kwh;
+    let shown = |o: Option<String>| o.unwrap_or_else(|| "unset".to_owned());
     metrics::gauge!(
         catalogue::CARBON_INFO,
-        "grid_intensity_g_per_kwh" => intensity.map_or_else(|| "unset".to_owned(), |i| i.to_string()),
+        "grid_intensity_g_per_kwh" => shown(config.grid_intensity_g_per_kwh.map(|i| i.to_string())),
+        "grid_intensity_file" => shown(config.grid_intensity_file.as_ref().map(|p| p.display().to_string())),
+        "grid_zone" => shown(intensity.file.as_ref().map(|f| f.table.zone().to_owned())),
         "embodied_kg" => embodied.kg.to_string(),
         "lifetime_years" => embodied.lifetime_years.to_string(),
         "hardware_share" => embodied.share.to_string()
     )
     .set(1.0);
-    let sci = metrics::gauge!(catalogue::SCI);
+    let sci_gauge = metrics::gauge!(catalogue::SCI);
+    let intensity_gauge = metrics::gauge!(catalogue::GRID_INTENSITY);
     let bytes_avoided = metrics::counter!(catalogue::BYTES_AVOIDED);
-    let mut avoided_before = 0u64;
-    let (mut operational_total, mut embodied_total) = (0.0, 0.0);
     let mut meter = match Meter::new(
-        Path::new("/sys/class/powercap"),
-        Path::new("/proc"),
+        std::path::Path::new("/sys/class"),
+        std::path::Path::new("/proc"),
         coefficients,
         vcpus,
     ) {
@@ -79,28 +200,81 @@ pub async fn run(
             return Ok(());
         }
     };
-    let _ = METHOD.set(meter.method_name());
-    match meter.method() {
-        Method::Rapl(rapl) => {
-            let zones = rapl.zones().join(",");
-            tracing::info!(%zones, "energy measured with RAPL");
-            metrics::gauge!(catalogue::FOOTPRINT_INFO, "method" => "rapl", "zones" => zones)
-                .set(1.0);
+    let method_name = meter.method_name();
+    let parameters: HashMap<String, String> = match meter.method() {
+        Method::Sensor(counters) => {
+            let zones = counters.zones().join(",");
+            tracing::info!(method = method_name, %zones, "energy measured with counters");
+            HashMap::from([("zones".to_owned(), zones)])
         }
         Method::Model { reason } => {
-            tracing::info!(%reason, vcpus, "energy modelled: no sensor can be read");
-            metrics::gauge!(
-                catalogue::FOOTPRINT_INFO,
-                "method" => "model",
-                "idle_watts_per_vcpu" => coefficients.idle_watts_per_vcpu.to_string(),
-                "max_watts_per_vcpu" => coefficients.max_watts_per_vcpu.to_string(),
-                "memory_watts_per_gb" => coefficients.memory_watts_per_gb.to_string(),
-                "vcpus" => vcpus.to_string()
-            )
-            .set(1.0);
+            tracing::info!(%reason, vcpus, "energy modelled: no energy counter can be read");
+            HashMap::from([
+                (
+                    "idle_watts_per_vcpu".to_owned(),
+                    coefficients.idle_watts_per_vcpu.to_string(),
+                ),
+                (
+                    "max_watts_per_vcpu".to_owned(),
+                    coefficients.max_watts_per_vcpu.to_string(),
+                ),
+                (
+                    "memory_watts_per_gb".to_owned(),
+                    coefficients.memory_watts_per_gb.to_string(),
+                ),
+                ("vcpus".to_owned(), vcpus.to_string()),
+            ])
         }
+    };
+    {
+        let mut labels: Vec<(String, String)> = parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        labels.sort();
+        labels.insert(0, ("method".to_owned(), method_name.to_owned()));
+        let labels: Vec<metrics::Label> = labels
+            .into_iter()
+            .map(|(k, v)| metrics::Label::new(k, v))
+            .collect();
+        metrics::gauge!(catalogue::FOOTPRINT_INFO, labels).set(1.0);
     }
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    let mut totals = Totals::default();
+    let since = publish.borrow().since;
+    let snapshot = |totals: &Totals, current: Option<(f64, &'static str)>| {
+        let readings_kept: u64 = stats
+            .streams
+            .iter()
+            .map(|s| s.records_kept.load(Ordering::Relaxed))
+            .sum();
+        v1::Footprint {
+            sampled_at: Some(SystemTime::now().into()),
+            since,
+            energy_method: method_name.to_owned(),
+            energy_method_parameters: parameters.clone(),
+            energy_joules: totals.joules,
+            grid_intensity_g_per_kwh: current.map(|(g, _)| g),
+            grid_intensity_source: current.map(|(_, s)| s).unwrap_or_default().to_owned(),
+            seconds_without_intensity: totals.seconds_without_intensity,
+            carbon_operational_grams: totals.operational_grams,
+            carbon_embodied_grams: totals.embodied_grams,
+            embodied_kg: embodied.kg,
+            lifetime_years: embodied.lifetime_years,
+            hardware_share: embodied.share,
+            sci_grams_per_1000_readings: totals.sci(readings_kept),
+            readings_received: stats.received.load(Ordering::Relaxed),
+            records_kept: readings_kept,
+            mqtt_received_bytes: stats.received_bytes.load(Ordering::Relaxed),
+            grpc_sent_bytes: TRAFFIC.grpc_sent.load(Ordering::Relaxed),
+            upstream_sent_bytes: TRAFFIC.upstream_sent.load(Ordering::Relaxed),
+            outbox_written_bytes: TRAFFIC.outbox_written.load(Ordering::Relaxed),
+            bytes_avoided: totals.bytes_avoided,
+            network_energy_avoided_joules: totals.network_joules_avoided,
+            network_kwh_per_gb: config.network_kwh_per_gb,
+        }
+    };
+    publish.send_replace(snapshot(&totals, intensity.at(unix_now())));
+    let mut tick = tokio::time::interval(config.sample_every);
     tick.tick().await;
     let mut last = Instant::now();
     let mut failing = false;
@@ -120,47 +294,55 @@ pub async fn run(
             .iter()
             .map(|s| s.field_bytes_kept.load(Ordering::Relaxed))
             .sum();
-        let avoided = received.saturating_sub(kept).max(avoided_before);
-        let delta = avoided - avoided_before;
-        avoided_before = avoided;
+        let avoided = received.saturating_sub(kept).max(totals.bytes_avoided);
+        let delta = avoided - totals.bytes_avoided;
+        totals.bytes_avoided = avoided;
         bytes_avoided.increment(delta);
+        let network_joules =
+            delta as f64 / 1e9 * config.network_kwh_per_gb * carbon::JOULES_PER_KWH;
+        totals.network_joules_avoided += network_joules;
         add_float_counter(
             catalogue::NETWORK_ENERGY_AVOIDED_JOULES,
             "attributional network energy of the bytes avoided, at the configured kWh per GB (apart from SCI)",
-            delta as f64 / 1e9 * config.network_kwh_per_gb * carbon::JOULES_PER_KWH,
+            network_joules,
         );
         let embodied_grams = carbon::embodied_grams(elapsed, &embodied);
-        embodied_total += embodied_grams;
+        totals.embodied_grams += embodied_grams;
         add_float_counter(
             catalogue::CARBON_EMBODIED_GRAMS,
             "embodied emissions of the hardware attributed to the gateway's running time, gCO2e",
             embodied_grams,
         );
+        intensity.refresh();
+        let current = intensity.at(unix_now());
         match meter.sample(elapsed) {
             Ok(sample) => {
                 failing = false;
+                totals.joules += sample.joules;
                 add_float_counter(
                     catalogue::ENERGY_JOULES,
                     "energy attributed to the gateway process, measured or modelled (see hubgate_footprint_info)",
                     sample.joules,
                 );
-                if let Some(intensity) = intensity {
-                    let grams = carbon::operational_grams(sample.joules, intensity);
-                    operational_total += grams;
-                    add_float_counter(
-                        catalogue::CARBON_OPERATIONAL_GRAMS,
-                        "emissions of the energy the gateway used, at the configured grid intensity, gCO2e",
-                        grams,
-                    );
-                    let readings: u64 = stats
-                        .streams
-                        .iter()
-                        .map(|s| s.records_kept.load(Ordering::Relaxed))
-                        .sum();
-                    if let Some(value) =
-                        carbon::sci_per_1000(operational_total, embodied_total, readings)
-                    {
-                        sci.set(value);
+                match current {
+                    Some((grams_per_kwh, _)) => {
+                        intensity_gauge.set(grams_per_kwh);
+                        totals.seconds_with_intensity += elapsed;
+                        let grams = carbon::operational_grams(sample.joules, grams_per_kwh);
+                        totals.operational_grams += grams;
+                        add_float_counter(
+                            catalogue::CARBON_OPERATIONAL_GRAMS,
+                            "emissions of the energy the gateway used, at the grid's intensity, gCO2e",
+                            grams,
+                        );
+                    }
+                    None => {
+                        totals.seconds_without_intensity += elapsed;
+                        add_float_counter(
+                            catalogue::INTENSITY_MISSING_SECONDS,
+                            "seconds for which no grid intensity was known (no operational carbon counted)",
+                            elapsed,
+                        );
                     }
                 }
             }
@@ -170,5 +352,43 @@ pub async fn run(
             }
             Err(_) => {}
         }
+        let figures = snapshot(&totals, current);
+        if let Some(sci) = figures.sci_grams_per_1000_readings {
+            sci_gauge.set(sci);
+        } else if totals.seconds_without_intensity > 0.0 {
+            // Undefined rather than understated.
+            sci_gauge.set(f64::NAN);
+        }
+        publish.send_replace(figures);
     }
+}
+
+/// What the footprint counted since the start.
+#[derive(Debug, Default)]
+struct Totals {
+    joules: f64,
+    operational_grams: f64,
+    embodied_grams: f64,
+    seconds_without_intensity: f64,
+    seconds_with_intensity: f64,
+    bytes_avoided: u64,
+    network_joules_avoided: f64,
+}
+
+impl Totals {
+    /// SCI, if every second so far had a grid intensity and a reading was kept.
+    fn sci(&self, readings_kept: u64) -> Option<f64> {
+        let complete = self.seconds_without_intensity == 0.0 && self.seconds_with_intensity > 0.0;
+        complete
+            .then(|| {
+                carbon::sci_per_1000(self.operational_grams, self.embodied_grams, readings_kept)
+            })
+            .flatten()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

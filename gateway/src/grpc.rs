@@ -10,7 +10,11 @@
 //! Push: one task per call reads the origin's requests, validates each and waits for the pipeline
 //! to commit it before answering (see [`crate::push`]); a slow commit slows only that origin.
 //!
-//! Metrics: `hubgate_grpc_subscribers`, `hubgate_grpc_records_sent_total{stream}`.
+//! GetFootprint and WatchFootprint: the footprint meter's latest figures, and each new sample (see
+//! [`crate::footprint`]).
+//!
+//! Metrics: `hubgate_grpc_subscribers`, `hubgate_grpc_records_sent_total{stream}`,
+//! `hubgate_grpc_sent_bytes_total{stream}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,7 +25,7 @@ use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
 use prost::Message as _;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -41,6 +45,8 @@ pub struct GatewayService {
     store: Arc<Store>,
     /// To the pipeline: records other gateways push.
     pushed: mpsc::Sender<PushJob>,
+    /// The footprint meter's latest figures.
+    footprint: watch::Receiver<v1::Footprint>,
     shutdown: CancellationToken,
 }
 
@@ -49,12 +55,14 @@ impl GatewayService {
         policy: Arc<Policy>,
         store: Arc<Store>,
         pushed: mpsc::Sender<PushJob>,
+        footprint: watch::Receiver<v1::Footprint>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             policy,
             store,
             pushed,
+            footprint,
             shutdown,
         }
     }
@@ -83,6 +91,36 @@ type EventResult = Result<v1::SubscribeResponse, Status>;
 impl Gateway for GatewayService {
     type SubscribeStream = ReceiverStream<EventResult>;
     type PushStream = ReceiverStream<Result<v1::PushAck, Status>>;
+    type WatchFootprintStream = ReceiverStream<Result<v1::Footprint, Status>>;
+
+    async fn get_footprint(
+        &self,
+        _request: Request<v1::GetFootprintRequest>,
+    ) -> Result<Response<v1::Footprint>, Status> {
+        Ok(Response::new(self.footprint.borrow().clone()))
+    }
+
+    async fn watch_footprint(
+        &self,
+        _request: Request<v1::WatchFootprintRequest>,
+    ) -> Result<Response<Self::WatchFootprintStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let (mut figures, shutdown) = (self.footprint.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let latest = figures.borrow_and_update().clone();
+                if tx.send(Ok(latest)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    changed = figures.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn push(
         &self,
@@ -272,6 +310,9 @@ impl Follower {
             }
             self.sent.increment(count);
             self.sent_bytes.increment(bytes);
+            crate::footprint::TRAFFIC
+                .grpc_sent
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             self.cursor = batch.next;
             if caught_up {
                 tokio::select! {

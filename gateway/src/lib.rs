@@ -95,6 +95,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .local_addr()
         .context("admin listener address")?;
 
+    let grid_intensity = footprint::GridIntensity::load(&config.footprint)?;
     let policy = Arc::new(config.policy);
     metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
     metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -200,10 +201,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Ok(())
         });
     }
+    let (footprint_tx, footprint_rx) = footprint::channel();
     let service = grpc::GatewayService::new(
         Arc::clone(&policy),
         Arc::clone(&store),
         push_tx,
+        footprint_rx,
         shutdown.clone(),
     );
     if let Some(upstream) = config.upstream {
@@ -217,7 +220,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn(grpc::serve(grpc_listener, service, shutdown.clone()));
     tasks.spawn(footprint::run(
         config.footprint,
+        grid_intensity,
         Arc::clone(&stats),
+        footprint_tx,
         shutdown.clone(),
     ));
     tasks.spawn(admin::serve(

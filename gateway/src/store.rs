@@ -312,6 +312,9 @@ impl Store {
         self.outbox.commit(&pending.commit)?;
         self.bytes_held.set(self.outbox.record_bytes() as f64);
         self.bytes_written.increment(need);
+        crate::footprint::TRAFFIC
+            .outbox_written
+            .fetch_add(need, Ordering::Relaxed);
         for (index, records) in std::mem::take(&mut pending.records) {
             let s = self.stream(index);
             let mut tail = s.tail();

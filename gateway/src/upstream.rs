@@ -251,6 +251,9 @@ async fn call(
                 Ok(()) => {
                     s.sent_total.increment(count);
                     s.sent_bytes.increment(bytes);
+                    crate::footprint::TRAFFIC
+                        .upstream_sent
+                        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                     s.sent = newest;
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => break,

@@ -457,3 +457,207 @@ async fn replay_then_live_has_no_gap_and_no_duplicate() {
         "{names:?}"
     );
 }
+
+/// An hourly intensity file covering the hours around now, every hour at `grams`.
+fn intensity_file(path: &std::path::Path, zone: &str, grams: f64) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs();
+    let mut text = String::from("# hourly grid intensity, gCO2e/kWh\nzone,hour,g_per_kwh\n");
+    for hour in -2i64..3 {
+        let start = (now - now % 3600) as i64 + hour * 3600;
+        let time = std::time::UNIX_EPOCH + Duration::from_secs(start as u64);
+        let hour = humantime::format_rfc3339_seconds(time);
+        text.push_str(&format!("{zone},{hour},{grams}\nOTHER,{hour},1\n"));
+    }
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).expect("write the intensity file");
+    std::fs::rename(&partial, path).expect("replace the intensity file");
+}
+
+/// The footprint over gRPC: GetFootprint carries the figures of `/metrics`, WatchFootprint sends
+/// one record per sample, and operational carbon follows the hourly intensity file, read again
+/// when it changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_footprint_is_served_over_grpc_and_follows_the_hourly_intensity_file() {
+    let broker = Mosquitto::start();
+    let files = tempfile::tempdir().unwrap();
+    let intensity = files.path().join("intensity.csv");
+    intensity_file(&intensity, "NL", 400.0);
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(
+            broker.port,
+            "gw-footprint",
+            &format!(
+                "[footprint]\nsample_every = \"1s\"\ngrid_intensity_g_per_kwh = 100.0\n\
+                 grid_intensity_file = \"{}\"\ngrid_zone = \"NL\"\n{AIR}",
+                intensity.display()
+            ),
+        ),
+    );
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let publisher = Publisher::connect(broker.port, "pub-footprint");
+    for i in 0..20 {
+        let payload = serde_json::json!({
+            "station_id": format!("aq-{i}"), "ts": 1_700_000_000 + i, "pm25": 10.5,
+            "firmware": "2.4.1", "serial": "SN-000-111-222", "notes": "a long note to minimise",
+        });
+        publisher
+            .publish(&format!("city/air/aq-{i}/reading"), payload.to_string())
+            .await;
+    }
+    hubgate_tests::wait_for("20 records kept", Duration::from_secs(15), || {
+        gw.metric("hubgate_records_kept_total", &[("stream", "air")]) == 20.0
+    });
+
+    // WatchFootprint: a record per sample, each later than the one before, counting from the start.
+    let mut watch = client
+        .watch_footprint(v1::WatchFootprintRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let footprint = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("a footprint record every second")
+            .unwrap()
+            .unwrap();
+        seen.push(footprint);
+    }
+    let at = |f: &v1::Footprint| {
+        let t = f.sampled_at.unwrap();
+        (t.seconds, t.nanos)
+    };
+    assert!(at(&seen[0]) < at(&seen[1]) && at(&seen[1]) < at(&seen[2]));
+    assert!(seen[2].energy_joules >= seen[1].energy_joules);
+    assert_eq!(seen[2].since, seen[0].since);
+
+    // GetFootprint carries the same figures as /metrics: read until both come from one sample.
+    let mut matched = None;
+    for _ in 0..50 {
+        let before = client
+            .get_footprint(v1::GetFootprintRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let page = gw.metrics();
+        let after = client
+            .get_footprint(v1::GetFootprintRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if before == after {
+            matched = Some((after, page));
+            break;
+        }
+    }
+    let (f, page) = matched.expect("a footprint and a metrics page from the same sample");
+    let m = |name, labels: &[(&str, &str)]| hubgate_tests::metric_value(&page, name, labels);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+    assert!(f.energy_joules > 0.0, "{f:?}");
+    assert!(
+        close(f.energy_joules, m("hubgate_energy_joules_total", &[])),
+        "{f:?}\n{page}"
+    );
+    assert!(close(
+        f.carbon_embodied_grams,
+        m("hubgate_carbon_embodied_grams_total", &[])
+    ));
+    assert!(close(
+        f.carbon_operational_grams,
+        m("hubgate_carbon_operational_grams_total", &[])
+    ));
+    assert_eq!(
+        f.bytes_avoided as f64,
+        m("hubgate_bytes_avoided_total", &[])
+    );
+    assert_eq!(
+        f.mqtt_received_bytes as f64,
+        m("hubgate_mqtt_received_bytes_total", &[])
+    );
+    assert_eq!(
+        f.outbox_written_bytes as f64,
+        m("hubgate_outbox_written_bytes_total", &[])
+    );
+    assert_eq!(f.records_kept, 20);
+    assert!(f.bytes_avoided > 0 && f.bytes_avoided < f.mqtt_received_bytes);
+    assert!(page.contains(&format!(
+        "hubgate_footprint_info{{method=\"{}\"",
+        f.energy_method
+    )));
+    // Carbon from the file's hour, not the fixed fallback, and SCI from it.
+    assert_eq!(f.grid_intensity_g_per_kwh, Some(400.0));
+    assert_eq!(f.grid_intensity_source, "file");
+    assert_eq!(f.seconds_without_intensity, 0.0);
+    assert!(
+        close(f.carbon_operational_grams, f.energy_joules / 3.6e6 * 400.0),
+        "{f:?}"
+    );
+    let sci = f.sci_grams_per_1000_readings.expect("SCI is defined");
+    assert!(close(
+        sci,
+        (f.carbon_operational_grams + f.carbon_embodied_grams) / 20.0 * 1000.0
+    ));
+    assert_eq!(m("hubgate_grid_intensity_grams_per_kwh", &[]), 400.0);
+
+    // A broken file leaves the previous one in use; a good one is taken at the next sample.
+    std::fs::write(&intensity, "zone,hour,g_per_kwh\nNL,not a time,5\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let f = client
+        .get_footprint(v1::GetFootprintRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f.grid_intensity_g_per_kwh, Some(400.0));
+    assert!(
+        gw.log().contains("keeping the previous one"),
+        "{}",
+        gw.log()
+    );
+    intensity_file(&intensity, "NL", 650.0);
+    hubgate_tests::wait_for("the new intensities", Duration::from_secs(10), || {
+        gw.metric("hubgate_grid_intensity_grams_per_kwh", &[]) == 650.0
+    });
+}
+
+/// A broken intensity file stops the gateway at start, naming the file, the line and the column.
+#[test]
+fn a_broken_intensity_file_is_refused_at_start_with_its_line_and_column() {
+    let files = tempfile::tempdir().unwrap();
+    let intensity = files.path().join("intensity.csv");
+    std::fs::write(
+        &intensity,
+        "zone,hour,g_per_kwh\nNL,2026-11-25T09:00:00Z,310\nNL,2026-11-25T10:00:00Z,high\n",
+    )
+    .unwrap();
+    let config_path = files.path().join("hubgate.toml");
+    std::fs::write(
+        &config_path,
+        config(
+            hubgate_tests::free_port(),
+            "gw-bad-intensity",
+            &format!(
+                "[store]\ndata_dir = \"{}\"\n[footprint]\ngrid_intensity_file = \"{}\"\n{AIR}",
+                files.path().join("data").display(),
+                intensity.display()
+            ),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(gateway_bin!())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{}:3:25: `high` is not a number", intensity.display());
+    assert!(
+        stderr.contains(&expected),
+        "missing {expected:?} in:\n{stderr}"
+    );
+}
