@@ -1,23 +1,68 @@
-//! The admin HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is up)
-//! and `/readyz` (the MQTT connection is up).
+//! The admin HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is up),
+//! `/readyz` (the MQTT connection is up), and the transparency register of the running policy
+//! (see [`crate::register`]): `/transparency` (the HTML notice), `/transparency.json` and
+//! `/processing-record` (GDPR Art. 30, Markdown).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::register::{Register, html};
+
 /// Serves the admin endpoint on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     mqtt_connected: watch::Receiver<bool>,
+    register: Arc<Register>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let json = Arc::new(register.to_json());
+    let record = Arc::new(register.to_art30());
     let app = Router::new()
+        .route(
+            "/transparency",
+            get(move |headers: HeaderMap| {
+                let register = Arc::clone(&register);
+                async move {
+                    let url = page_url(&register, &headers);
+                    (
+                        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+                        html::render(&register, &url),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/transparency.json",
+            get(move || {
+                let json = Arc::clone(&json);
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        json.as_str().to_owned(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/processing-record",
+            get(move || {
+                let record = Arc::clone(&record);
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
+                        record.as_str().to_owned(),
+                    )
+                }
+            }),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -40,6 +85,23 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// The page's own address, for its QR code: the configured public address, else the address the
+/// client used.
+fn page_url(register: &Register, headers: &HeaderMap) -> String {
+    if let Some(url) = &register.public_url {
+        return url.clone();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("localhost");
+    format!("http://{host}/transparency")
 }
 
 async fn metrics() -> impl IntoResponse {

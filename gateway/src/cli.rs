@@ -42,6 +42,17 @@ enum Command {
         #[arg(long, short)]
         input: PathBuf,
     },
+    /// Print the transparency register of a configuration's policy: what is collected, why, how
+    /// it is reduced, who receives it and how long it is kept.
+    Explain {
+        /// Configuration file; the embedded default without it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// text (readable), json (as /transparency.json), art30 (GDPR Art. 30 record, Markdown)
+        /// or html (the /transparency page).
+        #[arg(long, short, value_enum, default_value_t = ExplainFormat::Text)]
+        format: ExplainFormat,
+    },
     /// Check the audit log's hash chain and report the first broken entry.
     Audit {
         #[command(subcommand)]
@@ -59,6 +70,14 @@ enum Command {
     },
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExplainFormat {
+    Text,
+    Json,
+    Art30,
+    Html,
+}
+
 #[derive(Debug, Subcommand)]
 enum AuditAction {
     /// Verify the chain of an audit log file (`<data_dir>/audit.jsonl`); exits 1 if it is broken.
@@ -73,6 +92,7 @@ pub fn main() -> ExitCode {
         Command::Check { files } => return check(&files),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
         Command::DryRun { config, input } => dry_run(&config, &input),
+        Command::Explain { config, format } => explain(config.as_deref(), format),
         Command::Audit {
             action: AuditAction::Verify { file },
         } => return audit_verify(&file),
@@ -147,6 +167,35 @@ fn load(path: &Path) -> anyhow::Result<Option<Config>> {
             Ok(None)
         }
     }
+}
+
+fn explain(config_path: Option<&Path>, format: ExplainFormat) -> anyhow::Result<()> {
+    let config = match config_path {
+        Some(path) => match load(path)? {
+            Some(config) => config,
+            None => anyhow::bail!("{} has errors (see above)", path.display()),
+        },
+        None => {
+            config::parse(config::DEFAULT_CONFIG)
+                .map_err(|_| anyhow::anyhow!("the embedded default configuration is invalid"))?
+                .0
+        }
+    };
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let register = crate::register::Register::new(&config, &now);
+    match format {
+        ExplainFormat::Text => print!("{}", register.to_text()),
+        ExplainFormat::Json => println!("{}", register.to_json()),
+        ExplainFormat::Art30 => print!("{}", register.to_art30()),
+        ExplainFormat::Html => {
+            let url = register
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/transparency", config.admin.listen));
+            print!("{}", crate::register::html::render(&register, &url));
+        }
+    }
+    Ok(())
 }
 
 fn dry_run(config_path: &Path, input: &Path) -> anyhow::Result<()> {

@@ -40,7 +40,26 @@ pub struct Config {
     /// Where to forward records, if anywhere.
     pub upstream: Option<UpstreamConfig>,
     pub footprint: FootprintConfig,
+    pub register: RegisterConfig,
     pub policy: Policy,
+}
+
+/// Who runs the hub and where, for the transparency register (see [`crate::register`]).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegisterConfig {
+    /// The organisation accountable for the hub (the controller, in GDPR terms).
+    pub controller: Option<String>,
+    /// How residents reach the controller: an address, e-mail or web page.
+    pub contact: Option<String>,
+    /// The data protection officer's contact, if there is one.
+    pub dpo_contact: Option<String>,
+    /// Where the hub and its sensors are, in words a resident recognises.
+    pub location: Option<String>,
+    /// The public address of the transparency page, for the QR code on printed signs.
+    pub public_url: Option<String>,
+    /// When the deployment is planned to end (YYYY-MM-DD), if it is.
+    pub end_date: Option<String>,
 }
 
 /// How the gateway's own footprint is figured (see `hubgate_exporters::energy` and
@@ -362,6 +381,8 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let mut upstream_span = 0..0;
     let mut footprint: Option<FootprintConfig> = None;
     let mut footprint_span = 0..0;
+    let mut register: Option<RegisterConfig> = None;
+    let mut register_span = 0..0;
     let mut raw_streams = None;
     let whole = 0..source.len().min(1);
     let (mut mqtt_span, mut store_span) = (whole.clone(), whole.clone());
@@ -385,10 +406,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 footprint_span = key.span();
                 footprint = diags.section(value);
             }
+            "register" => {
+                register_span = key.span();
+                register = diags.section(value);
+            }
             "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
             other => diags.error(
                 key.span(),
-                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'footprint', 'stream'"),
+                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'footprint', 'register', 'stream'"),
             ),
         }
     }
@@ -438,6 +463,8 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     for problem in footprint.problems() {
         diags.error(footprint_span.clone(), problem);
     }
+    let register = register.unwrap_or_default();
+    check_register(&register, register_span, &mut diags);
     match policy {
         Some(policy) if !diags.has_errors() => {
             let config = Config {
@@ -447,6 +474,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 store,
                 upstream,
                 footprint,
+                register,
                 policy,
             };
             Ok((config, diags.into_sorted()))
@@ -454,6 +482,40 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         _ => Err(Rejected {
             diagnostics: diags.into_sorted(),
         }),
+    }
+}
+
+fn check_register(
+    register: &RegisterConfig,
+    span: std::ops::Range<usize>,
+    diags: &mut Diagnostics,
+) {
+    let span = if span.is_empty() { 0..0 } else { span };
+    if register
+        .controller
+        .as_deref()
+        .is_none_or(|c| c.trim().is_empty())
+    {
+        diags.warning(
+            span.clone(),
+            "[register] names no controller: the transparency register cannot say who is accountable for the hub",
+        );
+    }
+    if let Some(url) = &register.public_url
+        && !(url.starts_with("https://") || url.starts_with("http://"))
+    {
+        diags.error(
+            span.clone(),
+            format!("register.public_url '{url}' must be an http:// or https:// address"),
+        );
+    }
+    if let Some(date) = &register.end_date
+        && humantime::parse_rfc3339(&format!("{date}T00:00:00Z")).is_err()
+    {
+        diags.error(
+            span,
+            format!("register.end_date '{date}' must be a date written YYYY-MM-DD"),
+        );
     }
 }
 
@@ -608,10 +670,50 @@ mod tests {
     }
 
     #[test]
+    fn register_settings_are_checked() {
+        let src = format!(
+            "[register]\npublic_url = \"example.city/t\"\nend_date = \"31/12/2030\"\n{}",
+            DEFAULT_CONFIG.replace("[register]", "[register_unused]")
+        );
+        // (The default's own [register] is renamed, so the one above is the only one.)
+        let err = parse(&src).unwrap_err();
+        let messages: Vec<&str> = err
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.message.as_str())
+            .collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("public_url 'example.city/t'")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.iter().any(|m| m.contains("end_date '31/12/2030'")),
+            "{messages:?}"
+        );
+        // Without a controller: a warning, not an error.
+        let src = DEFAULT_CONFIG.replace("controller = ", "# controller = ");
+        let (config, warnings) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+        assert_eq!(config.register.controller, None);
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.message.contains("names no controller"))
+        );
+    }
+
+    #[test]
     fn errors_in_several_sections_are_all_reported() {
         let src = "[grpc]\nlisten = \"nowhere\"\n[admin]\nport = 1\n[telemetry]\n";
         let err = parse(src).unwrap_err();
-        let lines: Vec<_> = err.diagnostics.iter().map(|d| d.position(src).0).collect();
+        let lines: Vec<_> = err
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(|d| d.position(src).0)
+            .collect();
         assert_eq!(lines, [1, 2, 4, 5], "{:?}", err.diagnostics);
         assert!(
             err.diagnostics

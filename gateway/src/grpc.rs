@@ -10,6 +10,9 @@
 //! Push: one task per call reads the origin's requests, validates each and waits for the pipeline
 //! to commit it before answering (see [`crate::push`]); a slow commit slows only that origin.
 //!
+//! GetPolicy: the running policy (canonical JSON) and its transparency register (see
+//! [`crate::register`]).
+//!
 //! GetFootprint and WatchFootprint: the footprint meter's latest figures, and each new sample (see
 //! [`crate::footprint`]).
 //!
@@ -31,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::push::{self, PushJob};
+use crate::register::Register;
 use crate::store::Store;
 
 /// Records read from the store per turn of a follower.
@@ -47,6 +51,7 @@ pub struct GatewayService {
     pushed: mpsc::Sender<PushJob>,
     /// The footprint meter's latest figures.
     footprint: watch::Receiver<v1::Footprint>,
+    published: Published,
     shutdown: CancellationToken,
 }
 
@@ -56,6 +61,7 @@ impl GatewayService {
         store: Arc<Store>,
         pushed: mpsc::Sender<PushJob>,
         footprint: watch::Receiver<v1::Footprint>,
+        published: Published,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -63,9 +69,17 @@ impl GatewayService {
             store,
             pushed,
             footprint,
+            published,
             shutdown,
         }
     }
+}
+
+/// The running policy's register, and when the policy was loaded (for `GetPolicy`).
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub register: Arc<Register>,
+    pub loaded_at: std::time::SystemTime,
 }
 
 /// Decrements the subscriber gauge when the last follower of a call ends.
@@ -92,6 +106,18 @@ impl Gateway for GatewayService {
     type SubscribeStream = ReceiverStream<EventResult>;
     type PushStream = ReceiverStream<Result<v1::PushAck, Status>>;
     type WatchFootprintStream = ReceiverStream<Result<v1::Footprint, Status>>;
+
+    async fn get_policy(
+        &self,
+        _request: Request<v1::GetPolicyRequest>,
+    ) -> Result<Response<v1::GetPolicyResponse>, Status> {
+        Ok(Response::new(v1::GetPolicyResponse {
+            policy_hash: self.policy.hash_hex(),
+            loaded_at: Some(self.published.loaded_at.into()),
+            register_json: self.published.register.to_json(),
+            policy_json: self.policy.canonical_json(),
+        }))
+    }
 
     async fn get_footprint(
         &self,

@@ -32,6 +32,7 @@ pub mod keys;
 pub mod outbox;
 pub mod pipeline;
 pub mod push;
+pub mod register;
 pub mod simulator;
 pub mod store;
 pub mod upstream;
@@ -96,6 +97,11 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .context("admin listener address")?;
 
     let grid_intensity = footprint::GridIntensity::load(&config.footprint)?;
+    let loaded_at = std::time::SystemTime::now();
+    let register = Arc::new(register::Register::new(
+        &config,
+        &humantime::format_rfc3339_seconds(loaded_at).to_string(),
+    ));
     let policy = Arc::new(config.policy);
     metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
     metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -207,6 +213,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&store),
         push_tx,
         footprint_rx,
+        grpc::Published {
+            register: Arc::clone(&register),
+            loaded_at,
+        },
         shutdown.clone(),
     );
     if let Some(upstream) = config.upstream {
@@ -228,6 +238,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
     tasks.spawn(admin::serve(
         admin_listener,
         connected_rx.clone(),
+        Arc::clone(&register),
         shutdown.clone(),
     ));
     {

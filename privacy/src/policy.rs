@@ -150,6 +150,13 @@ pub struct H3Cell {
     pub lon: String,
 }
 
+impl H3Cell {
+    /// The average area of a cell at this resolution, in km² (H3's published averages).
+    pub fn average_area_km2(&self) -> f64 {
+        h3o::Resolution::try_from(self.resolution).map_or(f64::NAN, h3o::Resolution::area_km2)
+    }
+}
+
 /// What happens to a string value in which a direct identifier is detected.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -221,6 +228,13 @@ pub struct RawStreamHeader {
     pub purpose: Spanned<String>,
     pub legal_basis: Spanned<String>,
     pub principles: Spanned<Vec<Spanned<Principle>>>,
+    /// The sensing technology, as a DTPR technology id (`tech__air_quality`).
+    #[serde(default)]
+    pub technology: Option<Spanned<String>>,
+    /// Whether the sensors may capture personal data (for the transparency register). A stream
+    /// that pseudonymises processes personal data whatever this says.
+    #[serde(default)]
+    pub personal_data: Option<Spanned<bool>>,
     pub retention: Spanned<String>,
     #[serde(default)]
     pub time_field: Option<Spanned<String>>,
@@ -326,6 +340,17 @@ fn parse_fields(
     fields
 }
 
+/// Whether `id` has the form of a DTPR technology id.
+fn valid_technology(id: &str) -> bool {
+    id.strip_prefix("tech__").is_some_and(|rest| {
+        !rest.is_empty()
+            && rest.len() <= 60
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    })
+}
+
 /// A compiled, validated stream policy.
 #[derive(Debug, Clone, Serialize)]
 pub struct StreamPolicy {
@@ -335,6 +360,12 @@ pub struct StreamPolicy {
     pub purpose: String,
     pub legal_basis: String,
     pub principles: Vec<Principle>,
+    /// The sensing technology, as a DTPR technology id (`tech__air_quality`), when declared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub technology: Option<String>,
+    /// Whether the sensors may capture personal data, as the policy declares it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub personal_data: Option<bool>,
     /// How long records of this stream may be kept.
     #[serde(serialize_with = "serialize_secs")]
     pub retention: Duration,
@@ -429,6 +460,15 @@ impl Policy {
 
     pub fn streams(&self) -> &[StreamPolicy] {
         &self.streams
+    }
+
+    /// The canonical JSON form of the policy: the bytes whose SHA-256 is [`Policy::hash`].
+    pub fn canonical_json(&self) -> String {
+        let canonical = CanonicalPolicy {
+            language_version: POLICY_LANGUAGE_VERSION,
+            streams: &self.streams,
+        };
+        serde_json::to_string(&canonical).unwrap_or_default()
     }
 
     pub fn stream(&self, name: &str) -> Option<&StreamPolicy> {
@@ -554,6 +594,24 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             }
         }
 
+        let technology = match &h.technology {
+            Some(t) if !valid_technology(t.get_ref()) => {
+                diags.error(
+                    t.span(),
+                    format!("technology '{}' must be a DTPR technology id: 'tech__' then lowercase letters, digits and '_' (e.g. \"tech__air_quality\")", t.get_ref()),
+                );
+                None
+            }
+            Some(t) => Some(t.get_ref().clone()),
+            None => {
+                diags.warning(
+                    h.name.span(),
+                    format!("stream '{name}' names no sensing technology (technology = \"tech__…\", a DTPR id): the transparency register will say it is not declared"),
+                );
+                None
+            }
+        };
+
         let retention = match humantime::parse_duration(h.retention.get_ref()) {
             Ok(d) if d.is_zero() => {
                 diags.error(h.retention.span(), "retention must be longer than zero");
@@ -603,6 +661,21 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
         }
 
         let identifiers = compile_identifiers(h.identifiers, diags);
+
+        let pseudonymises = identifiers.action == IdAction::Pseudonymise
+            || stream
+                .fields
+                .iter()
+                .any(|(_, t)| *t == Treatment::Pseudonymise);
+        let personal_data = h.personal_data.as_ref().map(|p| {
+            if !*p.get_ref() && pseudonymises {
+                diags.error(
+                    p.span(),
+                    format!("stream '{name}' pseudonymises identifiers, so it processes personal data: personal_data cannot be false"),
+                );
+            }
+            *p.get_ref()
+        });
 
         let mut fields: Vec<(String, Treatment)> = Vec::new();
         for (path, treatment) in &stream.fields {
@@ -698,6 +771,8 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             format: h.format,
             purpose: h.purpose.into_inner().trim().to_owned(),
             legal_basis: h.legal_basis.into_inner().trim().to_owned(),
+            technology,
+            personal_data,
             principles,
             retention,
             time_field,
@@ -789,6 +864,7 @@ topics = ["city/air/+/reading"]
 purpose = "Inform public-health advice"
 legal_basis = "public task"
 principles = ["sustainability_resilience"]
+technology = "tech__air_quality"
 retention = "30d"
 time_field = "ts"
 
@@ -851,7 +927,7 @@ pm25 = "keep"
         assert_eq!(errs.len(), 1, "{errs:?}");
         let (line, col, msg) = &errs[0];
         assert!(msg.contains("unknown field 'time_feild'"), "{msg}");
-        assert_eq!((*line, *col), (9, 1));
+        assert_eq!((*line, *col), (10, 1));
     }
 
     #[test]
@@ -933,5 +1009,43 @@ laeq = "keep"
         let (_, diags) = from_toml(&AIR.replace("\"30d\"", "\"400days\"")).unwrap();
         assert_eq!(diags.0.len(), 1);
         assert_eq!(diags.0[0].severity, Severity::Warning);
+    }
+
+    #[test]
+    fn technology_and_personal_data_are_checked_for_the_register() {
+        let (policy, _) = from_toml(AIR).unwrap();
+        assert_eq!(
+            policy.streams()[0].technology.as_deref(),
+            Some("tech__air_quality")
+        );
+        // Not declaring the technology is a warning at the stream's name.
+        let (_, diags) =
+            from_toml(&AIR.replace("technology = \"tech__air_quality\"\n", "")).unwrap();
+        assert_eq!(diags.0.len(), 1);
+        assert!(diags.0[0].message.contains("names no sensing technology"));
+        // A technology that is not a DTPR id.
+        let errs = errors(&AIR.replace("\"tech__air_quality\"", "\"Air Sensor\""));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].0, 8);
+        // A stream that pseudonymises cannot say it processes no personal data.
+        let src = AIR
+            .replace("station_id = \"keep\"", "station_id = \"pseudonymise\"")
+            .replace(
+                "retention = \"30d\"",
+                "retention = \"30d\"\npersonal_data = false",
+            );
+        let errs = errors(&src);
+        assert!(
+            errs[0].2.contains("personal_data cannot be false"),
+            "{errs:?}"
+        );
+        // Declaring it changes the policy's hash: the register is part of what the hash names.
+        let (declared, _) = from_toml(&AIR.replace(
+            "retention = \"30d\"",
+            "retention = \"30d\"\npersonal_data = true",
+        ))
+        .unwrap();
+        assert_eq!(declared.streams()[0].personal_data, Some(true));
+        assert_ne!(declared.hash(), policy.hash());
     }
 }

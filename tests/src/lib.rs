@@ -252,6 +252,11 @@ impl Gateway {
         }
     }
 
+    /// The configuration file the gateway was started with.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("hubgate.toml")
+    }
+
     /// The gateway's log so far (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()

@@ -561,6 +561,7 @@ topics = ["city/footfall/+/probe"]
 purpose = "Measure how busy public spaces are"
 legal_basis = "public task"
 principles = ["community_participation"]
+technology = "tech__identifiable_wifi_sensor"
 retention = "7d"
 
 [stream.fields]
@@ -622,7 +623,7 @@ mean_rssi = { fn = "mean", field = "rssi", min = -100, max = 0 }
             .filter(|d| d.0 == Severity::Error)
             .collect();
         let lines: Vec<usize> = errors.iter().map(|e| e.1).collect();
-        assert_eq!(lines, [18, 19, 22, 23], "{errors:#?}");
+        assert_eq!(lines, [19, 20, 23, 24], "{errors:#?}");
         assert!(
             errors[0]
                 .2

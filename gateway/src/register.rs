@@ -1,0 +1,879 @@
+//! The transparency register: what the hub collects, why, how it reduces it, who receives it and
+//! how long it is kept, generated from the compiled policy and the deployment's configuration,
+//! never written by hand.
+//!
+//! Per stream it gives the elements of the DTPR taxonomy (Digital Trust for Places & Routines:
+//! accountable, purpose, technology, data, process, access, storage, retention), with DTPR ids
+//! where the taxonomy has one (`tech__…`, `process__de_identified`, `process__aggregated`,
+//! `process__k_anonymity`, `process__differential_privacy`, `storage__stored_locally`,
+//! `retention__data_retained`), and the fields of public sensor registers such as Amsterdam's
+//! (type, owner, location, purpose, personal data, end date).
+//!
+//! One [`Register`] renders four ways: JSON (`/transparency.json`, and `GetPolicy` over gRPC), an
+//! HTML page (`/transparency`, see [`html`]), plain text (`hubgate explain`), and a record of
+//! processing activities after GDPR Article 30 (`/processing-record`, `hubgate explain --format
+//! art30`). Every rendering carries the policy's hash.
+
+pub mod html;
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hubgate_privacy::Policy;
+use hubgate_privacy::policy::aggregate::MeasureFn;
+use hubgate_privacy::policy::{IdAction, StreamPolicy, Treatment};
+use serde::Serialize;
+
+use crate::config::{Config, RegisterConfig, UpstreamConfig};
+
+/// Version of the register's JSON form.
+pub const REGISTER_VERSION: u32 = 1;
+
+/// Said where the configuration leaves a fact out.
+const NOT_DECLARED: &str = "not declared";
+
+/// The register of a running policy.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Register {
+    pub register_version: u32,
+    /// Content hash of the compiled policy (as in every record and in the audit log).
+    pub policy_hash: String,
+    /// When the policy was loaded, RFC 3339 UTC.
+    pub loaded_at: String,
+    pub software: String,
+    pub accountable: Accountable,
+    /// Where the hub and its sensors are.
+    pub location: Option<String>,
+    /// The public address of the transparency page.
+    pub public_url: Option<String>,
+    /// When the deployment is planned to end.
+    pub end_date: Option<String>,
+    pub streams: Vec<StreamEntry>,
+}
+
+/// Who is accountable for the hub.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Accountable {
+    pub controller: Option<String>,
+    pub contact: Option<String>,
+    pub dpo_contact: Option<String>,
+}
+
+/// One element of the notice: a DTPR id where the taxonomy has one, a title and what it means
+/// here.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Element {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dtpr: Option<String>,
+    pub title: String,
+    pub description: String,
+}
+
+/// A payload field the stream reads, and what happens to it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FieldEntry {
+    pub field: String,
+    pub treatment: String,
+    pub description: String,
+}
+
+/// A guideline principle, by id and title.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PrincipleEntry {
+    pub id: String,
+    pub title: String,
+}
+
+/// The fields of a public sensor register (Amsterdam's, for one).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SensorRegisterEntry {
+    #[serde(rename = "type")]
+    pub sensor_type: String,
+    pub owner: String,
+    pub location: String,
+    pub purpose: String,
+    pub personal_data: bool,
+    pub end_date: String,
+}
+
+/// Everything the register says about one stream.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamEntry {
+    pub name: String,
+    pub technology: Element,
+    pub purpose: String,
+    pub legal_basis: String,
+    pub principles: Vec<PrincipleEntry>,
+    /// Whether personal data is processed at the hub (before it is reduced).
+    pub personal_data: bool,
+    pub personal_data_note: String,
+    /// MQTT topic filters the stream takes readings from.
+    pub topics: Vec<String>,
+    /// The payload fields read, and their treatment; every other field is dropped unread.
+    pub data_collected: Vec<FieldEntry>,
+    pub data_dropped: String,
+    /// The fields of the records that leave the hub.
+    pub data_published: Vec<String>,
+    pub time: String,
+    pub processing: Vec<Element>,
+    pub storage: Vec<Element>,
+    pub access: Vec<Element>,
+    pub retention: Element,
+    pub retention_seconds: u64,
+    pub sensor_register: SensorRegisterEntry,
+}
+
+impl Register {
+    /// The register of `config`'s policy, loaded at `loaded_at` (RFC 3339).
+    pub fn new(config: &Config, loaded_at: &str) -> Self {
+        Self::build(
+            &config.policy,
+            &config.register,
+            config.upstream.as_ref(),
+            loaded_at,
+        )
+    }
+
+    pub fn build(
+        policy: &Policy,
+        site: &RegisterConfig,
+        upstream: Option<&UpstreamConfig>,
+        loaded_at: &str,
+    ) -> Self {
+        Self {
+            register_version: REGISTER_VERSION,
+            policy_hash: policy.hash_hex(),
+            loaded_at: loaded_at.to_owned(),
+            software: format!("hubgate {}", env!("CARGO_PKG_VERSION")),
+            accountable: Accountable {
+                controller: site.controller.clone(),
+                contact: site.contact.clone(),
+                dpo_contact: site.dpo_contact.clone(),
+            },
+            location: site.location.clone(),
+            public_url: site.public_url.clone(),
+            end_date: site.end_date.clone(),
+            streams: policy
+                .streams()
+                .iter()
+                .map(|s| stream_entry(s, site, upstream))
+                .collect(),
+        }
+    }
+
+    /// The JSON form (`/transparency.json`, `GetPolicy`).
+    pub fn to_json(&self) -> String {
+        // Plain data: serialising cannot fail.
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// Plain text for `hubgate explain`.
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        let or_not = |o: &Option<String>| o.clone().unwrap_or_else(|| NOT_DECLARED.to_owned());
+        let _ = writeln!(
+            out,
+            "Transparency register (generated from the running policy)"
+        );
+        let _ = writeln!(out, "policy {}", self.policy_hash);
+        let _ = writeln!(out, "loaded {} by {}", self.loaded_at, self.software);
+        let _ = writeln!(out);
+        let _ = writeln!(out, "Accountable: {}", or_not(&self.accountable.controller));
+        let _ = writeln!(out, "Contact: {}", or_not(&self.accountable.contact));
+        if let Some(dpo) = &self.accountable.dpo_contact {
+            let _ = writeln!(out, "Data protection officer: {dpo}");
+        }
+        let _ = writeln!(out, "Location: {}", or_not(&self.location));
+        let _ = writeln!(out, "End date: {}", or_not(&self.end_date));
+        for s in &self.streams {
+            let _ = writeln!(out, "\n== {} ==", s.name);
+            let _ = writeln!(
+                out,
+                "Technology: {}{}",
+                s.technology.title,
+                s.technology
+                    .dtpr
+                    .as_ref()
+                    .map(|id| format!(" ({id})"))
+                    .unwrap_or_default()
+            );
+            let _ = writeln!(out, "Purpose: {}", s.purpose);
+            let _ = writeln!(out, "Legal basis: {}", s.legal_basis);
+            let principles: Vec<&str> = s.principles.iter().map(|p| p.title.as_str()).collect();
+            let _ = writeln!(out, "Guideline principles: {}", principles.join("; "));
+            let _ = writeln!(
+                out,
+                "Personal data: {} ({})",
+                if s.personal_data { "yes" } else { "no" },
+                s.personal_data_note
+            );
+            let _ = writeln!(out, "Data collected:");
+            for f in &s.data_collected {
+                let _ = writeln!(out, "  - {}: {}", f.field, f.description);
+            }
+            let _ = writeln!(out, "  {}", s.data_dropped);
+            let _ = writeln!(out, "Published fields: {}", s.data_published.join(", "));
+            let _ = writeln!(out, "Time: {}", s.time);
+            for (heading, elements) in [
+                ("Processing", &s.processing),
+                ("Storage", &s.storage),
+                ("Access", &s.access),
+            ] {
+                let _ = writeln!(out, "{heading}:");
+                for e in elements {
+                    let id = e
+                        .dtpr
+                        .as_ref()
+                        .map(|d| format!(" [{d}]"))
+                        .unwrap_or_default();
+                    let _ = writeln!(out, "  - {}{id}: {}", e.title, e.description);
+                }
+            }
+            let _ = writeln!(out, "Retention: {}", s.retention.description);
+        }
+        out
+    }
+
+    /// A record of processing activities after GDPR Article 30(1), in Markdown, one processing
+    /// activity per stream.
+    pub fn to_art30(&self) -> String {
+        let mut out = String::new();
+        let or_not = |o: &Option<String>| o.clone().unwrap_or_else(|| NOT_DECLARED.to_owned());
+        let _ = writeln!(out, "# Record of processing activities (GDPR Article 30)\n");
+        let _ = writeln!(
+            out,
+            "Generated from the running policy `{}` (loaded {}, {}). Every statement below is \
+             derived from that policy and the hub's configuration.\n",
+            self.policy_hash, self.loaded_at, self.software
+        );
+        let _ = writeln!(
+            out,
+            "- **Controller** (Art. 30(1)(a)): {}",
+            or_not(&self.accountable.controller)
+        );
+        let _ = writeln!(out, "- **Contact**: {}", or_not(&self.accountable.contact));
+        let _ = writeln!(
+            out,
+            "- **Data protection officer**: {}",
+            or_not(&self.accountable.dpo_contact)
+        );
+        let _ = writeln!(
+            out,
+            "- **Location of the processing**: {}",
+            or_not(&self.location)
+        );
+        let _ = writeln!(out, "- **Planned end**: {}", or_not(&self.end_date));
+        for s in &self.streams {
+            let _ = writeln!(out, "\n## Processing activity: {}\n", s.name);
+            let _ = writeln!(out, "| Article 30(1) | |\n|---|---|");
+            let row = |out: &mut String, k: &str, v: &str| {
+                let _ = writeln!(
+                    out,
+                    "| {k} | {} |",
+                    v.replace('|', "\\|").replace('\n', " ")
+                );
+            };
+            row(&mut out, "(b) Purpose", &s.purpose);
+            row(&mut out, "Legal basis (Art. 6)", &s.legal_basis);
+            row(
+                &mut out,
+                "(c) Categories of data subjects",
+                if s.personal_data {
+                    "People whose devices or vehicles the sensors detect in the monitored area"
+                } else {
+                    "None expected: the stream is not designed to process personal data"
+                },
+            );
+            let data: Vec<String> = s
+                .data_collected
+                .iter()
+                .map(|f| format!("{} ({})", f.field, f.treatment))
+                .collect();
+            row(
+                &mut out,
+                "(c) Categories of personal data",
+                &format!(
+                    "{}. Personal data: {} ({}). Read from the payload: {}. {}",
+                    s.technology.title,
+                    if s.personal_data { "yes" } else { "no" },
+                    s.personal_data_note,
+                    data.join(", "),
+                    s.data_dropped
+                ),
+            );
+            let recipients: Vec<String> = s
+                .access
+                .iter()
+                .map(|e| format!("{}: {}", e.title, e.description))
+                .collect();
+            row(
+                &mut out,
+                "(d) Categories of recipients",
+                &recipients.join(" "),
+            );
+            row(
+                &mut out,
+                "(e) Transfers to third countries",
+                "None by the gateway: records stay on the hub unless an upstream hub is named among the recipients",
+            );
+            row(
+                &mut out,
+                "(f) Time limits for erasure",
+                &s.retention.description,
+            );
+            let measures: Vec<String> = s
+                .processing
+                .iter()
+                .chain(&s.storage)
+                .map(|e| format!("{}: {}", e.title, e.description))
+                .collect();
+            row(
+                &mut out,
+                "(g) Technical and organisational security measures",
+                &format!(
+                    "{} Audit: a hash-chained audit log records policy loads, key rotations and destructions, purges and privacy-budget spending.",
+                    measures.join(" ")
+                ),
+            );
+        }
+        out
+    }
+}
+
+fn stream_entry(
+    s: &StreamPolicy,
+    site: &RegisterConfig,
+    upstream: Option<&UpstreamConfig>,
+) -> StreamEntry {
+    let technology = technology(s.technology.as_deref());
+    let pseudonymised: Vec<&str> = s
+        .fields
+        .iter()
+        .filter(|(_, t)| *t == Treatment::Pseudonymise)
+        .map(|(p, _)| p.as_str())
+        .collect();
+    let pseudonymises = !pseudonymised.is_empty() || s.identifiers.action == IdAction::Pseudonymise;
+    let personal_data = pseudonymises || s.personal_data == Some(true);
+    let personal_data_note = if !pseudonymises && personal_data {
+        "the policy declares that the sensors may capture personal data; identifiers found in text are dropped at the hub".to_owned()
+    } else if personal_data {
+        let mut note = String::from("device or personal identifiers are read at the hub");
+        if !pseudonymised.is_empty() {
+            let _ = write!(
+                note,
+                " and replaced there by keyed pseudonyms ({})",
+                pseudonymised.join(", ")
+            );
+        }
+        if s.aggregate.is_some() {
+            note.push_str("; only aggregates of groups leave the hub");
+        }
+        note
+    } else {
+        "no field is declared as identifying; identifiers found in text are dropped".to_owned()
+    };
+
+    let mut data_collected = Vec::new();
+    for (path, treatment) in &s.fields {
+        let (name, description) = match treatment {
+            Treatment::Keep => (
+                "keep",
+                "kept as sent (text is scanned for identifiers)".to_owned(),
+            ),
+            Treatment::Pseudonymise => (
+                "pseudonymise",
+                format!(
+                    "replaced by a keyed pseudonym; the key changes every {} and is then destroyed, so pseudonyms of different periods cannot be linked",
+                    plain_duration(s.key_epoch).trim_start_matches("1 ")
+                ),
+            ),
+            Treatment::H3(cell) => (
+                "h3",
+                format!(
+                    "the position ({}, {}) is generalised to an H3 cell of resolution {} (about {} on average); the coordinates are dropped",
+                    cell.lat,
+                    cell.lon,
+                    cell.resolution,
+                    area(cell.average_area_km2())
+                ),
+            ),
+            Treatment::Grid(grid) => (
+                "grid",
+                format!(
+                    "the position ({}, {}) is generalised to a grid cell of {}° (about {:.1} km north to south); the coordinates are dropped",
+                    grid.lat,
+                    grid.lon,
+                    grid.step,
+                    grid.step * 111.2
+                ),
+            ),
+        };
+        data_collected.push(FieldEntry {
+            field: path.clone(),
+            treatment: name.to_owned(),
+            description,
+        });
+    }
+    if let Some(time) = &s.time_field {
+        data_collected.push(FieldEntry {
+            field: time.clone(),
+            treatment: "time".to_owned(),
+            description: "the reading's time".to_owned(),
+        });
+    }
+
+    let time = match (&s.aggregate, s.time_bucket) {
+        (Some(a), _) => format!(
+            "readings are counted in windows of {}; records carry the window's start",
+            plain_duration(a.window)
+        ),
+        (None, Some(bucket)) => format!(
+            "reading times are rounded down to {}",
+            plain_duration(bucket)
+        ),
+        (None, None) => "reading times are kept as sent".to_owned(),
+    };
+
+    let mut processing = Vec::new();
+    let detected: Vec<&str> = s.identifiers.detect.iter().map(|k| k.name()).collect();
+    let mut steps = vec![format!(
+        "every field the policy does not declare is dropped on arrival; text values in which a direct identifier is found ({}) are {}",
+        detected.join(", "),
+        match s.identifiers.action {
+            IdAction::Drop => "dropped",
+            IdAction::Pseudonymise => "replaced by keyed pseudonyms",
+        }
+    )];
+    if !pseudonymised.is_empty() {
+        steps.push(format!("{} pseudonymised", pseudonymised.join(", ")));
+    }
+    let generalised: Vec<&str> = s
+        .fields
+        .iter()
+        .filter(|(_, t)| t.coordinates().is_some())
+        .map(|(p, _)| p.as_str())
+        .collect();
+    if !generalised.is_empty() {
+        steps.push(format!(
+            "locations generalised ({})",
+            generalised.join(", ")
+        ));
+    }
+    if s.time_bucket.is_some() {
+        steps.push("times coarsened".to_owned());
+    }
+    processing.push(Element {
+        dtpr: Some("process__de_identified".to_owned()),
+        title: "De-identified".to_owned(),
+        description: format!("{}.", capitalise(&steps.join("; "))),
+    });
+    if let Some(a) = &s.aggregate {
+        let measures: Vec<String> = a
+            .measures
+            .iter()
+            .map(|m| {
+                let what = match m.func {
+                    MeasureFn::Count => "number of readings".to_owned(),
+                    MeasureFn::Contributors => format!("number of distinct {}", a.contributor),
+                    MeasureFn::Distinct => format!(
+                        "number of distinct {}",
+                        m.field.as_deref().unwrap_or_default()
+                    ),
+                    MeasureFn::Sum => format!("sum of {}", m.field.as_deref().unwrap_or_default()),
+                    MeasureFn::Mean => {
+                        format!("mean of {}", m.field.as_deref().unwrap_or_default())
+                    }
+                    MeasureFn::Min => {
+                        format!("minimum of {}", m.field.as_deref().unwrap_or_default())
+                    }
+                    MeasureFn::Max => {
+                        format!("maximum of {}", m.field.as_deref().unwrap_or_default())
+                    }
+                };
+                format!("{} ({what})", m.name)
+            })
+            .collect();
+        processing.push(Element {
+            dtpr: Some("process__aggregated".to_owned()),
+            title: "Aggregated".to_owned(),
+            description: format!(
+                "Readings are combined per {} in windows of {}; only these figures leave the hub: {}. No individual reading or pseudonym is published.",
+                if a.group_by.is_empty() {
+                    "stream".to_owned()
+                } else {
+                    a.group_by.join(" and ")
+                },
+                plain_duration(a.window),
+                measures.join(", ")
+            ),
+        });
+        if a.min_group_size > 1 {
+            processing.push(Element {
+                dtpr: Some("process__k_anonymity".to_owned()),
+                title: "k-anonymity".to_owned(),
+                description: format!(
+                    "A group is published only when at least {} distinct {} contributed to it in the window; smaller groups are discarded.",
+                    a.min_group_size, a.contributor
+                ),
+            });
+        }
+        if let Some(noise) = &a.noise {
+            processing.push(Element {
+                dtpr: Some("process__differential_privacy".to_owned()),
+                title: "Differential privacy".to_owned(),
+                description: format!(
+                    "Random noise (discrete Laplace) is added to every published figure, at ε = {} per window, at most {} per day, with each {} counted at most {} times per window; publication stops for the day when the budget is spent.",
+                    noise.epsilon_micro as f64 / 1e6,
+                    noise.daily_budget_micro as f64 / 1e6,
+                    a.contributor,
+                    noise.max_contributions
+                ),
+            });
+        }
+    }
+
+    let mut storage = vec![Element {
+        dtpr: Some("storage__stored_locally".to_owned()),
+        title: "Stored locally".to_owned(),
+        description: "Only the records left after the steps above are stored, on the hub's own disk, encrypted under per-stream keys (ChaCha20-Poly1305). Raw readings are never stored.".to_owned(),
+    }];
+    let forwarded = upstream.filter(|u| {
+        u.streams
+            .as_ref()
+            .is_none_or(|names| names.contains(&s.name))
+    });
+    if let Some(up) = forwarded {
+        storage.push(Element {
+            dtpr: None,
+            title: "Forwarded to an upstream hub".to_owned(),
+            description: format!(
+                "The published records are sent to the hub at {} (as origin '{}'), which keeps them under its own policy.",
+                up.endpoint, up.origin
+            ),
+        });
+    }
+
+    let mut access = vec![Element {
+        dtpr: None,
+        title: "Dashboards and services".to_owned(),
+        description: format!(
+            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. No client authentication is configured: any client that can reach the API's address may subscribe.",
+            s.output_fields().join(", ")
+        ),
+    }];
+    if forwarded.is_some() {
+        access.push(Element {
+            dtpr: None,
+            title: "Upstream hub".to_owned(),
+            description: "The operator of the upstream hub named under storage.".to_owned(),
+        });
+    }
+    access.push(Element {
+        dtpr: None,
+        title: "Operators and auditors".to_owned(),
+        description: "The hub's operators see counts and figures (metrics, audit log), never raw values or identifiers.".to_owned(),
+    });
+
+    let retention = Element {
+        dtpr: Some("retention__data_retained".to_owned()),
+        title: "Data retained".to_owned(),
+        description: format!(
+            "Published records are kept on the hub for {} and then destroyed by erasing their encryption keys (cryptographic erase, NIST SP 800-88). Raw readings are not retained.",
+            plain_duration(s.retention)
+        ),
+    };
+
+    let sensor_register = SensorRegisterEntry {
+        sensor_type: technology.title.clone(),
+        owner: site
+            .controller
+            .clone()
+            .unwrap_or_else(|| NOT_DECLARED.to_owned()),
+        location: site
+            .location
+            .clone()
+            .unwrap_or_else(|| NOT_DECLARED.to_owned()),
+        purpose: s.purpose.clone(),
+        personal_data,
+        end_date: site
+            .end_date
+            .clone()
+            .unwrap_or_else(|| "none planned".to_owned()),
+    };
+
+    StreamEntry {
+        name: s.name.clone(),
+        technology,
+        purpose: s.purpose.clone(),
+        legal_basis: s.legal_basis.clone(),
+        principles: s
+            .principles
+            .iter()
+            .map(|p| PrincipleEntry {
+                id: serde_json::to_value(p)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                title: p.title().to_owned(),
+            })
+            .collect(),
+        personal_data,
+        personal_data_note,
+        topics: s.topics.iter().map(|t| t.as_str().to_owned()).collect(),
+        data_collected,
+        data_dropped: "Every other field of a reading is dropped on arrival, unread.".to_owned(),
+        data_published: s.output_fields().into_iter().map(str::to_owned).collect(),
+        time,
+        processing,
+        storage,
+        access,
+        retention_seconds: s.retention.as_secs(),
+        retention,
+        sensor_register,
+    }
+}
+
+/// The technology element for a DTPR technology id.
+fn technology(id: Option<&str>) -> Element {
+    let Some(id) = id else {
+        return Element {
+            dtpr: None,
+            title: "Sensor (technology not declared)".to_owned(),
+            description: "The policy does not name the sensing technology.".to_owned(),
+        };
+    };
+    let (title, description) = match id {
+        "tech__air_quality" => (
+            "Air quality sensor",
+            "Measures pollutants in the air, such as particulate matter and nitrogen dioxide.",
+        ),
+        "tech__sound_level_meter" => (
+            "Sound level meter",
+            "Measures how loud it is. It does not record sound.",
+        ),
+        "tech__identifiable_wifi_sensor" => (
+            "Wi-Fi sensor",
+            "Detects the Wi-Fi signals that phones and other devices send, including their device identifiers.",
+        ),
+        _ => ("", ""),
+    };
+    let title = if title.is_empty() {
+        capitalise(&id.trim_start_matches("tech__").replace('_', " "))
+    } else {
+        title.to_owned()
+    };
+    Element {
+        dtpr: Some(id.to_owned()),
+        title,
+        description: description.to_owned(),
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// "30 days", "1 hour", "90 seconds".
+pub fn plain_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (n, unit) = if secs > 0 && secs.is_multiple_of(86_400) {
+        (secs / 86_400, "day")
+    } else if secs > 0 && secs.is_multiple_of(3600) {
+        (secs / 3600, "hour")
+    } else if secs > 0 && secs.is_multiple_of(60) {
+        (secs / 60, "minute")
+    } else {
+        (secs, "second")
+    };
+    format!("{n} {unit}{}", if n == 1 { "" } else { "s" })
+}
+
+fn area(km2: f64) -> String {
+    if km2 >= 1.0 {
+        format!("{km2:.1} km²")
+    } else {
+        format!("{:.0} m²", km2 * 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DEFAULT_CONFIG, parse};
+
+    fn default_register() -> Register {
+        let (config, _) = parse(DEFAULT_CONFIG).unwrap();
+        Register::new(&config, "2026-11-25T09:00:00Z")
+    }
+
+    #[test]
+    fn the_register_says_what_the_policy_does() {
+        let register = default_register();
+        let (config, _) = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(register.policy_hash, config.policy.hash_hex());
+        assert_eq!(register.streams.len(), config.policy.streams().len());
+        let footfall = register
+            .streams
+            .iter()
+            .find(|s| s.name == "footfall")
+            .unwrap();
+        assert!(footfall.personal_data);
+        assert_eq!(
+            footfall.technology.dtpr.as_deref(),
+            Some("tech__identifiable_wifi_sensor")
+        );
+        let ids: Vec<&str> = footfall
+            .processing
+            .iter()
+            .filter_map(|e| e.dtpr.as_deref())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "process__de_identified",
+                "process__aggregated",
+                "process__k_anonymity"
+            ]
+        );
+        let k = &footfall.processing[2].description;
+        assert!(k.contains("at least 5 distinct mac"), "{k}");
+        assert_eq!(
+            footfall.data_published,
+            ["counter_id", "readings", "devices", "mean_rssi"]
+        );
+        assert_eq!(footfall.retention_seconds, 7 * 86_400);
+        assert!(footfall.retention.description.contains("7 days"));
+        let mac = footfall
+            .data_collected
+            .iter()
+            .find(|f| f.field == "mac")
+            .unwrap();
+        assert_eq!(mac.treatment, "pseudonymise");
+        assert!(
+            mac.description.contains("changes every day"),
+            "{}",
+            mac.description
+        );
+        let parking = register
+            .streams
+            .iter()
+            .find(|s| s.name == "parking")
+            .unwrap();
+        assert!(parking.personal_data, "declared by the policy");
+        assert!(parking.personal_data_note.contains("declares"));
+
+        let air = register
+            .streams
+            .iter()
+            .find(|s| s.name == "air_quality")
+            .unwrap();
+        assert!(!air.personal_data);
+        assert!(
+            air.processing
+                .iter()
+                .all(|e| e.dtpr.as_deref() != Some("process__aggregated"))
+        );
+        let cell = air
+            .data_collected
+            .iter()
+            .find(|f| f.field == "cell")
+            .unwrap();
+        // H3 resolution 9 averages about 0.105 km².
+        assert!(
+            cell.description.contains("resolution 9 (about 105"),
+            "{}",
+            cell.description
+        );
+        assert_eq!(
+            air.sensor_register.owner,
+            "Example City, Urban Services (demonstration hub)"
+        );
+        assert_eq!(air.sensor_register.end_date, "none planned");
+        assert!(
+            air.access[0]
+                .description
+                .contains("No client authentication is configured")
+        );
+        assert!(
+            air.storage
+                .iter()
+                .all(|e| e.title != "Forwarded to an upstream hub")
+        );
+    }
+
+    #[test]
+    fn every_rendering_carries_the_policy_hash_and_each_stream() {
+        let register = default_register();
+        let json: serde_json::Value = serde_json::from_str(&register.to_json()).unwrap();
+        assert_eq!(json["policy_hash"], register.policy_hash.as_str());
+        assert_eq!(json["register_version"], 1);
+        assert_eq!(json["streams"][1]["sensor_register"]["personal_data"], true);
+        for text in [register.to_text(), register.to_art30()] {
+            assert!(text.contains(&register.policy_hash));
+            for s in &register.streams {
+                assert!(text.contains(&s.name), "{} missing", s.name);
+            }
+        }
+        let art30 = register.to_art30();
+        for heading in [
+            "(b) Purpose",
+            "(c) Categories of data subjects",
+            "(d) Categories of recipients",
+            "(f) Time limits for erasure",
+            "(g) Technical and organisational security measures",
+        ] {
+            assert!(art30.contains(heading), "{heading}");
+        }
+    }
+
+    #[test]
+    fn upstream_forwarding_and_site_facts_appear() {
+        let (config, _) = parse(DEFAULT_CONFIG).unwrap();
+        let site = RegisterConfig {
+            controller: Some("City".to_owned()),
+            end_date: Some("2030-12-31".to_owned()),
+            ..RegisterConfig::default()
+        };
+        let upstream = UpstreamConfig {
+            endpoint: "http://hub.example:50051".to_owned(),
+            origin: "north-1".to_owned(),
+            streams: Some(vec!["air_quality".to_owned()]),
+            batch: 256,
+            window: 4096,
+            reconnect_backoff_max: Duration::from_secs(30),
+        };
+        let register = Register::build(
+            &config.policy,
+            &site,
+            Some(&upstream),
+            "2026-11-25T09:00:00Z",
+        );
+        let air = &register.streams[0];
+        assert!(
+            air.storage
+                .iter()
+                .any(|e| e.description.contains("hub.example:50051"))
+        );
+        assert!(air.access.iter().any(|e| e.title == "Upstream hub"));
+        let noise = register.streams.iter().find(|s| s.name == "noise").unwrap();
+        assert!(
+            noise.storage.iter().all(|e| e.dtpr.is_some()),
+            "noise is not forwarded"
+        );
+        assert_eq!(air.sensor_register.end_date, "2030-12-31");
+        assert_eq!(air.sensor_register.location, "not declared");
+        assert_eq!(register.accountable.controller.as_deref(), Some("City"));
+    }
+
+    #[test]
+    fn durations_read_plainly() {
+        assert_eq!(plain_duration(Duration::from_secs(30 * 86_400)), "30 days");
+        assert_eq!(plain_duration(Duration::from_secs(3600)), "1 hour");
+        assert_eq!(plain_duration(Duration::from_secs(90)), "90 seconds");
+        assert_eq!(plain_duration(Duration::from_secs(600)), "10 minutes");
+    }
+}

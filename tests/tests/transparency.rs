@@ -1,0 +1,229 @@
+//! The transparency register of a running gateway: the same policy, by its hash, in the JSON
+//! register, the HTML notice (checked in a real headless Chromium), the Art. 30 record, `hubgate
+//! explain` and gRPC `GetPolicy`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hubgate_proto::v1;
+use hubgate_tests::{Gateway, Mosquitto, config, gateway_bin, http_get};
+use sha2::Digest as _;
+
+const SITE: &str = r#"
+[register]
+controller = "Example City, Urban Services"
+contact = "privacy@example.city"
+location = "Market Square & Station Road"
+"#;
+
+const AIR: &str = r#"
+[[stream]]
+name = "air"
+topics = ["city/air/+/reading"]
+purpose = "Air quality maps"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+technology = "tech__air_quality"
+retention = "30d"
+time_field = "ts"
+
+[stream.fields]
+station_id = "keep"
+pm25 = "keep"
+"#;
+
+fn footfall() -> String {
+    hubgate_tests::footfall_aggregated("", "15m", "1m", 10, "devices = \"contributors\"\n")
+        .replace(
+            "principles = [\"community_participation\"]",
+            "principles = [\"community_participation\"]\ntechnology = \"tech__identifiable_wifi_sensor\"",
+        )
+}
+
+/// Debian's Chromium, which `.ci/run` installs.
+fn chromium() -> PathBuf {
+    for candidate in ["chromium", "chromium-browser"] {
+        if let Ok(out) = Command::new("which").arg(candidate).output()
+            && out.status.success()
+        {
+            return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    panic!("this test needs a headless Chromium: apt-get install chromium (.ci/run does)");
+}
+
+/// Runs headless Chromium on `url` with `args` (its own profile in `profile`), within a minute.
+fn headless(profile: &Path, args: &[&str], url: &str) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_register_html_json_art30_explain_and_get_policy_all_describe_the_running_policy() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(
+            broker.port,
+            "gw-register",
+            &format!("{SITE}{AIR}{}", footfall()),
+        ),
+    );
+    let mut client = gw.client().await;
+    let streams = client
+        .list_streams(v1::ListStreamsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    let hash = streams[0].policy_hash.clone();
+    assert_eq!(hash.len(), 64);
+
+    // JSON: the register of the running policy.
+    let (status, json_text) = http_get(gw.admin, "/transparency.json");
+    assert_eq!(status, 200);
+    let register: serde_json::Value = serde_json::from_str(&json_text).unwrap();
+    assert_eq!(register["policy_hash"], hash.as_str());
+    assert_eq!(
+        register["accountable"]["controller"],
+        "Example City, Urban Services"
+    );
+    let footfall = &register["streams"][1];
+    assert_eq!(footfall["name"], "footfall");
+    assert_eq!(footfall["personal_data"], true);
+    assert_eq!(
+        footfall["technology"]["dtpr"],
+        "tech__identifiable_wifi_sensor"
+    );
+    let processes: Vec<&str> = footfall["processing"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["dtpr"].as_str())
+        .collect();
+    assert_eq!(
+        processes,
+        [
+            "process__de_identified",
+            "process__aggregated",
+            "process__k_anonymity"
+        ]
+    );
+    assert_eq!(footfall["retention_seconds"], 86_400);
+    assert_eq!(
+        register["streams"][0]["sensor_register"]["personal_data"],
+        false
+    );
+
+    // GetPolicy: byte for byte the same register, and the policy whose SHA-256 is the hash.
+    let policy = client
+        .get_policy(v1::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policy.policy_hash, hash);
+    assert_eq!(policy.register_json, json_text);
+    let digest = sha2::Sha256::digest(policy.policy_json.as_bytes());
+    let digest: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, hash, "policy_json must be what the hash names");
+
+    // The Art. 30 record and `hubgate explain` over the same file.
+    let (status, record) = http_get(gw.admin, "/processing-record");
+    assert_eq!(status, 200);
+    assert!(record.contains(&hash) && record.contains("## Processing activity: footfall"));
+    let explain = |format: &str| {
+        let out = Command::new(gateway_bin!())
+            .args(["explain", "--format", format, "--config"])
+            .arg(gw.config_path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = explain("text");
+    assert!(text.contains(&format!("policy {hash}")), "{text}");
+    assert!(text.contains("k-anonymity [process__k_anonymity]: A group is published only when at least 10 distinct mac"));
+    let mut explained: serde_json::Value = serde_json::from_str(&explain("json")).unwrap();
+    let mut served = register.clone();
+    explained["loaded_at"] = serde_json::Value::Null;
+    served["loaded_at"] = serde_json::Value::Null;
+    assert_eq!(
+        explained, served,
+        "explain and the running gateway disagree"
+    );
+
+    // The HTML notice, as a real browser renders it.
+    let (status, page) = http_get(gw.admin, "/transparency");
+    assert_eq!(status, 200);
+    assert!(page.contains(&hash));
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/transparency", gw.admin);
+    let dom = headless(profile.path(), &["--dump-dom"], &url);
+    assert!(dom.contains("<html lang=\"en\">"), "{dom}");
+    assert!(dom.contains("Sensors and data at Market Square &amp; Station Road"));
+    assert!(dom.contains(&format!("<meta name=\"policy-hash\" content=\"{hash}\">")));
+    assert!(dom.contains("id=\"stream-air\"") && dom.contains("id=\"stream-footfall\""));
+    assert!(dom.contains("Air quality sensor") && dom.contains("Wi-Fi sensor"));
+    assert!(dom.contains("aria-label=\"QR code linking to this notice\"") && dom.contains("<svg"));
+    // The QR code and the caption point at the page itself (no public_url is configured).
+    assert!(dom.contains(&format!("href=\"{url}\"")), "{dom}");
+
+    // A phone-sized screenshot, and the page printed as a sign.
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let screenshot = shots.join("transparency-phone.png");
+    let _ = std::fs::remove_file(&screenshot);
+    headless(
+        profile.path(),
+        &[
+            &format!("--screenshot={}", screenshot.display()),
+            "--window-size=412,2000",
+        ],
+        &url,
+    );
+    let png = std::fs::read(&screenshot).expect("a screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    let sign = shots.join("transparency-sign.pdf");
+    let _ = std::fs::remove_file(&sign);
+    headless(
+        profile.path(),
+        &[
+            &format!("--print-to-pdf={}", sign.display()),
+            "--no-pdf-header-footer",
+        ],
+        &url,
+    );
+    let pdf = std::fs::read(&sign).expect("a printed sign");
+    assert!(pdf.starts_with(b"%PDF"));
+    // Printed, the notice is a sign: the key facts and the QR code, on one page (the details,
+    // several screens long, are left out).
+    assert!(
+        String::from_utf8_lossy(&pdf).contains("/Count 1"),
+        "the printed sign is not one page"
+    );
+}
