@@ -115,8 +115,10 @@ async fn metrics() -> impl IntoResponse {
 }
 
 /// Binds the admin listener, with a clear error when the address is taken.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
         anyhow::anyhow!("cannot listen for admin HTTP on {addr}: {e} (set [admin] listen to a free address, or port 0)")
-    })
+    })?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }

@@ -41,6 +41,11 @@ enum Command {
         /// Samples, one JSON object per line: {"topic": "...", "payload": {...}}.
         #[arg(long, short)]
         input: PathBuf,
+        /// Compare with this (older) configuration instead: show only what the change from it
+        /// changes in the output (fields newly passed or dropped, groups newly released or
+        /// suppressed).
+        #[arg(long)]
+        against: Option<PathBuf>,
     },
     /// Print the transparency register of a configuration's policy: what is collected, why, how
     /// it is reduced, who receives it and how long it is kept.
@@ -91,7 +96,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { files } => return check(&files),
         Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
-        Command::DryRun { config, input } => dry_run(&config, &input),
+        Command::DryRun {
+            config,
+            input,
+            against,
+        } => dry_run(&config, &input, against.as_deref()),
         Command::Explain { config, format } => explain(config.as_deref(), format),
         Command::Audit {
             action: AuditAction::Verify { file },
@@ -198,13 +207,22 @@ fn explain(config_path: Option<&Path>, format: ExplainFormat) -> anyhow::Result<
     Ok(())
 }
 
-fn dry_run(config_path: &Path, input: &Path) -> anyhow::Result<()> {
+fn dry_run(config_path: &Path, input: &Path, against: Option<&Path>) -> anyhow::Result<()> {
     let Some(config) = load(config_path)? else {
         anyhow::bail!("{} has errors (see above)", config_path.display());
     };
     let file =
         std::fs::File::open(input).with_context(|| format!("cannot read {}", input.display()))?;
-    let report = crate::dry_run::run(&config.policy, std::io::BufReader::new(file))?;
+    let samples = std::io::BufReader::new(file);
+    let report = match against {
+        None => crate::dry_run::run(&config.policy, samples)?,
+        Some(old_path) => {
+            let Some(old) = load(old_path)? else {
+                anyhow::bail!("{} has errors (see above)", old_path.display());
+            };
+            crate::dry_run::diff(&old.policy, &config.policy, samples)?
+        }
+    };
     print!("{report}");
     Ok(())
 }
@@ -263,7 +281,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
 }
 
 async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let (config, broker) = match &config_path {
+    let (mut config, broker) = match &config_path {
         Some(path) => match load(path)? {
             Some(config) => (config, None),
             None => anyhow::bail!(
@@ -273,24 +291,192 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         },
         None => embedded_default()?,
     };
-    let shutdown = CancellationToken::new();
-    let gateway = crate::start(config, shutdown.clone()).await?;
-    // One line on stdout that says where everything is (scripts and tests read it).
-    println!(
-        "hubgate: gRPC listening on {}, admin HTTP listening on {}{}",
-        gateway.grpc_addr,
-        gateway.admin_addr,
-        broker
-            .map(|b| format!(", embedded MQTT broker on {b}"))
-            .unwrap_or_default()
-    );
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("stopping");
-        stop.cancel();
-    });
-    gateway.wait().await
+    let process = crate::Process::bind(&config)?;
+    let mut signals = Signals::new()?;
+    let mut why = crate::Start::Fresh;
+    let mut announced = false;
+    loop {
+        let shutdown = CancellationToken::new();
+        let gateway = crate::start_in(&process, config.clone(), why, shutdown.clone()).await?;
+        if !announced {
+            // One line on stdout that says where everything is (scripts and tests read it).
+            println!(
+                "hubgate: gRPC listening on {}, admin HTTP listening on {}{}",
+                gateway.grpc_addr,
+                gateway.admin_addr,
+                broker
+                    .map(|b| format!(", embedded MQTT broker on {b}"))
+                    .unwrap_or_default()
+            );
+            announced = true;
+        }
+        let audit = std::sync::Arc::clone(&gateway.audit);
+        let running_hash = gateway.policy.hash_hex();
+        let wait = gateway.wait();
+        tokio::pin!(wait);
+        let next = loop {
+            tokio::select! {
+                result = &mut wait => return result,
+                signal = signals.next() => match signal {
+                    Signal::Stop => {
+                        tracing::info!("stopping");
+                        shutdown.cancel();
+                        return wait.await;
+                    }
+                    Signal::Reload => {
+                        let Some(path) = &config_path else {
+                            tracing::warn!("SIGHUP: nothing to reload (running the embedded default)");
+                            continue;
+                        };
+                        match reload(path, &config) {
+                            Ok(next) => break next,
+                            Err(rejected) => {
+                                tracing::warn!(errors = rejected.errors, first = %rejected.first, "SIGHUP: the new configuration is rejected; the running policy stays");
+                                audit.record(
+                                    crate::pipeline::now_ms(),
+                                    "policy_rejected",
+                                    serde_json::json!({
+                                        "running_policy_hash": running_hash,
+                                        "errors": rejected.errors,
+                                        "first_error": rejected.first,
+                                    }),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        tracing::info!(
+            from = %running_hash,
+            to = %next.policy.hash_hex(),
+            "SIGHUP: reloading the configuration"
+        );
+        shutdown.cancel();
+        wait.await?;
+        drop(audit);
+        why = crate::Start::Reload {
+            previous_policy_hash: running_hash,
+        };
+        config = next;
+    }
+}
+
+/// Why a reloaded configuration is not taken.
+#[derive(Debug)]
+struct Rejected {
+    errors: usize,
+    /// The first error, with its line and column.
+    first: String,
+}
+
+/// Reads and checks `path` again for a reload. The listening addresses and the data directory
+/// belong to the process and need a restart to change.
+fn reload(path: &Path, running: &Config) -> Result<Config, Rejected> {
+    let name = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| Rejected {
+        errors: 1,
+        first: format!("{name}: cannot read: {e}"),
+    })?;
+    let config = match config::parse(&source) {
+        Ok((config, warnings)) => {
+            for w in &warnings {
+                eprintln!("{}", w.render(&name, &source));
+            }
+            config
+        }
+        Err(rejected) => {
+            let errors: Vec<String> = rejected
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .map(|d| d.render(&name, &source))
+                .collect();
+            for d in &rejected.diagnostics {
+                eprintln!("{}", d.render(&name, &source));
+            }
+            return Err(Rejected {
+                errors: errors.len(),
+                first: errors
+                    .first()
+                    .and_then(|e| e.lines().next())
+                    .unwrap_or_default()
+                    .to_owned(),
+            });
+        }
+    };
+    let fixed = [
+        ("grpc.listen", config.grpc.listen != running.grpc.listen),
+        ("admin.listen", config.admin.listen != running.admin.listen),
+        (
+            "store.data_dir",
+            config.store.data_dir != running.store.data_dir,
+        ),
+    ];
+    if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
+        return Err(Rejected {
+            errors: 1,
+            first: format!(
+                "{name}: {what} changed: a reload cannot change it, restart the gateway"
+            ),
+        });
+    }
+    if let Err(err) = crate::footprint::GridIntensity::load(&config.footprint) {
+        return Err(Rejected {
+            errors: 1,
+            first: format!("{name}: {err:#}"),
+        });
+    }
+    Ok(config)
+}
+
+/// The signals the gateway acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    /// SIGTERM or Ctrl-C (SIGINT): stop.
+    Stop,
+    /// SIGHUP: load the configuration file again.
+    Reload,
+}
+
+/// Signal streams, made once so that none is missed while the gateway restarts.
+#[derive(Debug)]
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+                hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Signal::Stop,
+                _ = tokio::signal::ctrl_c() => Signal::Stop,
+                _ = self.hup.recv() => Signal::Reload,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
+    }
 }
 
 #[cfg(feature = "embedded-broker")]
@@ -319,26 +505,4 @@ fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> 
 #[cfg(not(feature = "embedded-broker"))]
 fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> {
     anyhow::bail!("this build has no embedded broker: run `hubgate run --config FILE`")
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

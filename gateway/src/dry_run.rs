@@ -312,3 +312,218 @@ fn json_value(v: &Value) -> serde_json::Value {
         Value::Bool(b) => (*b).into(),
     }
 }
+
+/// One sample of a dry run's input.
+#[derive(Debug, Clone)]
+struct Sample {
+    line: usize,
+    topic: String,
+    payload: Vec<u8>,
+    received_ms: Option<i64>,
+}
+
+fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for (n, line) in input.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let sample: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("sample line {}: not a JSON object: {e}", n + 1))?;
+        let topic = sample
+            .get("topic")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| anyhow::anyhow!("sample line {}: needs a \"topic\" string", n + 1))?;
+        let payload = match sample.get("payload") {
+            Some(serde_json::Value::String(raw)) => raw.clone().into_bytes(),
+            Some(other) => serde_json::to_vec(other)?,
+            None => anyhow::bail!("sample line {}: needs a \"payload\"", n + 1),
+        };
+        samples.push(Sample {
+            line: n + 1,
+            topic: topic.to_owned(),
+            payload,
+            received_ms: sample
+                .get("received")
+                .and_then(serde_json::Value::as_f64)
+                .map(|s| (s * 1000.0) as i64),
+        });
+    }
+    Ok(samples)
+}
+
+/// What one policy does to the samples, in a form two policies can be compared in.
+#[derive(Debug, Default)]
+struct Evaluation {
+    /// Per sample line and stream: the fields of the record that leaves (aggregated streams: that
+    /// goes into the windows), or why there is none.
+    outputs: std::collections::BTreeMap<(usize, String), Result<Vec<String>, String>>,
+    /// Per aggregated stream, window start and group key: whether the group is released.
+    groups: std::collections::BTreeMap<(String, i64, String), bool>,
+}
+
+fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
+    let key = Key::fixed_for_dry_run();
+    let mut eval = Evaluation::default();
+    let mut windows: Vec<WindowState> = policy
+        .streams()
+        .iter()
+        .map(|_| WindowState::default())
+        .collect();
+    for sample in samples {
+        let received_ms = sample.received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
+        for index in policy.route(&sample.topic) {
+            let stream = &policy.streams()[index];
+            let slot = (sample.line, stream.name.clone());
+            if identifiers::is_media_payload(&sample.payload) {
+                eval.outputs
+                    .insert(slot, Err("image or video payload".into()));
+                continue;
+            }
+            let reading = match decode::json(&sample.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    eval.outputs.insert(slot, Err(e.to_string()));
+                    continue;
+                }
+            };
+            let ctx = Context {
+                received_ms,
+                key: Some(&key),
+            };
+            match chain::apply_traced(stream, reading, &ctx, |_, _| {}) {
+                Ok(out) => {
+                    let mut fields: Vec<String> =
+                        out.record.fields.iter().map(|(p, _)| p.clone()).collect();
+                    fields.sort();
+                    eval.outputs.insert(slot, Ok(fields));
+                    if let Some(spec) = &stream.aggregate {
+                        let now = sample.received_ms.unwrap_or(out.record.event_time_ms);
+                        let _ = windows[index].absorb(spec, &out.record, now);
+                    }
+                }
+                Err(rejection) => {
+                    eval.outputs.insert(slot, Err(rejection.to_string()));
+                }
+            }
+        }
+    }
+    for (stream, state) in policy.streams().iter().zip(&windows) {
+        let Some(spec) = &stream.aggregate else {
+            continue;
+        };
+        for (start, key, contributors) in state.groups() {
+            let key: Vec<String> = spec
+                .group_by
+                .iter()
+                .zip(&key)
+                .map(|(name, v)| format!("{name}={}", json_value(v)))
+                .collect();
+            eval.groups.insert(
+                (stream.name.clone(), start, key.join(", ")),
+                contributors >= spec.min_group_size as usize,
+            );
+        }
+    }
+    eval
+}
+
+/// `hubgate dry-run --against OLD`: what changing from `old` to `new` changes in the output for
+/// the same samples: fields newly passed or dropped, records newly kept or no longer kept, and
+/// groups newly released or suppressed. Field names and group keys only, never a sample's values
+/// (group keys are values of the declared group-by fields, as a released record carries them).
+pub fn diff(old: &Policy, new: &Policy, input: impl BufRead) -> anyhow::Result<String> {
+    let samples = read_samples(input)?;
+    let (before, after) = (evaluate(old, &samples), evaluate(new, &samples));
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "policy {} → {} over {} samples\n",
+        old.hash_hex(),
+        new.hash_hex(),
+        samples.len()
+    );
+    let (mut passed, mut dropped, mut kept, mut lost, mut changes) = (0, 0, 0, 0, 0);
+    let slots: std::collections::BTreeSet<&(usize, String)> =
+        before.outputs.keys().chain(after.outputs.keys()).collect();
+    for slot in slots {
+        let (line, stream) = slot;
+        let was = before.outputs.get(slot);
+        let is = after.outputs.get(slot);
+        let describe = |o: Option<&Result<Vec<String>, String>>| match o {
+            None => "not taken by the stream".to_owned(),
+            Some(Ok(_)) => "kept".to_owned(),
+            Some(Err(why)) => format!("dropped ({why})"),
+        };
+        match (was, is) {
+            (Some(Ok(a)), Some(Ok(b))) => {
+                let newly: Vec<&String> = b.iter().filter(|f| !a.contains(f)).collect();
+                let gone: Vec<&String> = a.iter().filter(|f| !b.contains(f)).collect();
+                if newly.is_empty() && gone.is_empty() {
+                    continue;
+                }
+                changes += 1;
+                let _ = write!(report, "sample {line}, stream {stream}:");
+                if !newly.is_empty() {
+                    passed += newly.len();
+                    let names: Vec<&str> = newly.iter().map(|s| s.as_str()).collect();
+                    let _ = write!(report, " newly passed: {};", names.join(", "));
+                }
+                if !gone.is_empty() {
+                    dropped += gone.len();
+                    let names: Vec<&str> = gone.iter().map(|s| s.as_str()).collect();
+                    let _ = write!(report, " newly dropped: {};", names.join(", "));
+                }
+                report.pop();
+                report.push('\n');
+            }
+            (a, b) if a.is_some_and(Result::is_ok) != b.is_some_and(Result::is_ok) => {
+                changes += 1;
+                if b.is_some_and(Result::is_ok) {
+                    kept += 1;
+                } else {
+                    lost += 1;
+                }
+                let _ = writeln!(
+                    report,
+                    "sample {line}, stream {stream}: was {}, now {}",
+                    describe(a),
+                    describe(b)
+                );
+            }
+            _ => {}
+        }
+    }
+    let (mut released, mut suppressed) = (0, 0);
+    let groups: std::collections::BTreeSet<&(String, i64, String)> =
+        before.groups.keys().chain(after.groups.keys()).collect();
+    for group in groups {
+        let was = before.groups.get(group).copied().unwrap_or(false);
+        let is = after.groups.get(group).copied().unwrap_or(false);
+        if was == is {
+            continue;
+        }
+        changes += 1;
+        let (stream, start, key) = group;
+        if is {
+            released += 1;
+        } else {
+            suppressed += 1;
+        }
+        let _ = writeln!(
+            report,
+            "stream {stream}, window {} [{key}]: newly {}",
+            time(*start),
+            if is { "released" } else { "suppressed" }
+        );
+    }
+    if changes == 0 {
+        let _ = writeln!(report, "no difference in the output for these samples");
+    }
+    let _ = writeln!(
+        report,
+        "\nsummary: {passed} fields newly passed, {dropped} newly dropped; {kept} records newly kept, {lost} no longer kept; {released} groups newly released, {suppressed} newly suppressed"
+    );
+    Ok(report)
+}

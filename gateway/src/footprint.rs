@@ -144,23 +144,68 @@ impl GridIntensity {
     }
 }
 
-/// A snapshot channel for [`run`], starting with empty figures counted from now.
-pub fn channel() -> (watch::Sender<v1::Footprint>, watch::Receiver<v1::Footprint>) {
-    let now = prost_types::Timestamp::from(SystemTime::now());
-    watch::channel(v1::Footprint {
-        sampled_at: Some(now),
-        since: Some(now),
-        ..v1::Footprint::default()
-    })
+/// The footprint's totals since the process started, kept across configuration reloads (each
+/// gateway started in the process counts its readings afresh in its own [`Stats`]), and the
+/// channel their snapshots are published on.
+#[derive(Debug)]
+pub struct Ledger {
+    totals: std::sync::Mutex<Totals>,
+    publish: watch::Sender<v1::Footprint>,
 }
 
-/// Samples the meter until `shutdown`, publishing each sample's figures on `publish`; `stats`
-/// counts the readings received and kept (SCI's unit).
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ledger {
+    /// Empty totals, counted from now.
+    pub fn new() -> Self {
+        let now = prost_types::Timestamp::from(SystemTime::now());
+        let (publish, _) = watch::channel(v1::Footprint {
+            sampled_at: Some(now),
+            since: Some(now),
+            ..v1::Footprint::default()
+        });
+        Self {
+            totals: std::sync::Mutex::new(Totals::default()),
+            publish,
+        }
+    }
+
+    /// The latest snapshot, and each new one.
+    pub fn watch(&self) -> watch::Receiver<v1::Footprint> {
+        self.publish.subscribe()
+    }
+
+    /// The totals, with the previous gateway's readings moved into the earlier runs' counts.
+    fn begin_run(&self) -> Totals {
+        let mut totals = self
+            .totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        totals.before.add(&totals.run);
+        totals.run = Counts::default();
+        totals
+    }
+
+    fn save(&self, totals: &Totals) {
+        *self
+            .totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = totals.clone();
+    }
+}
+
+/// Samples the meter until `shutdown`, publishing each sample's figures through `ledger`;
+/// `stats` counts the readings received and kept (SCI's unit) by the running gateway.
 pub async fn run(
     config: FootprintConfig,
     mut intensity: GridIntensity,
     stats: Arc<Stats>,
-    publish: watch::Sender<v1::Footprint>,
+    ledger: Arc<Ledger>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let vcpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -239,14 +284,10 @@ pub async fn run(
             .collect();
         metrics::gauge!(catalogue::FOOTPRINT_INFO, labels).set(1.0);
     }
-    let mut totals = Totals::default();
-    let since = publish.borrow().since;
+    let mut totals = ledger.begin_run();
+    let since = ledger.publish.borrow().since;
     let snapshot = |totals: &Totals, current: Option<(f64, &'static str)>| {
-        let readings_kept: u64 = stats
-            .streams
-            .iter()
-            .map(|s| s.records_kept.load(Ordering::Relaxed))
-            .sum();
+        let readings_kept = totals.before.records_kept + totals.run.records_kept;
         v1::Footprint {
             sampled_at: Some(SystemTime::now().into()),
             since,
@@ -262,18 +303,21 @@ pub async fn run(
             lifetime_years: embodied.lifetime_years,
             hardware_share: embodied.share,
             sci_grams_per_1000_readings: totals.sci(readings_kept),
-            readings_received: stats.received.load(Ordering::Relaxed),
+            readings_received: totals.before.readings_received + totals.run.readings_received,
             records_kept: readings_kept,
-            mqtt_received_bytes: stats.received_bytes.load(Ordering::Relaxed),
+            mqtt_received_bytes: totals.before.received_bytes + totals.run.received_bytes,
             grpc_sent_bytes: TRAFFIC.grpc_sent.load(Ordering::Relaxed),
             upstream_sent_bytes: TRAFFIC.upstream_sent.load(Ordering::Relaxed),
             outbox_written_bytes: TRAFFIC.outbox_written.load(Ordering::Relaxed),
-            bytes_avoided: totals.bytes_avoided,
+            bytes_avoided: totals.before.bytes_avoided + totals.run.bytes_avoided,
             network_energy_avoided_joules: totals.network_joules_avoided,
             network_kwh_per_gb: config.network_kwh_per_gb,
         }
     };
-    publish.send_replace(snapshot(&totals, intensity.at(unix_now())));
+    totals.run.observe(&stats);
+    ledger
+        .publish
+        .send_replace(snapshot(&totals, intensity.at(unix_now())));
     let mut tick = tokio::time::interval(config.sample_every);
     tick.tick().await;
     let mut last = Instant::now();
@@ -285,18 +329,7 @@ pub async fn run(
         }
         let elapsed = last.elapsed().as_secs_f64();
         last = Instant::now();
-        // Minimisation: payload bytes in, minus the content kept from them (the fields of the
-        // records kept; their envelope of stream, sequence, time and policy hash is the API's
-        // own cost, counted in the bytes sent).
-        let received = stats.received_bytes.load(Ordering::Relaxed);
-        let kept: u64 = stats
-            .streams
-            .iter()
-            .map(|s| s.field_bytes_kept.load(Ordering::Relaxed))
-            .sum();
-        let avoided = received.saturating_sub(kept).max(totals.bytes_avoided);
-        let delta = avoided - totals.bytes_avoided;
-        totals.bytes_avoided = avoided;
+        let delta = totals.run.observe(&stats);
         bytes_avoided.increment(delta);
         let network_joules =
             delta as f64 / 1e9 * config.network_kwh_per_gb * carbon::JOULES_PER_KWH;
@@ -353,26 +386,74 @@ pub async fn run(
             Err(_) => {}
         }
         let figures = snapshot(&totals, current);
+        ledger.save(&totals);
         if let Some(sci) = figures.sci_grams_per_1000_readings {
             sci_gauge.set(sci);
         } else if totals.seconds_without_intensity > 0.0 {
             // Undefined rather than understated.
             sci_gauge.set(f64::NAN);
         }
-        publish.send_replace(figures);
+        ledger.publish.send_replace(figures);
     }
 }
 
-/// What the footprint counted since the start.
-#[derive(Debug, Default)]
+/// What the footprint counted since the process started.
+#[derive(Debug, Default, Clone)]
 struct Totals {
     joules: f64,
     operational_grams: f64,
     embodied_grams: f64,
     seconds_without_intensity: f64,
     seconds_with_intensity: f64,
-    bytes_avoided: u64,
     network_joules_avoided: f64,
+    /// Readings and bytes of the gateways that ran before the current one in this process.
+    before: Counts,
+    /// Of the current one.
+    run: Counts,
+}
+
+/// Readings and bytes one gateway counted.
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    readings_received: u64,
+    records_kept: u64,
+    received_bytes: u64,
+    bytes_avoided: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.readings_received += other.readings_received;
+        self.records_kept += other.records_kept;
+        self.received_bytes += other.received_bytes;
+        self.bytes_avoided += other.bytes_avoided;
+    }
+
+    /// Reads the running gateway's counters; returns the bytes newly avoided.
+    fn observe(&mut self, stats: &Stats) -> u64 {
+        self.readings_received = stats.received.load(Ordering::Relaxed);
+        self.records_kept = stats
+            .streams
+            .iter()
+            .map(|s| s.records_kept.load(Ordering::Relaxed))
+            .sum();
+        self.received_bytes = stats.received_bytes.load(Ordering::Relaxed);
+        // Minimisation: payload bytes in, minus the content kept from them (the fields of the
+        // records kept; their envelope of stream, sequence, time and policy hash is the API's
+        // own cost, counted in the bytes sent).
+        let kept: u64 = stats
+            .streams
+            .iter()
+            .map(|s| s.field_bytes_kept.load(Ordering::Relaxed))
+            .sum();
+        let avoided = self
+            .received_bytes
+            .saturating_sub(kept)
+            .max(self.bytes_avoided);
+        let delta = avoided - self.bytes_avoided;
+        self.bytes_avoided = avoided;
+        delta
+    }
 }
 
 impl Totals {

@@ -381,10 +381,12 @@ pub async fn serve(
 }
 
 /// Binds the gRPC listener, with a clear error when the address is taken.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
         anyhow::anyhow!(
             "cannot listen for gRPC on {addr}: {e} (set [grpc] listen to a free address, or port 0)"
         )
-    })
+    })?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }

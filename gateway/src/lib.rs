@@ -60,15 +60,19 @@ pub struct Running {
     pub policy: Arc<Policy>,
     pub stats: Arc<Stats>,
     pub mqtt_connected: watch::Receiver<bool>,
+    pub audit: Arc<audit::AuditLog>,
     tasks: JoinSet<anyhow::Result<()>>,
     shutdown: CancellationToken,
+    /// Gone once every task that used the store has let it go.
+    store: std::sync::Weak<Store>,
     /// Held while the gateway runs (see [`start`]).
     _data_lock: std::fs::File,
 }
 
 impl Running {
     /// Waits until `shutdown` is cancelled and every task has stopped, or until a task fails (then
-    /// stops the others and returns its error).
+    /// stops the others and returns its error). When it returns, the data directory is free for
+    /// another start (see [`Process`]).
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut result = Ok(());
         while let Some(joined) = self.tasks.join_next().await {
@@ -80,21 +84,78 @@ impl Running {
                 self.shutdown.cancel();
             }
         }
+        // Subscribers' and pushers' tasks end on the same cancellation, shortly after: the outbox
+        // is closed only when the last of them lets go of the store.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.store.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.store.strong_count() > 0 && result.is_ok() {
+            result = Err(anyhow::anyhow!(
+                "the store is still in use 10 s after the gateway stopped"
+            ));
+        }
         result
     }
 }
 
+/// What a gateway process keeps across policy reloads: its listening sockets (so that the
+/// addresses, including ports the system picked, stay the same) and its footprint counts.
+#[derive(Debug)]
+pub struct Process {
+    grpc: std::net::TcpListener,
+    admin: std::net::TcpListener,
+    footprint: Arc<footprint::Ledger>,
+}
+
+impl Process {
+    /// Binds the configuration's gRPC and admin addresses.
+    pub fn bind(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: grpc::bind(config.grpc.listen)?,
+            admin: admin::bind(config.admin.listen)?,
+            footprint: Arc::new(footprint::Ledger::new()),
+        })
+    }
+
+    pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.grpc.local_addr().context("gRPC listener address")
+    }
+
+    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.admin.local_addr().context("admin listener address")
+    }
+}
+
+/// Why a gateway starts, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The process started.
+    Fresh,
+    /// The configuration was reloaded (SIGHUP); the policy it replaced.
+    Reload { previous_policy_hash: String },
+}
+
 /// Starts a gateway: binds its listeners, connects to the broker and starts the pipeline.
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let process = Process::bind(&config)?;
+    start_in(&process, config, Start::Fresh, shutdown).await
+}
+
+/// Starts a gateway on `process`'s listeners: connects to the broker and starts the pipeline.
+/// After the previous gateway of the process has stopped ([`Running::wait`]), this is how a new
+/// configuration takes over.
+pub async fn start_in(
+    process: &Process,
+    config: Config,
+    why: Start,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     hubgate_exporters::prometheus::install();
-    let grpc_listener = grpc::bind(config.grpc.listen).await?;
-    let admin_listener = admin::bind(config.admin.listen).await?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .context("gRPC listener address")?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .context("admin listener address")?;
+    let grpc_listener = tokio::net::TcpListener::from_std(process.grpc.try_clone()?)?;
+    let admin_listener = tokio::net::TcpListener::from_std(process.admin.try_clone()?)?;
+    let grpc_addr = process.grpc_addr()?;
+    let admin_addr = process.admin_addr()?;
 
     let grid_intensity = footprint::GridIntensity::load(&config.footprint)?;
     let loaded_at = std::time::SystemTime::now();
@@ -103,6 +164,13 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         &humantime::format_rfc3339_seconds(loaded_at).to_string(),
     ));
     let policy = Arc::new(config.policy);
+    if let Start::Reload {
+        previous_policy_hash,
+    } = &why
+    {
+        metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => previous_policy_hash.clone())
+            .set(0.0);
+    }
     metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
     metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     std::fs::create_dir_all(&config.store.data_dir).with_context(|| {
@@ -131,15 +199,21 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         audit::AuditLog::open(&audit_path)
             .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
     );
-    audit.record(
-        pipeline::now_ms(),
-        "start",
-        serde_json::json!({
-            "policy_hash": policy.hash_hex(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "streams": policy.streams().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-        }),
-    );
+    let mut entry = serde_json::json!({
+        "policy_hash": policy.hash_hex(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "streams": policy.streams().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+    });
+    let event = match &why {
+        Start::Fresh => "start",
+        Start::Reload {
+            previous_policy_hash,
+        } => {
+            entry["previous_policy_hash"] = previous_policy_hash.as_str().into();
+            "policy_reloaded"
+        }
+    };
+    audit.record(pipeline::now_ms(), event, entry);
     let outbox = outbox::open(config.store.engine, &config.store.data_dir).with_context(|| {
         format!(
             "cannot open the outbox in {}",
@@ -180,7 +254,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         Arc::clone(&store),
         Arc::clone(&stats),
         budget,
-        audit,
+        Arc::clone(&audit),
     )?;
     let acker = Acker::new(client.clone());
     let (push_tx, push_rx) = mpsc::channel(16);
@@ -207,7 +281,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
             Ok(())
         });
     }
-    let (footprint_tx, footprint_rx) = footprint::channel();
+    let footprint_rx = process.footprint.watch();
     let service = grpc::GatewayService::new(
         Arc::clone(&policy),
         Arc::clone(&store),
@@ -232,7 +306,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         config.footprint,
         grid_intensity,
         Arc::clone(&stats),
-        footprint_tx,
+        Arc::clone(&process.footprint),
         shutdown.clone(),
     ));
     tasks.spawn(admin::serve(
@@ -266,8 +340,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         policy,
         stats,
         mqtt_connected: connected_rx,
+        audit,
         tasks,
         shutdown,
+        store: Arc::downgrade(&store),
         _data_lock: data_lock,
     })
 }

@@ -252,6 +252,17 @@ impl Gateway {
         }
     }
 
+    /// The gateway's working directory: its data directory is `hubgate-data` in it, unless the
+    /// configuration says otherwise.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Sends SIGHUP: the gateway reads its configuration file again.
+    pub fn hangup(&self) {
+        signal(&self.child, "HUP");
+    }
+
     /// The configuration file the gateway was started with.
     pub fn config_path(&self) -> std::path::PathBuf {
         self.dir.path().join("hubgate.toml")

@@ -113,3 +113,65 @@ fn dry_run_explains_every_field_and_is_deterministic() {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
 }
+
+#[test]
+fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
+    let old = repo().join("deploy/hubgate.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let new = dir.path().join("new.toml");
+    let source = std::fs::read_to_string(&old).unwrap();
+    // The change: air quality now passes the firmware version, and footfall releases groups of
+    // any size.
+    let changed = source
+        .replacen("pm25 = \"keep\"", "pm25 = \"keep\"\nfirmware = \"keep\"", 1)
+        .replace("min_group_size = 10 ", "min_group_size = 1 ");
+    assert_ne!(changed, source);
+    std::fs::write(&new, changed).unwrap();
+    let run = |config: &Path, against: &Path| {
+        let out = Command::new(gateway_bin!())
+            .args(["dry-run", "--config"])
+            .arg(config)
+            .arg("--input")
+            .arg(repo().join("deploy/samples.jsonl"))
+            .arg("--against")
+            .arg(against)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let text = run(&new, &old);
+    assert!(
+        text.contains("sample 1, stream air_quality: newly passed: firmware"),
+        "{text}"
+    );
+    assert!(text.contains("stream footfall, window"), "{text}");
+    assert!(
+        text.contains("[counter_id=\"pc-01\"]: newly released"),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 fields newly passed, 0 newly dropped")
+            && text.contains("1 groups newly released"),
+        "{text}"
+    );
+    // Back the other way, the same changes reversed; against itself, none.
+    let back = run(&old, &new);
+    assert!(
+        back.contains("newly dropped: firmware") && back.contains("newly suppressed"),
+        "{back}"
+    );
+    assert!(run(&old, &old).contains("no difference in the output"));
+    for raw in [
+        "3C:22:FB:12:34:56",
+        "ana.silva@example.org",
+        "AB-123-CD",
+        "2.4.1",
+    ] {
+        assert!(
+            !text.contains(raw) && !back.contains(raw),
+            "{raw} was echoed"
+        );
+    }
+}
