@@ -16,18 +16,30 @@
 //! destructions, budget spends and refusals, starts), and an audit entry that a crash could take
 //! back is worth little.
 //!
+//! **Retention.** The log has its own retention limit (`[audit] retention`, two years by
+//! default). The current file is closed as a segment, `audit-<first seq>.jsonl`, once its first
+//! entry is older than a segment's span (an eighth of the retention, between an hour and 30
+//! days), and segments whose last entry is older than the retention are removed. The chain runs
+//! on across segments: the new file's first entry, `audit_segment_start`, carries the previous
+//! segment's last sequence and hash as its `prev`, and lists the segments removed with their last
+//! hashes, so a removal is itself on the record. `hubgate audit verify audit-*.jsonl
+//! audit.jsonl` checks the files in order and that each continues the one before.
+//!
 //! Entries name streams, sequence ranges, times, counts and hashes, never a value or an
 //! identifier. A write that fails is logged and counted (`hubgate_audit_write_errors_total`); the
 //! gateway goes on, since stopping would lose more than the entry.
 //!
-//! Recorded now: `start` (policy hash, version), `purge` (stream, reason, records, sequence and
-//! time range), `outbox_key_destroyed`, `pseudonym_key_rotated`, `pseudonym_key_destroyed`,
-//! `privacy_budget_spent`, `privacy_budget_refused`.
+//! Recorded now: `start` (policy hash, version), `policy_reloaded` (both hashes),
+//! `policy_rejected` (the running hash, the number of errors and the first with its line and
+//! column), `purge` (stream, reason, records, sequence and time range), `outbox_key_destroyed`,
+//! `pseudonym_key_rotated`, `pseudonym_key_destroyed`, `privacy_budget_spent`,
+//! `privacy_budget_refused`, `audit_tail_cut`, `audit_segment_start`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use hubgate_exporters::catalogue;
 use serde::{Deserialize, Serialize};
@@ -67,19 +79,59 @@ struct Tail {
     file: File,
     next_seq: u64,
     prev: String,
+    /// Sequence and time of the current file's first entry, if it has one.
+    first: Option<(u64, i64)>,
 }
+
+/// How long the audit log keeps entries when the configuration does not say: two years.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(730 * 86_400);
 
 /// The audit log of a gateway.
 #[derive(Debug)]
 pub struct AuditLog {
+    path: PathBuf,
+    retention_ms: i64,
+    segment_ms: i64,
     tail: Mutex<Tail>,
     write_errors: metrics::Counter,
 }
 
+/// The span of one segment for a retention: an eighth of it, between an hour and 30 days.
+fn segment_span(retention: Duration) -> Duration {
+    (retention / 8).clamp(Duration::from_secs(3600), Duration::from_secs(30 * 86_400))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The first and last entries of a file, parsed, with the last one's hash.
+fn ends(path: &Path) -> io::Result<Option<(Entry, Entry, String)>> {
+    let bytes = std::fs::read(path)?;
+    let mut lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+    let Some(first) = lines.next() else {
+        return Ok(None);
+    };
+    let last = lines.next_back().unwrap_or(first);
+    let parse = |line: &[u8]| -> io::Result<Entry> {
+        serde_json::from_slice(line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    };
+    let hash = split_hash(last)
+        .map(|(_, h)| h.to_owned())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no hash"))?;
+    Ok(Some((parse(first)?, parse(last)?, hash)))
+}
+
 impl AuditLog {
-    /// Opens (or creates) the log and finds where its chain ends. A last line without its newline
-    /// (the process died while writing it) is cut off, and the cut is itself recorded.
+    /// Opens (or creates) the log with the default retention; see [`AuditLog::open_with`].
     pub fn open(path: &Path) -> io::Result<Self> {
+        Self::open_with(path, DEFAULT_RETENTION)
+    }
+
+    /// Opens (or creates) the log and finds where its chain ends. A last line without its newline
+    /// (the process died while writing it) is cut off, and the cut is itself recorded. Entries
+    /// are kept for `retention` (in segments; see the module's documentation).
+    pub fn open_with(path: &Path, retention: Duration) -> io::Result<Self> {
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -94,6 +146,12 @@ impl AuditLog {
             file.seek(SeekFrom::End(0))?;
             file.sync_data()?;
         }
+        let first = bytes[..complete]
+            .split(|b| *b == b'\n')
+            .find(|l| !l.is_empty())
+            .and_then(|l| serde_json::from_slice::<Entry>(l).ok())
+            .map(|e| (e.seq, e.time_ms));
+        let mut continued = None;
         let (next_seq, prev) = match bytes[..complete]
             .split(|b| *b == b'\n')
             .rfind(|l| !l.is_empty())
@@ -113,16 +171,42 @@ impl AuditLog {
                 let (_, hash) = split_hash(last).ok_or_else(|| invalid("no hash".into()))?;
                 (entry.seq + 1, hash.to_owned())
             }
-            None => (1, GENESIS.to_owned()),
+            None => match Self::last_segment(path)? {
+                // A fresh file after a segment was closed (and the process died before writing
+                // to the new one): the chain continues from the segment.
+                Some((seq, hash, name)) => {
+                    continued = Some((seq, hash.clone(), name));
+                    (seq + 1, hash)
+                }
+                None => (1, GENESIS.to_owned()),
+            },
         };
         let log = Self {
+            path: path.to_owned(),
+            retention_ms: millis(retention),
+            segment_ms: millis(segment_span(retention)),
             tail: Mutex::new(Tail {
                 file,
                 next_seq,
                 prev,
+                first,
             }),
             write_errors: metrics::counter!(catalogue::AUDIT_WRITE_ERRORS),
         };
+        if let Some((previous_last_seq, previous_last_hash, previous_segment)) = continued {
+            let mut tail = log.tail.lock().unwrap_or_else(PoisonError::into_inner);
+            log.append(
+                &mut tail,
+                crate::pipeline::now_ms(),
+                "audit_segment_start",
+                serde_json::json!({
+                    "previous_segment": previous_segment,
+                    "previous_last_seq": previous_last_seq,
+                    "previous_last_hash": previous_last_hash,
+                    "removed_by_retention": [],
+                }),
+            );
+        }
         if torn > 0 {
             log.record(
                 crate::pipeline::now_ms(),
@@ -134,8 +218,21 @@ impl AuditLog {
     }
 
     /// Appends an entry and syncs it. `data` must hold no value or identifier from a reading.
+    /// Closes the current segment first when it has grown old (see the module's documentation).
     pub fn record(&self, time_ms: i64, event: &str, data: serde_json::Value) {
         let mut tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        if tail
+            .first
+            .is_some_and(|(_, first_ms)| time_ms.saturating_sub(first_ms) >= self.segment_ms)
+            && let Err(err) = self.rotate(&mut tail, time_ms)
+        {
+            self.write_errors.increment(1);
+            tracing::error!(%err, "cannot start a new audit log segment; going on in the current one");
+        }
+        self.append(&mut tail, time_ms, event, data);
+    }
+
+    fn append(&self, tail: &mut Tail, time_ms: i64, event: &str, data: serde_json::Value) {
         let entry = Entry {
             seq: tail.next_seq,
             time_ms,
@@ -160,6 +257,7 @@ impl AuditLog {
         match written {
             Ok(hash) => {
                 tail.prev = hash;
+                tail.first.get_or_insert((entry.seq, time_ms));
                 tail.next_seq += 1;
             }
             Err(err) => {
@@ -172,21 +270,112 @@ impl AuditLog {
             }
         }
     }
+
+    fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or(Path::new("."))
+    }
+
+    /// Closed segments, `(first seq, path)`, oldest first.
+    fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+        let mut segments: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let seq = name
+                    .strip_prefix("audit-")?
+                    .strip_suffix(".jsonl")?
+                    .parse()
+                    .ok()?;
+                Some((seq, e.path()))
+            })
+            .collect();
+        segments.sort();
+        Ok(segments)
+    }
+
+    /// The last sequence and hash of the newest closed segment, and its file name.
+    fn last_segment(path: &Path) -> io::Result<Option<(u64, String, String)>> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let Some((_, newest)) = Self::segments(dir)?.pop() else {
+            return Ok(None);
+        };
+        let name = newest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(ends(&newest)?.map(|(_, last, hash)| (last.seq, hash, name)))
+    }
+
+    /// Closes the current file as a segment, removes the segments past the retention, and starts
+    /// a new file whose first entry says so.
+    fn rotate(&self, tail: &mut Tail, time_ms: i64) -> io::Result<()> {
+        let Some((first_seq, _)) = tail.first else {
+            return Ok(());
+        };
+        let segment_name = format!("audit-{first_seq:020}.jsonl");
+        let segment = self.dir().join(&segment_name);
+        std::fs::rename(&self.path, &segment)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&self.path)?;
+        File::open(self.dir())?.sync_all()?;
+        tail.file = file;
+        tail.first = None;
+        let mut removed = Vec::new();
+        for (_, old) in Self::segments(self.dir())? {
+            let Ok(Some((first, last, hash))) = ends(&old) else {
+                continue;
+            };
+            if last.time_ms < time_ms.saturating_sub(self.retention_ms) {
+                std::fs::remove_file(&old)?;
+                removed.push(serde_json::json!({
+                    "file": old.file_name().map(|n| n.to_string_lossy().into_owned()),
+                    "first_seq": first.seq,
+                    "last_seq": last.seq,
+                    "last_hash": hash,
+                }));
+            }
+        }
+        let previous_last_seq = tail.next_seq - 1;
+        let previous_last_hash = tail.prev.clone();
+        self.append(
+            tail,
+            time_ms,
+            "audit_segment_start",
+            serde_json::json!({
+                "previous_segment": segment_name,
+                "previous_last_seq": previous_last_seq,
+                "previous_last_hash": previous_last_hash,
+                "removed_by_retention": removed,
+            }),
+        );
+        Ok(())
+    }
 }
 
 /// What [`verify`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The whole chain holds: its number of entries and the hash of the last line.
-    Intact { entries: u64, last_hash: String },
+    /// The whole chain holds: its number of entries, the hash of the last line, and, for a file
+    /// that continues an earlier segment, the hash of that segment's last entry.
+    Intact {
+        entries: u64,
+        last_hash: String,
+        continues: Option<String>,
+    },
     /// The first entry that does not follow from the one before, by line number (from 1).
     Broken { line: usize, reason: String },
 }
 
-/// Checks the chain of an audit log file from its first entry.
+/// Checks the chain of an audit log file from its first entry. The first entry chains from the
+/// fixed genesis, or, in a file that continues a closed segment, is an `audit_segment_start`
+/// that names the hash it continues from.
 pub fn verify(path: &Path) -> io::Result<Verdict> {
     let reader = BufReader::new(File::open(path)?);
     let mut prev = GENESIS.to_owned();
+    let mut continues = None;
     let mut expected_seq = None;
     let mut entries = 0;
     for (i, line) in reader.split(b'\n').enumerate() {
@@ -208,6 +397,18 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
         if hex(&Sha256::digest(covered)) != claimed {
             return broken("its content does not match its hash".into());
         }
+        if number == 1 && entry.prev != GENESIS {
+            let from = entry.data["previous_last_hash"].as_str();
+            let from_seq = entry.data["previous_last_seq"].as_u64();
+            if entry.event != "audit_segment_start"
+                || from != Some(entry.prev.as_str())
+                || from_seq.map(|s| s + 1) != Some(entry.seq)
+            {
+                return broken("it neither starts the chain nor continues a segment".into());
+            }
+            continues = Some(entry.prev.clone());
+            prev = entry.prev.clone();
+        }
         if entry.prev != prev {
             return broken("its prev hash does not match the entry before it".into());
         }
@@ -225,7 +426,37 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
     Ok(Verdict::Intact {
         entries,
         last_hash: prev,
+        continues,
     })
+}
+
+/// Checks several files of one log, oldest first (the closed segments, then `audit.jsonl`):
+/// each on its own, and each one after the first continuing the one before.
+pub fn verify_files(paths: &[PathBuf]) -> io::Result<Vec<Verdict>> {
+    let mut verdicts = Vec::with_capacity(paths.len());
+    let mut previous: Option<String> = None;
+    for path in paths {
+        let mut verdict = verify(path)?;
+        if let (
+            Some(before),
+            Verdict::Intact {
+                continues: from, ..
+            },
+        ) = (&previous, &verdict)
+            && from.as_ref() != Some(before)
+        {
+            verdict = Verdict::Broken {
+                line: 1,
+                reason: "it does not continue the file before it".into(),
+            };
+        }
+        previous = match &verdict {
+            Verdict::Intact { last_hash, .. } => Some(last_hash.clone()),
+            Verdict::Broken { .. } => None,
+        };
+        verdicts.push(verdict);
+    }
+    Ok(verdicts)
 }
 
 #[cfg(test)]
@@ -233,12 +464,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn log_with(dir: &Path, n: u64) -> std::path::PathBuf {
+    fn log_with(dir: &Path, n: u64) -> PathBuf {
         let path = dir.join("audit.jsonl");
         let log = AuditLog::open(&path).unwrap();
         for i in 0..n {
             log.record(
-                1_000 + i as i64,
+                crate::pipeline::now_ms() + i as i64,
                 "purge",
                 json!({"stream": "noise", "records": i}),
             );
@@ -253,7 +484,12 @@ mod tests {
         AuditLog::open(&path)
             .unwrap()
             .record(2_000, "start", json!({}));
-        let Verdict::Intact { entries, last_hash } = verify(&path).unwrap() else {
+        let Verdict::Intact {
+            entries,
+            last_hash,
+            continues: None,
+        } = verify(&path).unwrap()
+        else {
             panic!("{:?}", verify(&path));
         };
         assert_eq!(entries, 4);
@@ -325,5 +561,108 @@ mod tests {
         ));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("\"event\":\"audit_tail_cut\""));
+    }
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = AuditLog::segments(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        files.push(dir.join("audit.jsonl"));
+        files
+    }
+
+    const HOUR: i64 = 3_600_000;
+
+    #[test]
+    fn segments_rotate_and_expire_and_the_chain_runs_across_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        // 8 hours of retention: segments of an hour.
+        let retention = Duration::from_secs(8 * 3600);
+        let log = AuditLog::open_with(&path, retention).unwrap();
+        let t0 = 1_800_000_000_000;
+        for i in 0..24 {
+            log.record(
+                t0 + i * HOUR / 2,
+                "purge",
+                json!({"stream": "noise", "i": i}),
+            );
+        }
+        // 12 hours of entries: the current file and the segments of the last 8 hours remain.
+        let all = files(dir.path());
+        let verdicts = verify_files(&all).unwrap();
+        assert!(
+            verdicts.iter().all(|v| matches!(v, Verdict::Intact { .. })),
+            "{verdicts:?}"
+        );
+        let segments = all.len() - 1;
+        assert!((7..=9).contains(&segments), "{segments} segments");
+        // The oldest entries are gone, and their removal is on the record with the last hash.
+        let text: String = all
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert!(
+            !text.contains("\"i\":0,"),
+            "the first entry is past the retention"
+        );
+        assert!(text.contains("\"i\":23,"));
+        let removals: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == "audit_segment_start")
+            .flat_map(|e| {
+                e["data"]["removed_by_retention"]
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        assert!(!removals.is_empty());
+        assert!(
+            removals
+                .iter()
+                .all(|r| r["last_hash"].as_str().unwrap().len() == 64)
+        );
+        // The current file alone verifies, saying where it continues from.
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verdict::Intact {
+                continues: Some(_),
+                ..
+            }
+        ));
+        // A segment left out breaks the continuity at the file after the gap.
+        let mut gapped = all.clone();
+        gapped.remove(1);
+        let verdicts = verify_files(&gapped).unwrap();
+        assert!(matches!(verdicts[0], Verdict::Intact { .. }));
+        assert!(
+            matches!(&verdicts[1], Verdict::Broken { line: 1, reason } if reason.contains("does not continue")),
+            "{verdicts:?}"
+        );
+    }
+
+    #[test]
+    fn a_segment_closed_just_before_a_crash_is_continued_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_with(dir.path(), 3);
+        // The process died between closing the segment and writing to the new file.
+        std::fs::rename(&path, dir.path().join("audit-00000000000000000001.jsonl")).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        log.record(5_000, "start", json!({}));
+        let verdicts = verify_files(&files(dir.path())).unwrap();
+        assert!(
+            verdicts.iter().all(|v| matches!(v, Verdict::Intact { .. })),
+            "{verdicts:?}"
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let first: Entry = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(
+            (first.seq, first.event.as_str()),
+            (4, "audit_segment_start")
+        );
     }
 }

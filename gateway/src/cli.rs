@@ -85,8 +85,12 @@ enum ExplainFormat {
 
 #[derive(Debug, Subcommand)]
 enum AuditAction {
-    /// Verify the chain of an audit log file (`<data_dir>/audit.jsonl`); exits 1 if it is broken.
-    Verify { file: PathBuf },
+    /// Verify the chain of an audit log (`<data_dir>/audit.jsonl`, after its closed segments
+    /// `audit-*.jsonl`, oldest first); exits 1 if it is broken.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 /// Entry point of the `hubgate` binary.
@@ -103,8 +107,8 @@ pub fn main() -> ExitCode {
         } => dry_run(&config, &input, against.as_deref()),
         Command::Explain { config, format } => explain(config.as_deref(), format),
         Command::Audit {
-            action: AuditAction::Verify { file },
-        } => return audit_verify(&file),
+            action: AuditAction::Verify { files },
+        } => return audit_verify(&files),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
             runtime().and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
@@ -119,23 +123,40 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn audit_verify(file: &Path) -> ExitCode {
-    match crate::audit::verify(file) {
-        Ok(crate::audit::Verdict::Intact { entries, last_hash }) => {
-            println!(
-                "{}: intact, {entries} entries, last entry hash {last_hash}",
-                file.display()
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(crate::audit::Verdict::Broken { line, reason }) => {
-            println!("{}:{line}: broken: {reason}", file.display());
-            ExitCode::FAILURE
-        }
+fn audit_verify(files: &[PathBuf]) -> ExitCode {
+    let verdicts = match crate::audit::verify_files(files) {
+        Ok(verdicts) => verdicts,
         Err(err) => {
-            eprintln!("hubgate: error: cannot read {}: {err}", file.display());
-            ExitCode::FAILURE
+            eprintln!("hubgate: error: cannot read the audit log: {err}");
+            return ExitCode::FAILURE;
         }
+    };
+    let mut intact = true;
+    for (file, verdict) in files.iter().zip(verdicts) {
+        match verdict {
+            crate::audit::Verdict::Intact {
+                entries,
+                last_hash,
+                continues,
+            } => {
+                let from = continues
+                    .map(|h| format!(", continuing from entry hash {h}"))
+                    .unwrap_or_default();
+                println!(
+                    "{}: intact, {entries} entries, last entry hash {last_hash}{from}",
+                    file.display()
+                );
+            }
+            crate::audit::Verdict::Broken { line, reason } => {
+                println!("{}:{line}: broken: {reason}", file.display());
+                intact = false;
+            }
+        }
+    }
+    if intact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

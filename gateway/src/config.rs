@@ -41,7 +41,25 @@ pub struct Config {
     pub upstream: Option<UpstreamConfig>,
     pub footprint: FootprintConfig,
     pub register: RegisterConfig,
+    pub audit: AuditConfig,
     pub policy: Policy,
+}
+
+/// The audit log's own settings (see [`crate::audit`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How long audit entries are kept ("730d" by default).
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention: crate::audit::DEFAULT_RETENTION,
+        }
+    }
 }
 
 /// Who runs the hub and where, for the transparency register (see [`crate::register`]).
@@ -383,6 +401,8 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let mut footprint_span = 0..0;
     let mut register: Option<RegisterConfig> = None;
     let mut register_span = 0..0;
+    let mut audit: Option<AuditConfig> = None;
+    let mut audit_span = 0..0;
     let mut raw_streams = None;
     let whole = 0..source.len().min(1);
     let (mut mqtt_span, mut store_span) = (whole.clone(), whole.clone());
@@ -410,10 +430,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 register_span = key.span();
                 register = diags.section(value);
             }
+            "audit" => {
+                audit_span = key.span();
+                audit = diags.section(value);
+            }
             "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
             other => diags.error(
                 key.span(),
-                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'footprint', 'register', 'stream'"),
+                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'footprint', 'register', 'audit', 'stream'"),
             ),
         }
     }
@@ -465,6 +489,10 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     }
     let register = register.unwrap_or_default();
     check_register(&register, register_span, &mut diags);
+    let audit = audit.unwrap_or_default();
+    if audit.retention < Duration::from_secs(86_400) {
+        diags.error(audit_span, "audit.retention must be at least 1 day");
+    }
     match policy {
         Some(policy) if !diags.has_errors() => {
             let config = Config {
@@ -475,6 +503,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 upstream,
                 footprint,
                 register,
+                audit,
                 policy,
             };
             Ok((config, diags.into_sorted()))
@@ -702,6 +731,22 @@ mod tests {
                 .iter()
                 .any(|w| w.message.contains("names no controller"))
         );
+    }
+
+    #[test]
+    fn the_audit_retention_is_read_and_checked() {
+        let (config, _) = parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(config.audit.retention, crate::audit::DEFAULT_RETENTION);
+        let (config, _) =
+            parse(&format!("[audit]\nretention = \"400d\"\n{DEFAULT_CONFIG}")).unwrap();
+        assert_eq!(config.audit.retention.as_secs(), 400 * 86_400);
+        let err = parse(&format!("[audit]\nretention = \"2h\"\n{DEFAULT_CONFIG}")).unwrap_err();
+        assert!(err.diagnostics.iter().any(|d| {
+            d.message.contains("audit.retention must be at least 1 day")
+                && d.position(&format!("[audit]\nretention = \"2h\"\n{DEFAULT_CONFIG}"))
+                    .0
+                    == 1
+        }));
     }
 
     #[test]

@@ -196,7 +196,7 @@ pub async fn start_in(
     })?;
     let audit_path = config.store.data_dir.join("audit.jsonl");
     let audit = Arc::new(
-        audit::AuditLog::open(&audit_path)
+        audit::AuditLog::open_with(&audit_path, config.audit.retention)
             .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
     );
     let mut entry = serde_json::json!({
