@@ -90,6 +90,9 @@ pub const INTENSITY_MISSING_SECONDS: &str = "hubgate_grid_intensity_missing_seco
 pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
+/// gRPC calls refused for want of a valid token or of scope. Label: `reason` (`missing`,
+/// `unknown`, `scope`).
+pub const GRPC_REFUSED: &str = "hubgate_grpc_refused_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
 /// gRPC Subscribe calls open now.
@@ -261,6 +264,10 @@ pub fn describe() {
     describe_gauge!(
         FOOTPRINT_INFO,
         "how the energy figures are obtained: method and coefficients"
+    );
+    describe_counter!(
+        GRPC_REFUSED,
+        "gRPC calls refused: no token, an unknown token, or out of the token's scope"
     );
     describe_counter!(
         AUDIT_WRITE_ERRORS,

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long, short, value_enum, default_value_t = ExplainFormat::Text)]
         format: ExplainFormat,
     },
+    /// Make bearer tokens for gRPC clients.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Check the audit log's hash chain and report the first broken entry.
     Audit {
         #[command(subcommand)]
@@ -84,6 +89,31 @@ enum ExplainFormat {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Make a new random token; print it (for the client) and its `[[grpc.token]]` entry (for
+    /// the configuration, which holds only its SHA-256).
+    New {
+        /// Who will hold it.
+        #[arg(long)]
+        name: String,
+        /// Streams it may subscribe to (repeat the option; `*` for all).
+        #[arg(long = "stream")]
+        streams: Vec<String>,
+        /// May read the policy and register (GetPolicy).
+        #[arg(long)]
+        policy: bool,
+        /// May read the footprint (GetFootprint, WatchFootprint).
+        #[arg(long)]
+        footprint: bool,
+        /// May push records (Push): for an origin gateway.
+        #[arg(long)]
+        push: bool,
+    },
+    /// Print the SHA-256 of a token read from standard input.
+    Hash,
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditAction {
     /// Verify the chain of an audit log (`<data_dir>/audit.jsonl`, after its closed segments
     /// `audit-*.jsonl`, oldest first); exits 1 if it is broken.
@@ -106,6 +136,7 @@ pub fn main() -> ExitCode {
             against,
         } => dry_run(&config, &input, against.as_deref()),
         Command::Explain { config, format } => explain(config.as_deref(), format),
+        Command::Token { action } => token(action),
         Command::Audit {
             action: AuditAction::Verify { files },
         } => return audit_verify(&files),
@@ -197,6 +228,37 @@ fn load(path: &Path) -> anyhow::Result<Option<Config>> {
             Ok(None)
         }
     }
+}
+
+fn token(action: TokenAction) -> anyhow::Result<()> {
+    match action {
+        TokenAction::New {
+            name,
+            streams,
+            policy,
+            footprint,
+            push,
+        } => {
+            let token = crate::auth::new_token()?;
+            eprintln!("The token, for the client only (it is stored nowhere; keep it secret):");
+            println!("{token}");
+            eprintln!("\nFor the gateway's configuration:\n");
+            let streams: Vec<String> = streams.iter().map(|s| format!("{s:?}")).collect();
+            eprintln!(
+                "[[grpc.token]]\nname = {name:?}\nsha256 = \"{}\"\nstreams = [{}]\npolicy = {policy}\nfootprint = {footprint}\npush = {push}",
+                crate::auth::digest_hex(&token),
+                streams.join(", ")
+            );
+        }
+        TokenAction::Hash => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let token = line.trim();
+            anyhow::ensure!(!token.is_empty(), "no token on standard input");
+            println!("{}", crate::auth::digest_hex(token));
+        }
+    }
+    Ok(())
 }
 
 fn explain(config_path: Option<&Path>, format: ExplainFormat) -> anyhow::Result<()> {

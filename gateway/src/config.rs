@@ -181,6 +181,11 @@ pub struct UpstreamConfig {
     /// Records sent and not yet acknowledged, per stream, at most.
     #[serde(default = "UpstreamConfig::default_window")]
     pub window: u64,
+    /// A file holding the bearer token the hub gave this gateway (one line); it must not be
+    /// readable by group or others. The environment variable `HUBGATE_UPSTREAM_TOKEN` may hold it
+    /// instead.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
     /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
     #[serde(
         default = "UpstreamConfig::default_backoff",
@@ -225,6 +230,11 @@ pub struct MqttConfig {
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.
     pub queue_capacity: usize,
+    /// A file holding the bearer token the hub gave this gateway (one line); it must not be
+    /// readable by group or others. The environment variable `HUBGATE_UPSTREAM_TOKEN` may hold it
+    /// instead.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
     /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
     #[serde(deserialize_with = "duration")]
     pub reconnect_backoff_max: Duration,
@@ -240,6 +250,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 256 * 1024,
             queue_capacity: 4096,
             reconnect_backoff_max: Duration::from_secs(30),
+            token_file: None,
         }
     }
 }
@@ -250,14 +261,44 @@ impl Default for MqttConfig {
 pub struct GrpcConfig {
     /// Address to listen on; port 0 picks a free port (printed at start).
     pub listen: SocketAddr,
+    /// Serve on a non-loopback address without TLS (only behind a proxy that terminates TLS).
+    pub allow_insecure_remote: bool,
+    /// Clients' bearer tokens, by digest, with their scopes (see [`crate::auth`]). None: the API
+    /// is open.
+    #[serde(rename = "token")]
+    pub tokens: Vec<TokenConfig>,
 }
 
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            allow_insecure_remote: false,
+            tokens: Vec::new(),
         }
     }
+}
+
+/// One client's token: `[[grpc.token]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it (for the operator; never logged).
+    pub name: String,
+    /// SHA-256 of the token, lowercase hex (`hubgate token new` prints it).
+    pub sha256: String,
+    /// Streams it may subscribe to; `["*"]` for all.
+    #[serde(default)]
+    pub streams: Vec<String>,
+    /// May read the policy and register (`GetPolicy`).
+    #[serde(default)]
+    pub policy: bool,
+    /// May read the footprint (`GetFootprint`, `WatchFootprint`).
+    #[serde(default)]
+    pub footprint: bool,
+    /// May push records (`Push`): for origin gateways.
+    #[serde(default)]
+    pub push: bool,
 }
 
 /// The admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -399,6 +440,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let mut upstream_span = 0..0;
     let mut footprint: Option<FootprintConfig> = None;
     let mut footprint_span = 0..0;
+    let mut grpc_span = 0..0;
     let mut register: Option<RegisterConfig> = None;
     let mut register_span = 0..0;
     let mut audit: Option<AuditConfig> = None;
@@ -412,7 +454,10 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 mqtt_span = key.span();
                 mqtt = diags.section(value);
             }
-            "grpc" => grpc = diags.section(value),
+            "grpc" => {
+                grpc_span = key.span();
+                grpc = diags.section(value);
+            }
             "admin" => admin = diags.section(value),
             "store" => {
                 store_span = key.span();
@@ -489,6 +534,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     }
     let register = register.unwrap_or_default();
     check_register(&register, register_span, &mut diags);
+    check_grpc(&grpc, policy.as_ref(), grpc_span, &mut diags);
     let audit = audit.unwrap_or_default();
     if audit.retention < Duration::from_secs(86_400) {
         diags.error(audit_span, "audit.retention must be at least 1 day");
@@ -511,6 +557,82 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         _ => Err(Rejected {
             diagnostics: diags.into_sorted(),
         }),
+    }
+}
+
+fn check_grpc(
+    grpc: &GrpcConfig,
+    policy: Option<&Policy>,
+    span: std::ops::Range<usize>,
+    diags: &mut Diagnostics,
+) {
+    if !grpc.listen.ip().is_loopback() && !grpc.allow_insecure_remote {
+        diags.error(
+            span.clone(),
+            format!(
+                "grpc.listen {} is not a loopback address and TLS is not supported yet: serve it behind a proxy that terminates TLS and set grpc.allow_insecure_remote = true",
+                grpc.listen
+            ),
+        );
+    }
+    if !grpc.listen.ip().is_loopback() && grpc.tokens.is_empty() {
+        diags.warning(
+            span.clone(),
+            "the gRPC API is open to anyone who can reach it: give clients tokens ([[grpc.token]])",
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    for token in &grpc.tokens {
+        let valid_name = !token.name.is_empty()
+            && token.name.len() <= 64
+            && token
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !valid_name {
+            diags.error(
+                span.clone(),
+                "grpc.token name must be 1 to 64 letters, digits, '.', '_' or '-'",
+            );
+        } else if !names.insert(token.name.as_str()) {
+            diags.error(
+                span.clone(),
+                format!("grpc.token '{}' is declared twice", token.name),
+            );
+        }
+        if !(token.sha256.len() == 64
+            && token
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        {
+            diags.error(
+                span.clone(),
+                format!(
+                    "grpc.token '{}': sha256 must be 64 lowercase hex digits (the token's SHA-256, never the token)",
+                    token.name
+                ),
+            );
+        }
+        if let Some(policy) = policy {
+            for stream in &token.streams {
+                if stream != "*" && policy.stream(stream).is_none() {
+                    diags.error(
+                        span.clone(),
+                        format!(
+                            "grpc.token '{}' names stream '{stream}', which the policy does not declare",
+                            token.name
+                        ),
+                    );
+                }
+            }
+        }
+        if token.streams.is_empty() && !token.policy && !token.footprint && !token.push {
+            diags.warning(
+                span.clone(),
+                format!("grpc.token '{}' grants nothing", token.name),
+            );
+        }
     }
 }
 

@@ -33,6 +33,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Scope, Tokens};
 use crate::push::{self, PushJob};
 use crate::register::Register;
 use crate::store::Store;
@@ -51,6 +52,8 @@ pub struct GatewayService {
     pushed: mpsc::Sender<PushJob>,
     /// The footprint meter's latest figures.
     footprint: watch::Receiver<v1::Footprint>,
+    /// Who may call (see [`crate::auth`]).
+    tokens: Arc<Tokens>,
     published: Published,
     shutdown: CancellationToken,
 }
@@ -61,6 +64,7 @@ impl GatewayService {
         store: Arc<Store>,
         pushed: mpsc::Sender<PushJob>,
         footprint: watch::Receiver<v1::Footprint>,
+        tokens: Arc<Tokens>,
         published: Published,
         shutdown: CancellationToken,
     ) -> Self {
@@ -69,6 +73,7 @@ impl GatewayService {
             store,
             pushed,
             footprint,
+            tokens,
             published,
             shutdown,
         }
@@ -109,8 +114,11 @@ impl Gateway for GatewayService {
 
     async fn get_policy(
         &self,
-        _request: Request<v1::GetPolicyRequest>,
+        request: Request<v1::GetPolicyRequest>,
     ) -> Result<Response<v1::GetPolicyResponse>, Status> {
+        self.tokens
+            .check(request.metadata())?
+            .require(Scope::Policy)?;
         Ok(Response::new(v1::GetPolicyResponse {
             policy_hash: self.policy.hash_hex(),
             loaded_at: Some(self.published.loaded_at.into()),
@@ -121,15 +129,21 @@ impl Gateway for GatewayService {
 
     async fn get_footprint(
         &self,
-        _request: Request<v1::GetFootprintRequest>,
+        request: Request<v1::GetFootprintRequest>,
     ) -> Result<Response<v1::Footprint>, Status> {
+        self.tokens
+            .check(request.metadata())?
+            .require(Scope::Footprint)?;
         Ok(Response::new(self.footprint.borrow().clone()))
     }
 
     async fn watch_footprint(
         &self,
-        _request: Request<v1::WatchFootprintRequest>,
+        request: Request<v1::WatchFootprintRequest>,
     ) -> Result<Response<Self::WatchFootprintStream>, Status> {
+        self.tokens
+            .check(request.metadata())?
+            .require(Scope::Footprint)?;
         let (tx, rx) = mpsc::channel(4);
         let (mut figures, shutdown) = (self.footprint.clone(), self.shutdown.clone());
         tokio::spawn(async move {
@@ -152,6 +166,8 @@ impl Gateway for GatewayService {
         &self,
         request: Request<tonic::Streaming<v1::PushRequest>>,
     ) -> Result<Response<Self::PushStream>, Status> {
+        let grant = self.tokens.check(request.metadata())?;
+        grant.require(Scope::Push)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let (policy, pushed, shutdown) = (
@@ -169,6 +185,10 @@ impl Gateway for GatewayService {
                         Ok(None) | Err(_) => return,
                     },
                 };
+                if !grant.stream(&request.stream) {
+                    let _ = tx.send(Err(crate::auth::out_of_scope())).await;
+                    return;
+                }
                 let stream = match push::validate(&policy, &request) {
                     Ok(stream) => stream,
                     Err(status) => {
@@ -208,12 +228,24 @@ impl Gateway for GatewayService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let grant = self.tokens.check(request.metadata())?;
         let req = request.into_inner();
         let indexes: Vec<usize> = if req.streams.is_empty() {
-            (0..self.policy.streams().len()).collect()
+            // Every stream the caller may read.
+            let all: Vec<usize> = (0..self.policy.streams().len())
+                .filter(|&i| grant.stream(&self.policy.streams()[i].name))
+                .collect();
+            if all.is_empty() {
+                return Err(crate::auth::out_of_scope());
+            }
+            all
         } else {
             let mut indexes = Vec::new();
             for name in &req.streams {
+                // Out of scope is refused alike whether the stream exists or not.
+                if !grant.stream(name) {
+                    return Err(crate::auth::out_of_scope());
+                }
                 let Some(i) = self.policy.streams().iter().position(|s| &s.name == name) else {
                     return Err(Status::not_found("no such stream"));
                 };
@@ -264,14 +296,16 @@ impl Gateway for GatewayService {
 
     async fn list_streams(
         &self,
-        _request: Request<v1::ListStreamsRequest>,
+        request: Request<v1::ListStreamsRequest>,
     ) -> Result<Response<v1::ListStreamsResponse>, Status> {
+        let grant = self.tokens.check(request.metadata())?;
         let hash = self.policy.hash_hex();
         let streams = self
             .policy
             .streams()
             .iter()
             .enumerate()
+            .filter(|(_, s)| grant.stream(&s.name))
             .map(|(i, s)| {
                 let (oldest, last) = self.store.positions(i);
                 v1::StreamInfo {

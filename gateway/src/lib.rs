@@ -15,6 +15,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod auth;
 #[cfg(feature = "embedded-broker")]
 pub mod broker;
 pub mod budget;
@@ -158,6 +159,11 @@ pub async fn start_in(
     let admin_addr = process.admin_addr()?;
 
     let grid_intensity = footprint::GridIntensity::load(&config.footprint)?;
+    let upstream_authorization = match &config.upstream {
+        Some(up) => upstream::authorization(up)?,
+        None => None,
+    };
+    let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
     let loaded_at = std::time::SystemTime::now();
     let register = Arc::new(register::Register::new(
         &config,
@@ -287,6 +293,7 @@ pub async fn start_in(
         Arc::clone(&store),
         push_tx,
         footprint_rx,
+        tokens,
         grpc::Published {
             register: Arc::clone(&register),
             loaded_at,
@@ -296,6 +303,7 @@ pub async fn start_in(
     if let Some(upstream) = config.upstream {
         tasks.spawn(upstream::run(
             upstream,
+            upstream_authorization,
             Arc::clone(&policy),
             Arc::clone(&store),
             shutdown.clone(),

@@ -24,7 +24,7 @@ use hubgate_privacy::policy::aggregate::MeasureFn;
 use hubgate_privacy::policy::{IdAction, StreamPolicy, Treatment};
 use serde::Serialize;
 
-use crate::config::{Config, RegisterConfig, UpstreamConfig};
+use crate::config::{Config, RegisterConfig, TokenConfig, UpstreamConfig};
 
 /// Version of the register's JSON form.
 pub const REGISTER_VERSION: u32 = 1;
@@ -130,14 +130,18 @@ impl Register {
             &config.policy,
             &config.register,
             config.upstream.as_ref(),
+            &config.grpc.tokens,
             loaded_at,
         )
     }
 
+    /// The register of `policy` on a hub run as `site` says, forwarding to `upstream`, with the
+    /// gRPC clients' `tokens`.
     pub fn build(
         policy: &Policy,
         site: &RegisterConfig,
         upstream: Option<&UpstreamConfig>,
+        tokens: &[TokenConfig],
         loaded_at: &str,
     ) -> Self {
         Self {
@@ -156,7 +160,7 @@ impl Register {
             streams: policy
                 .streams()
                 .iter()
-                .map(|s| stream_entry(s, site, upstream))
+                .map(|s| stream_entry(s, site, upstream, tokens))
                 .collect(),
         }
     }
@@ -344,6 +348,7 @@ fn stream_entry(
     s: &StreamPolicy,
     site: &RegisterConfig,
     upstream: Option<&UpstreamConfig>,
+    tokens: &[TokenConfig],
 ) -> StreamEntry {
     let technology = technology(s.technology.as_deref());
     let pseudonymised: Vec<&str> = s
@@ -553,11 +558,26 @@ fn stream_entry(
         });
     }
 
+    let holders: Vec<&str> = tokens
+        .iter()
+        .filter(|t| t.streams.iter().any(|n| n == "*" || *n == s.name))
+        .map(|t| t.name.as_str())
+        .collect();
+    let who = if tokens.is_empty() {
+        "No client authentication is configured: any client that can reach the API's address may subscribe.".to_owned()
+    } else if holders.is_empty() {
+        "No client holds a token for this stream: nobody can subscribe to it.".to_owned()
+    } else {
+        format!(
+            "Only clients holding a token for this stream may subscribe: {}.",
+            holders.join(", ")
+        )
+    };
     let mut access = vec![Element {
         dtpr: None,
         title: "Dashboards and services".to_owned(),
         description: format!(
-            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. No client authentication is configured: any client that can reach the API's address may subscribe.",
+            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. {who}",
             s.output_fields().join(", ")
         ),
     }];
@@ -845,11 +865,20 @@ mod tests {
             batch: 256,
             window: 4096,
             reconnect_backoff_max: Duration::from_secs(30),
+            token_file: None,
         };
         let register = Register::build(
             &config.policy,
             &site,
             Some(&upstream),
+            &[TokenConfig {
+                name: "north-dashboard".to_owned(),
+                sha256: "0".repeat(64),
+                streams: vec!["air_quality".to_owned()],
+                policy: false,
+                footprint: false,
+                push: false,
+            }],
             "2026-11-25T09:00:00Z",
         );
         let air = &register.streams[0];
@@ -859,6 +888,11 @@ mod tests {
                 .any(|e| e.description.contains("hub.example:50051"))
         );
         assert!(air.access.iter().any(|e| e.title == "Upstream hub"));
+        assert!(air.access[0].description.contains(
+            "Only clients holding a token for this stream may subscribe: north-dashboard."
+        ));
+        let noise = register.streams.iter().find(|s| s.name == "noise").unwrap();
+        assert!(noise.access[0].description.contains("nobody can subscribe"));
         let noise = register.streams.iter().find(|s| s.name == "noise").unwrap();
         assert!(
             noise.storage.iter().all(|e| e.dtpr.is_some()),

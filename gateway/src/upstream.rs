@@ -51,6 +51,8 @@ struct Shared {
     channel: tonic::transport::Channel,
     connected: Gauge,
     errors: Counter,
+    /// `Bearer <token>` for the hub, if it wants one.
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 /// First wait before reconnecting.
@@ -105,9 +107,30 @@ fn incarnation(store: &Store) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Forwards the configured streams until `shutdown`.
+/// The `authorization` value to send the hub: the token from `token_file`, or from the
+/// environment variable `HUBGATE_UPSTREAM_TOKEN`, if either is set.
+pub fn authorization(
+    config: &UpstreamConfig,
+) -> anyhow::Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>> {
+    let token = match &config.token_file {
+        Some(path) => Some(crate::auth::read_secret(path)?),
+        None => std::env::var("HUBGATE_UPSTREAM_TOKEN")
+            .ok()
+            .filter(|t| !t.trim().is_empty()),
+    };
+    token
+        .map(|t| {
+            format!("Bearer {}", t.trim())
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the upstream token holds characters a header cannot"))
+        })
+        .transpose()
+}
+
+/// Forwards the configured streams until `shutdown`, sending `authorization` with each call.
 pub async fn run(
     config: UpstreamConfig,
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     policy: Arc<Policy>,
     store: Arc<Store>,
     shutdown: CancellationToken,
@@ -122,6 +145,7 @@ pub async fn run(
         store,
         channel,
         config,
+        authorization,
     });
     let mut tasks = tokio::task::JoinSet::new();
     for (index, s) in policy.streams().iter().enumerate() {
@@ -215,7 +239,13 @@ async fn call(
     let (config, store) = (&shared.config, &shared.store);
     let mut client = GatewayClient::new(shared.channel.clone());
     let (tx, rx) = mpsc::channel(4);
-    let mut acks = client.push(ReceiverStream::new(rx)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(value) = &shared.authorization {
+        request
+            .metadata_mut()
+            .insert("authorization", value.clone());
+    }
+    let mut acks = client.push(request).await?.into_inner();
     shared.connected.increment(1.0);
     let _closed = on_close(&shared.connected);
     s.sent = s.acked;

@@ -1,0 +1,280 @@
+//! Who may read what over gRPC: bearer tokens with scopes, against a running gateway.
+
+use std::time::Duration;
+
+use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
+use hubgate_tests::{Gateway, Mosquitto, Publisher, config, gateway_bin, subscribe_request};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, Request};
+
+const STREAMS: &str = r#"
+[[stream]]
+name = "air"
+topics = ["city/air/+/reading"]
+purpose = "Air quality maps"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+technology = "tech__air_quality"
+retention = "1d"
+
+[stream.fields]
+station_id = "keep"
+pm25 = "keep"
+
+[[stream]]
+name = "noise"
+topics = ["city/noise/+"]
+purpose = "Noise maps"
+legal_basis = "legal obligation"
+principles = ["human_rights_equity_inclusion"]
+technology = "tech__sound_level_meter"
+retention = "1d"
+
+[stream.fields]
+meter_id = "keep"
+laeq_db = "keep"
+"#;
+
+/// `request` carrying `token`, if any.
+fn with<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+    }
+    request
+}
+
+fn token_entry(name: &str, token: &str, scopes: &str) -> String {
+    format!(
+        "\n[[grpc.token]]\nname = \"{name}\"\nsha256 = \"{}\"\n{scopes}\n",
+        hubgate::auth::digest_hex(token)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_get_only_the_streams_and_figures_their_token_allows() {
+    let (north, ops) = ("hg_north_dashboard_token", "hg_operations_token");
+    let broker = Mosquitto::start();
+    let mut text = config(broker.port, "gw-tokens", STREAMS);
+    text.push_str(&token_entry("north", north, "streams = [\"air\"]"));
+    text.push_str(&token_entry(
+        "ops",
+        ops,
+        "streams = [\"*\"]\npolicy = true\nfootprint = true",
+    ));
+    let gw = Gateway::start(gateway_bin!(), &text);
+    gw.wait_ready();
+    let publisher = Publisher::connect(broker.port, "pub-tokens");
+    for i in 0..5 {
+        publisher
+            .publish(
+                "city/air/aq/reading",
+                serde_json::json!({"station_id": format!("aq-{i}"), "pm25": 7.0}).to_string(),
+            )
+            .await;
+        publisher
+            .publish(
+                "city/noise/m1",
+                serde_json::json!({"meter_id": "m1", "laeq_db": 60 + i}).to_string(),
+            )
+            .await;
+    }
+    hubgate_tests::wait_for("10 records", Duration::from_secs(15), || {
+        gw.metric("hubgate_records_kept_total", &[("stream", "air")])
+            + gw.metric("hubgate_records_kept_total", &[("stream", "noise")])
+            == 10.0
+    });
+    let mut client = gw.client().await;
+    let oldest = |streams: &[&str], token| {
+        with(
+            subscribe_request(streams, Position::Oldest(v1::Oldest {})),
+            token,
+        )
+    };
+
+    // No token, and a wrong one: nothing, not even the list of streams.
+    for token in [None, Some("hg_not_a_token")] {
+        let err = client.subscribe(oldest(&["air"], token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        let err = client
+            .list_streams(with(v1::ListStreamsRequest {}, token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+    // A token for another stream: refused, and the same refusal for a stream that does not
+    // exist, so the answer does not tell which streams there are.
+    let err = client
+        .subscribe(oldest(&["noise"], Some(north)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let ghost = client
+        .subscribe(oldest(&["ghost"], Some(north)))
+        .await
+        .unwrap_err();
+    assert_eq!((ghost.code(), ghost.message()), (err.code(), err.message()));
+    for code in [
+        client
+            .get_policy(with(v1::GetPolicyRequest {}, Some(north)))
+            .await
+            .unwrap_err()
+            .code(),
+        client
+            .get_footprint(with(v1::GetFootprintRequest {}, Some(north)))
+            .await
+            .unwrap_err()
+            .code(),
+    ] {
+        assert_eq!(code, Code::PermissionDenied);
+    }
+    // Its listing and an "every stream" subscription hold only its stream.
+    let listed: Vec<String> = client
+        .list_streams(with(v1::ListStreamsRequest {}, Some(north)))
+        .await
+        .unwrap()
+        .into_inner()
+        .streams
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(listed, ["air"]);
+    let mut all = client
+        .subscribe(oldest(&[], Some(north)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut streams = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), all.next()).await {
+        if let Some(Event::Record(r)) = event.unwrap().event {
+            streams.push(r.stream);
+        }
+    }
+    assert_eq!(streams, vec!["air".to_owned(); 5]);
+    // Pushing needs its own scope.
+    let push = client
+        .push(with(
+            tokio_stream::iter(vec![v1::PushRequest {
+                origin: "north-1".into(),
+                stream: "air".into(),
+                records: Vec::new(),
+                incarnation: "abc".into(),
+            }]),
+            Some(north),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(push.code(), Code::PermissionDenied);
+
+    // The operations token reads everything it was given.
+    let mut noise = client
+        .subscribe(oldest(&["noise"], Some(ops)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), noise.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.event, Some(Event::Record(r)) if r.stream == "noise"));
+    client
+        .get_policy(with(v1::GetPolicyRequest {}, Some(ops)))
+        .await
+        .unwrap();
+
+    // Every refusal is counted by reason; no token appears in the log or the metrics.
+    let page = gw.metrics();
+    let refused = |reason| {
+        hubgate_tests::metric_value(&page, "hubgate_grpc_refused_total", &[("reason", reason)])
+    };
+    assert_eq!(refused("missing"), 2.0);
+    assert_eq!(refused("unknown"), 2.0);
+    assert_eq!(refused("scope"), 5.0);
+    for secret in [north, ops, "hg_not_a_token"] {
+        assert!(!gw.log().contains(secret) && !page.contains(secret));
+    }
+}
+
+#[test]
+fn tokens_and_remote_listening_are_checked_in_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hubgate.toml");
+    let text = config(1883, "gw-check", STREAMS).replace("127.0.0.1:0", "0.0.0.0:0")
+        + "\n[[grpc.token]]\nname = \"north\"\nsha256 = \"hg_plain_token\"\nstreams = [\"traffic\"]\n";
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(gateway_bin!())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    for expected in [
+        "is not a loopback address and TLS is not supported yet",
+        "sha256 must be 64 lowercase hex digits",
+        "names stream 'traffic', which the policy does not declare",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
+    // `hubgate token new` prints a token and the entry that holds only its digest.
+    let out = std::process::Command::new(gateway_bin!())
+        .args([
+            "token",
+            "new",
+            "--name",
+            "north",
+            "--stream",
+            "air",
+            "--footprint",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let entry = String::from_utf8(out.stderr).unwrap();
+    assert!(token.starts_with("hg_"));
+    assert!(entry.contains(&format!(
+        "sha256 = \"{}\"",
+        hubgate::auth::digest_hex(&token)
+    )));
+    assert!(entry.contains("streams = [\"air\"]") && entry.contains("footprint = true"));
+    assert!(!entry.contains(&token));
+}
+
+#[test]
+fn an_upstream_token_file_readable_by_others_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("upstream.token");
+    std::fs::write(&token, "hg_secret_push_token\n").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let path = dir.path().join("hubgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\ndata_dir = {:?}\n[upstream]\nendpoint = \"http://127.0.0.1:1\"\norigin = \"d1\"\ntoken_file = {:?}\n{}",
+            dir.path().join("data"),
+            token,
+            config(hubgate_tests::free_port(), "gw-token-file", STREAMS)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(gateway_bin!())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is readable by others (mode 644)") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("hg_secret_push_token"));
+}
