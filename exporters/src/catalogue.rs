@@ -10,6 +10,9 @@ pub const MQTT_RECEIVED_BYTES: &str = "hubgate_mqtt_received_bytes_total";
 pub const MQTT_CONNECTED: &str = "hubgate_mqtt_connected";
 /// MQTT connection failures and losses (each followed by a reconnect with backoff).
 pub const MQTT_CONNECTION_ERRORS: &str = "hubgate_mqtt_connection_errors_total";
+/// MQTT messages larger than `mqtt.max_packet_bytes`, dropped on arrival (acknowledged, never
+/// decoded).
+pub const MQTT_OVERSIZED: &str = "hubgate_mqtt_messages_oversized_total";
 /// Messages whose topic no stream declares; dropped.
 pub const UNROUTED_MESSAGES: &str = "hubgate_unrouted_messages_total";
 /// Messages routed to a stream. Label: `stream`.
@@ -127,6 +130,10 @@ pub fn describe() {
         "payload bytes of MQTT messages received"
     );
     describe_gauge!(MQTT_CONNECTED, "1 while the MQTT connection is up");
+    describe_counter!(
+        MQTT_OVERSIZED,
+        "MQTT messages larger than mqtt.max_packet_bytes, dropped on arrival"
+    );
     describe_counter!(
         MQTT_CONNECTION_ERRORS,
         "MQTT connection failures and losses"

@@ -225,7 +225,9 @@ pub struct MqttConfig {
     pub client_id: String,
     #[serde(deserialize_with = "duration")]
     pub keep_alive: Duration,
-    /// Largest MQTT packet accepted; larger messages are refused by the client.
+    /// Largest message payload accepted; larger messages are dropped on arrival and counted
+    /// (`hubgate_mqtt_messages_oversized_total`). Packets beyond the read limit
+    /// ([`crate::ingest::read_limit`]) cannot be read at all: cap the broker's packet size below it.
     pub max_packet_bytes: usize,
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.

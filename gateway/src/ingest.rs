@@ -32,6 +32,26 @@ use crate::config::MqttConfig;
 /// First wait before reconnecting.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 
+/// The largest packet the client can read: 16 MiB, or twice `max_packet_bytes` if that is more.
+/// A larger packet breaks the connection, and the broker would deliver it again on every
+/// reconnect, so the broker's own limit (mosquitto's `max_packet_size`) must be below this.
+/// Messages between `max_packet_bytes` and this are read, dropped and counted.
+pub fn read_limit(config: &MqttConfig) -> usize {
+    (16 << 20).max(config.max_packet_bytes.saturating_mul(2))
+}
+
+/// A message from the broker, for the pipeline.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The message; its payload is emptied when it was oversized.
+    pub publish: Publish,
+    /// The payload's size as received.
+    pub bytes: usize,
+    /// The payload was larger than `mqtt.max_packet_bytes`: dropped on arrival and counted; the
+    /// message is only acknowledged, in its turn.
+    pub oversized: bool,
+}
+
 /// Creates the client and its event loop, with hubgate's settings.
 pub fn connect(config: &MqttConfig) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
@@ -39,7 +59,7 @@ pub fn connect(config: &MqttConfig) -> (AsyncClient, EventLoop) {
         .set_keep_alive(config.keep_alive)
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+        .set_max_packet_size(read_limit(config), config.max_packet_bytes);
     // Room for one ack per queued message and per message in flight, plus control requests.
     let capacity = config.queue_capacity + 1024;
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
@@ -61,20 +81,24 @@ fn describe(err: &ConnectionError) -> String {
     }
 }
 
-/// Drives the connection until `shutdown`, sending every received PUBLISH to `queue`.
+/// Drives the connection until `shutdown`, sending every received PUBLISH to `queue`; payloads
+/// larger than `max_payload` are emptied there and then, and counted.
 ///
 /// `connected` tracks whether the broker connection is up (for `/readyz`).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut eventloop: EventLoop,
     client: AsyncClient,
     subscriptions: Vec<String>,
-    queue: mpsc::Sender<Publish>,
+    max_payload: usize,
+    queue: mpsc::Sender<Inbound>,
     connected: watch::Sender<bool>,
     backoff_max: Duration,
     shutdown: CancellationToken,
 ) {
     let up = metrics::gauge!(catalogue::MQTT_CONNECTED);
     let errors = metrics::counter!(catalogue::MQTT_CONNECTION_ERRORS);
+    let oversized = metrics::counter!(catalogue::MQTT_OVERSIZED);
     let filters: Vec<SubscribeFilter> = subscriptions
         .iter()
         .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
@@ -86,9 +110,20 @@ pub async fn run(
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Incoming(Packet::Publish(mut publish))) => {
+                let bytes = publish.payload.len();
+                let too_big = bytes > max_payload;
+                if too_big {
+                    oversized.increment(1);
+                    drop(std::mem::take(&mut publish.payload));
+                }
+                let inbound = Inbound {
+                    publish,
+                    bytes,
+                    oversized: too_big,
+                };
                 // Waits while the pipeline is busy: that is the backpressure.
-                if queue.send(publish).await.is_err() {
+                if queue.send(inbound).await.is_err() {
                     break;
                 }
             }

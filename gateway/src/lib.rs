@@ -273,11 +273,13 @@ pub async fn start_in(
     }
     {
         let (shutdown, backoff_max) = (shutdown.clone(), config.mqtt.reconnect_backoff_max);
+        let max_payload = config.mqtt.max_packet_bytes;
         tasks.spawn(async move {
             ingest::run(
                 eventloop,
                 client,
                 subscriptions,
+                max_payload,
                 queue_tx,
                 connected_tx,
                 backoff_max,

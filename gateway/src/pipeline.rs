@@ -56,6 +56,8 @@ use hubgate_proto::v1;
 use metrics::{Counter, Gauge};
 use prost::Message as _;
 use rumqttc::{AsyncClient, Publish};
+
+use crate::ingest::Inbound;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -564,12 +566,14 @@ impl Pipeline {
     }
 
     /// Processes a batch of messages and stages their records (see [`Pipeline::commit`]).
-    pub fn process(&mut self, batch: &[Publish], now_ms: i64) {
+    /// Oversized messages were dropped on arrival: they count as received, and are only
+    /// acknowledged.
+    pub fn process(&mut self, batch: &[Inbound], now_ms: i64) {
         let mut unrouted = 0u64;
         let mut bytes = 0u64;
-        for publish in batch {
-            bytes += publish.payload.len() as u64;
-            if !self.process_one(publish, now_ms) {
+        for inbound in batch {
+            bytes += inbound.bytes as u64;
+            if !inbound.oversized && !self.process_one(&inbound.publish, now_ms) {
                 unrouted += 1;
             }
         }
@@ -806,7 +810,7 @@ impl Acker {
 /// forward (see [`crate::push`]).
 pub async fn run(
     mut pipeline: Pipeline,
-    mut queue: mpsc::Receiver<Publish>,
+    mut queue: mpsc::Receiver<Inbound>,
     mut pushed: mpsc::Receiver<PushJob>,
     mut acker: Acker,
     shutdown: CancellationToken,
@@ -840,7 +844,7 @@ pub async fn run(
             // them again).
             return;
         }
-        acker.ack(batch.drain(..));
+        acker.ack(batch.drain(..).map(|inbound| inbound.publish));
         if let Some((reply, ack)) = push_reply {
             let _ = reply.send(ack);
         }

@@ -278,3 +278,93 @@ fn an_upstream_token_file_readable_by_others_stops_the_start() {
     );
     assert!(!stderr.contains("hg_secret_push_token"));
 }
+
+/// A flood of hostile payloads on one topic (oversized, malformed, deeply nested, not UTF-8)
+/// leaves another topic's stream flowing with no loss, every rejection counted, and the
+/// gateway's memory bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_flood_on_one_topic_does_not_starve_another() {
+    const GOOD: u64 = 300;
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-flood", STREAMS).replace(
+            "reconnect_backoff_max = \"500ms\"",
+            "reconnect_backoff_max = \"500ms\"\nmax_packet_bytes = 65536",
+        ),
+    );
+    gw.wait_ready();
+    let rss_before = gw.rss_kib();
+    let mut good = Publisher::connect(broker.port, "pub-good");
+    let mut hostile = Publisher::connect(broker.port, "pub-hostile");
+    let mut records = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let oversized = format!(
+        "{{\"meter_id\": \"x\", \"pad\": \"{}\"}}",
+        "a".repeat(200_000)
+    );
+    let deep = format!("{}1{}", "{\"a\":".repeat(5_000), "}".repeat(5_000));
+    let mut hostile_sent = 0u64;
+    for i in 0..GOOD {
+        if i % 3 == 0 {
+            let payloads: [Vec<u8>; 4] = [
+                oversized.clone().into_bytes(),
+                b"{\"meter_id\": \"m\", \"laeq_db\": ".to_vec(),
+                deep.clone().into_bytes(),
+                vec![0xff, 0xfe, b'{', 0x80, b'}'],
+            ];
+            for payload in payloads {
+                hostile.publish("city/air/evil/reading", payload).await;
+                hostile_sent += 1;
+            }
+        }
+        good.publish(
+            "city/noise/m1",
+            serde_json::json!({"meter_id": "m1", "laeq_db": i}).to_string(),
+        )
+        .await;
+    }
+    good.wait_acked(GOOD).await;
+    hostile.wait_acked(hostile_sent).await;
+    let mut seen = Vec::new();
+    while (seen.len() as u64) < GOOD {
+        let event = tokio::time::timeout(Duration::from_secs(30), records.next())
+            .await
+            .expect("the good stream keeps flowing")
+            .unwrap()
+            .unwrap();
+        if let Some(Event::Record(r)) = event.event {
+            seen.push(hubgate_tests::fields(&r)["laeq_db"].parse::<u64>().unwrap());
+        }
+    }
+    assert_eq!(seen, (0..GOOD).collect::<Vec<_>>(), "no loss, in order");
+    // Every hostile message is rejected and counted, none kept.
+    let per_kind = hostile_sent / 4;
+    hubgate_tests::wait_for("every rejection counted", Duration::from_secs(15), || {
+        let page = gw.metrics();
+        let m = |name, labels: &[(&str, &str)]| hubgate_tests::metric_value(&page, name, labels);
+        m(
+            "hubgate_messages_dropped_total",
+            &[("stream", "air"), ("reason", "decode")],
+        ) + m("hubgate_mqtt_messages_oversized_total", &[])
+            == hostile_sent as f64
+    });
+    assert_eq!(
+        gw.metric("hubgate_mqtt_messages_oversized_total", &[]),
+        per_kind as f64
+    );
+    assert_eq!(
+        gw.metric("hubgate_records_kept_total", &[("stream", "air")]),
+        0.0
+    );
+    let rss_after = gw.rss_kib();
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "memory grew from {rss_before} KiB to {rss_after} KiB"
+    );
+}
