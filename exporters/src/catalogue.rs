@@ -93,8 +93,8 @@ pub const INTENSITY_MISSING_SECONDS: &str = "hubgate_grid_intensity_missing_seco
 pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
-/// gRPC calls refused for want of a valid token or of scope. Label: `reason` (`missing`,
-/// `unknown`, `scope`).
+/// gRPC calls refused for want of a valid token, of scope, or of room. Label: `reason`
+/// (`missing`, `unknown`, `scope`, `capacity`).
 pub const GRPC_REFUSED: &str = "hubgate_grpc_refused_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";

@@ -232,11 +232,11 @@ pub struct MqttConfig {
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.
     pub queue_capacity: usize,
-    /// A file holding the bearer token the hub gave this gateway (one line); it must not be
-    /// readable by group or others. The environment variable `HUBGATE_UPSTREAM_TOKEN` may hold it
-    /// instead.
-    #[serde(default)]
-    pub token_file: Option<std::path::PathBuf>,
+    /// User name at the broker, if it wants one.
+    pub username: Option<String>,
+    /// A file holding the broker password (one line); it must not be readable by group or
+    /// others. The environment variable `HUBGATE_MQTT_PASSWORD` may hold it instead.
+    pub password_file: Option<std::path::PathBuf>,
     /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
     #[serde(deserialize_with = "duration")]
     pub reconnect_backoff_max: Duration,
@@ -251,8 +251,9 @@ impl Default for MqttConfig {
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 256 * 1024,
             queue_capacity: 4096,
+            username: None,
+            password_file: None,
             reconnect_backoff_max: Duration::from_secs(30),
-            token_file: None,
         }
     }
 }
@@ -265,6 +266,8 @@ pub struct GrpcConfig {
     pub listen: SocketAddr,
     /// Serve on a non-loopback address without TLS (only behind a proxy that terminates TLS).
     pub allow_insecure_remote: bool,
+    /// Subscribe calls open at once, at most; more are refused (`RESOURCE_EXHAUSTED`).
+    pub max_subscribers: usize,
     /// Clients' bearer tokens, by digest, with their scopes (see [`crate::auth`]). None: the API
     /// is open.
     #[serde(rename = "token")]
@@ -276,6 +279,7 @@ impl Default for GrpcConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             allow_insecure_remote: false,
+            max_subscribers: 256,
             tokens: Vec::new(),
         }
     }
@@ -498,6 +502,12 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
             "mqtt.client_id must not be empty (the session is persistent)",
         );
     }
+    if mqtt.password_file.is_some() && mqtt.username.is_none() {
+        diags.error(
+            mqtt_span.clone(),
+            "mqtt.password_file is set but mqtt.username is not",
+        );
+    }
     if mqtt.queue_capacity == 0 {
         diags.error(mqtt_span.clone(), "mqtt.queue_capacity must be at least 1");
     }
@@ -582,6 +592,9 @@ fn check_grpc(
             span.clone(),
             "the gRPC API is open to anyone who can reach it: give clients tokens ([[grpc.token]])",
         );
+    }
+    if grpc.max_subscribers == 0 {
+        diags.error(span.clone(), "grpc.max_subscribers must be at least 1");
     }
     let mut names = std::collections::HashSet::new();
     for token in &grpc.tokens {

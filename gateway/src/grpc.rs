@@ -21,6 +21,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hubgate_exporters::catalogue;
 use hubgate_privacy::Policy;
@@ -54,6 +55,9 @@ pub struct GatewayService {
     footprint: watch::Receiver<v1::Footprint>,
     /// Who may call (see [`crate::auth`]).
     tokens: Arc<Tokens>,
+    /// Subscribe calls open now, and the most allowed.
+    subscribers: Arc<AtomicUsize>,
+    max_subscribers: usize,
     published: Published,
     shutdown: CancellationToken,
 }
@@ -64,7 +68,7 @@ impl GatewayService {
         store: Arc<Store>,
         pushed: mpsc::Sender<PushJob>,
         footprint: watch::Receiver<v1::Footprint>,
-        tokens: Arc<Tokens>,
+        access: Access,
         published: Published,
         shutdown: CancellationToken,
     ) -> Self {
@@ -73,11 +77,20 @@ impl GatewayService {
             store,
             pushed,
             footprint,
-            tokens,
+            tokens: access.tokens,
+            subscribers: Arc::new(AtomicUsize::new(0)),
+            max_subscribers: access.max_subscribers,
             published,
             shutdown,
         }
     }
+}
+
+/// Who may call, and how many may subscribe at once.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub tokens: Arc<Tokens>,
+    pub max_subscribers: usize,
 }
 
 /// The running policy's register, and when the policy was loaded (for `GetPolicy`).
@@ -87,19 +100,29 @@ pub struct Published {
     pub loaded_at: std::time::SystemTime,
 }
 
-/// Decrements the subscriber gauge when the last follower of a call ends.
+/// Holds one of the `max_subscribers` places while a Subscribe call is open: released when the
+/// last follower of the call ends.
 #[derive(Debug)]
-struct SubscriberGuard;
+struct SubscriberGuard(Arc<AtomicUsize>);
 
 impl SubscriberGuard {
-    fn new() -> Self {
+    /// A place, or `RESOURCE_EXHAUSTED` (counted) when all `max` are taken.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Result<Self, Status> {
+        if open.fetch_add(1, Ordering::AcqRel) >= max {
+            open.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "capacity").increment(1);
+            return Err(Status::resource_exhausted(
+                "too many subscribers; try again later",
+            ));
+        }
         metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).increment(1.0);
-        SubscriberGuard
+        Ok(SubscriberGuard(Arc::clone(open)))
     }
 }
 
 impl Drop for SubscriberGuard {
     fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).decrement(1.0);
     }
 }
@@ -269,8 +292,11 @@ impl Gateway for GatewayService {
             .start
             .and_then(|s| s.position)
             .unwrap_or(Position::Live(v1::Live {}));
+        let guard = Arc::new(SubscriberGuard::take(
+            &self.subscribers,
+            self.max_subscribers,
+        )?);
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-        let guard = Arc::new(SubscriberGuard::new());
         for index in indexes {
             let name = &self.policy.streams()[index].name;
             let cursor = match (req.from_sequence.get(name), &start) {
@@ -372,7 +398,7 @@ impl Follower {
             self.sent_bytes.increment(bytes);
             crate::footprint::TRAFFIC
                 .grpc_sent
-                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(bytes, Ordering::Relaxed);
             self.cursor = batch.next;
             if caught_up {
                 tokio::select! {

@@ -52,9 +52,24 @@ pub struct Inbound {
     pub oversized: bool,
 }
 
-/// Creates the client and its event loop, with hubgate's settings.
-pub fn connect(config: &MqttConfig) -> (AsyncClient, EventLoop) {
+/// The broker password: from `mqtt.password_file` (which must not be readable by group or
+/// others), else from the environment variable `HUBGATE_MQTT_PASSWORD`.
+pub fn password(config: &MqttConfig) -> anyhow::Result<Option<String>> {
+    match &config.password_file {
+        Some(path) => crate::auth::read_secret(path).map(Some),
+        None => Ok(std::env::var("HUBGATE_MQTT_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty())),
+    }
+}
+
+/// Creates the client and its event loop, with hubgate's settings, logging in with `username`
+/// and `password` when the configuration names a user.
+pub fn connect(config: &MqttConfig, password: Option<String>) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
+    if let Some(user) = &config.username {
+        options.set_credentials(user.clone(), password.unwrap_or_default());
+    }
     options
         .set_keep_alive(config.keep_alive)
         .set_clean_session(false)

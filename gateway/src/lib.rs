@@ -164,6 +164,7 @@ pub async fn start_in(
         None => None,
     };
     let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
+    let mqtt_password = ingest::password(&config.mqtt)?;
     let loaded_at = std::time::SystemTime::now();
     let register = Arc::new(register::Register::new(
         &config,
@@ -238,7 +239,7 @@ pub async fn start_in(
     let stats = Arc::new(Stats::new(policy.streams().len()));
     let (connected_tx, connected_rx) = watch::channel(false);
     let (queue_tx, queue_rx) = mpsc::channel(config.mqtt.queue_capacity);
-    let (client, eventloop) = ingest::connect(&config.mqtt);
+    let (client, eventloop) = ingest::connect(&config.mqtt, mqtt_password);
     let subscriptions = policy
         .subscriptions()
         .into_iter()
@@ -295,7 +296,10 @@ pub async fn start_in(
         Arc::clone(&store),
         push_tx,
         footprint_rx,
-        tokens,
+        grpc::Access {
+            tokens,
+            max_subscribers: config.grpc.max_subscribers,
+        },
         grpc::Published {
             register: Arc::clone(&register),
             loaded_at,

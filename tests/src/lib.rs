@@ -69,6 +69,8 @@ pub struct Mosquitto {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    /// Only these users may connect (`allow_anonymous false`), when set.
+    users: bool,
 }
 
 impl Mosquitto {
@@ -78,6 +80,41 @@ impl Mosquitto {
             port: free_port(),
             dir,
             child: None,
+            users: false,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// A broker that lets only `users` (name, password) connect.
+    pub fn with_users(users: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let passwords = dir.path().join("passwords");
+        for (i, (user, password)) in users.iter().enumerate() {
+            let mut command = Command::new("mosquitto_passwd");
+            if i == 0 {
+                command.arg("-c");
+            }
+            let status = command
+                .arg("-b")
+                .arg(&passwords)
+                .arg(user)
+                .arg(password)
+                .status()
+                .expect("mosquitto_passwd (part of mosquitto)");
+            assert!(status.success(), "mosquitto_passwd failed");
+        }
+        // mosquitto reads it after dropping to its own user.
+        std::fs::set_permissions(
+            &passwords,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("chmod");
+        let mut broker = Self {
+            port: free_port(),
+            dir,
+            child: None,
+            users: true,
         };
         broker.spawn();
         broker
@@ -92,10 +129,18 @@ impl Mosquitto {
             std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
                 .expect("chmod");
         }
+        let access = if self.users {
+            format!(
+                "allow_anonymous false\npassword_file {}",
+                self.dir.path().join("passwords").display()
+            )
+        } else {
+            "allow_anonymous true".to_owned()
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
+                "listener {port} 127.0.0.1\n{access}\npersistence true\npersistence_location {data}/\n\
                  autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 20\nset_tcp_nodelay true\n\
                  log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\n",
                 port = self.port,

@@ -368,3 +368,90 @@ async fn a_hostile_flood_on_one_topic_does_not_starve_another() {
         "memory grew from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+/// The gateway logs in to a broker that wants a user and password, read from a file that only
+/// its owner can read; a wrong password keeps it out, and the password is never logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_login_comes_from_a_private_file_and_is_never_logged() {
+    let broker =
+        Mosquitto::with_users(&[("hubgate", "s3cret-broker-pass"), ("sensor", "sensor-pass")]);
+    let dir = tempfile::tempdir().unwrap();
+    let login = |password: &str| {
+        let file = dir.path().join(format!("password-{}", password.len()));
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        config(broker.port, "gw-login", STREAMS).replace(
+            "reconnect_backoff_max = \"500ms\"",
+            &format!(
+                "reconnect_backoff_max = \"500ms\"\nusername = \"hubgate\"\npassword_file = {file:?}"
+            ),
+        )
+    };
+    let wrong = Gateway::start(gateway_bin!(), &login("not-the-password"));
+    hubgate_tests::wait_for("a refused login", Duration::from_secs(10), || {
+        wrong.metric("hubgate_mqtt_connection_errors_total", &[]) >= 1.0
+    });
+    assert_eq!(hubgate_tests::http_get(wrong.admin, "/readyz").0, 503);
+    assert!(!wrong.log().contains("not-the-password"));
+    drop(wrong);
+
+    let gw = Gateway::start(gateway_bin!(), &login("s3cret-broker-pass"));
+    gw.wait_ready();
+    let mut records = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut options = rumqttc::MqttOptions::new("sensor-1", "127.0.0.1", broker.port);
+    options.set_credentials("sensor", "sensor-pass");
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    client
+        .publish(
+            "city/noise/m1",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            serde_json::json!({"meter_id": "m1", "laeq_db": 61}).to_string(),
+        )
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), records.next())
+        .await
+        .expect("the reading arrives")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(event.event, Some(Event::Record(_))));
+    assert!(!gw.log().contains("s3cret-broker-pass"));
+}
+
+/// Subscribers beyond `grpc.max_subscribers` are refused with RESOURCE_EXHAUSTED and counted;
+/// a place frees when one leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_are_capped() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-cap", STREAMS).replace(
+            "[grpc]\nlisten = \"127.0.0.1:0\"",
+            "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 2",
+        ),
+    );
+    let mut client = gw.client().await;
+    let live = || subscribe_request(&["air"], Position::Live(v1::Live {}));
+    let first = client.subscribe(live()).await.unwrap().into_inner();
+    let _second = client.subscribe(live()).await.unwrap().into_inner();
+    let third = client.subscribe(live()).await.unwrap_err();
+    assert_eq!(third.code(), Code::ResourceExhausted);
+    assert_eq!(
+        gw.metric("hubgate_grpc_refused_total", &[("reason", "capacity")]),
+        1.0
+    );
+    drop(first);
+    hubgate_tests::wait_for("a place to free", Duration::from_secs(10), || {
+        gw.metric("hubgate_grpc_subscribers", &[]) == 1.0
+    });
+    client.subscribe(live()).await.unwrap();
+}
