@@ -903,4 +903,45 @@ mod tests {
                 .any(|d| d.message.contains("no [[stream]] is declared"))
         );
     }
+
+    mod mangled {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn boundary(s: &str, at: usize) -> usize {
+            let mut at = at.min(s.len());
+            while !s.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(96))]
+            /// A valid configuration with a piece cut off and a few characters inserted
+            /// anywhere: the parser answers, never panics, and every diagnostic points inside
+            /// the text.
+            #[test]
+            fn mangled_configurations_get_an_answer(
+                insert in "[a-z0-9\\[\\]{}=\"', .#\n\t-]{0,12}",
+                at in 0usize..6000,
+                keep in 0usize..6000,
+            ) {
+                let mut src = DEFAULT_CONFIG.to_owned();
+                let at = boundary(&src, at);
+                src.insert_str(at, &insert);
+                let keep = boundary(&src, keep.max(at));
+                src.truncate(keep);
+                let diagnostics = match parse(&src) {
+                    Ok((_, warnings)) => warnings,
+                    Err(rejected) => rejected.diagnostics,
+                };
+                let lines = src.lines().count().max(1);
+                for d in &diagnostics {
+                    let (line, column) = d.position(&src);
+                    prop_assert!((1..=lines + 1).contains(&line) && column >= 1, "{line}:{column}");
+                }
+            }
+        }
+    }
 }

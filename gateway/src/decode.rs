@@ -4,8 +4,9 @@
 //! (`{"location": {"district": "north"}}` gives `location.district`). Numbers become integers when
 //! they are whole and fit in 64 bits, floats otherwise. Arrays and nulls cannot be represented as
 //! field values: they are skipped and counted in [`Reading::unsupported`], so the allow-list counts
-//! them as dropped. A payload that is not a JSON object, nests deeper than [`MAX_DEPTH`], or gives
-//! two values for one path is rejected whole: the caller drops it and counts it.
+//! them as dropped. A payload that is not a JSON object, nests deeper than [`MAX_DEPTH`], has more
+//! than [`MAX_FIELDS`] members at all levels, or gives two values for one path is rejected whole:
+//! the caller drops it and counts it.
 //!
 //! Decoders are pure functions over bytes; they never log what they read.
 
@@ -18,6 +19,9 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 /// Deepest object nesting accepted.
 pub const MAX_DEPTH: usize = 16;
 
+/// Most members (fields, arrays, nulls and objects, at every level) a payload may have.
+pub const MAX_FIELDS: usize = 1024;
+
 /// Why a payload was rejected. Messages never quote the payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -27,6 +31,8 @@ pub enum DecodeError {
     NotAnObject,
     #[error("payload nests objects deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    #[error("payload has more than {MAX_FIELDS} members")]
+    TooManyFields,
     #[error("payload gives more than one value for a field")]
     DuplicateField,
 }
@@ -36,10 +42,12 @@ pub fn json(payload: &[u8]) -> Result<Reading, DecodeError> {
     let mut reading = Reading::default();
     let mut prefix = String::new();
     let mut de = serde_json::Deserializer::from_slice(payload);
+    let mut members = 0;
     let seed = Flatten {
         prefix: &mut prefix,
         out: &mut reading,
         depth: 0,
+        members: &mut members,
     };
     match de
         .deserialize_map(ObjectVisitor(seed))
@@ -50,6 +58,9 @@ pub fn json(payload: &[u8]) -> Result<Reading, DecodeError> {
             return Err(match err.classify() {
                 serde_json::error::Category::Data if err.to_string().starts_with(TOO_DEEP) => {
                     DecodeError::TooDeep
+                }
+                serde_json::error::Category::Data if err.to_string().starts_with(TOO_MANY) => {
+                    DecodeError::TooManyFields
                 }
                 serde_json::error::Category::Data => DecodeError::NotAnObject,
                 _ => DecodeError::Syntax {
@@ -66,6 +77,7 @@ pub fn json(payload: &[u8]) -> Result<Reading, DecodeError> {
 }
 
 const TOO_DEEP: &str = "hubgate: nesting too deep";
+const TOO_MANY: &str = "hubgate: too many members";
 
 fn has_duplicates(fields: &[(String, Value)]) -> bool {
     if fields.len() <= 16 {
@@ -83,6 +95,8 @@ struct Flatten<'a> {
     prefix: &'a mut String,
     out: &'a mut Reading,
     depth: usize,
+    /// Members seen so far in the payload, at all levels.
+    members: &'a mut usize,
 }
 
 /// Visits the top-level object, which must be a map.
@@ -96,8 +110,13 @@ impl<'de> Visitor<'de> for ObjectVisitor<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        let Flatten { prefix, out, depth } = self.0;
-        visit_object(prefix, out, depth, map)
+        let Flatten {
+            prefix,
+            out,
+            depth,
+            members,
+        } = self.0;
+        visit_object(prefix, out, depth, members, map)
     }
 }
 
@@ -105,6 +124,7 @@ fn visit_object<'de, A: MapAccess<'de>>(
     prefix: &mut String,
     out: &mut Reading,
     depth: usize,
+    members: &mut usize,
     mut map: A,
 ) -> Result<(), A::Error> {
     if depth >= MAX_DEPTH {
@@ -112,6 +132,10 @@ fn visit_object<'de, A: MapAccess<'de>>(
     }
     let base = prefix.len();
     while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        *members += 1;
+        if *members > MAX_FIELDS {
+            return Err(de::Error::custom(TOO_MANY));
+        }
         if base > 0 {
             prefix.push('.');
         }
@@ -120,6 +144,7 @@ fn visit_object<'de, A: MapAccess<'de>>(
             prefix: &mut *prefix,
             out: &mut *out,
             depth: depth + 1,
+            members: &mut *members,
         })?;
         prefix.truncate(base);
     }
@@ -189,7 +214,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        visit_object(self.prefix, self.out, self.depth, map)
+        visit_object(self.prefix, self.out, self.depth, self.members, map)
     }
 }
 
@@ -248,6 +273,16 @@ mod tests {
         assert_eq!(json(deep.as_bytes()), Err(DecodeError::TooDeep));
         let ok = format!("{}1{}", "{\"a\":".repeat(MAX_DEPTH), "}".repeat(MAX_DEPTH));
         assert!(json(ok.as_bytes()).is_ok());
+        // Members are counted at every level, arrays and nulls included.
+        let members = |n: usize| {
+            let inner: Vec<String> = (0..n).map(|i| format!("\"f{i}\":null")).collect();
+            format!("{{\"o\":{{{}}}}}", inner.join(","))
+        };
+        assert!(json(members(MAX_FIELDS - 1).as_bytes()).is_ok());
+        assert_eq!(
+            json(members(MAX_FIELDS).as_bytes()),
+            Err(DecodeError::TooManyFields)
+        );
     }
 
     #[test]

@@ -175,3 +175,80 @@ fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
         );
     }
 }
+
+/// The committed corpus of hostile inputs (`tests/corpus/`) replayed through the payload decoder
+/// and the configuration parser, called as library functions: every input gets an answer, never
+/// a panic; the payloads that cannot be a reading are refused; every configuration error points
+/// inside its file. (Run continuously by the property tests of `gateway/src/decode.rs` and
+/// `gateway/src/config.rs`; new crashers found there belong in this corpus.)
+#[test]
+fn the_hostile_corpus_is_answered_without_a_panic() {
+    let corpus = repo().join("tests/corpus");
+    let mut refused = Vec::new();
+    let mut payloads: Vec<_> = std::fs::read_dir(corpus.join("payloads"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    payloads.sort();
+    assert!(payloads.len() >= 20);
+    for path in &payloads {
+        let bytes = std::fs::read(path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let outcome = std::panic::catch_unwind(|| hubgate::decode::json(&bytes));
+        let decoded = outcome.unwrap_or_else(|_| panic!("the decoder panicked on {name}"));
+        if let Err(err) = decoded {
+            // The error never quotes the payload.
+            assert!(err.to_string().len() < 120, "{name}: {err}");
+            refused.push(name);
+        }
+    }
+    for must in [
+        "bom.bin",
+        "deep_objects.json",
+        "duplicate_after_flatten.json",
+        "empty.json",
+        "invalid_utf8.bin",
+        "jpeg_magic.bin",
+        "lone_surrogate.json",
+        "many_members.json",
+        "nan_literal.json",
+        "nul_bytes.bin",
+        "png_magic.bin",
+        "top_level_array.json",
+        "top_level_string.json",
+        "trailing_garbage.json",
+        "unterminated.json",
+        "utf16.bin",
+        "whitespace_only.json",
+    ] {
+        assert!(refused.contains(&must.to_owned()), "{must} was accepted");
+    }
+
+    let mut configs: Vec<_> = std::fs::read_dir(corpus.join("configs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    configs.sort();
+    for path in &configs {
+        let source = String::from_utf8_lossy(&std::fs::read(path).unwrap()).into_owned();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let outcome = std::panic::catch_unwind(|| hubgate::config::parse(&source));
+        let parsed = outcome.unwrap_or_else(|_| panic!("the parser panicked on {name}"));
+        let diagnostics = match parsed {
+            Ok((_, warnings)) => warnings,
+            Err(rejected) => rejected.diagnostics,
+        };
+        let lines = source.lines().count().max(1);
+        for d in &diagnostics {
+            let (line, column) = d.position(&source);
+            assert!(
+                (1..=lines + 1).contains(&line) && column >= 1,
+                "{name}: {line}:{column} is outside the file"
+            );
+        }
+        assert!(
+            name == "crlf_and_tabs.toml" || !diagnostics.is_empty(),
+            "{name} was taken without a word"
+        );
+    }
+}
