@@ -13,6 +13,8 @@ pub const MQTT_CONNECTION_ERRORS: &str = "hubgate_mqtt_connection_errors_total";
 /// MQTT messages larger than `mqtt.max_packet_bytes`, dropped on arrival (acknowledged, never
 /// decoded).
 pub const MQTT_OVERSIZED: &str = "hubgate_mqtt_messages_oversized_total";
+/// MQTT messages over their topic's rate limit, dropped before decoding.
+pub const MQTT_RATE_LIMITED: &str = "hubgate_mqtt_messages_rate_limited_total";
 /// Messages whose topic no stream declares; dropped.
 pub const UNROUTED_MESSAGES: &str = "hubgate_unrouted_messages_total";
 /// Messages routed to a stream. Label: `stream`.
@@ -130,6 +132,10 @@ pub fn describe() {
         "payload bytes of MQTT messages received"
     );
     describe_gauge!(MQTT_CONNECTED, "1 while the MQTT connection is up");
+    describe_counter!(
+        MQTT_RATE_LIMITED,
+        "MQTT messages over their topic's rate limit, dropped before decoding"
+    );
     describe_counter!(
         MQTT_OVERSIZED,
         "MQTT messages larger than mqtt.max_packet_bytes, dropped on arrival"

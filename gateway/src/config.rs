@@ -232,6 +232,9 @@ pub struct MqttConfig {
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.
     pub queue_capacity: usize,
+    /// Messages per second each topic may send (and its burst); more are dropped and counted.
+    /// Off when absent.
+    pub rate_limit: Option<crate::ratelimit::Limit>,
     /// User name at the broker, if it wants one.
     pub username: Option<String>,
     /// A file holding the broker password (one line); it must not be readable by group or
@@ -251,6 +254,7 @@ impl Default for MqttConfig {
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 256 * 1024,
             queue_capacity: 4096,
+            rate_limit: None,
             username: None,
             password_file: None,
             reconnect_backoff_max: Duration::from_secs(30),
@@ -500,6 +504,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         diags.error(
             mqtt_span.clone(),
             "mqtt.client_id must not be empty (the session is persistent)",
+        );
+    }
+    if let Some(limit) = mqtt.rate_limit
+        && !(limit.per_second.is_finite() && limit.per_second > 0.0 && limit.burst >= 1.0)
+    {
+        diags.error(
+            mqtt_span.clone(),
+            "mqtt.rate_limit needs per_second above 0 and a burst of at least 1",
         );
     }
     if mqtt.password_file.is_some() && mqtt.username.is_none() {

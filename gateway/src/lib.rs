@@ -33,6 +33,7 @@ pub mod keys;
 pub mod outbox;
 pub mod pipeline;
 pub mod push;
+pub mod ratelimit;
 pub mod register;
 pub mod simulator;
 pub mod store;
@@ -256,13 +257,16 @@ pub async fn start_in(
     } else {
         None
     };
-    let pipeline = Pipeline::new(
+    let mut pipeline = Pipeline::new(
         Arc::clone(&policy),
         Arc::clone(&store),
         Arc::clone(&stats),
         budget,
         Arc::clone(&audit),
     )?;
+    if let Some(limit) = config.mqtt.rate_limit {
+        pipeline.limit_topics(limit);
+    }
     let acker = Acker::new(client.clone());
     let (push_tx, push_rx) = mpsc::channel(16);
     {

@@ -58,6 +58,7 @@ use prost::Message as _;
 use rumqttc::{AsyncClient, Publish};
 
 use crate::ingest::Inbound;
+use crate::ratelimit::{Limit, TopicLimiter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -309,6 +310,9 @@ pub struct Pipeline {
     commit_failures: [Counter; 2],
     /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::push`]).
     push_marks: std::collections::HashMap<String, u64>,
+    /// Per-topic rate limits, when configured (see [`crate::ratelimit`]).
+    limiter: Option<TopicLimiter>,
+    rate_limited: Counter,
 }
 
 impl Pipeline {
@@ -337,6 +341,8 @@ impl Pipeline {
             });
         }
         Ok(Self {
+            limiter: None,
+            rate_limited: metrics::counter!(catalogue::MQTT_RATE_LIMITED),
             policy_hash: policy.hash_hex(),
             policy,
             store,
@@ -565,18 +571,34 @@ impl Pipeline {
         }
     }
 
+    /// Limits each MQTT topic to `limit`; messages over it are dropped before decoding.
+    pub fn limit_topics(&mut self, limit: Limit) {
+        self.limiter = Some(TopicLimiter::new(limit));
+    }
+
     /// Processes a batch of messages and stages their records (see [`Pipeline::commit`]).
-    /// Oversized messages were dropped on arrival: they count as received, and are only
-    /// acknowledged.
+    /// Oversized messages were dropped on arrival, and messages over their topic's rate limit are
+    /// dropped here: they count as received, and are only acknowledged.
     pub fn process(&mut self, batch: &[Inbound], now_ms: i64) {
         let mut unrouted = 0u64;
         let mut bytes = 0u64;
+        let mut limited = 0u64;
         for inbound in batch {
             bytes += inbound.bytes as u64;
-            if !inbound.oversized && !self.process_one(&inbound.publish, now_ms) {
+            if inbound.oversized {
+                continue;
+            }
+            if let Some(limiter) = &mut self.limiter
+                && !limiter.allow(&inbound.publish.topic, now_ms)
+            {
+                limited += 1;
+                continue;
+            }
+            if !self.process_one(&inbound.publish, now_ms) {
                 unrouted += 1;
             }
         }
+        self.rate_limited.increment(limited);
         let n = batch.len() as u64;
         self.received.increment(n);
         self.received_bytes.increment(bytes);

@@ -455,3 +455,68 @@ async fn subscribers_are_capped() {
     });
     client.subscribe(live()).await.unwrap();
 }
+
+/// With `mqtt.rate_limit`, a device flooding its topic is held to its rate, the excess counted,
+/// while another device's readings all pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_over_its_rate_limit_is_held_back_and_others_pass() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-rate", STREAMS).replace(
+            "reconnect_backoff_max = \"500ms\"",
+            "reconnect_backoff_max = \"500ms\"\nrate_limit = { per_second = 2.0, burst = 10.0 }",
+        ),
+    );
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-rate");
+    for i in 0..200 {
+        publisher
+            .publish(
+                "city/noise/loud",
+                serde_json::json!({"meter_id": "loud", "laeq_db": i}).to_string(),
+            )
+            .await;
+        if i % 20 == 0 {
+            publisher
+                .publish(
+                    "city/noise/quiet",
+                    serde_json::json!({"meter_id": "quiet", "laeq_db": i}).to_string(),
+                )
+                .await;
+        }
+    }
+    publisher.wait_acked(210).await;
+    hubgate_tests::wait_for(
+        "every message accounted for",
+        Duration::from_secs(15),
+        || gw.metric("hubgate_mqtt_messages_received_total", &[]) == 210.0,
+    );
+    let kept = gw.metric("hubgate_records_kept_total", &[("stream", "noise")]);
+    let limited = gw.metric("hubgate_mqtt_messages_rate_limited_total", &[]);
+    assert_eq!(kept + limited, 210.0);
+    // The quiet meter's 10 readings all pass; the loud one gets its burst and a few seconds' rate.
+    assert!(
+        (20.0..=60.0).contains(&kept),
+        "kept {kept}, rate-limited {limited}"
+    );
+    let mut records = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(
+            &["noise"],
+            Position::Oldest(v1::Oldest {}),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut quiet = 0;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), records.next()).await {
+        if let Some(Event::Record(r)) = event.unwrap().event
+            && hubgate_tests::fields(&r)["meter_id"] == "quiet"
+        {
+            quiet += 1;
+        }
+    }
+    assert_eq!(quiet, 10);
+}
