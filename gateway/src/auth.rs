@@ -178,9 +178,26 @@ pub fn digest_hex(token: &str) -> String {
         .collect()
 }
 
+/// Reads a private file (a key) whole. It must not be readable by group or others.
+pub fn read_private(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    check_private(path)?;
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
 /// Reads a secret (a token) from `path`: its first line, trimmed. The file must not be readable
 /// by group or others.
 pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    check_private(path)?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim().to_owned();
+    if secret.is_empty() {
+        anyhow::bail!("{} is empty", path.display());
+    }
+    Ok(secret)
+}
+
+fn check_private(path: &std::path::Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -196,13 +213,7 @@ pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
             );
         }
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let secret = text.lines().next().unwrap_or_default().trim().to_owned();
-    if secret.is_empty() {
-        anyhow::bail!("{} is empty", path.display());
-    }
-    Ok(secret)
+    Ok(())
 }
 
 /// A new random token: `hg_` and 64 hex digits (256 bits from the operating system).

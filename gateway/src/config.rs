@@ -186,6 +186,16 @@ pub struct UpstreamConfig {
     /// instead.
     #[serde(default)]
     pub token_file: Option<std::path::PathBuf>,
+    /// For an `https://` endpoint: the CA that signed the hub's certificate (PEM); the public web
+    /// roots when absent.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// This gateway's client certificate and key (PEM), for a hub that wants one (mTLS); the key
+    /// must not be readable by group or others.
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
     /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
     #[serde(
         default = "UpstreamConfig::default_backoff",
@@ -268,6 +278,8 @@ impl Default for MqttConfig {
 pub struct GrpcConfig {
     /// Address to listen on; port 0 picks a free port (printed at start).
     pub listen: SocketAddr,
+    /// TLS for the API, and client certificates (mTLS) when `client_ca_file` is set.
+    pub tls: Option<TlsConfig>,
     /// Serve on a non-loopback address without TLS (only behind a proxy that terminates TLS).
     pub allow_insecure_remote: bool,
     /// Subscribe calls open at once, at most; more are refused (`RESOURCE_EXHAUSTED`).
@@ -282,11 +294,24 @@ impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            tls: None,
             allow_insecure_remote: false,
             max_subscribers: 256,
             tokens: Vec::new(),
         }
     }
+}
+
+/// The gRPC API's TLS: `[grpc.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (PEM).
+    pub cert_file: std::path::PathBuf,
+    /// Its private key (PEM); must not be readable by group or others.
+    pub key_file: std::path::PathBuf,
+    /// When set, clients must present a certificate signed by this CA (PEM): mutual TLS.
+    pub client_ca_file: Option<std::path::PathBuf>,
 }
 
 /// One client's token: `[[grpc.token]]`.
@@ -590,11 +615,11 @@ fn check_grpc(
     span: std::ops::Range<usize>,
     diags: &mut Diagnostics,
 ) {
-    if !grpc.listen.ip().is_loopback() && !grpc.allow_insecure_remote {
+    if !grpc.listen.ip().is_loopback() && grpc.tls.is_none() && !grpc.allow_insecure_remote {
         diags.error(
             span.clone(),
             format!(
-                "grpc.listen {} is not a loopback address and TLS is not supported yet: serve it behind a proxy that terminates TLS and set grpc.allow_insecure_remote = true",
+                "grpc.listen {} is not a loopback address: configure [grpc.tls], or, behind a proxy that terminates TLS, set grpc.allow_insecure_remote = true",
                 grpc.listen
             ),
         );
@@ -703,13 +728,26 @@ fn check_upstream(
     span: std::ops::Range<usize>,
     diags: &mut Diagnostics,
 ) {
-    if !up.endpoint.starts_with("http://") {
+    let https = up.endpoint.starts_with("https://");
+    if !(https || up.endpoint.starts_with("http://")) {
         diags.error(
             span.clone(),
             format!(
-                "upstream.endpoint '{}' must be http://host:port (TLS to the upstream is not supported yet)",
+                "upstream.endpoint '{}' must be https://host:port (or http:// on a trusted network)",
                 up.endpoint
             ),
+        );
+    }
+    if !https && (up.ca_file.is_some() || up.cert_file.is_some()) {
+        diags.error(
+            span.clone(),
+            "upstream.ca_file and upstream.cert_file need an https:// endpoint",
+        );
+    }
+    if up.cert_file.is_some() != up.key_file.is_some() {
+        diags.error(
+            span.clone(),
+            "upstream.cert_file and upstream.key_file go together",
         );
     }
     if !valid_origin(&up.origin) {

@@ -32,6 +32,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Scope, Tokens};
@@ -418,10 +419,26 @@ impl Follower {
     }
 }
 
-/// Serves the gRPC API on `listener` until `shutdown`.
+/// The server's TLS settings from `[grpc.tls]`: its certificate and key, and the CA its clients'
+/// certificates must be signed by when mutual TLS is on.
+pub fn server_tls(config: &crate::config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
+    let cert = std::fs::read(&config.cert_file)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.cert_file.display()))?;
+    let key = crate::auth::read_private(&config.key_file)?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = &config.client_ca_file {
+        let ca =
+            std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?;
+        tls = tls.client_ca_root(Certificate::from_pem(ca));
+    }
+    Ok(tls)
+}
+
+/// Serves the gRPC API on `listener` until `shutdown`, over TLS when `tls` is given.
 pub async fn serve(
     listener: TcpListener,
     service: GatewayService,
+    tls: Option<ServerTlsConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -431,7 +448,13 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hubgate_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("the gRPC TLS settings are not usable: {e}"))?;
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GatewayServer::new(service))

@@ -160,10 +160,11 @@ pub async fn start_in(
     let admin_addr = process.admin_addr()?;
 
     let grid_intensity = footprint::GridIntensity::load(&config.footprint)?;
-    let upstream_authorization = match &config.upstream {
-        Some(up) => upstream::authorization(up)?,
-        None => None,
+    let upstream_credentials = match &config.upstream {
+        Some(up) => upstream::credentials(up)?,
+        None => upstream::Credentials::default(),
     };
+    let grpc_tls = config.grpc.tls.as_ref().map(grpc::server_tls).transpose()?;
     let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
     let mqtt_password = ingest::password(&config.mqtt)?;
     let loaded_at = std::time::SystemTime::now();
@@ -313,13 +314,18 @@ pub async fn start_in(
     if let Some(upstream) = config.upstream {
         tasks.spawn(upstream::run(
             upstream,
-            upstream_authorization,
+            upstream_credentials,
             Arc::clone(&policy),
             Arc::clone(&store),
             shutdown.clone(),
         ));
     }
-    tasks.spawn(grpc::serve(grpc_listener, service, shutdown.clone()));
+    tasks.spawn(grpc::serve(
+        grpc_listener,
+        service,
+        grpc_tls,
+        shutdown.clone(),
+    ));
     tasks.spawn(footprint::run(
         config.footprint,
         grid_intensity,

@@ -866,6 +866,9 @@ mod tests {
             window: 4096,
             reconnect_backoff_max: Duration::from_secs(30),
             token_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         };
         let register = Register::build(
             &config.policy,

@@ -39,6 +39,7 @@ use metrics::{Counter, Gauge};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::UpstreamConfig;
 use crate::store::Store;
@@ -107,9 +108,45 @@ fn incarnation(store: &Store) -> anyhow::Result<String> {
     Ok(id)
 }
 
+/// How this gateway proves itself to the hub, and checks the hub.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    /// `Bearer <token>`, if the hub wants a token.
+    pub authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// TLS for an `https://` endpoint.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+/// The credentials `config` names, read and checked (private files must not be readable by
+/// group or others).
+pub fn credentials(config: &UpstreamConfig) -> anyhow::Result<Credentials> {
+    let tls = if config.endpoint.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        tls = match &config.ca_file {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(
+                std::fs::read(ca)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?,
+            )),
+            None => tls.with_webpki_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+            let cert = std::fs::read(cert)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", cert.display()))?;
+            tls = tls.identity(Identity::from_pem(cert, crate::auth::read_private(key)?));
+        }
+        Some(tls)
+    } else {
+        None
+    };
+    Ok(Credentials {
+        authorization: authorization(config)?,
+        tls,
+    })
+}
+
 /// The `authorization` value to send the hub: the token from `token_file`, or from the
 /// environment variable `HUBGATE_UPSTREAM_TOKEN`, if either is set.
-pub fn authorization(
+fn authorization(
     config: &UpstreamConfig,
 ) -> anyhow::Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>> {
     let token = match &config.token_file {
@@ -127,17 +164,21 @@ pub fn authorization(
         .transpose()
 }
 
-/// Forwards the configured streams until `shutdown`, sending `authorization` with each call.
+/// Forwards the configured streams until `shutdown`, with `credentials`.
 pub async fn run(
     config: UpstreamConfig,
-    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    credentials: Credentials,
     policy: Arc<Policy>,
     store: Arc<Store>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(config.endpoint.clone())?
-        .connect_timeout(Duration::from_secs(10))
-        .connect_lazy();
+    let mut endpoint = tonic::transport::Endpoint::from_shared(config.endpoint.clone())?
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(tls) = credentials.tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect_lazy();
+    let authorization = credentials.authorization;
     let shared = Arc::new(Shared {
         incarnation: incarnation(&store)?,
         connected: metrics::gauge!(catalogue::UPSTREAM_CONNECTED),

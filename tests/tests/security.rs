@@ -214,7 +214,7 @@ fn tokens_and_remote_listening_are_checked_in_the_config() {
     assert!(!out.status.success());
     let report = String::from_utf8_lossy(&out.stdout);
     for expected in [
-        "is not a loopback address and TLS is not supported yet",
+        "is not a loopback address: configure [grpc.tls]",
         "sha256 must be 64 lowercase hex digits",
         "names stream 'traffic', which the policy does not declare",
     ] {
@@ -519,4 +519,192 @@ async fn a_topic_over_its_rate_limit_is_held_back_and_others_pass() {
         }
     }
     assert_eq!(quiet, 10);
+}
+
+/// The test certificates (`tests/fixtures/tls/`), copied where the keys can be made private (git
+/// does not keep file modes).
+fn tls_files() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("test files");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    for entry in std::fs::read_dir(fixtures).expect("test files") {
+        let path = entry.expect("test files").path();
+        let to = dir.path().join(path.file_name().expect("test files"));
+        std::fs::copy(&path, &to).expect("test files");
+        let mode = if to.extension().is_some_and(|e| e == "key") {
+            0o600
+        } else {
+            0o644
+        };
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("test files");
+    }
+    dir
+}
+
+/// A TLS client of `addr` that trusts `ca` and presents `identity` (certificate and key names).
+async fn tls_client(
+    addr: std::net::SocketAddr,
+    files: &std::path::Path,
+    ca: &str,
+    identity: Option<&str>,
+) -> Result<v1::gateway_client::GatewayClient<tonic::transport::Channel>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |name: String| std::fs::read(files.join(name)).expect("test files");
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(format!("{ca}.crt"))))
+        .domain_name("localhost");
+    if let Some(name) = identity {
+        tls = tls.identity(Identity::from_pem(
+            read(format!("{name}.crt")),
+            read(format!("{name}.key")),
+        ));
+    }
+    let channel = Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+        .expect("test files")
+        .tls_config(tls)
+        .expect("test files")
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(v1::gateway_client::GatewayClient::new(channel))
+}
+
+/// With `[grpc.tls]` and a client CA, only clients with a certificate from that CA get in;
+/// plain-text clients, clients without a certificate or with one from another CA do not, and a
+/// client that does not trust the server's CA refuses the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_lets_in_only_clients_with_a_certificate_from_the_client_ca() {
+    let files = tls_files();
+    let f = |name: &str| files.path().join(name);
+    let broker = Mosquitto::start();
+    let text = format!(
+        "{}\n[grpc.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n",
+        config(broker.port, "gw-tls", STREAMS),
+        f("server.crt"),
+        f("server.key"),
+        f("ca.crt"),
+    );
+    let gw = Gateway::start(gateway_bin!(), &text);
+    let list = |mut client: v1::gateway_client::GatewayClient<_>| async move {
+        client
+            .list_streams(v1::ListStreamsRequest {})
+            .await
+            .map(|r| r.into_inner().streams.len())
+    };
+
+    let with_cert = tls_client(gw.grpc, files.path(), "ca", Some("client"))
+        .await
+        .expect("a client with a certificate from the client CA connects");
+    assert_eq!(list(with_cert).await.unwrap(), 2);
+    // Without a certificate, or with another CA's: the handshake or the first call fails.
+    for identity in [None, Some("rogue-client")] {
+        if let Ok(client) = tls_client(gw.grpc, files.path(), "ca", identity).await {
+            assert!(list(client).await.is_err(), "{identity:?} got in");
+        }
+    }
+    // A client that trusts another CA does not accept the server.
+    assert!(
+        tls_client(gw.grpc, files.path(), "rogue-ca", Some("client"))
+            .await
+            .is_err()
+    );
+    // Plain text to a TLS port gets nothing.
+    if let Ok(plain) =
+        v1::gateway_client::GatewayClient::connect(format!("http://{}", gw.grpc)).await
+    {
+        assert!(list(plain).await.is_err());
+    }
+    drop(gw);
+
+    // A server key readable by others stops the start.
+    std::fs::set_permissions(
+        f("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let path = files.path().join("hubgate.toml");
+    std::fs::write(&path, text.replace("gw-tls", "gw-tls-2")).unwrap();
+    let out = std::process::Command::new(gateway_bin!())
+        .args(["run", "--config"])
+        .arg(&path)
+        .current_dir(files.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("server.key is readable by others (mode 640)")
+    );
+}
+
+/// A gateway forwards to a hub over TLS, checking the hub's certificate against its CA and
+/// presenting its own (mTLS at the hub), with a token on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_push_runs_over_mutual_tls() {
+    let files = tls_files();
+    let f = |name: &str| files.path().join(name);
+    let broker = Mosquitto::start();
+    let hub_port = hubgate_tests::free_port();
+    let hub = Gateway::start(
+        gateway_bin!(),
+        &format!(
+            "{}\n[grpc.tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n{}",
+            config(broker.port, "gw-tls-hub", STREAMS)
+                .replace("city/noise/+", "hub/noise/+")
+                .replacen("127.0.0.1:0", &format!("127.0.0.1:{hub_port}"), 1),
+            f("server.crt"),
+            f("server.key"),
+            f("ca.crt"),
+            token_entry(
+                "district-1",
+                "hg_push_token",
+                "streams = [\"*\"]\npush = true"
+            ),
+        ),
+    );
+    std::fs::write(f("push.token"), "hg_push_token\n").unwrap();
+    std::fs::set_permissions(
+        f("push.token"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let origin = Gateway::start(
+        gateway_bin!(),
+        &format!(
+            "[upstream]\nendpoint = \"https://localhost:{hub_port}\"\norigin = \"district-1\"\n\
+             streams = [\"noise\"]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\ntoken_file = {:?}\n\
+             reconnect_backoff_max = \"300ms\"\n{}",
+            f("ca.crt"),
+            f("client.crt"),
+            f("client.key"),
+            f("push.token"),
+            config(broker.port, "gw-tls-origin", STREAMS)
+        ),
+    );
+    origin.wait_ready();
+    let publisher = Publisher::connect(broker.port, "pub-tls");
+    for i in 0..20 {
+        publisher
+            .publish(
+                "city/noise/m1",
+                serde_json::json!({"meter_id": "m1", "laeq_db": i}).to_string(),
+            )
+            .await;
+    }
+    hubgate_tests::wait_for("20 records at the hub", Duration::from_secs(20), || {
+        hub.metric(
+            "hubgate_push_records_total",
+            &[("stream", "noise"), ("outcome", "kept")],
+        ) == 20.0
+    });
+    hubgate_tests::wait_for(
+        "the hub's acknowledgements",
+        Duration::from_secs(10),
+        || {
+            origin.metric(
+                "hubgate_upstream_records_acked_total",
+                &[("stream", "noise")],
+            ) == 20.0
+        },
+    );
 }
