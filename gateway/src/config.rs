@@ -245,6 +245,8 @@ pub struct MqttConfig {
     /// Messages per second each topic may send (and its burst); more are dropped and counted.
     /// Off when absent.
     pub rate_limit: Option<crate::ratelimit::Limit>,
+    /// TLS to the broker (`mqtts`, usually port 8883).
+    pub tls: Option<MqttTlsConfig>,
     /// User name at the broker, if it wants one.
     pub username: Option<String>,
     /// A file holding the broker password (one line); it must not be readable by group or
@@ -265,6 +267,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 256 * 1024,
             queue_capacity: 4096,
             rate_limit: None,
+            tls: None,
             username: None,
             password_file: None,
             reconnect_backoff_max: Duration::from_secs(30),
@@ -300,6 +303,19 @@ impl Default for GrpcConfig {
             tokens: Vec::new(),
         }
     }
+}
+
+/// TLS to the broker: `[mqtt.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTlsConfig {
+    /// The CA that signed the broker's certificate (PEM). The broker's certificate must name
+    /// `mqtt.host`.
+    pub ca_file: std::path::PathBuf,
+    /// A client certificate and key (PEM), for a broker that wants one; the key must not be
+    /// readable by group or others.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// The gRPC API's TLS: `[grpc.tls]`.
@@ -537,6 +553,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         diags.error(
             mqtt_span.clone(),
             "mqtt.rate_limit needs per_second above 0 and a burst of at least 1",
+        );
+    }
+    if let Some(tls) = &mqtt.tls
+        && tls.cert_file.is_some() != tls.key_file.is_some()
+    {
+        diags.error(
+            mqtt_span.clone(),
+            "mqtt.tls.cert_file and mqtt.tls.key_file go together",
         );
     }
     if mqtt.password_file.is_some() && mqtt.username.is_none() {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use hubgate_exporters::catalogue;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, Publish,
-    QoS, SubscribeFilter,
+    QoS, SubscribeFilter, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -52,23 +52,53 @@ pub struct Inbound {
     pub oversized: bool,
 }
 
-/// The broker password: from `mqtt.password_file` (which must not be readable by group or
-/// others), else from the environment variable `HUBGATE_MQTT_PASSWORD`.
-pub fn password(config: &MqttConfig) -> anyhow::Result<Option<String>> {
-    match &config.password_file {
-        Some(path) => crate::auth::read_secret(path).map(Some),
-        None => Ok(std::env::var("HUBGATE_MQTT_PASSWORD")
-            .ok()
-            .filter(|p| !p.is_empty())),
-    }
+/// How the gateway logs in to the broker: the password and the TLS settings, read from their files.
+#[derive(Debug, Default)]
+pub struct Login {
+    password: Option<String>,
+    tls: Option<TlsConfiguration>,
 }
 
-/// Creates the client and its event loop, with hubgate's settings, logging in with `username`
-/// and `password` when the configuration names a user.
-pub fn connect(config: &MqttConfig, password: Option<String>) -> (AsyncClient, EventLoop) {
+/// Reads the broker login: the password from `mqtt.password_file` (which must not be readable by
+/// group or others) or the environment variable `HUBGATE_MQTT_PASSWORD`, and the `[mqtt.tls]`
+/// files.
+pub fn login(config: &MqttConfig) -> anyhow::Result<Login> {
+    let password = match &config.password_file {
+        Some(path) => Some(crate::auth::read_secret(path)?),
+        None => std::env::var("HUBGATE_MQTT_PASSWORD")
+            .ok()
+            .filter(|p| !p.is_empty()),
+    };
+    let tls = match &config.tls {
+        None => None,
+        Some(tls) => {
+            crate::install_crypto_provider();
+            let read = |path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+            };
+            let client_auth = match (&tls.cert_file, &tls.key_file) {
+                (Some(cert), Some(key)) => Some((read(cert)?, crate::auth::read_private(key)?)),
+                _ => None,
+            };
+            Some(TlsConfiguration::Simple {
+                ca: read(&tls.ca_file)?,
+                alpn: None,
+                client_auth,
+            })
+        }
+    };
+    Ok(Login { password, tls })
+}
+
+/// Creates the client and its event loop, with hubgate's settings and `login`.
+pub fn connect(config: &MqttConfig, login: Login) -> (AsyncClient, EventLoop) {
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     if let Some(user) = &config.username {
-        options.set_credentials(user.clone(), password.unwrap_or_default());
+        options.set_credentials(user.clone(), login.password.unwrap_or_default());
+    }
+    if let Some(tls) = login.tls {
+        options.set_transport(Transport::tls_with_config(tls));
     }
     options
         .set_keep_alive(config.keep_alive)

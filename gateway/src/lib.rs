@@ -129,6 +129,12 @@ impl Process {
     }
 }
 
+/// Makes ring the process's TLS provider (for the MQTT client; tonic names its provider itself).
+pub fn install_crypto_provider() {
+    // Already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Why a gateway starts, for the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
@@ -166,7 +172,7 @@ pub async fn start_in(
     };
     let grpc_tls = config.grpc.tls.as_ref().map(grpc::server_tls).transpose()?;
     let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
-    let mqtt_password = ingest::password(&config.mqtt)?;
+    let mqtt_login = ingest::login(&config.mqtt)?;
     let loaded_at = std::time::SystemTime::now();
     let register = Arc::new(register::Register::new(
         &config,
@@ -241,7 +247,7 @@ pub async fn start_in(
     let stats = Arc::new(Stats::new(policy.streams().len()));
     let (connected_tx, connected_rx) = watch::channel(false);
     let (queue_tx, queue_rx) = mpsc::channel(config.mqtt.queue_capacity);
-    let (client, eventloop) = ingest::connect(&config.mqtt, mqtt_password);
+    let (client, eventloop) = ingest::connect(&config.mqtt, mqtt_login);
     let subscriptions = policy
         .subscriptions()
         .into_iter()

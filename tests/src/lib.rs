@@ -67,6 +67,8 @@ fn signal(child: &Child, sig: &str) {
 #[derive(Debug)]
 pub struct Mosquitto {
     pub port: u16,
+    /// A second listener, with TLS, when the broker was started with one.
+    pub tls_port: Option<u16>,
     dir: TempDir,
     child: Option<Child>,
     /// Only these users may connect (`allow_anonymous false`), when set.
@@ -78,6 +80,29 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut broker = Self {
             port: free_port(),
+            tls_port: None,
+            dir,
+            child: None,
+            users: false,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// A broker with a plain listener on `port` and a TLS listener on `tls_port` that presents
+    /// `server.crt` from `tls` and wants a client certificate signed by `ca.crt` there.
+    pub fn with_tls(tls: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["ca.crt", "server.crt", "server.key"] {
+            let to = dir.path().join(name);
+            std::fs::copy(tls.join(name), &to).expect("copy the broker's TLS files");
+            // mosquitto reads them after dropping to its own user.
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .expect("chmod");
+        }
+        let mut broker = Self {
+            port: free_port(),
+            tls_port: Some(free_port()),
             dir,
             child: None,
             users: false,
@@ -112,6 +137,7 @@ impl Mosquitto {
         .expect("chmod");
         let mut broker = Self {
             port: free_port(),
+            tls_port: None,
             dir,
             child: None,
             users: true,
@@ -137,10 +163,18 @@ impl Mosquitto {
         } else {
             "allow_anonymous true".to_owned()
         };
+        let tls = match self.tls_port {
+            Some(tls_port) => format!(
+                "listener {tls_port} 127.0.0.1\ncafile {dir}/ca.crt\ncertfile {dir}/server.crt\n\
+                 keyfile {dir}/server.key\nrequire_certificate true\n",
+                dir = self.dir.path().display()
+            ),
+            None => String::new(),
+        };
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\n{access}\npersistence true\npersistence_location {data}/\n\
+                "per_listener_settings false\n{tls}listener {port} 127.0.0.1\n{access}\npersistence true\npersistence_location {data}/\n\
                  autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 20\nset_tcp_nodelay true\n\
                  log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\n",
                 port = self.port,

@@ -708,3 +708,55 @@ async fn the_upstream_push_runs_over_mutual_tls() {
         },
     );
 }
+
+/// The gateway reaches a broker that speaks only TLS and wants a client certificate, checking
+/// the broker's certificate against its CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_connection_runs_over_mutual_tls() {
+    let files = tls_files();
+    let f = |name: &str| files.path().join(name);
+    let broker = Mosquitto::with_tls(files.path());
+    let tls_port = broker.tls_port.expect("a TLS listener");
+    let with_tls = |identity: &str| {
+        config(tls_port, "gw-mqtts", STREAMS).replace(
+            "reconnect_backoff_max = \"500ms\"",
+            &format!(
+                "reconnect_backoff_max = \"500ms\"\n\n[mqtt.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                f("ca.crt"),
+                f(&format!("{identity}.crt")),
+                f(&format!("{identity}.key")),
+            ),
+        )
+    };
+    // A certificate from another CA: the broker refuses it.
+    let rogue = Gateway::start(gateway_bin!(), &with_tls("rogue-client"));
+    hubgate_tests::wait_for("a refused handshake", Duration::from_secs(10), || {
+        rogue.metric("hubgate_mqtt_connection_errors_total", &[]) >= 1.0
+    });
+    assert_eq!(hubgate_tests::http_get(rogue.admin, "/readyz").0, 503);
+    drop(rogue);
+
+    let gw = Gateway::start(gateway_bin!(), &with_tls("client"));
+    gw.wait_ready();
+    let mut records = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
+        .await
+        .unwrap()
+        .into_inner();
+    // A sensor publishes on the broker's plain listener; the gateway reads over TLS.
+    let publisher = Publisher::connect(broker.port, "pub-mqtts");
+    publisher
+        .publish(
+            "city/noise/m1",
+            serde_json::json!({"meter_id": "m1", "laeq_db": 58}).to_string(),
+        )
+        .await;
+    let event = tokio::time::timeout(Duration::from_secs(10), records.next())
+        .await
+        .expect("the reading arrives over TLS")
+        .unwrap()
+        .unwrap();
+    assert!(matches!(event.event, Some(Event::Record(_))));
+}
