@@ -900,10 +900,13 @@ mod tests {
                 .collect()
         };
         let e = errors(&with(
-            "endpoint = \"https://hub\"\norigin = \"district 1\"\nstreams = [\"weather\"]\nbatch = 0",
+            "endpoint = \"ftp://hub\"\norigin = \"district 1\"\nstreams = [\"weather\"]\nbatch = 0\n\
+             cert_file = \"gw.crt\"",
         ));
-        assert_eq!(e.len(), 4, "{e:?}");
-        assert!(e.iter().any(|m| m.contains("must be http://")));
+        assert_eq!(e.len(), 6, "{e:?}");
+        assert!(e.iter().any(|m| m.contains("must be https://host:port")));
+        assert!(e.iter().any(|m| m.contains("need an https:// endpoint")));
+        assert!(e.iter().any(|m| m.contains("cert_file and upstream.key_file go together")));
         assert!(e.iter().any(|m| m.contains("upstream.origin")));
         assert!(e.iter().any(|m| m.contains("'weather'")));
         assert!(e.iter().any(|m| m.contains("upstream.batch")));
