@@ -31,7 +31,7 @@
 //!
 //! Recorded now: `start` (policy hash, version), `policy_reloaded` (both hashes),
 //! `policy_rejected` (the running hash, the number of errors and the first with its line and
-//! column), `purge` (stream, reason, records, sequence and time range), `outbox_key_destroyed`,
+//! column), `policy_reload_failed` (the hash that could not start, and why), `purge` (stream, reason, records, sequence and time range), `outbox_key_destroyed`,
 //! `pseudonym_key_rotated`, `pseudonym_key_destroyed`, `privacy_budget_spent`,
 //! `privacy_budget_refused`, `audit_tail_cut`, `audit_segment_start`.
 

@@ -326,7 +326,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
             Ok((config, warnings)) => {
                 let streams = config.policy.streams().len();
                 // The files the config names, read as the gateway would at start.
-                let files = crate::footprint::GridIntensity::load(&config.footprint);
+                let files = crate::check_files(&config);
                 match files {
                     Ok(_) => (warnings, Ok((config.policy.hash_hex(), streams))),
                     Err(err) => {
@@ -378,9 +378,26 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut signals = Signals::new()?;
     let mut why = crate::Start::Fresh;
     let mut announced = false;
+    // The configuration that ran before a reload, to go back to if the new one cannot start.
+    let mut previous: Option<Config> = None;
     loop {
         let shutdown = CancellationToken::new();
-        let gateway = crate::start_in(&process, config.clone(), why, shutdown.clone()).await?;
+        let started =
+            crate::start_in(&process, config.clone(), why.clone(), shutdown.clone()).await;
+        let gateway = match (started, previous.take()) {
+            (Ok(gateway), _) => gateway,
+            (Err(err), Some(before)) => {
+                let error = format!("{err:#}");
+                tracing::error!(%error, "the reloaded configuration cannot start; the previous one runs again");
+                why = crate::Start::Revert {
+                    failed_policy_hash: config.policy.hash_hex(),
+                    error,
+                };
+                config = before;
+                continue;
+            }
+            (Err(err), None) => return Err(err),
+        };
         if !announced {
             // One line on stdout that says where everything is (scripts and tests read it).
             println!(
@@ -441,7 +458,7 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         why = crate::Start::Reload {
             previous_policy_hash: running_hash,
         };
-        config = next;
+        previous = Some(std::mem::replace(&mut config, next));
     }
 }
 
@@ -504,7 +521,7 @@ fn reload(path: &Path, running: &Config) -> Result<Config, Rejected> {
             ),
         });
     }
-    if let Err(err) = crate::footprint::GridIntensity::load(&config.footprint) {
+    if let Err(err) = crate::check_files(&config) {
         return Err(Rejected {
             errors: 1,
             first: format!("{name}: {err:#}"),

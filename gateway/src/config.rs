@@ -906,7 +906,10 @@ mod tests {
         assert_eq!(e.len(), 6, "{e:?}");
         assert!(e.iter().any(|m| m.contains("must be https://host:port")));
         assert!(e.iter().any(|m| m.contains("need an https:// endpoint")));
-        assert!(e.iter().any(|m| m.contains("cert_file and upstream.key_file go together")));
+        assert!(
+            e.iter()
+                .any(|m| m.contains("cert_file and upstream.key_file go together"))
+        );
         assert!(e.iter().any(|m| m.contains("upstream.origin")));
         assert!(e.iter().any(|m| m.contains("'weather'")));
         assert!(e.iter().any(|m| m.contains("upstream.batch")));

@@ -142,6 +142,27 @@ pub enum Start {
     Fresh,
     /// The configuration was reloaded (SIGHUP); the policy it replaced.
     Reload { previous_policy_hash: String },
+    /// A reloaded configuration could not start, and the previous one runs again.
+    Revert {
+        failed_policy_hash: String,
+        error: String,
+    },
+}
+
+/// Reads every file a configuration names besides itself (grid intensities, TLS certificates
+/// and keys, tokens and passwords), as a start would, so that a configuration that cannot start
+/// is found before it replaces a running one. Private files must not be readable by group or
+/// others.
+pub fn check_files(config: &Config) -> anyhow::Result<()> {
+    footprint::GridIntensity::load(&config.footprint)?;
+    if let Some(up) = &config.upstream {
+        upstream::credentials(up)?;
+    }
+    ingest::login(&config.mqtt)?;
+    if let Some(tls) = &config.grpc.tls {
+        grpc::server_tls(tls)?;
+    }
+    Ok(())
 }
 
 /// Starts a gateway: binds its listeners, connects to the broker and starts the pipeline.
@@ -179,12 +200,17 @@ pub async fn start_in(
         &humantime::format_rfc3339_seconds(loaded_at).to_string(),
     ));
     let policy = Arc::new(config.policy);
-    if let Start::Reload {
-        previous_policy_hash,
-    } = &why
-    {
-        metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => previous_policy_hash.clone())
-            .set(0.0);
+    let replaced = match &why {
+        Start::Fresh => None,
+        Start::Reload {
+            previous_policy_hash,
+        } => Some(previous_policy_hash),
+        Start::Revert {
+            failed_policy_hash, ..
+        } => Some(failed_policy_hash),
+    };
+    if let Some(replaced) = replaced {
+        metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => replaced.clone()).set(0.0);
     }
     metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
     metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -226,6 +252,14 @@ pub async fn start_in(
         } => {
             entry["previous_policy_hash"] = previous_policy_hash.as_str().into();
             "policy_reloaded"
+        }
+        Start::Revert {
+            failed_policy_hash,
+            error,
+        } => {
+            entry["failed_policy_hash"] = failed_policy_hash.as_str().into();
+            entry["error"] = error.as_str().into();
+            "policy_reload_failed"
         }
     };
     audit.record(pipeline::now_ms(), event, entry);

@@ -380,6 +380,42 @@ async fn sighup_reloads_a_valid_policy_and_keeps_the_running_one_when_the_new_on
     let first = rejected["data"]["first_error"].as_str().unwrap();
     assert!(first.contains("unknown field 'retension'"), "{first}");
     assert!(first.contains("hubgate.toml:"), "line and column: {first}");
+    // A valid configuration whose files cannot be used (a TLS key others can read) is rejected
+    // too, before it replaces the running one.
+    let key = gw.dir().join("server.key");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls/server.key"),
+        &key,
+    )
+    .unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        format!(
+            "{after}\n[grpc.tls]\ncert_file = {:?}\nkey_file = {key:?}\n",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls/server.crt"),
+        ),
+    )
+    .unwrap();
+    gw.hangup();
+    hubgate_tests::wait_for("the second rejection", Duration::from_secs(10), || {
+        audit_events(&gw)
+            .iter()
+            .filter(|e| e["event"] == "policy_rejected")
+            .count()
+            == 2
+    });
+    let second = audit_events(&gw)
+        .into_iter()
+        .filter(|e| e["event"] == "policy_rejected")
+        .nth(1)
+        .unwrap();
+    let first = second["data"]["first_error"].as_str().unwrap();
+    assert!(
+        first.contains("server.key is readable by others"),
+        "{first}"
+    );
+    assert_eq!(served_hash(&gw).as_deref(), Some(hash_b.as_str()));
     publisher.publish("city/air/aq/reading", reading(60)).await;
     hubgate_tests::wait_for(
         "the running policy still works",
