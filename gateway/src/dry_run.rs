@@ -69,29 +69,12 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
         .iter()
         .map(|_| WindowState::default())
         .collect();
-    for (n, line) in input.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for sample in read_samples(input)? {
         sum.samples += 1;
-        let sample: serde_json::Value = serde_json::from_str(&line)
-            .map_err(|e| anyhow::anyhow!("sample line {}: not a JSON object: {e}", n + 1))?;
-        let topic = sample
-            .get("topic")
-            .and_then(|t| t.as_str())
-            .ok_or_else(|| anyhow::anyhow!("sample line {}: needs a \"topic\" string", n + 1))?;
-        let payload = match sample.get("payload") {
-            Some(serde_json::Value::String(raw)) => raw.clone().into_bytes(),
-            Some(other) => serde_json::to_vec(other)?,
-            None => anyhow::bail!("sample line {}: needs a \"payload\"", n + 1),
-        };
-        let given_received_ms = sample
-            .get("received")
-            .and_then(serde_json::Value::as_f64)
-            .map(|s| (s * 1000.0) as i64);
+        let (topic, payload) = (sample.topic.as_str(), &sample.payload);
+        let given_received_ms = sample.received_ms;
         let received_ms = given_received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
-        let _ = write!(report, "sample {}: {topic}", n + 1);
+        let _ = write!(report, "sample {}: {topic}", sample.line);
         let streams: Vec<usize> = policy.route(topic).collect();
         if streams.is_empty() {
             sum.unrouted += 1;
@@ -102,12 +85,12 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
         for index in streams {
             let stream = &policy.streams()[index];
             let _ = write!(report, "  stream {}: ", stream.name);
-            if identifiers::is_media_payload(&payload) {
+            if identifiers::is_media_payload(payload) {
                 sum.rejected += 1;
                 let _ = writeln!(report, "image or video payload: dropped");
                 continue;
             }
-            let reading = match decode::json(&payload) {
+            let reading = match decode::json(payload) {
                 Ok(r) => r,
                 Err(e) => {
                     sum.rejected += 1;
