@@ -307,7 +307,8 @@ impl AuditLog {
     }
 
     /// Closes the current file as a segment, removes the segments past the retention, and starts
-    /// a new file whose first entry says so.
+    /// a new file whose first entry says so. Once the segment is closed, the new file's first
+    /// entry is always written, with whatever could not be removed.
     fn rotate(&self, tail: &mut Tail, time_ms: i64) -> io::Result<()> {
         let Some((first_seq, _)) = tail.first else {
             return Ok(());
@@ -315,42 +316,59 @@ impl AuditLog {
         let segment_name = format!("audit-{first_seq:020}.jsonl");
         let segment = self.dir().join(&segment_name);
         std::fs::rename(&self.path, &segment)?;
-        let file = OpenOptions::new()
+        let file = match OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
-            .open(&self.path)?;
-        File::open(self.dir())?.sync_all()?;
+            .open(&self.path)
+        {
+            Ok(file) => file,
+            Err(err) => {
+                // Go on in the segment, under its old name.
+                let _ = std::fs::rename(&segment, &self.path);
+                return Err(err);
+            }
+        };
         tail.file = file;
         tail.first = None;
-        let mut removed = Vec::new();
-        for (_, old) in Self::segments(self.dir())? {
+        if let Err(err) = File::open(self.dir()).and_then(|d| d.sync_all()) {
+            self.write_errors.increment(1);
+            tracing::error!(%err, "cannot sync the audit log's directory");
+        }
+        let (mut removed, mut kept) = (Vec::new(), Vec::new());
+        for (_, old) in Self::segments(self.dir()).unwrap_or_default() {
             let Ok(Some((first, last, hash))) = ends(&old) else {
                 continue;
             };
-            if last.time_ms < time_ms.saturating_sub(self.retention_ms) {
-                std::fs::remove_file(&old)?;
-                removed.push(serde_json::json!({
-                    "file": old.file_name().map(|n| n.to_string_lossy().into_owned()),
-                    "first_seq": first.seq,
-                    "last_seq": last.seq,
-                    "last_hash": hash,
-                }));
+            if last.time_ms >= time_ms.saturating_sub(self.retention_ms) {
+                continue;
+            }
+            let about = serde_json::json!({
+                "file": old.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "first_seq": first.seq,
+                "last_seq": last.seq,
+                "last_hash": hash,
+            });
+            match std::fs::remove_file(&old) {
+                Ok(()) => removed.push(about),
+                Err(err) => {
+                    tracing::error!(%err, "cannot remove an expired audit log segment");
+                    kept.push(about);
+                }
             }
         }
         let previous_last_seq = tail.next_seq - 1;
         let previous_last_hash = tail.prev.clone();
-        self.append(
-            tail,
-            time_ms,
-            "audit_segment_start",
-            serde_json::json!({
-                "previous_segment": segment_name,
-                "previous_last_seq": previous_last_seq,
-                "previous_last_hash": previous_last_hash,
-                "removed_by_retention": removed,
-            }),
-        );
+        let mut data = serde_json::json!({
+            "previous_segment": segment_name,
+            "previous_last_seq": previous_last_seq,
+            "previous_last_hash": previous_last_hash,
+            "removed_by_retention": removed,
+        });
+        if !kept.is_empty() {
+            data["expired_not_removed"] = kept.into();
+        }
+        self.append(tail, time_ms, "audit_segment_start", data);
         Ok(())
     }
 }
@@ -430,11 +448,40 @@ pub fn verify(path: &Path) -> io::Result<Verdict> {
     })
 }
 
+/// The last hashes of the segments that `audit_segment_start` entries in `paths` record as
+/// removed by retention.
+fn removed_hashes(paths: &[PathBuf]) -> io::Result<std::collections::HashSet<String>> {
+    let mut hashes = std::collections::HashSet::new();
+    for path in paths {
+        for line in BufReader::new(File::open(path)?).split(b'\n') {
+            let Ok(entry) = serde_json::from_slice::<Entry>(&line?) else {
+                continue;
+            };
+            if entry.event != "audit_segment_start" {
+                continue;
+            }
+            for removed in entry.data["removed_by_retention"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if let Some(hash) = removed["last_hash"].as_str() {
+                    hashes.insert(hash.to_owned());
+                }
+            }
+        }
+    }
+    Ok(hashes)
+}
+
 /// Checks several files of one log, oldest first (the closed segments, then `audit.jsonl`):
-/// each on its own, and each one after the first continuing the one before.
+/// each on its own, each one after the first continuing the one before, and the first starting
+/// the chain or continuing a segment that a later entry records as removed by retention (so that
+/// leaving out the oldest files is found too).
 pub fn verify_files(paths: &[PathBuf]) -> io::Result<Vec<Verdict>> {
     let mut verdicts = Vec::with_capacity(paths.len());
     let mut previous: Option<String> = None;
+    let removed = removed_hashes(paths)?;
     for path in paths {
         let mut verdict = verify(path)?;
         if let (
@@ -448,6 +495,20 @@ pub fn verify_files(paths: &[PathBuf]) -> io::Result<Vec<Verdict>> {
             verdict = Verdict::Broken {
                 line: 1,
                 reason: "it does not continue the file before it".into(),
+            };
+        }
+        if let (
+            true,
+            Verdict::Intact {
+                continues: Some(from),
+                ..
+            },
+        ) = (verdicts.is_empty(), &verdict)
+            && !removed.contains(from)
+        {
+            verdict = Verdict::Broken {
+                line: 1,
+                reason: "it continues entries that are neither in the files given nor recorded as removed by retention".into(),
             };
         }
         previous = match &verdict {
@@ -634,6 +695,13 @@ mod tests {
                 ..
             }
         ));
+        // Leaving out the oldest remaining segment is found: what the next one continues was not
+        // removed by retention.
+        let verdicts = verify_files(&all[1..]).unwrap();
+        assert!(
+            matches!(&verdicts[0], Verdict::Broken { line: 1, reason } if reason.contains("neither in the files given")),
+            "{verdicts:?}"
+        );
         // A segment left out breaks the continuity at the file after the gap.
         let mut gapped = all.clone();
         gapped.remove(1);

@@ -6,13 +6,16 @@
 //! read the policy (`GetPolicy`), the footprint (`GetFootprint`, `WatchFootprint`) and push records
 //! (`Push`, for origin gateways). A client sends its token as `authorization: Bearer <token>`.
 //!
-//! With no token configured the API is open, which the configuration allows only on a loopback
-//! address unless told otherwise. With tokens, a call without one or with an unknown one gets
-//! `UNAUTHENTICATED`, a call outside its token's scope `PERMISSION_DENIED`; a stream the token
-//! does not cover is refused the same way whether or not it exists, and listings show only the
-//! streams the token covers, so nothing about other streams leaks. Refusals are counted in
-//! `hubgate_grpc_refused_total{reason}` (`missing`, `unknown`, `scope`); no token and no token
-//! name appears in a label or a log line.
+//! With no token configured the API is open. The configuration allows a non-loopback address only
+//! with TLS (or an explicit `allow_insecure_remote`), and warns when such an API has no tokens.
+//! With tokens, a call without one or with an unknown one gets `UNAUTHENTICATED`, a call outside
+//! its token's scope `PERMISSION_DENIED`; a stream the token does not cover is refused the same
+//! way whether or not it exists, and `ListStreams` and subscriptions show only the streams the
+//! token covers. `GetPolicy` (its own scope) returns the whole policy and register, every stream
+//! included, as the public `/transparency` page does. Refusals are counted in
+//! `hubgate_grpc_refused_total{reason}` (`missing`, `unknown`, `scope`, and `capacity` for
+//! subscribers over `grpc.max_subscribers`); no token and no token name appears in a label or a
+//! log line.
 
 use sha2::{Digest, Sha256};
 use tonic::Status;
@@ -30,6 +33,8 @@ pub struct Token {
     policy: bool,
     footprint: bool,
     push: bool,
+    /// `None`: any origin.
+    origins: Option<Vec<String>>,
 }
 
 /// What a call may do.
@@ -57,6 +62,17 @@ impl Grant {
                 .streams
                 .as_ref()
                 .is_none_or(|names| names.iter().any(|n| n == stream)),
+        }
+    }
+
+    /// Whether the call may push records as `origin`.
+    pub fn origin(&self, origin: &str) -> bool {
+        match self {
+            Grant::Open => true,
+            Grant::Token(t) => t
+                .origins
+                .as_ref()
+                .is_none_or(|names| names.iter().any(|n| n == origin)),
         }
     }
 
@@ -122,6 +138,7 @@ impl Tokens {
                     policy: t.policy,
                     footprint: t.footprint,
                     push: t.push,
+                    origins: (!t.origins.is_empty()).then(|| t.origins.clone()),
                 })
             })
             .collect();
@@ -239,6 +256,7 @@ mod tests {
             policy,
             footprint: false,
             push: false,
+            origins: Vec::new(),
         }
     }
 

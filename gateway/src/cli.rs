@@ -545,6 +545,8 @@ struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
     hup: tokio::signal::unix::Signal,
 }
 
@@ -555,6 +557,7 @@ impl Signals {
             use tokio::signal::unix::{SignalKind, signal};
             Ok(Self {
                 term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
                 hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
             })
         }
@@ -567,7 +570,7 @@ impl Signals {
         {
             tokio::select! {
                 _ = self.term.recv() => Signal::Stop,
-                _ = tokio::signal::ctrl_c() => Signal::Stop,
+                _ = self.int.recv() => Signal::Stop,
                 _ = self.hup.recv() => Signal::Reload,
             }
         }

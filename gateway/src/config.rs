@@ -350,6 +350,10 @@ pub struct TokenConfig {
     /// May push records (`Push`): for origin gateways.
     #[serde(default)]
     pub push: bool,
+    /// The origin names it may push as (`upstream.origin` of the gateways that hold it); any
+    /// when empty.
+    #[serde(default)]
+    pub origins: Vec<String>,
 }
 
 /// The admin HTTP endpoint (`/metrics`, `/healthz`, `/readyz`).
@@ -702,6 +706,15 @@ fn check_grpc(
                     );
                 }
             }
+        }
+        if token.push && token.origins.is_empty() {
+            diags.warning(
+                span.clone(),
+                format!(
+                    "grpc.token '{}' may push records as any origin: name its origins",
+                    token.name
+                ),
+            );
         }
         if token.streams.is_empty() && !token.policy && !token.footprint && !token.push {
             diags.warning(

@@ -323,10 +323,11 @@ pub async fn run(
     let mut last = Instant::now();
     let mut failing = false;
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {}
-        }
+        // On a stop or a reload, one last sample counts the time since the previous one.
+        let stopping = tokio::select! {
+            () = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
         let elapsed = last.elapsed().as_secs_f64();
         last = Instant::now();
         let delta = totals.run.observe(&stats);
@@ -394,6 +395,9 @@ pub async fn run(
             sci_gauge.set(f64::NAN);
         }
         ledger.publish.send_replace(figures);
+        if stopping {
+            return Ok(());
+        }
     }
 }
 

@@ -173,7 +173,7 @@ impl Gateway for GatewayService {
         tokio::spawn(async move {
             loop {
                 let latest = figures.borrow_and_update().clone();
-                if tx.send(Ok(latest)).await.is_err() {
+                if !send_or_stop(&tx, Ok(latest), &shutdown).await {
                     return;
                 }
                 tokio::select! {
@@ -209,14 +209,14 @@ impl Gateway for GatewayService {
                         Ok(None) | Err(_) => return,
                     },
                 };
-                if !grant.stream(&request.stream) {
-                    let _ = tx.send(Err(crate::auth::out_of_scope())).await;
+                if !grant.stream(&request.stream) || !grant.origin(&request.origin) {
+                    send_or_stop(&tx, Err(crate::auth::out_of_scope()), &shutdown).await;
                     return;
                 }
                 let stream = match push::validate(&policy, &request) {
                     Ok(stream) => stream,
                     Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                        send_or_stop(&tx, Err(status), &shutdown).await;
                         return;
                     }
                 };
@@ -240,7 +240,7 @@ impl Gateway for GatewayService {
                     Err(_) => Err(Status::unavailable("the records could not be kept")),
                 };
                 let failed = ack.is_err();
-                if tx.send(ack).await.is_err() || failed {
+                if !send_or_stop(&tx, ack, &shutdown).await || failed {
                     return;
                 }
             }
@@ -308,6 +308,7 @@ impl Gateway for GatewayService {
             };
             let follower = Follower {
                 name: name.clone(),
+                shutdown: self.shutdown.clone(),
                 store: Arc::clone(&self.store),
                 index,
                 cursor,
@@ -350,9 +351,19 @@ impl Gateway for GatewayService {
     }
 }
 
+/// Sends `item` unless `shutdown` comes first: a client that stops reading must not hold up a
+/// stop or a reload. False when the item was not sent.
+async fn send_or_stop<T>(tx: &mpsc::Sender<T>, item: T, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        sent = tx.send(item) => sent.is_ok(),
+    }
+}
+
 /// Follows one stream for one subscriber.
 struct Follower {
     name: String,
+    shutdown: CancellationToken,
     store: Arc<Store>,
     index: usize,
     cursor: u64,
@@ -412,10 +423,8 @@ impl Follower {
     }
 
     async fn send(&self, event: Event) -> bool {
-        self.tx
-            .send(Ok(v1::SubscribeResponse { event: Some(event) }))
-            .await
-            .is_ok()
+        let response = Ok(v1::SubscribeResponse { event: Some(event) });
+        send_or_stop(&self.tx, response, &self.shutdown).await
     }
 }
 
@@ -431,6 +440,10 @@ pub fn server_tls(config: &crate::config::TlsConfig) -> anyhow::Result<ServerTls
             std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?;
         tls = tls.client_ca_root(Certificate::from_pem(ca));
     }
+    // Parse the files now, so that a bad certificate or key stops a start or a reload here.
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .map_err(|e| anyhow::anyhow!("[grpc.tls] cannot be used: {e}"))?;
     Ok(tls)
 }
 
@@ -452,16 +465,31 @@ pub async fn serve(
     if let Some(tls) = tls {
         builder = builder
             .tls_config(tls)
-            .map_err(|e| anyhow::anyhow!("the gRPC TLS settings are not usable: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("[grpc.tls] cannot be used: {e}"))?;
     }
-    builder
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(GatewayServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    // Calls end on the shutdown; a connection that still lingers is cut after a grace period,
+    // so that a stop or a reload never waits on a client.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = server => served?,
+        () = grace => tracing::warn!("gRPC connections still open after the grace period were cut"),
+    }
     Ok(())
 }
+
+/// How long open gRPC connections may take to close after a stop or reload.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Binds the gRPC listener, with a clear error when the address is taken.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {

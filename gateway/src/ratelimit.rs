@@ -4,8 +4,9 @@
 //! `hubgate_mqtt_messages_rate_limited_total`.
 //!
 //! The buckets are bounded: at most [`MAX_TOPICS`] topics are tracked. When that many are, the
-//! buckets that have refilled (their topics went quiet) are let go; if all are still in use, the
-//! topics not yet tracked share one bucket, so a flood of new topic names cannot grow memory.
+//! buckets that have refilled (their topics went quiet) are let go, at most once a second; until
+//! then, and while all are in use, the topics not yet tracked share one bucket, so a flood of new
+//! topic names grows neither memory nor work.
 
 use std::collections::HashMap;
 
@@ -55,6 +56,9 @@ pub struct TopicLimiter {
     /// Shared by the topics not tracked while the table is full.
     overflow: Bucket,
     max_topics: usize,
+    /// When the table was last swept for quiet topics: at most once a second, so that a flood
+    /// of new topic names costs one sweep a second, not one per message.
+    swept_ms: i64,
 }
 
 impl TopicLimiter {
@@ -72,6 +76,7 @@ impl TopicLimiter {
             buckets: HashMap::new(),
             overflow: fresh,
             max_topics,
+            swept_ms: i64::MIN / 2,
         }
     }
 
@@ -81,7 +86,8 @@ impl TopicLimiter {
         if let Some(bucket) = self.buckets.get_mut(topic) {
             return bucket.take(limit, now_ms);
         }
-        if self.buckets.len() >= self.max_topics {
+        if self.buckets.len() >= self.max_topics && now_ms - self.swept_ms >= 1_000 {
+            self.swept_ms = now_ms;
             self.buckets.retain(|_, b| !b.full(limit, now_ms));
         }
         if self.buckets.len() >= self.max_topics {

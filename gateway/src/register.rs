@@ -881,6 +881,7 @@ mod tests {
                 policy: false,
                 footprint: false,
                 push: false,
+                origins: Vec::new(),
             }],
             "2026-11-25T09:00:00Z",
         );

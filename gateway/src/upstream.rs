@@ -134,6 +134,10 @@ pub fn credentials(config: &UpstreamConfig) -> anyhow::Result<Credentials> {
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", cert.display()))?;
             tls = tls.identity(Identity::from_pem(cert, crate::auth::read_private(key)?));
         }
+        // Parse the files now, so that a bad certificate or key stops a start or a reload here.
+        tonic::transport::Endpoint::from_shared(config.endpoint.clone())?
+            .tls_config(tls.clone())
+            .map_err(|e| anyhow::anyhow!("the upstream TLS settings cannot be used: {e}"))?;
         Some(tls)
     } else {
         None
@@ -155,11 +159,20 @@ fn authorization(
             .ok()
             .filter(|t| !t.trim().is_empty()),
     };
+    if token.is_some() && config.endpoint.starts_with("http://") {
+        tracing::warn!(
+            "the upstream token is sent without TLS (an http:// endpoint): use https:// outside a trusted network"
+        );
+    }
     token
         .map(|t| {
-            format!("Bearer {}", t.trim())
-                .parse()
-                .map_err(|_| anyhow::anyhow!("the upstream token holds characters a header cannot"))
+            let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    anyhow::anyhow!("the upstream token holds characters a header cannot")
+                })?;
+            // Never indexed by HPACK, never shown by Debug.
+            value.set_sensitive(true);
+            Ok(value)
         })
         .transpose()
 }

@@ -658,7 +658,7 @@ async fn the_upstream_push_runs_over_mutual_tls() {
             token_entry(
                 "district-1",
                 "hg_push_token",
-                "streams = [\"*\"]\npush = true"
+                "streams = [\"*\"]\npush = true\norigins = [\"district-1\"]",
             ),
         ),
     );
@@ -697,6 +697,29 @@ async fn the_upstream_push_runs_over_mutual_tls() {
             &[("stream", "noise"), ("outcome", "kept")],
         ) == 20.0
     });
+    // The push token is for district-1 only: pushing as another origin is refused.
+    let mut direct = tls_client(hub.grpc, files.path(), "ca", Some("client"))
+        .await
+        .unwrap();
+    let spoofed = direct
+        .push(with(
+            tokio_stream::iter(vec![v1::PushRequest {
+                origin: "district-2".into(),
+                stream: "noise".into(),
+                records: Vec::new(),
+                incarnation: "abc".into(),
+            }]),
+            Some("hg_push_token"),
+        ))
+        .await;
+    let refused = match spoofed {
+        Err(status) => status.code(),
+        Ok(response) => {
+            let mut acks = response.into_inner();
+            acks.next().await.unwrap().unwrap_err().code()
+        }
+    };
+    assert_eq!(refused, Code::PermissionDenied);
     hubgate_tests::wait_for(
         "the hub's acknowledgements",
         Duration::from_secs(10),
