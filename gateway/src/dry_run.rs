@@ -241,12 +241,7 @@ fn close_windows(
             stream.name, spec.min_group_size
         );
         for (start, key, contributors) in state.groups() {
-            let key: Vec<String> = spec
-                .group_by
-                .iter()
-                .zip(&key)
-                .map(|(name, v)| format!("{name}={}", json_value(v)))
-                .collect();
+            let key = group_label(spec, &key);
             let fate = if contributors >= spec.min_group_size as usize {
                 "released"
             } else {
@@ -254,9 +249,8 @@ fn close_windows(
             };
             let _ = writeln!(
                 report,
-                "  {} [{}]: {contributors} contributor(s): {fate}",
+                "  {} [{key}]: {contributors} contributor(s): {fate}",
                 time(start),
-                key.join(", ")
             );
         }
         let mut budget = StreamBudget::default();
@@ -285,6 +279,16 @@ fn close_windows(
         sum.windows_refused += u64::from(release.windows_refused);
         let _ = writeln!(report);
     }
+}
+
+/// A group's key as `name="value", …` (the values of the declared group-by fields).
+fn group_label(spec: &hubgate_privacy::policy::aggregate::Aggregation, key: &[Value]) -> String {
+    spec.group_by
+        .iter()
+        .zip(key)
+        .map(|(name, v)| format!("{name}={}", json_value(v)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn json_value(v: &Value) -> serde_json::Value {
@@ -397,14 +401,8 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
             continue;
         };
         for (start, key, contributors) in state.groups() {
-            let key: Vec<String> = spec
-                .group_by
-                .iter()
-                .zip(&key)
-                .map(|(name, v)| format!("{name}={}", json_value(v)))
-                .collect();
             eval.groups.insert(
-                (stream.name.clone(), start, key.join(", ")),
+                (stream.name.clone(), start, group_label(spec, &key)),
                 contributors >= spec.min_group_size as usize,
             );
         }

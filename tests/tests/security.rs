@@ -35,6 +35,16 @@ meter_id = "keep"
 laeq_db = "keep"
 "#;
 
+/// A live subscription to the `noise` stream.
+async fn live_noise(gw: &Gateway) -> tonic::Streaming<v1::SubscribeResponse> {
+    gw.client()
+        .await
+        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
 /// `request` carrying `token`, if any.
 fn with<T>(message: T, token: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
@@ -297,13 +307,7 @@ async fn a_hostile_flood_on_one_topic_does_not_starve_another() {
     let rss_before = gw.rss_kib();
     let mut good = Publisher::connect(broker.port, "pub-good");
     let mut hostile = Publisher::connect(broker.port, "pub-hostile");
-    let mut records = gw
-        .client()
-        .await
-        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut records = live_noise(&gw).await;
     let oversized = format!(
         "{{\"meter_id\": \"x\", \"pad\": \"{}\"}}",
         "a".repeat(200_000)
@@ -398,13 +402,7 @@ async fn the_broker_login_comes_from_a_private_file_and_is_never_logged() {
 
     let gw = Gateway::start(gateway_bin!(), &login("s3cret-broker-pass"));
     gw.wait_ready();
-    let mut records = gw
-        .client()
-        .await
-        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut records = live_noise(&gw).await;
     let mut options = rumqttc::MqttOptions::new("sensor-1", "127.0.0.1", broker.port);
     options.set_credentials("sensor", "sensor-pass");
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
@@ -761,13 +759,7 @@ async fn the_broker_connection_runs_over_mutual_tls() {
 
     let gw = Gateway::start(gateway_bin!(), &with_tls("client"));
     gw.wait_ready();
-    let mut records = gw
-        .client()
-        .await
-        .subscribe(subscribe_request(&["noise"], Position::Live(v1::Live {})))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut records = live_noise(&gw).await;
     // A sensor publishes on the broker's plain listener; the gateway reads over TLS.
     let publisher = Publisher::connect(broker.port, "pub-mqtts");
     publisher
