@@ -285,7 +285,8 @@ pub struct GrpcConfig {
     pub tls: Option<TlsConfig>,
     /// Serve on a non-loopback address without TLS (only behind a proxy that terminates TLS).
     pub allow_insecure_remote: bool,
-    /// Subscribe calls open at once, at most; more are refused (`RESOURCE_EXHAUSTED`).
+    /// Subscribe and WatchFootprint calls open at once, at most; more are refused
+    /// (`RESOURCE_EXHAUSTED`).
     pub max_subscribers: usize,
     /// Clients' bearer tokens, by digest, with their scopes (see [`crate::auth`]). None: the API
     /// is open.

@@ -168,9 +168,12 @@ impl Gateway for GatewayService {
         self.tokens
             .check(request.metadata())?
             .require(Scope::Footprint)?;
+        // A watcher holds one of the `max_subscribers` places, as a subscriber does.
+        let guard = SubscriberGuard::take(&self.subscribers, self.max_subscribers)?;
         let (tx, rx) = mpsc::channel(4);
         let (mut figures, shutdown) = (self.footprint.clone(), self.shutdown.clone());
         tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 let latest = figures.borrow_and_update().clone();
                 if !send_or_stop(&tx, Ok(latest), &shutdown).await {

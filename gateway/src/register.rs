@@ -24,7 +24,9 @@ use hubgate_privacy::policy::aggregate::MeasureFn;
 use hubgate_privacy::policy::{IdAction, StreamPolicy, Treatment};
 use serde::Serialize;
 
-use crate::config::{Config, RegisterConfig, TokenConfig, UpstreamConfig};
+#[cfg(test)]
+use crate::config::TokenConfig;
+use crate::config::{Config, GrpcConfig, RegisterConfig, UpstreamConfig};
 
 /// Version of the register's JSON form.
 pub const REGISTER_VERSION: u32 = 1;
@@ -130,18 +132,18 @@ impl Register {
             &config.policy,
             &config.register,
             config.upstream.as_ref(),
-            &config.grpc.tokens,
+            &config.grpc,
             loaded_at,
         )
     }
 
-    /// The register of `policy` on a hub run as `site` says, forwarding to `upstream`, with the
-    /// gRPC clients' `tokens`.
+    /// The register of `policy` on a hub run as `site` says, forwarding to `upstream`, serving
+    /// its API as `grpc` says (TLS, client tokens).
     pub fn build(
         policy: &Policy,
         site: &RegisterConfig,
         upstream: Option<&UpstreamConfig>,
-        tokens: &[TokenConfig],
+        grpc: &GrpcConfig,
         loaded_at: &str,
     ) -> Self {
         Self {
@@ -160,7 +162,7 @@ impl Register {
             streams: policy
                 .streams()
                 .iter()
-                .map(|s| stream_entry(s, site, upstream, tokens))
+                .map(|s| stream_entry(s, site, upstream, grpc))
                 .collect(),
         }
     }
@@ -348,8 +350,9 @@ fn stream_entry(
     s: &StreamPolicy,
     site: &RegisterConfig,
     upstream: Option<&UpstreamConfig>,
-    tokens: &[TokenConfig],
+    grpc: &GrpcConfig,
 ) -> StreamEntry {
+    let tokens = &grpc.tokens;
     let technology = technology(s.technology.as_deref());
     let pseudonymised: Vec<&str> = s
         .fields
@@ -573,11 +576,20 @@ fn stream_entry(
             holders.join(", ")
         )
     };
+    let transport = match &grpc.tls {
+        Some(tls) if tls.client_ca_file.is_some() => {
+            " Connections are encrypted (TLS), and clients must also present a certificate from the hub's client authority."
+        }
+        Some(_) => " Connections are encrypted (TLS).",
+        None => {
+            " The gateway itself does not encrypt the connections (it serves the machine it runs on, or a proxy in front of it that does)."
+        }
+    };
     let mut access = vec![Element {
         dtpr: None,
         title: "Dashboards and services".to_owned(),
         description: format!(
-            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. {who}",
+            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. {who}{transport}",
             s.output_fields().join(", ")
         ),
     }];
@@ -874,15 +886,23 @@ mod tests {
             &config.policy,
             &site,
             Some(&upstream),
-            &[TokenConfig {
-                name: "north-dashboard".to_owned(),
-                sha256: "0".repeat(64),
-                streams: vec!["air_quality".to_owned()],
-                policy: false,
-                footprint: false,
-                push: false,
-                origins: Vec::new(),
-            }],
+            &GrpcConfig {
+                tokens: vec![TokenConfig {
+                    name: "north-dashboard".to_owned(),
+                    sha256: "0".repeat(64),
+                    streams: vec!["air_quality".to_owned()],
+                    policy: false,
+                    footprint: false,
+                    push: false,
+                    origins: Vec::new(),
+                }],
+                tls: Some(crate::config::TlsConfig {
+                    cert_file: "hub.crt".into(),
+                    key_file: "hub.key".into(),
+                    client_ca_file: Some("clients.crt".into()),
+                }),
+                ..GrpcConfig::default()
+            },
             "2026-11-25T09:00:00Z",
         );
         let air = &register.streams[0];
@@ -897,6 +917,11 @@ mod tests {
         ));
         let noise = register.streams.iter().find(|s| s.name == "noise").unwrap();
         assert!(noise.access[0].description.contains("nobody can subscribe"));
+        assert!(
+            noise.access[0]
+                .description
+                .contains("encrypted (TLS), and clients must also present a certificate")
+        );
         let noise = register.streams.iter().find(|s| s.name == "noise").unwrap();
         assert!(
             noise.storage.iter().all(|e| e.dtpr.is_some()),

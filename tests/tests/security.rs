@@ -443,9 +443,15 @@ async fn subscribers_are_capped() {
     let _second = client.subscribe(live()).await.unwrap().into_inner();
     let third = client.subscribe(live()).await.unwrap_err();
     assert_eq!(third.code(), Code::ResourceExhausted);
+    // A footprint watcher needs a place too.
+    let watcher = client
+        .watch_footprint(v1::WatchFootprintRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(watcher.code(), Code::ResourceExhausted);
     assert_eq!(
         gw.metric("hubgate_grpc_refused_total", &[("reason", "capacity")]),
-        1.0
+        2.0
     );
     drop(first);
     hubgate_tests::wait_for("a place to free", Duration::from_secs(10), || {
