@@ -149,20 +149,35 @@ pub enum Start {
     },
 }
 
-/// Reads every file a configuration names besides itself (grid intensities, TLS certificates
-/// and keys, tokens and passwords), as a start would, so that a configuration that cannot start
-/// is found before it replaces a running one. Private files must not be readable by group or
-/// others.
+/// What the files a configuration names besides itself hold (grid intensities, TLS
+/// certificates and keys, tokens and passwords), read and parsed.
+#[derive(Debug)]
+pub struct Files {
+    grid_intensity: footprint::GridIntensity,
+    upstream: upstream::Credentials,
+    grpc_tls: Option<tonic::transport::ServerTlsConfig>,
+    mqtt_login: ingest::Login,
+}
+
+impl Files {
+    /// Reads every file `config` names. Private files must not be readable by group or others.
+    pub fn load(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            grid_intensity: footprint::GridIntensity::load(&config.footprint)?,
+            upstream: match &config.upstream {
+                Some(up) => upstream::credentials(up)?,
+                None => upstream::Credentials::default(),
+            },
+            grpc_tls: config.grpc.tls.as_ref().map(grpc::server_tls).transpose()?,
+            mqtt_login: ingest::login(&config.mqtt)?,
+        })
+    }
+}
+
+/// Reads the files `config` names as a start would ([`Files::load`]), so that a configuration
+/// that cannot start is found before it replaces a running one.
 pub fn check_files(config: &Config) -> anyhow::Result<()> {
-    footprint::GridIntensity::load(&config.footprint)?;
-    if let Some(up) = &config.upstream {
-        upstream::credentials(up)?;
-    }
-    ingest::login(&config.mqtt)?;
-    if let Some(tls) = &config.grpc.tls {
-        grpc::server_tls(tls)?;
-    }
-    Ok(())
+    Files::load(config).map(drop)
 }
 
 /// Starts a gateway: binds its listeners, connects to the broker and starts the pipeline.
@@ -186,14 +201,13 @@ pub async fn start_in(
     let grpc_addr = process.grpc_addr()?;
     let admin_addr = process.admin_addr()?;
 
-    let grid_intensity = footprint::GridIntensity::load(&config.footprint)?;
-    let upstream_credentials = match &config.upstream {
-        Some(up) => upstream::credentials(up)?,
-        None => upstream::Credentials::default(),
-    };
-    let grpc_tls = config.grpc.tls.as_ref().map(grpc::server_tls).transpose()?;
+    let Files {
+        grid_intensity,
+        upstream: upstream_credentials,
+        grpc_tls,
+        mqtt_login,
+    } = Files::load(&config)?;
     let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
-    let mqtt_login = ingest::login(&config.mqtt)?;
     let loaded_at = std::time::SystemTime::now();
     let register = Arc::new(register::Register::new(
         &config,
