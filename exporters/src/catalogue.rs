@@ -13,7 +13,8 @@ pub const MQTT_CONNECTION_ERRORS: &str = "hubgate_mqtt_connection_errors_total";
 /// MQTT messages larger than `mqtt.max_packet_bytes`, dropped on arrival (acknowledged, never
 /// decoded).
 pub const MQTT_OVERSIZED: &str = "hubgate_mqtt_messages_oversized_total";
-/// MQTT messages over their topic's rate limit, dropped before decoding.
+/// MQTT messages over their topic's or device's rate limit, dropped before any stream sees them.
+/// Label: `by` (`topic`, `device`).
 pub const MQTT_RATE_LIMITED: &str = "hubgate_mqtt_messages_rate_limited_total";
 /// Messages whose topic no stream declares; dropped.
 pub const UNROUTED_MESSAGES: &str = "hubgate_unrouted_messages_total";
@@ -96,11 +97,11 @@ pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// gRPC calls refused for want of a valid token, of scope, or of room. Label: `reason`
-/// (`missing`, `unknown`, `scope`, `capacity`).
+/// (`missing`, `unknown`, `scope`, `capacity`, `streams`).
 pub const GRPC_REFUSED: &str = "hubgate_grpc_refused_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
-/// gRPC Subscribe calls open now.
+/// Long-lived gRPC calls (Subscribe, WatchFootprint, Push) open now.
 pub const GRPC_SUBSCRIBERS: &str = "hubgate_grpc_subscribers";
 /// Readings offered to an aggregated stream's windows. Labels: `stream`, `outcome` (`counted`,
 /// `late`, `early`, `no_contributor`, `no_group_key`, `bounded`, `state_full`).
@@ -134,7 +135,7 @@ pub fn describe() {
     describe_gauge!(MQTT_CONNECTED, "1 while the MQTT connection is up");
     describe_counter!(
         MQTT_RATE_LIMITED,
-        "MQTT messages over their topic's rate limit, dropped before decoding"
+        "MQTT messages over their topic's (by=topic) or device's (by=device) rate limit, dropped before any stream sees them"
     );
     describe_counter!(
         MQTT_OVERSIZED,
@@ -280,14 +281,17 @@ pub fn describe() {
     );
     describe_counter!(
         GRPC_REFUSED,
-        "gRPC calls refused: no token, an unknown token, or out of the token's scope"
+        "gRPC calls refused: no token, an unknown token, out of the token's scope, no room (capacity), or too many streams in one subscription"
     );
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "audit log entries that could not be written"
     );
     describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
-    describe_gauge!(GRPC_SUBSCRIBERS, "gRPC Subscribe calls open now");
+    describe_gauge!(
+        GRPC_SUBSCRIBERS,
+        "long-lived gRPC calls (Subscribe, WatchFootprint, Push) open now"
+    );
     describe_gauge!(POLICY_INFO, "the running policy, by content hash");
     describe_gauge!(BUILD_INFO, "the running build, by version");
 }

@@ -13,8 +13,9 @@
 //! way whether or not it exists, and `ListStreams` and subscriptions show only the streams the
 //! token covers. `GetPolicy` (its own scope) returns the whole policy and register, every stream
 //! included, as the public `/transparency` page does. Refusals are counted in
-//! `hubgate_grpc_refused_total{reason}` (`missing`, `unknown`, `scope`, and `capacity` for
-//! subscribers over `grpc.max_subscribers`); no token and no token name appears in a label or a
+//! `hubgate_grpc_refused_total{reason}` (`missing`, `unknown`, `scope`, `capacity` for calls
+//! over `grpc.max_subscribers`, `streams` for subscriptions over
+//! `grpc.max_streams_per_subscription`); no token and no token name appears in a label or a
 //! log line.
 
 use sha2::{Digest, Sha256};

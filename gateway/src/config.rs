@@ -245,6 +245,9 @@ pub struct MqttConfig {
     /// Messages per second each topic may send (and its burst); more are dropped and counted.
     /// Off when absent.
     pub rate_limit: Option<crate::ratelimit::Limit>,
+    /// Messages per second each device may send, the device named by a payload field; more are
+    /// dropped and counted. Off when absent.
+    pub device_rate_limit: Option<crate::ratelimit::DeviceLimit>,
     /// TLS to the broker (`mqtts`, usually port 8883).
     pub tls: Option<MqttTlsConfig>,
     /// User name at the broker, if it wants one.
@@ -267,6 +270,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 256 * 1024,
             queue_capacity: 4096,
             rate_limit: None,
+            device_rate_limit: None,
             tls: None,
             username: None,
             password_file: None,
@@ -285,9 +289,12 @@ pub struct GrpcConfig {
     pub tls: Option<TlsConfig>,
     /// Serve on a non-loopback address without TLS (only behind a proxy that terminates TLS).
     pub allow_insecure_remote: bool,
-    /// Subscribe and WatchFootprint calls open at once, at most; more are refused
+    /// Subscribe, WatchFootprint and Push calls open at once, at most; more are refused
     /// (`RESOURCE_EXHAUSTED`).
     pub max_subscribers: usize,
+    /// Streams one Subscribe call may follow, at most (each is followed by a task of its own);
+    /// more are refused (`RESOURCE_EXHAUSTED`).
+    pub max_streams_per_subscription: usize,
     /// Clients' bearer tokens, by digest, with their scopes (see [`crate::auth`]). None: the API
     /// is open.
     #[serde(rename = "token")]
@@ -301,6 +308,7 @@ impl Default for GrpcConfig {
             tls: None,
             allow_insecure_remote: false,
             max_subscribers: 256,
+            max_streams_per_subscription: 64,
             tokens: Vec::new(),
         }
     }
@@ -553,12 +561,26 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         );
     }
     if let Some(limit) = mqtt.rate_limit
-        && !(limit.per_second.is_finite() && limit.per_second > 0.0 && limit.burst >= 1.0)
+        && !limit.is_valid()
     {
         diags.error(
             mqtt_span.clone(),
             "mqtt.rate_limit needs per_second above 0 and a burst of at least 1",
         );
+    }
+    if let Some(device) = &mqtt.device_rate_limit {
+        if !device.limit().is_valid() {
+            diags.error(
+                mqtt_span.clone(),
+                "mqtt.device_rate_limit needs per_second above 0 and a burst of at least 1",
+            );
+        }
+        if device.field.is_empty() {
+            diags.error(
+                mqtt_span.clone(),
+                "mqtt.device_rate_limit.field must name the payload field that names the device",
+            );
+        }
     }
     if let Some(tls) = &mqtt.tls
         && tls.cert_file.is_some() != tls.key_file.is_some()
@@ -661,6 +683,12 @@ fn check_grpc(
     }
     if grpc.max_subscribers == 0 {
         diags.error(span.clone(), "grpc.max_subscribers must be at least 1");
+    }
+    if grpc.max_streams_per_subscription == 0 {
+        diags.error(
+            span.clone(),
+            "grpc.max_streams_per_subscription must be at least 1",
+        );
     }
     let mut names = std::collections::HashSet::new();
     for token in &grpc.tokens {
@@ -978,6 +1006,48 @@ mod tests {
                     .0
                     == 1
         }));
+    }
+
+    #[test]
+    fn rate_limits_are_read_and_checked() {
+        let with =
+            |mqtt: &str| DEFAULT_CONFIG.replacen("[mqtt]\n", &format!("[mqtt]\n{mqtt}\n"), 1);
+        let (config, _) = parse(&with(
+            "rate_limit = { per_second = 2.0, burst = 20.0 }\n\
+             device_rate_limit = { field = \"sensor.id\", per_second = 0.5, burst = 5.0 }",
+        ))
+        .unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+        let device = config.mqtt.device_rate_limit.unwrap();
+        assert_eq!(device.field, "sensor.id");
+        assert_eq!(config.mqtt.rate_limit.unwrap().burst, 20.0);
+        let src = with(
+            "rate_limit = { per_second = 0.0, burst = 20.0 }\n\
+             device_rate_limit = { field = \"\", per_second = 1.0, burst = 0.5 }",
+        );
+        let messages: Vec<_> = parse(&src)
+            .unwrap_err()
+            .diagnostics
+            .into_iter()
+            .map(|d| d.message)
+            .collect();
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("mqtt.rate_limit needs"))
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("mqtt.device_rate_limit needs"))
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("device_rate_limit.field"))
+        );
+        let src = with("device_rate_limit = { per_second = 1.0, burst = 5.0 }");
+        assert!(parse(&src).is_err(), "the field is required");
     }
 
     #[test]

@@ -56,9 +56,11 @@ pub struct GatewayService {
     footprint: watch::Receiver<v1::Footprint>,
     /// Who may call (see [`crate::auth`]).
     tokens: Arc<Tokens>,
-    /// Subscribe calls open now, and the most allowed.
+    /// Long-lived calls (Subscribe, WatchFootprint, Push) open now, and the most allowed.
     subscribers: Arc<AtomicUsize>,
     max_subscribers: usize,
+    /// Streams one Subscribe call may follow, at most.
+    max_streams_per_subscription: usize,
     published: Published,
     shutdown: CancellationToken,
 }
@@ -81,17 +83,20 @@ impl GatewayService {
             tokens: access.tokens,
             subscribers: Arc::new(AtomicUsize::new(0)),
             max_subscribers: access.max_subscribers,
+            max_streams_per_subscription: access.max_streams_per_subscription,
             published,
             shutdown,
         }
     }
 }
 
-/// Who may call, and how many may subscribe at once.
+/// Who may call, how many long-lived calls may be open at once, and how many streams one
+/// subscription may follow.
 #[derive(Debug, Clone)]
 pub struct Access {
     pub tokens: Arc<Tokens>,
     pub max_subscribers: usize,
+    pub max_streams_per_subscription: usize,
 }
 
 /// The running policy's register, and when the policy was loaded (for `GetPolicy`).
@@ -101,8 +106,8 @@ pub struct Published {
     pub loaded_at: std::time::SystemTime,
 }
 
-/// Holds one of the `max_subscribers` places while a Subscribe call is open: released when the
-/// last follower of the call ends.
+/// Holds one of the `max_subscribers` places while a long-lived call (Subscribe, WatchFootprint,
+/// Push) is open: released when the call's last task ends.
 #[derive(Debug)]
 struct SubscriberGuard(Arc<AtomicUsize>);
 
@@ -113,7 +118,7 @@ impl SubscriberGuard {
             open.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "capacity").increment(1);
             return Err(Status::resource_exhausted(
-                "too many subscribers; try again later",
+                "too many open calls; try again later",
             ));
         }
         metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).increment(1.0);
@@ -195,6 +200,8 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Self::PushStream>, Status> {
         let grant = self.tokens.check(request.metadata())?;
         grant.require(Scope::Push)?;
+        // An origin's push call holds one of the `max_subscribers` places, as a subscriber does.
+        let guard = SubscriberGuard::take(&self.subscribers, self.max_subscribers)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let (policy, pushed, shutdown) = (
@@ -203,6 +210,7 @@ impl Gateway for GatewayService {
             self.shutdown.clone(),
         );
         tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 let request = tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -282,6 +290,13 @@ impl Gateway for GatewayService {
             }
             indexes
         };
+        if indexes.len() > self.max_streams_per_subscription {
+            metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "streams").increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "a subscription may follow at most {} streams; name fewer, or subscribe more than once",
+                self.max_streams_per_subscription
+            )));
+        }
         for name in req.from_sequence.keys() {
             if !indexes
                 .iter()

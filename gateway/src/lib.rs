@@ -322,6 +322,9 @@ pub async fn start_in(
     if let Some(limit) = config.mqtt.rate_limit {
         pipeline.limit_topics(limit);
     }
+    if let Some(device) = &config.mqtt.device_rate_limit {
+        pipeline.limit_devices(device);
+    }
     let acker = Acker::new(client.clone());
     let (push_tx, push_rx) = mpsc::channel(16);
     {
@@ -358,6 +361,7 @@ pub async fn start_in(
         grpc::Access {
             tokens,
             max_subscribers: config.grpc.max_subscribers,
+            max_streams_per_subscription: config.grpc.max_streams_per_subscription,
         },
         grpc::Published {
             register: Arc::clone(&register),

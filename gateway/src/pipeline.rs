@@ -58,7 +58,7 @@ use prost::Message as _;
 use rumqttc::{AsyncClient, Publish};
 
 use crate::ingest::Inbound;
-use crate::ratelimit::{Limit, TopicLimiter};
+use crate::ratelimit::{DeviceLimit, Limit, Limiter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -311,8 +311,11 @@ pub struct Pipeline {
     /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::push`]).
     push_marks: std::collections::HashMap<String, u64>,
     /// Per-topic rate limits, when configured (see [`crate::ratelimit`]).
-    limiter: Option<TopicLimiter>,
-    rate_limited: Counter,
+    topic_limiter: Option<Limiter>,
+    /// Per-device rate limits and the payload field that names the device, when configured.
+    device_limiter: Option<(String, Limiter)>,
+    /// Messages over a rate limit: by topic, by device.
+    rate_limited: [Counter; 2],
 }
 
 impl Pipeline {
@@ -341,8 +344,10 @@ impl Pipeline {
             });
         }
         Ok(Self {
-            limiter: None,
-            rate_limited: metrics::counter!(catalogue::MQTT_RATE_LIMITED),
+            topic_limiter: None,
+            device_limiter: None,
+            rate_limited: ["topic", "device"]
+                .map(|by| metrics::counter!(catalogue::MQTT_RATE_LIMITED, "by" => by)),
             policy_hash: policy.hash_hex(),
             policy,
             store,
@@ -573,32 +578,42 @@ impl Pipeline {
 
     /// Limits each MQTT topic to `limit`; messages over it are dropped before decoding.
     pub fn limit_topics(&mut self, limit: Limit) {
-        self.limiter = Some(TopicLimiter::new(limit));
+        self.topic_limiter = Some(Limiter::new(limit));
+    }
+
+    /// Limits each device, named by a payload field, to its limit; messages over it are dropped
+    /// after decoding, before any stream sees them. Readings without the field are not held.
+    pub fn limit_devices(&mut self, device: &DeviceLimit) {
+        self.device_limiter = Some((device.field.clone(), Limiter::new(device.limit())));
     }
 
     /// Processes a batch of messages and stages their records (see [`Pipeline::commit`]).
-    /// Oversized messages were dropped on arrival, and messages over their topic's rate limit are
-    /// dropped here: they count as received, and are only acknowledged.
+    /// Oversized messages were dropped on arrival, and messages over their topic's or device's
+    /// rate limit are dropped here: they count as received, and are only acknowledged.
     pub fn process(&mut self, batch: &[Inbound], now_ms: i64) {
         let mut unrouted = 0u64;
         let mut bytes = 0u64;
-        let mut limited = 0u64;
+        let mut limited = [0u64; 2];
         for inbound in batch {
             bytes += inbound.bytes as u64;
             if inbound.oversized {
                 continue;
             }
-            if let Some(limiter) = &mut self.limiter
-                && !limiter.allow(&inbound.publish.topic, now_ms)
+            if let Some(limiter) = &mut self.topic_limiter
+                && !limiter.allow(inbound.publish.topic.as_bytes(), now_ms)
             {
-                limited += 1;
+                limited[0] += 1;
                 continue;
             }
-            if !self.process_one(&inbound.publish, now_ms) {
-                unrouted += 1;
+            match self.process_one(&inbound.publish, now_ms) {
+                Routed::Yes => {}
+                Routed::Nowhere => unrouted += 1,
+                Routed::DeviceOverLimit => limited[1] += 1,
             }
         }
-        self.rate_limited.increment(limited);
+        for (counter, n) in self.rate_limited.iter().zip(limited) {
+            counter.increment(n);
+        }
         let n = batch.len() as u64;
         self.received.increment(n);
         self.received_bytes.increment(bytes);
@@ -674,12 +689,28 @@ impl Pipeline {
         }
     }
 
-    /// Returns false when no stream takes the message's topic.
-    fn process_one(&mut self, publish: &Publish, now_ms: i64) -> bool {
+    /// Routes one message to the streams that take its topic.
+    fn process_one(&mut self, publish: &Publish, now_ms: i64) -> Routed {
         let mut routed = false;
         // Decoded once, on first use, and shared by every stream of the same format.
         let mut decoded: Option<Result<Reading, decode::DecodeError>> = None;
         let media = identifiers::is_media_payload(&publish.payload);
+        if let Some((field, limiter)) = &mut self.device_limiter
+            && !media
+            && let Some(first) = self.policy.route(&publish.topic).next()
+        {
+            let reading = match self.policy.streams()[first].format {
+                PayloadFormat::Json => {
+                    decoded.get_or_insert_with(|| decode::json(&publish.payload))
+                }
+            };
+            if let Ok(reading) = reading
+                && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
+                && !limiter.allow_device(id, now_ms)
+            {
+                return Routed::DeviceOverLimit;
+            }
+        }
         for index in self.policy.route(&publish.topic) {
             routed = true;
             let stream = &self.policy.streams()[index];
@@ -733,8 +764,19 @@ impl Pipeline {
                 Err(chain::Rejection::BadTime) => tally.dropped_bad_time += 1,
             }
         }
-        routed
+        if routed { Routed::Yes } else { Routed::Nowhere }
     }
+}
+
+/// Where one message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routed {
+    /// To the streams that take its topic.
+    Yes,
+    /// Nowhere: no stream takes its topic.
+    Nowhere,
+    /// Nowhere: its device is over `mqtt.device_rate_limit`.
+    DeviceOverLimit,
 }
 
 /// Encoded size of a record, and of its field data alone (without stream, sequence, time and

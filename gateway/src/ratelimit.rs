@@ -1,26 +1,57 @@
-//! Per-topic rate limits: a token bucket for each MQTT topic, so that one device (city topics name
-//! the device: `city/air/<station>/reading`) flooding its topic cannot crowd out the others.
-//! Messages over the limit are dropped before they are decoded, acknowledged, and counted in
-//! `hubgate_mqtt_messages_rate_limited_total`.
+//! Rate limits: a token bucket per MQTT topic (city topics name the device:
+//! `city/air/<station>/reading`) and, when the configuration names the field, per device id inside
+//! the payload, so that one device flooding cannot crowd out the others. Messages over a limit are
+//! dropped, acknowledged, and counted in `hubgate_mqtt_messages_rate_limited_total{by}`.
 //!
-//! The buckets are bounded: at most [`MAX_TOPICS`] topics are tracked. When that many are, the
-//! buckets that have refilled (their topics went quiet) are let go, at most once a second; until
-//! then, and while all are in use, the topics not yet tracked share one bucket, so a flood of new
-//! topic names grows neither memory nor work.
+//! Buckets are keyed by a keyed 64-bit hash of the topic or id (a per-process random key), so the
+//! table holds no topic name or device id. It is bounded: at most [`MAX_KEYS`] keys are tracked.
+//! When that many are, the buckets that have refilled (their devices went quiet) are let go, at
+//! most once a second; until then, and while all are in use, the keys not yet tracked share one
+//! bucket, so a flood of new topic names or ids grows neither memory nor work.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, RandomState};
 
-/// Most topics tracked at once.
-pub const MAX_TOPICS: usize = 65_536;
+use hubgate_privacy::value::Value;
 
-/// The limit: a sustained rate and a burst, per topic.
+/// Most topics, or device ids, tracked at once.
+pub const MAX_KEYS: usize = 65_536;
+
+/// The limit: a sustained rate and a burst, per topic or device.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limit {
-    /// Messages per second each topic may sustain.
+    /// Messages per second each topic or device may sustain.
     pub per_second: f64,
-    /// Messages a topic may send at once after a quiet spell.
+    /// Messages a topic or device may send at once after a quiet spell.
     pub burst: f64,
+}
+
+impl Limit {
+    /// Whether the limit can be met: a positive, finite rate and a burst of at least one.
+    pub fn is_valid(&self) -> bool {
+        self.per_second.is_finite() && self.per_second > 0.0 && self.burst >= 1.0
+    }
+}
+
+/// `mqtt.device_rate_limit`: a limit per device, the device named by a payload field.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceLimit {
+    /// The payload field that names the device (a flattened path such as `device.id`).
+    /// Readings without it are held only to their topic's limit.
+    pub field: String,
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+impl DeviceLimit {
+    pub fn limit(&self) -> Limit {
+        Limit {
+            per_second: self.per_second,
+            burst: self.burst,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,49 +79,64 @@ impl Bucket {
     }
 }
 
-/// The buckets of every topic.
+/// The buckets of every topic, or of every device.
 #[derive(Debug)]
-pub struct TopicLimiter {
+pub struct Limiter {
     limit: Limit,
-    buckets: HashMap<String, Bucket>,
-    /// Shared by the topics not tracked while the table is full.
+    hasher: RandomState,
+    buckets: HashMap<u64, Bucket>,
+    /// Shared by the keys not tracked while the table is full.
     overflow: Bucket,
-    max_topics: usize,
-    /// When the table was last swept for quiet topics: at most once a second, so that a flood
-    /// of new topic names costs one sweep a second, not one per message.
+    max_keys: usize,
+    /// When the table was last swept for quiet keys: at most once a second, so that a flood of
+    /// new names costs one sweep a second, not one per message.
     swept_ms: i64,
 }
 
-impl TopicLimiter {
+impl Limiter {
     pub fn new(limit: Limit) -> Self {
-        Self::with_capacity(limit, MAX_TOPICS)
+        Self::with_capacity(limit, MAX_KEYS)
     }
 
-    fn with_capacity(limit: Limit, max_topics: usize) -> Self {
+    fn with_capacity(limit: Limit, max_keys: usize) -> Self {
         let fresh = Bucket {
             tokens: limit.burst,
             at_ms: i64::MIN / 2,
         };
         Self {
             limit,
+            hasher: RandomState::new(),
             buckets: HashMap::new(),
             overflow: fresh,
-            max_topics,
+            max_keys,
             swept_ms: i64::MIN / 2,
         }
     }
 
-    /// Whether a message on `topic` at `now_ms` is within the limit (and takes its token).
-    pub fn allow(&mut self, topic: &str, now_ms: i64) -> bool {
+    /// Whether a message from the device named `id` at `now_ms` is within the limit (and takes
+    /// its token).
+    pub fn allow_device(&mut self, id: &Value, now_ms: i64) -> bool {
+        match id {
+            Value::Str(s) => self.allow(s.as_str(), now_ms),
+            Value::Int(i) => self.allow(i, now_ms),
+            Value::Float(f) => self.allow(&f.to_bits(), now_ms),
+            Value::Bool(b) => self.allow(b, now_ms),
+        }
+    }
+
+    /// Whether a message from `key` (a topic, say) at `now_ms` is within the limit (and takes
+    /// its token).
+    pub fn allow<K: Hash + ?Sized>(&mut self, key: &K, now_ms: i64) -> bool {
         let limit = self.limit;
-        if let Some(bucket) = self.buckets.get_mut(topic) {
+        let key = self.hasher.hash_one(key);
+        if let Some(bucket) = self.buckets.get_mut(&key) {
             return bucket.take(limit, now_ms);
         }
-        if self.buckets.len() >= self.max_topics && now_ms - self.swept_ms >= 1_000 {
+        if self.buckets.len() >= self.max_keys && now_ms - self.swept_ms >= 1_000 {
             self.swept_ms = now_ms;
             self.buckets.retain(|_, b| !b.full(limit, now_ms));
         }
-        if self.buckets.len() >= self.max_topics {
+        if self.buckets.len() >= self.max_keys {
             return self.overflow.take(limit, now_ms);
         }
         let mut bucket = Bucket {
@@ -98,11 +144,11 @@ impl TopicLimiter {
             at_ms: now_ms,
         };
         let allowed = bucket.take(limit, now_ms);
-        self.buckets.insert(topic.to_owned(), bucket);
+        self.buckets.insert(key, bucket);
         allowed
     }
 
-    /// Topics tracked now.
+    /// Keys tracked now.
     pub fn tracked(&self) -> usize {
         self.buckets.len()
     }
@@ -118,11 +164,11 @@ mod tests {
     };
 
     #[test]
-    fn a_topic_gets_its_burst_then_its_rate_and_others_are_not_affected() {
-        let mut limiter = TopicLimiter::new(LIMIT);
+    fn a_key_gets_its_burst_then_its_rate_and_others_are_not_affected() {
+        let mut limiter = Limiter::new(LIMIT);
         let allowed = (0..20).filter(|_| limiter.allow("city/a", 0)).count();
         assert_eq!(allowed, 5, "the burst");
-        // Another topic is untouched by the first one's flood.
+        // Another key is untouched by the first one's flood.
         assert!(limiter.allow("city/b", 0));
         // Two tokens a second come back: 10 more over 5 s.
         let later = (1..=50)
@@ -132,19 +178,51 @@ mod tests {
     }
 
     #[test]
-    fn the_table_is_bounded_and_quiet_topics_are_let_go() {
-        let mut limiter = TopicLimiter::with_capacity(LIMIT, 4);
+    fn the_table_is_bounded_and_quiet_keys_are_let_go() {
+        let mut limiter = Limiter::with_capacity(LIMIT, 4);
         for t in 0..4 {
             assert!(limiter.allow(&format!("t{t}"), 0));
         }
-        // Full, and every bucket in use: new topics share the overflow bucket (burst 5).
+        // Full, and every bucket in use: new keys share the overflow bucket (burst 5).
         let shared = (0..10)
             .filter(|i| limiter.allow(&format!("new{i}"), 0))
             .count();
         assert_eq!(shared, 5);
         assert_eq!(limiter.tracked(), 4);
-        // A second later the old buckets have refilled: they are let go for new topics.
+        // A second later the old buckets have refilled: they are let go for new keys.
         assert!(limiter.allow("fresh", 1_000));
         assert_eq!(limiter.tracked(), 1);
+    }
+
+    #[test]
+    fn devices_are_told_apart_by_their_id_of_any_type() {
+        let mut limiter = Limiter::new(LIMIT);
+        let ids = [
+            Value::Str("meter-7".into()),
+            Value::Int(7),
+            Value::Float(7.5),
+            Value::Bool(true),
+        ];
+        for id in &ids {
+            let allowed = (0..10).filter(|_| limiter.allow_device(id, 0)).count();
+            assert_eq!(allowed, 5, "{id:?} has its own bucket");
+        }
+        assert_eq!(limiter.tracked(), 4);
+    }
+
+    #[test]
+    fn limits_must_be_positive_and_finite() {
+        assert!(LIMIT.is_valid());
+        for (per_second, burst) in [
+            (0.0, 5.0),
+            (f64::NAN, 5.0),
+            (f64::INFINITY, 5.0),
+            (1.0, 0.5),
+        ] {
+            assert!(
+                !Limit { per_second, burst }.is_valid(),
+                "{per_second} {burst}"
+            );
+        }
     }
 }

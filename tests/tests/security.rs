@@ -425,8 +425,9 @@ async fn the_broker_login_comes_from_a_private_file_and_is_never_logged() {
     assert!(!gw.log().contains("s3cret-broker-pass"));
 }
 
-/// Subscribers beyond `grpc.max_subscribers` are refused with RESOURCE_EXHAUSTED and counted;
-/// a place frees when one leaves.
+/// Long-lived calls beyond `grpc.max_subscribers` (subscriptions, footprint watchers, pushes)
+/// are refused with RESOURCE_EXHAUSTED and counted; a place frees when one leaves. A subscription
+/// over `grpc.max_streams_per_subscription` is refused the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_are_capped() {
     let broker = Mosquitto::start();
@@ -434,15 +435,34 @@ async fn subscribers_are_capped() {
         gateway_bin!(),
         &config(broker.port, "gw-cap", STREAMS).replace(
             "[grpc]\nlisten = \"127.0.0.1:0\"",
-            "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 2",
+            "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 2\n\
+             max_streams_per_subscription = 1",
         ),
     );
     let mut client = gw.client().await;
+    // Two streams by name, or all (two) of them, is one stream too many.
+    for streams in [&["air", "noise"][..], &[]] {
+        let refused = client
+            .subscribe(subscribe_request(streams, Position::Live(v1::Live {})))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{streams:?}");
+    }
+    assert_eq!(
+        gw.metric("hubgate_grpc_refused_total", &[("reason", "streams")]),
+        2.0
+    );
     let live = || subscribe_request(&["air"], Position::Live(v1::Live {}));
     let first = client.subscribe(live()).await.unwrap().into_inner();
     let _second = client.subscribe(live()).await.unwrap().into_inner();
     let third = client.subscribe(live()).await.unwrap_err();
     assert_eq!(third.code(), Code::ResourceExhausted);
+    // So does another gateway's push call.
+    let push = client
+        .push(tokio_stream::iter(Vec::<v1::PushRequest>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(push.code(), Code::ResourceExhausted);
     // A footprint watcher needs a place too.
     let watcher = client
         .watch_footprint(v1::WatchFootprintRequest {})
@@ -451,7 +471,7 @@ async fn subscribers_are_capped() {
     assert_eq!(watcher.code(), Code::ResourceExhausted);
     assert_eq!(
         gw.metric("hubgate_grpc_refused_total", &[("reason", "capacity")]),
-        2.0
+        3.0
     );
     drop(first);
     hubgate_tests::wait_for("a place to free", Duration::from_secs(10), || {
@@ -497,7 +517,10 @@ async fn a_topic_over_its_rate_limit_is_held_back_and_others_pass() {
         || gw.metric("hubgate_mqtt_messages_received_total", &[]) == 210.0,
     );
     let kept = gw.metric("hubgate_records_kept_total", &[("stream", "noise")]);
-    let limited = gw.metric("hubgate_mqtt_messages_rate_limited_total", &[]);
+    let limited = gw.metric(
+        "hubgate_mqtt_messages_rate_limited_total",
+        &[("by", "topic")],
+    );
     assert_eq!(kept + limited, 210.0);
     // The quiet meter's 10 readings all pass; the loud one gets its burst and a few seconds' rate.
     assert!(
@@ -523,6 +546,59 @@ async fn a_topic_over_its_rate_limit_is_held_back_and_others_pass() {
         }
     }
     assert_eq!(quiet, 10);
+}
+
+/// With `mqtt.device_rate_limit`, a device flooding a topic it shares with others is held to its
+/// rate by the id in its payload, while the other device on the same topic passes in full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_over_its_rate_limit_is_held_back_on_a_shared_topic() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-device-rate", STREAMS).replace(
+            "reconnect_backoff_max = \"500ms\"",
+            "reconnect_backoff_max = \"500ms\"\n\
+             device_rate_limit = { field = \"meter_id\", per_second = 0.001, burst = 10.0 }",
+        ),
+    );
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-device-rate");
+    for i in 0..100 {
+        let meter = if i % 10 == 0 { "quiet" } else { "loud" };
+        publisher
+            .publish(
+                "city/noise/street",
+                serde_json::json!({"meter_id": meter, "laeq_db": i}).to_string(),
+            )
+            .await;
+    }
+    publisher.wait_acked(100).await;
+    hubgate_tests::wait_for(
+        "every message accounted for",
+        Duration::from_secs(15),
+        || gw.metric("hubgate_mqtt_messages_received_total", &[]) == 100.0,
+    );
+    // The loud meter gets its burst of 10 (its rate is one a quarter-hour); the quiet one all 10.
+    assert_eq!(
+        gw.metric(
+            "hubgate_mqtt_messages_rate_limited_total",
+            &[("by", "device")]
+        ),
+        80.0
+    );
+    assert_eq!(
+        gw.metric(
+            "hubgate_mqtt_messages_rate_limited_total",
+            &[("by", "topic")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        gw.metric("hubgate_records_kept_total", &[("stream", "noise")]),
+        20.0
+    );
+    // The device ids are not in any label.
+    assert!(!gw.metrics().contains("loud"));
 }
 
 /// The test certificates (`tests/fixtures/tls/`), copied where the keys can be made private (git
