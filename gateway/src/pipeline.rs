@@ -463,9 +463,15 @@ impl Pipeline {
             }
         }
         let result = self.store.commit(&mut self.pending, now_ms);
-        if let Err(err) = &result {
-            let reason = usize::from(matches!(err, CommitError::Full { .. }));
-            self.commit_failures[reason].increment(1);
+        match &result {
+            Err(err) => {
+                let reason = usize::from(matches!(err, CommitError::Full { .. }));
+                self.commit_failures[reason].increment(1);
+            }
+            // The marks are all committed now, so the cache can start over from the store:
+            // bounded however many origins and incarnations push.
+            Ok(()) if self.push_marks.len() >= MAX_CACHED_PUSH_MARKS => self.push_marks.clear(),
+            Ok(()) => {}
         }
         result
     }
@@ -768,6 +774,10 @@ impl Pipeline {
     }
 }
 
+/// De-duplication marks of pushing origins held in memory, at most; the rest are read from their
+/// checkpoints in the store when next needed.
+const MAX_CACHED_PUSH_MARKS: usize = 4096;
+
 /// Where one message went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Routed {
@@ -957,4 +967,82 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::SledOutbox;
+
+    const POLICY: &str = r#"
+[[stream]]
+name = "s"
+topics = ["city/s/+"]
+purpose = "test"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+
+[stream.fields]
+v = "keep"
+"#;
+
+    fn push(origin: &str, sequence: u64) -> PushJob {
+        let record = v1::Record {
+            sequence,
+            fields: [(
+                "v".to_owned(),
+                v1::Value {
+                    kind: Some(v1::value::Kind::IntValue(1)),
+                },
+            )]
+            .into(),
+            ..v1::Record::default()
+        };
+        PushJob {
+            origin: origin.to_owned(),
+            incarnation: "a".to_owned(),
+            stream: 0,
+            records: vec![record],
+            reply: tokio::sync::oneshot::channel().0,
+        }
+    }
+
+    /// However many origins push, the marks held in memory stay bounded, and a mark let go is
+    /// read back from the store: a batch sent again is still recognised.
+    #[test]
+    fn push_marks_in_memory_are_bounded_and_reread_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, _) = hubgate_privacy::policy::from_toml(POLICY).unwrap();
+        let policy = Arc::new(policy);
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl")).unwrap());
+        let outbox = Arc::new(SledOutbox::open(&dir.path().join("outbox")).unwrap());
+        let store = Arc::new(
+            Store::open(
+                outbox,
+                [("s", Duration::from_secs(86_400))],
+                &crate::config::StoreConfig::default(),
+                Arc::clone(&audit),
+            )
+            .unwrap(),
+        );
+        let stats = Arc::new(Stats::new(1));
+        let mut pipeline = Pipeline::new(policy, Arc::clone(&store), stats, None, audit).unwrap();
+        let origins = MAX_CACHED_PUSH_MARKS + 100;
+        for i in 0..origins {
+            assert_eq!(
+                pipeline.accept_push(&push(&format!("o{i}"), 1), 0).unwrap(),
+                1
+            );
+            pipeline.commit(0).unwrap();
+            assert!(pipeline.push_marks.len() < MAX_CACHED_PUSH_MARKS);
+        }
+        let kept = store.next_sequence(0);
+        assert_eq!(kept, origins as u64 + 1);
+        // The first origin's mark left memory long ago; its batch sent again is not kept twice.
+        assert!(!pipeline.push_marks.contains_key("push/o0/a/s"));
+        assert_eq!(pipeline.accept_push(&push("o0", 1), 0).unwrap(), 1);
+        pipeline.commit(0).unwrap();
+        assert_eq!(store.next_sequence(0), kept);
+    }
 }
