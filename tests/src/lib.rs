@@ -4,6 +4,9 @@
 //! Each test starts its own broker and gateway in its own temporary directory, so tests are
 //! isolated and can run in parallel. They need `mosquitto` on PATH (`.ci/run` installs it).
 
+pub mod bench;
+pub mod load;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -73,6 +76,8 @@ pub struct Mosquitto {
     child: Option<Child>,
     /// Only these users may connect (`allow_anonymous false`), when set.
     users: bool,
+    /// QoS 1 messages in flight to each client at once (mosquitto's `max_inflight_messages`).
+    max_inflight: u32,
 }
 
 impl Mosquitto {
@@ -84,6 +89,22 @@ impl Mosquitto {
             dir,
             child: None,
             users: false,
+            max_inflight: 20,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// A broker that lets `max_inflight` QoS 1 messages be unacknowledged by each client at once
+    /// (20 by default), for the benchmarks.
+    pub fn with_max_inflight(max_inflight: u32) -> Self {
+        let mut broker = Self {
+            port: free_port(),
+            tls_port: None,
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+            users: false,
+            max_inflight,
         };
         broker.spawn();
         broker
@@ -106,6 +127,7 @@ impl Mosquitto {
             dir,
             child: None,
             users: false,
+            max_inflight: 20,
         };
         broker.spawn();
         broker
@@ -141,6 +163,7 @@ impl Mosquitto {
             dir,
             child: None,
             users: true,
+            max_inflight: 20,
         };
         broker.spawn();
         broker
@@ -175,9 +198,10 @@ impl Mosquitto {
             &conf,
             format!(
                 "per_listener_settings false\n{tls}listener {port} 127.0.0.1\n{access}\npersistence true\npersistence_location {data}/\n\
-                 autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 20\nset_tcp_nodelay true\n\
+                 autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages {inflight}\nset_tcp_nodelay true\n\
                  log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\n",
                 port = self.port,
+                inflight = self.max_inflight,
                 data = data.display(),
                 log = self.dir.path().join("mosquitto.log").display(),
             ),
@@ -396,14 +420,38 @@ impl Gateway {
 
     /// Resident memory of the gateway process, in KiB (Linux).
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the gateway process has had, in KiB (Linux).
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, key: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("read /proc/PID/status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .expect("VmRSS")
+            .unwrap_or_else(|| panic!("{key} in /proc/PID/status"))
+    }
+
+    /// CPU time the gateway process has used, user and system, in seconds (Linux; clock ticks
+    /// of 1/100 s).
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("read /proc/PID/stat");
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+        let ticks = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+        (ticks(11) + ticks(12)) / 100.0
     }
 
     /// Stops the gateway with SIGTERM and waits for it.

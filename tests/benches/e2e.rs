@@ -1,0 +1,53 @@
+//! The end-to-end benchmark (see BENCHMARKS.md):
+//!
+//! ```text
+//! cargo bench -p hubgate-tests --bench e2e                 # about 1.5 minutes
+//! cargo bench -p hubgate-tests --bench e2e -- --soak 600   # and a 10-minute soak at 50,000/s
+//! cargo bench -p hubgate-tests --bench e2e -- --phase 20 --devices 10000 --connections 2
+//! ```
+//!
+//! Needs `mosquitto` on PATH. Prints one table.
+
+use std::time::Duration;
+
+use hubgate_tests::bench::{self, Settings};
+
+fn main() {
+    let mut settings = Settings::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = |name: &str| -> u64 {
+            args.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} wants a number"))
+        };
+        match arg.as_str() {
+            "--phase" => settings.phase = Duration::from_secs(number("--phase")),
+            "--devices" => settings.devices = number("--devices") as u32,
+            "--connections" => settings.connections = number("--connections") as usize,
+            "--soak" => settings.soak = Some(Duration::from_secs(number("--soak"))),
+            "--rates" => {
+                settings.rates = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|r| r.parse().expect("--rates wants numbers: 10000,50000"))
+                    .collect();
+            }
+            // cargo bench passes --bench; the rest are cargo's filters.
+            _ => {}
+        }
+    }
+    let gateway = std::path::Path::new(env!("CARGO_BIN_EXE_hubgate-e2e-gateway"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    eprintln!(
+        "hubgate end-to-end benchmark: phases of {:?}, {} devices, {} connections, rates {:?}",
+        settings.phase, settings.devices, settings.connections, settings.rates
+    );
+    let figures = runtime.block_on(bench::run(gateway, &settings));
+    println!("{}", figures.table(&settings));
+}

@@ -1,0 +1,643 @@
+//! The end-to-end benchmark: mosquitto, the gateway with a representative policy, the load
+//! generator ([`crate::load`]) and a gRPC subscriber, all on this machine; and, in the same run, a
+//! bare rumqttc subscriber that does nothing but count, through the same broker, as the yardstick.
+//!
+//! `cargo bench -p hubgate-tests --bench e2e` runs it and prints the table; BENCHMARKS.md says what
+//! each figure means. The smoke test (`tests/tests/bench_smoke.rs`) runs it briefly and checks
+//! only that data moves.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hubgate_proto::v1;
+use hubgate_proto::v1::start_position::Position;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio_stream::StreamExt;
+
+use crate::load::{self, Load};
+use crate::{Gateway, Mosquitto, config, subscribe_request};
+
+/// The streams the subscriber follows: every stream that keeps one record per reading.
+pub const PASS_THROUGH: [&str; 4] = ["air", "footfall", "parking", "noise"];
+
+/// The representative policy: allow-lists everywhere; an H3 cell for the air stations; keyed
+/// pseudonyms for the people counters' MAC addresses; licence plates caught by the identifier
+/// scan; time buckets; and an aggregated stream (counts per counter, k = 5) beside the
+/// pass-through one. `seq` and `sent_us` are kept so the subscriber can measure.
+pub const POLICY: &str = r#"
+[footprint]
+sample_every = "1s"
+
+[[stream]]
+name = "air"
+topics = ["city/air/+/reading"]
+purpose = "Publish local air quality"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+technology = "tech__air_quality"
+retention = "1d"
+time_field = "ts"
+time_bucket = "1m"
+
+[stream.fields]
+station_id = "keep"
+seq = "keep"
+sent_us = "keep"
+pm25 = "keep"
+pm10 = "keep"
+no2 = "keep"
+"location.district" = "keep"
+cell = { h3 = { resolution = 9, lat = "location.lat", lon = "location.lon" } }
+
+[[stream]]
+name = "footfall"
+topics = ["city/footfall/+/probe"]
+purpose = "Measure how busy public spaces are"
+legal_basis = "public task"
+principles = ["community_participation"]
+technology = "tech__identifiable_wifi_sensor"
+retention = "1d"
+time_field = "ts"
+key_epoch = "24h"
+
+[stream.fields]
+counter_id = "keep"
+seq = "keep"
+sent_us = "keep"
+rssi = "keep"
+mac = "pseudonymise"
+
+[[stream]]
+name = "footfall_counts"
+topics = ["city/footfall/+/probe"]
+purpose = "Count people near each counter"
+legal_basis = "public task"
+principles = ["community_participation"]
+technology = "tech__identifiable_wifi_sensor"
+retention = "1d"
+time_field = "ts"
+key_epoch = "24h"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+
+[stream.aggregate]
+window = "10s"
+allowed_lateness = "2s"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 5
+
+[stream.aggregate.measures]
+readings = "count"
+devices = "contributors"
+
+[[stream]]
+name = "parking"
+topics = ["city/parking/+/status"]
+purpose = "Show free parking bays"
+legal_basis = "public task"
+principles = ["shared_prosperity"]
+technology = "tech__parking_sensor"
+personal_data = true
+retention = "1d"
+time_field = "ts"
+
+[stream.identifiers]
+plate_patterns = ['\b[A-Z]{2}-[0-9]{3}-[A-Z]{2}\b']
+
+[stream.fields]
+bay_id = "keep"
+seq = "keep"
+sent_us = "keep"
+occupied = "keep"
+vehicle_class = "keep"
+
+[[stream]]
+name = "noise"
+topics = ["city/noise/+/level"]
+purpose = "Map environmental noise"
+legal_basis = "legal obligation"
+principles = ["human_rights_equity_inclusion"]
+technology = "tech__sound_level_meter"
+retention = "1d"
+time_field = "ts"
+time_bucket = "1m"
+
+[stream.fields]
+meter_id = "keep"
+seq = "keep"
+sent_us = "keep"
+laeq_db = "keep"
+lamax_db = "keep"
+"#;
+
+/// How long and how hard to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Length of each phase (the first second or so of each is not measured).
+    pub phase: Duration,
+    /// Devices publishing (distinct topics).
+    pub devices: u32,
+    /// Fixed rates at which latency and memory are measured.
+    pub rates: Vec<u64>,
+    /// Publishing connections.
+    pub connections: usize,
+    /// A soak at the last of `rates`, this long, sampling memory; none when `None`.
+    pub soak: Option<Duration>,
+    /// A cap on the "as fast as possible" phases (for the smoke test on a debug build); none
+    /// for a real run.
+    pub full_rate: Option<u64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            phase: Duration::from_secs(10),
+            devices: 10_000,
+            rates: vec![10_000, 50_000],
+            connections: 2,
+            soak: None,
+            full_rate: None,
+        }
+    }
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Default)]
+pub struct Figures {
+    /// The bare subscriber's rate, and what the generator published meanwhile (messages/s).
+    pub bare_rate: f64,
+    pub bare_published_rate: f64,
+    /// The gateway at full load, QoS 0: readings taken in per second, records delivered to the
+    /// gRPC subscriber per second, and what the generator published meanwhile.
+    pub peak_rate: f64,
+    pub peak_grpc_rate: f64,
+    pub peak_published_rate: f64,
+    /// The gateway's CPU time per million readings at full load, in seconds.
+    pub cpu_s_per_million: f64,
+    /// Energy per million readings at full load (joules), and the meter's method.
+    pub joules_per_million: f64,
+    pub energy_method: String,
+    /// Publish-to-gRPC latency at each fixed rate, and resident memory meanwhile.
+    pub latency: Vec<Latency>,
+    /// QoS 1, acknowledged after commit: readings per second, published and taken in.
+    pub qos1_rate: f64,
+    pub qos1_published: u64,
+    pub qos1_received: u64,
+    pub qos1_records: u64,
+    /// The gateway's highest resident memory over the run (KiB).
+    pub peak_rss_kib: u64,
+    /// The outbox: bytes on disk, bytes of live records, records held.
+    pub outbox_disk_bytes: u64,
+    pub outbox_live_bytes: u64,
+    pub outbox_records: u64,
+    /// Resident memory during the soak, sampled every 10 s (KiB).
+    pub soak_rss_kib: Vec<u64>,
+}
+
+/// Latency and memory at one fixed rate.
+#[derive(Debug, Clone, Default)]
+pub struct Latency {
+    pub rate: u64,
+    pub published: u64,
+    pub received: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub samples: usize,
+    /// Highest resident memory seen while the rate was held (KiB), after the first second.
+    pub steady_rss_kib: u64,
+}
+
+/// What the gRPC subscriber saw.
+#[derive(Debug, Default)]
+struct Seen {
+    records: AtomicU64,
+    recording: AtomicBool,
+    latencies_us: Mutex<Vec<i64>>,
+}
+
+/// Runs the benchmark with the gateway binary `gateway`.
+pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
+    let mut figures = Figures::default();
+    // Acknowledgement after commit needs room for a commit's worth of messages in flight.
+    let broker = Mosquitto::with_max_inflight(1_000);
+    let load = |rate: Option<u64>, qos: u8, id: &str| Load {
+        port: broker.port,
+        devices: settings.devices,
+        rate,
+        duration: settings.phase,
+        qos,
+        connections: settings.connections,
+        pad: 0,
+        window: 1_000,
+        client_id: format!("load-{id}"),
+    };
+    let warmup = settings.phase.mul_f64(0.2);
+
+    // The yardstick: a subscriber that only counts, through the same broker, same load.
+    {
+        let counted = Arc::new(AtomicU64::new(0));
+        let bare = bare_subscriber(broker.port, Arc::clone(&counted)).await;
+        let spec = load(settings.full_rate, 0, "bare");
+        let publisher = std::thread::spawn(move || load::publish(&spec));
+        tokio::time::sleep(warmup).await;
+        let (c0, t0) = (counted.load(Ordering::Relaxed), Instant::now());
+        tokio::time::sleep(settings.phase - warmup.mul_f64(2.0)).await;
+        let (c1, t1) = (counted.load(Ordering::Relaxed), Instant::now());
+        let sent = publisher
+            .join()
+            .expect("publisher")
+            .expect("the load reaches the broker");
+        figures.bare_rate = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+        figures.bare_published_rate = sent.rate();
+        bare.abort();
+        // Let the broker drain what it still queues for the bare subscriber.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let gw = Gateway::start(gateway, &config(broker.port, "hubgate-bench", POLICY));
+    gw.wait_ready();
+    let seen = Arc::new(Seen::default());
+    let subscriber = grpc_subscriber(&gw, Arc::clone(&seen)).await;
+    let mut client = gw.client().await;
+    let energy = |client: &mut v1::gateway_client::GatewayClient<_>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_footprint(v1::GetFootprintRequest {})
+                .await
+                .expect("GetFootprint")
+                .into_inner()
+        }
+    };
+    let received = || gw.metric("hubgate_mqtt_messages_received_total", &[]);
+
+    // Full load, QoS 0.
+    {
+        let spec = load(settings.full_rate, 0, "peak");
+        let publisher = std::thread::spawn(move || load::publish(&spec));
+        tokio::time::sleep(warmup).await;
+        // The meter samples once a second: its figures at both ends cover whole samples.
+        let f0 = energy(&mut client).await;
+        let (r0, c0, g0, t0) = (
+            received(),
+            gw.cpu_seconds(),
+            seen.records.load(Ordering::Relaxed),
+            Instant::now(),
+        );
+        tokio::time::sleep(settings.phase - warmup.mul_f64(2.0)).await;
+        let (r1, c1, g1, t1) = (
+            received(),
+            gw.cpu_seconds(),
+            seen.records.load(Ordering::Relaxed),
+            Instant::now(),
+        );
+        let f1 = energy(&mut client).await;
+        let sent = publisher
+            .join()
+            .expect("publisher")
+            .expect("the load reaches the broker");
+        let seconds = (t1 - t0).as_secs_f64();
+        figures.peak_rate = (r1 - r0) / seconds;
+        figures.peak_grpc_rate = (g1 - g0) as f64 / seconds;
+        figures.peak_published_rate = sent.rate();
+        figures.cpu_s_per_million = (c1 - c0) / (r1 - r0).max(1.0) * 1e6;
+        let readings = f1.readings_received.saturating_sub(f0.readings_received);
+        figures.joules_per_million =
+            (f1.energy_joules - f0.energy_joules) / (readings.max(1) as f64) * 1e6;
+        figures.energy_method = f1.energy_method;
+        // Let the gateway catch up with what the broker queued for it.
+        settle(&received).await;
+    }
+
+    // Latency and memory at fixed rates.
+    for &rate in &settings.rates {
+        let spec = load(Some(rate), 0, &format!("rate{rate}"));
+        let r0 = received();
+        seen.latencies_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        let publisher = std::thread::spawn(move || load::publish(&spec));
+        tokio::time::sleep(warmup).await;
+        seen.recording.store(true, Ordering::Relaxed);
+        let mut steady_rss = 0;
+        let end = Instant::now() + settings.phase - warmup;
+        while Instant::now() < end {
+            steady_rss = steady_rss.max(gw.rss_kib());
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let sent = publisher
+            .join()
+            .expect("publisher")
+            .expect("the load reaches the broker");
+        settle(&received).await;
+        seen.recording.store(false, Ordering::Relaxed);
+        let mut latencies = std::mem::take(
+            &mut *seen
+                .latencies_us
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        latencies.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if latencies.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((latencies.len() - 1) as f64 * q).round() as usize;
+            latencies[i] as f64 / 1000.0
+        };
+        figures.latency.push(Latency {
+            rate,
+            published: sent.messages(),
+            received: (received() - r0) as u64,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+            samples: latencies.len(),
+            steady_rss_kib: steady_rss,
+        });
+    }
+
+    // QoS 1, acknowledged after commit: as fast as it goes, and nothing lost.
+    {
+        let spec = load(settings.full_rate, 1, "qos1");
+        settle(&|| seen.records.load(Ordering::Relaxed) as f64).await;
+        let (r0, g0) = (received(), seen.records.load(Ordering::Relaxed));
+        let start = Instant::now();
+        let sent = std::thread::spawn(move || load::publish(&spec))
+            .join()
+            .expect("publisher")
+            .expect("the load reaches the broker");
+        let target = r0 + sent.messages() as f64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while received() < target && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = start.elapsed();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.records.load(Ordering::Relaxed) - g0 < sent.messages()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        figures.qos1_published = sent.messages();
+        figures.qos1_received = (received() - r0) as u64;
+        figures.qos1_records = seen.records.load(Ordering::Relaxed) - g0;
+        figures.qos1_rate = figures.qos1_received as f64 / elapsed.as_secs_f64();
+    }
+
+    if let Some(soak) = settings.soak {
+        let rate = settings.rates.last().copied().unwrap_or(50_000);
+        let mut spec = load(Some(rate), 0, "soak");
+        spec.duration = soak;
+        let publisher = std::thread::spawn(move || load::publish(&spec));
+        let end = Instant::now() + soak;
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            figures.soak_rss_kib.push(gw.rss_kib());
+        }
+        publisher
+            .join()
+            .expect("publisher")
+            .expect("the load reaches the broker");
+        settle(&received).await;
+    }
+
+    figures.peak_rss_kib = gw.peak_rss_kib();
+    figures.outbox_live_bytes = gw.metric("hubgate_outbox_bytes", &[]) as u64;
+    figures.outbox_records = ["air", "footfall", "footfall_counts", "parking", "noise"]
+        .iter()
+        .map(|s| gw.metric("hubgate_records_kept_total", &[("stream", s)]) as u64)
+        .sum();
+    figures.outbox_disk_bytes = disk_usage(&gw.dir().join("hubgate-data"));
+    subscriber.abort();
+    drop(gw);
+    figures
+}
+
+/// Waits until the gateway's intake has been still for half a second (at most 30 s).
+async fn settle(received: &impl Fn() -> f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = received();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = received();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// Bytes the files under `dir` take on disk (allocated blocks, not their lengths).
+pub fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_usage(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// A rumqttc subscriber to `city/#` at QoS 0 that counts messages and does nothing else.
+async fn bare_subscriber(port: u16, counted: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
+    let mut options = MqttOptions::new("bare-subscriber", "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client
+        .subscribe("city/#", QoS::AtMostOnce)
+        .await
+        .expect("subscribe");
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let _client = client;
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .expect("the bare subscriber is subscribed")
+        .expect("subscriber running");
+    task
+}
+
+/// A gRPC subscriber to the pass-through streams, live, counting records and, while recording,
+/// noting each one's publish-to-delivery latency.
+async fn grpc_subscriber(gw: &Gateway, seen: Arc<Seen>) -> tokio::task::JoinHandle<()> {
+    let mut records = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(
+            &PASS_THROUGH,
+            Position::Live(v1::Live {}),
+        ))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    tokio::spawn(async move {
+        while let Some(Ok(event)) = records.next().await {
+            let Some(v1::subscribe_response::Event::Record(record)) = event.event else {
+                continue;
+            };
+            seen.records.fetch_add(1, Ordering::Relaxed);
+            if seen.recording.load(Ordering::Relaxed)
+                && let Some(v1::Value {
+                    kind: Some(v1::value::Kind::IntValue(sent_us)),
+                }) = record.fields.get("sent_us")
+            {
+                let latency = load::now_us() - sent_us;
+                seen.latencies_us
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(latency);
+            }
+        }
+    })
+}
+
+impl Figures {
+    /// The table the benchmark command prints, with the goals of issue 9 beside each figure.
+    pub fn table(&self, settings: &Settings) -> String {
+        use std::fmt::Write as _;
+        let mut t = String::new();
+        let ratio = self.peak_rate / self.bare_rate;
+        let met = |ok: bool| if ok { "yes" } else { "NO" };
+        let _ = writeln!(t, "| figure | measured | goal | met |\n|---|---|---|---|");
+        let _ = writeln!(
+            t,
+            "| bare rumqttc subscriber, QoS 0 (published meanwhile) | {:.0}/s ({:.0}/s) | | |",
+            self.bare_rate, self.bare_published_rate
+        );
+        let _ = writeln!(
+            t,
+            "| hubgate sustained, QoS 0, readings in (published meanwhile) | {:.0}/s ({:.0}/s) | ≥ 100,000/s | {} |",
+            self.peak_rate,
+            self.peak_published_rate,
+            met(self.peak_rate >= 100_000.0)
+        );
+        let _ = writeln!(
+            t,
+            "| hubgate ÷ bare subscriber | {ratio:.2} | ≥ 0.45 | {} |",
+            met(ratio >= 0.45)
+        );
+        let _ = writeln!(
+            t,
+            "| records to the gRPC subscriber at full load | {:.0}/s | | |",
+            self.peak_grpc_rate
+        );
+        let _ = writeln!(
+            t,
+            "| gateway CPU per reading at full load | {:.2} µs ({:.2} CPU-s per million) | ≤ 5 µs | {} |",
+            self.cpu_s_per_million,
+            self.cpu_s_per_million,
+            met(self.cpu_s_per_million <= 5.0)
+        );
+        for l in &self.latency {
+            let goal = match l.rate {
+                10_000 => Some(5.0),
+                50_000 => Some(20.0),
+                _ => None,
+            };
+            let _ = writeln!(
+                t,
+                "| publish→gRPC latency at {}/s: p50 / p99 / max ({} samples; {} of {} readings in) | {:.2} / {:.2} / {:.2} ms | {} | {} |",
+                l.rate,
+                l.samples,
+                l.received,
+                l.published,
+                l.p50_ms,
+                l.p99_ms,
+                l.max_ms,
+                goal.map_or(String::new(), |g| format!("p99 ≤ {g} ms")),
+                goal.map_or("", |g| met(l.p99_ms <= g))
+            );
+            let _ = writeln!(
+                t,
+                "| resident memory, steady at {}/s from {} devices | {:.1} MiB | {} | {} |",
+                l.rate,
+                settings.devices,
+                l.steady_rss_kib as f64 / 1024.0,
+                if l.rate == 50_000 { "≤ 32 MiB" } else { "" },
+                if l.rate == 50_000 {
+                    met(l.steady_rss_kib <= 32 * 1024)
+                } else {
+                    ""
+                }
+            );
+        }
+        let lost = self.qos1_published.saturating_sub(self.qos1_received);
+        let _ = writeln!(
+            t,
+            "| QoS 1, acknowledged after commit ({} published, {} taken in, {} records out) | {:.0}/s, {} lost | ≥ 60,000/s, none lost | {} |",
+            self.qos1_published,
+            self.qos1_received,
+            self.qos1_records,
+            self.qos1_rate,
+            lost,
+            met(self.qos1_rate >= 60_000.0
+                && lost == 0
+                && self.qos1_records >= self.qos1_published)
+        );
+        let _ = writeln!(
+            t,
+            "| peak resident memory over the run (overload included) | {:.1} MiB | ≤ 64 MiB | {} |",
+            self.peak_rss_kib as f64 / 1024.0,
+            met(self.peak_rss_kib <= 64 * 1024)
+        );
+        let disk_ratio = self.outbox_disk_bytes as f64 / self.outbox_live_bytes.max(1) as f64;
+        let _ = writeln!(
+            t,
+            "| outbox on disk ({} records; {:.0} B of live data per record) | {:.0} B per record, {disk_ratio:.2}× the live data | ≤ 1.5× | {} |",
+            self.outbox_records,
+            self.outbox_live_bytes as f64 / self.outbox_records.max(1) as f64,
+            self.outbox_disk_bytes as f64 / self.outbox_records.max(1) as f64,
+            met(disk_ratio <= 1.5)
+        );
+        let _ = writeln!(
+            t,
+            "| energy per million readings at full load ({}) | {:.1} J ({:.4} kWh) | | |",
+            self.energy_method,
+            self.joules_per_million,
+            self.joules_per_million / 3.6e6
+        );
+        if !self.soak_rss_kib.is_empty() {
+            let mib: Vec<String> = self
+                .soak_rss_kib
+                .iter()
+                .map(|k| format!("{:.1}", *k as f64 / 1024.0))
+                .collect();
+            let _ = writeln!(
+                t,
+                "| soak: resident memory every 10 s (MiB) | {} | flat | |",
+                mib.join(" ")
+            );
+        }
+        t
+    }
+}
