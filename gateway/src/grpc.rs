@@ -490,7 +490,14 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(GatewayServer::new(service))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
+            // Records go out as soon as they are written, not when Nagle's algorithm lets them
+            // (which held small writes for tens of milliseconds).
+            tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
+                if let Ok(stream) = &accepted {
+                    let _ = stream.set_nodelay(true);
+                }
+                accepted
+            }),
             shutdown.clone().cancelled_owned(),
         );
     // Calls end on the shutdown; a connection that still lingers is cut after a grace period,

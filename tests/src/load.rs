@@ -21,6 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// The device kinds, in the order devices are assigned to them (device `i` is of kind `i % 4`).
 pub const KINDS: [&str; 4] = ["air", "footfall", "parking", "noise"];
 
+/// Distinct phones (MAC addresses) the people counters hear, over the whole district.
+pub const PHONES: u64 = 20_000;
+
 /// What to publish.
 #[derive(Debug, Clone)]
 pub struct Load {
@@ -311,6 +314,8 @@ pub fn make_message(
             )
         }
         1 => {
+            // The phones the counters hear: a population of PHONES, each heard again and again.
+            let phone = seq.wrapping_mul(2_654_435_761) % PHONES;
             let _ = write!(topic, "city/footfall/pc-{:03}/probe", device % 500);
             write!(
                 payload,
@@ -318,9 +323,9 @@ pub fn make_message(
                  \"mac\":\"3c:22:fb:{a:02x}:{b:02x}:{c:02x}\",\"rssi\":{rssi},\"channel\":6,\
                  \"probed_ssid\":\"HomeNet-{c}\"",
                 counter = device % 500,
-                a = (seq >> 16) as u8,
-                b = (seq >> 8) as u8,
-                c = seq as u8,
+                a = (phone >> 16) as u8,
+                b = (phone >> 8) as u8,
+                c = phone as u8,
                 rssi = -40 - (seq % 50) as i64,
             )
         }
