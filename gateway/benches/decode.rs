@@ -33,7 +33,9 @@ fn benches(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for (kind, payload) in PAYLOADS {
         assert!(decode::json(payload.as_bytes()).is_ok(), "{kind}");
-        g.bench_function(kind, |b| b.iter(|| decode::json(black_box(payload.as_bytes()))));
+        g.bench_function(kind, |b| {
+            b.iter(|| decode::json(black_box(payload.as_bytes())))
+        });
     }
     g.finish();
 }
