@@ -397,7 +397,8 @@ pub struct StoreConfig {
     /// `stop_acking` (nothing more is taken from the broker, which holds the messages, until
     /// retention frees room).
     pub on_full: OnFull,
-    /// Newest records held in memory per stream, so live subscribers never read the disk.
+    /// Newest records held in memory per stream, so live subscribers do not read the disk; one
+    /// further behind than this reads from it.
     pub memory_records_per_stream: usize,
     /// The outbox's storage engine: `redb` (`<data_dir>/outbox/outbox.redb`, in builds with the
     /// `redb` feature, the default) or `sled` (`<data_dir>/outbox/sled/`).
@@ -426,7 +427,7 @@ impl Default for StoreConfig {
             data_dir: "hubgate-data".into(),
             max_bytes: 1 << 30,
             on_full: OnFull::DropOldest,
-            memory_records_per_stream: 4096,
+            memory_records_per_stream: 512,
             engine: if cfg!(feature = "redb") {
                 Engine::Redb
             } else {

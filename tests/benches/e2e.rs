@@ -4,6 +4,7 @@
 //! cargo bench -p hubgate-tests --bench e2e                 # about 1.5 minutes
 //! cargo bench -p hubgate-tests --bench e2e -- --soak 600   # and a 10-minute soak at 50,000/s
 //! cargo bench -p hubgate-tests --bench e2e -- --phase 20 --devices 10000 --connections 2
+//! cargo bench -p hubgate-tests --bench e2e -- --extra-config store.toml   # e.g. [store] tuning
 //! ```
 //!
 //! Needs `mosquitto` on PATH. Prints one table.
@@ -26,12 +27,22 @@ fn main() {
             "--devices" => settings.devices = number("--devices") as u32,
             "--connections" => settings.connections = number("--connections") as usize,
             "--soak" => settings.soak = Some(Duration::from_secs(number("--soak"))),
+            "--extra-config" => {
+                let path = args.next().expect("--extra-config wants a file");
+                settings.extra_config = std::fs::read_to_string(&path)
+                    .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+            }
+            "--broker-inflight" => settings.broker_inflight = number("--broker-inflight") as u32,
             "--rates" => {
                 settings.rates = args
                     .next()
                     .unwrap_or_default()
                     .split(',')
-                    .map(|r| r.parse().expect("--rates wants numbers: 10000,50000"))
+                    .filter(|r| *r != "none")
+                    .map(|r| {
+                        r.parse()
+                            .expect("--rates wants numbers (10000,50000) or none")
+                    })
                     .collect();
             }
             // cargo bench passes --bench; the rest are cargo's filters.

@@ -150,6 +150,11 @@ pub struct Settings {
     /// A cap on the "as fast as possible" phases (for the smoke test on a debug build); none
     /// for a real run.
     pub full_rate: Option<u64>,
+    /// More gateway configuration (a `[store]` section, say), placed before the policy's
+    /// streams.
+    pub extra_config: String,
+    /// QoS 1 messages mosquitto lets each client leave unacknowledged.
+    pub broker_inflight: u32,
 }
 
 impl Default for Settings {
@@ -161,6 +166,8 @@ impl Default for Settings {
             connections: 2,
             soak: None,
             full_rate: None,
+            extra_config: String::new(),
+            broker_inflight: 1_000,
         }
     }
 }
@@ -224,7 +231,7 @@ struct Seen {
 pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
     let mut figures = Figures::default();
     // Acknowledgement after commit needs room for a commit's worth of messages in flight.
-    let broker = Mosquitto::with_max_inflight(1_000);
+    let broker = Mosquitto::with_max_inflight(settings.broker_inflight);
     let load = |rate: Option<u64>, qos: u8, id: &str| Load {
         port: broker.port,
         devices: settings.devices,
@@ -259,7 +266,14 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    let gw = Gateway::start(gateway, &config(broker.port, "hubgate-bench", POLICY));
+    let gw = Gateway::start(
+        gateway,
+        &config(
+            broker.port,
+            "hubgate-bench",
+            &format!("{}\n{POLICY}", settings.extra_config),
+        ),
+    );
     gw.wait_ready();
     let seen = Arc::new(Seen::default());
     let subscriber = grpc_subscriber(&gw, Arc::clone(&seen)).await;

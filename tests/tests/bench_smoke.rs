@@ -16,6 +16,8 @@ async fn the_benchmark_moves_data_through_every_phase() {
         connections: 1,
         soak: None,
         full_rate: Some(3_000),
+        extra_config: String::new(),
+        broker_inflight: 1_000,
     };
     let figures = bench::run(gateway_bin!(), &settings).await;
     let table = figures.table(&settings);
