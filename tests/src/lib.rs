@@ -577,6 +577,30 @@ impl Drop for Publisher {
     }
 }
 
+/// `config` with the files it names under `/etc/hubgate/` made in `dir` instead, so that a shipped
+/// configuration can be checked as it is: certificates and keys are the test certificates
+/// (`tests/fixtures/tls/`), other files (passwords, tokens) a placeholder secret; all readable by
+/// their owner only, as hubgate requires.
+pub fn with_secret_files(config: &str, dir: &Path) -> String {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    for name in config.split("\"/etc/hubgate/").skip(1) {
+        let name = name.split('"').next().unwrap_or_default();
+        let to = dir.join(name);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent).expect("make the secrets directory");
+        }
+        match Path::new(name).extension().and_then(|e| e.to_str()) {
+            Some("crt") => std::fs::copy(fixtures.join("server.crt"), &to).map(drop),
+            Some("key") => std::fs::copy(fixtures.join("server.key"), &to).map(drop),
+            _ => std::fs::write(&to, "placeholder-secret\n"),
+        }
+        .expect("write a secret file");
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod 600");
+    }
+    config.replace("\"/etc/hubgate/", &format!("\"{}/", dir.display()))
+}
+
 /// Field values of a record, as JSON-like strings keyed by path (for assertions).
 pub fn fields(record: &hubgate_proto::v1::Record) -> HashMap<String, String> {
     use hubgate_proto::v1::value::Kind;

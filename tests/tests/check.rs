@@ -32,15 +32,39 @@ fn check_reports_each_error_with_line_and_column_and_fails() {
     assert!(text.contains("rejected: 3 errors"), "{text}");
 }
 
+/// Every configuration shipped: `deploy/*.toml`, the one in the Kubernetes ConfigMap, and the
+/// embedded default. The files they name under `/etc/hubgate/` are made for the check.
 #[test]
 fn every_shipped_config_passes_the_check() {
-    let mut files: Vec<_> = std::fs::read_dir(repo().join("deploy"))
+    let dir = tempfile::tempdir().unwrap();
+    let mut sources: Vec<(String, String)> = std::fs::read_dir(repo().join("deploy"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
         .collect();
-    files.push(repo().join("gateway/src/default_config.toml"));
-    assert!(files.len() >= 2, "{files:?}");
+    let manifest = std::fs::read_to_string(repo().join("deploy/kubernetes/hubgate.yaml")).unwrap();
+    sources.push((
+        "configmap.toml".into(),
+        configmap_file(&manifest, "hubgate.toml"),
+    ));
+    sources.push((
+        "default_config.toml".into(),
+        std::fs::read_to_string(repo().join("gateway/src/default_config.toml")).unwrap(),
+    ));
+    assert!(sources.len() >= 3, "{sources:?}");
+    let files: Vec<_> = sources
+        .iter()
+        .map(|(name, text)| {
+            let path = dir.path().join(name);
+            let secrets = dir.path().join(format!("{name}.secrets"));
+            std::fs::write(&path, hubgate_tests::with_secret_files(text, &secrets)).unwrap();
+            path
+        })
+        .collect();
     let out = Command::new(gateway_bin!())
         .arg("check")
         .args(&files)
@@ -49,6 +73,23 @@ fn every_shipped_config_passes_the_check() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches(": ok:").count(), files.len(), "{text}");
+}
+
+/// The text of `key` in the ConfigMap of a manifest: the block under `  key: |`, dedented.
+fn configmap_file(manifest: &str, key: &str) -> String {
+    let mut lines = manifest
+        .lines()
+        .skip_while(|l| l.trim() != format!("{key}: |"));
+    assert!(lines.next().is_some(), "no {key} in the ConfigMap");
+    let block: Vec<&str> = lines
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .collect();
+    assert!(block.len() > 10, "{block:?}");
+    block
+        .iter()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
