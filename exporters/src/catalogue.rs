@@ -101,8 +101,10 @@ pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 pub const GRPC_REFUSED: &str = "hubgate_grpc_refused_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
-/// Long-lived gRPC calls (Subscribe, WatchFootprint, Push) open now.
+/// gRPC Subscribe and WatchFootprint calls open now.
 pub const GRPC_SUBSCRIBERS: &str = "hubgate_grpc_subscribers";
+/// gRPC Push calls (from origin gateways) open now.
+pub const GRPC_PUSH_CALLS: &str = "hubgate_grpc_push_calls";
 /// Readings offered to an aggregated stream's windows. Labels: `stream`, `outcome` (`counted`,
 /// `late`, `early`, `no_contributor`, `no_group_key`, `bounded`, `state_full`).
 pub const AGGREGATE_READINGS: &str = "hubgate_aggregate_readings_total";
@@ -290,7 +292,11 @@ pub fn describe() {
     describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
     describe_gauge!(
         GRPC_SUBSCRIBERS,
-        "long-lived gRPC calls (Subscribe, WatchFootprint, Push) open now"
+        "gRPC Subscribe and WatchFootprint calls open now"
+    );
+    describe_gauge!(
+        GRPC_PUSH_CALLS,
+        "gRPC Push calls (from origin gateways) open now"
     );
     describe_gauge!(POLICY_INFO, "the running policy, by content hash");
     describe_gauge!(BUILD_INFO, "the running build, by version");

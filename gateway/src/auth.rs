@@ -14,7 +14,7 @@
 //! token covers. `GetPolicy` (its own scope) returns the whole policy and register, every stream
 //! included, as the public `/transparency` page does. Refusals are counted in
 //! `hubgate_grpc_refused_total{reason}` (`missing`, `unknown`, `scope`, `capacity` for calls
-//! over `grpc.max_subscribers`, `streams` for subscriptions over
+//! over `grpc.max_subscribers` or `grpc.max_push_calls`, `streams` for subscriptions over
 //! `grpc.max_streams_per_subscription`); no token and no token name appears in a label or a
 //! log line.
 

@@ -289,9 +289,12 @@ pub struct GrpcConfig {
     pub tls: Option<TlsConfig>,
     /// Serve on a non-loopback address without TLS (only behind a proxy that terminates TLS).
     pub allow_insecure_remote: bool,
-    /// Subscribe, WatchFootprint and Push calls open at once, at most; more are refused
+    /// Subscribe and WatchFootprint calls open at once, at most; more are refused
     /// (`RESOURCE_EXHAUSTED`).
     pub max_subscribers: usize,
+    /// Push calls open at once, at most (an origin gateway holds one per forwarded stream); more
+    /// are refused (`RESOURCE_EXHAUSTED`).
+    pub max_push_calls: usize,
     /// Streams one Subscribe call may follow, at most (each is followed by a task of its own);
     /// more are refused (`RESOURCE_EXHAUSTED`).
     pub max_streams_per_subscription: usize,
@@ -308,6 +311,7 @@ impl Default for GrpcConfig {
             tls: None,
             allow_insecure_remote: false,
             max_subscribers: 256,
+            max_push_calls: 256,
             max_streams_per_subscription: 64,
             tokens: Vec::new(),
         }
@@ -684,6 +688,9 @@ fn check_grpc(
     }
     if grpc.max_subscribers == 0 {
         diags.error(span.clone(), "grpc.max_subscribers must be at least 1");
+    }
+    if grpc.max_push_calls == 0 {
+        diags.error(span.clone(), "grpc.max_push_calls must be at least 1");
     }
     if grpc.max_streams_per_subscription == 0 {
         diags.error(

@@ -56,9 +56,11 @@ pub struct GatewayService {
     footprint: watch::Receiver<v1::Footprint>,
     /// Who may call (see [`crate::auth`]).
     tokens: Arc<Tokens>,
-    /// Long-lived calls (Subscribe, WatchFootprint, Push) open now, and the most allowed.
-    subscribers: Arc<AtomicUsize>,
-    max_subscribers: usize,
+    /// Subscribe and WatchFootprint calls open now, and the most allowed.
+    subscribers: Places,
+    /// Push calls (from origin gateways) open now, and the most allowed: apart from the
+    /// subscribers, so that neither can crowd out the other.
+    pushes: Places,
     /// Streams one Subscribe call may follow, at most.
     max_streams_per_subscription: usize,
     published: Published,
@@ -81,8 +83,8 @@ impl GatewayService {
             pushed,
             footprint,
             tokens: access.tokens,
-            subscribers: Arc::new(AtomicUsize::new(0)),
-            max_subscribers: access.max_subscribers,
+            subscribers: Places::new(access.max_subscribers, catalogue::GRPC_SUBSCRIBERS),
+            pushes: Places::new(access.max_push_calls, catalogue::GRPC_PUSH_CALLS),
             max_streams_per_subscription: access.max_streams_per_subscription,
             published,
             shutdown,
@@ -96,6 +98,7 @@ impl GatewayService {
 pub struct Access {
     pub tokens: Arc<Tokens>,
     pub max_subscribers: usize,
+    pub max_push_calls: usize,
     pub max_streams_per_subscription: usize,
 }
 
@@ -106,30 +109,46 @@ pub struct Published {
     pub loaded_at: std::time::SystemTime,
 }
 
-/// Holds one of the `max_subscribers` places while a long-lived call (Subscribe, WatchFootprint,
-/// Push) is open: released when the call's last task ends.
-#[derive(Debug)]
-struct SubscriberGuard(Arc<AtomicUsize>);
+/// A bounded number of places for long-lived calls of one kind, with a gauge of those open.
+#[derive(Debug, Clone)]
+struct Places {
+    open: Arc<AtomicUsize>,
+    max: usize,
+    gauge: &'static str,
+}
 
-impl SubscriberGuard {
-    /// A place, or `RESOURCE_EXHAUSTED` (counted) when all `max` are taken.
-    fn take(open: &Arc<AtomicUsize>, max: usize) -> Result<Self, Status> {
-        if open.fetch_add(1, Ordering::AcqRel) >= max {
-            open.fetch_sub(1, Ordering::AcqRel);
+impl Places {
+    fn new(max: usize, gauge: &'static str) -> Self {
+        Self {
+            open: Arc::new(AtomicUsize::new(0)),
+            max,
+            gauge,
+        }
+    }
+
+    /// A place, held until the guard is dropped (when the call's last task ends), or
+    /// `RESOURCE_EXHAUSTED` (counted) when all are taken.
+    fn take(&self) -> Result<Place, Status> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "capacity").increment(1);
             return Err(Status::resource_exhausted(
                 "too many open calls; try again later",
             ));
         }
-        metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).increment(1.0);
-        Ok(SubscriberGuard(Arc::clone(open)))
+        metrics::gauge!(self.gauge).increment(1.0);
+        Ok(Place(self.clone()))
     }
 }
 
-impl Drop for SubscriberGuard {
+/// One place taken from [`Places`].
+#[derive(Debug)]
+struct Place(Places);
+
+impl Drop for Place {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(catalogue::GRPC_SUBSCRIBERS).decrement(1.0);
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(self.0.gauge).decrement(1.0);
     }
 }
 
@@ -174,7 +193,7 @@ impl Gateway for GatewayService {
             .check(request.metadata())?
             .require(Scope::Footprint)?;
         // A watcher holds one of the `max_subscribers` places, as a subscriber does.
-        let guard = SubscriberGuard::take(&self.subscribers, self.max_subscribers)?;
+        let guard = self.subscribers.take()?;
         let (tx, rx) = mpsc::channel(4);
         let (mut figures, shutdown) = (self.footprint.clone(), self.shutdown.clone());
         tokio::spawn(async move {
@@ -200,8 +219,8 @@ impl Gateway for GatewayService {
     ) -> Result<Response<Self::PushStream>, Status> {
         let grant = self.tokens.check(request.metadata())?;
         grant.require(Scope::Push)?;
-        // An origin's push call holds one of the `max_subscribers` places, as a subscriber does.
-        let guard = SubscriberGuard::take(&self.subscribers, self.max_subscribers)?;
+        // An origin's push call (one per forwarded stream) holds one of the `max_push_calls`.
+        let guard = self.pushes.take()?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let (policy, pushed, shutdown) = (
@@ -311,10 +330,7 @@ impl Gateway for GatewayService {
             .start
             .and_then(|s| s.position)
             .unwrap_or(Position::Live(v1::Live {}));
-        let guard = Arc::new(SubscriberGuard::take(
-            &self.subscribers,
-            self.max_subscribers,
-        )?);
+        let guard = Arc::new(self.subscribers.take()?);
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         for index in indexes {
             let name = &self.policy.streams()[index].name;
@@ -388,7 +404,7 @@ struct Follower {
     tx: mpsc::Sender<EventResult>,
     sent: metrics::Counter,
     sent_bytes: metrics::Counter,
-    _guard: Arc<SubscriberGuard>,
+    _guard: Arc<Place>,
 }
 
 impl Follower {

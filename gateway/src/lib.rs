@@ -361,6 +361,7 @@ pub async fn start_in(
         grpc::Access {
             tokens,
             max_subscribers: config.grpc.max_subscribers,
+            max_push_calls: config.grpc.max_push_calls,
             max_streams_per_subscription: config.grpc.max_streams_per_subscription,
         },
         grpc::Published {

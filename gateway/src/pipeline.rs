@@ -712,7 +712,7 @@ impl Pipeline {
             };
             if let Ok(reading) = reading
                 && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
-                && !limiter.allow_device(id, now_ms)
+                && !limiter.allow_device(&publish.topic, id, now_ms)
             {
                 return Routed::DeviceOverLimit;
             }

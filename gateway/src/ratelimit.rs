@@ -1,7 +1,12 @@
 //! Rate limits: a token bucket per MQTT topic (city topics name the device:
 //! `city/air/<station>/reading`) and, when the configuration names the field, per device id inside
-//! the payload, so that one device flooding cannot crowd out the others. Messages over a limit are
-//! dropped, acknowledged, and counted in `hubgate_mqtt_messages_rate_limited_total{by}`.
+//! the payload on each topic, so that one device flooding cannot crowd out the others. Messages
+//! over a limit are dropped, acknowledged, and counted in
+//! `hubgate_mqtt_messages_rate_limited_total{by}`.
+//!
+//! The id in a payload is the sender's word: the per-device limit holds back faulty devices that
+//! share a topic, not hostile ones, which could claim another id on the same topic. The per-topic
+//! limit and the broker's ACL (`deploy/mosquitto.acl`) bound those.
 //!
 //! Buckets are keyed by a keyed 64-bit hash of the topic or id (a per-process random key), so the
 //! table holds no topic name or device id. It is bounded: at most [`MAX_KEYS`] keys are tracked.
@@ -113,14 +118,15 @@ impl Limiter {
         }
     }
 
-    /// Whether a message from the device named `id` at `now_ms` is within the limit (and takes
-    /// its token).
-    pub fn allow_device(&mut self, id: &Value, now_ms: i64) -> bool {
+    /// Whether a message on `topic` from the device named `id` at `now_ms` is within the limit
+    /// (and takes its token). The bucket is the pair's: a device that puts another's id in its
+    /// payload on its own topic spends its own allowance, not the other's.
+    pub fn allow_device(&mut self, topic: &str, id: &Value, now_ms: i64) -> bool {
         match id {
-            Value::Str(s) => self.allow(s.as_str(), now_ms),
-            Value::Int(i) => self.allow(i, now_ms),
-            Value::Float(f) => self.allow(&f.to_bits(), now_ms),
-            Value::Bool(b) => self.allow(b, now_ms),
+            Value::Str(s) => self.allow(&(topic, 0u8, s.as_str()), now_ms),
+            Value::Int(i) => self.allow(&(topic, 1u8, i), now_ms),
+            Value::Float(f) => self.allow(&(topic, 2u8, f.to_bits()), now_ms),
+            Value::Bool(b) => self.allow(&(topic, 3u8, b), now_ms),
         }
     }
 
@@ -195,19 +201,24 @@ mod tests {
     }
 
     #[test]
-    fn devices_are_told_apart_by_their_id_of_any_type() {
+    fn devices_are_told_apart_by_topic_and_id_of_any_type() {
         let mut limiter = Limiter::new(LIMIT);
         let ids = [
             Value::Str("meter-7".into()),
             Value::Int(7),
-            Value::Float(7.5),
+            // The same bits as the integer 7: a bucket of its own all the same.
+            Value::Float(f64::from_bits(7)),
             Value::Bool(true),
         ];
         for id in &ids {
-            let allowed = (0..10).filter(|_| limiter.allow_device(id, 0)).count();
+            let allowed = (0..10)
+                .filter(|_| limiter.allow_device("city/shared", id, 0))
+                .count();
             assert_eq!(allowed, 5, "{id:?} has its own bucket");
         }
-        assert_eq!(limiter.tracked(), 4);
+        // The same id on another topic (another device claiming it) has its own bucket too.
+        assert!(limiter.allow_device("city/other", &ids[0], 0));
+        assert_eq!(limiter.tracked(), 5);
     }
 
     #[test]

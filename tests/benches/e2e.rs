@@ -1,7 +1,7 @@
 //! The end-to-end benchmark (see BENCHMARKS.md):
 //!
 //! ```text
-//! cargo bench -p hubgate-tests --bench e2e                 # about 1.5 minutes
+//! cargo bench -p hubgate-tests --bench e2e                 # about 1.5 minutes after the build
 //! cargo bench -p hubgate-tests --bench e2e -- --soak 600   # and a 10-minute soak at 50,000/s
 //! cargo bench -p hubgate-tests --bench e2e -- --phase 20 --devices 10000 --connections 2
 //! cargo bench -p hubgate-tests --bench e2e -- --extra-config store.toml   # e.g. [store] tuning

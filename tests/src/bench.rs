@@ -6,7 +6,7 @@
 //! each figure means. The smoke test (`tests/tests/bench_smoke.rs`) runs it briefly and checks
 //! only that data moves.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -223,7 +223,8 @@ pub struct Latency {
 #[derive(Debug, Default)]
 struct Seen {
     records: AtomicU64,
-    recording: AtomicBool,
+    /// Latencies are noted for readings sent at or after this time (µs since the epoch); 0: none.
+    recording_since_us: AtomicI64,
     latencies_us: Mutex<Vec<i64>>,
 }
 
@@ -331,6 +332,8 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
     // Latency and memory at fixed rates.
     for &rate in &settings.rates {
         let spec = load(Some(rate), 0, &format!("rate{rate}"));
+        // What the full-load phase left queued is delivered first.
+        settle(&|| seen.records.load(Ordering::Relaxed) as f64).await;
         let r0 = received();
         seen.latencies_us
             .lock()
@@ -338,7 +341,8 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             .clear();
         let publisher = std::thread::spawn(move || load::publish(&spec));
         tokio::time::sleep(warmup).await;
-        seen.recording.store(true, Ordering::Relaxed);
+        seen.recording_since_us
+            .store(load::now_us(), Ordering::Relaxed);
         let mut steady_rss = 0;
         let end = Instant::now() + settings.phase - warmup;
         while Instant::now() < end {
@@ -349,8 +353,12 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             .join()
             .expect("publisher")
             .expect("the load reaches the broker");
-        settle(&received).await;
-        seen.recording.store(false, Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while received() - r0 < sent.messages() as f64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        settle(&|| seen.records.load(Ordering::Relaxed) as f64).await;
+        seen.recording_since_us.store(0, Ordering::Relaxed);
         let mut latencies = std::mem::take(
             &mut *seen
                 .latencies_us
@@ -428,7 +436,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         .iter()
         .map(|s| gw.metric("hubgate_records_kept_total", &[("stream", s)]) as u64)
         .sum();
-    figures.outbox_disk_bytes = disk_usage(&gw.dir().join("hubgate-data"));
+    figures.outbox_disk_bytes = disk_usage(&gw.dir().join("hubgate-data/outbox"));
     subscriber.abort();
     drop(gw);
     figures
@@ -501,8 +509,8 @@ async fn bare_subscriber(port: u16, counted: Arc<AtomicU64>) -> tokio::task::Joi
     task
 }
 
-/// A gRPC subscriber to the pass-through streams, live, counting records and, while recording,
-/// noting each one's publish-to-delivery latency.
+/// A gRPC subscriber to the pass-through streams, live, counting records and noting the
+/// publish-to-delivery latency of each reading sent since `recording_since_us`.
 async fn grpc_subscriber(gw: &Gateway, seen: Arc<Seen>) -> tokio::task::JoinHandle<()> {
     let mut records = gw
         .client()
@@ -520,10 +528,12 @@ async fn grpc_subscriber(gw: &Gateway, seen: Arc<Seen>) -> tokio::task::JoinHand
                 continue;
             };
             seen.records.fetch_add(1, Ordering::Relaxed);
-            if seen.recording.load(Ordering::Relaxed)
+            let since = seen.recording_since_us.load(Ordering::Relaxed);
+            if since > 0
                 && let Some(v1::Value {
                     kind: Some(v1::value::Kind::IntValue(sent_us)),
                 }) = record.fields.get("sent_us")
+                && *sent_us >= since
             {
                 let latency = load::now_us() - sent_us;
                 seen.latencies_us

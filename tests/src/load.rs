@@ -316,13 +316,12 @@ pub fn make_message(
         1 => {
             // The phones the counters hear: a population of PHONES, each heard again and again.
             let phone = seq.wrapping_mul(2_654_435_761) % PHONES;
-            let _ = write!(topic, "city/footfall/pc-{:03}/probe", device % 500);
+            let _ = write!(topic, "city/footfall/pc-{device:05}/probe");
             write!(
                 payload,
-                "{{\"counter_id\":\"pc-{counter:03}\",\"ts\":{ts},\"seq\":{seq},\"sent_us\":{sent_us},\
+                "{{\"counter_id\":\"pc-{device:05}\",\"ts\":{ts},\"seq\":{seq},\"sent_us\":{sent_us},\
                  \"mac\":\"3c:22:fb:{a:02x}:{b:02x}:{c:02x}\",\"rssi\":{rssi},\"channel\":6,\
                  \"probed_ssid\":\"HomeNet-{c}\"",
-                counter = device % 500,
                 a = (phone >> 16) as u8,
                 b = (phone >> 8) as u8,
                 c = phone as u8,

@@ -425,9 +425,10 @@ async fn the_broker_login_comes_from_a_private_file_and_is_never_logged() {
     assert!(!gw.log().contains("s3cret-broker-pass"));
 }
 
-/// Long-lived calls beyond `grpc.max_subscribers` (subscriptions, footprint watchers, pushes)
-/// are refused with RESOURCE_EXHAUSTED and counted; a place frees when one leaves. A subscription
-/// over `grpc.max_streams_per_subscription` is refused the same way.
+/// Calls beyond `grpc.max_subscribers` (subscriptions, footprint watchers) are refused with
+/// RESOURCE_EXHAUSTED and counted; a place frees when one leaves. Push calls have places of their
+/// own (`grpc.max_push_calls`): full subscriber places do not stop them, nor they subscribers. A
+/// subscription over `grpc.max_streams_per_subscription` is refused the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_are_capped() {
     let broker = Mosquitto::start();
@@ -435,7 +436,7 @@ async fn subscribers_are_capped() {
         gateway_bin!(),
         &config(broker.port, "gw-cap", STREAMS).replace(
             "[grpc]\nlisten = \"127.0.0.1:0\"",
-            "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 2\n\
+            "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 2\nmax_push_calls = 1\n\
              max_streams_per_subscription = 1",
         ),
     );
@@ -457,12 +458,22 @@ async fn subscribers_are_capped() {
     let _second = client.subscribe(live()).await.unwrap().into_inner();
     let third = client.subscribe(live()).await.unwrap_err();
     assert_eq!(third.code(), Code::ResourceExhausted);
-    // So does another gateway's push call.
-    let push = client
+    // An origin gateway's push call has a place of its own; a second one does not.
+    let (_push_tx, push_rx) = tokio::sync::mpsc::channel::<v1::PushRequest>(1);
+    let _push = client
+        .push(tokio_stream::wrappers::ReceiverStream::new(push_rx))
+        .await
+        .unwrap();
+    hubgate_tests::wait_for(
+        "the push call to hold its place",
+        Duration::from_secs(10),
+        || gw.metric("hubgate_grpc_push_calls", &[]) == 1.0,
+    );
+    let second = client
         .push(tokio_stream::iter(Vec::<v1::PushRequest>::new()))
         .await
         .unwrap_err();
-    assert_eq!(push.code(), Code::ResourceExhausted);
+    assert_eq!(second.code(), Code::ResourceExhausted);
     // A footprint watcher needs a place too.
     let watcher = client
         .watch_footprint(v1::WatchFootprintRequest {})
