@@ -198,6 +198,12 @@ struct Windows {
     counters: WindowCounters,
     /// Changed since the last checkpoint.
     dirty: bool,
+    /// Must be checkpointed in the next commit: it absorbed a reading that will be acknowledged
+    /// (QoS 1), or released or rekeyed windows. Otherwise a changed state is checkpointed at most
+    /// every [`WINDOW_CHECKPOINT_EVERY_MS`].
+    must_checkpoint: bool,
+    /// When it was last checkpointed (gateway clock, ms).
+    checkpointed_ms: i64,
     /// Identifies the aggregation spec the state was built under.
     spec: u32,
     /// The stream's key generation ([`KeyManager::generation`]) the windows last absorbed under.
@@ -249,6 +255,8 @@ fn resume_windows(
         state,
         counters,
         dirty: false,
+        must_checkpoint: false,
+        checkpointed_ms: now_ms(),
         spec: fingerprint,
         key_generation: None,
     })
@@ -439,11 +447,28 @@ impl Pipeline {
         Ok(last)
     }
 
-    /// Commits what this turn staged: records and changed window checkpoints, atomically and
-    /// durably. On an error everything stays staged for the next attempt.
+    /// Has the next commit checkpoint every changed window, due or not (before a stop).
+    pub fn checkpoint_all_windows(&mut self) {
+        for w in self.windows.iter_mut().flatten() {
+            w.must_checkpoint |= w.dirty;
+        }
+    }
+
+    /// Commits what this turn staged: records and the window checkpoints that are due,
+    /// atomically and durably. On an error everything stays staged for the next attempt.
+    ///
+    /// A window state is checkpointed in the commit after it absorbed a reading that will be
+    /// acknowledged (QoS 1), or released or rekeyed windows: nothing acknowledged is lost, and
+    /// released groups are never released again. Readings at QoS 0 are never acknowledged: the
+    /// state that absorbed only those is checkpointed at most once every
+    /// [`WINDOW_CHECKPOINT_EVERY_MS`], as the whole state is written each time.
     pub fn commit(&mut self, now_ms: i64) -> Result<(), CommitError> {
         for (stream, windows) in self.policy.streams().iter().zip(&mut self.windows) {
-            let Some(w) = windows.as_mut().filter(|w| w.dirty) else {
+            let Some(w) = windows.as_mut().filter(|w| {
+                w.dirty
+                    && (w.must_checkpoint
+                        || now_ms - w.checkpointed_ms >= WINDOW_CHECKPOINT_EVERY_MS)
+            }) else {
                 continue;
             };
             let checkpoint = Checkpoint {
@@ -457,6 +482,8 @@ impl Pipeline {
                     self.pending
                         .checkpoint(checkpoint_name(&stream.name), bytes);
                     w.dirty = false;
+                    w.must_checkpoint = false;
+                    w.checkpointed_ms = now_ms;
                 }
                 // Nothing is committed (or acknowledged) without the window state.
                 Err(_) => return Err(CommitError::Checkpoint(stream.name.clone())),
@@ -498,6 +525,7 @@ impl Pipeline {
             };
             let release = windows.state.release(spec, now_ms, dp);
             windows.dirty |= release.windows > 0;
+            windows.must_checkpoint |= release.windows > 0;
             let c = &windows.counters;
             c.entries.set(windows.state.entries() as f64);
             if release.windows == 0 {
@@ -754,10 +782,12 @@ impl Pipeline {
                         let generation = self.keys.generation(index);
                         if windows.key_generation.is_some_and(|g| g != generation) {
                             windows.state.rekey(now_ms);
+                            windows.must_checkpoint = true;
                         }
                         windows.key_generation = Some(generation);
                         let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
                         windows.dirty = true;
+                        windows.must_checkpoint |= publish.qos != rumqttc::QoS::AtMostOnce;
                         tally.absorbed[absorbed_index(absorbed)] += 1;
                         continue;
                     }
@@ -773,6 +803,10 @@ impl Pipeline {
         if routed { Routed::Yes } else { Routed::Nowhere }
     }
 }
+
+/// Longest a window state that absorbed only QoS 0 readings goes without a checkpoint: what a
+/// crash can lose of them.
+const WINDOW_CHECKPOINT_EVERY_MS: i64 = 1_000;
 
 /// De-duplication marks of pushing origins held in memory, at most; the rest are read from their
 /// checkpoints in the store when next needed.
@@ -923,6 +957,10 @@ pub async fn run(
             let _ = reply.send(ack);
         }
     }
+    // Windows that absorbed QoS 0 readings since their last checkpoint are written before the
+    // stop, so a stop or a reload loses none of them.
+    pipeline.checkpoint_all_windows();
+    let _ = commit_until_done(&mut pipeline, &shutdown).await;
     acker.flush();
 }
 
@@ -1008,26 +1046,102 @@ v = "keep"
         }
     }
 
-    /// However many origins push, the marks held in memory stay bounded, and a mark let go is
-    /// read back from the store: a batch sent again is still recognised.
-    #[test]
-    fn push_marks_in_memory_are_bounded_and_reread_from_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let (policy, _) = hubgate_privacy::policy::from_toml(POLICY).unwrap();
+    const AGGREGATED: &str = r#"
+[[stream]]
+name = "counts"
+topics = ["city/footfall/+/probe"]
+purpose = "test"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+
+[stream.aggregate]
+window = "1h"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 1
+
+[stream.aggregate.measures]
+readings = "count"
+"#;
+
+    fn pipeline_for(policy: &str, dir: &std::path::Path) -> (Pipeline, Arc<Store>) {
+        let (policy, _) = hubgate_privacy::policy::from_toml(policy).unwrap();
         let policy = Arc::new(policy);
-        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl")).unwrap());
-        let outbox = Arc::new(SledOutbox::open(&dir.path().join("outbox")).unwrap());
+        let audit = Arc::new(AuditLog::open(&dir.join("audit.jsonl")).unwrap());
+        let outbox = Arc::new(SledOutbox::open(&dir.join("outbox")).unwrap());
+        let streams: Vec<(&str, Duration)> = policy
+            .streams()
+            .iter()
+            .map(|s| (s.name.as_str(), s.retention))
+            .collect();
         let store = Arc::new(
             Store::open(
                 outbox,
-                [("s", Duration::from_secs(86_400))],
+                streams,
                 &crate::config::StoreConfig::default(),
                 Arc::clone(&audit),
             )
             .unwrap(),
         );
-        let stats = Arc::new(Stats::new(1));
-        let mut pipeline = Pipeline::new(policy, Arc::clone(&store), stats, None, audit).unwrap();
+        let stats = Arc::new(Stats::new(policy.streams().len()));
+        let pipeline =
+            Pipeline::new(Arc::clone(&policy), Arc::clone(&store), stats, None, audit).unwrap();
+        (pipeline, store)
+    }
+
+    fn probe(qos: rumqttc::QoS, mac: &str) -> Inbound {
+        let payload = format!(r#"{{"counter_id":"pc-1","mac":"{mac}"}}"#);
+        Inbound {
+            bytes: payload.len(),
+            publish: Publish::new("city/footfall/pc-1/probe", qos, payload),
+            oversized: false,
+        }
+    }
+
+    /// A window that absorbed a QoS 1 reading (to be acknowledged) is checkpointed in that
+    /// commit; one that absorbed only QoS 0 readings at most once a second, and before a stop.
+    #[test]
+    fn windows_are_checkpointed_before_acknowledgement_and_at_most_each_second_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut pipeline, store) = pipeline_for(AGGREGATED, dir.path());
+        let name = checkpoint_name("counts");
+        let t = now_ms();
+        pipeline.process(&[probe(rumqttc::QoS::AtMostOnce, "aa:01")], t);
+        pipeline.commit(t).unwrap();
+        assert_eq!(store.checkpoint(&name).unwrap(), None, "QoS 0: not yet");
+        pipeline.process(&[probe(rumqttc::QoS::AtMostOnce, "aa:02")], t + 1_500);
+        pipeline.commit(t + 1_500).unwrap();
+        let after_a_second = store
+            .checkpoint(&name)
+            .unwrap()
+            .expect("due after a second");
+        pipeline.process(&[probe(rumqttc::QoS::AtLeastOnce, "aa:03")], t + 1_600);
+        pipeline.commit(t + 1_600).unwrap();
+        let for_the_ack = store.checkpoint(&name).unwrap().expect("checkpointed");
+        assert_ne!(for_the_ack, after_a_second, "QoS 1: in the same commit");
+        pipeline.process(&[probe(rumqttc::QoS::AtMostOnce, "aa:04")], t + 1_700);
+        pipeline.commit(t + 1_700).unwrap();
+        assert_eq!(store.checkpoint(&name).unwrap().unwrap(), for_the_ack);
+        pipeline.checkpoint_all_windows();
+        pipeline.commit(t + 1_800).unwrap();
+        assert_ne!(
+            store.checkpoint(&name).unwrap().unwrap(),
+            for_the_ack,
+            "before a stop"
+        );
+    }
+
+    /// However many origins push, the marks held in memory stay bounded, and a mark let go is
+    /// read back from the store: a batch sent again is still recognised.
+    #[test]
+    fn push_marks_in_memory_are_bounded_and_reread_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut pipeline, store) = pipeline_for(POLICY, dir.path());
         let origins = MAX_CACHED_PUSH_MARKS + 100;
         for i in 0..origins {
             assert_eq!(
