@@ -27,6 +27,13 @@ macro_rules! gateway_bin {
     };
 }
 
+/// The workspace's root folder (the repository).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+}
+
 /// A free TCP port on loopback (the OS picks it; it is released before use).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -582,7 +589,7 @@ impl Drop for Publisher {
 /// (`tests/fixtures/tls/`), other files (passwords, tokens) a placeholder secret; all readable by
 /// their owner only, as hubgate requires.
 pub fn with_secret_files(config: &str, dir: &Path) -> String {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tls");
+    let fixtures = repo().join("tests/fixtures/tls");
     for name in config.split("\"/etc/hubgate/").skip(1) {
         let name = name.split('"').next().unwrap_or_default();
         let to = dir.join(name);

@@ -5,15 +5,9 @@ use std::process::Command;
 
 use hubgate_tests::gateway_bin;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-}
-
 #[test]
 fn check_reports_each_error_with_line_and_column_and_fails() {
-    let fixture = repo().join("tests/fixtures/broken.toml");
+    let fixture = hubgate_tests::repo().join("tests/fixtures/broken.toml");
     let out = Command::new(gateway_bin!())
         .arg("check")
         .arg(&fixture)
@@ -37,23 +31,27 @@ fn check_reports_each_error_with_line_and_column_and_fails() {
 #[test]
 fn every_shipped_config_passes_the_check() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sources: Vec<(String, String)> = std::fs::read_dir(repo().join("deploy"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-        .map(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().into_owned();
-            (name, std::fs::read_to_string(&p).unwrap())
-        })
-        .collect();
-    let manifest = std::fs::read_to_string(repo().join("deploy/kubernetes/hubgate.yaml")).unwrap();
+    let mut sources: Vec<(String, String)> =
+        std::fs::read_dir(hubgate_tests::repo().join("deploy"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+    let manifest =
+        std::fs::read_to_string(hubgate_tests::repo().join("deploy/kubernetes/hubgate.yaml"))
+            .unwrap();
     sources.push((
         "configmap.toml".into(),
         configmap_file(&manifest, "hubgate.toml"),
     ));
     sources.push((
         "default_config.toml".into(),
-        std::fs::read_to_string(repo().join("gateway/src/default_config.toml")).unwrap(),
+        std::fs::read_to_string(hubgate_tests::repo().join("gateway/src/default_config.toml"))
+            .unwrap(),
     ));
     assert!(sources.len() >= 3, "{sources:?}");
     let files: Vec<_> = sources
@@ -98,9 +96,9 @@ fn dry_run_explains_every_field_and_is_deterministic() {
         Command::new(gateway_bin!())
             .arg("dry-run")
             .arg("--config")
-            .arg(repo().join("deploy/hubgate.toml"))
+            .arg(hubgate_tests::repo().join("deploy/hubgate.toml"))
             .arg("--input")
-            .arg(repo().join("deploy/samples.jsonl"))
+            .arg(hubgate_tests::repo().join("deploy/samples.jsonl"))
             .output()
             .unwrap()
     };
@@ -157,7 +155,7 @@ fn dry_run_explains_every_field_and_is_deterministic() {
 
 #[test]
 fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
-    let old = repo().join("deploy/hubgate.toml");
+    let old = hubgate_tests::repo().join("deploy/hubgate.toml");
     let dir = tempfile::tempdir().unwrap();
     let new = dir.path().join("new.toml");
     let source = std::fs::read_to_string(&old).unwrap();
@@ -173,7 +171,7 @@ fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
             .args(["dry-run", "--config"])
             .arg(config)
             .arg("--input")
-            .arg(repo().join("deploy/samples.jsonl"))
+            .arg(hubgate_tests::repo().join("deploy/samples.jsonl"))
             .arg("--against")
             .arg(against)
             .output()
@@ -224,7 +222,7 @@ fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
 /// `gateway/src/config.rs`; new crashers found there belong in this corpus.)
 #[test]
 fn the_hostile_corpus_is_answered_without_a_panic() {
-    let corpus = repo().join("tests/corpus");
+    let corpus = hubgate_tests::repo().join("tests/corpus");
     let mut refused = Vec::new();
     let mut payloads: Vec<_> = std::fs::read_dir(corpus.join("payloads"))
         .unwrap()

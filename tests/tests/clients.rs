@@ -6,7 +6,7 @@
 //! (`examples/python/requirements.txt`) in a virtualenv and names its interpreter in
 //! `HUBGATE_PYTHON`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,18 +27,12 @@ meter_id = "keep"
 laeq_db = "keep"
 "#;
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-}
-
 /// The Python that has the client's packages.
 fn python() -> PathBuf {
     if let Some(python) = std::env::var_os("HUBGATE_PYTHON") {
         return PathBuf::from(python);
     }
-    let venv = repo().join("target/ci-python/bin/python");
+    let venv = hubgate_tests::repo().join("target/ci-python/bin/python");
     assert!(
         venv.exists(),
         "this test needs Python with grpcio: run .ci/run, or\n  python3 -m venv target/ci-python && \
@@ -52,7 +46,7 @@ fn run_client(gw: &Gateway, token: Option<&str>, args: &[&str]) -> (i32, String,
     let generated = tempfile::tempdir().expect("temp dir");
     let mut command = Command::new(python());
     command
-        .arg(repo().join("examples/python/hubgate_client.py"))
+        .arg(hubgate_tests::repo().join("examples/python/hubgate_client.py"))
         .arg("--target")
         .arg(gw.grpc.to_string())
         .args(args)

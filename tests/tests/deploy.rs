@@ -9,12 +9,6 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-}
-
 /// mosquitto run with `deploy/mosquitto.conf` and `deploy/mosquitto.acl` as shipped, but for the
 /// paths and port of a test.
 struct Broker {
@@ -56,19 +50,23 @@ fn shipped_broker(users: &[(&str, &str)]) -> Broker {
     }
     chmod(&passwd, 0o644);
     let acl = dir.path().join("hubgate.acl");
-    std::fs::copy(repo().join("deploy/mosquitto.acl"), &acl).expect("test setup");
+    std::fs::copy(hubgate_tests::repo().join("deploy/mosquitto.acl"), &acl).expect("test setup");
     chmod(&acl, 0o644);
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs).expect("test setup");
     for name in ["ca.crt", "server.crt", "server.key"] {
         let to = certs.join(name);
-        std::fs::copy(repo().join("tests/fixtures/tls").join(name), &to).expect("test setup");
+        std::fs::copy(
+            hubgate_tests::repo().join("tests/fixtures/tls").join(name),
+            &to,
+        )
+        .expect("test setup");
         chmod(&to, 0o644);
     }
     let port = hubgate_tests::free_port();
     let tls_port = hubgate_tests::free_port();
-    let shipped =
-        std::fs::read_to_string(repo().join("deploy/mosquitto.conf")).expect("test setup");
+    let shipped = std::fs::read_to_string(hubgate_tests::repo().join("deploy/mosquitto.conf"))
+        .expect("test setup");
     let mut conf = String::new();
     for line in shipped.lines() {
         let line = match line.split_whitespace().next() {
@@ -224,13 +222,16 @@ async fn the_shipped_broker_acl_lets_the_gateway_read_and_each_device_write_only
 #[test]
 fn the_dashboard_queries_only_metrics_the_gateway_exports() {
     let catalogue =
-        std::fs::read_to_string(repo().join("exporters/src/catalogue.rs")).expect("test setup");
+        std::fs::read_to_string(hubgate_tests::repo().join("exporters/src/catalogue.rs"))
+            .expect("test setup");
     let exported: std::collections::HashSet<&str> = catalogue
         .split('"')
         .filter(|s| s.starts_with("hubgate_"))
         .collect();
-    let text = std::fs::read_to_string(repo().join("deploy/grafana/hubgate-dashboard.json"))
-        .expect("test setup");
+    let text = std::fs::read_to_string(
+        hubgate_tests::repo().join("deploy/grafana/hubgate-dashboard.json"),
+    )
+    .expect("test setup");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
     let mut queried = Vec::new();
     for panel in dashboard["panels"].as_array().expect("panels") {
