@@ -197,7 +197,7 @@ pub struct Figures {
     pub qos1_records: u64,
     /// The gateway's highest resident memory over the run (KiB).
     pub peak_rss_kib: u64,
-    /// The outbox: bytes on disk, bytes of live records, records held.
+    /// The outbox: bytes on disk, bytes of live records, records held (kept less purged).
     pub outbox_disk_bytes: u64,
     pub outbox_live_bytes: u64,
     pub outbox_records: u64,
@@ -432,9 +432,22 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
 
     figures.peak_rss_kib = gw.peak_rss_kib();
     figures.outbox_live_bytes = gw.metric("hubgate_outbox_bytes", &[]) as u64;
+    // Records held: kept, less those purged (a long soak fills `store.max_bytes`).
     figures.outbox_records = ["air", "footfall", "footfall_counts", "parking", "noise"]
         .iter()
-        .map(|s| gw.metric("hubgate_records_kept_total", &[("stream", s)]) as u64)
+        .map(|s| {
+            let kept = gw.metric("hubgate_records_kept_total", &[("stream", s)]);
+            let purged: f64 = ["retention", "capacity"]
+                .iter()
+                .map(|r| {
+                    gw.metric(
+                        "hubgate_store_records_purged_total",
+                        &[("stream", s), ("reason", r)],
+                    )
+                })
+                .sum();
+            (kept - purged).max(0.0) as u64
+        })
         .sum();
     figures.outbox_disk_bytes = disk_usage(&gw.dir().join("hubgate-data/outbox"));
     subscriber.abort();
