@@ -193,6 +193,8 @@ pub struct Figures {
     /// QoS 1, acknowledged after commit: readings per second, published and taken in.
     pub qos1_rate: f64,
     pub qos1_published: u64,
+    /// QoS 1 messages the broker acknowledged to the generator.
+    pub qos1_broker_acked: u64,
     pub qos1_received: u64,
     pub qos1_records: u64,
     /// The gateway's highest resident memory over the run (KiB).
@@ -408,6 +410,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         figures.qos1_published = sent.messages();
+        figures.qos1_broker_acked = sent.acked;
         figures.qos1_received = (received() - r0) as u64;
         figures.qos1_records = seen.records.load(Ordering::Relaxed) - g0;
         figures.qos1_rate = figures.qos1_received as f64 / elapsed.as_secs_f64();

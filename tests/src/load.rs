@@ -70,8 +70,6 @@ impl Load {
 pub struct Sent {
     /// Messages written to the broker, by kind (in [`KINDS`] order).
     pub by_kind: [u64; 4],
-    /// Payload bytes written.
-    pub bytes: u64,
     /// QoS 1 messages the broker acknowledged.
     pub acked: u64,
     /// From the first message to the last (and, at QoS 1, its acknowledgement).
@@ -107,7 +105,6 @@ pub fn publish(load: &Load) -> std::io::Result<Sent> {
         for (total, n) in sent.by_kind.iter_mut().zip(part.by_kind) {
             *total += n;
         }
-        sent.bytes += part.bytes;
         sent.acked += part.acked;
     }
     sent.elapsed = start.elapsed();
@@ -180,7 +177,6 @@ fn connection(load: &Load, index: usize, connections: usize) -> std::io::Result<
             publish_packet(&topic, payload.as_bytes(), load.qos, pkid, &mut packet);
             out.write_all(&packet)?;
             sent.by_kind[kind] += 1;
-            sent.bytes += payload.len() as u64;
             n += 1;
         }
     }

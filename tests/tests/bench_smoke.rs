@@ -35,6 +35,7 @@ async fn the_benchmark_moves_data_through_every_phase() {
     // QoS 1 with acknowledgement after commit loses nothing: every message is taken in, and each
     // becomes one record on its pass-through stream.
     assert!(figures.qos1_published > 0, "{table}");
+    assert_eq!(figures.qos1_broker_acked, figures.qos1_published, "{table}");
     assert_eq!(figures.qos1_received, figures.qos1_published, "{table}");
     assert_eq!(figures.qos1_records, figures.qos1_published, "{table}");
     assert!(
