@@ -1,6 +1,7 @@
-//! Payload decoders: message bytes into a [`Reading`].
+//! Payload decoders: message bytes into [`Reading`]s, in the format the stream declares
+//! ([`PayloadFormat`]).
 //!
-//! JSON: the payload must be one object. Nested objects are flattened into dotted paths
+//! JSON (`format = "json"`): the payload must be one object. Nested objects are flattened into dotted paths
 //! (`{"location": {"district": "north"}}` gives `location.district`). Numbers become integers when
 //! they are whole and fit in 64 bits, floats otherwise. Arrays and nulls cannot be represented as
 //! field values: they are skipped and counted in [`Reading::unsupported`], so the allow-list counts
@@ -8,13 +9,19 @@
 //! than [`MAX_FIELDS`] members at all levels, or gives two values for one path is rejected whole:
 //! the caller drops it and counts it.
 //!
-//! Decoders are pure functions over bytes; they never log what they read.
+//! SenML (`format = "senml_json"` or `"senml_cbor"`): see [`senml`]; one pack can give several
+//! readings.
+//!
+//! Decoders are pure functions over bytes and the time of receipt; they never log what they read.
 
 use std::fmt;
 
+pub use hubgate_privacy::policy::PayloadFormat;
 use hubgate_privacy::{Reading, Value};
 use serde::Deserializer as _;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+pub mod senml;
 
 /// Deepest object nesting accepted.
 pub const MAX_DEPTH: usize = 16;
@@ -35,6 +42,42 @@ pub enum DecodeError {
     TooManyFields,
     #[error("payload gives more than one value for a field")]
     DuplicateField,
+    #[error("payload is not valid CBOR")]
+    Cbor,
+    #[error("payload is not a SenML pack (an array of records)")]
+    NotAPack,
+    #[error("invalid SenML: {0}")]
+    Senml(&'static str),
+}
+
+/// What one payload decoded into: one reading, or several from a SenML pack.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    One(Reading),
+    Many(Vec<Reading>),
+}
+
+impl Decoded {
+    /// The readings, in payload order.
+    pub fn readings(&self) -> &[Reading] {
+        match self {
+            Decoded::One(reading) => std::slice::from_ref(reading),
+            Decoded::Many(readings) => readings,
+        }
+    }
+}
+
+/// Decodes `payload`, received at `received_ms`, in `format`.
+pub fn decode(
+    format: PayloadFormat,
+    payload: &[u8],
+    received_ms: i64,
+) -> Result<Decoded, DecodeError> {
+    match format {
+        PayloadFormat::Json => json(payload).map(Decoded::One),
+        PayloadFormat::SenmlJson => senml::json(payload, received_ms).map(Decoded::Many),
+        PayloadFormat::SenmlCbor => senml::cbor(payload, received_ms).map(Decoded::Many),
+    }
 }
 
 /// Decodes a JSON object payload.

@@ -1,7 +1,8 @@
 //! `hubgate dry-run`: what the policy does to sample messages, field by field.
 //!
 //! Input: one JSON object per line, `{"topic": "...", "payload": {...}}`; `payload` may also be a
-//! string, taken as the raw bytes (to try malformed payloads), and `received` (Unix seconds) sets
+//! string, taken as the raw bytes (to try malformed payloads); binary payloads (SenML in CBOR) are
+//! given as `payload_hex` instead. `received` (Unix seconds) sets
 //! the receive time. For each sample the output names the stream it routes to, the fields that came
 //! in (names only: the sample's raw values are never echoed), what each stage did to each field,
 //! and the record that would go out. A summary follows.
@@ -90,100 +91,110 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                 let _ = writeln!(report, "image or video payload: dropped");
                 continue;
             }
-            let reading = match decode::json(payload) {
-                Ok(r) => r,
+            let decoded = match decode::decode(stream.format, payload, received_ms) {
+                Ok(d) => d,
                 Err(e) => {
                     sum.rejected += 1;
                     let _ = writeln!(report, "{e}: dropped");
                     continue;
                 }
             };
-            let names: Vec<&str> = reading.fields.iter().map(|(p, _)| p.as_str()).collect();
-            let _ = writeln!(report, "in: {}", names.join(", "));
-            if reading.unsupported > 0 {
-                sum.unsupported += u64::from(reading.unsupported);
-                let _ = writeln!(
-                    report,
-                    "    {} array or null values: dropped",
-                    reading.unsupported
-                );
-            }
-            let ctx = Context {
-                received_ms,
-                key: Some(&key),
-            };
-            let mut fates = Vec::new();
-            let outcome = chain::apply_traced(stream, reading, &ctx, |path, fate| {
-                fates.push((path.to_owned(), fate))
-            });
-            for (path, fate) in &fates {
-                let what = match fate {
-                    Fate::EventTime => "event time".to_owned(),
-                    Fate::Kept => {
-                        sum.kept += 1;
-                        "kept".to_owned()
-                    }
-                    Fate::Pseudonymised => {
-                        sum.pseudonymised += 1;
-                        "pseudonymised".to_owned()
-                    }
-                    Fate::Generalised(cell) => {
-                        sum.generalised += 1;
-                        format!("generalised into the cell at '{cell}', not passed")
-                    }
-                    Fate::Undeclared => {
-                        sum.undeclared += 1;
-                        "not declared: dropped".to_owned()
-                    }
-                    Fate::IdentifierDropped(kind) => {
-                        sum.identifiers += 1;
-                        format!("holds an identifier ({}): dropped", kind.name())
-                    }
-                    Fate::IdentifierPseudonymised(kind) => {
-                        sum.identifiers += 1;
-                        sum.pseudonymised += 1;
-                        format!("holds an identifier ({}): pseudonymised", kind.name())
-                    }
-                    Fate::NoKey => "to pseudonymise, no key: dropped".to_owned(),
+            let count = decoded.readings().len();
+            for (k, reading) in decoded.readings().iter().enumerate() {
+                if k > 0 {
+                    let _ = write!(report, "  stream {}: ", stream.name);
+                }
+                if count > 1 {
+                    let _ = write!(report, "reading {} of {count}, ", k + 1);
+                }
+                let reading = reading.clone();
+                let names: Vec<&str> = reading.fields.iter().map(|(p, _)| p.as_str()).collect();
+                let _ = writeln!(report, "in: {}", names.join(", "));
+                if reading.unsupported > 0 {
+                    sum.unsupported += u64::from(reading.unsupported);
+                    let _ = writeln!(
+                        report,
+                        "    {} array or null values: dropped",
+                        reading.unsupported
+                    );
+                }
+                let ctx = Context {
+                    received_ms,
+                    key: Some(&key),
                 };
-                if matches!(fate, Fate::NoKey) {
-                    sum.no_key += 1;
-                }
-                let _ = writeln!(report, "    {path:<24} {what}");
-            }
-            match outcome {
-                Ok(out) => {
-                    sum.cells += u64::from(out.locations_generalised);
-                    let fields: serde_json::Map<String, serde_json::Value> = out
-                        .record
-                        .fields
-                        .iter()
-                        .map(|(p, v)| (p.clone(), json_value(v)))
-                        .collect();
-                    let at = time(out.record.event_time_ms);
-                    let fields = serde_json::Value::Object(fields);
-                    let Some(spec) = &stream.aggregate else {
-                        sum.records += 1;
-                        let _ = writeln!(report, "  out: {fields} at {at}");
-                        continue;
-                    };
-                    let now = given_received_ms.unwrap_or(out.record.event_time_ms);
-                    let what = match windows[index].absorb(spec, &out.record, now) {
-                        Absorbed::Counted => {
-                            sum.absorbed += 1;
-                            let start = spec.window_start(out.record.event_time_ms);
-                            format!("into the window from {}", time(start))
+                let mut fates = Vec::new();
+                let outcome = chain::apply_traced(stream, reading, &ctx, |path, fate| {
+                    fates.push((path.to_owned(), fate))
+                });
+                for (path, fate) in &fates {
+                    let what = match fate {
+                        Fate::EventTime => "event time".to_owned(),
+                        Fate::Kept => {
+                            sum.kept += 1;
+                            "kept".to_owned()
                         }
-                        other => {
-                            sum.left_out += 1;
-                            format!("left out of the windows ({other:?})")
+                        Fate::Pseudonymised => {
+                            sum.pseudonymised += 1;
+                            "pseudonymised".to_owned()
                         }
+                        Fate::Generalised(cell) => {
+                            sum.generalised += 1;
+                            format!("generalised into the cell at '{cell}', not passed")
+                        }
+                        Fate::Undeclared => {
+                            sum.undeclared += 1;
+                            "not declared: dropped".to_owned()
+                        }
+                        Fate::IdentifierDropped(kind) => {
+                            sum.identifiers += 1;
+                            format!("holds an identifier ({}): dropped", kind.name())
+                        }
+                        Fate::IdentifierPseudonymised(kind) => {
+                            sum.identifiers += 1;
+                            sum.pseudonymised += 1;
+                            format!("holds an identifier ({}): pseudonymised", kind.name())
+                        }
+                        Fate::NoKey => "to pseudonymise, no key: dropped".to_owned(),
                     };
-                    let _ = writeln!(report, "  {what}: {fields} at {at}");
+                    if matches!(fate, Fate::NoKey) {
+                        sum.no_key += 1;
+                    }
+                    let _ = writeln!(report, "    {path:<24} {what}");
                 }
-                Err(rejection) => {
-                    sum.rejected += 1;
-                    let _ = writeln!(report, "  {rejection}: dropped");
+                match outcome {
+                    Ok(out) => {
+                        sum.cells += u64::from(out.locations_generalised);
+                        let fields: serde_json::Map<String, serde_json::Value> = out
+                            .record
+                            .fields
+                            .iter()
+                            .map(|(p, v)| (p.clone(), json_value(v)))
+                            .collect();
+                        let at = time(out.record.event_time_ms);
+                        let fields = serde_json::Value::Object(fields);
+                        let Some(spec) = &stream.aggregate else {
+                            sum.records += 1;
+                            let _ = writeln!(report, "  out: {fields} at {at}");
+                            continue;
+                        };
+                        let now = given_received_ms.unwrap_or(out.record.event_time_ms);
+                        let what = match windows[index].absorb(spec, &out.record, now) {
+                            Absorbed::Counted => {
+                                sum.absorbed += 1;
+                                let start = spec.window_start(out.record.event_time_ms);
+                                format!("into the window from {}", time(start))
+                            }
+                            other => {
+                                sum.left_out += 1;
+                                format!("left out of the windows ({other:?})")
+                            }
+                        };
+                        let _ = writeln!(report, "  {what}: {fields} at {at}");
+                    }
+                    Err(rejection) => {
+                        sum.rejected += 1;
+                        let _ = writeln!(report, "  {rejection}: dropped");
+                    }
                 }
             }
         }
@@ -322,10 +333,16 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
             .get("topic")
             .and_then(|t| t.as_str())
             .ok_or_else(|| anyhow::anyhow!("sample line {}: needs a \"topic\" string", n + 1))?;
-        let payload = match sample.get("payload") {
-            Some(serde_json::Value::String(raw)) => raw.clone().into_bytes(),
-            Some(other) => serde_json::to_vec(other)?,
-            None => anyhow::bail!("sample line {}: needs a \"payload\"", n + 1),
+        let payload = match (sample.get("payload"), sample.get("payload_hex")) {
+            (Some(serde_json::Value::String(raw)), None) => raw.clone().into_bytes(),
+            (Some(other), None) => serde_json::to_vec(other)?,
+            (None, Some(serde_json::Value::String(hex))) => from_hex(hex).ok_or_else(|| {
+                anyhow::anyhow!("sample line {}: \"payload_hex\" is not hexadecimal", n + 1)
+            })?,
+            _ => anyhow::bail!(
+                "sample line {}: needs a \"payload\" or a \"payload_hex\" string",
+                n + 1
+            ),
         };
         samples.push(Sample {
             line: n + 1,
@@ -340,12 +357,28 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
     Ok(samples)
 }
 
+/// Bytes written as hexadecimal digits, spaces allowed between them.
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !digits.len().is_multiple_of(2) {
+        return None;
+    }
+    digits
+        .chunks(2)
+        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
+        .collect()
+}
+
+/// Sample line, reading (when its payload gives several) and stream.
+type Slot = (usize, Option<usize>, String);
+
 /// What one policy does to the samples, in a form two policies can be compared in.
 #[derive(Debug, Default)]
 struct Evaluation {
     /// Per sample line and stream: the fields of the record that leaves (aggregated streams: that
     /// goes into the windows), or why there is none.
-    outputs: std::collections::BTreeMap<(usize, String), Result<Vec<String>, String>>,
+    /// Keyed by sample line, reading (when a payload gives several) and stream.
+    outputs: std::collections::BTreeMap<Slot, Result<Vec<String>, String>>,
     /// Per aggregated stream, window start and group key: whether the group is released.
     groups: std::collections::BTreeMap<(String, i64, String), bool>,
 }
@@ -362,36 +395,41 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
         let received_ms = sample.received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
         for index in policy.route(&sample.topic) {
             let stream = &policy.streams()[index];
-            let slot = (sample.line, stream.name.clone());
+            let slot = (sample.line, None, stream.name.clone());
             if identifiers::is_media_payload(&sample.payload) {
                 eval.outputs
                     .insert(slot, Err("image or video payload".into()));
                 continue;
             }
-            let reading = match decode::json(&sample.payload) {
-                Ok(r) => r,
+            let decoded = match decode::decode(stream.format, &sample.payload, received_ms) {
+                Ok(d) => d,
                 Err(e) => {
                     eval.outputs.insert(slot, Err(e.to_string()));
                     continue;
                 }
             };
-            let ctx = Context {
-                received_ms,
-                key: Some(&key),
-            };
-            match chain::apply_traced(stream, reading, &ctx, |_, _| {}) {
-                Ok(out) => {
-                    let mut fields: Vec<String> =
-                        out.record.fields.iter().map(|(p, _)| p.clone()).collect();
-                    fields.sort();
-                    eval.outputs.insert(slot, Ok(fields));
-                    if let Some(spec) = &stream.aggregate {
-                        let now = sample.received_ms.unwrap_or(out.record.event_time_ms);
-                        let _ = windows[index].absorb(spec, &out.record, now);
+            let several = decoded.readings().len() > 1;
+            for (k, reading) in decoded.readings().iter().enumerate() {
+                let slot = (sample.line, several.then_some(k + 1), stream.name.clone());
+                let reading = reading.clone();
+                let ctx = Context {
+                    received_ms,
+                    key: Some(&key),
+                };
+                match chain::apply_traced(stream, reading, &ctx, |_, _| {}) {
+                    Ok(out) => {
+                        let mut fields: Vec<String> =
+                            out.record.fields.iter().map(|(p, _)| p.clone()).collect();
+                        fields.sort();
+                        eval.outputs.insert(slot, Ok(fields));
+                        if let Some(spec) = &stream.aggregate {
+                            let now = sample.received_ms.unwrap_or(out.record.event_time_ms);
+                            let _ = windows[index].absorb(spec, &out.record, now);
+                        }
                     }
-                }
-                Err(rejection) => {
-                    eval.outputs.insert(slot, Err(rejection.to_string()));
+                    Err(rejection) => {
+                        eval.outputs.insert(slot, Err(rejection.to_string()));
+                    }
                 }
             }
         }
@@ -426,10 +464,14 @@ pub fn diff(old: &Policy, new: &Policy, input: impl BufRead) -> anyhow::Result<S
         samples.len()
     );
     let (mut passed, mut dropped, mut kept, mut lost, mut changes) = (0, 0, 0, 0, 0);
-    let slots: std::collections::BTreeSet<&(usize, String)> =
+    let slots: std::collections::BTreeSet<&Slot> =
         before.outputs.keys().chain(after.outputs.keys()).collect();
     for slot in slots {
-        let (line, stream) = slot;
+        let (line, reading, stream) = slot;
+        let line = match reading {
+            Some(k) => format!("{line}, reading {k}"),
+            None => line.to_string(),
+        };
         let was = before.outputs.get(slot);
         let is = after.outputs.get(slot);
         let describe = |o: Option<&Result<Vec<String>, String>>| match o {

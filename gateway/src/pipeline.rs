@@ -51,7 +51,7 @@ use std::time::Duration;
 use hubgate_exporters::catalogue;
 use hubgate_privacy::policy::PayloadFormat;
 use hubgate_privacy::window::{Absorbed, WindowState};
-use hubgate_privacy::{Context, Policy, Reading, Record, Value, chain, identifiers};
+use hubgate_privacy::{Context, Policy, Record, Value, chain, identifiers};
 use hubgate_proto::v1;
 use metrics::{Counter, Gauge};
 use prost::Message as _;
@@ -64,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
 use crate::budget::{BudgetFile, OsRandom};
-use crate::decode;
+use crate::decode::{self, Decoded};
 use crate::keys::KeyManager;
 use crate::push::PushJob;
 use crate::store::{CommitError, Pending, Store};
@@ -726,19 +726,16 @@ impl Pipeline {
     /// Routes one message to the streams that take its topic.
     fn process_one(&mut self, publish: &Publish, now_ms: i64) -> Routed {
         let mut routed = false;
-        // Decoded once, on first use, and shared by every stream of the same format.
-        let mut decoded: Option<Result<Reading, decode::DecodeError>> = None;
+        // Decoded once per format, on first use, and shared by every stream of that format.
+        let mut decoded = DecodeCache::default();
         let media = identifiers::is_media_payload(&publish.payload);
         if let Some((field, limiter)) = &mut self.device_limiter
             && !media
             && let Some(first) = self.policy.route(&publish.topic).next()
         {
-            let reading = match self.policy.streams()[first].format {
-                PayloadFormat::Json => {
-                    decoded.get_or_insert_with(|| decode::json(&publish.payload))
-                }
-            };
-            if let Ok(reading) = reading
+            let format = self.policy.streams()[first].format;
+            if let Ok(decoded) = decoded.get(format, &publish.payload, now_ms)
+                && let Some(reading) = decoded.readings().first()
                 && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
                 && !limiter.allow_device(&publish.topic, id, now_ms)
             {
@@ -756,51 +753,68 @@ impl Pipeline {
                 tally.dropped_media += 1;
                 continue;
             }
-            let reading = match stream.format {
-                PayloadFormat::Json => {
-                    decoded.get_or_insert_with(|| decode::json(&publish.payload))
-                }
-            };
-            let Ok(reading) = reading else {
+            let Ok(decoded) = decoded.get(stream.format, &publish.payload, now_ms) else {
                 tally.dropped_decode += 1;
                 continue;
             };
-            let ctx = Context {
-                received_ms: now_ms,
-                key: self.keys.key(index, now_ms),
-            };
-            match chain::apply(stream, reading.clone(), &ctx) {
-                Ok(outcome) => {
-                    tally.fields_dropped += u64::from(outcome.fields_dropped);
-                    tally.identifiers_suppressed += u64::from(outcome.identifiers_suppressed);
-                    tally.pseudonymised += u64::from(outcome.pseudonymised);
-                    tally.locations_generalised += u64::from(outcome.locations_generalised);
-                    tally.locations_invalid += u64::from(outcome.locations_invalid);
-                    if let (Some(spec), Some(windows)) =
-                        (&stream.aggregate, self.windows[index].as_mut())
-                    {
-                        let generation = self.keys.generation(index);
-                        if windows.key_generation.is_some_and(|g| g != generation) {
-                            windows.state.rekey(now_ms);
-                            windows.must_checkpoint = true;
+            for reading in decoded.readings() {
+                let ctx = Context {
+                    received_ms: now_ms,
+                    key: self.keys.key(index, now_ms),
+                };
+                match chain::apply(stream, reading.clone(), &ctx) {
+                    Ok(outcome) => {
+                        tally.fields_dropped += u64::from(outcome.fields_dropped);
+                        tally.identifiers_suppressed += u64::from(outcome.identifiers_suppressed);
+                        tally.pseudonymised += u64::from(outcome.pseudonymised);
+                        tally.locations_generalised += u64::from(outcome.locations_generalised);
+                        tally.locations_invalid += u64::from(outcome.locations_invalid);
+                        if let (Some(spec), Some(windows)) =
+                            (&stream.aggregate, self.windows[index].as_mut())
+                        {
+                            let generation = self.keys.generation(index);
+                            if windows.key_generation.is_some_and(|g| g != generation) {
+                                windows.state.rekey(now_ms);
+                                windows.must_checkpoint = true;
+                            }
+                            windows.key_generation = Some(generation);
+                            let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
+                            windows.dirty = true;
+                            windows.must_checkpoint |= publish.qos != rumqttc::QoS::AtMostOnce;
+                            tally.absorbed[absorbed_index(absorbed)] += 1;
+                            continue;
                         }
-                        windows.key_generation = Some(generation);
-                        let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
-                        windows.dirty = true;
-                        windows.must_checkpoint |= publish.qos != rumqttc::QoS::AtMostOnce;
-                        tally.absorbed[absorbed_index(absorbed)] += 1;
-                        continue;
+                        let record = to_proto(&stream.name, &self.policy_hash, outcome.record);
+                        let (bytes, field_bytes) = encoded_sizes(&record);
+                        tally.bytes_kept += bytes;
+                        tally.field_bytes_kept += field_bytes;
+                        tally.records.push(record);
                     }
-                    let record = to_proto(&stream.name, &self.policy_hash, outcome.record);
-                    let (bytes, field_bytes) = encoded_sizes(&record);
-                    tally.bytes_kept += bytes;
-                    tally.field_bytes_kept += field_bytes;
-                    tally.records.push(record);
+                    Err(chain::Rejection::BadTime) => tally.dropped_bad_time += 1,
                 }
-                Err(chain::Rejection::BadTime) => tally.dropped_bad_time += 1,
             }
         }
         if routed { Routed::Yes } else { Routed::Nowhere }
+    }
+}
+
+/// One message's payload decoded in each format a stream that takes it declares, at most once.
+#[derive(Debug, Default)]
+struct DecodeCache([Option<Result<Decoded, decode::DecodeError>>; 3]);
+
+impl DecodeCache {
+    fn get(
+        &mut self,
+        format: PayloadFormat,
+        payload: &[u8],
+        received_ms: i64,
+    ) -> &Result<Decoded, decode::DecodeError> {
+        let slot = match format {
+            PayloadFormat::Json => 0,
+            PayloadFormat::SenmlJson => 1,
+            PayloadFormat::SenmlCbor => 2,
+        };
+        self.0[slot].get_or_insert_with(|| decode::decode(format, payload, received_ms))
     }
 }
 
@@ -1101,6 +1115,85 @@ readings = "count"
             publish: Publish::new("city/footfall/pc-1/probe", qos, payload),
             oversized: false,
         }
+    }
+
+    const SENML: &str = r#"
+[[stream]]
+name = "climate"
+topics = ["city/climate/+"]
+format = "senml_cbor"
+purpose = "test"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+time_field = "t"
+
+[stream.fields]
+bn = "pseudonymise"
+"temperature.v" = "keep"
+"#;
+
+    /// A SenML pack gives one record per time it reports; a payload that is not SenML is
+    /// dropped and counted, and costs nothing else.
+    #[test]
+    fn a_senml_pack_gives_a_record_per_time_and_a_bad_pack_is_counted() {
+        use ciborium::Value as C;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut pipeline, store) = pipeline_for(SENML, dir.path());
+        let record = |fields: Vec<(i64, C)>| {
+            C::Map(fields.into_iter().map(|(k, v)| (C::from(k), v)).collect())
+        };
+        let pack = C::Array(vec![
+            record(vec![
+                (-2, C::from("urn:dev:ow:10e2073a01080063:")),
+                (-3, C::from(1_700_000_000)),
+                (0, C::from("temperature")),
+                (1, C::from("Cel")),
+                (2, C::Float(21.5)),
+            ]),
+            record(vec![
+                (0, C::from("temperature")),
+                (6, C::from(60)),
+                (2, C::Float(21.75)),
+            ]),
+        ]);
+        let mut payload = Vec::new();
+        ciborium::into_writer(&pack, &mut payload).unwrap();
+        let message = |payload: Vec<u8>| Inbound {
+            bytes: payload.len(),
+            publish: Publish::new("city/climate/7", rumqttc::QoS::AtLeastOnce, payload),
+            oversized: false,
+        };
+        let now = now_ms();
+        let mut garbage = payload.clone();
+        garbage.truncate(payload.len() - 3);
+        pipeline.process(&[message(payload), message(garbage)], now);
+        pipeline.commit(now).unwrap();
+        let records = store.read(0, 1, 10, now).records;
+        let times: Vec<i64> = records
+            .iter()
+            .map(|r| r.record.event_time.unwrap().seconds)
+            .collect();
+        assert_eq!(times, [1_700_000_000, 1_700_000_060]);
+        for (r, want) in records.iter().zip([21.5, 21.75]) {
+            let mut names: Vec<&str> = r.record.fields.keys().map(String::as_str).collect();
+            names.sort_unstable();
+            assert_eq!(names, ["bn", "temperature.v"]);
+            assert_eq!(
+                r.record.fields["temperature.v"].kind,
+                Some(v1::value::Kind::DoubleValue(want))
+            );
+            let Some(v1::value::Kind::StringValue(bn)) = &r.record.fields["bn"].kind else {
+                panic!("bn is a pseudonym");
+            };
+            assert!(!bn.contains("10e2073a01080063"));
+        }
+        assert_eq!(
+            pipeline.stats.streams[0]
+                .dropped_decode
+                .load(Ordering::Relaxed),
+            1
+        );
     }
 
     /// A window that absorbed a QoS 1 reading (to be acknowledged) is checkpointed in that

@@ -55,6 +55,10 @@ pub enum PayloadFormat {
     /// A JSON object; nested objects are flattened into dotted paths.
     #[default]
     Json,
+    /// A SenML pack (RFC 8428) in JSON.
+    SenmlJson,
+    /// A SenML pack (RFC 8428) in CBOR.
+    SenmlCbor,
 }
 
 /// The principles of the UN-Habitat International Guidelines on People-Centred Smart Cities that a

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use hubgate::decode::PayloadFormat;
 use hubgate_tests::gateway_bin;
 
 #[test]
@@ -26,21 +27,31 @@ fn check_reports_each_error_with_line_and_column_and_fails() {
     assert!(text.contains("rejected: 3 errors"), "{text}");
 }
 
-/// Every configuration shipped: `deploy/*.toml`, the one in the Kubernetes ConfigMap, and the
-/// embedded default. The files they name under `/etc/hubgate/` are made for the check.
+/// Every configuration shipped: `deploy/*.toml`, `examples/*/*.toml`, the one in the Kubernetes
+/// ConfigMap, and the embedded default. The files they name under `/etc/hubgate/` are made for
+/// the check.
 #[test]
 fn every_shipped_config_passes_the_check() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sources: Vec<(String, String)> =
-        std::fs::read_dir(hubgate_tests::repo().join("deploy"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
-            .map(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                (name, std::fs::read_to_string(&p).unwrap())
-            })
-            .collect();
+    let repo = hubgate_tests::repo();
+    let mut folders = vec![repo.join("deploy")];
+    for entry in std::fs::read_dir(repo.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            folders.push(path);
+        }
+    }
+    let mut sources: Vec<(String, String)> = folders
+        .iter()
+        .flat_map(|folder| std::fs::read_dir(folder).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    assert!(sources.iter().any(|(name, _)| name == "senml.toml"));
     let manifest =
         std::fs::read_to_string(hubgate_tests::repo().join("deploy/kubernetes/hubgate.yaml"))
             .unwrap();
@@ -153,6 +164,35 @@ fn dry_run_explains_every_field_and_is_deterministic() {
     }
 }
 
+/// The SenML example: a JSON pack gives a reading per time, its device URN is pseudonymised, an
+/// undeclared string is dropped unseen; a CBOR pack given in hex decodes; a bad pack is refused.
+#[test]
+fn dry_run_of_the_senml_example() {
+    let out = Command::new(gateway_bin!())
+        .arg("dry-run")
+        .arg("--config")
+        .arg(hubgate_tests::repo().join("examples/formats/senml.toml"))
+        .arg("--input")
+        .arg(hubgate_tests::repo().join("examples/formats/senml-samples.jsonl"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    for raw in ["0024befffe804ff1", "ana.silva@example.org"] {
+        assert!(!text.contains(raw), "{raw} appears in:\n{text}");
+    }
+    for expected in [
+        "stream indoor_climate: reading 1 of 2, in: bn, t, temperature.v, temperature.u, humidity.v, humidity.u, occupant.vs",
+        "occupant.vs              not declared: dropped",
+        "\"temperature.v\":21.6} at 2024-01-01T00:01:00.000Z",
+        "invalid SenML: v must be a number: dropped",
+        "out: {\"bn\":\"cabinet-17:\",\"energy.s\":15234.5,\"energy.u\":\"Wh\",\"power.v\":412.0} at 2024-01-01T00:00:00.000Z",
+        "summary: 3 samples, 3 records out, 0 into windows, 0 unrouted, 1 rejected whole",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
 #[test]
 fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
     let old = hubgate_tests::repo().join("deploy/hubgate.toml");
@@ -233,6 +273,14 @@ fn the_hostile_corpus_is_answered_without_a_panic() {
     for path in &payloads {
         let bytes = std::fs::read(path).unwrap();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        // Every decoder answers every input, whatever format it was written for.
+        for format in [PayloadFormat::SenmlJson, PayloadFormat::SenmlCbor] {
+            let outcome = std::panic::catch_unwind(|| hubgate::decode::decode(format, &bytes, 0));
+            let decoded = outcome.unwrap_or_else(|_| panic!("{format:?} panicked on {name}"));
+            if let Err(err) = decoded {
+                assert!(err.to_string().len() < 120, "{name}: {err}");
+            }
+        }
         let outcome = std::panic::catch_unwind(|| hubgate::decode::json(&bytes));
         let decoded = outcome.unwrap_or_else(|_| panic!("the decoder panicked on {name}"));
         if let Err(err) = decoded {

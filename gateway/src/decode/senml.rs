@@ -1,0 +1,1074 @@
+//! SenML (RFC 8428, Sensor Measurement Lists) in its JSON and CBOR representations.
+//!
+//! A SenML pack is an array of records. Base fields (`bn`, `bt`, `bu`, `bv`, `bs`, `bver`) apply
+//! to the record they appear in and to every later record until changed, and each record is
+//! resolved as the RFC's section 4.6 says: name = base name + name, time = base time + time (a
+//! time below 2^28 s is relative to when the gateway received the pack), unit = unit or base unit,
+//! value = base value + value, sum = base sum + sum.
+//!
+//! Resolved records become readings. Consecutive records with the same base name and the same
+//! resolved time make one reading, so a device reporting several measurements at once gives one
+//! record downstream:
+//!
+//! | reading field | from |
+//! |---|---|
+//! | `bn` | the base name, when there is one (usually the device: pseudonymise it, or leave it out) |
+//! | `t` | the resolved time, in seconds since the Unix epoch (declare `time_field = "t"`) |
+//! | `<n>.v`, `<n>.vs`, `<n>.vb`, `<n>.vd` | the record's value, string, boolean or data value (`vd` as base64url text) |
+//! | `<n>.s`, `<n>.u`, `<n>.ut` | the record's sum, unit and update time |
+//!
+//! `<n>` is the record's own name as written (`temperature`), without the base name; a record
+//! with no name of its own gives `v`, `u`, … at the top level. A name the base name does not
+//! carry (a whole device URN in `n`) therefore appears in the field path: the allow-list drops it
+//! unless the policy declares it.
+//!
+//! Rejected whole (dropped and counted, like any payload that does not decode): a payload that is
+//! not an array of maps; a record with an invalid resolved name, with more than one value field,
+//! with neither value nor sum, with a field of the wrong type, or with an unknown field whose
+//! name ends in `_` (RFC 8428 §4.4: such fields must be understood); a base version above 10;
+//! more than [`MAX_FIELDS`](super::MAX_FIELDS) records. Unknown fields without the `_` suffix are
+//! ignored and counted as unsupported values.
+
+use std::fmt;
+
+use base64::Engine as _;
+use hubgate_privacy::{Reading, Value};
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+use super::{DecodeError, MAX_FIELDS};
+
+/// The SenML version hubgate implements (RFC 8428).
+const VERSION: i64 = 10;
+
+/// Times below this many seconds are relative to "now" (RFC 8428 §4.5.3).
+const RELATIVE_BELOW: f64 = 268_435_456.0; // 2^28
+
+/// Decodes a SenML JSON pack received at `received_ms`.
+pub fn json(payload: &[u8], received_ms: i64) -> Result<Vec<Reading>, DecodeError> {
+    let pack: Pack = serde_json::from_slice(payload).map_err(|err| match err.classify() {
+        serde_json::error::Category::Data => DecodeError::NotAPack,
+        _ => DecodeError::Syntax {
+            line: err.line(),
+            column: err.column(),
+        },
+    })?;
+    resolve(pack, received_ms)
+}
+
+/// Decodes a SenML CBOR pack received at `received_ms`.
+pub fn cbor(payload: &[u8], received_ms: i64) -> Result<Vec<Reading>, DecodeError> {
+    let mut rest = payload;
+    let pack: Pack = ciborium::from_reader(&mut rest).map_err(|err| match err {
+        ciborium::de::Error::Semantic(..) => DecodeError::NotAPack,
+        ciborium::de::Error::RecursionLimitExceeded => DecodeError::TooDeep,
+        ciborium::de::Error::Io(_) | ciborium::de::Error::Syntax(_) => DecodeError::Cbor,
+    })?;
+    // One pack per payload: bytes after it are an error, as for JSON.
+    if !rest.is_empty() {
+        return Err(DecodeError::Cbor);
+    }
+    resolve(pack, received_ms)
+}
+
+/// A field label: the JSON name or the CBOR integer of RFC 8428 §6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Label {
+    BaseVersion,
+    BaseName,
+    BaseTime,
+    BaseUnit,
+    BaseValue,
+    BaseSum,
+    Name,
+    Unit,
+    Value,
+    StringValue,
+    BoolValue,
+    DataValue,
+    Sum,
+    Time,
+    UpdateTime,
+    /// A field hubgate does not know; `true` if it must be understood (name ends in `_`).
+    Unknown(bool),
+}
+
+impl Label {
+    fn from_name(name: &str) -> Label {
+        match name {
+            "bver" => Label::BaseVersion,
+            "bn" => Label::BaseName,
+            "bt" => Label::BaseTime,
+            "bu" => Label::BaseUnit,
+            "bv" => Label::BaseValue,
+            "bs" => Label::BaseSum,
+            "n" => Label::Name,
+            "u" => Label::Unit,
+            "v" => Label::Value,
+            "vs" => Label::StringValue,
+            "vb" => Label::BoolValue,
+            "vd" => Label::DataValue,
+            "s" => Label::Sum,
+            "t" => Label::Time,
+            "ut" => Label::UpdateTime,
+            other => Label::Unknown(other.ends_with('_')),
+        }
+    }
+
+    fn from_cbor(label: i64) -> Label {
+        match label {
+            -1 => Label::BaseVersion,
+            -2 => Label::BaseName,
+            -3 => Label::BaseTime,
+            -4 => Label::BaseUnit,
+            -5 => Label::BaseValue,
+            -6 => Label::BaseSum,
+            0 => Label::Name,
+            1 => Label::Unit,
+            2 => Label::Value,
+            3 => Label::StringValue,
+            4 => Label::BoolValue,
+            8 => Label::DataValue,
+            5 => Label::Sum,
+            6 => Label::Time,
+            7 => Label::UpdateTime,
+            // Negative labels are base fields, which must be understood (RFC 8428 §12.2).
+            other => Label::Unknown(other < 0),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Label {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct LabelVisitor;
+        impl Visitor<'_> for LabelVisitor {
+            type Value = Label;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SenML field label")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Label, E> {
+                Ok(Label::from_name(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Label, E> {
+                Ok(Label::from_cbor(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Label, E> {
+                Ok(i64::try_from(v).map_or(Label::Unknown(false), Label::from_cbor))
+            }
+        }
+        d.deserialize_any(LabelVisitor)
+    }
+}
+
+/// A field's value, before its type is checked against its label.
+#[derive(Debug, Clone, PartialEq)]
+enum Item {
+    Int(i64),
+    Float(f64),
+    Text(String),
+    Bool(bool),
+    Bytes(Vec<u8>),
+    /// Arrays, maps, nulls and other values no SenML field takes.
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ItemVisitor;
+        impl<'de> Visitor<'de> for ItemVisitor {
+            type Value = Item;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SenML field value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Item, E> {
+                Ok(Item::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Item, E> {
+                Ok(Item::Int(v))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Item, E> {
+                Ok(i64::try_from(v).map_or(Item::Float(v as f64), Item::Int))
+            }
+            fn visit_i128<E>(self, v: i128) -> Result<Item, E> {
+                Ok(i64::try_from(v).map_or(Item::Float(v as f64), Item::Int))
+            }
+            fn visit_u128<E>(self, v: u128) -> Result<Item, E> {
+                Ok(i64::try_from(v).map_or(Item::Float(v as f64), Item::Int))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Item, E> {
+                Ok(Item::Float(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Item, E> {
+                Ok(Item::Text(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Item, E> {
+                Ok(Item::Text(v))
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Item, E> {
+                Ok(Item::Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Item, E> {
+                Ok(Item::Bytes(v))
+            }
+            fn visit_unit<E>(self) -> Result<Item, E> {
+                Ok(Item::Other)
+            }
+            fn visit_none<E>(self) -> Result<Item, E> {
+                Ok(Item::Other)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Item::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Item::Other)
+            }
+        }
+        d.deserialize_any(ItemVisitor)
+    }
+}
+
+/// One record's fields in payload order, duplicates kept so that they can be refused.
+#[derive(Debug)]
+struct RawRecord(Vec<(Label, Item)>);
+
+impl<'de> Deserialize<'de> for RawRecord {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct RecordVisitor;
+        impl<'de> Visitor<'de> for RecordVisitor {
+            type Value = RawRecord;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SenML record (a map)")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawRecord, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry::<Label, Item>()? {
+                    if fields.len() >= 32 {
+                        return Err(de::Error::custom("too many fields in a SenML record"));
+                    }
+                    fields.push(entry);
+                }
+                Ok(RawRecord(fields))
+            }
+        }
+        d.deserialize_map(RecordVisitor)
+    }
+}
+
+/// A pack: at most [`MAX_FIELDS`] records.
+#[derive(Debug)]
+struct Pack(Vec<RawRecord>);
+
+impl<'de> Deserialize<'de> for Pack {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct PackVisitor;
+        impl<'de> Visitor<'de> for PackVisitor {
+            type Value = Pack;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a SenML pack (an array of records)")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pack, A::Error> {
+                let mut records = Vec::new();
+                while let Some(record) = seq.next_element::<RawRecord>()? {
+                    if records.len() >= MAX_FIELDS {
+                        return Err(de::Error::custom("too many records in a SenML pack"));
+                    }
+                    records.push(record);
+                }
+                Ok(Pack(records))
+            }
+        }
+        d.deserialize_seq(PackVisitor)
+    }
+}
+
+/// A number as SenML carries it: integers stay integers while the arithmetic allows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Number {
+    Int(i64),
+    Float(f64),
+}
+
+impl Number {
+    fn from_item(item: Item, what: &'static str) -> Result<Number, DecodeError> {
+        match item {
+            Item::Int(i) => Ok(Number::Int(i)),
+            Item::Float(f) if f.is_finite() => Ok(Number::Float(f)),
+            _ => Err(DecodeError::Senml(what)),
+        }
+    }
+
+    fn add(self, other: Number) -> Number {
+        match (self, other) {
+            (Number::Int(a), Number::Int(b)) => a
+                .checked_add(b)
+                .map_or(Number::Float(a as f64 + b as f64), Number::Int),
+            (a, b) => Number::Float(a.as_f64() + b.as_f64()),
+        }
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            Number::Int(i) => i as f64,
+            Number::Float(f) => f,
+        }
+    }
+
+    fn into_value(self) -> Value {
+        match self {
+            Number::Int(i) => Value::Int(i),
+            Number::Float(f) => Value::Float(f),
+        }
+    }
+}
+
+impl Default for Number {
+    fn default() -> Self {
+        Number::Int(0)
+    }
+}
+
+/// The base fields in force.
+#[derive(Debug, Default)]
+struct Base {
+    /// The pack's version, once a record gave one: every record must give the same.
+    version: Option<i64>,
+    name: String,
+    time: Option<Number>,
+    unit: Option<String>,
+    value: Option<Number>,
+    sum: Option<Number>,
+}
+
+/// A record after resolution, before it joins a reading.
+#[derive(Debug, Default)]
+struct Resolved {
+    name: String,
+    unit: Option<String>,
+    value: Option<Value>,
+    value_label: &'static str,
+    sum: Option<Number>,
+    time: Number,
+    update_time: Option<Number>,
+    unsupported: u32,
+}
+
+fn text(item: Item, what: &'static str) -> Result<String, DecodeError> {
+    match item {
+        Item::Text(s) => Ok(s),
+        _ => Err(DecodeError::Senml(what)),
+    }
+}
+
+fn resolve(pack: Pack, received_ms: i64) -> Result<Vec<Reading>, DecodeError> {
+    let now = received_ms as f64 / 1000.0;
+    let mut base = Base::default();
+    let mut readings: Vec<Reading> = Vec::new();
+    // Base name and resolved time of the reading being filled.
+    let mut current: Option<(String, f64)> = None;
+    for RawRecord(fields) in pack.0 {
+        let Some(record) = resolve_record(fields, &mut base)? else {
+            continue;
+        };
+        let resolved_name = format!("{}{}", base.name, record.name);
+        if !valid_name(&resolved_name) {
+            return Err(DecodeError::Senml(
+                "a record's resolved name is not a valid SenML name",
+            ));
+        }
+        let time = match record.time.as_f64() {
+            t if t < RELATIVE_BELOW => now + t,
+            t => t,
+        };
+        let prefix = if record.name.is_empty() {
+            String::new()
+        } else {
+            format!("{}.", record.name)
+        };
+        let mut own: Vec<(String, Value)> = Vec::with_capacity(4);
+        if let Some(value) = record.value {
+            own.push((format!("{prefix}{}", record.value_label), value));
+        }
+        if let Some(sum) = record.sum {
+            own.push((format!("{prefix}s"), sum.into_value()));
+        }
+        if let Some(unit) = record.unit {
+            own.push((format!("{prefix}u"), Value::Str(unit)));
+        }
+        if let Some(ut) = record.update_time {
+            own.push((format!("{prefix}ut"), ut.into_value()));
+        }
+        // A measurement named again, or a path given again, starts another reading.
+        let starts_new = match (&current, readings.last()) {
+            (Some((name, t)), Some(reading)) => {
+                *name != base.name
+                    || *t != time
+                    || reading.fields.iter().any(|(p, _)| {
+                        (!prefix.is_empty() && p.starts_with(&prefix))
+                            || own.iter().any(|(q, _)| q == p)
+                    })
+            }
+            _ => true,
+        };
+        if starts_new {
+            let mut reading = Reading::default();
+            if !base.name.is_empty() {
+                reading
+                    .fields
+                    .push(("bn".to_owned(), Value::Str(base.name.clone())));
+            }
+            reading.fields.push(("t".to_owned(), seconds(time)));
+            readings.push(reading);
+            current = Some((base.name.clone(), time));
+        }
+        let reading = readings.last_mut().ok_or(DecodeError::NotAPack)?;
+        reading.unsupported += record.unsupported;
+        reading.fields.append(&mut own);
+        if reading.fields.len() > MAX_FIELDS {
+            return Err(DecodeError::TooManyFields);
+        }
+    }
+    if readings.is_empty() {
+        return Err(DecodeError::Senml("the pack has no records"));
+    }
+    Ok(readings)
+}
+
+/// Seconds as a value: an integer when whole.
+fn seconds(t: f64) -> Value {
+    if t.fract() == 0.0 && t.abs() < 9.0e15 {
+        Value::Int(t as i64)
+    } else {
+        Value::Float(t)
+    }
+}
+
+/// Applies one record's base fields to `base` and resolves the rest. A record of base fields alone
+/// (RFC 8428 §5.1.7 opens a pack with one) gives nothing.
+fn resolve_record(
+    fields: Vec<(Label, Item)>,
+    base: &mut Base,
+) -> Result<Option<Resolved>, DecodeError> {
+    let mut seen: Vec<Label> = Vec::with_capacity(fields.len());
+    let mut regular = false;
+    let mut out = Resolved::default();
+    let (mut value, mut sum, mut time) = (None, None, None);
+    let mut values = 0;
+    for (label, item) in fields {
+        if !matches!(label, Label::Unknown(_)) {
+            if seen.contains(&label) {
+                return Err(DecodeError::DuplicateField);
+            }
+            seen.push(label);
+        }
+        regular |= !matches!(
+            label,
+            Label::BaseVersion
+                | Label::BaseName
+                | Label::BaseTime
+                | Label::BaseUnit
+                | Label::BaseValue
+                | Label::BaseSum
+        );
+        match label {
+            Label::BaseVersion => match item {
+                Item::Int(v) if v > VERSION => {
+                    return Err(DecodeError::Senml(
+                        "the pack's SenML version is newer than 10",
+                    ));
+                }
+                Item::Int(v) if v >= 1 && base.version.is_none_or(|w| w == v) => {
+                    base.version = Some(v)
+                }
+                Item::Int(v) if v >= 1 => {
+                    return Err(DecodeError::Senml(
+                        "records of one pack give different versions",
+                    ));
+                }
+                _ => return Err(DecodeError::Senml("bver must be a positive integer")),
+            },
+            Label::BaseName => base.name = text(item, "bn must be a string")?,
+            Label::BaseTime => base.time = Some(Number::from_item(item, "bt must be a number")?),
+            Label::BaseUnit => base.unit = Some(text(item, "bu must be a string")?),
+            Label::BaseValue => base.value = Some(Number::from_item(item, "bv must be a number")?),
+            Label::BaseSum => base.sum = Some(Number::from_item(item, "bs must be a number")?),
+            Label::Name => out.name = text(item, "n must be a string")?,
+            Label::Unit => out.unit = Some(text(item, "u must be a string")?),
+            Label::Value => {
+                values += 1;
+                value = Some(Number::from_item(item, "v must be a number")?);
+                out.value_label = "v";
+            }
+            Label::StringValue => {
+                values += 1;
+                out.value = Some(Value::Str(text(item, "vs must be a string")?));
+                out.value_label = "vs";
+            }
+            Label::BoolValue => {
+                values += 1;
+                let Item::Bool(b) = item else {
+                    return Err(DecodeError::Senml("vb must be a boolean"));
+                };
+                out.value = Some(Value::Bool(b));
+                out.value_label = "vb";
+            }
+            Label::DataValue => {
+                values += 1;
+                let encoded = match item {
+                    // JSON carries data as base64url text (RFC 8428 §4.3); it passes as written
+                    // once it is known to be base64url.
+                    Item::Text(s) if BASE64URL.decode(&s).is_ok() => s,
+                    // CBOR carries it as a byte string; it is written as base64url text.
+                    Item::Bytes(b) => BASE64URL.encode(b),
+                    _ => return Err(DecodeError::Senml("vd must be base64url data")),
+                };
+                out.value = Some(Value::Str(encoded));
+                out.value_label = "vd";
+            }
+            Label::Sum => sum = Some(Number::from_item(item, "s must be a number")?),
+            Label::Time => time = Some(Number::from_item(item, "t must be a number")?),
+            Label::UpdateTime => {
+                out.update_time = Some(Number::from_item(item, "ut must be a number")?)
+            }
+            Label::Unknown(true) => {
+                return Err(DecodeError::Senml(
+                    "a field that must be understood is not known",
+                ));
+            }
+            Label::Unknown(false) => out.unsupported += 1,
+        }
+    }
+    if values > 1 {
+        return Err(DecodeError::Senml("a record has more than one value"));
+    }
+    if let Some(v) = value {
+        out.value = Some(base.value.map_or(v, |b| b.add(v)).into_value());
+    }
+    out.sum = match (base.sum, sum) {
+        (Some(b), Some(s)) => Some(b.add(s)),
+        (None, Some(s)) => Some(s),
+        // A base sum alone gives the record its sum (RFC 8428 §4.6).
+        (Some(b), None) => Some(b),
+        (None, None) => None,
+    };
+    if out.value.is_none() && out.sum.is_none() {
+        if !regular {
+            return Ok(None);
+        }
+        return Err(DecodeError::Senml("a record has neither a value nor a sum"));
+    }
+    if out.unit.is_none() {
+        out.unit.clone_from(&base.unit);
+    }
+    out.time = match (base.time, time) {
+        (Some(b), Some(t)) => b.add(t),
+        (Some(b), None) => b,
+        (None, Some(t)) => t,
+        (None, None) => Number::Int(0),
+    };
+    Ok(Some(out))
+}
+
+/// RFC 8428 §4.5.1: letters, digits and `-:./_`, starting with a letter or digit.
+fn valid_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-:./_".contains(&b))
+}
+
+/// Data values in JSON are base64url, padding optional (RFC 8428 §4.3, RFC 4648 §5).
+const BASE64URL: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// When the examples are received: 2010-06-08T18:01:16Z plus a little.
+    const NOW_MS: i64 = 1_276_020_100_000;
+    const NOW: f64 = NOW_MS as f64 / 1000.0;
+
+    fn field<'a>(r: &'a Reading, path: &str) -> Option<&'a Value> {
+        r.fields.iter().find(|(p, _)| p == path).map(|(_, v)| v)
+    }
+
+    fn t(r: &Reading) -> f64 {
+        match field(r, "t") {
+            Some(Value::Int(i)) => *i as f64,
+            Some(Value::Float(f)) => *f,
+            other => panic!("no time: {other:?}"),
+        }
+    }
+
+    /// RFC 8428 §4.6 resolved records from readings: (name, time, value label and value, unit).
+    fn resolved(readings: &[Reading]) -> Vec<(String, f64, String, Value, Option<String>)> {
+        let mut out = Vec::new();
+        for r in readings {
+            let bn = match field(r, "bn") {
+                Some(Value::Str(s)) => s.clone(),
+                _ => String::new(),
+            };
+            for (path, value) in &r.fields {
+                let (name, label) = path.rsplit_once('.').unwrap_or(("", path));
+                if !["v", "vs", "vb", "vd"].contains(&label) {
+                    continue;
+                }
+                let unit_path = if name.is_empty() {
+                    "u".to_owned()
+                } else {
+                    format!("{name}.u")
+                };
+                let unit = match field(r, &unit_path) {
+                    Some(Value::Str(u)) => Some(u.clone()),
+                    _ => None,
+                };
+                out.push((
+                    format!("{bn}{name}"),
+                    t(r),
+                    label.to_owned(),
+                    value.clone(),
+                    unit,
+                ));
+            }
+        }
+        out
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
+        digits
+            .chunks(2)
+            .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
+            .collect()
+    }
+
+    /// RFC 8428 §5.1.1: a name with no base name, at "now".
+    #[test]
+    fn rfc_single_data_point() {
+        let r = json(
+            br#"[{"n":"urn:dev:ow:10e2073a01080063","u":"Cel","v":23.1}]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(field(&r[0], "bn"), None);
+        assert_eq!(t(&r[0]), NOW, "time zero is when it was received");
+        assert_eq!(
+            field(&r[0], "urn:dev:ow:10e2073a01080063.v"),
+            Some(&Value::Float(23.1))
+        );
+        assert_eq!(
+            field(&r[0], "urn:dev:ow:10e2073a01080063.u"),
+            Some(&Value::Str("Cel".into()))
+        );
+    }
+
+    /// RFC 8428 §5.1.2, first example: one device, two measurements, one reading.
+    #[test]
+    fn rfc_multiple_data_points_now() {
+        let r = json(
+            br#"[
+  {"bn":"urn:dev:ow:10e2073a01080063:","n":"voltage","u":"V","v":120.1},
+  {"n":"current","u":"A","v":1.2}
+]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 1);
+        let paths: Vec<&str> = r[0].fields.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "bn",
+                "t",
+                "voltage.v",
+                "voltage.u",
+                "current.v",
+                "current.u"
+            ]
+        );
+        assert_eq!(
+            field(&r[0], "bn"),
+            Some(&Value::Str("urn:dev:ow:10e2073a01080063:".into()))
+        );
+        assert_eq!(field(&r[0], "current.v"), Some(&Value::Float(1.2)));
+    }
+
+    const RFC_5_1_2_TIMED: &[u8] = br#"[
+     {"bn":"urn:dev:ow:10e2073a0108006:","bt":1.276020076001e+09,
+      "bu":"A","bver":5,
+      "n":"voltage","u":"V","v":120.1},
+     {"n":"current","t":-5,"v":1.2},
+     {"n":"current","t":-4,"v":1.3},
+     {"n":"current","t":-3,"v":1.4},
+     {"n":"current","t":-2,"v":1.5},
+     {"n":"current","t":-1,"v":1.6},
+     {"n":"current","v":1.7}
+   ]"#;
+
+    /// RFC 8428 §5.1.2, second example: base time, base unit overridden by a unit, and times
+    /// relative to the base time.
+    #[test]
+    fn rfc_multiple_data_points_with_base_time() {
+        let r = json(RFC_5_1_2_TIMED, NOW_MS).unwrap();
+        let want: Vec<(String, f64, String, Value, Option<String>)> = [
+            ("voltage", 0.0, 120.1, "V"),
+            ("current", -5.0, 1.2, "A"),
+            ("current", -4.0, 1.3, "A"),
+            ("current", -3.0, 1.4, "A"),
+            ("current", -2.0, 1.5, "A"),
+            ("current", -1.0, 1.6, "A"),
+            ("current", 0.0, 1.7, "A"),
+        ]
+        .into_iter()
+        .map(|(n, dt, v, u)| {
+            (
+                format!("urn:dev:ow:10e2073a0108006:{n}"),
+                1.276020076001e9 + dt,
+                "v".to_owned(),
+                Value::Float(v),
+                Some(u.to_owned()),
+            )
+        })
+        .collect();
+        assert_eq!(resolved(&r), want);
+        assert_eq!(
+            r.len(),
+            7,
+            "a reading per time, and the last is not the first's"
+        );
+    }
+
+    /// RFC 8428 §6: the CBOR example, the §5.1.2 pack above, gives the same readings (it writes
+    /// 1.5 as a half-precision float and the last time as an explicit 0).
+    #[test]
+    fn rfc_cbor_example_equals_its_json() {
+        let bytes = hex(
+            "87a721781b75726e3a6465763a6f773a3130653230373361303130383030363a22fb41d303a15b
+             00106223614120050067766f6c7461676501615602fb405e066666666666a3006763757272656e
+             74062402fb3ff3333333333333a3006763757272656e74062302fb3ff4cccccccccccda3006763
+             757272656e74062202fb3ff6666666666666a3006763757272656e74062102f93e00a300676375
+             7272656e74062002fb3ff999999999999aa3006763757272656e74060002fb3ffb333333333333",
+        );
+        assert_eq!(bytes.len(), 0xc3);
+        assert_eq!(
+            cbor(&bytes, NOW_MS).unwrap(),
+            json(RFC_5_1_2_TIMED, NOW_MS).unwrap()
+        );
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(cbor(&trailing, NOW_MS), Err(DecodeError::Cbor));
+        assert_eq!(cbor(&bytes[..100], NOW_MS), Err(DecodeError::Cbor));
+    }
+
+    /// RFC 8428 §5.1.3 resolves to exactly the records of §5.1.4.
+    #[test]
+    fn rfc_multiple_measurements_resolve_to_the_rfc_resolved_data() {
+        let packed = json(
+            br#"[
+     {"bn":"urn:dev:ow:10e2073a01080063","bt":1.320067464e+09,
+      "bu":"%RH","v":20},
+     {"u":"lon","v":24.30621},
+     {"u":"lat","v":60.07965},
+     {"t":60,"v":20.3},
+     {"u":"lon","t":60,"v":24.30622},
+     {"u":"lat","t":60,"v":60.07965},
+     {"t":120,"v":20.7},
+     {"u":"lon","t":120,"v":24.30623},
+     {"u":"lat","t":120,"v":60.07966},
+     {"u":"%EL","t":150,"v":98},
+     {"t":180,"v":21.2},
+     {"u":"lon","t":180,"v":24.30628},
+     {"u":"lat","t":180,"v":60.07967}
+   ]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        let rfc_resolved = json(
+            br#"[
+     {"n":"urn:dev:ow:10e2073a01080063","u":"%RH","t":1.320067464e+09,
+      "v":20},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lon","t":1.320067464e+09,
+      "v":24.30621},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lat","t":1.320067464e+09,
+      "v":60.07965},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"%RH","t":1.320067524e+09,
+      "v":20.3},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lon","t":1.320067524e+09,
+      "v":24.30622},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lat","t":1.320067524e+09,
+      "v":60.07965},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"%RH","t":1.320067584e+09,
+      "v":20.7},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lon","t":1.320067584e+09,
+      "v":24.30623},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lat","t":1.320067584e+09,
+      "v":60.07966},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"%EL","t":1.320067614e+09,
+      "v":98},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"%RH","t":1.320067644e+09,
+      "v":21.2},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lon","t":1.320067644e+09,
+      "v":24.30628},
+     {"n":"urn:dev:ow:10e2073a01080063","u":"lat","t":1.320067644e+09,
+      "v":60.07967}
+   ]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(resolved(&packed).len(), 13);
+        assert_eq!(resolved(&packed), resolved(&rfc_resolved));
+        assert_eq!(field(&packed[0], "v"), Some(&Value::Int(20)));
+    }
+
+    /// RFC 8428 §5.1.5: string, boolean and data values.
+    #[test]
+    fn rfc_multiple_data_types() {
+        let r = json(
+            br#"[
+    {"bn":"urn:dev:ow:10e2073a01080063:","n":"temp","u":"Cel","v":23.1},
+    {"n":"label","vs":"Machine Room"},
+    {"n":"open","vb":false},
+    {"n":"nfc-reader","vd":"aGkgCg"}
+  ]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            field(&r[0], "label.vs"),
+            Some(&Value::Str("Machine Room".into()))
+        );
+        assert_eq!(field(&r[0], "open.vb"), Some(&Value::Bool(false)));
+        assert_eq!(
+            field(&r[0], "nfc-reader.vd"),
+            Some(&Value::Str("aGkgCg".into()))
+        );
+        // The same data in CBOR is a byte string, written as the same base64url text.
+        use ciborium::Value as C;
+        let pack = C::Array(vec![C::Map(vec![
+            (C::from(0), C::from("nfc-reader")),
+            (C::from(8), C::Bytes(b"hi \n".to_vec())),
+        ])]);
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&pack, &mut bytes).unwrap();
+        let r = cbor(&bytes, NOW_MS).unwrap();
+        assert_eq!(
+            field(&r[0], "nfc-reader.vd"),
+            Some(&Value::Str("aGkgCg".into()))
+        );
+    }
+
+    /// RFC 8428 §5.1.6: a second base name starts another reading; the base time carries over.
+    #[test]
+    fn rfc_collection_of_resources() {
+        let r = json(
+            br#"[
+     {"bn":"2001:db8::2/","bt":1.320078429e+09,
+      "n":"temperature","u":"Cel","v":25.2},
+     {"n":"humidity","u":"%RH","v":30},
+     {"bn":"2001:db8::1/","n":"temperature","u":"Cel","v":12.3},
+     {"n":"humidity","u":"%RH","v":67}
+   ]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 2);
+        for (reading, (bn, temperature, humidity)) in r
+            .iter()
+            .zip([("2001:db8::2/", 25.2, 30), ("2001:db8::1/", 12.3, 67)])
+        {
+            assert_eq!(field(reading, "bn"), Some(&Value::Str(bn.into())));
+            assert_eq!(field(reading, "t"), Some(&Value::Int(1_320_078_429)));
+            assert_eq!(
+                field(reading, "temperature.v"),
+                Some(&Value::Float(temperature))
+            );
+            assert_eq!(field(reading, "humidity.v"), Some(&Value::Int(humidity)));
+        }
+    }
+
+    /// RFC 8428 §5.1.7: a record of base fields alone, and times a fraction of a second apart.
+    #[test]
+    fn rfc_setting_an_actuator() {
+        let r = json(
+            br#"[
+     {"bn":"urn:dev:ow:10e2073a01080063:"},
+     {"n":"temp","u":"Cel","v":23.1},
+     {"n":"heat","u":"/","v":1},
+     {"n":"fan","u":"/","v":0}
+   ]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 1);
+        assert_eq!(field(&r[0], "heat.v"), Some(&Value::Int(1)));
+        assert_eq!(field(&r[0], "fan.u"), Some(&Value::Str("/".into())));
+        let r = json(
+            br#"[
+     {"bt":1.320078429e+09,"bu":"/","n":"2001:db8::3","v":0.5},
+     {"n":"2001:db8::4","v":0.5},
+     {"n":"2001:db8::3","t":0.1,"v":0},
+     {"n":"2001:db8::4","t":0.1,"v":0}
+   ]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(t(&r[1]), 1.320078429e9 + 0.1);
+        assert_eq!(field(&r[1], "2001:db8::4.v"), Some(&Value::Int(0)));
+        assert_eq!(field(&r[1], "2001:db8::4.u"), Some(&Value::Str("/".into())));
+    }
+
+    #[test]
+    fn base_value_and_base_sum_are_added() {
+        let r = json(
+            br#"[{"bn":"meter-1:","bv":1000,"bs":50,"n":"energy","v":5,"s":2,"u":"Wh"},
+                 {"n":"power","v":0.5}]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(field(&r[0], "energy.v"), Some(&Value::Int(1005)));
+        assert_eq!(field(&r[0], "energy.s"), Some(&Value::Int(52)));
+        assert_eq!(field(&r[0], "power.v"), Some(&Value::Float(1000.5)));
+        assert_eq!(
+            field(&r[0], "power.s"),
+            Some(&Value::Int(50)),
+            "a base sum alone is the sum"
+        );
+    }
+
+    #[test]
+    fn malformed_packs_are_rejected_without_quoting_them() {
+        let bad: &[(&str, DecodeError)] = &[
+            (r#"{"n":"a","v":1}"#, DecodeError::NotAPack),
+            (
+                r#"[{"n":"a","v":1}"#,
+                DecodeError::Syntax {
+                    line: 1,
+                    column: 16,
+                },
+            ),
+            ("[]", DecodeError::Senml("the pack has no records")),
+            ("[1]", DecodeError::NotAPack),
+            (
+                r#"[{"n":"a","v":1,"vs":"x"}]"#,
+                DecodeError::Senml("a record has more than one value"),
+            ),
+            (
+                r#"[{"n":"a","u":"Cel"}]"#,
+                DecodeError::Senml("a record has neither a value nor a sum"),
+            ),
+            (
+                r#"[{"n":"secret name","v":1}]"#,
+                DecodeError::Senml("a record's resolved name is not a valid SenML name"),
+            ),
+            (
+                r#"[{"n":"-a","v":1}]"#,
+                DecodeError::Senml("a record's resolved name is not a valid SenML name"),
+            ),
+            (
+                r#"[{"v":1}]"#,
+                DecodeError::Senml("a record's resolved name is not a valid SenML name"),
+            ),
+            (
+                r#"[{"n":"a","v":1,"crit_":1}]"#,
+                DecodeError::Senml("a field that must be understood is not known"),
+            ),
+            (
+                r#"[{"bver":11,"n":"a","v":1}]"#,
+                DecodeError::Senml("the pack's SenML version is newer than 10"),
+            ),
+            (
+                r#"[{"bver":5,"n":"a","v":1},{"bver":10,"n":"b","v":1}]"#,
+                DecodeError::Senml("records of one pack give different versions"),
+            ),
+            (
+                r#"[{"n":"a","v":"1"}]"#,
+                DecodeError::Senml("v must be a number"),
+            ),
+            (
+                r#"[{"n":"a","vb":1}]"#,
+                DecodeError::Senml("vb must be a boolean"),
+            ),
+            (
+                r#"[{"n":"a","vd":"not base64!"}]"#,
+                DecodeError::Senml("vd must be base64url data"),
+            ),
+            (r#"[{"n":"a","v":1,"v":2}]"#, DecodeError::DuplicateField),
+        ];
+        for (payload, want) in bad {
+            let got = json(payload.as_bytes(), NOW_MS);
+            assert_eq!(got.as_ref(), Err(want), "{payload}");
+            assert!(!got.unwrap_err().to_string().contains("secret"));
+        }
+        let many = format!("[{}]", vec![r#"{"n":"a","v":1}"#; MAX_FIELDS + 1].join(","));
+        assert!(json(many.as_bytes(), NOW_MS).is_err());
+        // Unknown fields without the '_' suffix are ignored and counted.
+        let r = json(br#"[{"n":"a","v":1,"extra":{"x":1}}]"#, NOW_MS).unwrap();
+        assert_eq!(r[0].unsupported, 1);
+        assert_eq!(cbor(b"\xa1\x00\x61a", NOW_MS), Err(DecodeError::NotAPack));
+    }
+
+    /// Records without names of their own, with a base unit: each gives its own reading rather
+    /// than a second `u` in one.
+    #[test]
+    fn unnamed_records_never_share_a_path() {
+        let r = json(
+            br#"[{"bn":"dev-1","bu":"Cel","v":1},{"vs":"ok"},{"vb":true,"u":"/"}]"#,
+            NOW_MS,
+        )
+        .unwrap();
+        assert_eq!(r.len(), 3);
+        for reading in &r {
+            assert!(
+                !super::super::has_duplicates(&reading.fields),
+                "{reading:?}"
+            );
+        }
+    }
+
+    /// A time below 2^28 is relative to the time of receipt.
+    #[test]
+    fn relative_times_count_from_receipt() {
+        let r = json(br#"[{"n":"a","t":-5,"v":1}]"#, NOW_MS).unwrap();
+        assert_eq!(t(&r[0]), NOW - 5.0);
+    }
+
+    proptest! {
+        /// Any bytes, as JSON or as CBOR: the decoder returns, and every reading has a time and
+        /// unique paths.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            for readings in [json(&bytes, NOW_MS), cbor(&bytes, NOW_MS)].into_iter().flatten() {
+                for r in readings {
+                    prop_assert!(field(&r, "t").is_some());
+                    prop_assert!(!super::super::has_duplicates(&r.fields));
+                }
+            }
+        }
+
+        /// Packs of well-formed records always decode, one value each.
+        #[test]
+        fn well_formed_packs_decode(values in prop::collection::vec((0u8..4, any::<i32>(), -100i32..100), 1..40)) {
+            let records: Vec<String> = values
+                .iter()
+                .map(|(n, v, t)| format!(r#"{{"n":"m{n}","v":{v},"t":{t}}}"#))
+                .collect();
+            let payload = format!(r#"[{{"bn":"dev:","bt":1.7e9}},{}]"#, records.join(","));
+            let readings = json(payload.as_bytes(), NOW_MS).unwrap();
+            let count: usize = readings
+                .iter()
+                .map(|r| r.fields.iter().filter(|(p, _)| p.ends_with(".v")).count())
+                .sum();
+            prop_assert_eq!(count, values.len());
+        }
+    }
+}
