@@ -62,6 +62,22 @@ pub const UPSTREAM_RECORDS_ACKED: &str = "hubgate_upstream_records_acked_total";
 pub const UPSTREAM_RECORDS_LOST: &str = "hubgate_upstream_records_lost_total";
 /// Records kept and not yet acknowledged by the upstream hub. Label: `stream`.
 pub const UPSTREAM_LAG: &str = "hubgate_upstream_lag_records";
+/// 1 while the NATS JetStream exporter is connected, 0 otherwise.
+pub const NATS_CONNECTED: &str = "hubgate_nats_connected";
+/// Failed publishes and unavailable JetStream, by attempt.
+pub const NATS_ERRORS: &str = "hubgate_nats_errors_total";
+/// Records published to NATS JetStream, publishes again included. Label: `stream`.
+pub const NATS_RECORDS_PUBLISHED: &str = "hubgate_nats_records_published_total";
+/// Records JetStream acknowledged as stored. Label: `stream`.
+pub const NATS_RECORDS_ACKED: &str = "hubgate_nats_records_acked_total";
+/// Records JetStream acknowledged as duplicates of ones it already held. Label: `stream`.
+pub const NATS_RECORDS_DUPLICATE: &str = "hubgate_nats_records_duplicate_total";
+/// Records purged here before they could be published to NATS. Label: `stream`.
+pub const NATS_RECORDS_LOST: &str = "hubgate_nats_records_lost_total";
+/// Records kept and not yet acknowledged by JetStream. Label: `stream`.
+pub const NATS_LAG: &str = "hubgate_nats_lag_records";
+/// Bytes of records published to NATS JetStream (message payloads). Label: `stream`.
+pub const NATS_SENT_BYTES: &str = "hubgate_nats_sent_bytes_total";
 /// Energy attributed to the gateway process (floating point; see [`crate::energy`]).
 pub const ENERGY_JOULES: &str = "hubgate_energy_joules_total";
 /// Always 1; labels `method` (`rapl`, `hwmon` or `model`), `zones` (the counters read) or the
@@ -247,6 +263,39 @@ pub fn describe() {
     describe_gauge!(
         UPSTREAM_LAG,
         "records kept and not yet acknowledged by the upstream hub"
+    );
+    describe_gauge!(
+        NATS_CONNECTED,
+        "1 while the NATS JetStream exporter is connected"
+    );
+    describe_counter!(
+        NATS_ERRORS,
+        "failed publishes to NATS JetStream, and attempts to reach it"
+    );
+    describe_counter!(
+        NATS_RECORDS_PUBLISHED,
+        "records published to NATS JetStream, publishes again included"
+    );
+    describe_counter!(
+        NATS_RECORDS_ACKED,
+        "records NATS JetStream acknowledged as stored"
+    );
+    describe_counter!(
+        NATS_RECORDS_DUPLICATE,
+        "records NATS JetStream acknowledged as duplicates"
+    );
+    describe_counter!(
+        NATS_RECORDS_LOST,
+        "records purged before they could be published to NATS"
+    );
+    describe_gauge!(
+        NATS_LAG,
+        "records kept and not yet acknowledged by NATS JetStream"
+    );
+    describe_counter!(
+        NATS_SENT_BYTES,
+        Unit::Bytes,
+        "bytes of records published to NATS JetStream"
     );
     describe_counter!(
         GRPC_SENT_BYTES,

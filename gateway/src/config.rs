@@ -39,6 +39,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Where to forward records, if anywhere.
     pub upstream: Option<UpstreamConfig>,
+    /// Where to publish records in NATS JetStream, if anywhere.
+    pub nats: Option<NatsConfig>,
     pub footprint: FootprintConfig,
     pub register: RegisterConfig,
     pub audit: AuditConfig,
@@ -213,6 +215,68 @@ impl UpstreamConfig {
     }
     fn default_backoff() -> Duration {
         Duration::from_secs(30)
+    }
+}
+
+/// A NATS JetStream server the filtered streams are published to; see [`crate::nats`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// The server, `nats://host:4222`, or `tls://host:4222` for TLS.
+    pub url: String,
+    /// Records of stream `s` are published on `<subject_prefix>.s`.
+    #[serde(default = "NatsConfig::default_subject_prefix")]
+    pub subject_prefix: String,
+    /// The JetStream stream that stores them.
+    #[serde(default = "NatsConfig::default_jetstream")]
+    pub jetstream: String,
+    /// Create the JetStream stream (file storage, subjects `<subject_prefix>.>`) when it does not
+    /// exist. When false, an operator creates it, and a missing one is an error.
+    #[serde(default = "NatsConfig::default_create")]
+    pub create_jetstream: bool,
+    /// The created stream's de-duplication window: a record sent again within it is stored once.
+    #[serde(
+        default = "NatsConfig::default_duplicate_window",
+        deserialize_with = "duration"
+    )]
+    pub duplicate_window: Duration,
+    /// Streams to publish; all when absent.
+    #[serde(default)]
+    pub streams: Option<Vec<String>>,
+    /// Records published and not yet acknowledged, per stream, at most.
+    #[serde(default = "NatsConfig::default_window")]
+    pub window: usize,
+    /// A file holding the server's authentication token (one line); it must not be readable by
+    /// group or others.
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// For a `tls://` server: the CA that signed its certificate (PEM); the system's roots when
+    /// absent.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Longest wait between attempts after a failure (the wait doubles from 100 ms up to this).
+    #[serde(
+        default = "UpstreamConfig::default_backoff",
+        deserialize_with = "duration"
+    )]
+    pub reconnect_backoff_max: Duration,
+}
+
+impl NatsConfig {
+    fn default_subject_prefix() -> String {
+        "hubgate".into()
+    }
+    fn default_jetstream() -> String {
+        "HUBGATE".into()
+    }
+    fn default_create() -> bool {
+        true
+    }
+    fn default_duplicate_window() -> Duration {
+        Duration::from_secs(600)
+    }
+    fn default_window() -> usize {
+        1024
     }
 }
 
@@ -507,6 +571,8 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let (mut mqtt, mut grpc, mut admin, mut store) = Default::default();
     let mut upstream: Option<UpstreamConfig> = None;
     let mut upstream_span = 0..0;
+    let mut nats: Option<NatsConfig> = None;
+    let mut nats_span = 0..0;
     let mut footprint: Option<FootprintConfig> = None;
     let mut footprint_span = 0..0;
     let mut grpc_span = 0..0;
@@ -536,6 +602,10 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 upstream_span = key.span();
                 upstream = diags.section(value);
             }
+            "nats" => {
+                nats_span = key.span();
+                nats = diags.section(value);
+            }
             "footprint" => {
                 footprint_span = key.span();
                 footprint = diags.section(value);
@@ -551,7 +621,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
             "stream" => raw_streams = Some(policy::parse_streams(value, &mut diags)),
             other => diags.error(
                 key.span(),
-                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'footprint', 'register', 'audit', 'stream'"),
+                format!("unknown section '{other}', expected one of 'mqtt', 'grpc', 'admin', 'store', 'upstream', 'nats', 'footprint', 'register', 'audit', 'stream'"),
             ),
         }
     }
@@ -633,6 +703,9 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     if let Some(up) = &upstream {
         check_upstream(up, policy.as_ref(), upstream_span, &mut diags);
     }
+    if let Some(nats) = &nats {
+        check_nats(nats, policy.as_ref(), nats_span, &mut diags);
+    }
     let footprint = footprint.unwrap_or_default();
     for problem in footprint.problems() {
         diags.error(footprint_span.clone(), problem);
@@ -652,6 +725,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
                 admin,
                 store,
                 upstream,
+                nats,
                 footprint,
                 register,
                 audit,
@@ -851,6 +925,63 @@ fn check_upstream(
     }
 }
 
+/// A NATS subject token: letters, digits, '-' and '_' (no '.', '*', '>' or space).
+fn subject_token(token: &str) -> bool {
+    !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+fn check_nats(
+    nats: &NatsConfig,
+    policy: Option<&Policy>,
+    span: std::ops::Range<usize>,
+    diags: &mut Diagnostics,
+) {
+    let tls = nats.url.starts_with("tls://");
+    if !(tls || nats.url.starts_with("nats://")) {
+        diags.error(
+            span.clone(),
+            format!(
+                "nats.url '{}' must be tls://host:port (or nats:// on a trusted network)",
+                nats.url
+            ),
+        );
+    }
+    if !tls && nats.ca_file.is_some() {
+        diags.error(span.clone(), "nats.ca_file needs a tls:// url");
+    }
+    if !nats.subject_prefix.split('.').all(subject_token) {
+        diags.error(
+            span.clone(),
+            "nats.subject_prefix must be subject tokens (letters, digits, '-', '_') separated by '.'",
+        );
+    }
+    if !subject_token(&nats.jetstream) {
+        diags.error(
+            span.clone(),
+            "nats.jetstream must be a stream name: letters, digits, '-' and '_'",
+        );
+    }
+    if !(1..=65_536).contains(&nats.window) {
+        diags.error(span.clone(), "nats.window must be between 1 and 65536");
+    }
+    if nats.duplicate_window < Duration::from_secs(1) {
+        diags.error(span.clone(), "nats.duplicate_window must be at least 1s");
+    }
+    if let (Some(names), Some(policy)) = (&nats.streams, policy) {
+        for name in names {
+            if !policy.streams().iter().any(|s| &s.name == name) {
+                diags.error(
+                    span.clone(),
+                    format!("nats.streams names '{name}', which no [[stream]] declares"),
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -931,6 +1062,43 @@ mod tests {
                 .any(|m| m.contains("grid_zone names a zone"))
         );
         assert!(err.diagnostics.iter().all(|d| d.position(&src).0 == 1));
+    }
+
+    #[test]
+    fn nats_settings_are_checked() {
+        let with = |nats: &str| format!("[nats]\n{nats}\n{DEFAULT_CONFIG}");
+        let (config, _) = parse(&with("url = \"nats://127.0.0.1:4222\"")).unwrap();
+        let nats = config.nats.unwrap();
+        assert_eq!(
+            (nats.subject_prefix.as_str(), nats.jetstream.as_str()),
+            ("hubgate", "HUBGATE")
+        );
+        assert!(nats.create_jetstream);
+        let errors = |src: &str| -> Vec<String> {
+            parse(&with(src))
+                .unwrap_err()
+                .diagnostics
+                .into_iter()
+                .map(|d| d.message)
+                .collect()
+        };
+        let e = errors(
+            "url = \"http://x:4222\"\nsubject_prefix = \"city.>\"\njetstream = \"a.b\"\nwindow = 0\nstreams = [\"nope\"]",
+        );
+        for expected in [
+            "nats.url 'http://x:4222'",
+            "nats.subject_prefix",
+            "nats.jetstream",
+            "nats.window",
+            "nats.streams names 'nope'",
+        ] {
+            assert!(e.iter().any(|m| m.contains(expected)), "{expected}: {e:?}");
+        }
+        let e = errors("url = \"nats://x:4222\"\nca_file = \"/ca.pem\"");
+        assert!(
+            e.iter()
+                .any(|m| m.contains("nats.ca_file needs a tls:// url"))
+        );
     }
 
     #[test]

@@ -37,6 +37,7 @@ use crate::pipeline::Stats;
 pub struct Traffic {
     pub grpc_sent: AtomicU64,
     pub upstream_sent: AtomicU64,
+    pub nats_sent: AtomicU64,
     pub outbox_written: AtomicU64,
 }
 
@@ -44,6 +45,7 @@ pub struct Traffic {
 pub static TRAFFIC: Traffic = Traffic {
     grpc_sent: AtomicU64::new(0),
     upstream_sent: AtomicU64::new(0),
+    nats_sent: AtomicU64::new(0),
     outbox_written: AtomicU64::new(0),
 };
 
@@ -308,6 +310,7 @@ pub async fn run(
             mqtt_received_bytes: totals.before.received_bytes + totals.run.received_bytes,
             grpc_sent_bytes: TRAFFIC.grpc_sent.load(Ordering::Relaxed),
             upstream_sent_bytes: TRAFFIC.upstream_sent.load(Ordering::Relaxed),
+            nats_sent_bytes: TRAFFIC.nats_sent.load(Ordering::Relaxed),
             outbox_written_bytes: TRAFFIC.outbox_written.load(Ordering::Relaxed),
             bytes_avoided: totals.before.bytes_avoided + totals.run.bytes_avoided,
             network_energy_avoided_joules: totals.network_joules_avoided,

@@ -30,6 +30,7 @@ pub mod footprint;
 pub mod grpc;
 pub mod ingest;
 pub mod keys;
+pub mod nats;
 pub mod outbox;
 pub mod pipeline;
 pub mod push;
@@ -155,6 +156,7 @@ pub enum Start {
 pub struct Files {
     grid_intensity: footprint::GridIntensity,
     upstream: upstream::Credentials,
+    nats: nats::Credentials,
     grpc_tls: Option<tonic::transport::ServerTlsConfig>,
     mqtt_login: ingest::Login,
 }
@@ -167,6 +169,10 @@ impl Files {
             upstream: match &config.upstream {
                 Some(up) => upstream::credentials(up)?,
                 None => upstream::Credentials::default(),
+            },
+            nats: match &config.nats {
+                Some(nats) => nats::credentials(nats)?,
+                None => nats::Credentials::default(),
             },
             grpc_tls: config.grpc.tls.as_ref().map(grpc::server_tls).transpose()?,
             mqtt_login: ingest::login(&config.mqtt)?,
@@ -204,6 +210,7 @@ pub async fn start_in(
     let Files {
         grid_intensity,
         upstream: upstream_credentials,
+        nats: nats_credentials,
         grpc_tls,
         mqtt_login,
     } = Files::load(&config)?;
@@ -370,10 +377,27 @@ pub async fn start_in(
         },
         shutdown.clone(),
     );
-    if let Some(upstream) = config.upstream {
+    // One incarnation for every exporter, made with the outbox.
+    let incarnation = if config.upstream.is_some() || config.nats.is_some() {
+        Some(upstream::incarnation(&store)?)
+    } else {
+        None
+    };
+    if let (Some(nats), Some(incarnation)) = (config.nats, incarnation.clone()) {
+        tasks.spawn(nats::run(
+            nats,
+            nats_credentials,
+            incarnation,
+            Arc::clone(&policy),
+            Arc::clone(&store),
+            shutdown.clone(),
+        ));
+    }
+    if let (Some(upstream), Some(incarnation)) = (config.upstream, incarnation) {
         tasks.spawn(upstream::run(
             upstream,
             upstream_credentials,
+            incarnation,
             Arc::clone(&policy),
             Arc::clone(&store),
             shutdown.clone(),

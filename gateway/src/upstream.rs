@@ -95,8 +95,9 @@ enum CallError {
     Protocol(u64),
 }
 
-/// This gateway's incarnation: made, and saved, with its first upstream start.
-fn incarnation(store: &Store) -> anyhow::Result<String> {
+/// This gateway's incarnation: made, and saved, with the first start of an exporter (upstream or
+/// NATS), which all use it.
+pub fn incarnation(store: &Store) -> anyhow::Result<String> {
     const NAME: &str = "upstream/incarnation";
     if let Some(id) = store.checkpoint(NAME)? {
         return Ok(String::from_utf8_lossy(&id).into_owned());
@@ -181,6 +182,7 @@ fn authorization(
 pub async fn run(
     config: UpstreamConfig,
     credentials: Credentials,
+    incarnation: String,
     policy: Arc<Policy>,
     store: Arc<Store>,
     shutdown: CancellationToken,
@@ -193,7 +195,7 @@ pub async fn run(
     let channel = endpoint.connect_lazy();
     let authorization = credentials.authorization;
     let shared = Arc::new(Shared {
-        incarnation: incarnation(&store)?,
+        incarnation,
         connected: metrics::gauge!(catalogue::UPSTREAM_CONNECTED),
         errors: metrics::counter!(catalogue::UPSTREAM_ERRORS),
         store,

@@ -253,6 +253,86 @@ impl Drop for Mosquitto {
     }
 }
 
+/// A NATS server with JetStream of the test's own, storing in a directory that outlives restarts.
+#[derive(Debug)]
+pub struct NatsServer {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts `nats-server -js` on a free port (found on PATH, or in /usr/sbin where Debian puts
+    /// it).
+    pub fn start() -> Self {
+        let mut server = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// A server that is not running yet: [`NatsServer::restart`] starts it.
+    pub fn not_started() -> Self {
+        Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let binary = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-sd")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (apt-get install nats-server)");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for("nats-server to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Stops the server (SIGTERM: it flushes its store), if it runs, and starts it again on the
+    /// same port and store.
+    pub fn restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            let _ = child.wait();
+        }
+        self.spawn();
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// An aggregated footfall stream: people counters on `city/footfall/<counter>/probe` report the
 /// MAC addresses they hear; the MAC is pseudonymised and counted as the contributor, groups are per
 /// counter. `extra_fields` are more `[stream.fields]` lines; `window`, `lateness` and `k` set the

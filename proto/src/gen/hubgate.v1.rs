@@ -93,6 +93,9 @@ pub struct Footprint {
     pub network_energy_avoided_joules: f64,
     #[prost(double, tag = "23")]
     pub network_kwh_per_gb: f64,
+    /// Bytes of records published to NATS JetStream (message payloads).
+    #[prost(uint64, tag = "24")]
+    pub nats_sent_bytes: u64,
 }
 /// A batch of an origin gateway's records of one stream.
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -1,0 +1,395 @@
+//! Publishing to NATS JetStream: the filtered streams, for city-wide fan-out and retention.
+//!
+//! Each published stream `s` goes to the subject `<subject_prefix>.s`, one message per record: the
+//! record in protobuf (`hubgate.v1.Record`, the same message Subscribe sends), with headers
+//!
+//! - `Nats-Msg-Id: <incarnation>-<stream>-<sequence>`, JetStream's de-duplication id;
+//! - `Hubgate-Stream`, `Hubgate-Sequence`, and `Hubgate-Type: hubgate.v1.Record`.
+//!
+//! Delivery is at least once, from the outbox. For each stream the exporter publishes records in
+//! sequence order, with at most `window` awaiting their acknowledgement (JetStream acknowledges
+//! a message once it is stored), and moves its position to each record acknowledged in turn. The
+//! position is a checkpoint in the outbox (`nats/<stream>`), written at most twice a second, so
+//! after a restart, a broken connection or a refused publish, the exporter publishes again from
+//! the last acknowledged record. JetStream stores a record sent again once, as long as it comes
+//! within the stream's duplicate window (`nats.duplicate_window`, 10 minutes when hubgate creates
+//! the stream); consumers that need exactly once beyond that window de-duplicate on the message
+//! id. The incarnation is the same random id the upstream forwarder uses (made with the outbox),
+//! so ids never repeat across gateways or after a gateway starts over with an empty outbox.
+//!
+//! While the server is unreachable, records wait in the outbox (bounded by its size cap and
+//! retention, not by memory); records purged before they were published are counted as lost.
+//!
+//! Metrics: `hubgate_nats_connected`, `hubgate_nats_errors_total`,
+//! `hubgate_nats_records_published_total{stream}`, `hubgate_nats_records_acked_total{stream}`,
+//! `hubgate_nats_records_duplicate_total{stream}`, `hubgate_nats_records_lost_total{stream}`,
+//! `hubgate_nats_lag_records{stream}`, `hubgate_nats_sent_bytes_total{stream}`. Errors are logged by kind, never with record content.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use hubgate_exporters::catalogue;
+use hubgate_privacy::Policy;
+use metrics::{Counter, Gauge};
+use prost::Message as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsConfig;
+use crate::store::Store;
+
+/// First wait before trying again.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// How often the acknowledged positions are written.
+const SAVE_EVERY: Duration = Duration::from_millis(500);
+/// Longest wait for new records before looking again.
+const POLL: Duration = Duration::from_millis(200);
+/// Longest wait for JetStream's acknowledgement of a record.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Records read from the store at a time.
+const READ_BATCH: usize = 256;
+
+/// What the exporter authenticates with. The token is never shown by `Debug`.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Reads the files `config` names (the token file must not be readable by group or others).
+pub fn credentials(config: &NatsConfig) -> anyhow::Result<Credentials> {
+    if let Some(ca) = &config.ca_file {
+        std::fs::metadata(ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?;
+    }
+    let token = config
+        .token_file
+        .as_deref()
+        .map(crate::auth::read_secret)
+        .transpose()?;
+    if token.is_some() && config.url.starts_with("nats://") {
+        tracing::warn!(
+            "the NATS token is sent without TLS (a nats:// url): use tls:// outside a trusted network"
+        );
+    }
+    Ok(Credentials { token })
+}
+
+/// One published stream.
+struct Published {
+    index: usize,
+    name: String,
+    subject: String,
+    /// Last sequence JetStream acknowledged (or that was lost before it could be published).
+    acked: u64,
+    /// Last acknowledged sequence written to the checkpoint.
+    saved: u64,
+    published: Counter,
+    acked_total: Counter,
+    duplicates: Counter,
+    lost: Counter,
+    lag: Gauge,
+    sent_bytes: Counter,
+}
+
+/// Why publishing stopped.
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error("publish failed: {0}")]
+    Publish(#[from] jetstream::context::PublishError),
+    #[error("the store is closing")]
+    Closing,
+}
+
+/// Publishes the configured streams until `shutdown`.
+pub async fn run(
+    config: NatsConfig,
+    credentials: Credentials,
+    incarnation: String,
+    policy: Arc<Policy>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let connected = metrics::gauge!(catalogue::NATS_CONNECTED);
+    let errors = metrics::counter!(catalogue::NATS_ERRORS);
+    connected.set(0.0);
+    // Connect, and make sure the JetStream stream exists, before anything is published; once
+    // connected, the client reconnects by itself.
+    let mut backoff = BACKOFF_START;
+    let mut failures = 0u32;
+    let js = loop {
+        let attempt = async {
+            let client = options(&config, &credentials, connected.clone())
+                .connect(config.url.as_str())
+                .await?;
+            let mut js = jetstream::new(client);
+            js.set_timeout(ACK_TIMEOUT);
+            tokio::time::timeout(ACK_TIMEOUT, ensure_stream(&js, &config))
+                .await
+                .map_err(|_| anyhow::anyhow!("JetStream did not answer"))??;
+            anyhow::Ok(js)
+        };
+        let err = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            outcome = attempt => match outcome {
+                Ok(js) => {
+                    connected.set(1.0);
+                    break js;
+                }
+                Err(err) => err,
+            },
+        };
+        errors.increment(1);
+        if failures.is_multiple_of(20) {
+            tracing::warn!(%err, retry_in = ?backoff, "NATS JetStream unavailable; records wait in the outbox");
+        }
+        failures += 1;
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(config.reconnect_backoff_max);
+    };
+
+    let config = Arc::new(config);
+    let incarnation: Arc<str> = incarnation.into();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, s) in policy.streams().iter().enumerate() {
+        let chosen = config
+            .streams
+            .as_ref()
+            .is_none_or(|names| names.contains(&s.name));
+        if !chosen {
+            continue;
+        }
+        let acked = store
+            .checkpoint(&checkpoint_name(&s.name))?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let name = s.name.clone();
+        let stream = Published {
+            index,
+            subject: format!("{}.{name}", config.subject_prefix),
+            acked,
+            saved: acked,
+            published: metrics::counter!(catalogue::NATS_RECORDS_PUBLISHED, "stream" => name.clone()),
+            acked_total: metrics::counter!(catalogue::NATS_RECORDS_ACKED, "stream" => name.clone()),
+            duplicates: metrics::counter!(catalogue::NATS_RECORDS_DUPLICATE, "stream" => name.clone()),
+            lost: metrics::counter!(catalogue::NATS_RECORDS_LOST, "stream" => name.clone()),
+            lag: metrics::gauge!(catalogue::NATS_LAG, "stream" => name.clone()),
+            sent_bytes: metrics::counter!(catalogue::NATS_SENT_BYTES, "stream" => name.clone()),
+            name,
+        };
+        tasks.spawn(forward(
+            js.clone(),
+            Arc::clone(&config),
+            Arc::clone(&incarnation),
+            Arc::clone(&store),
+            stream,
+            errors.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(url = %config.url, jetstream = %config.jetstream, streams = tasks.len(), "publishing to NATS JetStream");
+    while tasks.join_next().await.is_some() {}
+    connected.set(0.0);
+    Ok(())
+}
+
+/// The connection settings: a name, the token, TLS, and the connected gauge kept by events.
+fn options(
+    config: &NatsConfig,
+    credentials: &Credentials,
+    connected: Gauge,
+) -> async_nats::ConnectOptions {
+    let mut options = async_nats::ConnectOptions::new()
+        .name("hubgate")
+        .connection_timeout(Duration::from_secs(10))
+        .max_reconnects(None)
+        .event_callback(move |event| {
+            let gauge = connected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => gauge.set(1.0),
+                    async_nats::Event::Disconnected | async_nats::Event::Closed => gauge.set(0.0),
+                    _ => {}
+                }
+            }
+        });
+    if let Some(token) = &credentials.token {
+        options = options.token(token.clone());
+    }
+    if config.url.starts_with("tls://") {
+        options = options.require_tls(true);
+        if let Some(ca) = &config.ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+    }
+    options
+}
+
+/// Creates the JetStream stream when it is missing and hubgate may; otherwise checks it exists.
+async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> anyhow::Result<()> {
+    if config.create_jetstream {
+        js.get_or_create_stream(jetstream::stream::Config {
+            name: config.jetstream.clone(),
+            subjects: vec![format!("{}.>", config.subject_prefix)],
+            duplicate_window: config.duplicate_window,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    } else {
+        js.get_stream(&config.jetstream).await?;
+    }
+    Ok(())
+}
+
+fn checkpoint_name(stream: &str) -> String {
+    format!("nats/{stream}")
+}
+
+/// Publishes one stream until `shutdown`, starting again from the last acknowledged record after
+/// each failure, with backoff.
+async fn forward(
+    js: jetstream::Context,
+    config: Arc<NatsConfig>,
+    incarnation: Arc<str>,
+    store: Arc<Store>,
+    mut s: Published,
+    errors: Counter,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_START;
+    let mut failures = 0u32;
+    while !shutdown.is_cancelled() {
+        let acked_before = s.acked;
+        let outcome = publish(&js, &config, &incarnation, &store, &mut s, &shutdown).await;
+        save(&store, &mut s).await;
+        let Err(err) = outcome else {
+            break;
+        };
+        errors.increment(1);
+        if s.acked > acked_before {
+            (backoff, failures) = (BACKOFF_START, 0);
+        }
+        if failures.is_multiple_of(20) {
+            tracing::warn!(stream = %s.name, %err, retry_in = ?backoff, "NATS JetStream unavailable; records wait in the outbox");
+        }
+        failures += 1;
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(config.reconnect_backoff_max);
+    }
+    save(&store, &mut s).await;
+}
+
+/// Publishes from the last acknowledged record on, until an error or `shutdown`.
+async fn publish(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    incarnation: &str,
+    store: &Arc<Store>,
+    s: &mut Published,
+    shutdown: &CancellationToken,
+) -> Result<(), PublishError> {
+    let mut pending: VecDeque<(u64, PublishAckFuture)> = VecDeque::new();
+    let mut sent = s.acked;
+    let mut last_save = Instant::now();
+    let mut grown = store.watch(s.index);
+    loop {
+        while pending.len() < config.window {
+            let max = READ_BATCH.min(config.window - pending.len());
+            let batch = store
+                .read_async(s.index, sent + 1, max)
+                .await
+                .ok_or(PublishError::Closing)?;
+            if let Some((first, last)) = batch.gap {
+                s.lost.increment(last - first + 1);
+                tracing::warn!(stream = %s.name, first, last, "records purged before they were published to NATS");
+                if pending.is_empty() {
+                    s.acked = s.acked.max(last);
+                }
+                sent = last;
+            }
+            if batch.records.is_empty() {
+                break;
+            }
+            for stored in &batch.records {
+                let sequence = stored.record.sequence;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("{incarnation}-{}-{sequence}", s.name).as_str(),
+                );
+                headers.insert("Hubgate-Stream", s.name.as_str());
+                headers.insert("Hubgate-Sequence", sequence.to_string().as_str());
+                headers.insert("Hubgate-Type", "hubgate.v1.Record");
+                let payload = stored.record.encode_to_vec();
+                let bytes = payload.len() as u64;
+                let ack = js
+                    .publish_with_headers(s.subject.clone(), headers, payload.into())
+                    .await?;
+                s.published.increment(1);
+                s.sent_bytes.increment(bytes);
+                crate::footprint::TRAFFIC
+                    .nats_sent
+                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                pending.push_back((sequence, ack));
+                sent = sequence;
+            }
+        }
+        let kept = store.next_sequence(s.index).saturating_sub(1);
+        s.lag.set(kept.saturating_sub(s.acked) as f64);
+        if let Some((sequence, ack)) = pending.pop_front() {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                ack = ack => {
+                    if ack?.duplicate {
+                        s.duplicates.increment(1);
+                    }
+                    s.acked_total.increment(sequence.saturating_sub(s.acked));
+                    s.acked = sequence;
+                }
+            }
+        } else {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                _ = grown.changed() => {}
+                () = tokio::time::sleep(POLL) => {}
+            }
+        }
+        if last_save.elapsed() >= SAVE_EVERY {
+            save(store, s).await;
+            last_save = Instant::now();
+        }
+    }
+}
+
+/// Writes the acknowledged position if it moved.
+async fn save(store: &Arc<Store>, s: &mut Published) {
+    if s.acked == s.saved {
+        return;
+    }
+    let (store, name, acked) = (Arc::clone(store), checkpoint_name(&s.name), s.acked);
+    let saved = tokio::task::spawn_blocking(move || {
+        store.save_checkpoint(&name, acked.to_be_bytes().to_vec())
+    })
+    .await;
+    match saved {
+        Ok(Ok(())) => s.saved = acked,
+        Ok(Err(err)) => {
+            tracing::error!(stream = %s.name, %err, "cannot save the NATS position")
+        }
+        Err(_) => {}
+    }
+}
