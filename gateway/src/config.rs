@@ -322,6 +322,9 @@ pub struct MqttConfig {
     /// Longest wait between reconnection attempts (the wait doubles from 100 ms up to this).
     #[serde(deserialize_with = "duration")]
     pub reconnect_backoff_max: Duration,
+    /// Subscribe as a member of this shared-subscription group (`$share/<group>/<filter>`), so
+    /// that the broker deals each message to one gateway of the group. Off when absent.
+    pub shared_group: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -339,6 +342,7 @@ impl Default for MqttConfig {
             username: None,
             password_file: None,
             reconnect_backoff_max: Duration::from_secs(30),
+            shared_group: None,
         }
     }
 }
@@ -633,6 +637,14 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         diags.error(
             mqtt_span.clone(),
             "mqtt.client_id must not be empty (the session is persistent)",
+        );
+    }
+    if let Some(group) = &mqtt.shared_group
+        && (group.is_empty() || group.contains(['/', '+', '#']))
+    {
+        diags.error(
+            mqtt_span.clone(),
+            "mqtt.shared_group must be a name without '/', '+' or '#'",
         );
     }
     if let Some(limit) = mqtt.rate_limit
@@ -1062,6 +1074,26 @@ mod tests {
                 .any(|m| m.contains("grid_zone names a zone"))
         );
         assert!(err.diagnostics.iter().all(|d| d.position(&src).0 == 1));
+    }
+
+    #[test]
+    fn a_shared_group_is_a_plain_name() {
+        let with = |group: &str| {
+            DEFAULT_CONFIG.replacen(
+                "[mqtt]\n",
+                &format!("[mqtt]\nshared_group = {group:?}\n"),
+                1,
+            )
+        };
+        let (config, _) = parse(&with("hubgate")).unwrap();
+        assert_eq!(config.mqtt.shared_group.as_deref(), Some("hubgate"));
+        for bad in ["", "a/b", "g+", "#"] {
+            let e = parse(&with(bad)).unwrap_err().diagnostics;
+            assert!(
+                e.iter().any(|d| d.message.contains("mqtt.shared_group")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

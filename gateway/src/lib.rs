@@ -306,7 +306,10 @@ pub async fn start_in(
     let subscriptions = policy
         .subscriptions()
         .into_iter()
-        .map(str::to_owned)
+        .map(|filter| match &config.mqtt.shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_owned(),
+        })
         .collect();
 
     let mut tasks = JoinSet::new();

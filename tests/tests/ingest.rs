@@ -296,6 +296,61 @@ async fn unrouted_topics_are_dropped_and_counted() {
     assert_eq!(status.code(), tonic::Code::NotFound);
 }
 
+/// Two gateways in one shared-subscription group: the broker deals the messages out between
+/// them, each message to one gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_in_a_shared_group_split_the_messages() {
+    const N: u64 = 400;
+    let broker = Mosquitto::start();
+    let shared = |client_id: &str| {
+        config(broker.port, client_id, NOISE).replacen(
+            "[mqtt]\n",
+            "[mqtt]\nshared_group = \"hubgate\"\n",
+            1,
+        )
+    };
+    let (a, b) = (
+        Gateway::start(gateway_bin!(), &shared("gw-share-a")),
+        Gateway::start(gateway_bin!(), &shared("gw-share-b")),
+    );
+    a.wait_ready();
+    b.wait_ready();
+    let kept = |gw: &Gateway| gw.metric("hubgate_records_kept_total", &[("stream", "noise")]);
+    // The subscriptions are in place once a first message reaches one of them. (Messages
+    // published before that reach no one, so they are not counted.)
+    let publisher = Publisher::connect(broker.port, "pub-share");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while kept(&a) + kept(&b) == 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the group never subscribed"
+        );
+        publisher
+            .publish("city/noise/warmup", r#"{"laeq": 1}"#)
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = kept(&a) + kept(&b);
+    for i in 0..N {
+        publisher
+            .publish(&format!("city/noise/n-{}", i % 7), r#"{"laeq": 55}"#)
+            .await;
+    }
+    let want = before + N as f64;
+    hubgate_tests::wait_for("every message kept", Duration::from_secs(20), || {
+        kept(&a) + kept(&b) >= want
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(kept(&a) + kept(&b), want, "each message kept once");
+    assert!(
+        kept(&a) > 0.0 && kept(&b) > 0.0,
+        "both gateways took a share: {} and {}",
+        kept(&a),
+        kept(&b)
+    );
+}
+
 /// The broker restarts mid-stream: every QoS 1 message still reaches the subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_qos1_message() {
