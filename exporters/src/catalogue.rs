@@ -62,6 +62,10 @@ pub const UPSTREAM_RECORDS_ACKED: &str = "hubgate_upstream_records_acked_total";
 pub const UPSTREAM_RECORDS_LOST: &str = "hubgate_upstream_records_lost_total";
 /// Records kept and not yet acknowledged by the upstream hub. Label: `stream`.
 pub const UPSTREAM_LAG: &str = "hubgate_upstream_lag_records";
+/// Sparkplug B messages whose sequence number did not follow the edge node's previous one.
+pub const SPARKPLUG_SEQUENCE_GAPS: &str = "hubgate_sparkplug_sequence_gaps_total";
+/// Sparkplug B metrics named by an alias no birth certificate seen declared (dropped).
+pub const SPARKPLUG_UNKNOWN_ALIASES: &str = "hubgate_sparkplug_unknown_aliases_total";
 /// 1 while the NATS JetStream exporter is connected, 0 otherwise.
 pub const NATS_CONNECTED: &str = "hubgate_nats_connected";
 /// Failed publishes and unavailable JetStream, by attempt.
@@ -263,6 +267,14 @@ pub fn describe() {
     describe_gauge!(
         UPSTREAM_LAG,
         "records kept and not yet acknowledged by the upstream hub"
+    );
+    describe_counter!(
+        SPARKPLUG_SEQUENCE_GAPS,
+        "Sparkplug B messages whose sequence number did not follow the previous one"
+    );
+    describe_counter!(
+        SPARKPLUG_UNKNOWN_ALIASES,
+        "Sparkplug B metrics named by an alias no birth declared, dropped"
     );
     describe_gauge!(
         NATS_CONNECTED,

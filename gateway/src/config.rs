@@ -246,6 +246,9 @@ pub struct NatsConfig {
     /// Records published and not yet acknowledged, per stream, at most.
     #[serde(default = "NatsConfig::default_window")]
     pub window: usize,
+    /// How each record is written: the `hubgate.v1.Record` protobuf, or an NGSI-LD entity.
+    #[serde(default)]
+    pub payload: NatsPayload,
     /// A file holding the server's authentication token (one line); it must not be readable by
     /// group or others.
     #[serde(default)]
@@ -260,6 +263,17 @@ pub struct NatsConfig {
         deserialize_with = "duration"
     )]
     pub reconnect_backoff_max: Duration,
+}
+
+/// The message a record becomes on NATS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatsPayload {
+    /// `hubgate.v1.Record` in protobuf, as Subscribe sends it.
+    #[default]
+    Protobuf,
+    /// An NGSI-LD entity in JSON, normalised form (see [`crate::ngsi_ld`]).
+    NgsiLd,
 }
 
 impl NatsConfig {

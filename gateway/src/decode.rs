@@ -10,7 +10,9 @@
 //! the caller drops it and counts it.
 //!
 //! SenML (`format = "senml_json"` or `"senml_cbor"`): see [`senml`]; one pack can give several
-//! readings.
+//! readings. FIWARE NGSI entities (`format = "ngsi"`, key-values or normalised): see [`ngsi`].
+//! Sparkplug B (`format = "sparkplug_b"`): see [`sparkplug`]; it is the one format with state
+//! (the aliases births declare), held by a [`Decoder`].
 //!
 //! Decoders are pure functions over bytes and the time of receipt; they never log what they read.
 
@@ -21,7 +23,9 @@ use hubgate_privacy::{Reading, Value};
 use serde::Deserializer as _;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
+pub mod ngsi;
 pub mod senml;
+pub mod sparkplug;
 
 /// Deepest object nesting accepted.
 pub const MAX_DEPTH: usize = 16;
@@ -48,6 +52,14 @@ pub enum DecodeError {
     NotAPack,
     #[error("invalid SenML: {0}")]
     Senml(&'static str),
+    #[error("payload is not an NGSI entity (an object with string \"id\" and \"type\")")]
+    NotAnEntity,
+    #[error(
+        "topic is not in the Sparkplug B namespace (spBv1.0/<group>/<type>/<edge node>[/<device>])"
+    )]
+    NotSparkplug,
+    #[error("payload is not a Sparkplug B protobuf")]
+    Protobuf,
 }
 
 /// What one payload decoded into: one reading, or several from a SenML pack.
@@ -67,16 +79,29 @@ impl Decoded {
     }
 }
 
-/// Decodes `payload`, received at `received_ms`, in `format`.
-pub fn decode(
-    format: PayloadFormat,
-    payload: &[u8],
-    received_ms: i64,
-) -> Result<Decoded, DecodeError> {
-    match format {
-        PayloadFormat::Json => json(payload).map(Decoded::One),
-        PayloadFormat::SenmlJson => senml::json(payload, received_ms).map(Decoded::Many),
-        PayloadFormat::SenmlCbor => senml::cbor(payload, received_ms).map(Decoded::Many),
+/// Decodes payloads, holding what a stateful format remembers between messages (the aliases of
+/// Sparkplug B births).
+#[derive(Debug, Default)]
+pub struct Decoder {
+    sparkplug: sparkplug::State,
+}
+
+impl Decoder {
+    /// Decodes `payload`, received on `topic` at `received_ms`, in `format`.
+    pub fn decode(
+        &mut self,
+        format: PayloadFormat,
+        topic: &str,
+        payload: &[u8],
+        received_ms: i64,
+    ) -> Result<Decoded, DecodeError> {
+        match format {
+            PayloadFormat::Json => json(payload).map(Decoded::One),
+            PayloadFormat::SenmlJson => senml::json(payload, received_ms).map(Decoded::Many),
+            PayloadFormat::SenmlCbor => senml::cbor(payload, received_ms).map(Decoded::Many),
+            PayloadFormat::Ngsi => ngsi::entity(payload).map(Decoded::One),
+            PayloadFormat::SparkplugB => self.sparkplug.decode(topic, payload).map(Decoded::Many),
+        }
     }
 }
 

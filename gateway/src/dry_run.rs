@@ -62,6 +62,7 @@ fn time(ms: i64) -> String {
 /// Runs the samples from `input` through `policy`, returning the report.
 pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     let key = Key::fixed_for_dry_run();
+    let mut decoder = decode::Decoder::default();
     let mut report = String::new();
     let mut sum = Summary::default();
     let _ = writeln!(report, "policy {}\n", policy.hash_hex());
@@ -91,7 +92,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                 let _ = writeln!(report, "image or video payload: dropped");
                 continue;
             }
-            let decoded = match decode::decode(stream.format, payload, received_ms) {
+            let decoded = match decoder.decode(stream.format, topic, payload, received_ms) {
                 Ok(d) => d,
                 Err(e) => {
                     sum.rejected += 1;
@@ -385,6 +386,7 @@ struct Evaluation {
 
 fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
     let key = Key::fixed_for_dry_run();
+    let mut decoder = decode::Decoder::default();
     let mut eval = Evaluation::default();
     let mut windows: Vec<WindowState> = policy
         .streams()
@@ -401,13 +403,14 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
                     .insert(slot, Err("image or video payload".into()));
                 continue;
             }
-            let decoded = match decode::decode(stream.format, &sample.payload, received_ms) {
-                Ok(d) => d,
-                Err(e) => {
-                    eval.outputs.insert(slot, Err(e.to_string()));
-                    continue;
-                }
-            };
+            let decoded =
+                match decoder.decode(stream.format, &sample.topic, &sample.payload, received_ms) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eval.outputs.insert(slot, Err(e.to_string()));
+                        continue;
+                    }
+                };
             let several = decoded.readings().len() > 1;
             for (k, reading) in decoded.readings().iter().enumerate() {
                 let slot = (sample.line, several.then_some(k + 1), stream.name.clone());

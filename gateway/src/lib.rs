@@ -31,6 +31,7 @@ pub mod grpc;
 pub mod ingest;
 pub mod keys;
 pub mod nats;
+pub mod ngsi_ld;
 pub mod outbox;
 pub mod pipeline;
 pub mod push;

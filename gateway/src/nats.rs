@@ -1,10 +1,12 @@
 //! Publishing to NATS JetStream: the filtered streams, for city-wide fan-out and retention.
 //!
 //! Each published stream `s` goes to the subject `<subject_prefix>.s`, one message per record: the
-//! record in protobuf (`hubgate.v1.Record`, the same message Subscribe sends), with headers
+//! record in protobuf (`hubgate.v1.Record`, the same message Subscribe sends), or with
+//! `payload = "ngsi_ld"` as an NGSI-LD entity in JSON ([`crate::ngsi_ld`]), with headers
 //!
 //! - `Nats-Msg-Id: <incarnation>-<stream>-<sequence>`, JetStream's de-duplication id;
-//! - `Hubgate-Stream`, `Hubgate-Sequence`, and `Hubgate-Type: hubgate.v1.Record`.
+//! - `Hubgate-Stream`, `Hubgate-Sequence`, `Hubgate-Type` (`hubgate.v1.Record` or `ngsi-ld`) and
+//!   `Content-Type`.
 //!
 //! Delivery is at least once, from the outbox. For each stream the exporter publishes records in
 //! sequence order, with at most `window` awaiting their acknowledgement (JetStream acknowledges
@@ -36,7 +38,7 @@ use metrics::{Counter, Gauge};
 use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::NatsConfig;
+use crate::config::{NatsConfig, NatsPayload};
 use crate::store::Store;
 
 /// First wait before trying again.
@@ -333,8 +335,19 @@ async fn publish(
                 );
                 headers.insert("Hubgate-Stream", s.name.as_str());
                 headers.insert("Hubgate-Sequence", sequence.to_string().as_str());
-                headers.insert("Hubgate-Type", "hubgate.v1.Record");
-                let payload = stored.record.encode_to_vec();
+                let payload = match config.payload {
+                    NatsPayload::Protobuf => {
+                        headers.insert("Hubgate-Type", "hubgate.v1.Record");
+                        headers.insert("Content-Type", "application/x-protobuf");
+                        stored.record.encode_to_vec()
+                    }
+                    NatsPayload::NgsiLd => {
+                        headers.insert("Hubgate-Type", "ngsi-ld");
+                        headers.insert("Content-Type", "application/ld+json");
+                        serde_json::to_vec(&crate::ngsi_ld::entity(&stored.record, incarnation))
+                            .unwrap_or_default()
+                    }
+                };
                 let bytes = payload.len() as u64;
                 let ack = js
                     .publish_with_headers(s.subject.clone(), headers, payload.into())

@@ -64,7 +64,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
 use crate::budget::{BudgetFile, OsRandom};
-use crate::decode::{self, Decoded};
+use crate::decode::{self, Decoded, Decoder};
 use crate::keys::KeyManager;
 use crate::push::PushJob;
 use crate::store::{CommitError, Pending, Store};
@@ -324,6 +324,8 @@ pub struct Pipeline {
     device_limiter: Option<(String, Limiter)>,
     /// Messages over a rate limit: by topic, by device.
     rate_limited: [Counter; 2],
+    /// Payload decoders, with what Sparkplug B births declared.
+    decoder: Decoder,
 }
 
 impl Pipeline {
@@ -352,6 +354,7 @@ impl Pipeline {
             });
         }
         Ok(Self {
+            decoder: Decoder::default(),
             topic_limiter: None,
             device_limiter: None,
             rate_limited: ["topic", "device"]
@@ -734,7 +737,7 @@ impl Pipeline {
             && let Some(first) = self.policy.route(&publish.topic).next()
         {
             let format = self.policy.streams()[first].format;
-            if let Ok(decoded) = decoded.get(format, &publish.payload, now_ms)
+            if let Ok(decoded) = decoded.get(&mut self.decoder, format, publish, now_ms)
                 && let Some(reading) = decoded.readings().first()
                 && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
                 && !limiter.allow_device(&publish.topic, id, now_ms)
@@ -753,7 +756,7 @@ impl Pipeline {
                 tally.dropped_media += 1;
                 continue;
             }
-            let Ok(decoded) = decoded.get(stream.format, &publish.payload, now_ms) else {
+            let Ok(decoded) = decoded.get(&mut self.decoder, stream.format, publish, now_ms) else {
                 tally.dropped_decode += 1;
                 continue;
             };
@@ -800,21 +803,26 @@ impl Pipeline {
 
 /// One message's payload decoded in each format a stream that takes it declares, at most once.
 #[derive(Debug, Default)]
-struct DecodeCache([Option<Result<Decoded, decode::DecodeError>>; 3]);
+struct DecodeCache([Option<Result<Decoded, decode::DecodeError>>; 5]);
 
 impl DecodeCache {
     fn get(
         &mut self,
+        decoder: &mut Decoder,
         format: PayloadFormat,
-        payload: &[u8],
+        publish: &Publish,
         received_ms: i64,
     ) -> &Result<Decoded, decode::DecodeError> {
         let slot = match format {
             PayloadFormat::Json => 0,
             PayloadFormat::SenmlJson => 1,
             PayloadFormat::SenmlCbor => 2,
+            PayloadFormat::Ngsi => 3,
+            PayloadFormat::SparkplugB => 4,
         };
-        self.0[slot].get_or_insert_with(|| decode::decode(format, payload, received_ms))
+        self.0[slot].get_or_insert_with(|| {
+            decoder.decode(format, &publish.topic, &publish.payload, received_ms)
+        })
     }
 }
 

@@ -59,6 +59,10 @@ pub enum PayloadFormat {
     SenmlJson,
     /// A SenML pack (RFC 8428) in CBOR.
     SenmlCbor,
+    /// A FIWARE NGSI entity (Smart Data Models), key-values or normalised, NGSI v2 or NGSI-LD.
+    Ngsi,
+    /// Sparkplug B (Eclipse Sparkplug) protobuf payloads on the `spBv1.0` topic namespace.
+    SparkplugB,
 }
 
 /// The principles of the UN-Habitat International Guidelines on People-Centred Smart Cities that a

@@ -193,6 +193,81 @@ fn dry_run_of_the_senml_example() {
     }
 }
 
+/// The NGSI example over the Smart Data Models' own examples: the key-values and normalised
+/// forms of one entity give the same record, locations leave only as cells, and a payload that is
+/// not an entity is refused.
+#[test]
+fn dry_run_of_the_ngsi_example() {
+    let out = Command::new(gateway_bin!())
+        .arg("dry-run")
+        .arg("--config")
+        .arg(hubgate_tests::repo().join("examples/formats/ngsi.toml"))
+        .arg("--input")
+        .arg(hubgate_tests::repo().join("examples/formats/ngsi-samples.jsonl"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    let outputs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("out: "))
+        .collect();
+    assert_eq!(outputs.len(), 5, "{text}");
+    assert_eq!(outputs[0], outputs[1], "key-values and normalised alike");
+    assert!(outputs[0].contains("\"temperature\":12.2"), "{text}");
+    assert!(
+        outputs[2].contains("\"LAeq\":67.8") && outputs[2].ends_with("at 2016-12-28T11:00:00.000Z")
+    );
+    assert!(outputs[3].contains("\"intensity\":197"), "{text}");
+    assert!(outputs[4].contains("\"status\":\"free\""), "{text}");
+    for raw in ["40.4238", "-3.7122", "42.8491", "Plaza de Espa"] {
+        assert!(!text.contains(raw), "{raw} appears in:\n{text}");
+    }
+    for expected in [
+        "stream parking: in: id, type, location.lat, location.lon, name, refParkingSite, status",
+        "payload is not an NGSI entity",
+        "summary: 6 samples, 5 records out",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
+/// The Sparkplug B example: the birth names the metrics, data by alias is read under the names,
+/// a metric kept in the birth only as an e-mail never passes, and a node whose birth was never
+/// seen gives no level.
+#[test]
+fn dry_run_of_the_sparkplug_example() {
+    let out = Command::new(gateway_bin!())
+        .arg("dry-run")
+        .arg("--config")
+        .arg(hubgate_tests::repo().join("examples/formats/sparkplug.toml"))
+        .arg("--input")
+        .arg(hubgate_tests::repo().join("examples/formats/sparkplug-samples.jsonl"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    let outputs: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("out: "))
+        .collect();
+    assert_eq!(
+        outputs,
+        [
+            r#"{"Reservoir/Level":3.42,"edge_node":"pumping-station-3"} at 2024-01-01T00:00:00.000Z"#,
+            r#"{"Reservoir/Level":3.39,"edge_node":"pumping-station-3"} at 2024-01-01T00:01:00.000Z"#,
+            r#"{"Reservoir/Level":3.35,"edge_node":"pumping-station-3"} at 2024-01-01T00:02:00.000Z"#,
+            r#"{"edge_node":"pumping-station-4"} at 2024-01-01T00:02:00.000Z"#,
+        ],
+        "{text}"
+    );
+    assert!(!text.contains("ana.silva"), "{text}");
+    assert!(
+        text.contains("Operator                 not declared: dropped"),
+        "{text}"
+    );
+}
+
 #[test]
 fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
     let old = hubgate_tests::repo().join("deploy/hubgate.toml");
@@ -274,8 +349,15 @@ fn the_hostile_corpus_is_answered_without_a_panic() {
         let bytes = std::fs::read(path).unwrap();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         // Every decoder answers every input, whatever format it was written for.
-        for format in [PayloadFormat::SenmlJson, PayloadFormat::SenmlCbor] {
-            let outcome = std::panic::catch_unwind(|| hubgate::decode::decode(format, &bytes, 0));
+        for format in [
+            PayloadFormat::SenmlJson,
+            PayloadFormat::SenmlCbor,
+            PayloadFormat::Ngsi,
+            PayloadFormat::SparkplugB,
+        ] {
+            let outcome = std::panic::catch_unwind(|| {
+                hubgate::decode::Decoder::default().decode(format, "spBv1.0/g/NDATA/e", &bytes, 0)
+            });
             let decoded = outcome.unwrap_or_else(|_| panic!("{format:?} panicked on {name}"));
             if let Err(err) = decoded {
                 assert!(err.to_string().len() < 120, "{name}: {err}");

@@ -351,6 +351,86 @@ async fn gateways_in_a_shared_group_split_the_messages() {
     );
 }
 
+/// Sparkplug B through a real broker: the node's birth names its metrics, and its data, sent by
+/// alias alone, reaches the subscriber under those names, with the payload's time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparkplug_data_by_alias_is_named_from_the_birth() {
+    use hubgate::decode::sparkplug::{Metric, MetricValue, Payload};
+    use prost::Message as _;
+    let stream = r#"
+[[stream]]
+name = "reservoirs"
+topics = ["spBv1.0/waterworks/+/+"]
+format = "sparkplug_b"
+purpose = "Reservoir levels"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+time_field = "timestamp"
+
+[stream.fields]
+edge_node = "keep"
+"Reservoir/Level" = "keep"
+"#;
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-sparkplug", stream));
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let mut records = client
+        .subscribe(from(&["reservoirs"], Position::Live(v1::Live {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let level = |name: Option<&str>, value: f64| Metric {
+        name: name.map(str::to_owned),
+        alias: Some(1),
+        datatype: name.map(|_| 10),
+        value: Some(MetricValue::DoubleValue(value)),
+        ..Metric::default()
+    };
+    let message = |seq: u64, ms: u64, metric: Metric| {
+        Payload {
+            timestamp: Some(ms),
+            metrics: vec![metric],
+            seq: Some(seq),
+            ..Payload::default()
+        }
+        .encode_to_vec()
+    };
+    let mut publisher = Publisher::connect(broker.port, "pub-sparkplug");
+    publisher
+        .publish(
+            "spBv1.0/waterworks/NBIRTH/station-3",
+            message(0, 1_704_067_200_000, level(Some("Reservoir/Level"), 3.42)),
+        )
+        .await;
+    publisher
+        .publish(
+            "spBv1.0/waterworks/NDATA/station-3",
+            message(1, 1_704_067_260_000, level(None, 3.39)),
+        )
+        .await;
+    publisher.wait_acked(2).await;
+    let got = take_records(&mut records, 2).await;
+    let levels: Vec<(i64, String)> = got
+        .iter()
+        .map(|r| {
+            (
+                r.event_time.unwrap().seconds,
+                fields(r)["Reservoir/Level"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        levels,
+        [
+            (1_704_067_200, "3.42".to_owned()),
+            (1_704_067_260, "3.39".to_owned())
+        ]
+    );
+    assert_eq!(fields(&got[1])["edge_node"], "station-3");
+}
+
 /// The broker restarts mid-stream: every QoS 1 message still reaches the subscriber.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_loses_no_qos1_message() {

@@ -157,3 +157,101 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     // The published bytes count in the footprint.
     assert!(gateway.metric("hubgate_nats_sent_bytes_total", &seq) > 0.0);
 }
+
+/// `payload = "ngsi_ld"`: a Smart Data Models entity read with `format = "ngsi"` reaches
+/// JetStream as an NGSI-LD entity of the same type, holding only what the policy passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_can_be_published_as_ngsi_ld_entities() {
+    let broker = Mosquitto::start();
+    let nats = NatsServer::start();
+    let stream = r#"
+[[stream]]
+name = "air_quality"
+topics = ["fiware/AirQualityObserved/+"]
+format = "ngsi"
+purpose = "Air quality maps"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+
+[stream.fields]
+type = "keep"
+temperature = "keep"
+"address.addressLocality" = "keep"
+cell = { h3 = { resolution = 8, lat = "location.lat", lon = "location.lon" } }
+"#;
+    let cfg = config(broker.port, "gw-ngsi-ld", stream).replace(
+        "[grpc]",
+        &format!(
+            "[nats]\nurl = \"{}\"\npayload = \"ngsi_ld\"\n\n[grpc]",
+            nats.url()
+        ),
+    );
+    let gateway = Gateway::start(gateway_bin!(), &cfg);
+    gateway.wait_ready();
+    let entity = std::fs::read(
+        hubgate_tests::repo()
+            .join("tests/data/smart-data-models/AirQualityObserved.normalized.json"),
+    )
+    .unwrap();
+    let mut publisher = Publisher::connect(broker.port, "pub-ngsi-ld");
+    publisher
+        .publish("fiware/AirQualityObserved/madrid-4", entity)
+        .await;
+    publisher.wait_acked(1).await;
+    wait_for("the entity acknowledged", Duration::from_secs(20), || {
+        gateway.metric(
+            "hubgate_nats_records_acked_total",
+            &[("stream", "air_quality")],
+        ) == 1.0
+    });
+
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let message = js
+        .get_stream("HUBGATE")
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .expect("the first message");
+    assert_eq!(message.subject.as_str(), "hubgate.air_quality");
+    assert_eq!(
+        message
+            .headers
+            .get("Content-Type")
+            .unwrap_or_else(|| panic!("{:?}", message.headers))
+            .to_string(),
+        "application/ld+json"
+    );
+    let e: serde_json::Value = serde_json::from_slice(&message.payload).expect("JSON");
+    assert_eq!(e["type"], "AirQualityObserved");
+    assert!(
+        e["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:ngsi-ld:AirQualityObserved:"),
+        "{e}"
+    );
+    assert_eq!(e["temperature"]["type"], "Property");
+    assert_eq!(e["temperature"]["value"], 12.2);
+    assert!(e["temperature"]["observedAt"].is_string());
+    assert_eq!(
+        e["address"]["value"],
+        serde_json::json!({"addressLocality": "Madrid"})
+    );
+    assert!(
+        e["cell"]["value"].as_str().is_some_and(|c| c.len() == 15),
+        "{e}"
+    );
+    let text = e.to_string();
+    for absent in [
+        "40.42",
+        "-3.71",
+        "Plaza de Espa",
+        "coLevel",
+        "Madrid-AmbientObserved",
+    ] {
+        assert!(!text.contains(absent), "{absent} in {text}");
+    }
+}

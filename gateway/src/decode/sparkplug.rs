@@ -1,0 +1,538 @@
+//! Sparkplug B (Eclipse Sparkplug 3.0): the protobuf payload on the `spBv1.0` topic namespace,
+//! with its metric names, aliases and sequence numbers (`format = "sparkplug_b"`).
+//!
+//! Topics are `spBv1.0/<group>/<type>/<edge node>[/<device>]`. Each `NBIRTH`, `DBIRTH`, `NDATA`
+//! and `DDATA` message gives one reading:
+//!
+//! | field | from |
+//! |---|---|
+//! | `group`, `edge_node`, `device` | the topic (`device` for device messages only) |
+//! | `timestamp` | the payload's timestamp, in seconds since the Unix epoch (declare `time_field = "timestamp"`) |
+//! | `seq` | the payload's sequence number |
+//! | `<metric name>` | each metric's value: integers, floats, booleans and strings; `DateTime` as milliseconds |
+//!
+//! A birth certificate declares each metric's name, alias and datatype; later data messages may
+//! name a metric by its alias alone. hubgate keeps the aliases of every edge node (and its
+//! devices) it has seen born, in memory, and resolves them; a metric whose alias no birth
+//! declared (the gateway started after the birth) is dropped and counted
+//! (`hubgate_sparkplug_unknown_aliases_total`), as are null, historical, bytes, dataset and
+//! template metrics (unsupported values). hubgate only reads: it cannot ask a node to be born
+//! again, so a node's data is resolved from its next birth on. The sequence numbers of an edge
+//! node (0 to 255, shared by its devices) are checked; a gap is counted
+//! (`hubgate_sparkplug_sequence_gaps_total`) and the readings are still taken.
+//!
+//! `NDEATH` forgets the node's aliases, `DDEATH` and the commands (`NCMD`, `DCMD`) and host
+//! `STATE` messages give no reading. A topic outside the namespace, or a payload that is not a
+//! Sparkplug B protobuf, is rejected whole.
+//!
+//! The message definitions below follow the Sparkplug B payload's wire format (field numbers and
+//! types); fields hubgate does not read (metadata, properties, datasets, templates) are skipped.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use hubgate_exporters::catalogue;
+use hubgate_privacy::{Reading, Value};
+use metrics::Counter;
+use prost::Message as _;
+
+use super::{DecodeError, MAX_FIELDS};
+
+/// The Sparkplug B payload.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Payload {
+    /// Milliseconds since the Unix epoch, when the message was sent.
+    #[prost(uint64, optional, tag = "1")]
+    pub timestamp: Option<u64>,
+    #[prost(message, repeated, tag = "2")]
+    pub metrics: Vec<Metric>,
+    /// 0 to 255, per edge node.
+    #[prost(uint64, optional, tag = "3")]
+    pub seq: Option<u64>,
+    #[prost(string, optional, tag = "4")]
+    pub uuid: Option<String>,
+    #[prost(bytes = "vec", optional, tag = "5")]
+    pub body: Option<Vec<u8>>,
+}
+
+/// One metric of a payload.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Metric {
+    #[prost(string, optional, tag = "1")]
+    pub name: Option<String>,
+    #[prost(uint64, optional, tag = "2")]
+    pub alias: Option<u64>,
+    #[prost(uint64, optional, tag = "3")]
+    pub timestamp: Option<u64>,
+    #[prost(uint32, optional, tag = "4")]
+    pub datatype: Option<u32>,
+    #[prost(bool, optional, tag = "5")]
+    pub is_historical: Option<bool>,
+    #[prost(bool, optional, tag = "6")]
+    pub is_transient: Option<bool>,
+    #[prost(bool, optional, tag = "7")]
+    pub is_null: Option<bool>,
+    #[prost(oneof = "MetricValue", tags = "10, 11, 12, 13, 14, 15, 16")]
+    pub value: Option<MetricValue>,
+}
+
+/// A metric's value.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum MetricValue {
+    #[prost(uint32, tag = "10")]
+    IntValue(u32),
+    #[prost(uint64, tag = "11")]
+    LongValue(u64),
+    #[prost(float, tag = "12")]
+    FloatValue(f32),
+    #[prost(double, tag = "13")]
+    DoubleValue(f64),
+    #[prost(bool, tag = "14")]
+    BooleanValue(bool),
+    #[prost(string, tag = "15")]
+    StringValue(String),
+    #[prost(bytes = "vec", tag = "16")]
+    BytesValue(Vec<u8>),
+}
+
+/// Sparkplug datatypes hubgate interprets (the rest by the value's own kind).
+mod datatype {
+    pub const INT8: u32 = 1;
+    pub const INT16: u32 = 2;
+    pub const INT32: u32 = 3;
+    pub const INT64: u32 = 4;
+}
+
+/// Edge nodes remembered at most; a birth beyond it is not remembered (its aliases are unknown).
+const MAX_NODES: usize = 10_000;
+/// Aliases remembered per edge node at most.
+const MAX_ALIASES: usize = 10_000;
+
+/// What one edge node's births declared.
+#[derive(Debug, Default)]
+struct Node {
+    /// Alias to name and datatype, for the node and its devices.
+    aliases: HashMap<u64, (Arc<str>, u32)>,
+    /// Name to datatype.
+    datatypes: HashMap<Arc<str>, u32>,
+    /// Last sequence number seen.
+    seq: Option<u64>,
+}
+
+/// The births the gateway has seen, by (group, edge node). Held in memory only.
+#[derive(Debug)]
+pub struct State {
+    nodes: HashMap<(String, String), Node>,
+    gaps: Counter,
+    unknown_aliases: Counter,
+    /// Sequence gaps and unknown aliases seen by this state (the counters count every state's).
+    seen: (u64, u64),
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            nodes: HashMap::new(),
+            gaps: metrics::counter!(catalogue::SPARKPLUG_SEQUENCE_GAPS),
+            unknown_aliases: metrics::counter!(catalogue::SPARKPLUG_UNKNOWN_ALIASES),
+            seen: (0, 0),
+        }
+    }
+}
+
+/// The kinds of message in the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    NodeBirth,
+    NodeData,
+    NodeDeath,
+    DeviceBirth,
+    DeviceData,
+    DeviceDeath,
+    /// Commands and host state: no telemetry.
+    Other,
+}
+
+impl State {
+    /// Decodes one message on `topic`.
+    pub fn decode(&mut self, topic: &str, payload: &[u8]) -> Result<Vec<Reading>, DecodeError> {
+        let segments: Vec<&str> = topic.split('/').collect();
+        let (group, kind, edge, device) = match segments.as_slice() {
+            ["spBv1.0", "STATE", _] => return Ok(Vec::new()),
+            ["spBv1.0", group, kind, edge] => (*group, *kind, *edge, None),
+            ["spBv1.0", group, kind, edge, device] => (*group, *kind, *edge, Some(*device)),
+            _ => return Err(DecodeError::NotSparkplug),
+        };
+        let kind = match (kind, device.is_some()) {
+            ("NBIRTH", false) => Kind::NodeBirth,
+            ("NDATA", false) => Kind::NodeData,
+            ("NDEATH", false) => Kind::NodeDeath,
+            ("DBIRTH", true) => Kind::DeviceBirth,
+            ("DDATA", true) => Kind::DeviceData,
+            ("DDEATH", true) => Kind::DeviceDeath,
+            ("NCMD", false) | ("DCMD", true) => Kind::Other,
+            _ => return Err(DecodeError::NotSparkplug),
+        };
+        if kind == Kind::Other {
+            return Ok(Vec::new());
+        }
+        let payload = Payload::decode(payload).map_err(|_| DecodeError::Protobuf)?;
+        if payload.metrics.len() > MAX_FIELDS {
+            return Err(DecodeError::TooManyFields);
+        }
+        let key = (group.to_owned(), edge.to_owned());
+        if kind == Kind::NodeDeath {
+            self.nodes.remove(&key);
+            return Ok(Vec::new());
+        }
+        if kind == Kind::NodeBirth {
+            self.nodes.remove(&key);
+        }
+        if !self.nodes.contains_key(&key) && self.nodes.len() >= MAX_NODES {
+            // Not remembered: data is read by metric name only.
+            let mut scratch = Node::default();
+            return Ok(self.read(&mut scratch, kind, &payload, group, edge, device));
+        }
+        let mut node = self.nodes.remove(&key).unwrap_or_default();
+        let readings = self.read(&mut node, kind, &payload, group, edge, device);
+        self.nodes.insert(key, node);
+        Ok(readings)
+    }
+
+    fn read(
+        &mut self,
+        node: &mut Node,
+        kind: Kind,
+        payload: &Payload,
+        group: &str,
+        edge: &str,
+        device: Option<&str>,
+    ) -> Vec<Reading> {
+        if let Some(seq) = payload.seq {
+            let expected = node.seq.map(|last| (last + 1) % 256);
+            if kind != Kind::NodeBirth && expected.is_some_and(|e| e != seq) {
+                self.gaps.increment(1);
+                self.seen.0 += 1;
+            }
+            node.seq = Some(seq);
+        }
+        if kind == Kind::DeviceDeath {
+            return Vec::new();
+        }
+        let birth = matches!(kind, Kind::NodeBirth | Kind::DeviceBirth);
+        let mut reading = Reading::default();
+        reading
+            .fields
+            .push(("group".to_owned(), Value::Str(group.to_owned())));
+        reading
+            .fields
+            .push(("edge_node".to_owned(), Value::Str(edge.to_owned())));
+        if let Some(device) = device {
+            reading
+                .fields
+                .push(("device".to_owned(), Value::Str(device.to_owned())));
+        }
+        if let Some(ms) = payload.timestamp {
+            reading
+                .fields
+                .push(("timestamp".to_owned(), Value::Float(ms as f64 / 1000.0)));
+        }
+        if let Some(seq) = payload.seq {
+            reading.fields.push((
+                "seq".to_owned(),
+                Value::Int(i64::try_from(seq).unwrap_or(i64::MAX)),
+            ));
+        }
+        for metric in &payload.metrics {
+            let named = metric.name.as_deref().filter(|n| !n.is_empty());
+            if birth && let Some(name) = named {
+                let name: Arc<str> = name.into();
+                let datatype = metric.datatype.unwrap_or(0);
+                if node.datatypes.len() < MAX_ALIASES {
+                    node.datatypes.insert(Arc::clone(&name), datatype);
+                }
+                if let Some(alias) = metric.alias
+                    && node.aliases.len() < MAX_ALIASES
+                {
+                    node.aliases.insert(alias, (name, datatype));
+                }
+            }
+            // Datatype 0 is "unknown": the birth's declaration holds.
+            let declared = metric.datatype.filter(|d| *d != 0);
+            let resolved = match (named, metric.alias) {
+                (Some(name), _) => Some((
+                    Arc::<str>::from(name),
+                    declared.or_else(|| node.datatypes.get(name).copied()),
+                )),
+                (None, Some(alias)) => node.aliases.get(&alias).map(|(name, datatype)| {
+                    (Arc::clone(name), Some(declared.unwrap_or(*datatype)))
+                }),
+                (None, None) => None,
+            };
+            let Some((name, datatype)) = resolved else {
+                if metric.alias.is_some() {
+                    self.unknown_aliases.increment(1);
+                    self.seen.1 += 1;
+                }
+                reading.unsupported += 1;
+                continue;
+            };
+            let value = if metric.is_null == Some(true) || metric.is_historical == Some(true) {
+                None
+            } else {
+                metric
+                    .value
+                    .as_ref()
+                    .and_then(|v| value(v, datatype.unwrap_or(0)))
+            };
+            let duplicate = reading.fields.iter().any(|(p, _)| p.as_str() == &*name);
+            match value {
+                Some(value) if !duplicate => reading.fields.push((name.to_string(), value)),
+                _ => reading.unsupported += 1,
+            }
+        }
+        vec![reading]
+    }
+}
+
+/// A metric value as a field value, by its declared datatype: signed integers are carried in
+/// two's complement in the unsigned fields.
+fn value(v: &MetricValue, datatype: u32) -> Option<Value> {
+    Some(match v {
+        MetricValue::IntValue(i) => Value::Int(match datatype {
+            datatype::INT8 => i64::from(*i as u8 as i8),
+            datatype::INT16 => i64::from(*i as u16 as i16),
+            datatype::INT32 => i64::from(*i as i32),
+            _ => i64::from(*i),
+        }),
+        MetricValue::LongValue(l) => match datatype {
+            datatype::INT64 => Value::Int(*l as i64),
+            _ => i64::try_from(*l).map_or(Value::Float(*l as f64), Value::Int),
+        },
+        MetricValue::FloatValue(f) if f.is_finite() => Value::Float(f64::from(*f)),
+        MetricValue::DoubleValue(f) if f.is_finite() => Value::Float(*f),
+        MetricValue::BooleanValue(b) => Value::Bool(*b),
+        MetricValue::StringValue(s) => Value::Str(s.clone()),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metric(name: Option<&str>, alias: Option<u64>, datatype: u32, value: MetricValue) -> Metric {
+        Metric {
+            name: name.map(str::to_owned),
+            alias,
+            datatype: Some(datatype),
+            value: Some(value),
+            ..Metric::default()
+        }
+    }
+
+    fn payload(seq: u64, metrics: Vec<Metric>) -> Vec<u8> {
+        Payload {
+            timestamp: Some(1_700_000_000_500),
+            metrics,
+            seq: Some(seq),
+            ..Payload::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn field<'a>(r: &'a Reading, path: &str) -> Option<&'a Value> {
+        r.fields.iter().find(|(p, _)| p == path).map(|(_, v)| v)
+    }
+
+    /// A node and a device are born with names, aliases and datatypes; their data, by alias
+    /// alone, is read under the names, with signed integers and timestamps decoded.
+    #[test]
+    fn data_by_alias_is_named_from_the_births() {
+        let mut state = State::default();
+        let birth = state
+            .decode(
+                "spBv1.0/plant/NBIRTH/edge-1",
+                &payload(
+                    0,
+                    vec![
+                        metric(Some("bdSeq"), Some(0), 8, MetricValue::LongValue(3)),
+                        metric(
+                            Some("Supply/Voltage"),
+                            Some(1),
+                            10,
+                            MetricValue::DoubleValue(229.5),
+                        ),
+                    ],
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            field(&birth[0], "Supply/Voltage"),
+            Some(&Value::Float(229.5))
+        );
+        state
+            .decode(
+                "spBv1.0/plant/DBIRTH/edge-1/pump-7",
+                &payload(
+                    1,
+                    vec![
+                        metric(Some("Temperature"), Some(2), 1, MetricValue::IntValue(20)),
+                        metric(
+                            Some("Running"),
+                            Some(3),
+                            11,
+                            MetricValue::BooleanValue(true),
+                        ),
+                        metric(Some("Offset"), Some(4), 4, MetricValue::LongValue(0)),
+                    ],
+                ),
+            )
+            .unwrap();
+        let data = state
+            .decode(
+                "spBv1.0/plant/DDATA/edge-1/pump-7",
+                &payload(
+                    2,
+                    vec![
+                        // -5 as an Int8 in two's complement.
+                        metric(None, Some(2), 0, MetricValue::IntValue(0xFB)),
+                        metric(None, Some(3), 0, MetricValue::BooleanValue(false)),
+                        metric(None, Some(4), 0, MetricValue::LongValue(-2i64 as u64)),
+                    ],
+                ),
+            )
+            .unwrap();
+        let r = &data[0];
+        assert_eq!(field(r, "group"), Some(&Value::Str("plant".into())));
+        assert_eq!(field(r, "edge_node"), Some(&Value::Str("edge-1".into())));
+        assert_eq!(field(r, "device"), Some(&Value::Str("pump-7".into())));
+        assert_eq!(field(r, "timestamp"), Some(&Value::Float(1_700_000_000.5)));
+        assert_eq!(field(r, "seq"), Some(&Value::Int(2)));
+        assert_eq!(field(r, "Temperature"), Some(&Value::Int(-5)));
+        assert_eq!(field(r, "Running"), Some(&Value::Bool(false)));
+        assert_eq!(field(r, "Offset"), Some(&Value::Int(-2)));
+        assert_eq!(r.unsupported, 0);
+        assert_eq!(state.seen, (0, 0));
+    }
+
+    /// Data from a node whose birth the gateway never saw: named metrics are read, aliased ones
+    /// dropped and counted. A death forgets the aliases; a sequence gap is counted.
+    #[test]
+    fn unknown_aliases_and_sequence_gaps_are_counted() {
+        let mut state = State::default();
+        let data = state
+            .decode(
+                "spBv1.0/plant/NDATA/edge-2",
+                &payload(
+                    17,
+                    vec![
+                        metric(None, Some(9), 10, MetricValue::DoubleValue(1.0)),
+                        metric(Some("Level"), None, 10, MetricValue::DoubleValue(0.25)),
+                    ],
+                ),
+            )
+            .unwrap();
+        assert_eq!(field(&data[0], "Level"), Some(&Value::Float(0.25)));
+        assert_eq!(data[0].unsupported, 1);
+        assert_eq!(state.seen.1, 1);
+
+        let birth = vec![metric(
+            Some("Level"),
+            Some(9),
+            10,
+            MetricValue::DoubleValue(0.5),
+        )];
+        state
+            .decode("spBv1.0/plant/NBIRTH/edge-2", &payload(0, birth))
+            .unwrap();
+        let by_alias = vec![metric(None, Some(9), 0, MetricValue::DoubleValue(0.75))];
+        let data = state
+            .decode("spBv1.0/plant/NDATA/edge-2", &payload(1, by_alias.clone()))
+            .unwrap();
+        assert_eq!(field(&data[0], "Level"), Some(&Value::Float(0.75)));
+        // Sequence 3 after 1: one gap.
+        state
+            .decode("spBv1.0/plant/NDATA/edge-2", &payload(3, by_alias.clone()))
+            .unwrap();
+        assert_eq!(state.seen.0, 1);
+        // 255 wraps to 0 without a gap.
+        state
+            .decode("spBv1.0/plant/NBIRTH/edge-2", &payload(255, vec![]))
+            .unwrap();
+        state
+            .decode("spBv1.0/plant/NDATA/edge-2", &payload(0, vec![]))
+            .unwrap();
+        assert_eq!(state.seen.0, 1);
+        assert!(
+            state
+                .decode("spBv1.0/plant/NDEATH/edge-2", &payload(0, vec![]))
+                .unwrap()
+                .is_empty()
+        );
+        let data = state
+            .decode("spBv1.0/plant/NDATA/edge-2", &payload(1, by_alias))
+            .unwrap();
+        assert_eq!(field(&data[0], "Level"), None, "forgotten at death");
+    }
+
+    #[test]
+    fn null_historical_and_unsupported_values_are_dropped() {
+        let mut state = State::default();
+        let mut null = metric(Some("a"), None, 10, MetricValue::DoubleValue(1.0));
+        null.is_null = Some(true);
+        let mut historical = metric(Some("b"), None, 10, MetricValue::DoubleValue(1.0));
+        historical.is_historical = Some(true);
+        let r = state
+            .decode(
+                "spBv1.0/g/NDATA/e",
+                &payload(
+                    0,
+                    vec![
+                        null,
+                        historical,
+                        metric(Some("c"), None, 17, MetricValue::BytesValue(vec![1, 2])),
+                        metric(Some("d"), None, 9, MetricValue::FloatValue(f32::NAN)),
+                        metric(Some("e"), None, 8, MetricValue::LongValue(u64::MAX)),
+                        metric(Some("e"), None, 8, MetricValue::LongValue(1)),
+                    ],
+                ),
+            )
+            .unwrap();
+        assert_eq!(field(&r[0], "e"), Some(&Value::Float(u64::MAX as f64)));
+        assert_eq!(
+            r[0].unsupported, 5,
+            "null, historical, bytes, NaN, and e again"
+        );
+    }
+
+    #[test]
+    fn topics_outside_the_namespace_and_garbage_are_rejected() {
+        let mut state = State::default();
+        let ok = payload(0, vec![]);
+        for topic in [
+            "city/air/1",
+            "spBv1.0/g/DDATA/e",
+            "spBv1.0/g/NDATA/e/d",
+            "spBv1.0/g/XDATA/e",
+            "spBv1.0/g",
+        ] {
+            assert_eq!(
+                state.decode(topic, &ok),
+                Err(DecodeError::NotSparkplug),
+                "{topic}"
+            );
+        }
+        for topic in [
+            "spBv1.0/STATE/host-1",
+            "spBv1.0/g/NCMD/e",
+            "spBv1.0/g/DCMD/e/d",
+        ] {
+            assert_eq!(state.decode(topic, &ok), Ok(Vec::new()), "{topic}");
+        }
+        assert_eq!(
+            state.decode("spBv1.0/g/NDATA/e", b"\xff\xff\xff"),
+            Err(DecodeError::Protobuf)
+        );
+    }
+}
