@@ -26,7 +26,7 @@ use hubgate_privacy::pseudonym::Key;
 use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Context, Policy, Value};
 
-use crate::decode;
+use crate::decode::{DecodeError, Decoded, Decoder, PayloadFormat};
 
 /// Receive time used when a sample gives none: 2024-01-01T00:00:00Z.
 const DEFAULT_RECEIVED_MS: i64 = 1_704_067_200_000;
@@ -62,7 +62,7 @@ fn time(ms: i64) -> String {
 /// Runs the samples from `input` through `policy`, returning the report.
 pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     let key = Key::fixed_for_dry_run();
-    let mut decoder = decode::Decoder::default();
+    let mut decoder = Decoder::default();
     let mut report = String::new();
     let mut sum = Summary::default();
     let _ = writeln!(report, "policy {}\n", policy.hash_hex());
@@ -84,6 +84,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
             continue;
         }
         let _ = writeln!(report);
+        let mut once = Once::default();
         for index in streams {
             let stream = &policy.streams()[index];
             let _ = write!(report, "  stream {}: ", stream.name);
@@ -92,14 +93,15 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                 let _ = writeln!(report, "image or video payload: dropped");
                 continue;
             }
-            let decoded = match decoder.decode(stream.format, topic, payload, received_ms) {
-                Ok(d) => d,
-                Err(e) => {
-                    sum.rejected += 1;
-                    let _ = writeln!(report, "{e}: dropped");
-                    continue;
-                }
-            };
+            let decoded =
+                match once.decode(&mut decoder, stream.format, topic, payload, received_ms) {
+                    Ok(d) => d.clone(),
+                    Err(e) => {
+                        sum.rejected += 1;
+                        let _ = writeln!(report, "{e}: dropped");
+                        continue;
+                    }
+                };
             let count = decoded.readings().len();
             for (k, reading) in decoded.readings().iter().enumerate() {
                 if k > 0 {
@@ -358,6 +360,32 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
     Ok(samples)
 }
 
+/// One sample decoded at most once per format, however many streams of that format take it (as
+/// the pipeline does: a Sparkplug B message updates the births it remembers once).
+#[derive(Debug, Default)]
+struct Once(Vec<(PayloadFormat, Result<Decoded, DecodeError>)>);
+
+impl Once {
+    fn decode(
+        &mut self,
+        decoder: &mut Decoder,
+        format: PayloadFormat,
+        topic: &str,
+        payload: &[u8],
+        received_ms: i64,
+    ) -> &Result<Decoded, DecodeError> {
+        let i = match self.0.iter().position(|(f, _)| *f == format) {
+            Some(i) => i,
+            None => {
+                let decoded = decoder.decode(format, topic, payload, received_ms);
+                self.0.push((format, decoded));
+                self.0.len() - 1
+            }
+        };
+        &self.0[i].1
+    }
+}
+
 /// Bytes written as hexadecimal digits, spaces allowed between them.
 fn from_hex(hex: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
@@ -386,7 +414,7 @@ struct Evaluation {
 
 fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
     let key = Key::fixed_for_dry_run();
-    let mut decoder = decode::Decoder::default();
+    let mut decoder = Decoder::default();
     let mut eval = Evaluation::default();
     let mut windows: Vec<WindowState> = policy
         .streams()
@@ -395,6 +423,7 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
         .collect();
     for sample in samples {
         let received_ms = sample.received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
+        let mut once = Once::default();
         for index in policy.route(&sample.topic) {
             let stream = &policy.streams()[index];
             let slot = (sample.line, None, stream.name.clone());
@@ -403,14 +432,19 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
                     .insert(slot, Err("image or video payload".into()));
                 continue;
             }
-            let decoded =
-                match decoder.decode(stream.format, &sample.topic, &sample.payload, received_ms) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        eval.outputs.insert(slot, Err(e.to_string()));
-                        continue;
-                    }
-                };
+            let decoded = match once.decode(
+                &mut decoder,
+                stream.format,
+                &sample.topic,
+                &sample.payload,
+                received_ms,
+            ) {
+                Ok(d) => d.clone(),
+                Err(e) => {
+                    eval.outputs.insert(slot, Err(e.to_string()));
+                    continue;
+                }
+            };
             let several = decoded.readings().len() > 1;
             for (k, reading) in decoded.readings().iter().enumerate() {
                 let slot = (sample.line, several.then_some(k + 1), stream.name.clone());

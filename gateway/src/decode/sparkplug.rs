@@ -105,8 +105,10 @@ mod datatype {
 
 /// Edge nodes remembered at most; a birth beyond it is not remembered (its aliases are unknown).
 const MAX_NODES: usize = 10_000;
-/// Aliases remembered per edge node at most.
-const MAX_ALIASES: usize = 10_000;
+/// Metric declarations (names and aliases) remembered over all edge nodes at most, and the
+/// longest name remembered: together they bound the memory births can take (under 40 MiB).
+const MAX_DECLARATIONS: usize = 200_000;
+const MAX_NAME_BYTES: usize = 128;
 
 /// What one edge node's births declared.
 #[derive(Debug, Default)]
@@ -127,6 +129,8 @@ pub struct State {
     unknown_aliases: Counter,
     /// Sequence gaps and unknown aliases seen by this state (the counters count every state's).
     seen: (u64, u64),
+    /// Names and aliases held over all nodes.
+    declarations: usize,
 }
 
 impl Default for State {
@@ -136,6 +140,7 @@ impl Default for State {
             gaps: metrics::counter!(catalogue::SPARKPLUG_SEQUENCE_GAPS),
             unknown_aliases: metrics::counter!(catalogue::SPARKPLUG_UNKNOWN_ALIASES),
             seen: (0, 0),
+            declarations: 0,
         }
     }
 }
@@ -181,22 +186,30 @@ impl State {
             return Err(DecodeError::TooManyFields);
         }
         let key = (group.to_owned(), edge.to_owned());
-        if kind == Kind::NodeDeath {
-            self.nodes.remove(&key);
-            return Ok(Vec::new());
+        if matches!(kind, Kind::NodeDeath | Kind::NodeBirth) {
+            self.forget(&key);
         }
-        if kind == Kind::NodeBirth {
-            self.nodes.remove(&key);
+        if kind == Kind::NodeDeath {
+            return Ok(Vec::new());
         }
         if !self.nodes.contains_key(&key) && self.nodes.len() >= MAX_NODES {
             // Not remembered: data is read by metric name only.
             let mut scratch = Node::default();
-            return Ok(self.read(&mut scratch, kind, &payload, group, edge, device));
+            let readings = self.read(&mut scratch, kind, &payload, group, edge, device);
+            self.declarations -= scratch.aliases.len() + scratch.datatypes.len();
+            return Ok(readings);
         }
         let mut node = self.nodes.remove(&key).unwrap_or_default();
         let readings = self.read(&mut node, kind, &payload, group, edge, device);
         self.nodes.insert(key, node);
         Ok(readings)
+    }
+
+    /// Forgets what an edge node's births declared.
+    fn forget(&mut self, key: &(String, String)) {
+        if let Some(node) = self.nodes.remove(key) {
+            self.declarations -= node.aliases.len() + node.datatypes.len();
+        }
     }
 
     fn read(
@@ -245,16 +258,20 @@ impl State {
         }
         for metric in &payload.metrics {
             let named = metric.name.as_deref().filter(|n| !n.is_empty());
-            if birth && let Some(name) = named {
+            if birth
+                && let Some(name) = named
+                && name.len() <= MAX_NAME_BYTES
+                && self.declarations + 2 <= MAX_DECLARATIONS
+            {
                 let name: Arc<str> = name.into();
                 let datatype = metric.datatype.unwrap_or(0);
-                if node.datatypes.len() < MAX_ALIASES {
-                    node.datatypes.insert(Arc::clone(&name), datatype);
+                if node.datatypes.insert(Arc::clone(&name), datatype).is_none() {
+                    self.declarations += 1;
                 }
                 if let Some(alias) = metric.alias
-                    && node.aliases.len() < MAX_ALIASES
+                    && node.aliases.insert(alias, (name, datatype)).is_none()
                 {
-                    node.aliases.insert(alias, (name, datatype));
+                    self.declarations += 1;
                 }
             }
             // Datatype 0 is "unknown": the birth's declaration holds.
@@ -451,6 +468,7 @@ mod tests {
             .decode("spBv1.0/plant/NDATA/edge-2", &payload(1, by_alias.clone()))
             .unwrap();
         assert_eq!(field(&data[0], "Level"), Some(&Value::Float(0.75)));
+        assert_eq!(state.declarations, 2, "Level's name and alias");
         // Sequence 3 after 1: one gap.
         state
             .decode("spBv1.0/plant/NDATA/edge-2", &payload(3, by_alias.clone()))
@@ -470,6 +488,7 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+        assert_eq!(state.declarations, 0);
         let data = state
             .decode("spBv1.0/plant/NDATA/edge-2", &payload(1, by_alias))
             .unwrap();
