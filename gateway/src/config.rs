@@ -231,7 +231,9 @@ pub struct NatsConfig {
     #[serde(default = "NatsConfig::default_jetstream")]
     pub jetstream: String,
     /// Create the JetStream stream (file storage, subjects `<subject_prefix>.>`) when it does not
-    /// exist. When false, an operator creates it, and a missing one is an error.
+    /// exist, or add those subjects to it when it does not take them (gateways sharing a stream).
+    /// When false, an operator makes the stream, and one missing or not taking the subjects is an
+    /// error.
     #[serde(default = "NatsConfig::default_create")]
     pub create_jetstream: bool,
     /// The created stream's de-duplication window: a record sent again within it is stored once.
@@ -990,8 +992,14 @@ fn check_nats(
             "nats.jetstream must be a stream name: letters, digits, '-' and '_'",
         );
     }
-    if !(1..=65_536).contains(&nats.window) {
-        diags.error(span.clone(), "nats.window must be between 1 and 65536");
+    if !(1..=16_384).contains(&nats.window) {
+        diags.error(span.clone(), "nats.window must be between 1 and 16384");
+    }
+    if nats.url.contains('@') {
+        diags.error(
+            span.clone(),
+            "nats.url must not hold credentials: put the token in nats.token_file",
+        );
     }
     if nats.duplicate_window < Duration::from_secs(1) {
         diags.error(span.clone(), "nats.duplicate_window must be at least 1s");
@@ -1145,6 +1153,8 @@ mod tests {
             e.iter()
                 .any(|m| m.contains("nats.ca_file needs a tls:// url"))
         );
+        let e = errors("url = \"nats://user:secret@x:4222\"");
+        assert!(e.iter().any(|m| m.contains("must not hold credentials")));
     }
 
     #[test]

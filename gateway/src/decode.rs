@@ -79,6 +79,31 @@ impl Decoded {
     }
 }
 
+/// One message decoded at most once per format, however many streams of that format take it:
+/// Sparkplug B births are taken in once, and the work is not repeated.
+#[derive(Debug, Default)]
+pub struct Once([Option<Result<Decoded, DecodeError>>; 5]);
+
+impl Once {
+    pub fn get(
+        &mut self,
+        decoder: &mut Decoder,
+        format: PayloadFormat,
+        topic: &str,
+        payload: &[u8],
+        received_ms: i64,
+    ) -> &Result<Decoded, DecodeError> {
+        let slot = match format {
+            PayloadFormat::Json => 0,
+            PayloadFormat::SenmlJson => 1,
+            PayloadFormat::SenmlCbor => 2,
+            PayloadFormat::Ngsi => 3,
+            PayloadFormat::SparkplugB => 4,
+        };
+        self.0[slot].get_or_insert_with(|| decoder.decode(format, topic, payload, received_ms))
+    }
+}
+
 /// Decodes payloads, holding what a stateful format remembers between messages (the aliases of
 /// Sparkplug B births).
 #[derive(Debug, Default)]

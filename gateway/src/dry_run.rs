@@ -20,13 +20,13 @@ use std::io::BufRead;
 
 use hubgate_privacy::budget::StreamBudget;
 use hubgate_privacy::chain::{self, Fate};
-use hubgate_privacy::identifiers;
+use hubgate_privacy::identifiers::{self, Detector, IdKind};
 use hubgate_privacy::noise::SeededRandom;
 use hubgate_privacy::pseudonym::Key;
 use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Context, Policy, Value};
 
-use crate::decode::{DecodeError, Decoded, Decoder, PayloadFormat};
+use crate::decode::{self, Decoder};
 
 /// Receive time used when a sample gives none: 2024-01-01T00:00:00Z.
 const DEFAULT_RECEIVED_MS: i64 = 1_704_067_200_000;
@@ -62,6 +62,7 @@ fn time(ms: i64) -> String {
 /// Runs the samples from `input` through `policy`, returning the report.
 pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     let key = Key::fixed_for_dry_run();
+    let names_detector = Detector::new(IdKind::ALL.to_vec(), Vec::new());
     let mut decoder = Decoder::default();
     let mut report = String::new();
     let mut sum = Summary::default();
@@ -84,7 +85,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
             continue;
         }
         let _ = writeln!(report);
-        let mut once = Once::default();
+        let mut once = decode::Once::default();
         for index in streams {
             let stream = &policy.streams()[index];
             let _ = write!(report, "  stream {}: ", stream.name);
@@ -93,15 +94,14 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                 let _ = writeln!(report, "image or video payload: dropped");
                 continue;
             }
-            let decoded =
-                match once.decode(&mut decoder, stream.format, topic, payload, received_ms) {
-                    Ok(d) => d.clone(),
-                    Err(e) => {
-                        sum.rejected += 1;
-                        let _ = writeln!(report, "{e}: dropped");
-                        continue;
-                    }
-                };
+            let decoded = match once.get(&mut decoder, stream.format, topic, payload, received_ms) {
+                Ok(d) => d.clone(),
+                Err(e) => {
+                    sum.rejected += 1;
+                    let _ = writeln!(report, "{e}: dropped");
+                    continue;
+                }
+            };
             let count = decoded.readings().len();
             for (k, reading) in decoded.readings().iter().enumerate() {
                 if k > 0 {
@@ -111,7 +111,11 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                     let _ = write!(report, "reading {} of {count}, ", k + 1);
                 }
                 let reading = reading.clone();
-                let names: Vec<&str> = reading.fields.iter().map(|(p, _)| p.as_str()).collect();
+                let names: Vec<String> = reading
+                    .fields
+                    .iter()
+                    .map(|(p, _)| shown(p, &names_detector))
+                    .collect();
                 let _ = writeln!(report, "in: {}", names.join(", "));
                 if reading.unsupported > 0 {
                     sum.unsupported += u64::from(reading.unsupported);
@@ -162,6 +166,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                     if matches!(fate, Fate::NoKey) {
                         sum.no_key += 1;
                     }
+                    let path = shown(path, &names_detector);
                     let _ = writeln!(report, "    {path:<24} {what}");
                 }
                 match outcome {
@@ -360,29 +365,12 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// One sample decoded at most once per format, however many streams of that format take it (as
-/// the pipeline does: a Sparkplug B message updates the births it remembers once).
-#[derive(Debug, Default)]
-struct Once(Vec<(PayloadFormat, Result<Decoded, DecodeError>)>);
-
-impl Once {
-    fn decode(
-        &mut self,
-        decoder: &mut Decoder,
-        format: PayloadFormat,
-        topic: &str,
-        payload: &[u8],
-        received_ms: i64,
-    ) -> &Result<Decoded, DecodeError> {
-        let i = match self.0.iter().position(|(f, _)| *f == format) {
-            Some(i) => i,
-            None => {
-                let decoded = decoder.decode(format, topic, payload, received_ms);
-                self.0.push((format, decoded));
-                self.0.len() - 1
-            }
-        };
-        &self.0[i].1
+/// A field path as the report shows it: a path that holds an identifier (a SenML name that is a
+/// device's MAC address, say) is not echoed.
+fn shown(path: &str, detector: &Detector) -> String {
+    match detector.find(path) {
+        Some(kind) => format!("<a name holding an identifier ({})>", kind.name()),
+        None => path.to_owned(),
     }
 }
 
@@ -423,7 +411,7 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
         .collect();
     for sample in samples {
         let received_ms = sample.received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
-        let mut once = Once::default();
+        let mut once = decode::Once::default();
         for index in policy.route(&sample.topic) {
             let stream = &policy.streams()[index];
             let slot = (sample.line, None, stream.name.clone());
@@ -432,7 +420,7 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
                     .insert(slot, Err("image or video payload".into()));
                 continue;
             }
-            let decoded = match once.decode(
+            let decoded = match once.get(
                 &mut decoder,
                 stream.format,
                 &sample.topic,

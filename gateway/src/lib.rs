@@ -34,6 +34,7 @@ pub mod nats;
 pub mod ngsi_ld;
 pub mod outbox;
 pub mod pipeline;
+pub mod position;
 pub mod push;
 pub mod ratelimit;
 pub mod register;

@@ -39,12 +39,9 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NatsConfig, NatsPayload};
+use crate::position::{Backoff, Position, SAVE_EVERY};
 use crate::store::Store;
 
-/// First wait before trying again.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// How often the acknowledged positions are written.
-const SAVE_EVERY: Duration = Duration::from_millis(500);
 /// Longest wait for new records before looking again.
 const POLL: Duration = Duration::from_millis(200);
 /// Longest wait for JetStream's acknowledgement of a record.
@@ -90,9 +87,7 @@ struct Published {
     name: String,
     subject: String,
     /// Last sequence JetStream acknowledged (or that was lost before it could be published).
-    acked: u64,
-    /// Last acknowledged sequence written to the checkpoint.
-    saved: u64,
+    position: Position,
     published: Counter,
     acked_total: Counter,
     duplicates: Counter,
@@ -122,17 +117,31 @@ pub async fn run(
     let connected = metrics::gauge!(catalogue::NATS_CONNECTED);
     let errors = metrics::counter!(catalogue::NATS_ERRORS);
     connected.set(0.0);
+    let chosen: Vec<usize> = (0..policy.streams().len())
+        .filter(|&i| {
+            let name = &policy.streams()[i].name;
+            config
+                .streams
+                .as_ref()
+                .is_none_or(|names| names.contains(name))
+        })
+        .collect();
+    // Every stream's window of unacknowledged publishes fits at once, so that no stream waits
+    // for room held by acknowledgements another has yet to read.
+    let in_flight = config.window * chosen.len().max(1) + 16;
     // Connect, and make sure the JetStream stream exists, before anything is published; once
     // connected, the client reconnects by itself.
-    let mut backoff = BACKOFF_START;
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(config.reconnect_backoff_max);
     let js = loop {
         let attempt = async {
             let client = options(&config, &credentials, connected.clone())
                 .connect(config.url.as_str())
                 .await?;
-            let mut js = jetstream::new(client);
-            js.set_timeout(ACK_TIMEOUT);
+            let js = jetstream::ContextBuilder::new()
+                .timeout(ACK_TIMEOUT)
+                .ack_timeout(ACK_TIMEOUT)
+                .max_ack_inflight(in_flight)
+                .build(client);
             tokio::time::timeout(ACK_TIMEOUT, ensure_stream(&js, &config))
                 .await
                 .map_err(|_| anyhow::anyhow!("JetStream did not answer"))??;
@@ -149,38 +158,25 @@ pub async fn run(
             },
         };
         errors.increment(1);
-        if failures.is_multiple_of(20) {
-            tracing::warn!(%err, retry_in = ?backoff, "NATS JetStream unavailable; records wait in the outbox");
+        let retry = backoff.wait(&shutdown, |retry_in| {
+            tracing::warn!(%err, ?retry_in, "NATS JetStream unavailable; records wait in the outbox");
+        });
+        if !retry.await {
+            return Ok(());
         }
-        failures += 1;
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(config.reconnect_backoff_max);
     };
 
     let config = Arc::new(config);
     let incarnation: Arc<str> = incarnation.into();
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, s) in policy.streams().iter().enumerate() {
-        let chosen = config
-            .streams
-            .as_ref()
-            .is_none_or(|names| names.contains(&s.name));
-        if !chosen {
-            continue;
-        }
-        let acked = store
-            .checkpoint(&checkpoint_name(&s.name))?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+    for index in chosen {
+        let s = &policy.streams()[index];
+        let position = Position::load(&store, checkpoint_name(&s.name))?;
         let name = s.name.clone();
         let stream = Published {
             index,
             subject: format!("{}.{name}", config.subject_prefix),
-            acked,
-            saved: acked,
+            position,
             published: metrics::counter!(catalogue::NATS_RECORDS_PUBLISHED, "stream" => name.clone()),
             acked_total: metrics::counter!(catalogue::NATS_RECORDS_ACKED, "stream" => name.clone()),
             duplicates: metrics::counter!(catalogue::NATS_RECORDS_DUPLICATE, "stream" => name.clone()),
@@ -200,7 +196,11 @@ pub async fn run(
         ));
     }
     tracing::info!(url = %config.url, jetstream = %config.jetstream, streams = tasks.len(), "publishing to NATS JetStream");
-    while tasks.join_next().await.is_some() {}
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(err) = joined {
+            tracing::error!(%err, "a NATS publishing task failed");
+        }
+    }
     connected.set(0.0);
     Ok(())
 }
@@ -238,20 +238,57 @@ fn options(
 }
 
 /// Creates the JetStream stream when it is missing and hubgate may; otherwise checks it exists.
+///
+/// Several gateways may share one JetStream stream, each with its own subject prefix: a stream
+/// that does not take `<subject_prefix>.>` yet gets it added when hubgate may change it, and is
+/// an error otherwise.
 async fn ensure_stream(js: &jetstream::Context, config: &NatsConfig) -> anyhow::Result<()> {
-    if config.create_jetstream {
+    let subjects = format!("{}.>", config.subject_prefix);
+    let mut stream = if config.create_jetstream {
         js.get_or_create_stream(jetstream::stream::Config {
             name: config.jetstream.clone(),
-            subjects: vec![format!("{}.>", config.subject_prefix)],
+            subjects: vec![subjects.clone()],
             duplicate_window: config.duplicate_window,
             storage: jetstream::stream::StorageType::File,
             ..Default::default()
         })
-        .await?;
+        .await?
     } else {
-        js.get_stream(&config.jetstream).await?;
+        js.get_stream(&config.jetstream).await?
+    };
+    let info = stream.info().await?;
+    if info
+        .config
+        .subjects
+        .iter()
+        .any(|filter| covers(filter, &config.subject_prefix))
+    {
+        return Ok(());
     }
+    if !config.create_jetstream {
+        anyhow::bail!(
+            "the JetStream stream {} does not take the subjects {subjects}",
+            config.jetstream
+        );
+    }
+    let mut updated = info.config.clone();
+    updated.subjects.push(subjects);
+    js.update_stream(updated).await?;
     Ok(())
+}
+
+/// Whether the subject filter `filter` takes every subject under `prefix` (`<prefix>.>`).
+fn covers(filter: &str, prefix: &str) -> bool {
+    let mut tokens = filter.split('.');
+    for part in prefix.split('.') {
+        match tokens.next() {
+            Some(">") => return true,
+            Some("*") => {}
+            Some(token) if token == part => {}
+            _ => return false,
+        }
+    }
+    tokens.next() == Some(">") && tokens.next().is_none()
 }
 
 fn checkpoint_name(stream: &str) -> String {
@@ -269,30 +306,31 @@ async fn forward(
     errors: Counter,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = BACKOFF_START;
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(config.reconnect_backoff_max);
     while !shutdown.is_cancelled() {
-        let acked_before = s.acked;
+        let acked_before = s.position.acked;
         let outcome = publish(&js, &config, &incarnation, &store, &mut s, &shutdown).await;
-        save(&store, &mut s).await;
+        s.position.save(&store).await;
         let Err(err) = outcome else {
             break;
         };
         errors.increment(1);
-        if s.acked > acked_before {
-            (backoff, failures) = (BACKOFF_START, 0);
+        if s.position.acked > acked_before {
+            backoff.progressed();
         }
-        if failures.is_multiple_of(20) {
-            tracing::warn!(stream = %s.name, %err, retry_in = ?backoff, "NATS JetStream unavailable; records wait in the outbox");
+        let retry = backoff.wait(&shutdown, |retry_in| {
+            tracing::warn!(stream = %s.name, %err, ?retry_in, "NATS JetStream unavailable; records wait in the outbox");
+        });
+        if !retry.await {
+            break;
         }
-        failures += 1;
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(backoff) => {}
+        // The stream may have lost this gateway's subjects meanwhile (gateways sharing it that
+        // changed it at once, or an operator): put them back before publishing again.
+        if let Ok(Err(err)) = tokio::time::timeout(ACK_TIMEOUT, ensure_stream(&js, &config)).await {
+            tracing::warn!(stream = %s.name, %err, "the JetStream stream cannot take this gateway's subjects");
         }
-        backoff = (backoff * 2).min(config.reconnect_backoff_max);
     }
-    save(&store, &mut s).await;
+    s.position.save(&store).await;
 }
 
 /// Publishes from the last acknowledged record on, until an error or `shutdown`.
@@ -305,7 +343,7 @@ async fn publish(
     shutdown: &CancellationToken,
 ) -> Result<(), PublishError> {
     let mut pending: VecDeque<(u64, PublishAckFuture)> = VecDeque::new();
-    let mut sent = s.acked;
+    let mut sent = s.position.acked;
     let mut last_save = Instant::now();
     let mut grown = store.watch(s.index);
     loop {
@@ -319,7 +357,7 @@ async fn publish(
                 s.lost.increment(last - first + 1);
                 tracing::warn!(stream = %s.name, first, last, "records purged before they were published to NATS");
                 if pending.is_empty() {
-                    s.acked = s.acked.max(last);
+                    s.position.acked = s.position.acked.max(last);
                 }
                 sent = last;
             }
@@ -349,9 +387,11 @@ async fn publish(
                     }
                 };
                 let bytes = payload.len() as u64;
-                let ack = js
-                    .publish_with_headers(s.subject.clone(), headers, payload.into())
-                    .await?;
+                let publish = js.publish_with_headers(s.subject.clone(), headers, payload.into());
+                let ack = tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    ack = publish => ack?,
+                };
                 s.published.increment(1);
                 s.sent_bytes.increment(bytes);
                 crate::footprint::TRAFFIC
@@ -362,7 +402,7 @@ async fn publish(
             }
         }
         let kept = store.next_sequence(s.index).saturating_sub(1);
-        s.lag.set(kept.saturating_sub(s.acked) as f64);
+        s.lag.set(kept.saturating_sub(s.position.acked) as f64);
         if let Some((sequence, ack)) = pending.pop_front() {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(()),
@@ -370,8 +410,8 @@ async fn publish(
                     if ack?.duplicate {
                         s.duplicates.increment(1);
                     }
-                    s.acked_total.increment(sequence.saturating_sub(s.acked));
-                    s.acked = sequence;
+                    s.acked_total.increment(1);
+                    s.position.acked = sequence;
                 }
             }
         } else {
@@ -382,27 +422,33 @@ async fn publish(
             }
         }
         if last_save.elapsed() >= SAVE_EVERY {
-            save(store, s).await;
+            s.position.save(store).await;
             last_save = Instant::now();
         }
     }
 }
 
-/// Writes the acknowledged position if it moved.
-async fn save(store: &Arc<Store>, s: &mut Published) {
-    if s.acked == s.saved {
-        return;
-    }
-    let (store, name, acked) = (Arc::clone(store), checkpoint_name(&s.name), s.acked);
-    let saved = tokio::task::spawn_blocking(move || {
-        store.save_checkpoint(&name, acked.to_be_bytes().to_vec())
-    })
-    .await;
-    match saved {
-        Ok(Ok(())) => s.saved = acked,
-        Ok(Err(err)) => {
-            tracing::error!(stream = %s.name, %err, "cannot save the NATS position")
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn a_stream_takes_a_prefix_when_its_filter_covers_everything_under_it() {
+        for (filter, prefix) in [
+            ("hubgate.>", "hubgate"),
+            ("city.>", "city.district1"),
+            ("city.*.>", "city.district1"),
+            (">", "city.district1"),
+        ] {
+            assert!(covers(filter, prefix), "{filter} {prefix}");
         }
-        Err(_) => {}
+        for (filter, prefix) in [
+            ("city.district2.>", "city.district1"),
+            ("city.district1.*", "city.district1"),
+            ("city.district1", "city.district1"),
+            ("city.district1.air.>", "city.district1"),
+        ] {
+            assert!(!covers(filter, prefix), "{filter} {prefix}");
+        }
     }
 }

@@ -16,6 +16,9 @@ use std::collections::BTreeMap;
 use hubgate_proto::v1;
 use serde_json::{Map, Value as Json, json};
 
+/// 9999-12-31T23:59:59Z.
+const LAST_RFC3339_SECOND: i64 = 253_402_300_799;
+
 /// The NGSI-LD core context.
 pub const CORE_CONTEXT: &str = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.jsonld";
 
@@ -34,14 +37,18 @@ pub fn entity(record: &v1::Record, incarnation: &str) -> Json {
             record.stream, record.sequence
         ),
     };
-    let observed_at = record.event_time.as_ref().map(|t| {
-        let time = std::time::UNIX_EPOCH
-            + std::time::Duration::new(
-                u64::try_from(t.seconds).unwrap_or(0),
-                u32::try_from(t.nanos).unwrap_or(0),
-            );
-        humantime::format_rfc3339_millis(time).to_string()
-    });
+    // RFC 3339 has four-digit years: a time outside them (a forwarded record may carry any) is
+    // left out rather than written wrong.
+    let observed_at = record
+        .event_time
+        .as_ref()
+        .filter(|t| (0..=LAST_RFC3339_SECOND).contains(&t.seconds))
+        .map(|t| {
+            let nanos = t.nanos.clamp(0, 999_999_999).unsigned_abs();
+            let time =
+                std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds.unsigned_abs(), nanos);
+            humantime::format_rfc3339_millis(time).to_string()
+        });
 
     // Fields by their first path segment, nested by the rest, in name order.
     let mut tree: BTreeMap<&str, Json> = BTreeMap::new();
@@ -55,6 +62,10 @@ pub fn entity(record: &v1::Record, incarnation: &str) -> Json {
         let value = json_value(value);
         match path.split_once('.') {
             None => {
+                tree.insert(path, value);
+            }
+            // A plain value already holds the name: this one keeps its whole path.
+            Some((head, _)) if tree.get(head).is_some_and(|v| !v.is_object()) => {
                 tree.insert(path, value);
             }
             Some((head, rest)) => {
@@ -90,6 +101,9 @@ pub fn entity(record: &v1::Record, incarnation: &str) -> Json {
 fn insert(object: &mut Map<String, Json>, path: &str, value: Json) {
     match path.split_once('.') {
         None => {
+            object.insert(path.to_owned(), value);
+        }
+        Some((head, _)) if object.get(head).is_some_and(|v| !v.is_object()) => {
             object.insert(path.to_owned(), value);
         }
         Some((head, rest)) => {
@@ -184,6 +198,28 @@ mod tests {
         assert_eq!(e["station"]["type"], "GeoProperty");
         assert_eq!(e["@context"], CORE_CONTEXT);
         assert!(e.get("policy_hash").is_none());
+    }
+
+    /// A name that is both a value and the prefix of another path loses neither; a time
+    /// RFC 3339 cannot write is left out.
+    #[test]
+    fn nothing_is_lost_to_a_clash_or_to_a_far_time() {
+        use v1::value::Kind::*;
+        let mut r = record(&[
+            ("a", IntValue(1)),
+            ("a.b", IntValue(2)),
+            ("c.d", IntValue(3)),
+            ("c.d.e", IntValue(4)),
+        ]);
+        r.event_time = Some(prost_types::Timestamp {
+            seconds: LAST_RFC3339_SECOND + 1,
+            nanos: 0,
+        });
+        let e = entity(&r, "c0ffee");
+        assert_eq!(e["a"]["value"], 1);
+        assert_eq!(e["a.b"]["value"], 2);
+        assert_eq!(e["c"]["value"], json!({"d": 3, "d.e": 4}));
+        assert!(e["a"].get("observedAt").is_none());
     }
 
     #[test]

@@ -49,7 +49,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hubgate_exporters::catalogue;
-use hubgate_privacy::policy::PayloadFormat;
 use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Context, Policy, Record, Value, chain, identifiers};
 use hubgate_proto::v1;
@@ -64,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::AuditLog;
 use crate::budget::{BudgetFile, OsRandom};
-use crate::decode::{self, Decoded, Decoder};
+use crate::decode::{self, Decoder};
 use crate::keys::KeyManager;
 use crate::push::PushJob;
 use crate::store::{CommitError, Pending, Store};
@@ -730,15 +729,20 @@ impl Pipeline {
     fn process_one(&mut self, publish: &Publish, now_ms: i64) -> Routed {
         let mut routed = false;
         // Decoded once per format, on first use, and shared by every stream of that format.
-        let mut decoded = DecodeCache::default();
+        let mut decoded = decode::Once::default();
         let media = identifiers::is_media_payload(&publish.payload);
         if let Some((field, limiter)) = &mut self.device_limiter
             && !media
             && let Some(first) = self.policy.route(&publish.topic).next()
         {
             let format = self.policy.streams()[first].format;
-            if let Ok(decoded) = decoded.get(&mut self.decoder, format, publish, now_ms)
-                && let Some(reading) = decoded.readings().first()
+            if let Ok(decoded) = decoded.get(
+                &mut self.decoder,
+                format,
+                &publish.topic,
+                &publish.payload,
+                now_ms,
+            ) && let Some(reading) = decoded.readings().first()
                 && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
                 && !limiter.allow_device(&publish.topic, id, now_ms)
             {
@@ -756,7 +760,13 @@ impl Pipeline {
                 tally.dropped_media += 1;
                 continue;
             }
-            let Ok(decoded) = decoded.get(&mut self.decoder, stream.format, publish, now_ms) else {
+            let Ok(decoded) = decoded.get(
+                &mut self.decoder,
+                stream.format,
+                &publish.topic,
+                &publish.payload,
+                now_ms,
+            ) else {
                 tally.dropped_decode += 1;
                 continue;
             };
@@ -798,31 +808,6 @@ impl Pipeline {
             }
         }
         if routed { Routed::Yes } else { Routed::Nowhere }
-    }
-}
-
-/// One message's payload decoded in each format a stream that takes it declares, at most once.
-#[derive(Debug, Default)]
-struct DecodeCache([Option<Result<Decoded, decode::DecodeError>>; 5]);
-
-impl DecodeCache {
-    fn get(
-        &mut self,
-        decoder: &mut Decoder,
-        format: PayloadFormat,
-        publish: &Publish,
-        received_ms: i64,
-    ) -> &Result<Decoded, decode::DecodeError> {
-        let slot = match format {
-            PayloadFormat::Json => 0,
-            PayloadFormat::SenmlJson => 1,
-            PayloadFormat::SenmlCbor => 2,
-            PayloadFormat::Ngsi => 3,
-            PayloadFormat::SparkplugB => 4,
-        };
-        self.0[slot].get_or_insert_with(|| {
-            decoder.decode(format, &publish.topic, &publish.payload, received_ms)
-        })
     }
 }
 

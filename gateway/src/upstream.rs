@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::UpstreamConfig;
+use crate::position::{Backoff, Position, SAVE_EVERY};
 use crate::store::Store;
 
 /// Settings every stream's call shares.
@@ -56,10 +57,6 @@ struct Shared {
     authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
-/// First wait before reconnecting.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// How often the acknowledged positions are written.
-const SAVE_EVERY: Duration = Duration::from_millis(500);
 /// How long the client waits for acks or new records before looking again.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -70,9 +67,7 @@ struct Forwarded {
     /// Last sequence sent on the current call.
     sent: u64,
     /// Last sequence the hub acknowledged (or that was lost before it could be sent).
-    acked: u64,
-    /// Last acknowledged sequence written to the checkpoint.
-    saved: u64,
+    position: Position,
     sent_total: Counter,
     sent_bytes: Counter,
     acked_total: Counter,
@@ -213,17 +208,12 @@ pub async fn run(
         if !forwarded {
             continue;
         }
-        let acked = shared
-            .store
-            .checkpoint(&checkpoint_name(&s.name))?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let position = Position::load(&shared.store, checkpoint_name(&s.name))?;
         let name = s.name.clone();
         let stream = Forwarded {
             index,
-            sent: acked,
-            acked,
-            saved: acked,
+            sent: position.acked,
+            position,
             sent_total: metrics::counter!(catalogue::UPSTREAM_RECORDS_SENT, "stream" => name.clone()),
             sent_bytes: metrics::counter!(catalogue::UPSTREAM_SENT_BYTES, "stream" => name.clone()),
             acked_total: metrics::counter!(catalogue::UPSTREAM_RECORDS_ACKED, "stream" => name.clone()),
@@ -240,50 +230,26 @@ pub async fn run(
 
 /// Forwards one stream until `shutdown`, reconnecting with backoff.
 async fn forward(shared: Arc<Shared>, mut s: Forwarded, shutdown: CancellationToken) {
-    let mut backoff = BACKOFF_START;
-    let mut failures = 0u32;
+    let mut backoff = Backoff::new(shared.config.reconnect_backoff_max);
     while !shutdown.is_cancelled() {
-        let acked_before = s.acked;
+        let acked_before = s.position.acked;
         let outcome = call(&shared, &mut s, &shutdown).await;
-        save(&shared.store, &mut s).await;
+        s.position.save(&shared.store).await;
         let Err(err) = outcome else {
             break;
         };
         shared.errors.increment(1);
-        if s.acked > acked_before {
-            (backoff, failures) = (BACKOFF_START, 0);
+        if s.position.acked > acked_before {
+            backoff.progressed();
         }
-        // Logged on the first failure of an outage, then every 20th.
-        if failures.is_multiple_of(20) {
-            tracing::warn!(stream = %s.name, %err, retry_in = ?backoff, "upstream hub unavailable; records wait in the outbox");
+        let retry = backoff.wait(&shutdown, |retry_in| {
+            tracing::warn!(stream = %s.name, %err, ?retry_in, "upstream hub unavailable; records wait in the outbox");
+        });
+        if !retry.await {
+            break;
         }
-        failures += 1;
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(shared.config.reconnect_backoff_max);
     }
-    save(&shared.store, &mut s).await;
-}
-
-/// Writes the acknowledged position if it moved.
-async fn save(store: &Arc<Store>, s: &mut Forwarded) {
-    if s.acked == s.saved {
-        return;
-    }
-    let (store, name, acked) = (Arc::clone(store), checkpoint_name(&s.name), s.acked);
-    let saved = tokio::task::spawn_blocking(move || {
-        store.save_checkpoint(&name, acked.to_be_bytes().to_vec())
-    })
-    .await;
-    match saved {
-        Ok(Ok(())) => s.saved = acked,
-        Ok(Err(err)) => {
-            tracing::error!(stream = %s.name, %err, "cannot save the upstream position")
-        }
-        Err(_) => {}
-    }
+    s.position.save(&shared.store).await;
 }
 
 /// One Push call for one stream: sends and collects acks until the call breaks or `shutdown`.
@@ -304,18 +270,18 @@ async fn call(
     let mut acks = client.push(request).await?.into_inner();
     shared.connected.increment(1.0);
     let _closed = on_close(&shared.connected);
-    s.sent = s.acked;
+    s.sent = s.position.acked;
     let mut last_save = Instant::now();
     loop {
-        while s.sent.saturating_sub(s.acked) < config.window {
+        while s.sent.saturating_sub(s.position.acked) < config.window {
             let Some(batch) = store.read_async(s.index, s.sent + 1, config.batch).await else {
                 return Ok(());
             };
             if let Some((first, last)) = batch.gap {
                 s.lost.increment(last - first + 1);
                 tracing::warn!(stream = %s.name, first, last, "records purged before they were sent upstream");
-                if s.sent == s.acked {
-                    s.acked = last;
+                if s.sent == s.position.acked {
+                    s.position.acked = last;
                 }
                 s.sent = last;
             }
@@ -347,7 +313,7 @@ async fn call(
             }
         }
         let kept = store.next_sequence(s.index).saturating_sub(1);
-        s.lag.set(kept.saturating_sub(s.acked) as f64);
+        s.lag.set(kept.saturating_sub(s.position.acked) as f64);
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             message = acks.message() => {
@@ -355,9 +321,9 @@ async fn call(
                 if ack.sequence > kept {
                     return Err(CallError::Protocol(ack.sequence));
                 }
-                if ack.sequence > s.acked {
-                    s.acked_total.increment(ack.sequence - s.acked);
-                    s.acked = ack.sequence;
+                if ack.sequence > s.position.acked {
+                    s.acked_total.increment(ack.sequence - s.position.acked);
+                    s.position.acked = ack.sequence;
                     // The hub may hold more than this call sent (records an earlier call sent
                     // after the last saved position): those need not be sent again.
                     s.sent = s.sent.max(ack.sequence);
@@ -366,7 +332,7 @@ async fn call(
             () = tokio::time::sleep(POLL) => {}
         }
         if last_save.elapsed() >= SAVE_EVERY {
-            save(store, s).await;
+            s.position.save(store).await;
             last_save = Instant::now();
         }
     }

@@ -613,6 +613,8 @@ pub struct Publisher {
     pub client: AsyncClient,
     acks: tokio::sync::watch::Receiver<u64>,
     driver: tokio::task::JoinHandle<()>,
+    /// The last number [`Publisher::publish_numbers`] published.
+    numbered: u64,
 }
 
 impl Publisher {
@@ -639,7 +641,23 @@ impl Publisher {
             client,
             acks,
             driver,
+            numbered: 0,
         }
+    }
+
+    /// Publishes `{"n": k}` on `topic` for each k after the last number published up to `upto`,
+    /// pausing briefly every 100, and waits until the broker acknowledged them all (this
+    /// publisher publishes nothing else meanwhile).
+    pub async fn publish_numbers(&mut self, topic: &str, upto: u64) {
+        while self.numbered < upto {
+            self.numbered += 1;
+            self.publish(topic, format!("{{\"n\": {}}}", self.numbered))
+                .await;
+            if self.numbered.is_multiple_of(100) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        self.wait_acked(upto).await;
     }
 
     pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {

@@ -164,21 +164,36 @@ fn dry_run_explains_every_field_and_is_deterministic() {
     }
 }
 
+/// `hubgate dry-run` of `examples/formats/<name>.toml` over its samples: the report.
+fn dry_run_example(name: &str) -> String {
+    let dir = hubgate_tests::repo().join("examples/formats");
+    let out = Command::new(gateway_bin!())
+        .arg("dry-run")
+        .arg("--config")
+        .arg(dir.join(format!("{name}.toml")))
+        .arg("--input")
+        .arg(dir.join(format!("{name}-samples.jsonl")))
+        .output()
+        .expect("hubgate dry-run runs");
+    let text = String::from_utf8(out.stdout).expect("the report is UTF-8");
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+/// The records a dry-run report says would go out.
+fn records_out(report: &str) -> Vec<&str> {
+    report
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("out: "))
+        .collect()
+}
+
 /// The SenML example: a JSON pack gives a reading per time, its device URN is pseudonymised, an
 /// undeclared string is dropped unseen; a CBOR pack given in hex decodes; a bad pack is refused.
 #[test]
 fn dry_run_of_the_senml_example() {
-    let out = Command::new(gateway_bin!())
-        .arg("dry-run")
-        .arg("--config")
-        .arg(hubgate_tests::repo().join("examples/formats/senml.toml"))
-        .arg("--input")
-        .arg(hubgate_tests::repo().join("examples/formats/senml-samples.jsonl"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}");
-    for raw in ["0024befffe804ff1", "ana.silva@example.org"] {
+    let text = dry_run_example("senml");
+    for raw in ["0024befffe804ff", "ana.silva@example.org"] {
         assert!(!text.contains(raw), "{raw} appears in:\n{text}");
     }
     for expected in [
@@ -187,7 +202,8 @@ fn dry_run_of_the_senml_example() {
         "\"temperature.v\":21.6} at 2024-01-01T00:01:00.000Z",
         "invalid SenML: v must be a number: dropped",
         "out: {\"bn\":\"cabinet-17:\",\"energy.s\":15234.5,\"energy.u\":\"Wh\",\"power.v\":412.0} at 2024-01-01T00:00:00.000Z",
-        "summary: 3 samples, 3 records out, 0 into windows, 0 unrouted, 1 rejected whole",
+        "in: t, <a name holding an identifier (eui64)>, <a name holding an identifier (eui64)>",
+        "summary: 4 samples, 4 records out, 0 into windows, 0 unrouted, 1 rejected whole",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
@@ -198,20 +214,8 @@ fn dry_run_of_the_senml_example() {
 /// not an entity is refused.
 #[test]
 fn dry_run_of_the_ngsi_example() {
-    let out = Command::new(gateway_bin!())
-        .arg("dry-run")
-        .arg("--config")
-        .arg(hubgate_tests::repo().join("examples/formats/ngsi.toml"))
-        .arg("--input")
-        .arg(hubgate_tests::repo().join("examples/formats/ngsi-samples.jsonl"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}");
-    let outputs: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("out: "))
-        .collect();
+    let text = dry_run_example("ngsi");
+    let outputs = records_out(&text);
     assert_eq!(outputs.len(), 5, "{text}");
     assert_eq!(outputs[0], outputs[1], "key-values and normalised alike");
     assert!(outputs[0].contains("\"temperature\":12.2"), "{text}");
@@ -237,20 +241,8 @@ fn dry_run_of_the_ngsi_example() {
 /// seen gives no level.
 #[test]
 fn dry_run_of_the_sparkplug_example() {
-    let out = Command::new(gateway_bin!())
-        .arg("dry-run")
-        .arg("--config")
-        .arg(hubgate_tests::repo().join("examples/formats/sparkplug.toml"))
-        .arg("--input")
-        .arg(hubgate_tests::repo().join("examples/formats/sparkplug-samples.jsonl"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "{text}");
-    let outputs: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("out: "))
-        .collect();
+    let text = dry_run_example("sparkplug");
+    let outputs = records_out(&text);
     assert_eq!(
         outputs,
         [

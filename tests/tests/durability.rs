@@ -539,20 +539,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
     let origin = Gateway::start(gateway_bin!(), &origin_cfg);
     origin.wait_ready();
     let mut publisher = Publisher::connect(broker.port, "pub-upstream");
-    let mut published = 0;
-    let mut publish = async |publisher: &mut Publisher, upto: u64| {
-        while published < upto {
-            published += 1;
-            publisher
-                .publish("test/seq", format!("{{\"n\": {published}}}"))
-                .await;
-            if published % 100 == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        publisher.wait_acked(upto).await;
-    };
-    publish(&mut publisher, N / 3).await;
+    publisher.publish_numbers("test/seq", N / 3).await;
     wait_for("the first third kept", Duration::from_secs(20), || {
         origin.metric("hubgate_records_kept_total", &seq) == (N / 3) as f64
     });
@@ -579,7 +566,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
     wait_for("records at the hub", Duration::from_secs(20), || {
         hub_kept(&hub) > 0.0
     });
-    publish(&mut publisher, 2 * N / 3).await;
+    publisher.publish_numbers("test/seq", 2 * N / 3).await;
     hub.kill();
     let hub = Gateway::start(gateway_bin!(), &hub_cfg);
     wait_for(
@@ -589,7 +576,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
     );
     origin.kill();
     let origin = Gateway::start(gateway_bin!(), &origin_cfg);
-    publish(&mut publisher, N).await;
+    publisher.publish_numbers("test/seq", N).await;
     wait_for("the backlog drained", Duration::from_secs(60), || {
         origin.metric("hubgate_upstream_lag_records", &seq) == 0.0
             && origin.metric("hubgate_records_kept_total", &seq) > 0.0
@@ -634,7 +621,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
     assert_ne!(fresh_cfg, origin_cfg);
     let origin = Gateway::start(gateway_bin!(), &fresh_cfg);
     origin.wait_ready();
-    publish(&mut publisher, N + 10).await;
+    publisher.publish_numbers("test/seq", N + 10).await;
     let seen = replay(&hub, "seq", Duration::from_secs(10), |s| {
         s.numbers.len() as u64 == N + 10
     })

@@ -23,6 +23,16 @@ retention = "1d"
 n = "keep"
 "#;
 
+/// How many messages the JetStream stream `HUBGATE` holds.
+async fn stream_messages(url: &str) -> u64 {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    match js.get_stream("HUBGATE").await {
+        Ok(stream) => stream.get_info().await.expect("stream info").state.messages,
+        Err(_) => 0,
+    }
+}
+
 /// Every message in the JetStream stream `HUBGATE`: per published number, how many times it is
 /// stored; and the de-duplication ids.
 async fn stored(url: &str, expected: usize) -> (BTreeMap<u64, u32>, Vec<String>) {
@@ -83,20 +93,7 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     let gateway = Gateway::start(gateway_bin!(), &cfg);
     gateway.wait_ready();
     let mut publisher = Publisher::connect(broker.port, "pub-nats");
-    let mut published = 0;
-    let mut publish = async |publisher: &mut Publisher, upto: u64| {
-        while published < upto {
-            published += 1;
-            publisher
-                .publish("test/seq", format!("{{\"n\": {published}}}"))
-                .await;
-            if published % 100 == 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-        publisher.wait_acked(upto).await;
-    };
-    publish(&mut publisher, N / 3).await;
+    publisher.publish_numbers("test/seq", N / 3).await;
     wait_for("the first third kept", Duration::from_secs(20), || {
         gateway.metric("hubgate_records_kept_total", &seq) == (N / 3) as f64
     });
@@ -114,7 +111,7 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
         gateway.metric("hubgate_nats_records_acked_total", &seq) > 0.0
     });
     assert_eq!(gateway.metric("hubgate_nats_connected", &[]), 1.0);
-    publish(&mut publisher, 2 * N / 3).await;
+    publisher.publish_numbers("test/seq", 2 * N / 3).await;
     nats.restart();
     let before = gateway.metric("hubgate_nats_records_acked_total", &seq);
     wait_for("publishing resumes", Duration::from_secs(30), || {
@@ -122,11 +119,23 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     });
     gateway.kill();
     let gateway = Gateway::start(gateway_bin!(), &cfg);
-    publish(&mut publisher, N).await;
-    wait_for("the backlog published", Duration::from_secs(60), || {
+    publisher.publish_numbers("test/seq", N).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while stream_messages(&nats.url()).await < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backlog was not published"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("the last acknowledgements", Duration::from_secs(10), || {
         gateway.metric("hubgate_nats_lag_records", &seq) == 0.0
-            && gateway.metric("hubgate_records_kept_total", &seq) > 0.0
     });
+    assert_eq!(
+        stream_messages(&nats.url()).await,
+        N,
+        "every record stored once"
+    );
 
     let (numbers, ids) = stored(&nats.url(), N as usize).await;
     let missing: Vec<u64> = (1..=N).filter(|n| !numbers.contains_key(n)).collect();
@@ -254,4 +263,61 @@ cell = { h3 = { resolution = 8, lat = "location.lat", lon = "location.lon" } }
     ] {
         assert!(!text.contains(absent), "{absent} in {text}");
     }
+}
+
+/// Two districts' gateways publish into one JetStream stream, each under its own subject prefix:
+/// the second adds its subjects to the stream the first created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn districts_share_one_jetstream_stream() {
+    let broker = Mosquitto::start();
+    let nats = NatsServer::start();
+    let district = |n: u32| {
+        let stream = STREAM.replace("test/seq", &format!("district{n}/seq"));
+        config(broker.port, &format!("gw-district{n}"), &stream).replace(
+            "[grpc]",
+            &format!(
+                "[nats]\nurl = \"{}\"\nsubject_prefix = \"city.district{n}\"\n\n[grpc]",
+                nats.url()
+            ),
+        )
+    };
+    let (one, two) = (
+        Gateway::start(gateway_bin!(), &district(1)),
+        Gateway::start(gateway_bin!(), &district(2)),
+    );
+    one.wait_ready();
+    two.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-districts");
+    for n in 1..=10 {
+        for d in 1..=2 {
+            publisher
+                .publish(&format!("district{d}/seq"), format!("{{\"n\": {n}}}"))
+                .await;
+        }
+    }
+    publisher.wait_acked(20).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stream_messages(&nats.url()).await < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every record arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let info = js
+        .get_stream("HUBGATE")
+        .await
+        .unwrap()
+        .get_info()
+        .await
+        .unwrap();
+    let mut subjects = info.config.subjects.clone();
+    subjects.sort();
+    assert_eq!(subjects, ["city.district1.>", "city.district2.>"]);
+    assert_eq!(
+        info.state.messages, 20,
+        "ten records from each district, once"
+    );
 }

@@ -33,6 +33,9 @@ const GEOMETRIES: &[&str] = &["Point", "MultiPoint", "LineString", "Polygon"];
 
 /// Decodes one NGSI entity.
 pub fn entity(payload: &[u8]) -> Result<Reading, DecodeError> {
+    // The JSON decoder's checks first: syntax (with line and column), depth, size, and fields
+    // given twice, which a parsed map would hide.
+    super::json(payload)?;
     let json: Json = serde_json::from_slice(payload).map_err(|err| match err.classify() {
         serde_json::error::Category::Data => DecodeError::NotAnObject,
         _ => DecodeError::Syntax {
@@ -314,6 +317,10 @@ mod tests {
         ));
         assert_eq!(
             entity(br#"{"id": "a", "type": "X", "a.b": 1, "a": {"b": 2}}"#),
+            Err(DecodeError::DuplicateField)
+        );
+        assert_eq!(
+            entity(br#"{"id": "a", "type": "X", "t": 1, "t": 2}"#),
             Err(DecodeError::DuplicateField)
         );
         let deep = format!(

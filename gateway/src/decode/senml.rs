@@ -368,7 +368,10 @@ fn resolve(pack: Pack, received_ms: i64) -> Result<Vec<Reading>, DecodeError> {
     // Base name and resolved time of the reading being filled.
     let mut current: Option<(String, f64)> = None;
     for RawRecord(fields) in pack.0 {
-        let Some(record) = resolve_record(fields, &mut base)? else {
+        let record = resolve_record(fields, &mut base)?;
+        // The first record fixes the pack's version: its own bver, or 10 (RFC 8428 §4.4).
+        base.version.get_or_insert(VERSION);
+        let Some(record) = record else {
             continue;
         };
         let resolved_name = format!("{}{}", base.name, record.name);
@@ -470,6 +473,7 @@ fn resolve_record(
                 | Label::BaseUnit
                 | Label::BaseValue
                 | Label::BaseSum
+                | Label::Unknown(false)
         );
         match label {
             Label::BaseVersion => match item {
@@ -991,6 +995,10 @@ mod tests {
                 DecodeError::Senml("records of one pack give different versions"),
             ),
             (
+                r#"[{"n":"a","v":1},{"bver":5,"n":"b","v":1}]"#,
+                DecodeError::Senml("records of one pack give different versions"),
+            ),
+            (
                 r#"[{"n":"a","v":"1"}]"#,
                 DecodeError::Senml("v must be a number"),
             ),
@@ -1011,9 +1019,11 @@ mod tests {
         }
         let many = format!("[{}]", vec![r#"{"n":"a","v":1}"#; MAX_FIELDS + 1].join(","));
         assert!(json(many.as_bytes(), NOW_MS).is_err());
-        // Unknown fields without the '_' suffix are ignored and counted.
+        // Unknown fields without the '_' suffix are ignored and counted, also in a record of
+        // base fields.
         let r = json(br#"[{"n":"a","v":1,"extra":{"x":1}}]"#, NOW_MS).unwrap();
         assert_eq!(r[0].unsupported, 1);
+        assert!(json(br#"[{"bn":"d:","x":1},{"n":"a","v":1}]"#, NOW_MS).is_ok());
         assert_eq!(cbor(b"\xa1\x00\x61a", NOW_MS), Err(DecodeError::NotAPack));
     }
 

@@ -13,7 +13,8 @@
 //!
 //! A birth certificate declares each metric's name, alias and datatype; later data messages may
 //! name a metric by its alias alone. hubgate keeps the aliases of every edge node (and its
-//! devices) it has seen born, in memory, and resolves them; a metric whose alias no birth
+//! devices) it has seen born, in memory (at most 10,000 nodes and 100,000 names and aliases), and
+//! resolves them; a metric whose alias no birth
 //! declared (the gateway started after the birth) is dropped and counted
 //! (`hubgate_sparkplug_unknown_aliases_total`), as are null, historical, bytes, dataset and
 //! template metrics (unsupported values). hubgate only reads: it cannot ask a node to be born
@@ -105,10 +106,12 @@ mod datatype {
 
 /// Edge nodes remembered at most; a birth beyond it is not remembered (its aliases are unknown).
 const MAX_NODES: usize = 10_000;
-/// Metric declarations (names and aliases) remembered over all edge nodes at most, and the
-/// longest name remembered: together they bound the memory births can take (under 40 MiB).
-const MAX_DECLARATIONS: usize = 200_000;
+/// Metric declarations (names and aliases) remembered over all edge nodes at most, the longest
+/// name remembered, and the longest group and node names remembered: together they bound the
+/// memory births can take.
+const MAX_DECLARATIONS: usize = 100_000;
 const MAX_NAME_BYTES: usize = 128;
+const MAX_KEY_BYTES: usize = 256;
 
 /// What one edge node's births declared.
 #[derive(Debug, Default)]
@@ -181,10 +184,8 @@ impl State {
         if kind == Kind::Other {
             return Ok(Vec::new());
         }
+        count_metrics(payload)?;
         let payload = Payload::decode(payload).map_err(|_| DecodeError::Protobuf)?;
-        if payload.metrics.len() > MAX_FIELDS {
-            return Err(DecodeError::TooManyFields);
-        }
         let key = (group.to_owned(), edge.to_owned());
         if matches!(kind, Kind::NodeDeath | Kind::NodeBirth) {
             self.forget(&key);
@@ -192,8 +193,13 @@ impl State {
         if kind == Kind::NodeDeath {
             return Ok(Vec::new());
         }
-        if !self.nodes.contains_key(&key) && self.nodes.len() >= MAX_NODES {
-            // Not remembered: data is read by metric name only.
+        // Only a node's birth makes it remembered, within bounds; anything else from a node not
+        // remembered is read by metric names alone.
+        let remember = self.nodes.contains_key(&key)
+            || (kind == Kind::NodeBirth
+                && self.nodes.len() < MAX_NODES
+                && group.len() + edge.len() <= MAX_KEY_BYTES);
+        if !remember {
             let mut scratch = Node::default();
             let readings = self.read(&mut scratch, kind, &payload, group, edge, device);
             self.declarations -= scratch.aliases.len() + scratch.datatypes.len();
@@ -222,7 +228,7 @@ impl State {
         device: Option<&str>,
     ) -> Vec<Reading> {
         if let Some(seq) = payload.seq {
-            let expected = node.seq.map(|last| (last + 1) % 256);
+            let expected = node.seq.map(|last| last.wrapping_add(1) % 256);
             if kind != Kind::NodeBirth && expected.is_some_and(|e| e != seq) {
                 self.gaps.increment(1);
                 self.seen.0 += 1;
@@ -310,6 +316,25 @@ impl State {
         }
         vec![reading]
     }
+}
+
+/// Refuses a payload of more than [`MAX_FIELDS`] metrics before decoding it (decoded metrics
+/// take far more memory than their bytes).
+fn count_metrics(mut bytes: &[u8]) -> Result<(), DecodeError> {
+    use prost::encoding::{DecodeContext, decode_key, skip_field};
+    let mut metrics = 0;
+    while !bytes.is_empty() {
+        let (tag, wire_type) = decode_key(&mut bytes).map_err(|_| DecodeError::Protobuf)?;
+        if tag == 2 {
+            metrics += 1;
+            if metrics > MAX_FIELDS {
+                return Err(DecodeError::TooManyFields);
+            }
+        }
+        skip_field(wire_type, tag, &mut bytes, DecodeContext::default())
+            .map_err(|_| DecodeError::Protobuf)?;
+    }
+    Ok(())
 }
 
 /// A metric value as a field value, by its declared datatype: signed integers are carried in
@@ -453,6 +478,10 @@ mod tests {
         assert_eq!(field(&data[0], "Level"), Some(&Value::Float(0.25)));
         assert_eq!(data[0].unsupported, 1);
         assert_eq!(state.seen.1, 1);
+        assert!(
+            state.nodes.is_empty(),
+            "only a birth makes a node remembered"
+        );
 
         let birth = vec![metric(
             Some("Level"),
@@ -553,5 +582,12 @@ mod tests {
             state.decode("spBv1.0/g/NDATA/e", b"\xff\xff\xff"),
             Err(DecodeError::Protobuf)
         );
+        // Metrics are counted before they are decoded: empty ones cost two bytes each.
+        let many = b"\x12\x00".repeat(MAX_FIELDS + 1);
+        assert_eq!(
+            state.decode("spBv1.0/g/NDATA/e", &many),
+            Err(DecodeError::TooManyFields)
+        );
+        assert!(state.decode("spBv1.0/g/NDATA/e", &many[2..]).is_ok());
     }
 }
