@@ -458,6 +458,175 @@ mod tests {
         assert_eq!(state.seen, (0, 0));
     }
 
+    /// The Sparkplug 3.0 specification's own examples (chapter 6, "Payloads"), for the edge node
+    /// "Raspberry Pi" of the group "Sparkplug B Devices" and its device "Pibrella", in the
+    /// order a session sends them. The spec prints the DDATA with sequence number 0 although the
+    /// NDATA before it has 2: that is counted as a gap, and its values are still read.
+    #[test]
+    fn the_specifications_examples() {
+        const T: u64 = 1_486_144_502_122;
+        let named = |name: &str, datatype: u32, value: MetricValue| Metric {
+            name: Some(name.to_owned()),
+            timestamp: Some(T),
+            datatype: Some(datatype),
+            value: Some(value),
+            ..Metric::default()
+        };
+        let message = |seq: Option<u64>, metrics: Vec<Metric>| {
+            Payload {
+                timestamp: Some(T),
+                metrics,
+                seq,
+                ..Payload::default()
+            }
+            .encode_to_vec()
+        };
+        let (int64, uint64, float, boolean, string) = (4, 8, 9, 11, 12);
+        use MetricValue::*;
+        let mut state = State::default();
+        let nbirth = state
+            .decode(
+                "spBv1.0/Sparkplug B Devices/NBIRTH/Raspberry Pi",
+                &message(
+                    Some(0),
+                    vec![
+                        named("bdSeq", int64, LongValue(0)),
+                        named("Node Control/Reboot", boolean, BooleanValue(false)),
+                        named("Node Control/Rebirth", boolean, BooleanValue(false)),
+                        named("Node Control/Next Server", boolean, BooleanValue(false)),
+                        named("Node Control/Scan Rate", int64, LongValue(3000)),
+                        named(
+                            "Properties/Hardware Make",
+                            string,
+                            StringValue("Raspberry Pi".into()),
+                        ),
+                        named(
+                            "Properties/Hardware Model",
+                            string,
+                            StringValue("Pi 3 Model B".into()),
+                        ),
+                        named("Properties/OS", string, StringValue("Raspbian".into())),
+                        named(
+                            "Properties/OS Version",
+                            string,
+                            StringValue("Jessie with PIXEL/11.01.2017".into()),
+                        ),
+                        named("Supply Voltage", float, FloatValue(12.1)),
+                    ],
+                ),
+            )
+            .unwrap();
+        let r = &nbirth[0];
+        assert_eq!(
+            field(r, "group"),
+            Some(&Value::Str("Sparkplug B Devices".into()))
+        );
+        assert_eq!(
+            field(r, "edge_node"),
+            Some(&Value::Str("Raspberry Pi".into()))
+        );
+        assert_eq!(
+            field(r, "timestamp"),
+            Some(&Value::Float(1_486_144_502.122))
+        );
+        assert_eq!(field(r, "Node Control/Scan Rate"), Some(&Value::Int(3000)));
+        assert_eq!(
+            field(r, "Properties/OS Version"),
+            Some(&Value::Str("Jessie with PIXEL/11.01.2017".into()))
+        );
+        assert_eq!(
+            field(r, "Supply Voltage"),
+            Some(&Value::Float(f64::from(12.1f32)))
+        );
+        assert_eq!(
+            r.fields.len(),
+            4 + 10,
+            "group, node, time and seq, and the ten metrics"
+        );
+
+        let inputs = [
+            "Inputs/A",
+            "Inputs/B",
+            "Inputs/C",
+            "Inputs/D",
+            "Inputs/Button",
+        ];
+        let outputs = [
+            "Outputs/E",
+            "Outputs/F",
+            "Outputs/G",
+            "Outputs/H",
+            "Outputs/LEDs/Green",
+            "Outputs/LEDs/Red",
+            "Outputs/LEDs/Yellow",
+            "Outputs/Buzzer",
+        ];
+        let mut metrics: Vec<Metric> = inputs
+            .iter()
+            .chain(&outputs)
+            .map(|n| named(n, boolean, BooleanValue(false)))
+            .collect();
+        metrics.push(named(
+            "Properties/Hardware Make",
+            string,
+            StringValue("Pibrella".into()),
+        ));
+        let dbirth = state
+            .decode(
+                "spBv1.0/Sparkplug B Devices/DBIRTH/Raspberry Pi/Pibrella",
+                &message(Some(1), metrics),
+            )
+            .unwrap();
+        assert_eq!(
+            field(&dbirth[0], "device"),
+            Some(&Value::Str("Pibrella".into()))
+        );
+        assert_eq!(
+            field(&dbirth[0], "Outputs/LEDs/Green"),
+            Some(&Value::Bool(false))
+        );
+
+        let ndata = state
+            .decode(
+                "spBv1.0/Sparkplug B Devices/NDATA/Raspberry Pi",
+                &message(
+                    Some(2),
+                    vec![named("Supply Voltage", float, FloatValue(12.3))],
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            field(&ndata[0], "Supply Voltage"),
+            Some(&Value::Float(f64::from(12.3f32)))
+        );
+        assert_eq!(state.seen, (0, 0), "births and data follow on");
+
+        let ddata = state
+            .decode(
+                "spBv1.0/Sparkplug B Devices/DDATA/Raspberry Pi/Pibrella",
+                &message(
+                    Some(0),
+                    vec![
+                        named("Inputs/A", boolean, BooleanValue(true)),
+                        named("Inputs/C", boolean, BooleanValue(true)),
+                    ],
+                ),
+            )
+            .unwrap();
+        assert_eq!(field(&ddata[0], "Inputs/A"), Some(&Value::Bool(true)));
+        assert_eq!(field(&ddata[0], "Inputs/C"), Some(&Value::Bool(true)));
+        assert_eq!(state.seen.0, 1, "sequence 0 after 2");
+
+        let ndeath = state
+            .decode(
+                "spBv1.0/Sparkplug B Devices/NDEATH/Raspberry Pi",
+                &message(None, vec![named("bdSeq", uint64, LongValue(0))]),
+            )
+            .unwrap();
+        assert!(ndeath.is_empty());
+        assert!(state.nodes.is_empty() && state.declarations == 0);
+    }
+
     /// Data from a node whose birth the gateway never saw: named metrics are read, aliased ones
     /// dropped and counted. A death forgets the aliases; a sequence gap is counted.
     #[test]
