@@ -27,13 +27,6 @@ const SENML_CBOR: &str = "87a721781b75726e3a6465763a6f773a3130653230373361303130
 757272656e74062202fb3ff6666666666666a3006763757272656e74062102f93e00a300676375\
 7272656e74062002fb3ff999999999999aa3006763757272656e74060002fb3ffb333333333333";
 
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-        .collect()
-}
-
 fn sparkplug(seq: u64, birth: bool) -> Vec<u8> {
     Payload {
         timestamp: Some(1_764_072_000_000),
@@ -100,7 +93,7 @@ fn benches(c: &mut Criterion) {
             "senml_cbor",
             PayloadFormat::SenmlCbor,
             "city/x",
-            hex(SENML_CBOR),
+            hubgate::dry_run::from_hex(SENML_CBOR).expect("hex"),
         ),
         (
             "ngsi_keyvalues",

@@ -374,8 +374,8 @@ fn shown(path: &str, detector: &Detector) -> String {
     }
 }
 
-/// Bytes written as hexadecimal digits, spaces allowed between them.
-fn from_hex(hex: &str) -> Option<Vec<u8>> {
+/// Bytes written as hexadecimal digits, whitespace allowed between them.
+pub fn from_hex(hex: &str) -> Option<Vec<u8>> {
     let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
     if !digits.len().is_multiple_of(2) {
         return None;

@@ -333,6 +333,26 @@ impl Drop for NatsServer {
     }
 }
 
+/// A stream `seq` on `test/seq` that keeps a sequence number `n` (and padding `pad`), for the
+/// delivery tests: which numbers arrived, and how many times.
+pub fn sequence_stream(retention: &str) -> String {
+    format!(
+        r#"
+[[stream]]
+name = "seq"
+topics = ["test/seq"]
+purpose = "Delivery guarantees under test"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "{retention}"
+
+[stream.fields]
+n = "keep"
+pad = "keep"
+"#
+    )
+}
+
 /// An aggregated footfall stream: people counters on `city/footfall/<counter>/probe` report the
 /// MAC addresses they hear; the MAC is pseudonymised and counted as the contributor, groups are per
 /// counter. `extra_fields` are more `[stream.fields]` lines; `window`, `lateness` and `k` set the

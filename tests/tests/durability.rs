@@ -7,27 +7,10 @@ use std::time::{Duration, Instant};
 
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
 use hubgate_tests::{
-    Gateway, Mosquitto, Publisher, config, fields, gateway_bin, subscribe_request, wait_for,
+    Gateway, Mosquitto, Publisher, config, fields, gateway_bin, sequence_stream, subscribe_request,
+    wait_for,
 };
 use tokio_stream::StreamExt;
-
-fn sequence_stream(retention: &str) -> String {
-    format!(
-        r#"
-[[stream]]
-name = "seq"
-topics = ["test/seq"]
-purpose = "Delivery guarantees under test"
-legal_basis = "public task"
-principles = ["sustainability_resilience"]
-retention = "{retention}"
-
-[stream.fields]
-n = "keep"
-pad = "keep"
-"#
-    )
-}
 
 /// A configuration whose state lives in `data` (so it outlives each gateway process), with a
 /// `[store]` section of `store` lines.

@@ -6,22 +6,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use hubgate_proto::v1;
-use hubgate_tests::{Gateway, Mosquitto, NatsServer, Publisher, config, gateway_bin, wait_for};
+use hubgate_tests::{
+    Gateway, Mosquitto, NatsServer, Publisher, config, gateway_bin, sequence_stream, wait_for,
+};
 use prost::Message as _;
 use tokio_stream::StreamExt as _;
-
-const STREAM: &str = r#"
-[[stream]]
-name = "seq"
-topics = ["test/seq"]
-purpose = "Delivery guarantees under test"
-legal_basis = "public task"
-principles = ["sustainability_resilience"]
-retention = "1d"
-
-[stream.fields]
-n = "keep"
-"#;
 
 /// How many messages the JetStream stream `HUBGATE` holds.
 async fn stream_messages(url: &str) -> u64 {
@@ -78,7 +67,7 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     let broker = Mosquitto::start();
     let mut nats = NatsServer::not_started();
     let data = tempfile::tempdir().unwrap();
-    let cfg = config(broker.port, "gw-nats", STREAM).replace(
+    let cfg = config(broker.port, "gw-nats", &sequence_stream("1d")).replace(
         "[grpc]",
         &format!(
             "[store]\ndata_dir = {:?}\n\n[nats]\nurl = \"{}\"\nsubject_prefix = \"city.district1\"\n\
@@ -272,7 +261,7 @@ async fn districts_share_one_jetstream_stream() {
     let broker = Mosquitto::start();
     let nats = NatsServer::start();
     let district = |n: u32| {
-        let stream = STREAM.replace("test/seq", &format!("district{n}/seq"));
+        let stream = sequence_stream("1d").replace("test/seq", &format!("district{n}/seq"));
         config(broker.port, &format!("gw-district{n}"), &stream).replace(
             "[grpc]",
             &format!(

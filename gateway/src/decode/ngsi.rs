@@ -20,13 +20,13 @@
 //! `id` and `type` are fields like any other: an entity id often names a device or a place, so
 //! keep it only when the policy means to. `@context` is dropped without being counted.
 //!
-//! Limits are those of the JSON decoder ([`MAX_DEPTH`](super::MAX_DEPTH),
+//! The JSON decoder's checks run first, with its limits ([`MAX_DEPTH`](super::MAX_DEPTH),
 //! [`MAX_FIELDS`](super::MAX_FIELDS)); a payload over them, or not an entity, is rejected whole.
 
 use hubgate_privacy::{Reading, Value};
 use serde_json::{Map, Value as Json};
 
-use super::{DecodeError, MAX_DEPTH, MAX_FIELDS};
+use super::DecodeError;
 
 /// GeoJSON geometry types whose positions give a representative point.
 const GEOMETRIES: &[&str] = &["Point", "MultiPoint", "LineString", "Polygon"];
@@ -34,129 +34,84 @@ const GEOMETRIES: &[&str] = &["Point", "MultiPoint", "LineString", "Polygon"];
 /// Decodes one NGSI entity.
 pub fn entity(payload: &[u8]) -> Result<Reading, DecodeError> {
     // The JSON decoder's checks first: syntax (with line and column), depth, size, and fields
-    // given twice, which a parsed map would hide.
+    // given twice, which a parsed map would hide. What passes them parses, and the walk below
+    // stays within their limits (it makes no more fields, nor deeper ones, than they counted).
     super::json(payload)?;
-    let json: Json = serde_json::from_slice(payload).map_err(|err| match err.classify() {
-        serde_json::error::Category::Data => DecodeError::NotAnObject,
-        _ => DecodeError::Syntax {
-            line: err.line(),
-            column: err.column(),
-        },
-    })?;
-    let Json::Object(entity) = json else {
+    let Ok(Json::Object(entity)) = serde_json::from_slice::<Json>(payload) else {
         return Err(DecodeError::NotAnObject);
     };
-    let mut out = Walk {
-        reading: Reading::default(),
-        members: 0,
-    };
+    let mut reading = Reading::default();
     for key in ["id", "type"] {
         match entity.get(key) {
-            Some(Json::String(s)) => out.push(key.to_owned(), Value::Str(s.clone()))?,
+            Some(Json::String(s)) => reading.fields.push((key.to_owned(), Value::Str(s.clone()))),
             _ => return Err(DecodeError::NotAnEntity),
         }
     }
     for (name, value) in &entity {
-        if matches!(name.as_str(), "id" | "type" | "@context") {
-            continue;
+        if !matches!(name.as_str(), "id" | "type" | "@context") {
+            attribute(&mut reading, name, value);
         }
-        out.attribute(name, value)?;
     }
-    if super::has_duplicates(&out.reading.fields) {
+    if super::has_duplicates(&reading.fields) {
         return Err(DecodeError::DuplicateField);
     }
-    Ok(out.reading)
+    Ok(reading)
 }
 
-struct Walk {
-    reading: Reading,
-    /// Members seen at every level, as the JSON decoder counts them.
-    members: usize,
+/// One top-level attribute, in whichever form it comes.
+fn attribute(out: &mut Reading, name: &str, value: &Json) {
+    let Json::Object(object) = value else {
+        return flatten(out, name, value);
+    };
+    if let Some(point) = geometry(object) {
+        return push_point(out, name, point);
+    }
+    let normalised = object.get("type").is_some_and(Json::is_string)
+        && (object.contains_key("value") || object.contains_key("object"));
+    if !normalised {
+        return flatten(out, name, value);
+    }
+    // Everything beside the type and the value is metadata: dropped, and counted.
+    let metadata = object
+        .keys()
+        .filter(|key| !matches!(key.as_str(), "type" | "value" | "object"))
+        .count();
+    out.unsupported += u32::try_from(metadata).unwrap_or(u32::MAX);
+    match object.get("value").or_else(|| object.get("object")) {
+        Some(Json::Object(v)) => match (geometry(v), v.get("@value")) {
+            (Some(point), _) => push_point(out, name, point),
+            (None, Some(typed)) => flatten(out, name, typed),
+            (None, None) => flatten(out, name, &Json::Object(v.clone())),
+        },
+        Some(inner) => flatten(out, name, inner),
+        None => out.unsupported += 1,
+    }
 }
 
-impl Walk {
-    fn push(&mut self, path: String, value: Value) -> Result<(), DecodeError> {
-        self.count()?;
-        self.reading.fields.push((path, value));
-        Ok(())
-    }
+fn push_point(out: &mut Reading, name: &str, (lat, lon): (f64, f64)) {
+    out.fields.push((format!("{name}.lat"), Value::Float(lat)));
+    out.fields.push((format!("{name}.lon"), Value::Float(lon)));
+}
 
-    fn count(&mut self) -> Result<(), DecodeError> {
-        self.members += 1;
-        if self.members > MAX_FIELDS {
-            return Err(DecodeError::TooManyFields);
-        }
-        Ok(())
-    }
-
-    fn unsupported(&mut self) -> Result<(), DecodeError> {
-        self.count()?;
-        self.reading.unsupported += 1;
-        Ok(())
-    }
-
-    /// One top-level attribute, in whichever form it comes.
-    fn attribute(&mut self, name: &str, value: &Json) -> Result<(), DecodeError> {
-        let Json::Object(object) = value else {
-            return self.value(name, value, 1);
-        };
-        if let Some(point) = geometry(object) {
-            return self.point(name, point);
-        }
-        let normalised = object.get("type").is_some_and(Json::is_string)
-            && (object.contains_key("value") || object.contains_key("object"));
-        if !normalised {
-            return self.value(name, value, 1);
-        }
-        // Everything beside the type and the value is metadata: dropped, and counted.
-        for (key, _) in object {
-            if !matches!(key.as_str(), "type" | "value" | "object") {
-                self.unsupported()?;
+/// A plain JSON value at `path`, flattened as the JSON decoder does.
+fn flatten(out: &mut Reading, path: &str, value: &Json) {
+    let scalar = match value {
+        Json::Bool(b) => Value::Bool(*b),
+        Json::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Value::Int(i),
+            (None, Some(f)) => Value::Float(f),
+            (None, None) => return out.unsupported += 1,
+        },
+        Json::String(s) => Value::Str(s.clone()),
+        Json::Null | Json::Array(_) => return out.unsupported += 1,
+        Json::Object(object) => {
+            for (key, inner) in object {
+                flatten(out, &format!("{path}.{key}"), inner);
             }
+            return;
         }
-        let inner = object.get("value").or_else(|| object.get("object"));
-        match inner {
-            Some(Json::Object(v)) => match (geometry(v), v.get("@value")) {
-                (Some(point), _) => self.point(name, point),
-                (None, Some(typed)) => self.value(name, typed, 1),
-                (None, None) => self.value(name, &Json::Object(v.clone()), 1),
-            },
-            Some(inner) => self.value(name, inner, 1),
-            None => self.unsupported(),
-        }
-    }
-
-    fn point(&mut self, name: &str, (lat, lon): (f64, f64)) -> Result<(), DecodeError> {
-        self.push(format!("{name}.lat"), Value::Float(lat))?;
-        self.push(format!("{name}.lon"), Value::Float(lon))
-    }
-
-    /// A plain JSON value at `path`, flattened as the JSON decoder does.
-    fn value(&mut self, path: &str, value: &Json, depth: usize) -> Result<(), DecodeError> {
-        if depth > MAX_DEPTH {
-            return Err(DecodeError::TooDeep);
-        }
-        match value {
-            Json::Bool(b) => self.push(path.to_owned(), Value::Bool(*b)),
-            Json::Number(n) => {
-                let v = match (n.as_i64(), n.as_f64()) {
-                    (Some(i), _) => Value::Int(i),
-                    (None, Some(f)) => Value::Float(f),
-                    (None, None) => return self.unsupported(),
-                };
-                self.push(path.to_owned(), v)
-            }
-            Json::String(s) => self.push(path.to_owned(), Value::Str(s.clone())),
-            Json::Null | Json::Array(_) => self.unsupported(),
-            Json::Object(object) => {
-                self.count()?;
-                for (key, inner) in object {
-                    self.value(&format!("{path}.{key}"), inner, depth + 1)?;
-                }
-                Ok(())
-            }
-        }
-    }
+    };
+    out.fields.push((path.to_owned(), scalar));
 }
 
 /// The representative point `(lat, lon)` of a GeoJSON geometry: the point itself, or the mean of
@@ -201,6 +156,7 @@ fn collect_positions(coordinates: &Json, out: &mut Vec<(f64, f64)>, depth: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::MAX_FIELDS;
 
     fn example(name: &str) -> Vec<u8> {
         // The Smart Data Models initiative's own examples (tests/data/smart-data-models).

@@ -645,14 +645,6 @@ mod tests {
         out
     }
 
-    fn hex(s: &str) -> Vec<u8> {
-        let digits: Vec<u8> = s.bytes().filter(u8::is_ascii_hexdigit).collect();
-        digits
-            .chunks(2)
-            .map(|p| u8::from_str_radix(std::str::from_utf8(p).unwrap(), 16).unwrap())
-            .collect()
-    }
-
     /// RFC 8428 §5.1.1: a name with no base name, at "now".
     #[test]
     fn rfc_single_data_point() {
@@ -754,13 +746,14 @@ mod tests {
     /// 1.5 as a half-precision float and the last time as an explicit 0).
     #[test]
     fn rfc_cbor_example_equals_its_json() {
-        let bytes = hex(
+        let bytes = crate::dry_run::from_hex(
             "87a721781b75726e3a6465763a6f773a3130653230373361303130383030363a22fb41d303a15b
              00106223614120050067766f6c7461676501615602fb405e066666666666a3006763757272656e
              74062402fb3ff3333333333333a3006763757272656e74062302fb3ff4cccccccccccda3006763
              757272656e74062202fb3ff6666666666666a3006763757272656e74062102f93e00a300676375
              7272656e74062002fb3ff999999999999aa3006763757272656e74060002fb3ffb333333333333",
-        );
+        )
+        .expect("the RFC's hex dump");
         assert_eq!(bytes.len(), 0xc3);
         assert_eq!(
             cbor(&bytes, NOW_MS).unwrap(),
