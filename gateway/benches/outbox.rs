@@ -18,12 +18,12 @@ const BATCH: u64 = 1_000;
 /// Records held: beyond this, the oldest batch is purged before the next append.
 const HELD: u64 = 200_000;
 
-fn records(first: u64) -> Vec<Vec<u8>> {
+fn records(first: u64) -> Vec<bytes::Bytes> {
     (first..first + BATCH)
         .map(|i| {
             let mut r = format!("record {i:>12} ").into_bytes();
             r.resize(200, b'x');
-            r
+            r.into()
         })
         .collect()
 }

@@ -5,7 +5,8 @@
 //! place; older ones come from the outbox on a blocking thread. A follower that catches up waits for the
 //! store to grow; a client that reads slowly only fills its own channel, so it never blocks ingest
 //! or other subscribers. Replay and live are the same loop over the same log, so there is no gap
-//! and no duplicate where one becomes the other.
+//! and no duplicate where one becomes the other. Records are sent as the store holds them, encoded
+//! once when they were kept ([`SubscribeCodec`]), whatever the number of subscribers.
 //!
 //! Push: one task per call reads the origin's requests, validates each and waits for the pipeline
 //! to commit it before answering (see [`crate::push`]); a slow commit slows only that origin.
@@ -23,15 +24,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::{BufMut, Bytes};
 use hubgate_exporters::catalogue;
 use hubgate_privacy::Policy;
 use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
 use prost::Message as _;
+use std::pin::Pin;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+use tonic::server::NamedService;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -89,6 +96,82 @@ impl GatewayService {
             published,
             shutdown,
         }
+    }
+
+    /// Opens a Subscribe call: checks it, and starts one follower per stream.
+    fn open_subscription(&self, request: Request<v1::SubscribeRequest>) -> Result<Events, Status> {
+        let grant = self.tokens.check(request.metadata())?;
+        let req = request.into_inner();
+        let indexes: Vec<usize> = if req.streams.is_empty() {
+            // Every stream the caller may read.
+            let all: Vec<usize> = (0..self.policy.streams().len())
+                .filter(|&i| grant.stream(&self.policy.streams()[i].name))
+                .collect();
+            if all.is_empty() {
+                return Err(crate::auth::out_of_scope());
+            }
+            all
+        } else {
+            let mut indexes = Vec::new();
+            for name in &req.streams {
+                // Out of scope is refused alike whether the stream exists or not.
+                if !grant.stream(name) {
+                    return Err(crate::auth::out_of_scope());
+                }
+                let Some(i) = self.policy.streams().iter().position(|s| &s.name == name) else {
+                    return Err(Status::not_found("no such stream"));
+                };
+                if !indexes.contains(&i) {
+                    indexes.push(i);
+                }
+            }
+            indexes
+        };
+        if indexes.len() > self.max_streams_per_subscription {
+            metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "streams").increment(1);
+            return Err(Status::resource_exhausted(format!(
+                "a subscription may follow at most {} streams; name fewer, or subscribe more than once",
+                self.max_streams_per_subscription
+            )));
+        }
+        for name in req.from_sequence.keys() {
+            if !indexes
+                .iter()
+                .any(|&i| &self.policy.streams()[i].name == name)
+            {
+                return Err(Status::invalid_argument(
+                    "from_sequence names a stream that is not subscribed",
+                ));
+            }
+        }
+        let start = req
+            .start
+            .and_then(|s| s.position)
+            .unwrap_or(Position::Live(v1::Live {}));
+        let guard = Arc::new(self.subscribers.take()?);
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        for index in indexes {
+            let name = &self.policy.streams()[index].name;
+            let cursor = match (req.from_sequence.get(name), &start) {
+                (Some(&seq), _) => seq.max(1),
+                (None, Position::Sequence(seq)) => (*seq).max(1),
+                (None, Position::Oldest(_)) => 1,
+                (None, Position::Live(_)) => self.store.next_sequence(index),
+            };
+            let follower = Follower {
+                name: name.clone(),
+                shutdown: self.shutdown.clone(),
+                store: Arc::clone(&self.store),
+                index,
+                cursor,
+                tx: tx.clone(),
+                sent: metrics::counter!(catalogue::GRPC_RECORDS_SENT, "stream" => name.clone()),
+                sent_bytes: metrics::counter!(catalogue::GRPC_SENT_BYTES, "stream" => name.clone()),
+                _guard: Arc::clone(&guard),
+            };
+            tokio::spawn(follower.run(self.shutdown.clone()));
+        }
+        Ok(ReceiverStream::new(rx))
     }
 }
 
@@ -152,11 +235,14 @@ impl Drop for Place {
     }
 }
 
-type EventResult = Result<v1::SubscribeResponse, Status>;
+/// The events of one Subscribe call.
+type Events = ReceiverStream<Result<Outgoing, Status>>;
 
 #[tonic::async_trait]
 impl Gateway for GatewayService {
-    type SubscribeStream = ReceiverStream<EventResult>;
+    /// Served through [`Served`]; this is the same stream decoded into messages.
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<v1::SubscribeResponse, Status>> + Send + 'static>>;
     type PushStream = ReceiverStream<Result<v1::PushAck, Status>>;
     type WatchFootprintStream = ReceiverStream<Result<v1::Footprint, Status>>;
 
@@ -282,78 +368,9 @@ impl Gateway for GatewayService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let grant = self.tokens.check(request.metadata())?;
-        let req = request.into_inner();
-        let indexes: Vec<usize> = if req.streams.is_empty() {
-            // Every stream the caller may read.
-            let all: Vec<usize> = (0..self.policy.streams().len())
-                .filter(|&i| grant.stream(&self.policy.streams()[i].name))
-                .collect();
-            if all.is_empty() {
-                return Err(crate::auth::out_of_scope());
-            }
-            all
-        } else {
-            let mut indexes = Vec::new();
-            for name in &req.streams {
-                // Out of scope is refused alike whether the stream exists or not.
-                if !grant.stream(name) {
-                    return Err(crate::auth::out_of_scope());
-                }
-                let Some(i) = self.policy.streams().iter().position(|s| &s.name == name) else {
-                    return Err(Status::not_found("no such stream"));
-                };
-                if !indexes.contains(&i) {
-                    indexes.push(i);
-                }
-            }
-            indexes
-        };
-        if indexes.len() > self.max_streams_per_subscription {
-            metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "streams").increment(1);
-            return Err(Status::resource_exhausted(format!(
-                "a subscription may follow at most {} streams; name fewer, or subscribe more than once",
-                self.max_streams_per_subscription
-            )));
-        }
-        for name in req.from_sequence.keys() {
-            if !indexes
-                .iter()
-                .any(|&i| &self.policy.streams()[i].name == name)
-            {
-                return Err(Status::invalid_argument(
-                    "from_sequence names a stream that is not subscribed",
-                ));
-            }
-        }
-        let start = req
-            .start
-            .and_then(|s| s.position)
-            .unwrap_or(Position::Live(v1::Live {}));
-        let guard = Arc::new(self.subscribers.take()?);
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-        for index in indexes {
-            let name = &self.policy.streams()[index].name;
-            let cursor = match (req.from_sequence.get(name), &start) {
-                (Some(&seq), _) => seq.max(1),
-                (None, Position::Sequence(seq)) => (*seq).max(1),
-                (None, Position::Oldest(_)) => 1,
-                (None, Position::Live(_)) => self.store.next_sequence(index),
-            };
-            let follower = Follower {
-                name: name.clone(),
-                shutdown: self.shutdown.clone(),
-                store: Arc::clone(&self.store),
-                index,
-                cursor,
-                tx: tx.clone(),
-                sent: metrics::counter!(catalogue::GRPC_RECORDS_SENT, "stream" => name.clone()),
-                sent_bytes: metrics::counter!(catalogue::GRPC_SENT_BYTES, "stream" => name.clone()),
-                _guard: Arc::clone(&guard),
-            };
-            tokio::spawn(follower.run(self.shutdown.clone()));
-        }
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let events = self.open_subscription(request)?;
+        let responses = events.map(|event| event.and_then(Outgoing::into_response));
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn list_streams(
@@ -401,7 +418,7 @@ struct Follower {
     store: Arc<Store>,
     index: usize,
     cursor: u64,
-    tx: mpsc::Sender<EventResult>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
     sent: metrics::Counter,
     sent_bytes: metrics::Counter,
     _guard: Arc<Place>,
@@ -427,7 +444,7 @@ impl Follower {
                     first_sequence: first,
                     last_sequence: last,
                 };
-                if !self.send(Event::Gap(gap)).await {
+                if !self.send(Outgoing::Gap(gap)).await {
                     return;
                 }
             }
@@ -435,8 +452,8 @@ impl Follower {
             let count = batch.records.len() as u64;
             let mut bytes = 0;
             for stored in batch.records {
-                bytes += stored.record.encoded_len() as u64;
-                if !self.send(Event::Record(stored.record.clone())).await {
+                bytes += stored.bytes.len() as u64;
+                if !self.send(Outgoing::Record(stored.bytes.clone())).await {
                     return;
                 }
             }
@@ -456,9 +473,150 @@ impl Follower {
         }
     }
 
-    async fn send(&self, event: Event) -> bool {
-        let response = Ok(v1::SubscribeResponse { event: Some(event) });
-        send_or_stop(&self.tx, response, &self.shutdown).await
+    async fn send(&self, event: Outgoing) -> bool {
+        send_or_stop(&self.tx, Ok(event), &self.shutdown).await
+    }
+}
+
+/// One event of a Subscribe stream, ready to be written.
+#[derive(Debug, Clone, PartialEq)]
+enum Outgoing {
+    /// An encoded `hubgate.v1.Record`, as the store holds it: encoded once when it was kept and
+    /// shared by every subscriber, never encoded again.
+    Record(Bytes),
+    Gap(v1::Gap),
+}
+
+impl Outgoing {
+    /// Writes the event as a `SubscribeResponse` message.
+    fn encode(&self, buf: &mut impl BufMut) {
+        match self {
+            Outgoing::Record(record) => {
+                // `SubscribeResponse.record` is field 1; its value is the record's encoding.
+                prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, buf);
+                prost::encoding::encode_varint(record.len() as u64, buf);
+                buf.put_slice(record);
+            }
+            Outgoing::Gap(gap) => v1::SubscribeResponse {
+                event: Some(Event::Gap(gap.clone())),
+            }
+            .encode_raw(buf),
+        }
+    }
+
+    /// The event as a message, for the generated service's `subscribe`.
+    fn into_response(self) -> Result<v1::SubscribeResponse, Status> {
+        let event = match self {
+            Outgoing::Record(record) => Event::Record(
+                v1::Record::decode(record)
+                    .map_err(|_| Status::internal("a stored record does not decode"))?,
+            ),
+            Outgoing::Gap(gap) => Event::Gap(gap),
+        };
+        Ok(v1::SubscribeResponse { event: Some(event) })
+    }
+}
+
+/// The codec of Subscribe as served: requests are decoded by prost, and events are written as
+/// they are (see [`Outgoing`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct SubscribeCodec;
+
+impl Codec for SubscribeCodec {
+    type Encode = Outgoing;
+    type Decode = v1::SubscribeRequest;
+    type Encoder = Self;
+    type Decoder = Self;
+
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+impl Encoder for SubscribeCodec {
+    type Item = Outgoing;
+    type Error = Status;
+
+    fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst);
+        Ok(())
+    }
+}
+
+impl Decoder for SubscribeCodec {
+    type Item = v1::SubscribeRequest;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        v1::SubscribeRequest::decode(src)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(format!("malformed SubscribeRequest: {e}")))
+    }
+}
+
+/// A Subscribe call served with [`SubscribeCodec`].
+struct SubscribeCall(GatewayService);
+
+impl tonic::server::ServerStreamingService<v1::SubscribeRequest> for SubscribeCall {
+    type Response = Outgoing;
+    type ResponseStream = Events;
+    type Future = BoxFuture<Response<Events>, Status>;
+
+    fn call(&mut self, request: Request<v1::SubscribeRequest>) -> Self::Future {
+        let opened = self.0.open_subscription(request).map(Response::new);
+        Box::pin(std::future::ready(opened))
+    }
+}
+
+/// The `hubgate.v1.Gateway` service as served: the generated server, except that Subscribe is
+/// answered through [`SubscribeCodec`], so that records go out as the store holds them.
+#[derive(Debug, Clone)]
+struct Served {
+    service: GatewayService,
+    generated: GatewayServer<GatewayService>,
+}
+
+impl Served {
+    const SUBSCRIBE: &'static str = "/hubgate.v1.Gateway/Subscribe";
+
+    fn new(service: GatewayService) -> Self {
+        Self {
+            generated: GatewayServer::new(service.clone()),
+            service,
+        }
+    }
+}
+
+impl NamedService for Served {
+    const NAME: &'static str = <GatewayServer<GatewayService> as NamedService>::NAME;
+}
+
+impl<B> Service<http::Request<B>> for Served
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != Self::SUBSCRIBE {
+            return self.generated.call(request);
+        }
+        let call = SubscribeCall(self.service.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(SubscribeCodec);
+            Ok(grpc.server_streaming(call, request).await)
+        })
     }
 }
 
@@ -504,7 +662,7 @@ pub async fn serve(
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(GatewayServer::new(service))
+        .add_service(Served::new(service))
         .serve_with_incoming_shutdown(
             // Records go out as soon as they are written, not when Nagle's algorithm lets them
             // (which held small writes for tens of milliseconds).

@@ -35,7 +35,6 @@ use async_nats::jetstream::{self, context::PublishAckFuture};
 use hubgate_exporters::catalogue;
 use hubgate_privacy::Policy;
 use metrics::{Counter, Gauge};
-use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NatsConfig, NatsPayload};
@@ -365,7 +364,7 @@ async fn publish(
                 break;
             }
             for stored in &batch.records {
-                let sequence = stored.record.sequence;
+                let sequence = stored.sequence;
                 let mut headers = async_nats::HeaderMap::new();
                 headers.insert(
                     async_nats::header::NATS_MESSAGE_ID,
@@ -377,17 +376,28 @@ async fn publish(
                     NatsPayload::Protobuf => {
                         headers.insert("Hubgate-Type", "hubgate.v1.Record");
                         headers.insert("Content-Type", "application/x-protobuf");
-                        stored.record.encode_to_vec()
+                        stored.bytes.clone()
                     }
                     NatsPayload::NgsiLd => {
                         headers.insert("Hubgate-Type", "ngsi-ld");
                         headers.insert("Content-Type", "application/ld+json");
-                        serde_json::to_vec(&crate::ngsi_ld::entity(&stored.record, incarnation))
+                        let Ok(record) = stored.record() else {
+                            // Never written so: records are checked as they are read back.
+                            s.lost.increment(1);
+                            tracing::error!(stream = %s.name, sequence, "a stored record does not decode: not published to NATS");
+                            if pending.is_empty() {
+                                s.position.acked = sequence;
+                            }
+                            sent = sequence;
+                            continue;
+                        };
+                        serde_json::to_vec(&crate::ngsi_ld::entity(&record, incarnation))
                             .unwrap_or_default()
+                            .into()
                     }
                 };
                 let bytes = payload.len() as u64;
-                let publish = js.publish_with_headers(s.subject.clone(), headers, payload.into());
+                let publish = js.publish_with_headers(s.subject.clone(), headers, payload);
                 let ack = tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     ack = publish => ack?,

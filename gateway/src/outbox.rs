@@ -87,7 +87,8 @@ pub struct Append {
     pub kept_ms: i64,
     /// How long one data key of the stream seals (see [`datakeys::rotation`]).
     pub key_period: Duration,
-    pub records: Vec<Vec<u8>>,
+    /// Encoded records, shared with the store's memory tail.
+    pub records: Vec<bytes::Bytes>,
 }
 
 /// Everything one pipeline turn writes, applied atomically.
@@ -247,7 +248,7 @@ fn seq_of(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-fn batch_len(records: &[Vec<u8>]) -> usize {
+fn batch_len(records: &[bytes::Bytes]) -> usize {
     HEADER + datakeys::OVERHEAD + records.iter().map(|r| 4 + r.len()).sum::<usize>()
 }
 
@@ -817,7 +818,7 @@ mod tests {
             first,
             kept_ms,
             key_period: Duration::from_secs(10),
-            records: (first..=last).map(rec).collect(),
+            records: (first..=last).map(|s| rec(s).into()).collect(),
         }
     }
 
@@ -956,7 +957,9 @@ mod tests {
         let marked = |first: u64, kept_ms: i64| {
             let mut a = append("s", first, first + 99, kept_ms);
             for (i, r) in a.records.iter_mut().enumerate() {
-                *r = format!("MARKER-{:05}", first + i as u64).into_bytes();
+                *r = format!("MARKER-{:05}", first + i as u64)
+                    .into_bytes()
+                    .into();
             }
             a
         };
@@ -1111,7 +1114,9 @@ mod tests {
             );
             let bytes: u64 = batches
                 .iter()
-                .map(|&(f, c)| batch_len(&(f..f + c).map(rec).collect::<Vec<_>>()) as u64)
+                .map(|&(f, c)| {
+                    batch_len(&(f..f + c).map(|s| rec(s).into()).collect::<Vec<_>>()) as u64
+                })
                 .sum();
             prop_assert_eq!(outbox.record_bytes(), bytes);
         }

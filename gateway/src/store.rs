@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hubgate_exporters::catalogue;
 use hubgate_proto::v1;
 use metrics::{Counter, Gauge};
@@ -50,14 +51,64 @@ use crate::config::{OnFull, StoreConfig};
 use crate::outbox::{Append, BatchInfo, Commit, Outbox, OutboxError, Purged};
 use crate::pipeline::now_ms;
 
+/// Field number of `sequence` in `hubgate.v1.Record`.
+const SEQUENCE_FIELD: u32 = 2;
+
 /// How often [`Store::purge_expired_all`] runs (see `crate::start`).
 pub const PURGE_TICK_MS: i64 = 1_000;
 
-/// A record in the store, with when it was kept.
-#[derive(Debug)]
+/// A record in the store, with when it was kept: the encoded `hubgate.v1.Record`, as the outbox
+/// holds it and subscribers receive it. Records are encoded once, when they are staged, and
+/// shared from then on.
+#[derive(Debug, Clone)]
 pub struct Stored {
     pub kept_ms: i64,
-    pub record: v1::Record,
+    pub sequence: u64,
+    pub bytes: Bytes,
+}
+
+impl Stored {
+    /// The record, decoded.
+    pub fn record(&self) -> Result<v1::Record, prost::DecodeError> {
+        v1::Record::decode(self.bytes.as_ref())
+    }
+}
+
+/// Records encoded as `hubgate.v1.Record` messages without their sequence (field 2 left at 0, so
+/// absent), back to back in one buffer: what the pipeline hands to [`Store::stage_encoded`].
+/// Protobuf decoders take fields in any order, so the store writes each sequence in front.
+#[derive(Debug, Default)]
+pub struct Bodies {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Bodies {
+    /// Appends one record, which `encode` writes.
+    pub fn push_with(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        encode(&mut self.buf);
+        self.ends.push(self.buf.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.buf[start..end])
+    }
 }
 
 /// The result of a read.
@@ -148,7 +199,7 @@ impl StreamLog {
         while tail
             .records
             .front()
-            .is_some_and(|r| r.record.sequence <= purged_through || r.kept_ms < cutoff)
+            .is_some_and(|r| r.sequence <= purged_through || r.kept_ms < cutoff)
         {
             tail.records.pop_front();
         }
@@ -259,16 +310,34 @@ impl Store {
         records: impl IntoIterator<Item = v1::Record>,
         now_ms: i64,
     ) {
+        let mut bodies = Bodies::default();
+        for mut record in records {
+            record.sequence = 0;
+            bodies.push_with(|buf| record.encode_raw(buf));
+        }
+        self.stage_encoded(pending, index, &bodies, now_ms);
+    }
+
+    /// Stages records given encoded without their sequence (see [`Bodies`]) for the next commit:
+    /// each gets its sequence number written in front of it.
+    pub fn stage_encoded(&self, pending: &mut Pending, index: usize, bodies: &Bodies, now_ms: i64) {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
         let s = self.stream(index);
         let mut encoded = Vec::new();
         let mut stored = Vec::new();
         let first = s.staged.load(Ordering::Relaxed);
-        for (i, mut record) in records.into_iter().enumerate() {
-            record.sequence = first + i as u64;
-            encoded.push(record.encode_to_vec());
+        for (i, body) in bodies.iter().enumerate() {
+            let sequence = first + i as u64;
+            let mut bytes = Vec::with_capacity(1 + encoded_len_varint(sequence) + body.len());
+            encode_key(SEQUENCE_FIELD, WireType::Varint, &mut bytes);
+            encode_varint(sequence, &mut bytes);
+            bytes.extend_from_slice(body);
+            let bytes = Bytes::from(bytes);
+            encoded.push(bytes.clone());
             stored.push(Arc::new(Stored {
                 kept_ms: now_ms,
-                record,
+                sequence,
+                bytes,
             }));
         }
         if stored.is_empty() {
@@ -319,7 +388,7 @@ impl Store {
             let s = self.stream(index);
             let mut tail = s.tail();
             if let Some(last) = records.last() {
-                tail.next = last.record.sequence + 1;
+                tail.next = last.sequence + 1;
             }
             tail.records.extend(records);
             let over = tail.records.len().saturating_sub(self.memory_records);
@@ -431,11 +500,7 @@ impl Store {
     /// Whether a read from `from` must go to the disk (it is before the records held in memory).
     pub fn reads_disk(&self, index: usize, from: u64) -> bool {
         let tail = self.stream(index).tail();
-        from < tail.next
-            && tail
-                .records
-                .front()
-                .is_none_or(|r| from < r.record.sequence)
+        from < tail.next && tail.records.front().is_none_or(|r| from < r.sequence)
     }
 
     /// Reads up to `max` consecutive records of a stream from sequence `from` on. Reads from disk
@@ -453,17 +518,17 @@ impl Store {
                 };
             }
             match tail.records.front() {
-                Some(front) if front.record.sequence <= from => {
-                    let skip = usize::try_from(from - front.record.sequence).unwrap_or(usize::MAX);
+                Some(front) if front.sequence <= from => {
+                    let skip = usize::try_from(from - front.sequence).unwrap_or(usize::MAX);
                     let mut fresh = Fresh::new(cutoff, max);
                     for r in tail.records.iter().skip(skip) {
-                        if !fresh.offer(r.record.sequence, r.kept_ms, || Some(Arc::clone(r))) {
+                        if !fresh.offer(r.sequence, r.kept_ms, || Some(Arc::clone(r))) {
                             break;
                         }
                     }
                     return fresh.batch(from, tail.next);
                 }
-                Some(front) => front.record.sequence,
+                Some(front) => front.sequence,
                 None => tail.next,
             }
         };
@@ -483,12 +548,14 @@ impl Store {
         }
         let mut fresh = Fresh::new(cutoff, max);
         for r in read.records {
+            // Batches are authenticated, so a record that does not decode was written damaged.
             let decoded = || match v1::Record::decode(r.bytes.as_slice()) {
-                Ok(record) => Some(Arc::new(Stored {
+                Ok(record) if record.sequence == r.sequence => Some(Arc::new(Stored {
                     kept_ms: r.kept_ms,
-                    record,
+                    sequence: r.sequence,
+                    bytes: Bytes::from(r.bytes),
                 })),
-                Err(_) => {
+                _ => {
                     s.damaged.increment(1);
                     None
                 }
@@ -532,7 +599,7 @@ impl Store {
         let last = s.tail().next - 1;
         let oldest = match self.outbox.oldest(&s.name) {
             Ok(Some(batch)) => batch.first,
-            _ => s.tail().records.front().map_or(0, |r| r.record.sequence),
+            _ => s.tail().records.front().map_or(0, |r| r.sequence),
         };
         (oldest, last)
     }
@@ -585,7 +652,7 @@ impl Fresh {
             || self
                 .records
                 .last()
-                .is_some_and(|l| l.record.sequence + 1 != sequence)
+                .is_some_and(|l| l.sequence + 1 != sequence)
         {
             return false;
         }
@@ -606,7 +673,7 @@ impl Fresh {
     /// `resume` is gone.
     fn batch(self, from: u64, resume: u64) -> Batch {
         let (start, next) = match (self.records.first(), self.records.last(), self.skipped_to) {
-            (Some(first), Some(last), _) => (first.record.sequence, last.record.sequence + 1),
+            (Some(first), Some(last), _) => (first.sequence, last.sequence + 1),
             (_, _, Some(skipped)) => (skipped + 1, skipped + 1),
             _ => (resume, resume),
         };
@@ -635,7 +702,7 @@ mod tests {
     }
 
     fn seqs(b: &Batch) -> Vec<u64> {
-        b.records.iter().map(|r| r.record.sequence).collect()
+        b.records.iter().map(|r| r.sequence).collect()
     }
 
     fn config(memory: usize, max_bytes: u64, on_full: OnFull) -> StoreConfig {
@@ -704,7 +771,15 @@ mod tests {
             let b = s.read(0, 2, 100, 0);
             assert_eq!(b.gap, None);
             assert_eq!(seqs(&b), (2..=10).collect::<Vec<_>>());
-            assert_eq!(b.records[0].record.event_time.unwrap().seconds, 1);
+            assert_eq!(
+                b.records[0]
+                    .record()
+                    .expect("decodes")
+                    .event_time
+                    .unwrap()
+                    .seconds,
+                1
+            );
         }
         let s = open(dir.path(), &config(3, 1 << 20, OnFull::DropOldest));
         assert_eq!(s.positions(0), (1, 10));

@@ -285,10 +285,20 @@ async fn call(
                 }
                 s.sent = last;
             }
-            let Some(newest) = batch.records.last().map(|r| r.record.sequence) else {
+            let Some(newest) = batch.records.last().map(|r| r.sequence) else {
                 break;
             };
-            let records: Vec<v1::Record> = batch.records.iter().map(|r| r.record.clone()).collect();
+            let records: Vec<v1::Record> = batch
+                .records
+                .iter()
+                .filter_map(|r| r.record().ok())
+                .collect();
+            // Never so: records are checked as they are read back.
+            let undecodable = batch.records.len() - records.len();
+            if undecodable > 0 {
+                s.lost.increment(undecodable as u64);
+                tracing::error!(stream = %s.name, undecodable, "stored records that do not decode are not sent upstream");
+            }
             let count = records.len() as u64;
             let request = v1::PushRequest {
                 origin: config.origin.clone(),
