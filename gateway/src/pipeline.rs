@@ -209,11 +209,36 @@ struct Windows {
     key_generation: Option<u64>,
 }
 
-/// A window checkpoint as stored in the outbox.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+/// A window checkpoint as stored in the outbox: [`CHECKPOINT_MAGIC`], the spec's fingerprint
+/// (`u32`, little-endian), then the state's binary form ([`WindowState::encode`]).
+#[derive(Debug, serde::Deserialize)]
 struct Checkpoint {
     spec: u32,
     state: WindowState,
+}
+
+/// Marks a binary window checkpoint. Checkpoints written before it are JSON, and are still read.
+const CHECKPOINT_MAGIC: &[u8; 4] = b"HGW\x01";
+
+impl Checkpoint {
+    fn encode(spec: u32, state: &WindowState) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(64 + 16 * usize::try_from(state.entries()).unwrap_or(0));
+        bytes.extend_from_slice(CHECKPOINT_MAGIC);
+        bytes.extend_from_slice(&spec.to_le_bytes());
+        state.encode(&mut bytes);
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> anyhow::Result<Self> {
+        let Some(rest) = bytes.strip_prefix(CHECKPOINT_MAGIC) else {
+            return Ok(serde_json::from_slice(bytes)?);
+        };
+        let (spec, state) = rest.split_first_chunk::<4>().unwrap_or((&[0; 4], &[]));
+        Ok(Self {
+            spec: u32::from_le_bytes(*spec),
+            state: WindowState::decode(state)?,
+        })
+    }
 }
 
 fn checkpoint_name(stream: &str) -> String {
@@ -230,7 +255,7 @@ fn resume_windows(
     let name = checkpoint_name(&stream.name);
     let mut state = WindowState::default();
     if let Some(bytes) = store.checkpoint(&name)? {
-        let saved: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| {
+        let saved = Checkpoint::decode(&bytes).map_err(|e| {
             anyhow::anyhow!(
                 "the window checkpoint of stream '{}' is damaged: {e}",
                 stream.name
@@ -473,23 +498,12 @@ impl Pipeline {
             }) else {
                 continue;
             };
-            let checkpoint = Checkpoint {
-                spec: w.spec,
-                state: std::mem::take(&mut w.state),
-            };
-            let bytes = serde_json::to_vec(&checkpoint);
-            w.state = checkpoint.state;
-            match bytes {
-                Ok(bytes) => {
-                    self.pending
-                        .checkpoint(checkpoint_name(&stream.name), bytes);
-                    w.dirty = false;
-                    w.must_checkpoint = false;
-                    w.checkpointed_ms = now_ms;
-                }
-                // Nothing is committed (or acknowledged) without the window state.
-                Err(_) => return Err(CommitError::Checkpoint(stream.name.clone())),
-            }
+            let bytes = Checkpoint::encode(w.spec, &w.state);
+            self.pending
+                .checkpoint(checkpoint_name(&stream.name), bytes);
+            w.dirty = false;
+            w.must_checkpoint = false;
+            w.checkpointed_ms = now_ms;
         }
         let result = self.store.commit(&mut self.pending, now_ms);
         match &result {
@@ -1089,6 +1103,62 @@ mod tests {
             ".{0,40}".prop_map(Value::Str),
             any::<bool>().prop_map(Value::Bool),
         ]
+    }
+
+    #[test]
+    fn window_checkpoints_are_binary_and_those_written_as_json_still_resume() {
+        let (policy, _) = hubgate_privacy::policy::from_toml(
+            r#"
+[[stream]]
+name = "counts"
+topics = ["c/+"]
+purpose = "test"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+
+[stream.fields]
+zone = "keep"
+device = "keep"
+
+[stream.aggregate]
+window = "1m"
+group_by = ["zone"]
+contributor = "device"
+min_group_size = 2
+
+[stream.aggregate.measures]
+readings = "count"
+"#,
+        )
+        .unwrap();
+        let spec = policy.streams()[0].aggregate.as_ref().unwrap();
+        let mut state = WindowState::default();
+        for i in 0..10 {
+            let record = Record {
+                event_time_ms: 60_000,
+                fields: vec![
+                    ("zone".into(), Value::Str(format!("z{}", i % 3))),
+                    ("device".into(), Value::Int(i)),
+                ],
+            };
+            assert_eq!(state.absorb(spec, &record, 60_000), Absorbed::Counted);
+        }
+        let binary = Checkpoint::encode(7, &state);
+        assert!(binary.starts_with(CHECKPOINT_MAGIC));
+        let read = Checkpoint::decode(&binary).unwrap();
+        assert_eq!((read.spec, &read.state), (7, &state));
+        let json = serde_json::to_vec(&serde_json::json!({ "spec": 7, "state": state })).unwrap();
+        assert!(json.len() > binary.len());
+        let read = Checkpoint::decode(&json).unwrap();
+        assert_eq!((read.spec, &read.state), (7, &state));
+        for damaged in [
+            &binary[..binary.len() - 1],
+            &binary[..6],
+            &json[..json.len() - 1],
+        ] {
+            assert!(Checkpoint::decode(damaged).is_err());
+        }
     }
 
     proptest! {

@@ -150,8 +150,6 @@ pub enum CommitError {
     Full { held: u64, max: u64 },
     #[error(transparent)]
     Outbox(#[from] OutboxError),
-    #[error("cannot serialise the window checkpoint of stream '{0}'")]
-    Checkpoint(String),
 }
 
 /// The in-memory tail of a stream.

@@ -41,6 +41,9 @@ use crate::noise::{RandomSource, discrete_laplace};
 use crate::policy::aggregate::{Aggregation, MeasureFn};
 use crate::value::{Record, Value};
 
+mod wire;
+pub use wire::Malformed;
+
 /// What happened to a record offered to the windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Absorbed {

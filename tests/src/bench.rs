@@ -269,13 +269,16 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 
-    let gw = Gateway::start(
+    // Run as deployed: the systemd unit, the container file and the Kubernetes manifest all set
+    // MALLOC_ARENA_MAX=2.
+    let gw = Gateway::start_with_env(
         gateway,
         &config(
             broker.port,
             "hubgate-bench",
             &format!("{}\n{POLICY}", settings.extra_config),
         ),
+        &[("MALLOC_ARENA_MAX", "2")],
     );
     gw.wait_ready();
     let seen = Arc::new(Seen::default());

@@ -413,6 +413,11 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `bin run --config` with `config_text`, and waits until it listens.
     pub fn start(bin: &Path, config_text: &str) -> Self {
+        Self::start_with_env(bin, config_text, &[])
+    }
+
+    /// [`Gateway::start`], with these environment variables set for the gateway.
+    pub fn start_with_env(bin: &Path, config_text: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("hubgate.toml");
         std::fs::write(&config_path, config_text).expect("write config");
@@ -424,6 +429,7 @@ impl Gateway {
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

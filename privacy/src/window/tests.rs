@@ -214,8 +214,7 @@ fn a_checkpointed_state_resumes_where_it_stopped() {
         assert_eq!(straight.absorb(spec, r, T0 + MIN), Absorbed::Counted);
         resumed.absorb(spec, r, T0 + MIN);
         if i == 120 {
-            let json = serde_json::to_string(&resumed).unwrap();
-            resumed = serde_json::from_str(&json).unwrap();
+            resumed = roundtrip(&resumed);
         }
     }
     assert_eq!(straight, resumed);
@@ -242,6 +241,71 @@ fn the_state_holds_digests_not_values() {
     let json = serde_json::to_string(&state).unwrap();
     assert!(!json.contains("3c:22"), "{json}");
     assert!(!json.contains("north-gate"), "{json}");
+    let mut binary = Vec::new();
+    state.encode(&mut binary);
+    for raw in ["3c:22", "north-gate"] {
+        assert!(!binary.windows(raw.len()).any(|w| w == raw.as_bytes()));
+    }
+}
+
+/// The state through its binary form.
+fn roundtrip(state: &WindowState) -> WindowState {
+    let mut bytes = Vec::new();
+    state.encode(&mut bytes);
+    WindowState::decode(&bytes).expect("decodes")
+}
+
+#[test]
+fn the_binary_form_keeps_every_part_of_the_state_and_refuses_damage() {
+    let p = policy(NOISY);
+    let spec = agg(&p);
+    let mut state = WindowState::default();
+    for i in 0..40 {
+        state.absorb(
+            spec,
+            &reading(
+                T0 + (i % 3) * MIN,
+                &format!("c-{}", i % 4),
+                &format!("m-{}", i % 7),
+                -50,
+                "z",
+            ),
+            T0 + MIN,
+        );
+        if i == 20 {
+            state.rekey(T0 + MIN);
+        }
+    }
+    let plain = policy(PLAIN);
+    let mut numbers = WindowState::default();
+    for i in 0..30 {
+        let r = Record {
+            event_time_ms: T0,
+            fields: vec![
+                ("counter_id".into(), Value::Str(format!("c-{}", i % 2))),
+                ("mac".into(), Value::Str(format!("m-{i}"))),
+                ("rssi".into(), Value::Float(-40.5 - f64::from(i))),
+                ("zone".into(), Value::Str(format!("z-{}", i % 3))),
+            ],
+        };
+        numbers.absorb(agg(&plain), &r, T0);
+    }
+    for state in [&state, &numbers, &WindowState::default()] {
+        assert_eq!(&roundtrip(state), state);
+    }
+    assert!(state.windows.values().any(|w| !w.contributions.is_empty()));
+    assert!(!state.rekeys_ms.is_empty());
+    let mut bytes = Vec::new();
+    numbers.encode(&mut bytes);
+    for cut in 0..bytes.len() {
+        assert!(WindowState::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    bytes.push(0);
+    assert!(WindowState::decode(&bytes).is_err(), "trailing bytes");
+    // A count larger than the input can hold is refused before anything is allocated for it.
+    let mut huge = vec![0u8; 20];
+    huge.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(WindowState::decode(&huge).is_err());
 }
 
 #[test]
@@ -364,9 +428,7 @@ fn a_device_under_two_keys_is_not_counted_twice() {
     let mut state = WindowState::default();
     state.rekey(T0);
     state.absorb(spec, &reading(T0, "c-1", "m-a", -50, "n"), T0);
-    let resumed: WindowState =
-        serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
-    assert_eq!(resumed, state);
+    assert_eq!(roundtrip(&state), state);
 }
 
 #[test]
