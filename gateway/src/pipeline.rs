@@ -941,6 +941,9 @@ fn to_proto_value(value: Value) -> v1::Value {
 }
 
 /// Acknowledges messages to the broker without ever blocking on the request channel.
+///
+/// An ack waiting for room keeps only the packet id and QoS: a message's payload shares the
+/// buffer it was read into, which would stay allocated as long as any message read with it.
 #[derive(Debug)]
 pub struct Acker {
     client: AsyncClient,
@@ -960,7 +963,15 @@ impl Acker {
         self.pending.extend(
             batch
                 .into_iter()
-                .filter(|p| p.qos != rumqttc::QoS::AtMostOnce),
+                .filter(|p| p.qos != rumqttc::QoS::AtMostOnce)
+                .map(|p| Publish {
+                    dup: false,
+                    qos: p.qos,
+                    retain: false,
+                    topic: String::new(),
+                    pkid: p.pkid,
+                    payload: bytes::Bytes::new(),
+                }),
         );
         self.flush();
     }
