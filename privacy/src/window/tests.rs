@@ -605,3 +605,77 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// A copy of the state taken at any point, plus the journal of what was absorbed after it,
+    /// is the state: with every kind of measure, with noise (bounded contributions), and across
+    /// a rekey taken as a new copy.
+    #[test]
+    fn a_copy_and_its_journal_make_the_state(
+        input in prop::collection::vec(arb_reading(), 0..200),
+        copy_at in 0usize..200,
+        rekey_at in 0usize..400,
+        noisy in any::<bool>(),
+    ) {
+        let p = policy(if noisy { NOISY } else { PLAIN });
+        let spec = agg(&p);
+        let mut state = WindowState::default();
+        let mut copy = roundtrip(&state);
+        let mut journal = Vec::new();
+        for (i, (o, c, m, rssi)) in input.iter().enumerate() {
+            if i == copy_at || i == rekey_at {
+                if i == rekey_at {
+                    state.rekey(T0);
+                }
+                copy = roundtrip(&state);
+                journal.clear();
+            }
+            let r = reading(T0 + o, &format!("c-{c}"), &format!("m-{m}"), *rssi, &format!("z-{}", i % 3));
+            let before = journal.len();
+            let absorbed = state.absorb_journaled(spec, &r, T0 + 2 * MIN, &mut journal);
+            prop_assert_eq!(absorbed == Absorbed::Counted, journal.len() > before);
+        }
+        let replayed = copy.replay(spec, &journal).expect("a journal this state wrote");
+        prop_assert_eq!(&copy, &state);
+        prop_assert!(replayed <= input.len());
+    }
+}
+
+#[test]
+fn a_damaged_journal_is_refused_and_holds_no_raw_value() {
+    let p = policy(PLAIN);
+    let spec = agg(&p);
+    let mut state = WindowState::default();
+    let mut journal = Vec::new();
+    let mut ends = Vec::new();
+    for mac in ["3c:22:fb:00:11:22", "3c:22:fb:00:11:23"] {
+        state.absorb_journaled(
+            spec,
+            &reading(T0, "c-1", mac, -50, "north-gate"),
+            T0,
+            &mut journal,
+        );
+        ends.push(journal.len());
+    }
+    for raw in ["3c:22", "north-gate"] {
+        assert!(!journal.windows(raw.len()).any(|w| w == raw.as_bytes()));
+    }
+    let mut copy = WindowState::default();
+    for cut in (1..journal.len()).filter(|cut| !ends.contains(cut)) {
+        assert!(
+            copy.clone().replay(spec, &journal[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    // A journal written under a spec with other measures does not fit.
+    let other = policy(NOISY);
+    assert!(
+        WindowState::default()
+            .replay(agg(&other), &journal)
+            .is_err()
+    );
+    assert_eq!(copy.replay(spec, &journal), Ok(2));
+    assert_eq!(copy, state);
+}
