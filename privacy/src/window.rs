@@ -126,25 +126,6 @@ struct Window {
     contributions: BTreeMap<u64, u32>,
 }
 
-/// What absorbing one reading changes: the state's own digests and numbers, never a value of
-/// the reading itself (see [`WindowState::absorb_journaled`]).
-#[derive(Debug, Clone, PartialEq)]
-struct Absorption {
-    start: i64,
-    key: Vec<KeyValue>,
-    contributor: u64,
-    /// Per measure: what it takes in, if anything.
-    inputs: Vec<Option<Input>>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Input {
-    /// A distinct value's digest.
-    Digest(u64),
-    /// A number, already clamped (and rounded under noise).
-    Number(f64),
-}
-
 /// A contributor digest made distinct per key generation, for the contributions map.
 fn generation_digest(generation: u32, contributor: u64) -> u64 {
     contributor ^ u64::from(generation).wrapping_mul(0x9e37_79b9_7f4a_7c15)
@@ -272,64 +253,18 @@ impl WindowState {
 
     /// Adds a filtered record to its window. `now_ms` is the gateway's clock.
     pub fn absorb(&mut self, spec: &Aggregation, record: &Record, now_ms: i64) -> Absorbed {
-        match self.absorption(spec, record, now_ms) {
-            Ok(absorption) => self.apply(spec, &absorption),
-            Err(refused) => refused,
-        }
-    }
-
-    /// [`WindowState::absorb`], appending what changed the state to `journal`: a journal replayed
-    /// onto a copy of the state taken when it was empty ([`WindowState::replay`]) makes the copy
-    /// equal to the state. Only absorptions are journaled: after a release or a rekey, the
-    /// caller takes a new copy.
-    pub fn absorb_journaled(
-        &mut self,
-        spec: &Aggregation,
-        record: &Record,
-        now_ms: i64,
-        journal: &mut Vec<u8>,
-    ) -> Absorbed {
-        match self.absorption(spec, record, now_ms) {
-            Ok(absorption) => {
-                let absorbed = self.apply(spec, &absorption);
-                if absorbed == Absorbed::Counted {
-                    absorption.encode(journal);
-                }
-                absorbed
-            }
-            Err(refused) => refused,
-        }
-    }
-
-    /// Applies a journal written by [`WindowState::absorb_journaled`]. Returns the number of
-    /// absorptions replayed.
-    pub fn replay(&mut self, spec: &Aggregation, journal: &[u8]) -> Result<usize, Malformed> {
-        let absorptions = Absorption::decode_all(journal, spec.measures.len())?;
-        for absorption in &absorptions {
-            self.apply(spec, absorption);
-        }
-        Ok(absorptions.len())
-    }
-
-    /// What absorbing `record` would change, or why it is refused.
-    fn absorption(
-        &self,
-        spec: &Aggregation,
-        record: &Record,
-        now_ms: i64,
-    ) -> Result<Absorption, Absorbed> {
         let (window_ms, lateness_ms) = (spec.window_ms(), spec.lateness_ms());
         let start = spec.window_start(record.event_time_ms);
         if start < self.closed_before_ms
             || start.saturating_add(window_ms).saturating_add(lateness_ms) <= now_ms
         {
-            return Err(Absorbed::Late);
+            return Absorbed::Late;
         }
         if start > now_ms.saturating_add(window_ms) {
-            return Err(Absorbed::Early);
+            return Absorbed::Early;
         }
         let Some(contributor) = field(record, &spec.contributor).map(digest) else {
-            return Err(Absorbed::NoContributor);
+            return Absorbed::NoContributor;
         };
         let mut key = Vec::with_capacity(spec.group_by.len());
         for path in &spec.group_by {
@@ -337,50 +272,18 @@ impl WindowState {
                 Some(Value::Int(i)) => KeyValue::Int(*i),
                 Some(Value::Str(s)) => KeyValue::Str(s.clone()),
                 Some(Value::Bool(b)) => KeyValue::Bool(*b),
-                Some(Value::Float(_)) | None => return Err(Absorbed::NoGroupKey),
+                Some(Value::Float(_)) | None => return Absorbed::NoGroupKey,
             });
         }
         if self.entries >= spec.max_state_entries {
-            return Err(Absorbed::Full);
+            return Absorbed::Full;
         }
-        let inputs = spec
-            .measures
-            .iter()
-            .map(|measure| {
-                let value = measure.field.as_deref().and_then(|p| field(record, p))?;
-                match measure.func {
-                    MeasureFn::Count | MeasureFn::Contributors => None,
-                    MeasureFn::Distinct => Some(Input::Digest(digest(value))),
-                    MeasureFn::Sum | MeasureFn::Mean | MeasureFn::Min | MeasureFn::Max => {
-                        let mut x = number(value)?;
-                        if let Some((lo, hi)) = measure.bounds {
-                            x = x.clamp(lo, hi);
-                        }
-                        if spec.noise.is_some() {
-                            x = x.round();
-                        }
-                        Some(Input::Number(x))
-                    }
-                }
-            })
-            .collect();
-        Ok(Absorption {
-            start,
-            key,
-            contributor,
-            inputs,
-        })
-    }
-
-    /// Counts an absorption in its window's group: [`Absorbed::Counted`], or
-    /// [`Absorbed::Bounded`] when its contributor already gave `max_contributions` readings.
-    fn apply(&mut self, spec: &Aggregation, a: &Absorption) -> Absorbed {
         let generation = self.generation;
-        let window = self.windows.entry(a.start).or_default();
+        let window = self.windows.entry(start).or_default();
         if let Some(noise) = &spec.noise {
             let given = window
                 .contributions
-                .entry(generation_digest(generation, a.contributor))
+                .entry(generation_digest(generation, contributor))
                 .or_insert(0);
             if *given >= noise.max_contributions {
                 return Absorbed::Bounded;
@@ -390,7 +293,7 @@ impl WindowState {
             }
             *given += 1;
         }
-        let group = match window.groups.binary_search_by(|(k, _)| k.cmp(&a.key)) {
+        let group = match window.groups.binary_search_by(|(k, _)| k.cmp(&key)) {
             Ok(i) => &mut window.groups[i].1,
             Err(i) => {
                 self.entries += 1;
@@ -398,24 +301,38 @@ impl WindowState {
                     measures: vec![Acc::default(); spec.measures.len()],
                     ..Group::default()
                 };
-                window.groups.insert(i, (a.key.clone(), group));
+                window.groups.insert(i, (key, group));
                 &mut window.groups[i].1
             }
         };
         group.readings += 1;
-        if group.contributors.insert((generation, a.contributor)) {
+        if group.contributors.insert((generation, contributor)) {
             self.entries += 1;
         }
-        for (input, acc) in a.inputs.iter().zip(&mut group.measures) {
-            match input {
-                Some(Input::Digest(d)) if acc.distinct.insert(*d) => self.entries += 1,
-                None | Some(Input::Digest(_)) => {}
-                Some(Input::Number(x)) => {
+        for (measure, acc) in spec.measures.iter().zip(&mut group.measures) {
+            let Some(value) = measure.field.as_deref().and_then(|p| field(record, p)) else {
+                continue;
+            };
+            match measure.func {
+                MeasureFn::Count | MeasureFn::Contributors => {}
+                MeasureFn::Distinct => {
+                    if acc.distinct.insert(digest(value)) {
+                        self.entries += 1;
+                    }
+                }
+                MeasureFn::Sum | MeasureFn::Mean | MeasureFn::Min | MeasureFn::Max => {
+                    let Some(mut x) = number(value) else { continue };
+                    if let Some((lo, hi)) = measure.bounds {
+                        x = x.clamp(lo, hi);
+                    }
+                    if spec.noise.is_some() {
+                        x = x.round();
+                    }
                     if acc.n == 0 {
-                        (acc.min, acc.max) = (*x, *x);
+                        (acc.min, acc.max) = (x, x);
                     } else {
-                        acc.min = acc.min.min(*x);
-                        acc.max = acc.max.max(*x);
+                        acc.min = acc.min.min(x);
+                        acc.max = acc.max.max(x);
                     }
                     acc.n += 1;
                     acc.sum += x;

@@ -13,17 +13,10 @@
 //! key     = 0 i64 | 1 n:u32 utf8{n} | 2 u8
 //! acc     = n:u64 sum:f64 min:f64 max:f64 n:u32 digest:u64{n}
 //! ```
-//!
-//! A journal of absorptions ([`WindowState::absorb_journaled`]) is a sequence of
-//!
-//! ```text
-//! absorption = start:i64 n:u8 key{n} contributor:u64 n:u8 input{n}
-//! input      = 0 | 1 digest:u64 | 2 number:f64
-//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Absorption, Acc, Group, Input, KeyValue, Window, WindowState};
+use super::{Acc, Group, KeyValue, Window, WindowState};
 
 /// The input is not a state this module wrote.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,7 +43,24 @@ impl WindowState {
             out.extend_from_slice(&start.to_le_bytes());
             out.extend_from_slice(&len(window.groups.len()).to_le_bytes());
             for (key, group) in &window.groups {
-                put_key(key, out);
+                out.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
+                for k in key {
+                    match k {
+                        KeyValue::Int(i) => {
+                            out.push(0);
+                            out.extend_from_slice(&i.to_le_bytes());
+                        }
+                        KeyValue::Str(s) => {
+                            out.push(1);
+                            out.extend_from_slice(&len(s.len()).to_le_bytes());
+                            out.extend_from_slice(s.as_bytes());
+                        }
+                        KeyValue::Bool(b) => {
+                            out.push(2);
+                            out.push(u8::from(*b));
+                        }
+                    }
+                }
                 out.extend_from_slice(&group.readings.to_le_bytes());
                 out.extend_from_slice(&len(group.contributors.len()).to_le_bytes());
                 for (generation, digest) in &group.contributors {
@@ -95,7 +105,20 @@ impl WindowState {
             let groups = r.count(14)?;
             window.groups.reserve(groups);
             for _ in 0..groups {
-                let key = r.key()?;
+                let mut key = Vec::new();
+                for _ in 0..r.u8()? {
+                    key.push(match r.u8()? {
+                        0 => KeyValue::Int(r.i64()?),
+                        1 => {
+                            let n = r.count(1)?;
+                            let at = r.at;
+                            let s = std::str::from_utf8(r.take(n)?).map_err(|_| Malformed(at))?;
+                            KeyValue::Str(s.to_owned())
+                        }
+                        2 => KeyValue::Bool(r.u8()? != 0),
+                        _ => return Err(Malformed(r.at - 1)),
+                    });
+                }
                 let mut group = Group {
                     readings: r.u64()?,
                     ..Group::default()
@@ -139,84 +162,6 @@ impl WindowState {
     }
 }
 
-impl Absorption {
-    /// Appends the absorption to a journal.
-    pub(super) fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.start.to_le_bytes());
-        put_key(&self.key, out);
-        out.extend_from_slice(&self.contributor.to_le_bytes());
-        out.push(u8::try_from(self.inputs.len()).unwrap_or(u8::MAX));
-        for input in &self.inputs {
-            match input {
-                None => out.push(0),
-                Some(Input::Digest(d)) => {
-                    out.push(1);
-                    out.extend_from_slice(&d.to_le_bytes());
-                }
-                Some(Input::Number(x)) => {
-                    out.push(2);
-                    out.extend_from_slice(&x.to_bits().to_le_bytes());
-                }
-            }
-        }
-    }
-
-    /// Every absorption of a journal, each with `measures` inputs.
-    pub(super) fn decode_all(journal: &[u8], measures: usize) -> Result<Vec<Self>, Malformed> {
-        let mut r = Reader {
-            bytes: journal,
-            at: 0,
-        };
-        let mut all = Vec::new();
-        while r.at < journal.len() {
-            let start = r.i64()?;
-            let key = r.key()?;
-            let contributor = r.u64()?;
-            let at = r.at;
-            if usize::from(r.u8()?) != measures {
-                return Err(Malformed(at));
-            }
-            let mut inputs = Vec::with_capacity(measures);
-            for _ in 0..measures {
-                inputs.push(match r.u8()? {
-                    0 => None,
-                    1 => Some(Input::Digest(r.u64()?)),
-                    2 => Some(Input::Number(f64::from_bits(r.u64()?))),
-                    _ => return Err(Malformed(r.at - 1)),
-                });
-            }
-            all.push(Absorption {
-                start,
-                key,
-                contributor,
-                inputs,
-            });
-        }
-        Ok(all)
-    }
-}
-
-fn put_key(key: &[KeyValue], out: &mut Vec<u8>) {
-    out.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
-    for k in key {
-        match k {
-            KeyValue::Int(i) => {
-                out.push(0);
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            KeyValue::Str(s) => {
-                out.push(1);
-                out.extend_from_slice(&len(s.len()).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-            KeyValue::Bool(b) => {
-                out.push(2);
-                out.push(u8::from(*b));
-            }
-        }
-    }
-}
-
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -250,24 +195,6 @@ impl Reader<'_> {
 
     fn i64(&mut self) -> Result<i64, Malformed> {
         self.array().map(i64::from_le_bytes)
-    }
-
-    fn key(&mut self) -> Result<Vec<KeyValue>, Malformed> {
-        let mut key = Vec::new();
-        for _ in 0..self.u8()? {
-            key.push(match self.u8()? {
-                0 => KeyValue::Int(self.i64()?),
-                1 => {
-                    let n = self.count(1)?;
-                    let at = self.at;
-                    let s = std::str::from_utf8(self.take(n)?).map_err(|_| Malformed(at))?;
-                    KeyValue::Str(s.to_owned())
-                }
-                2 => KeyValue::Bool(self.u8()? != 0),
-                _ => return Err(Malformed(self.at - 1)),
-            });
-        }
-        Ok(key)
     }
 
     /// A count of items of at least `min_size` bytes each, which the rest of the input can hold.
