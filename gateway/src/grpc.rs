@@ -490,17 +490,10 @@ enum Outgoing {
 impl Outgoing {
     /// Writes the event as a `SubscribeResponse` message.
     fn encode(&self, buf: &mut impl BufMut) {
+        // `SubscribeResponse.record` is field 1, `gap` field 2; a record's value is its encoding.
         match self {
-            Outgoing::Record(record) => {
-                // `SubscribeResponse.record` is field 1; its value is the record's encoding.
-                prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, buf);
-                prost::encoding::encode_varint(record.len() as u64, buf);
-                buf.put_slice(record);
-            }
-            Outgoing::Gap(gap) => v1::SubscribeResponse {
-                event: Some(Event::Gap(gap.clone())),
-            }
-            .encode_raw(buf),
+            Outgoing::Record(record) => prost::encoding::bytes::encode(1, record, buf),
+            Outgoing::Gap(gap) => prost::encoding::message::encode(2, gap, buf),
         }
     }
 
@@ -604,8 +597,8 @@ where
     type Error = std::convert::Infallible;
     type Future = BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<http::Request<B>>::poll_ready(&mut self.generated, cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
@@ -699,4 +692,55 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     })?;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Subscribe writes is a `SubscribeResponse`, and the same one the generated service's
+    /// `subscribe` gives, for a record as the store holds it and for a gap.
+    #[test]
+    fn subscribe_events_are_subscribe_responses() {
+        let record = v1::Record {
+            stream: "air".into(),
+            sequence: 300,
+            policy_hash: "ab".repeat(32),
+            fields: [(
+                "pm25".to_owned(),
+                v1::Value {
+                    kind: Some(v1::value::Kind::DoubleValue(7.5)),
+                },
+            )]
+            .into(),
+            ..v1::Record::default()
+        };
+        let gap = v1::Gap {
+            stream: "air".into(),
+            first_sequence: 1,
+            last_sequence: 299,
+        };
+        let events = [
+            (
+                Outgoing::Record(record.encode_to_vec().into()),
+                Event::Record(record),
+            ),
+            (Outgoing::Gap(gap.clone()), Event::Gap(gap)),
+        ];
+        for (outgoing, want) in events {
+            let mut wire = Vec::new();
+            outgoing.encode(&mut wire);
+            let want = v1::SubscribeResponse { event: Some(want) };
+            assert_eq!(
+                v1::SubscribeResponse::decode(wire.as_slice()).unwrap(),
+                want
+            );
+            assert_eq!(outgoing.into_response().unwrap(), want);
+        }
+        let damaged = Outgoing::Record(Bytes::from_static(&[0x0a, 0x05, b'a']));
+        assert_eq!(
+            damaged.into_response().unwrap_err().code(),
+            tonic::Code::Internal
+        );
+    }
 }

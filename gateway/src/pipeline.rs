@@ -847,9 +847,10 @@ enum Routed {
 }
 
 /// Encodes a filtered record as a `hubgate.v1.Record` message without its sequence (the store
-/// assigns it, see [`crate::store::Bodies`]), as [`to_proto`] then prost would, without building
-/// the message. Returns the bytes written, and those of the field data alone (without stream,
-/// time and policy hash): what a subscriber receives, and what is left of the payload's content.
+/// assigns it, see [`crate::store::Bodies`]), byte for byte as prost would encode the message,
+/// without building it (the tests compare the two). Returns the bytes written, and those of the
+/// field data alone (without stream, time and policy hash): what a subscriber receives but the
+/// sequence, and what is left of the payload's content.
 pub fn encode_body(
     stream: &str,
     policy_hash: &str,

@@ -76,7 +76,7 @@ impl Stored {
 
 /// Records encoded as `hubgate.v1.Record` messages without their sequence (field 2 left at 0, so
 /// absent), back to back in one buffer: what the pipeline hands to [`Store::stage_encoded`].
-/// Protobuf decoders take fields in any order, so the store writes each sequence in front.
+/// Protobuf decoders take fields in any order, so the store appends each sequence.
 #[derive(Debug, Default)]
 pub struct Bodies {
     buf: Vec<u8>,
@@ -317,7 +317,8 @@ impl Store {
     }
 
     /// Stages records given encoded without their sequence (see [`Bodies`]) for the next commit:
-    /// each gets its sequence number written in front of it.
+    /// each gets its sequence number written after it (the last value of a field is the one a
+    /// decoder keeps).
     pub fn stage_encoded(&self, pending: &mut Pending, index: usize, bodies: &Bodies, now_ms: i64) {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
         let s = self.stream(index);
@@ -326,10 +327,10 @@ impl Store {
         let first = s.staged.load(Ordering::Relaxed);
         for (i, body) in bodies.iter().enumerate() {
             let sequence = first + i as u64;
-            let mut bytes = Vec::with_capacity(1 + encoded_len_varint(sequence) + body.len());
+            let mut bytes = Vec::with_capacity(body.len() + 1 + encoded_len_varint(sequence));
+            bytes.extend_from_slice(body);
             encode_key(SEQUENCE_FIELD, WireType::Varint, &mut bytes);
             encode_varint(sequence, &mut bytes);
-            bytes.extend_from_slice(body);
             let bytes = Bytes::from(bytes);
             encoded.push(bytes.clone());
             stored.push(Arc::new(Stored {
@@ -739,6 +740,38 @@ mod tests {
         assert_eq!(s.read(0, b2.next, 100, 0).records.len(), 0);
         assert_eq!(s.positions(0), (1, 7));
         assert_eq!(s.next_sequence(0), 8);
+    }
+
+    /// Each record's bytes decode to the record with the store's sequence, in memory and on
+    /// disk, for sequences of one to three varint bytes, whatever sequence it was staged with.
+    #[test]
+    fn stored_bytes_carry_the_stores_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), &config(64, 1 << 24, OnFull::DropOldest));
+        let mut pending = Pending::default();
+        let staged = (0..20_000).map(|n| v1::Record {
+            sequence: 7,
+            ..rec(n)
+        });
+        s.stage(&mut pending, 0, staged, 0);
+        s.commit(&mut pending, 0).unwrap();
+        for from in [1, 127, 128, 16_383, 16_384, 19_937] {
+            let b = s.read(0, from, 64, 0);
+            assert_eq!(b.records.len(), 64.min(20_001 - from as usize));
+            for r in &b.records {
+                let record = r.record().unwrap();
+                assert_eq!(record.sequence, r.sequence);
+                let n = i64::try_from(r.sequence).unwrap() - 1;
+                assert_eq!(
+                    record,
+                    v1::Record {
+                        sequence: r.sequence,
+                        ..rec(n)
+                    }
+                );
+            }
+        }
+        assert!(s.reads_disk(0, 1) && !s.reads_disk(0, 19_937));
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! has fewer than k; with noise, this makes the release (epsilon, delta)-differentially private
 //! rather than pure epsilon, delta being the chance that a group of exactly k is released.
 //!
-//! The state ([`WindowState`]) is plain data (serde), so the gateway can checkpoint it and a
+//! The state ([`WindowState`]) is plain data, with a compact binary form ([`WindowState::encode`];
+//! serde as well, for checkpoints of earlier builds), so the gateway can checkpoint it and a
 //! restart can resume the open windows. Contributors and distinct values are held as 64-bit
 //! digests, never as the values themselves.
 //!

@@ -32,11 +32,11 @@ impl RedbOutbox {
     /// Opening reads every batch once, to learn the bytes held.
     pub fn open(dir: &Path) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
-        // redb's page cache. Records are written once and read back only by a subscriber that
-        // replays from disk (live readers use the store's memory tail), so a small cache costs
-        // neither appends nor replays (`cargo bench -p hubgate --bench outbox`: the same figures
-        // with 2 and 16 MiB), while a large one stays resident: 16 MiB made the gateway's steady
-        // memory at 50,000 readings/s 52 MiB instead of 28 (BENCHMARKS.md).
+        // redb's page cache. Records are written once and read back only by readers behind the
+        // store's memory tail (a subscriber replaying, an exporter catching up), so a small cache
+        // costs neither appends nor replays (`cargo bench -p hubgate --bench outbox`: the same
+        // figures with 2 and 16 MiB), while a large one stays resident: with 16 MiB the gateway's
+        // steady memory at 50,000 readings/s was 52 MiB, with 2 MiB 28 MiB (BENCHMARKS.md).
         let db = Database::builder()
             .set_cache_size(2 * 1024 * 1024)
             .create(dir.join("outbox.redb"))

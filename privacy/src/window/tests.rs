@@ -302,6 +302,12 @@ fn the_binary_form_keeps_every_part_of_the_state_and_refuses_damage() {
     }
     bytes.push(0);
     assert!(WindowState::decode(&bytes).is_err(), "trailing bytes");
+    bytes.pop();
+    // A count of entries that is not what the state holds would let it outgrow its bound.
+    let mut miscounted = bytes.clone();
+    miscounted[8] ^= 1;
+    assert!(WindowState::decode(&miscounted).is_err(), "entries");
+    assert!(WindowState::decode(&bytes).is_ok());
     // A count larger than the input can hold is refused before anything is allocated for it.
     let mut huge = vec![0u8; 20];
     huge.extend_from_slice(&u32::MAX.to_le_bytes());

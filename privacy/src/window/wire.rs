@@ -1,15 +1,17 @@
 //! A compact binary form of [`WindowState`], for checkpoints.
 //!
-//! The state is checkpointed often (at every commit that acknowledges a QoS 1 reading it
+//! The state is checkpointed often (in every commit that acknowledges a QoS 1 reading it
 //! absorbed), so its form must be quick to write: fixed-width little-endian numbers, lengths as
 //! `u32`, no field names. It is read only from the gateway's own sealed outbox, but a damaged or
-//! truncated input is still an error, never a panic or an unbounded allocation.
+//! truncated input is still an error, never a panic or an unbounded allocation, and an input that
+//! would break the state's invariants (sets out of order, windows given twice, a count of entries
+//! that is not what the state holds) is refused.
 //!
 //! ```text
 //! state   = closed_before_ms:i64 entries:u64 generation:u32 n:u32 rekey_ms:i64{n}
 //!           n:u32 window{n}
 //! window  = start:i64 n:u32 group{n} n:u32 (digest:u64 count:u32){n}
-//! group   = n:u8 key{n} readings:u64 n:u32 (generation:u32 digest:u64){n} n:u32 acc{n}
+//! group   = n:u32 key{n} readings:u64 n:u32 (generation:u32 digest:u64){n} n:u32 acc{n}
 //! key     = 0 i64 | 1 n:u32 utf8{n} | 2 u8
 //! acc     = n:u64 sum:f64 min:f64 max:f64 n:u32 digest:u64{n}
 //! ```
@@ -43,7 +45,7 @@ impl WindowState {
             out.extend_from_slice(&start.to_le_bytes());
             out.extend_from_slice(&len(window.groups.len()).to_le_bytes());
             for (key, group) in &window.groups {
-                out.push(u8::try_from(key.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(&len(key.len()).to_le_bytes());
                 for k in key {
                     match k {
                         KeyValue::Int(i) => {
@@ -106,7 +108,7 @@ impl WindowState {
             window.groups.reserve(groups);
             for _ in 0..groups {
                 let mut key = Vec::new();
-                for _ in 0..r.u8()? {
+                for _ in 0..r.count(2)? {
                     key.push(match r.u8()? {
                         0 => KeyValue::Int(r.i64()?),
                         1 => {
@@ -127,7 +129,7 @@ impl WindowState {
                 for _ in 0..r.count(12)? {
                     contributors.push((r.u32()?, r.u64()?));
                 }
-                group.contributors = BTreeSet::from_iter(contributors);
+                group.contributors = r.strictly_increasing(contributors)?;
                 for _ in 0..r.count(36)? {
                     let mut acc = Acc {
                         n: r.u64()?,
@@ -140,7 +142,7 @@ impl WindowState {
                     for _ in 0..r.count(8)? {
                         distinct.push(r.u64()?);
                     }
-                    acc.distinct = BTreeSet::from_iter(distinct);
+                    acc.distinct = r.strictly_increasing(distinct)?;
                     group.measures.push(acc);
                 }
                 window.groups.push((key, group));
@@ -149,13 +151,21 @@ impl WindowState {
             for _ in 0..r.count(12)? {
                 contributions.push((r.u64()?, r.u32()?));
             }
-            window.contributions = BTreeMap::from_iter(contributions);
-            if !window.groups.is_sorted_by(|a, b| a.0 < b.0) {
+            if !contributions.is_sorted_by(|a, b| a.0 < b.0)
+                || !window.groups.is_sorted_by(|a, b| a.0 < b.0)
+                || state
+                    .windows
+                    .last_key_value()
+                    .is_some_and(|(last, _)| *last >= start)
+            {
                 return Err(Malformed(r.at));
             }
+            window.contributions = BTreeMap::from_iter(contributions);
             state.windows.insert(start, window);
         }
-        if r.at != bytes.len() {
+        // What the state holds must be what it counts, or `max_state_entries` would not hold.
+        let held: u64 = state.windows.values().map(super::window_entries).sum();
+        if r.at != bytes.len() || held != state.entries {
             return Err(Malformed(r.at));
         }
         Ok(state)
@@ -195,6 +205,15 @@ impl Reader<'_> {
 
     fn i64(&mut self) -> Result<i64, Malformed> {
         self.array().map(i64::from_le_bytes)
+    }
+
+    /// The items as a set, which they must be already: in strictly increasing order.
+    fn strictly_increasing<T: Ord>(&self, items: Vec<T>) -> Result<BTreeSet<T>, Malformed> {
+        if items.is_sorted_by(|a, b| a < b) {
+            Ok(BTreeSet::from_iter(items))
+        } else {
+            Err(Malformed(self.at))
+        }
     }
 
     /// A count of items of at least `min_size` bytes each, which the rest of the input can hold.
