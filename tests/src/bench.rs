@@ -178,6 +178,10 @@ pub struct Figures {
     /// The bare subscriber's rate, and what the generator published meanwhile (messages/s).
     pub bare_rate: f64,
     pub bare_published_rate: f64,
+    /// The same at QoS 1, the subscriber acknowledging each message as it arrives, and what the
+    /// generator published meanwhile.
+    pub bare_qos1_rate: f64,
+    pub bare_qos1_published_rate: f64,
     /// The gateway at full load, QoS 0: readings taken in per second, records delivered to the
     /// gRPC subscriber per second, and what the generator published meanwhile.
     pub peak_rate: f64,
@@ -185,6 +189,9 @@ pub struct Figures {
     pub peak_published_rate: f64,
     /// The gateway's CPU time per million readings at full load, in seconds.
     pub cpu_s_per_million: f64,
+    /// Bytes the gateway wrote to storage per reading at full load, and at QoS 1.
+    pub disk_bytes_per_reading: f64,
+    pub qos1_disk_bytes_per_reading: f64,
     /// Energy per million readings at full load (joules), and the meter's method.
     pub joules_per_million: f64,
     pub energy_method: String,
@@ -197,6 +204,8 @@ pub struct Figures {
     pub qos1_broker_acked: u64,
     pub qos1_received: u64,
     pub qos1_records: u64,
+    /// The gateway's CPU time per million readings at QoS 1, in seconds.
+    pub qos1_cpu_s_per_million: f64,
     /// The gateway's highest resident memory over the run (KiB).
     pub peak_rss_kib: u64,
     /// The outbox: bytes on disk, bytes of live records, records held (kept less purged).
@@ -248,11 +257,12 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
     };
     let warmup = settings.phase.mul_f64(0.2);
 
-    // The yardstick: a subscriber that only counts, through the same broker, same load.
-    {
+    // The yardsticks: a subscriber that only counts, through the same broker, same load; at QoS 0,
+    // and at QoS 1 acknowledging each message as it arrives.
+    for qos in [0, 1] {
         let counted = Arc::new(AtomicU64::new(0));
-        let bare = bare_subscriber(broker.port, Arc::clone(&counted)).await;
-        let spec = load(settings.full_rate, 0, "bare");
+        let bare = bare_subscriber(broker.port, qos, Arc::clone(&counted)).await;
+        let spec = load(settings.full_rate, qos, &format!("bare-{qos}"));
         let publisher = std::thread::spawn(move || load::publish(&spec));
         tokio::time::sleep(warmup).await;
         let (c0, t0) = (counted.load(Ordering::Relaxed), Instant::now());
@@ -262,8 +272,12 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             .join()
             .expect("publisher")
             .expect("the load reaches the broker");
-        figures.bare_rate = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
-        figures.bare_published_rate = sent.rate();
+        let rate = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
+        if qos == 0 {
+            (figures.bare_rate, figures.bare_published_rate) = (rate, sent.rate());
+        } else {
+            (figures.bare_qos1_rate, figures.bare_qos1_published_rate) = (rate, sent.rate());
+        }
         bare.abort();
         // Let the broker drain what it still queues for the bare subscriber.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -303,18 +317,20 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         tokio::time::sleep(warmup).await;
         // The meter samples once a second: its figures at both ends cover whole samples.
         let f0 = energy(&mut client).await;
-        let (r0, c0, g0, t0) = (
+        let (r0, c0, g0, t0, w0) = (
             received(),
             gw.cpu_seconds(),
             seen.records.load(Ordering::Relaxed),
             Instant::now(),
+            gw.disk_written_bytes(),
         );
         tokio::time::sleep(settings.phase - warmup.mul_f64(2.0)).await;
-        let (r1, c1, g1, t1) = (
+        let (r1, c1, g1, t1, w1) = (
             received(),
             gw.cpu_seconds(),
             seen.records.load(Ordering::Relaxed),
             Instant::now(),
+            gw.disk_written_bytes(),
         );
         let f1 = energy(&mut client).await;
         let sent = publisher
@@ -326,6 +342,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         figures.peak_grpc_rate = (g1 - g0) as f64 / seconds;
         figures.peak_published_rate = sent.rate();
         figures.cpu_s_per_million = (c1 - c0) / (r1 - r0).max(1.0) * 1e6;
+        figures.disk_bytes_per_reading = (w1 - w0) as f64 / (r1 - r0).max(1.0);
         let readings = f1.readings_received.saturating_sub(f0.readings_received);
         figures.joules_per_million =
             (f1.energy_joules - f0.energy_joules) / (readings.max(1) as f64) * 1e6;
@@ -395,6 +412,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         let spec = load(settings.full_rate, 1, "qos1");
         settle(&|| seen.records.load(Ordering::Relaxed) as f64).await;
         let (r0, g0) = (received(), seen.records.load(Ordering::Relaxed));
+        let (cpu0, w0) = (gw.cpu_seconds(), gw.disk_written_bytes());
         let start = Instant::now();
         let sent = std::thread::spawn(move || load::publish(&spec))
             .join()
@@ -406,6 +424,10 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let elapsed = start.elapsed();
+        figures.qos1_cpu_s_per_million =
+            (gw.cpu_seconds() - cpu0) / (received() - r0).max(1.0) * 1e6;
+        figures.qos1_disk_bytes_per_reading =
+            (gw.disk_written_bytes() - w0) as f64 / (received() - r0).max(1.0);
         let deadline = Instant::now() + Duration::from_secs(30);
         while seen.records.load(Ordering::Relaxed) - g0 < sent.messages()
             && Instant::now() < deadline
@@ -491,17 +513,24 @@ pub fn disk_usage(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// A rumqttc subscriber to `city/#` at QoS 0 that counts messages and does nothing else.
-async fn bare_subscriber(port: u16, counted: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
-    let mut options = MqttOptions::new("bare-subscriber", "127.0.0.1", port);
+/// A rumqttc subscriber to `city/#` that counts messages and does nothing else; at QoS 1,
+/// rumqttc acknowledges each message as it reads it.
+async fn bare_subscriber(
+    port: u16,
+    qos: u8,
+    counted: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<()> {
+    let mut options = MqttOptions::new(format!("bare-subscriber-{qos}"), "127.0.0.1", port);
     options
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
-    client
-        .subscribe("city/#", QoS::AtMostOnce)
-        .await
-        .expect("subscribe");
+    let qos = if qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    client.subscribe("city/#", qos).await.expect("subscribe");
     let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         let _client = client;
@@ -646,6 +675,17 @@ impl Figures {
         let lost = self.qos1_published.saturating_sub(self.qos1_received);
         let _ = writeln!(
             t,
+            "| bare rumqttc subscriber, QoS 1, acknowledging on receipt (published meanwhile) | {:.0}/s ({:.0}/s){} | | |",
+            self.bare_qos1_rate,
+            self.bare_qos1_published_rate,
+            if self.bare_qos1_rate >= 0.95 * self.bare_qos1_published_rate {
+                "; the generator set the pace"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            t,
             "| QoS 1, acknowledged after commit ({} published, {} taken in, {} records out) | {:.0}/s, {} lost | ≥ 60,000/s, none lost | {} |",
             self.qos1_published,
             self.qos1_received,
@@ -655,6 +695,21 @@ impl Figures {
             met(self.qos1_rate >= 60_000.0
                 && lost == 0
                 && self.qos1_records >= self.qos1_published)
+        );
+        let _ = writeln!(
+            t,
+            "| hubgate ÷ bare subscriber, QoS 1 | {:.2} | | |",
+            self.qos1_rate / self.bare_qos1_rate
+        );
+        let _ = writeln!(
+            t,
+            "| gateway CPU per reading at QoS 1 | {:.2} µs | | |",
+            self.qos1_cpu_s_per_million
+        );
+        let _ = writeln!(
+            t,
+            "| bytes written to disk per reading: full load, QoS 0 / QoS 1 | {:.0} / {:.0} B | | |",
+            self.disk_bytes_per_reading, self.qos1_disk_bytes_per_reading
         );
         let _ = writeln!(
             t,

@@ -567,6 +567,17 @@ impl Gateway {
         (ticks(11) + ticks(12)) / 100.0
     }
 
+    /// Bytes the gateway process has caused to be written to storage (`write_bytes` of
+    /// /proc/PID/io, Linux): its own files, whatever the page cache later merges.
+    pub fn disk_written_bytes(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.child.id()))
+            .expect("read /proc/PID/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("write_bytes in /proc/PID/io"))
+    }
+
     /// Stops the gateway with SIGTERM and waits for it.
     pub fn stop(mut self) -> std::process::ExitStatus {
         signal(&self.child, "TERM");

@@ -22,9 +22,12 @@ async fn the_benchmark_moves_data_through_every_phase() {
     let figures = bench::run(gateway_bin!(), &settings).await;
     let table = figures.table(&settings);
     assert!(figures.bare_rate > 0.0, "{table}");
+    assert!(figures.bare_qos1_rate > 0.0, "{table}");
     assert!(figures.peak_rate > 0.0, "{table}");
     assert!(figures.peak_grpc_rate > 0.0, "{table}");
     assert!(figures.cpu_s_per_million > 0.0, "{table}");
+    // The outbox is durable: what the gateway keeps reaches the disk.
+    assert!(figures.disk_bytes_per_reading > 0.0, "{table}");
     let at_rate = &figures.latency[0];
     assert!(at_rate.samples > 0, "{table}");
     assert_eq!(at_rate.received, at_rate.published, "{table}");
