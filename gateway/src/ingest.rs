@@ -3,8 +3,11 @@
 //! - `clean_session = false`: while the gateway is away the broker keeps its subscriptions and
 //!   queues QoS 1 messages for it; unacknowledged messages are delivered again after a reconnect.
 //! - Manual acks: a message is acknowledged by the pipeline only after its record is kept (see
-//!   [`crate::pipeline`]). This task never acks and never waits on anything but the broker and the
-//!   pipeline's bounded queue.
+//!   [`crate::pipeline`]). This task writes the acks the pipeline hands it ([`Acker`]), and never
+//!   waits on anything but the broker and the pipeline's bounded queue.
+//! - The acks of one commit are written together, with one flush: rumqttc would write and flush
+//!   each ack sent through its request channel with a system call of its own, and the broker
+//!   would wake for each.
 //! - Explicit settings instead of rumqttc's defaults: TCP_NODELAY on (Nagle's algorithm adds
 //!   milliseconds of latency at every load), a maximum packet size from the config (rumqttc's
 //!   default is 10 KiB), and a request channel large enough that acks rarely wait.
@@ -17,17 +20,23 @@
 //!
 //! Metrics: `hubgate_mqtt_connected`, `hubgate_mqtt_connection_errors_total`.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hubgate_exporters::catalogue;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Packet, Publish,
-    QoS, SubscribeFilter, TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
+    PubAck, Publish, QoS, SubscribeFilter, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+
+/// The longest a write of acknowledgements may take before the connection counts as lost (as
+/// rumqttc's own flushes, with the connection timeout of [`connect`]).
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First wait before reconnecting.
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -50,6 +59,113 @@ pub struct Inbound {
     /// The payload was larger than `mqtt.max_packet_bytes`: dropped on arrival and counted; the
     /// message is only acknowledged, in its turn.
     pub oversized: bool,
+}
+
+/// Hands acknowledgements from the pipeline to the MQTT connection without ever blocking.
+///
+/// The acks of a commit are queued here, in the order their messages arrived. The first is sent
+/// through rumqttc's request channel, which wakes the event loop; once rumqttc has written it
+/// ([`Event::Outgoing`]), the connection task writes the rest of the queue straight to the
+/// connection, with one flush ([`run`]). The queue holds packet ids only, and never more than the
+/// messages the gateway has taken in and not yet acknowledged.
+#[derive(Debug)]
+pub struct Acker {
+    client: AsyncClient,
+    queue: AckQueue,
+}
+
+/// The acks waiting to be written, shared by the [`Acker`] and the connection task.
+#[derive(Debug, Clone, Default)]
+pub struct AckQueue(Arc<Mutex<Acks>>);
+
+#[derive(Debug, Default)]
+struct Acks {
+    /// Packet ids to acknowledge, oldest first.
+    pkids: VecDeque<u16>,
+    /// An ack is in rumqttc's request channel: the rest wait until it is written, to keep order.
+    waking: bool,
+}
+
+impl AckQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Acks> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves the acks ready to be written into `out`; `woken` says rumqttc has just written the
+    /// ack that was in its channel.
+    fn take(&self, woken: bool, out: &mut Vec<u16>) {
+        let mut acks = self.lock();
+        if woken {
+            acks.waking = false;
+        }
+        if !acks.waking {
+            out.extend(acks.pkids.drain(..));
+        }
+    }
+
+    /// The connection was lost: the broker delivers its unacknowledged messages again, and an
+    /// ack meant for the old connection could acknowledge another message on the new one.
+    fn clear(&self) {
+        let mut acks = self.lock();
+        acks.pkids.clear();
+        acks.waking = false;
+    }
+}
+
+impl Acker {
+    pub fn new(client: AsyncClient, queue: AckQueue) -> Self {
+        Self { client, queue }
+    }
+
+    /// Queues acks for these messages (QoS 0 messages need none) and wakes the connection.
+    pub fn ack(&mut self, batch: impl IntoIterator<Item = Publish>) {
+        // The gateway subscribes at QoS 1, so the broker sends nothing at QoS 2.
+        self.queue.lock().pkids.extend(
+            batch
+                .into_iter()
+                .filter(|p| p.qos != QoS::AtMostOnce)
+                .map(|p| p.pkid),
+        );
+        self.flush();
+    }
+
+    /// Wakes the connection if acks wait and nothing woke it yet. Returns true when acks wait
+    /// and it could not be woken (rumqttc's request channel is full): call again soon.
+    pub fn flush(&mut self) -> bool {
+        let mut acks = self.queue.lock();
+        let Some(&pkid) = acks.pkids.front() else {
+            return false;
+        };
+        if acks.waking {
+            return false;
+        }
+        let wake = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: String::new(),
+            pkid,
+            payload: bytes::Bytes::new(),
+        };
+        if self.client.try_ack(&wake).is_err() {
+            return true;
+        }
+        acks.pkids.pop_front();
+        acks.waking = true;
+        false
+    }
+}
+
+/// Writes PUBACKs for `pkids` and flushes them, once. Without a connection (it was just lost) they
+/// are dropped: the broker delivers those messages again.
+async fn write_acks(eventloop: &mut EventLoop, pkids: &[u16]) -> Result<(), rumqttc::StateError> {
+    let Some(network) = eventloop.network.as_mut() else {
+        return Ok(());
+    };
+    for &pkid in pkids {
+        network.write(Packet::PubAck(PubAck::new(pkid))).await?;
+    }
+    network.flush().await
 }
 
 /// How the gateway logs in to the broker: the password and the TLS settings, read from their files.
@@ -129,11 +245,13 @@ fn describe(err: &ConnectionError) -> String {
 /// Drives the connection until `shutdown`, sending every received PUBLISH to `queue`; payloads
 /// larger than `max_payload` are emptied there and then, and counted.
 ///
-/// `connected` tracks whether the broker connection is up (for `/readyz`).
+/// `connected` tracks whether the broker connection is up (for `/readyz`). `acks` brings the
+/// pipeline's acknowledgements ([`Acker`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut eventloop: EventLoop,
     client: AsyncClient,
+    acks: AckQueue,
     subscriptions: Vec<String>,
     max_payload: usize,
     queue: mpsc::Sender<Inbound>,
@@ -149,11 +267,33 @@ pub async fn run(
         .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
         .collect();
     let mut backoff = BACKOFF_START;
+    let mut ready = Vec::new();
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
             event = eventloop.poll() => event,
         };
+        acks.take(
+            matches!(event, Ok(Event::Outgoing(Outgoing::PubAck(_)))),
+            &mut ready,
+        );
+        if !ready.is_empty() {
+            let written = tokio::select! {
+                () = shutdown.cancelled() => break,
+                written = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)) => written,
+            };
+            ready.clear();
+            if !matches!(written, Ok(Ok(()))) {
+                // As if the connection had failed in `poll`: the next poll connects again.
+                errors.increment(1);
+                tracing::warn!("MQTT connection lost while writing acknowledgements");
+                eventloop.clean();
+                acks.clear();
+                up.set(0.0);
+                connected.send_replace(false);
+                continue;
+            }
+        }
         match event {
             Ok(Event::Incoming(Packet::Publish(mut publish))) => {
                 let bytes = publish.payload.len();
@@ -201,6 +341,7 @@ pub async fn run(
             Ok(_) => {}
             Err(err) => {
                 errors.increment(1);
+                acks.clear();
                 up.set(0.0);
                 connected.send_replace(false);
                 tracing::warn!(error = %describe(&err), retry_in = ?backoff, "MQTT connection lost");
@@ -214,11 +355,14 @@ pub async fn run(
     }
     up.set(0.0);
     connected.send_replace(false);
+    // Acks the pipeline handed over before it stopped go out before the disconnect.
+    acks.take(true, &mut ready);
+    let _ = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)).await;
     // The session stays on the broker; unacked messages come back on the next start.
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = eventloop.poll().await {
-            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+            if matches!(event, Event::Outgoing(Outgoing::Disconnect)) {
                 break;
             }
         }

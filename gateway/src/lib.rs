@@ -54,7 +54,8 @@ use tokio::task::JoinSet;
 pub use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::pipeline::{Acker, Pipeline, Stats};
+use crate::ingest::{AckQueue, Acker};
+use crate::pipeline::{Pipeline, Stats};
 use crate::store::{PURGE_TICK_MS, Store};
 
 /// A gateway that is running.
@@ -337,7 +338,8 @@ pub async fn start_in(
     if let Some(device) = &config.mqtt.device_rate_limit {
         pipeline.limit_devices(device);
     }
-    let acker = Acker::new(client.clone());
+    let acks = AckQueue::default();
+    let acker = Acker::new(client.clone(), acks.clone());
     let (push_tx, push_rx) = mpsc::channel(16);
     {
         let shutdown = shutdown.clone();
@@ -353,6 +355,7 @@ pub async fn start_in(
             ingest::run(
                 eventloop,
                 client,
+                acks,
                 subscriptions,
                 max_payload,
                 queue_tx,

@@ -28,9 +28,9 @@
 //! them. A checkpoint written under a different aggregation spec (the policy changed) is not
 //! resumed: its windows are discarded, with a warning.
 //!
-//! Acknowledgements go through rumqttc's request channel without ever waiting on it (`try_ack`):
-//! the MQTT task may itself be waiting for room in this task's queue, and waiting on each other
-//! would deadlock. Acks that find the channel full are retried on the next turn.
+//! Acknowledgements are handed to the MQTT connection without ever waiting on it
+//! ([`crate::ingest::Acker`]): the MQTT task may itself be waiting for room in this task's queue,
+//! and waiting on each other would deadlock. The acks of a turn are written to the broker together.
 //!
 //! Metrics (counted per batch): `hubgate_mqtt_messages_received_total`,
 //! `hubgate_mqtt_received_bytes_total`, `hubgate_unrouted_messages_total`,
@@ -43,20 +43,17 @@
 //! `hubgate_privacy_budget_refusals_total{stream}` and
 //! `hubgate_privacy_budget_spent_today_epsilon{stream}`.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::ingest::{Acker, Inbound};
+use crate::ratelimit::{DeviceLimit, Limit, Limiter};
 use hubgate_exporters::catalogue;
 use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Context, Policy, Record, Value, chain, identifiers};
 use hubgate_proto::v1;
 use metrics::{Counter, Gauge};
-use rumqttc::{AsyncClient, Publish};
-
-use crate::ingest::Inbound;
-use crate::ratelimit::{DeviceLimit, Limit, Limiter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -740,7 +737,7 @@ impl Pipeline {
     }
 
     /// Routes one message to the streams that take its topic.
-    fn process_one(&mut self, publish: &Publish, now_ms: i64) -> Routed {
+    fn process_one(&mut self, publish: &rumqttc::Publish, now_ms: i64) -> Routed {
         let mut routed = false;
         // Decoded once per format, on first use, and shared by every stream of that format.
         let mut decoded = decode::Once::default();
@@ -941,54 +938,6 @@ fn to_proto_value(value: Value) -> v1::Value {
     v1::Value { kind: Some(kind) }
 }
 
-/// Acknowledges messages to the broker without ever blocking on the request channel.
-///
-/// An ack waiting for room keeps only the packet id and QoS: a message's payload shares the
-/// buffer it was read into, which would stay allocated as long as any message read with it.
-#[derive(Debug)]
-pub struct Acker {
-    client: AsyncClient,
-    pending: VecDeque<Publish>,
-}
-
-impl Acker {
-    pub fn new(client: AsyncClient) -> Self {
-        Self {
-            client,
-            pending: VecDeque::new(),
-        }
-    }
-
-    /// Queues acks for these messages and sends as many queued acks as the channel takes.
-    pub fn ack(&mut self, batch: impl IntoIterator<Item = Publish>) {
-        self.pending.extend(
-            batch
-                .into_iter()
-                .filter(|p| p.qos != rumqttc::QoS::AtMostOnce)
-                .map(|p| Publish {
-                    dup: false,
-                    qos: p.qos,
-                    retain: false,
-                    topic: String::new(),
-                    pkid: p.pkid,
-                    payload: bytes::Bytes::new(),
-                }),
-        );
-        self.flush();
-    }
-
-    /// Sends queued acks until the channel is full. Returns whether any remain.
-    pub fn flush(&mut self) -> bool {
-        while let Some(p) = self.pending.front() {
-            if self.client.try_ack(p).is_err() {
-                return true;
-            }
-            self.pending.pop_front();
-        }
-        false
-    }
-}
-
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
 /// forward (see [`crate::push`]).
 pub async fn run(
@@ -1088,6 +1037,7 @@ mod tests {
     use crate::outbox::SledOutbox;
     use proptest::prelude::*;
     use prost::Message as _;
+    use rumqttc::Publish;
 
     /// A filtered record in its gRPC form, built as a message (sequence 0).
     fn to_proto(stream: &str, policy_hash: &str, record: Record) -> v1::Record {
