@@ -24,9 +24,10 @@
 //! privacy-budget ledger, which is written to disk before the released records are kept (see
 //! [`crate::budget`]).
 //!
-//! Open windows are checkpointed in the outbox under `window/<stream>`, and a restart resumes
-//! them. A checkpoint written under a different aggregation spec (the policy changed) is not
-//! resumed: its windows are discarded, with a warning.
+//! Open windows are checkpointed in the outbox under `window/<stream>` (a whole copy of the state)
+//! and `window/<stream>/changes` (what changed since that copy), and a restart resumes them. A
+//! checkpoint written under a different aggregation spec (the policy changed) is not resumed: its
+//! windows are discarded, with a warning.
 //!
 //! Acknowledgements are handed to the MQTT connection without ever waiting on it
 //! ([`crate::ingest::Acker`]): the MQTT task may itself be waiting for room in this task's queue,
@@ -200,29 +201,57 @@ struct Windows {
     must_checkpoint: bool,
     /// When it was last checkpointed (gateway clock, ms).
     checkpointed_ms: i64,
+    /// Numbers the whole states written: the changes written after one name it.
+    whole: u64,
+    /// A whole state was written by this process: later checkpoints may write only changes.
+    wrote_whole: bool,
     /// Identifies the aggregation spec the state was built under.
     spec: u32,
     /// The stream's key generation ([`KeyManager::generation`]) the windows last absorbed under.
     key_generation: Option<u64>,
 }
 
-/// A window checkpoint as stored in the outbox: [`CHECKPOINT_MAGIC`], the spec's fingerprint
-/// (`u32`, little-endian), then the state's binary form ([`WindowState::encode`]).
+/// A window checkpoint as stored in the outbox under [`checkpoint_name`]: [`CHECKPOINT_MAGIC`],
+/// the spec's fingerprint (`u32`, little-endian), the number of this whole state (`u64`), then
+/// the state's binary form ([`WindowState::encode`]).
+///
+/// Between two whole states, a checkpoint writes only what changed since the last one
+/// ([`WindowState::encode_changes`]) under [`changes_name`]: [`CHANGES_MAGIC`], the fingerprint,
+/// the number of the whole state they apply to, then the changes. A whole state is written with
+/// empty changes beside it, in the same commit.
 #[derive(Debug, serde::Deserialize)]
 struct Checkpoint {
     spec: u32,
+    #[serde(skip)]
+    whole: u64,
     state: WindowState,
 }
 
 /// Marks a binary window checkpoint. Checkpoints written before it are JSON, and are still read.
 const CHECKPOINT_MAGIC: &[u8; 4] = b"HGW\x01";
+/// Marks the changes written since a whole window checkpoint.
+const CHANGES_MAGIC: &[u8; 4] = b"HGC\x01";
+
+/// A whole state is written instead of its changes once a quarter of its groups changed: what
+/// a checkpoint writes stays a fraction of the state, and the changes never outgrow it.
+const WHOLE_WHEN_CHANGED: usize = 4;
 
 impl Checkpoint {
-    fn encode(spec: u32, state: &WindowState) -> Vec<u8> {
+    fn encode(spec: u32, whole: u64, state: &WindowState) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(64 + 16 * usize::try_from(state.entries()).unwrap_or(0));
         bytes.extend_from_slice(CHECKPOINT_MAGIC);
         bytes.extend_from_slice(&spec.to_le_bytes());
+        bytes.extend_from_slice(&whole.to_le_bytes());
         state.encode(&mut bytes);
+        bytes
+    }
+
+    fn encode_changes(spec: u32, whole: u64, state: &WindowState) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(256);
+        bytes.extend_from_slice(CHANGES_MAGIC);
+        bytes.extend_from_slice(&spec.to_le_bytes());
+        bytes.extend_from_slice(&whole.to_le_bytes());
+        state.encode_changes(&mut bytes);
         bytes
     }
 
@@ -230,16 +259,45 @@ impl Checkpoint {
         let Some(rest) = bytes.strip_prefix(CHECKPOINT_MAGIC) else {
             return Ok(serde_json::from_slice(bytes)?);
         };
-        let (spec, state) = rest.split_first_chunk::<4>().unwrap_or((&[0; 4], &[]));
+        let (spec, whole, state) = split_numbers(rest)?;
         Ok(Self {
-            spec: u32::from_le_bytes(*spec),
+            spec,
+            whole,
             state: WindowState::decode(state)?,
         })
     }
+
+    /// Applies the changes stored beside this whole state, if they are its own, and returns how
+    /// many groups they changed.
+    fn apply_changes(&mut self, bytes: &[u8]) -> anyhow::Result<usize> {
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        let rest = bytes
+            .strip_prefix(CHANGES_MAGIC)
+            .ok_or_else(|| anyhow::anyhow!("the changes are not of a known form"))?;
+        let (spec, whole, changes) = split_numbers(rest)?;
+        if (spec, whole) != (self.spec, self.whole) {
+            anyhow::bail!("the changes are not those of the whole state beside them");
+        }
+        Ok(self.state.apply_changes(changes)?)
+    }
+}
+
+/// Splits the fingerprint and the whole state's number from a checkpoint's body.
+fn split_numbers(bytes: &[u8]) -> anyhow::Result<(u32, u64, &[u8])> {
+    let short = || anyhow::anyhow!("the checkpoint is cut short");
+    let (spec, rest) = bytes.split_first_chunk::<4>().ok_or_else(short)?;
+    let (whole, rest) = rest.split_first_chunk::<8>().ok_or_else(short)?;
+    Ok((u32::from_le_bytes(*spec), u64::from_le_bytes(*whole), rest))
 }
 
 fn checkpoint_name(stream: &str) -> String {
     format!("window/{stream}")
+}
+
+fn changes_name(stream: &str) -> String {
+    format!("window/{stream}/changes")
 }
 
 /// Opens the windows of an aggregated stream from its checkpoint.
@@ -251,15 +309,22 @@ fn resume_windows(
     let fingerprint = crc32fast::hash(format!("{spec:?}").as_bytes());
     let name = checkpoint_name(&stream.name);
     let mut state = WindowState::default();
+    let mut whole = 0;
     if let Some(bytes) = store.checkpoint(&name)? {
-        let saved = Checkpoint::decode(&bytes).map_err(|e| {
+        let damaged = |e: anyhow::Error| {
             anyhow::anyhow!(
                 "the window checkpoint of stream '{}' is damaged: {e}",
                 stream.name
             )
-        })?;
+        };
+        let mut saved = Checkpoint::decode(&bytes).map_err(damaged)?;
+        whole = saved.whole;
         if saved.spec == fingerprint {
-            tracing::info!(stream = %stream.name, windows = saved.state.open_windows(), "resumed open windows from the checkpoint");
+            let changed_groups = match store.checkpoint(&changes_name(&stream.name))? {
+                Some(changes) => saved.apply_changes(&changes).map_err(damaged)?,
+                None => 0,
+            };
+            tracing::info!(stream = %stream.name, windows = saved.state.open_windows(), changed_groups, "resumed open windows from the checkpoint");
             state = saved.state;
             if stream.needs_key() {
                 // This process pseudonymises with keys of its own: the same devices get new
@@ -278,6 +343,8 @@ fn resume_windows(
         dirty: false,
         must_checkpoint: false,
         checkpointed_ms: now_ms(),
+        whole,
+        wrote_whole: false,
         spec: fingerprint,
         key_generation: None,
     })
@@ -485,7 +552,11 @@ impl Pipeline {
     /// acknowledged (QoS 1), or released or rekeyed windows: nothing acknowledged is lost, and
     /// released groups are never released again. Readings at QoS 0 are never acknowledged: the
     /// state that absorbed only those is checkpointed at most once every
-    /// [`WINDOW_CHECKPOINT_EVERY_MS`], as the whole state is written each time.
+    /// [`WINDOW_CHECKPOINT_EVERY_MS`].
+    ///
+    /// A checkpoint writes what changed since the last whole state, until a quarter of the
+    /// groups changed ([`WHOLE_WHEN_CHANGED`]); then the whole state again. The first checkpoint
+    /// of a process is a whole state.
     pub fn commit(&mut self, now_ms: i64) -> Result<(), CommitError> {
         for (stream, windows) in self.policy.streams().iter().zip(&mut self.windows) {
             let Some(w) = windows.as_mut().filter(|w| {
@@ -495,9 +566,20 @@ impl Pipeline {
             }) else {
                 continue;
             };
-            let bytes = Checkpoint::encode(w.spec, &w.state);
-            self.pending
-                .checkpoint(checkpoint_name(&stream.name), bytes);
+            let (changed, groups) = w.state.changed_groups();
+            if w.wrote_whole && changed * WHOLE_WHEN_CHANGED < groups {
+                let bytes = Checkpoint::encode_changes(w.spec, w.whole, &w.state);
+                self.pending.checkpoint(changes_name(&stream.name), bytes);
+            } else {
+                w.whole += 1;
+                let bytes = Checkpoint::encode(w.spec, w.whole, &w.state);
+                self.pending
+                    .checkpoint(checkpoint_name(&stream.name), bytes);
+                self.pending
+                    .checkpoint(changes_name(&stream.name), Vec::new());
+                w.state.forget_changes();
+                w.wrote_whole = true;
+            }
             w.dirty = false;
             w.must_checkpoint = false;
             w.checkpointed_ms = now_ms;
@@ -1106,7 +1188,7 @@ readings = "count"
             };
             assert_eq!(state.absorb(spec, &record, 60_000), Absorbed::Counted);
         }
-        let binary = Checkpoint::encode(7, &state);
+        let binary = Checkpoint::encode(7, 1, &state);
         assert!(binary.starts_with(CHECKPOINT_MAGIC));
         let read = Checkpoint::decode(&binary).unwrap();
         assert_eq!((read.spec, &read.state), (7, &state));
@@ -1357,6 +1439,82 @@ bn = "pseudonymise"
             for_the_ack,
             "before a stop"
         );
+    }
+
+    /// Between whole states, a checkpoint writes only the groups that changed; the whole state
+    /// and its changes resume the state the pipeline holds, and once a quarter of the groups
+    /// changed the whole state is written again.
+    #[test]
+    fn window_checkpoints_write_the_changes_between_whole_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut pipeline, store) = pipeline_for(AGGREGATED, dir.path());
+        let probe_at = |counter: usize, mac: &str| {
+            let payload = format!(r#"{{"counter_id":"pc-{counter}","mac":"{mac}"}}"#);
+            Inbound {
+                bytes: payload.len(),
+                publish: Publish::new(
+                    format!("city/footfall/pc-{counter}/probe"),
+                    rumqttc::QoS::AtLeastOnce,
+                    payload,
+                ),
+                oversized: false,
+            }
+        };
+        let (whole, changes) = (checkpoint_name("counts"), changes_name("counts"));
+        let stored = |name: &str| store.checkpoint(name).unwrap().unwrap_or_default();
+        let t = now_ms();
+        let batch: Vec<_> = (0..40).map(|c| probe_at(c, "aa:01")).collect();
+        pipeline.process(&batch, t);
+        pipeline.commit(t).unwrap();
+        let first = stored(&whole);
+        assert!(first.starts_with(CHECKPOINT_MAGIC));
+        assert!(
+            stored(&changes).is_empty(),
+            "a whole state, with no changes"
+        );
+
+        // Two groups change, one of them new: only they are written.
+        pipeline.process(&[probe_at(1, "aa:02"), probe_at(99, "aa:03")], t + 10);
+        pipeline.commit(t + 10).unwrap();
+        assert_eq!(stored(&whole), first);
+        let written = stored(&changes);
+        assert!(written.starts_with(CHANGES_MAGIC));
+        assert!(
+            written.len() * 5 < first.len(),
+            "{} of {}",
+            written.len(),
+            first.len()
+        );
+        let spec = pipeline.policy.streams()[0].aggregate.clone().unwrap();
+        let resumed = resume_windows(&store, &pipeline.policy.streams()[0], &spec).unwrap();
+        let live = &pipeline.windows[0].as_ref().unwrap().state;
+        assert_eq!(resumed.state.entries(), live.entries());
+        assert_eq!(
+            resumed.state.groups().collect::<Vec<_>>(),
+            live.groups().collect::<Vec<_>>()
+        );
+        assert!(
+            live.groups()
+                .any(|(_, key, n)| key == [Value::Str("pc-99".into())] && n == 1)
+        );
+
+        // A quarter of the groups changed: the whole state again, and its changes start over.
+        let batch: Vec<_> = (0..10).map(|c| probe_at(c, "aa:04")).collect();
+        pipeline.process(&batch, t + 20);
+        pipeline.commit(t + 20).unwrap();
+        assert_ne!(stored(&whole), first);
+        assert!(stored(&changes).is_empty());
+        let resumed = resume_windows(&store, &pipeline.policy.streams()[0], &spec).unwrap();
+        let live = &pipeline.windows[0].as_ref().unwrap().state;
+        assert_eq!(
+            resumed.state.groups().collect::<Vec<_>>(),
+            live.groups().collect::<Vec<_>>()
+        );
+
+        // Changes that are not those of the whole state beside them are refused, not applied.
+        store.save_checkpoint(&changes, written).unwrap();
+        let refused = resume_windows(&store, &pipeline.policy.streams()[0], &spec);
+        assert!(refused.unwrap_err().to_string().contains("damaged"));
     }
 
     /// However many origins push, the marks held in memory stay bounded, and a mark let go is

@@ -20,8 +20,10 @@
 //!
 //! The state ([`WindowState`]) is plain data, with a compact binary form ([`WindowState::encode`];
 //! serde as well, for checkpoints of earlier builds), so the gateway can checkpoint it and a
-//! restart can resume the open windows. Contributors and distinct values are held as 64-bit
-//! digests, never as the values themselves.
+//! restart can resume the open windows. The state also notes which groups changed since it was
+//! last written whole, so that a checkpoint can write only those
+//! ([`WindowState::encode_changes`], [`WindowState::apply_changes`]). Contributors and distinct
+//! values are held as 64-bit digests, never as the values themselves.
 //!
 //! Contributors are usually pseudonyms, and a pseudonym changes when its key does (a new key
 //! epoch, or a restart). The caller says so with [`WindowState::rekey`]: contributors are then
@@ -165,6 +167,26 @@ pub struct WindowState {
     /// When the key generation changed (gateway clock, ms), while it can still matter to a window.
     #[serde(default)]
     rekeys_ms: Vec<i64>,
+    /// What changed since the state was last written whole.
+    #[serde(skip)]
+    changes: Changes,
+}
+
+/// What changed in a state since [`WindowState::forget_changes`], so that a checkpoint can write
+/// only that ([`WindowState::encode_changes`]). Bookkeeping, not state: two states compare equal
+/// whatever their changes.
+#[derive(Debug, Clone, Default)]
+struct Changes {
+    /// Groups that absorbed a reading, by window start and key.
+    groups: BTreeSet<(i64, Vec<KeyValue>)>,
+    /// Contribution counts that changed, by window start and digest.
+    contributions: BTreeSet<(i64, u64)>,
+}
+
+impl PartialEq for Changes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 fn digest(value: &Value) -> u64 {
@@ -215,6 +237,18 @@ impl WindowState {
     /// Groups, contributors and distinct values held.
     pub fn entries(&self) -> u64 {
         self.entries
+    }
+
+    /// Groups that changed since [`WindowState::forget_changes`], and groups held: what writing
+    /// only the changes would write, against writing the whole state.
+    pub fn changed_groups(&self) -> (usize, usize) {
+        let held = self.windows.values().map(|w| w.groups.len()).sum();
+        (self.changes.groups.len(), held)
+    }
+
+    /// Forgets what changed: call when the whole state was written ([`WindowState::encode`]).
+    pub fn forget_changes(&mut self) {
+        self.changes = Changes::default();
     }
 
     /// The open groups as (window start, group key values, distinct contributors as counted for
@@ -293,15 +327,22 @@ impl WindowState {
                 self.entries += 1;
             }
             *given += 1;
+            self.changes
+                .contributions
+                .insert((start, generation_digest(generation, contributor)));
         }
         let group = match window.groups.binary_search_by(|(k, _)| k.cmp(&key)) {
-            Ok(i) => &mut window.groups[i].1,
+            Ok(i) => {
+                self.changes.groups.insert((start, key));
+                &mut window.groups[i].1
+            }
             Err(i) => {
                 self.entries += 1;
                 let group = Group {
                     measures: vec![Acc::default(); spec.measures.len()],
                     ..Group::default()
                 };
+                self.changes.groups.insert((start, key.clone()));
                 window.groups.insert(i, (key, group));
                 &mut window.groups[i].1
             }
@@ -404,6 +445,14 @@ impl WindowState {
                     rng.as_deref_mut(),
                 ));
             }
+        }
+        if out.windows > 0 {
+            // A closed window is gone from the state: what changed in it is no longer a change.
+            let open = &self.windows;
+            self.changes.groups.retain(|(s, _)| open.contains_key(s));
+            self.changes
+                .contributions
+                .retain(|(s, _)| open.contains_key(s));
         }
         // Nothing can arrive any more for windows that ended before now minus the lateness.
         let horizon = now_ms.saturating_sub(lateness_ms);

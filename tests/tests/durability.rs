@@ -204,7 +204,8 @@ fn footfall_windowed() -> String {
 }
 
 /// Readings absorbed into an open window survive a SIGKILL: the restarted gateway resumes the
-/// window from its checkpoint and releases the group, though the broker sends nothing again.
+/// window from its checkpoint and releases the group, though the broker sends nothing again. The
+/// readings that matter reach the checkpoint as changes to a whole state written before them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_windows_survive_a_sigkill() {
     let broker = Mosquitto::start();
@@ -230,6 +231,20 @@ async fn open_windows_survive_a_sigkill() {
     gw.wait_ready();
     let mut publisher = Publisher::connect(broker.port, "pub-window");
     let ts = now() / 1000;
+    let counted = [("stream", "footfall"), ("outcome", "counted")];
+    // Eight other counters first, heard once each (too few to be released): the whole state.
+    for c in 10..18u8 {
+        let payload = format!(
+            "{{\"counter_id\": \"pc-{c}\", \"ts\": {ts}, \"mac\": \"3c:22:fb:00:01:{c:02x}\"}}"
+        );
+        publisher
+            .publish(&format!("city/footfall/pc-{c}/probe"), payload)
+            .await;
+    }
+    publisher.wait_acked(8).await;
+    wait_for("eight readings counted", Duration::from_secs(10), || {
+        gw.metric("hubgate_aggregate_readings_total", &counted) == 8.0
+    });
     for d in 0..6u8 {
         let payload = format!(
             "{{\"counter_id\": \"pc-01\", \"ts\": {ts}, \"mac\": \"3c:22:fb:00:00:{d:02x}\"}}"
@@ -238,10 +253,9 @@ async fn open_windows_survive_a_sigkill() {
             .publish("city/footfall/pc-01/probe", payload)
             .await;
     }
-    publisher.wait_acked(6).await;
-    let counted = [("stream", "footfall"), ("outcome", "counted")];
-    wait_for("six readings counted", Duration::from_secs(10), || {
-        gw.metric("hubgate_aggregate_readings_total", &counted) == 6.0
+    publisher.wait_acked(14).await;
+    wait_for("six more readings counted", Duration::from_secs(10), || {
+        gw.metric("hubgate_aggregate_readings_total", &counted) == 14.0
     });
     // Counted, committed and acknowledged: the broker holds nothing more for the gateway.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -264,10 +278,16 @@ async fn open_windows_survive_a_sigkill() {
         0.0,
         "the broker sent readings again: the test proves nothing"
     );
-    assert!(
-        gw.log()
-            .contains("resumed open windows from the checkpoint")
-    );
+    let log = gw.log();
+    assert!(log.contains("resumed open windows from the checkpoint"));
+    // The readings of pc-01 came back from the changes, not from a whole state.
+    let changed: u32 = log
+        .split("changed_groups=")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no changed_groups in the log:\n{log}"));
+    assert!(changed >= 1, "{log}");
     let mut client = gw.client().await;
     let mut events = client
         .subscribe(subscribe_request(

@@ -314,6 +314,69 @@ fn the_binary_form_keeps_every_part_of_the_state_and_refuses_damage() {
     assert!(WindowState::decode(&huge).is_err());
 }
 
+/// The changes since a whole state, applied to that state read back, give the state they were
+/// taken from: across new and old groups, contributions under noise, a rekey and a closed window.
+#[test]
+fn changes_applied_to_the_last_whole_state_give_the_state() {
+    for aggregate in [PLAIN, NOISY] {
+        let p = policy(aggregate);
+        let spec = agg(&p);
+        let mut state = WindowState::default();
+        for i in 0..200 {
+            let r = reading(
+                T0 + (i % 2) * MIN,
+                &format!("c-{}", i % 50),
+                &format!("m-{}", i % 30),
+                -50 - i % 7,
+                &format!("z-{}", i % 3),
+            );
+            state.absorb(spec, &r, T0 + MIN - 1);
+        }
+        let mut whole = Vec::new();
+        state.encode(&mut whole);
+        state.forget_changes();
+        let base = WindowState::decode(&whole).expect("decodes");
+        let groups = state.groups().count();
+        assert_eq!(state.changed_groups(), (0, groups));
+        assert!(groups > 40, "{aggregate}: {groups} groups");
+
+        // Two groups change, one of them new.
+        for (counter, mac) in [("c-1", "m-100"), ("c-1", "m-101"), ("c-new", "m-102")] {
+            let r = reading(T0 + MIN + 5, counter, mac, -70, "z-9");
+            assert_eq!(state.absorb(spec, &r, T0 + MIN), Absorbed::Counted);
+        }
+        assert_eq!(state.changed_groups(), (2, groups + 1));
+        let mut changes = Vec::new();
+        state.encode_changes(&mut changes);
+        assert!(changes.len() * 10 < whole.len(), "{aggregate}");
+        let mut resumed = base.clone();
+        assert_eq!(resumed.apply_changes(&changes), Ok(2));
+        assert_eq!(resumed, state, "{aggregate}");
+
+        // A rekey, a reading under the new key, and the first window closes.
+        state.rekey(T0 + MIN + 10);
+        let r = reading(T0 + MIN + 20, "c-2", "m-3", -60, "z");
+        assert_eq!(state.absorb(spec, &r, T0 + MIN + 20), Absorbed::Counted);
+        let release = state.release(spec, T0 + 2 * MIN - 1, None);
+        assert_eq!(release.windows, 1, "{aggregate}");
+        changes.clear();
+        state.encode_changes(&mut changes);
+        let mut resumed = base.clone();
+        assert_eq!(resumed.apply_changes(&changes), Ok(3));
+        assert_eq!(resumed, state, "{aggregate}");
+
+        // Damaged changes, or changes applied to another state, leave the state as it was.
+        for cut in 0..changes.len() {
+            let mut b = base.clone();
+            assert!(b.apply_changes(&changes[..cut]).is_err(), "cut at {cut}");
+            assert_eq!(b, base);
+        }
+        let mut other = WindowState::default();
+        assert!(other.apply_changes(&changes).is_err());
+        assert_eq!(other, WindowState::default());
+    }
+}
+
 #[test]
 fn noise_is_paid_for_once_and_refused_over_the_budget() {
     let p = policy(NOISY);
@@ -507,6 +570,45 @@ fn arb_reading() -> impl Strategy<Value = (i64, u8, u8, i64)> {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Whatever is absorbed, released and rekeyed after a whole state was written, the whole
+    /// state and the changes give the live state back.
+    #[test]
+    fn a_whole_state_and_its_changes_give_the_state(
+        before in prop::collection::vec(arb_reading(), 0..150),
+        after in prop::collection::vec(arb_reading(), 0..150),
+        noisy in any::<bool>(),
+        release_at in 0..6 * MIN,
+        rekey in any::<bool>(),
+    ) {
+        let p = policy(if noisy { NOISY } else { PLAIN });
+        let spec = agg(&p);
+        let mut state = WindowState::default();
+        let absorb = |state: &mut WindowState, (offset, counter, mac, rssi): (i64, u8, u8, i64)| {
+            let r = reading(T0 + offset, &format!("c-{counter}"), &format!("m-{mac}"), rssi, "z");
+            state.absorb(spec, &r, T0 + offset);
+        };
+        for r in before {
+            absorb(&mut state, r);
+        }
+        let mut whole = Vec::new();
+        state.encode(&mut whole);
+        state.forget_changes();
+        for (i, r) in after.into_iter().enumerate() {
+            absorb(&mut state, r);
+            if i == 50 {
+                state.release(spec, T0 + release_at, None);
+                if rekey {
+                    state.rekey(T0 + release_at);
+                }
+            }
+        }
+        let mut changes = Vec::new();
+        state.encode_changes(&mut changes);
+        let mut resumed = WindowState::decode(&whole).unwrap();
+        resumed.apply_changes(&changes).unwrap();
+        prop_assert_eq!(resumed, state);
+    }
 
     /// Whatever the input, however often the windows are released and the pseudonymisation key
     /// changes, no group with fewer than k distinct contributors leaves, with or without noise.
