@@ -100,6 +100,8 @@ struct Group {
     /// Contributor digests by key generation.
     contributors: BTreeSet<(u32, u64)>,
     measures: Vec<Acc>,
+    #[serde(skip)]
+    changed: Changed,
 }
 
 impl Group {
@@ -173,17 +175,27 @@ pub struct WindowState {
 }
 
 /// What changed in a state since [`WindowState::forget_changes`], so that a checkpoint can write
-/// only that ([`WindowState::encode_changes`]). Bookkeeping, not state: two states compare equal
-/// whatever their changes.
+/// only that ([`WindowState::encode_changes`]): the contribution counts that changed (the groups
+/// that changed are marked in place, [`Changed`]). Bookkeeping, not state: two states compare
+/// equal whatever their changes.
 #[derive(Debug, Clone, Default)]
 struct Changes {
-    /// Groups that absorbed a reading, by window start and key.
-    groups: BTreeSet<(i64, Vec<KeyValue>)>,
     /// Contribution counts that changed, by window start and digest.
     contributions: BTreeSet<(i64, u64)>,
 }
 
 impl PartialEq for Changes {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// Marks a group that changed since the state was last written whole. Bookkeeping, not state:
+/// it compares equal whatever its value.
+#[derive(Debug, Clone, Copy, Default)]
+struct Changed(bool);
+
+impl PartialEq for Changed {
     fn eq(&self, _: &Self) -> bool {
         true
     }
@@ -242,13 +254,19 @@ impl WindowState {
     /// Groups that changed since [`WindowState::forget_changes`], and groups held: what writing
     /// only the changes would write, against writing the whole state.
     pub fn changed_groups(&self) -> (usize, usize) {
-        let held = self.windows.values().map(|w| w.groups.len()).sum();
-        (self.changes.groups.len(), held)
+        let groups = || self.windows.values().flat_map(|w| &w.groups);
+        let changed = groups().filter(|(_, g)| g.changed.0).count();
+        (changed, groups().count())
     }
 
     /// Forgets what changed: call when the whole state was written ([`WindowState::encode`]).
     pub fn forget_changes(&mut self) {
         self.changes = Changes::default();
+        for window in self.windows.values_mut() {
+            for (_, group) in &mut window.groups {
+                group.changed = Changed(false);
+            }
+        }
     }
 
     /// The open groups as (window start, group key values, distinct contributors as counted for
@@ -332,22 +350,19 @@ impl WindowState {
                 .insert((start, generation_digest(generation, contributor)));
         }
         let group = match window.groups.binary_search_by(|(k, _)| k.cmp(&key)) {
-            Ok(i) => {
-                self.changes.groups.insert((start, key));
-                &mut window.groups[i].1
-            }
+            Ok(i) => &mut window.groups[i].1,
             Err(i) => {
                 self.entries += 1;
                 let group = Group {
                     measures: vec![Acc::default(); spec.measures.len()],
                     ..Group::default()
                 };
-                self.changes.groups.insert((start, key.clone()));
                 window.groups.insert(i, (key, group));
                 &mut window.groups[i].1
             }
         };
         group.readings += 1;
+        group.changed = Changed(true);
         if group.contributors.insert((generation, contributor)) {
             self.entries += 1;
         }
@@ -449,7 +464,6 @@ impl WindowState {
         if out.windows > 0 {
             // A closed window is gone from the state: what changed in it is no longer a change.
             let open = &self.windows;
-            self.changes.groups.retain(|(s, _)| open.contains_key(s));
             self.changes
                 .contributions
                 .retain(|(s, _)| open.contains_key(s));

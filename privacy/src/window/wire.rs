@@ -97,17 +97,18 @@ impl WindowState {
         for start in self.windows.keys() {
             out.extend_from_slice(&start.to_le_bytes());
         }
-        out.extend_from_slice(&len(self.changes.groups.len()).to_le_bytes());
-        for (start, key) in &self.changes.groups {
-            let group = self.windows.get(start).and_then(|w| {
+        let changed = || {
+            self.windows.iter().flat_map(|(start, w)| {
                 w.groups
-                    .binary_search_by(|(k, _)| k.cmp(key))
-                    .ok()
-                    .map(|i| &w.groups[i].1)
-            });
+                    .iter()
+                    .filter(|(_, g)| g.changed.0)
+                    .map(move |(key, g)| (start, key, g))
+            })
+        };
+        out.extend_from_slice(&len(changed().count()).to_le_bytes());
+        for (start, key, group) in changed() {
             out.extend_from_slice(&start.to_le_bytes());
-            // Every change is of a group still held (closed windows take theirs with them).
-            encode_group(key, group.unwrap_or(&Group::default()), out);
+            encode_group(key, group, out);
         }
         out.extend_from_slice(&len(self.changes.contributions.len()).to_le_bytes());
         for (start, digest) in &self.changes.contributions {
@@ -256,6 +257,7 @@ fn decode_group(r: &mut Reader<'_>) -> Result<(Vec<KeyValue>, Group), Malformed>
             _ => return Err(Malformed(r.at - 1)),
         });
     }
+    // A group read back is as the state was written, not a change to it.
     let mut group = Group {
         readings: r.u64()?,
         ..Group::default()
