@@ -152,7 +152,7 @@ pub fn apply_traced(
                 match (policy.identifiers.action, ctx.key) {
                     (IdAction::Pseudonymise, Some(key)) => {
                         trace(&path, Fate::IdentifierPseudonymised(kind));
-                        fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
+                        fields.push((path, Value::Str(pseudonym_of(key, &value))));
                         out.pseudonymised += 1;
                     }
                     _ => trace(&path, Fate::IdentifierDropped(kind)),
@@ -161,7 +161,7 @@ pub fn apply_traced(
             Some(Treatment::Pseudonymise) => match ctx.key {
                 Some(key) => {
                     trace(&path, Fate::Pseudonymised);
-                    fields.push((path, Value::Str(pseudonymise(key, &text(&value)))));
+                    fields.push((path, Value::Str(pseudonym_of(key, &value))));
                     out.pseudonymised += 1;
                 }
                 None => {
@@ -211,12 +211,13 @@ pub fn coarsen(t_ms: i64, bucket_ms: i64) -> i64 {
     }
 }
 
-fn text(value: &Value) -> String {
+/// The pseudonym of a value: of a string as it is, of a number or a boolean as its text.
+fn pseudonym_of(key: &Key, value: &Value) -> String {
     match value {
-        Value::Str(s) => s.clone(),
-        Value::Int(i) => i.to_string(),
-        Value::Float(f) => f.to_string(),
-        Value::Bool(b) => b.to_string(),
+        Value::Str(s) => pseudonymise(key, s),
+        Value::Int(i) => pseudonymise(key, &i.to_string()),
+        Value::Float(f) => pseudonymise(key, &f.to_string()),
+        Value::Bool(b) => pseudonymise(key, &b.to_string()),
     }
 }
 

@@ -63,15 +63,49 @@ pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
 /// Canonical form of an identifier: a MAC address or EUI-64 in any common notation becomes its
 /// lowercase hex digits; anything else is trimmed and lowercased.
 pub fn normalise(id: &str) -> String {
+    String::from_utf8_lossy(normalised(id).as_bytes()).into_owned()
+}
+
+/// [`normalise`] without allocating for the common cases: a MAC address or EUI-64 is held on the
+/// stack, and text that is already trimmed lowercase ASCII is borrowed.
+enum Normalised<'a> {
+    Hex { digits: [u8; 16], len: usize },
+    Borrowed(&'a str),
+    Owned(String),
+}
+
+impl Normalised<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Normalised::Hex { digits, len } => &digits[..*len],
+            Normalised::Borrowed(s) => s.as_bytes(),
+            Normalised::Owned(s) => s.as_bytes(),
+        }
+    }
+}
+
+fn normalised(id: &str) -> Normalised<'_> {
     let t = id.trim();
-    let hex: String = t.chars().filter(char::is_ascii_hexdigit).collect();
-    let separators_only = t
-        .chars()
-        .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
-    if separators_only && (hex.len() == 12 || hex.len() == 16) {
-        hex.to_ascii_lowercase()
+    let mut digits = [0u8; 16];
+    let mut len = 0;
+    let mut separators_only = true;
+    for b in t.bytes() {
+        if b.is_ascii_hexdigit() {
+            if let Some(d) = digits.get_mut(len) {
+                *d = b.to_ascii_lowercase();
+            }
+            len += 1;
+        } else if !matches!(b, b':' | b'-' | b'.') {
+            separators_only = false;
+            break;
+        }
+    }
+    if separators_only && (len == 12 || len == 16) {
+        Normalised::Hex { digits, len }
+    } else if t.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+        Normalised::Borrowed(t)
     } else {
-        t.to_lowercase()
+        Normalised::Owned(t.to_lowercase())
     }
 }
 
@@ -79,7 +113,7 @@ pub fn normalise(id: &str) -> String {
 /// `HMAC-SHA256(key, normalise(id))`.
 pub fn pseudonymise(key: &Key, id: &str) -> String {
     let mut mac = key.mac.clone();
-    mac.update(normalise(id).as_bytes());
+    mac.update(normalised(id).as_bytes());
     let digest = mac.finalize().into_bytes();
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(2 * PSEUDONYM_BYTES);
@@ -172,6 +206,37 @@ mod tests {
         })
     }
 
+    /// The definition [`normalise`] implements, written the plain way.
+    fn normalise_by_definition(id: &str) -> String {
+        let t = id.trim();
+        let hex: String = t.chars().filter(char::is_ascii_hexdigit).collect();
+        let separators_only = t
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | '.'));
+        if separators_only && (hex.len() == 12 || hex.len() == 16) {
+            hex.to_ascii_lowercase()
+        } else {
+            t.to_lowercase()
+        }
+    }
+
+    #[test]
+    fn normal_forms() {
+        for (id, want) in [
+            ("3C:22:FB:12:34:56", "3c22fb123456"),
+            ("00-1b-63-ff-fe-84-88-b4", "001b63fffe8488b4"),
+            ("3c22.fb12.3456", "3c22fb123456"),
+            // Thirteen digits are not a MAC address: the text is only trimmed and lowercased.
+            ("3c:22:fb:12:34:56:7", "3c:22:fb:12:34:56:7"),
+            ("  AB-1234-CD ", "ab-1234-cd"),
+            ("ab-1234-cd", "ab-1234-cd"),
+            ("Ärzte:12", "ärzte:12"),
+            ("", ""),
+        ] {
+            assert_eq!(normalise(id), want, "{id:?}");
+        }
+    }
+
     proptest! {
         /// Within an epoch (one key) a device has one pseudonym; across epochs (two random keys)
         /// its pseudonyms are unrelated: equal only by chance (2^-128), and sharing no more prefix
@@ -185,6 +250,15 @@ mod tests {
             prop_assert_ne!(&p1, &p2);
             let shared = p1.chars().zip(p2.chars()).take_while(|(x, y)| x == y).count();
             prop_assert!(shared < 8, "{} {}", p1, p2);
+        }
+
+        /// Every identifier, of any form, is hashed in the normal form the definition gives.
+        #[test]
+        fn normal_form_is_the_definition(id in "[ :.\\-0-9a-fA-FxX\u{e4}\u{c4}\u{130}]{0,24}", k in any::<[u8; 32]>()) {
+            let want = normalise_by_definition(&id);
+            prop_assert_eq!(&normalise(&id), &want);
+            let direct = hex(&hmac_sha256(&k, want.as_bytes()));
+            prop_assert_eq!(pseudonymise(&Key::new(k), &id), &direct[..2 * PSEUDONYM_BYTES]);
         }
 
         /// The pseudonym never equals, or is a prefix of, an unkeyed hash of the identifier (in any
