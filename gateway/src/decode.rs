@@ -77,6 +77,35 @@ impl Decoded {
             Decoded::Many(readings) => readings,
         }
     }
+
+    /// The readings, in payload order, by value.
+    pub fn into_readings(self) -> Readings<'static> {
+        match self {
+            Decoded::One(reading) => Readings::One(Some(reading)),
+            Decoded::Many(readings) => Readings::Many(readings.into_iter()),
+        }
+    }
+}
+
+/// The readings of one payload, each by value: moved out of a decoded payload no other stream
+/// needs, or copied from one that others do.
+#[derive(Debug)]
+pub enum Readings<'a> {
+    One(Option<Reading>),
+    Many(std::vec::IntoIter<Reading>),
+    Copied(std::slice::Iter<'a, Reading>),
+}
+
+impl Iterator for Readings<'_> {
+    type Item = Reading;
+
+    fn next(&mut self) -> Option<Reading> {
+        match self {
+            Readings::One(reading) => reading.take(),
+            Readings::Many(readings) => readings.next(),
+            Readings::Copied(readings) => readings.next().cloned(),
+        }
+    }
 }
 
 /// One message decoded at most once per format, however many streams of that format take it:
@@ -93,14 +122,42 @@ impl Once {
         payload: &[u8],
         received_ms: i64,
     ) -> &Result<Decoded, DecodeError> {
-        let slot = match format {
+        self.0[Self::slot(format)]
+            .get_or_insert_with(|| decoder.decode(format, topic, payload, received_ms))
+    }
+
+    /// The readings of the message in `format`, by value. With `last` (no other stream of this
+    /// format takes the message) they are moved out, not copied; a later call for the format
+    /// decodes again.
+    pub fn readings(
+        &mut self,
+        decoder: &mut Decoder,
+        format: PayloadFormat,
+        topic: &str,
+        payload: &[u8],
+        received_ms: i64,
+        last: bool,
+    ) -> Result<Readings<'_>, DecodeError> {
+        if !last {
+            return match self.get(decoder, format, topic, payload, received_ms) {
+                Ok(decoded) => Ok(Readings::Copied(decoded.readings().iter())),
+                Err(e) => Err(e.clone()),
+            };
+        }
+        let decoded = self.0[Self::slot(format)]
+            .take()
+            .unwrap_or_else(|| decoder.decode(format, topic, payload, received_ms));
+        decoded.map(Decoded::into_readings)
+    }
+
+    fn slot(format: PayloadFormat) -> usize {
+        match format {
             PayloadFormat::Json => 0,
             PayloadFormat::SenmlJson => 1,
             PayloadFormat::SenmlCbor => 2,
             PayloadFormat::Ngsi => 3,
             PayloadFormat::SparkplugB => 4,
-        };
-        self.0[slot].get_or_insert_with(|| decoder.decode(format, topic, payload, received_ms))
+        }
     }
 }
 

@@ -414,6 +414,8 @@ pub struct Pipeline {
     rate_limited: [Counter; 2],
     /// Payload decoders, with what Sparkplug B births declared.
     decoder: Decoder,
+    /// The streams that take the message being routed (kept to reuse its allocation).
+    routes: Vec<usize>,
 }
 
 impl Pipeline {
@@ -443,6 +445,7 @@ impl Pipeline {
         }
         Ok(Self {
             decoder: Decoder::default(),
+            routes: Vec::new(),
             topic_limiter: None,
             device_limiter: None,
             rate_limited: ["topic", "device"]
@@ -842,9 +845,16 @@ impl Pipeline {
                 return Routed::DeviceOverLimit;
             }
         }
-        for index in self.policy.route(&publish.topic) {
+        let mut routes = std::mem::take(&mut self.routes);
+        routes.clear();
+        routes.extend(self.policy.route(&publish.topic));
+        for (k, &index) in routes.iter().enumerate() {
             routed = true;
             let stream = &self.policy.streams()[index];
+            // The last stream of a format to take the message takes its readings by value.
+            let last = !routes[k + 1..]
+                .iter()
+                .any(|&later| self.policy.streams()[later].format == stream.format);
             let tally = &mut self.tallies[index];
             tally.messages += 1;
             tally.bytes_in += publish.payload.len() as u64;
@@ -853,22 +863,23 @@ impl Pipeline {
                 tally.dropped_media += 1;
                 continue;
             }
-            let Ok(decoded) = decoded.get(
+            let Ok(readings) = decoded.readings(
                 &mut self.decoder,
                 stream.format,
                 &publish.topic,
                 &publish.payload,
                 now_ms,
+                last,
             ) else {
                 tally.dropped_decode += 1;
                 continue;
             };
-            for reading in decoded.readings() {
+            for reading in readings {
                 let ctx = Context {
                     received_ms: now_ms,
                     key: self.keys.key(index, now_ms),
                 };
-                match chain::apply(stream, reading.clone(), &ctx) {
+                match chain::apply(stream, reading, &ctx) {
                     Ok(outcome) => {
                         tally.fields_dropped += u64::from(outcome.fields_dropped);
                         tally.identifiers_suppressed += u64::from(outcome.identifiers_suppressed);
@@ -902,6 +913,7 @@ impl Pipeline {
                 }
             }
         }
+        self.routes = routes;
         if routed { Routed::Yes } else { Routed::Nowhere }
     }
 }
@@ -1406,6 +1418,81 @@ bn = "pseudonymise"
                 .load(Ordering::Relaxed),
             1
         );
+    }
+
+    /// Streams of one topic each get the message's readings, whatever their order and formats:
+    /// the last stream of a format takes them by value, the others copies, and a format that
+    /// cannot read the payload is counted for its stream alone.
+    #[test]
+    fn every_stream_of_a_topic_gets_the_readings() {
+        let stream = |name: &str, format: &str, fields: &str| {
+            format!(
+                r#"
+[[stream]]
+name = "{name}"
+topics = ["city/footfall/+/probe"]
+format = "{format}"
+purpose = "test"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+
+[stream.fields]
+{fields}
+"#
+            )
+        };
+        let policy = [
+            stream("ids", "json", r#"counter_id = "keep""#),
+            stream("pack", "senml_json", r#"n = "keep""#),
+            stream(
+                "both",
+                "json",
+                "counter_id = \"keep\"\nmac = \"pseudonymise\"",
+            ),
+        ]
+        .concat();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut pipeline, store) = pipeline_for(&policy, dir.path());
+        let mut garbage = probe(rumqttc::QoS::AtMostOnce, "3c:22:fb:12:34:56");
+        garbage.publish.payload = bytes::Bytes::from_static(b"{\"counter_id\":");
+        let now = now_ms();
+        let messages = [
+            probe(rumqttc::QoS::AtMostOnce, "3c:22:fb:12:34:56"),
+            garbage,
+            probe(rumqttc::QoS::AtMostOnce, "3c:22:fb:12:34:57"),
+        ];
+        pipeline.process(&messages, now);
+        pipeline.commit(now).unwrap();
+        let fields = |stream: usize| -> Vec<Vec<String>> {
+            store
+                .read(stream, 1, 10, now)
+                .records
+                .iter()
+                .map(|r| {
+                    let mut names: Vec<String> = r.record().unwrap().fields.into_keys().collect();
+                    names.sort_unstable();
+                    names
+                })
+                .collect()
+        };
+        assert_eq!(fields(0), [["counter_id"], ["counter_id"]]);
+        assert!(fields(1).is_empty());
+        assert_eq!(fields(2), [["counter_id", "mac"], ["counter_id", "mac"]]);
+        let macs: Vec<String> = store
+            .read(2, 1, 10, now)
+            .records
+            .iter()
+            .map(|r| match r.record().unwrap().fields["mac"].kind.clone() {
+                Some(v1::value::Kind::StringValue(p)) => p,
+                other => panic!("a pseudonym, not {other:?}"),
+            })
+            .collect();
+        assert_ne!(macs[0], macs[1]);
+        let dropped: Vec<u64> = (pipeline.stats.streams.iter())
+            .map(|s| s.dropped_decode.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(dropped, [1, 3, 1]);
     }
 
     /// A window that absorbed a QoS 1 reading (to be acknowledged) is checkpointed in that
