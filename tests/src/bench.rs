@@ -228,6 +228,8 @@ pub struct Latency {
     pub samples: usize,
     /// Highest resident memory seen while the rate was held (KiB), after the first second.
     pub steady_rss_kib: u64,
+    /// The gateway's CPU time per reading while the rate was held (µs), after the first second.
+    pub cpu_us_per_reading: f64,
 }
 
 /// What the gRPC subscriber saw.
@@ -366,11 +368,13 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         seen.recording_since_us
             .store(load::now_us(), Ordering::Relaxed);
         let mut steady_rss = 0;
+        let (cpu0, held0) = (gw.cpu_seconds(), received());
         let end = Instant::now() + settings.phase - warmup;
         while Instant::now() < end {
             steady_rss = steady_rss.max(gw.rss_kib());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let cpu_us_per_reading = (gw.cpu_seconds() - cpu0) / (received() - held0).max(1.0) * 1e6;
         let sent = publisher
             .join()
             .expect("publisher")
@@ -404,6 +408,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             max_ms: at(1.0),
             samples: latencies.len(),
             steady_rss_kib: steady_rss,
+            cpu_us_per_reading,
         });
     }
 
@@ -657,6 +662,11 @@ impl Figures {
                 l.max_ms,
                 goal.map_or(String::new(), |g| format!("p99 ≤ {g} ms")),
                 goal.map_or("", |g| met(l.p99_ms <= g))
+            );
+            let _ = writeln!(
+                t,
+                "| gateway CPU per reading at {}/s | {:.2} µs | | |",
+                l.rate, l.cpu_us_per_reading
             );
             let _ = writeln!(
                 t,

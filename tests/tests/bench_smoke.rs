@@ -30,6 +30,7 @@ async fn the_benchmark_moves_data_through_every_phase() {
     assert!(figures.disk_bytes_per_reading > 0.0, "{table}");
     let at_rate = &figures.latency[0];
     assert!(at_rate.samples > 0, "{table}");
+    assert!(at_rate.cpu_us_per_reading > 0.0, "{table}");
     assert_eq!(at_rate.received, at_rate.published, "{table}");
     assert!(
         at_rate.p50_ms > 0.0 && at_rate.p50_ms <= at_rate.max_ms,
