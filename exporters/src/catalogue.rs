@@ -94,6 +94,9 @@ pub const GRPC_SENT_BYTES: &str = "hubgate_grpc_sent_bytes_total";
 pub const UPSTREAM_SENT_BYTES: &str = "hubgate_upstream_sent_bytes_total";
 /// Bytes of record batches written to the outbox (sealed, with headers).
 pub const OUTBOX_WRITTEN_BYTES: &str = "hubgate_outbox_written_bytes_total";
+/// Durable commits of the outbox (each one fsync): with `store.commit_interval`, at most one per
+/// interval.
+pub const OUTBOX_COMMITS: &str = "hubgate_outbox_commits_total";
 /// Bytes the policy kept from leaving: MQTT payload bytes received minus the encoded field content
 /// of the records kept (their envelope is counted in the bytes sent, not here).
 pub const BYTES_AVOIDED: &str = "hubgate_bytes_avoided_total";
@@ -324,6 +327,7 @@ pub fn describe() {
         Unit::Bytes,
         "bytes of record batches written to the outbox"
     );
+    describe_counter!(OUTBOX_COMMITS, "durable commits of the outbox");
     describe_counter!(
         BYTES_AVOIDED,
         Unit::Bytes,

@@ -343,8 +343,17 @@ pub async fn start_in(
     let (push_tx, push_rx) = mpsc::channel(16);
     {
         let shutdown = shutdown.clone();
+        let commit_interval = config.store.commit_interval;
         tasks.spawn(async move {
-            pipeline::run(pipeline, queue_rx, push_rx, acker, shutdown).await;
+            pipeline::run(
+                pipeline,
+                queue_rx,
+                push_rx,
+                acker,
+                commit_interval,
+                shutdown,
+            )
+            .await;
             Ok(())
         });
     }

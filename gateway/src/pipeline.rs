@@ -1033,15 +1033,18 @@ fn to_proto_value(value: Value) -> v1::Value {
 }
 
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
-/// forward (see [`crate::push`]).
+/// forward (see [`crate::push`]). Commits are at least `commit_interval` apart: a turn taken
+/// sooner after the last commit goes on taking messages until then (`store.commit_interval`).
 pub async fn run(
     mut pipeline: Pipeline,
     mut queue: mpsc::Receiver<Inbound>,
     mut pushed: mpsc::Receiver<PushJob>,
     mut acker: Acker,
+    commit_interval: Duration,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut last_commit = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let aggregates = pipeline.aggregates();
@@ -1055,6 +1058,20 @@ pub async fn run(
                     break;
                 }
                 pipeline.process(&batch, now_ms());
+                let next_commit = last_commit + commit_interval;
+                while batch.len() < BATCH && tokio::time::Instant::now() < next_commit {
+                    let taken = batch.len();
+                    tokio::select! {
+                        n = queue.recv_many(&mut batch, BATCH - taken) => {
+                            if n == 0 {
+                                break;
+                            }
+                            pipeline.process(&batch[taken..], now_ms());
+                        }
+                        () = tokio::time::sleep_until(next_commit) => break,
+                        () = shutdown.cancelled() => break,
+                    }
+                }
             }
             Some(job) = pushed.recv() => match pipeline.accept_push(&job, now_ms()) {
                 Ok(ack) => push_reply = Some((job.reply, ack)),
@@ -1064,7 +1081,9 @@ pub async fn run(
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
             () = shutdown.cancelled() => break,
         }
-        if !commit_until_done(&mut pipeline, &shutdown).await {
+        let committed = commit_until_done(&mut pipeline, &shutdown).await;
+        last_commit = tokio::time::Instant::now();
+        if !committed {
             // Stopping with the turn uncommitted: its messages are not acknowledged, so the broker
             // delivers them again after the restart (and the origin of forwarded records sends
             // them again).

@@ -215,6 +215,7 @@ pub struct Store {
     memory_records: usize,
     bytes_held: Gauge,
     bytes_written: Counter,
+    commits: Counter,
 }
 
 impl std::fmt::Debug for Store {
@@ -266,6 +267,7 @@ impl Store {
             memory_records: config.memory_records_per_stream.max(1),
             bytes_held: metrics::gauge!(catalogue::OUTBOX_BYTES),
             bytes_written: metrics::counter!(catalogue::OUTBOX_WRITTEN_BYTES),
+            commits: metrics::counter!(catalogue::OUTBOX_COMMITS),
         };
         store.bytes_held.set(store.outbox.record_bytes() as f64);
         // Keys left by a crash, or by purges that stopped short of destroying them.
@@ -380,6 +382,7 @@ impl Store {
         self.outbox.commit(&pending.commit)?;
         self.bytes_held.set(self.outbox.record_bytes() as f64);
         self.bytes_written.increment(need);
+        self.commits.increment(1);
         crate::footprint::TRAFFIC
             .outbox_written
             .fetch_add(need, Ordering::Relaxed);

@@ -860,3 +860,46 @@ fn a_broken_intensity_file_is_refused_at_start_with_its_line_and_column() {
         "missing {expected:?} in:\n{stderr}"
     );
 }
+
+/// With `store.commit_interval`, messages that arrive sooner than that after the last commit join
+/// the next one: a steady trickle is committed about once per interval, not once per message, and
+/// every message is still kept and acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_are_at_least_the_commit_interval_apart() {
+    const N: u64 = 60;
+    let broker = Mosquitto::start();
+    let streams = format!("[store]\ncommit_interval = \"250ms\"\n\n{NOISE}");
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-interval", &streams),
+    );
+    gw.wait_ready();
+    let mut stream = gw
+        .client()
+        .await
+        .subscribe(from(&["noise"], Position::Oldest(v1::Oldest {})))
+        .await
+        .unwrap()
+        .into_inner();
+    let before = gw.metric("hubgate_outbox_commits_total", &[]);
+    let mut publisher = Publisher::connect(broker.port, "pub-interval");
+    // 60 messages over about 1.2 s: a commit each would be 60 commits.
+    for n in 0..N {
+        publisher
+            .publish("city/noise/m-1", format!("{{\"laeq\": {n}}}"))
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    publisher.wait_acked(N).await;
+    let kept = take_records(&mut stream, N as usize).await;
+    let numbers: BTreeSet<u64> = kept
+        .iter()
+        .map(|r| fields(r)["laeq"].parse().expect("laeq is a number"))
+        .collect();
+    assert_eq!(numbers, (0..N).collect());
+    let commits = gw.metric("hubgate_outbox_commits_total", &[]) - before;
+    assert!(
+        (1.0..=12.0).contains(&commits),
+        "{commits} commits for {N} messages over 1.2 s at one per 250 ms"
+    );
+}
