@@ -69,6 +69,24 @@ async fn take_records(
     records
 }
 
+/// A Subscribe stream of the `noise` stream, from its oldest record.
+async fn noise_from_oldest(gw: &Gateway) -> tonic::Streaming<v1::SubscribeResponse> {
+    gw.client()
+        .await
+        .subscribe(from(&["noise"], Position::Oldest(v1::Oldest {})))
+        .await
+        .expect("Subscribe is accepted")
+        .into_inner()
+}
+
+/// The `laeq` numbers of `noise` records.
+fn laeq_numbers(records: &[v1::Record]) -> BTreeSet<u64> {
+    records
+        .iter()
+        .map(|r| fields(r)["laeq"].parse().expect("laeq is a number"))
+        .collect()
+}
+
 /// Asserts nothing more arrives on the stream within `wait`.
 async fn assert_quiet(stream: &mut tonic::Streaming<v1::SubscribeResponse>, wait: Duration) {
     if let Ok(Some(m)) = tokio::time::timeout(wait, stream.next()).await {
@@ -503,13 +521,7 @@ async fn kept_messages_are_acknowledged_and_not_delivered_again() {
     let cfg = config(broker.port, "gw-acks", NOISE);
     let gw = Gateway::start(gateway_bin!(), &cfg);
     gw.wait_ready();
-    let mut stream = gw
-        .client()
-        .await
-        .subscribe(from(&["noise"], Position::Oldest(v1::Oldest {})))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = noise_from_oldest(&gw).await;
     let mut publisher = Publisher::connect(broker.port, "pub-acks");
     for n in 0..N {
         publisher
@@ -521,10 +533,7 @@ async fn kept_messages_are_acknowledged_and_not_delivered_again() {
     }
     publisher.wait_acked(N).await;
     let kept = take_records(&mut stream, N as usize).await;
-    let numbers: BTreeSet<u64> = kept
-        .iter()
-        .map(|r| fields(r)["laeq"].parse().expect("laeq is a number"))
-        .collect();
+    let numbers = laeq_numbers(&kept);
     assert_eq!(numbers, (0..N).collect());
     // The acks of the last commit go out right after it; give them ample time, then crash.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -536,13 +545,7 @@ async fn kept_messages_are_acknowledged_and_not_delivered_again() {
         .publish("city/noise/m-1", format!("{{\"laeq\": {N}}}"))
         .await;
     publisher.wait_acked(N + 1).await;
-    let mut stream = gw
-        .client()
-        .await
-        .subscribe(from(&["noise"], Position::Oldest(v1::Oldest {})))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = noise_from_oldest(&gw).await;
     // The broker sends what it still holds for the session before the new message.
     let first = take_records(&mut stream, 1).await;
     assert_eq!(fields(&first[0])["laeq"], N.to_string(), "delivered again");
@@ -874,13 +877,7 @@ async fn commits_are_at_least_the_commit_interval_apart() {
         &config(broker.port, "gw-interval", &streams),
     );
     gw.wait_ready();
-    let mut stream = gw
-        .client()
-        .await
-        .subscribe(from(&["noise"], Position::Oldest(v1::Oldest {})))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = noise_from_oldest(&gw).await;
     let before = gw.metric("hubgate_outbox_commits_total", &[]);
     let mut publisher = Publisher::connect(broker.port, "pub-interval");
     // 60 messages over about 1.2 s: a commit each would be 60 commits.
@@ -892,10 +889,7 @@ async fn commits_are_at_least_the_commit_interval_apart() {
     }
     publisher.wait_acked(N).await;
     let kept = take_records(&mut stream, N as usize).await;
-    let numbers: BTreeSet<u64> = kept
-        .iter()
-        .map(|r| fields(r)["laeq"].parse().expect("laeq is a number"))
-        .collect();
+    let numbers = laeq_numbers(&kept);
     assert_eq!(numbers, (0..N).collect());
     let commits = gw.metric("hubgate_outbox_commits_total", &[]) - before;
     assert!(
