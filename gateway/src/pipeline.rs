@@ -1081,8 +1081,12 @@ pub async fn run(
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
             () = shutdown.cancelled() => break,
         }
+        // A turn of messages or forwarded records writes a commit; a tick alone seldom does.
+        let wrote = !batch.is_empty() || push_reply.is_some();
         let committed = commit_until_done(&mut pipeline, &shutdown).await;
-        last_commit = tokio::time::Instant::now();
+        if wrote {
+            last_commit = tokio::time::Instant::now();
+        }
         if !committed {
             // Stopping with the turn uncommitted: its messages are not acknowledged, so the broker
             // delivers them again after the restart (and the origin of forwarded records sends

@@ -63,7 +63,11 @@ pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
 /// Canonical form of an identifier: a MAC address or EUI-64 in any common notation becomes its
 /// lowercase hex digits; anything else is trimmed and lowercased.
 pub fn normalise(id: &str) -> String {
-    String::from_utf8_lossy(normalised(id).as_bytes()).into_owned()
+    match normalised(id) {
+        Normalised::Hex { digits, len } => digits[..len].iter().map(|&b| char::from(b)).collect(),
+        Normalised::Borrowed(s) => s.to_owned(),
+        Normalised::Owned(s) => s,
+    }
 }
 
 /// [`normalise`] without allocating for the common cases: a MAC address or EUI-64 is held on the
