@@ -6,6 +6,9 @@ use metrics::{Unit, describe_counter, describe_gauge};
 pub const MQTT_MESSAGES_RECEIVED: &str = "hubgate_mqtt_messages_received_total";
 /// Payload bytes of MQTT messages received.
 pub const MQTT_RECEIVED_BYTES: &str = "hubgate_mqtt_received_bytes_total";
+/// QoS 1 messages acknowledged to the broker, each after the commit that made its effect
+/// durable: received less acknowledged is what waits for a commit.
+pub const MQTT_ACKNOWLEDGED: &str = "hubgate_mqtt_messages_acknowledged_total";
 /// 1 while the MQTT connection is up, 0 otherwise.
 pub const MQTT_CONNECTED: &str = "hubgate_mqtt_connected";
 /// MQTT connection failures and losses (each followed by a reconnect with backoff).
@@ -156,6 +159,10 @@ pub fn describe() {
         MQTT_RECEIVED_BYTES,
         Unit::Bytes,
         "payload bytes of MQTT messages received"
+    );
+    describe_counter!(
+        MQTT_ACKNOWLEDGED,
+        "QoS 1 MQTT messages acknowledged to the broker, each after the commit that made it durable"
     );
     describe_gauge!(MQTT_CONNECTED, "1 while the MQTT connection is up");
     describe_counter!(

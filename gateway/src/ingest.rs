@@ -18,7 +18,8 @@
 //!
 //! Connection errors are logged by kind only: rumqttc's error text can quote a whole packet.
 //!
-//! Metrics: `hubgate_mqtt_connected`, `hubgate_mqtt_connection_errors_total`.
+//! Metrics: `hubgate_mqtt_connected`, `hubgate_mqtt_connection_errors_total`,
+//! `hubgate_mqtt_messages_acknowledged_total`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -117,15 +118,9 @@ impl Acker {
         Self { client, queue }
     }
 
-    /// Queues acks for these messages (QoS 0 messages need none) and wakes the connection.
-    pub fn ack(&mut self, batch: impl IntoIterator<Item = Publish>) {
-        // The gateway subscribes at QoS 1, so the broker sends nothing at QoS 2.
-        self.queue.lock().pkids.extend(
-            batch
-                .into_iter()
-                .filter(|p| p.qos != QoS::AtMostOnce)
-                .map(|p| p.pkid),
-        );
+    /// Queues acks for the messages with these packet ids, in order, and wakes the connection.
+    pub fn ack(&mut self, pkids: impl IntoIterator<Item = u16>) {
+        self.queue.lock().pkids.extend(pkids);
         self.flush();
     }
 
@@ -262,6 +257,7 @@ pub async fn run(
     let up = metrics::gauge!(catalogue::MQTT_CONNECTED);
     let errors = metrics::counter!(catalogue::MQTT_CONNECTION_ERRORS);
     let oversized = metrics::counter!(catalogue::MQTT_OVERSIZED);
+    let acknowledged = metrics::counter!(catalogue::MQTT_ACKNOWLEDGED);
     let filters: Vec<SubscribeFilter> = subscriptions
         .iter()
         .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
@@ -273,15 +269,19 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             event = eventloop.poll() => event,
         };
-        acks.take(
-            matches!(event, Ok(Event::Outgoing(Outgoing::PubAck(_)))),
-            &mut ready,
-        );
+        let woken = matches!(event, Ok(Event::Outgoing(Outgoing::PubAck(_))));
+        if woken {
+            acknowledged.increment(1);
+        }
+        acks.take(woken, &mut ready);
         if !ready.is_empty() {
             let written = tokio::select! {
                 () = shutdown.cancelled() => break,
                 written = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)) => written,
             };
+            if matches!(written, Ok(Ok(()))) {
+                acknowledged.increment(ready.len() as u64);
+            }
             ready.clear();
             if !matches!(written, Ok(Ok(()))) {
                 // As if the connection had failed in `poll`: the next poll connects again.
@@ -357,7 +357,10 @@ pub async fn run(
     connected.send_replace(false);
     // Acks the pipeline handed over before it stopped go out before the disconnect.
     acks.take(true, &mut ready);
-    let _ = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)).await;
+    if let Ok(Ok(())) = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)).await
+    {
+        acknowledged.increment(ready.len() as u64);
+    }
     // The session stays on the broker; unacked messages come back on the next start.
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {

@@ -13,11 +13,16 @@
 //!    aggregated stream, absorbs them into the stream's open windows instead
 //!    ([`hubgate_privacy::window`]), and stages the groups each closing window releases;
 //! 5. commits the turn to the outbox: the records, and a checkpoint of every aggregated stream's
-//!    windows that changed, in one atomic, durable write ([`crate::store::Store::commit`]);
+//!    windows that changed, in one atomic, durable write ([`crate::store::Store::commit`]), on a
+//!    thread of its own ([`Committer`]); the messages that come meanwhile wait in the queue and
+//!    are the next turn, taken all at once when the commit is done;
 //! 6. only then acknowledges the messages to the broker (QoS 1), so a message is never acked
 //!    before its record (or the window state that absorbed it) is on disk. A commit that fails
 //!    (a disk error, or a full outbox with `on_full = "stop_acking"`) is retried with backoff, and
 //!    no further message is taken until it succeeds.
+//!
+//! Commits start at least `store.commit_interval` apart. The first message after a quiet spell
+//! is committed at once; those that come within the interval join the next commit.
 //!
 //! Windows close on the gateway's clock: after every batch, and at least twice a second when no
 //! message comes. A stream with differential-privacy noise pays for each release in the
@@ -209,6 +214,14 @@ struct Windows {
     spec: u32,
     /// The stream's key generation ([`KeyManager::generation`]) the windows last absorbed under.
     key_generation: Option<u64>,
+}
+
+impl Windows {
+    /// Whether the next commit must checkpoint this state.
+    fn checkpoint_due(&self, now_ms: i64) -> bool {
+        self.dirty
+            && (self.must_checkpoint || now_ms - self.checkpointed_ms >= WINDOW_CHECKPOINT_EVERY_MS)
+    }
 }
 
 /// A window checkpoint as stored in the outbox under [`checkpoint_name`]: [`CHECKPOINT_MAGIC`],
@@ -406,6 +419,9 @@ pub struct Pipeline {
     commit_failures: [Counter; 2],
     /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::push`]).
     push_marks: std::collections::HashMap<String, u64>,
+    /// The turn being taken stages a push mark: the cache must not forget it before it is
+    /// committed.
+    marks_in_turn: bool,
     /// Per-topic rate limits, when configured (see [`crate::ratelimit`]).
     topic_limiter: Option<Limiter>,
     /// Per-device rate limits and the payload field that names the device, when configured.
@@ -469,6 +485,7 @@ impl Pipeline {
                 |reason| metrics::counter!(catalogue::OUTBOX_COMMIT_FAILURES, "reason" => reason),
             ),
             push_marks: std::collections::HashMap::new(),
+            marks_in_turn: false,
         })
     }
 
@@ -523,6 +540,7 @@ impl Pipeline {
             self.pending
                 .checkpoint(mark_name.clone(), last.to_be_bytes().to_vec());
             self.push_marks.insert(mark_name, last);
+            self.marks_in_turn = true;
         }
         let name = stream.name.clone();
         metrics::counter!(catalogue::PUSH_RECORDS, "stream" => name.clone(), "outcome" => "kept")
@@ -551,6 +569,26 @@ impl Pipeline {
     /// Commits what this turn staged: records and the window checkpoints that are due,
     /// atomically and durably. On an error everything stays staged for the next attempt.
     ///
+    /// The same as [`Pipeline::take_turn`], [`Store::commit`] and [`Pipeline::committed`] in a
+    /// row; [`run`] does the second on a thread of its own while the next turn is taken.
+    pub fn commit(&mut self, now_ms: i64) -> Result<(), CommitError> {
+        let marks = self.marks_in_turn;
+        let mut turn = self.take_turn(now_ms);
+        let result = self.store.commit(&mut turn, now_ms);
+        match &result {
+            Ok(()) => self.committed(),
+            Err(err) => {
+                self.commit_failures[failure_reason(err)].increment(1);
+                self.pending = turn;
+                self.marks_in_turn = marks;
+            }
+        }
+        result
+    }
+
+    /// Takes what this turn staged, with the window checkpoints that are due, for one atomic
+    /// and durable commit ([`Store::commit`]); what is staged from now on belongs to the next.
+    ///
     /// A window state is checkpointed in the commit after it absorbed a reading that will be
     /// acknowledged (QoS 1), or released or rekeyed windows: nothing acknowledged is lost, and
     /// released groups are never released again. Readings at QoS 0 are never acknowledged: the
@@ -560,13 +598,9 @@ impl Pipeline {
     /// A checkpoint writes what changed since the last whole state, until a quarter of the
     /// groups changed ([`WHOLE_WHEN_CHANGED`]); then the whole state again. The first checkpoint
     /// of a process is a whole state.
-    pub fn commit(&mut self, now_ms: i64) -> Result<(), CommitError> {
+    pub fn take_turn(&mut self, now_ms: i64) -> Pending {
         for (stream, windows) in self.policy.streams().iter().zip(&mut self.windows) {
-            let Some(w) = windows.as_mut().filter(|w| {
-                w.dirty
-                    && (w.must_checkpoint
-                        || now_ms - w.checkpointed_ms >= WINDOW_CHECKPOINT_EVERY_MS)
-            }) else {
+            let Some(w) = windows.as_mut().filter(|w| w.checkpoint_due(now_ms)) else {
                 continue;
             };
             let (changed, groups) = w.state.changed_groups();
@@ -587,18 +621,28 @@ impl Pipeline {
             w.must_checkpoint = false;
             w.checkpointed_ms = now_ms;
         }
-        let result = self.store.commit(&mut self.pending, now_ms);
-        match &result {
-            Err(err) => {
-                let reason = usize::from(matches!(err, CommitError::Full { .. }));
-                self.commit_failures[reason].increment(1);
-            }
-            // The marks are all committed now, so the cache can start over from the store:
-            // bounded however many origins and incarnations push.
-            Ok(()) if self.push_marks.len() >= MAX_CACHED_PUSH_MARKS => self.push_marks.clear(),
-            Ok(()) => {}
+        self.marks_in_turn = false;
+        std::mem::take(&mut self.pending)
+    }
+
+    /// A turn taken with [`Pipeline::take_turn`] was committed.
+    pub fn committed(&mut self) {
+        // When no turn still to be committed holds a mark, the cache can start over from the
+        // store: bounded however many origins and incarnations push.
+        if !self.marks_in_turn && self.push_marks.len() >= MAX_CACHED_PUSH_MARKS {
+            self.push_marks.clear();
         }
-        result
+    }
+
+    /// Whether the next turn has anything to write: staged records or checkpoints, or window
+    /// checkpoints that are due.
+    pub fn wants_commit(&self, now_ms: i64) -> bool {
+        !self.pending.is_empty()
+            || self
+                .windows
+                .iter()
+                .flatten()
+                .any(|w| w.checkpoint_due(now_ms))
     }
 
     /// Whether any stream aggregates (then [`Pipeline::release`] must run on a timer).
@@ -1032,110 +1076,283 @@ fn to_proto_value(value: Value) -> v1::Value {
     v1::Value { kind: Some(kind) }
 }
 
+/// Most messages taken into one turn while the last is being written: beyond that, or beyond a
+/// quarter of `store.max_bytes` of records, no more are taken until it is done (the queue fills
+/// up, and the MQTT connection stops reading).
+const TURN_MAX: usize = 8 * BATCH;
+
+/// What a turn owes once it is durable: the packet ids of its QoS 1 messages in the order they
+/// arrived, and the replies to the forwarded records it kept.
+#[derive(Debug, Default)]
+struct Owed {
+    messages: usize,
+    acks: Vec<u16>,
+    replies: Vec<(tokio::sync::oneshot::Sender<u64>, u64)>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.messages == 0 && self.replies.is_empty()
+    }
+
+    /// Takes in `batch`'s messages (QoS 0 messages need no acknowledgement).
+    fn take(&mut self, batch: &mut Vec<Inbound>) {
+        self.messages += batch.len();
+        // The gateway subscribes at QoS 1, so the broker sends nothing at QoS 2.
+        self.acks.extend(
+            batch
+                .drain(..)
+                .filter(|i| i.publish.qos != rumqttc::QoS::AtMostOnce)
+                .map(|i| i.publish.pkid),
+        );
+    }
+
+    /// The turn is durable: acknowledge its messages and answer its forwarders.
+    fn pay(self, acker: &mut Acker) {
+        acker.ack(self.acks);
+        for (reply, ack) in self.replies {
+            let _ = reply.send(ack);
+        }
+    }
+}
+
+/// A turn handed to the committer, and where it says whether the turn was committed.
+#[derive(Debug)]
+struct Job {
+    pending: Pending,
+    owed: Owed,
+    done: tokio::sync::oneshot::Sender<Option<Owed>>,
+}
+
+/// Writes turns to the store on a thread of its own, one at a time and in order, so that the
+/// pipeline takes and processes the next turn while the disk writes this one.
+#[derive(Debug)]
+struct Committer {
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// Closed once the thread has let go of the store.
+    stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Committer {
+    fn start(store: Arc<Store>, failures: [Counter; 2], shutdown: CancellationToken) -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (stopping, stopped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("hubgate-commit".into())
+            .spawn(move || {
+                while let Ok(mut job) = queue.recv() {
+                    let committed =
+                        commit_until_done(&store, &mut job.pending, &failures, &shutdown);
+                    let _ = job.done.send(committed.then_some(job.owed));
+                }
+                // The pipeline stopped. Its store, and with it the outbox, must be closed before
+                // another start opens them (a policy reload).
+                drop(store);
+                drop(stopping);
+            })
+            .expect("the commit thread starts");
+        Self { jobs, stopped }
+    }
+
+    /// Stops the thread once it has written what it was given, and waits until it has let go
+    /// of the store.
+    async fn stop(self) {
+        drop(self.jobs);
+        let _ = self.stopped.await;
+    }
+
+    /// Hands a turn over; the receiver answers with what it owes once it is committed, or
+    /// `None` when the gateway stopped first.
+    fn commit(&self, pending: Pending, owed: Owed) -> tokio::sync::oneshot::Receiver<Option<Owed>> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        // The thread only stops when this sender is dropped; if it ever died, `answer` is
+        // closed and the pipeline stops without acknowledging.
+        let _ = self.jobs.send(Job {
+            pending,
+            owed,
+            done,
+        });
+        answer
+    }
+}
+
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
-/// forward (see [`crate::push`]). Commits are at least `commit_interval` apart: a turn taken
-/// sooner after the last commit goes on taking messages until then (`store.commit_interval`).
+/// forward (see [`crate::push`]).
+///
+/// Turns are committed on a thread of their own ([`Committer`]) while the next turn is taken:
+/// when a commit is done, the messages that came meanwhile are the next commit. Commits start at
+/// least `commit_interval` apart (`store.commit_interval`): a turn that could be committed sooner
+/// goes on taking messages until then.
 pub async fn run(
     mut pipeline: Pipeline,
+    queue: mpsc::Receiver<Inbound>,
+    pushed: mpsc::Receiver<PushJob>,
+    acker: Acker,
+    commit_interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let committer = Committer::start(
+        Arc::clone(&pipeline.store),
+        pipeline.commit_failures.clone(),
+        shutdown.clone(),
+    );
+    take_turns(
+        &mut pipeline,
+        &committer,
+        queue,
+        pushed,
+        acker,
+        commit_interval,
+        &shutdown,
+    )
+    .await;
+    committer.stop().await;
+}
+
+/// The loop of [`run`].
+async fn take_turns(
+    pipeline: &mut Pipeline,
+    committer: &Committer,
     mut queue: mpsc::Receiver<Inbound>,
     mut pushed: mpsc::Receiver<PushJob>,
     mut acker: Acker,
     commit_interval: Duration,
-    shutdown: CancellationToken,
+    shutdown: &CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
-    let mut last_commit = tokio::time::Instant::now();
+    let mut owed = Owed::default();
+    let mut in_flight: Option<tokio::sync::oneshot::Receiver<Option<Owed>>> = None;
+    let mut last_commit: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let aggregates = pipeline.aggregates();
+    let turn_bytes = pipeline.store.max_bytes() / 4;
+    let room = |pipeline: &Pipeline, owed: &Owed| {
+        owed.messages < TURN_MAX && pipeline.pending.record_bytes() < turn_bytes
+    };
     loop {
         // Acks waiting for room in the request channel: come back soon even if idle.
         let acks_waiting = acker.flush();
-        let mut push_reply = None;
+        let next_commit = last_commit.map(|t| t + commit_interval);
+        let early = next_commit.is_some_and(|t| tokio::time::Instant::now() < t);
+        // A turn that cannot be committed yet leaves the messages that come meanwhile in the
+        // queue, to take them all at once when it can: one wake-up per commit, not per message.
+        let collecting =
+            in_flight.is_some() || (early && (!owed.is_empty() || pipeline.wants_commit(now_ms())));
         tokio::select! {
-            n = queue.recv_many(&mut batch, BATCH) => {
+            n = queue.recv_many(&mut batch, BATCH), if !collecting && room(pipeline, &owed) => {
                 if n == 0 {
                     break;
                 }
                 pipeline.process(&batch, now_ms());
-                let next_commit = last_commit + commit_interval;
-                while batch.len() < BATCH && tokio::time::Instant::now() < next_commit {
-                    let taken = batch.len();
-                    tokio::select! {
-                        n = queue.recv_many(&mut batch, BATCH - taken) => {
-                            if n == 0 {
-                                break;
-                            }
-                            pipeline.process(&batch[taken..], now_ms());
-                        }
-                        () = tokio::time::sleep_until(next_commit) => break,
-                        () = shutdown.cancelled() => break,
-                    }
-                }
+                owed.take(&mut batch);
             }
-            Some(job) = pushed.recv() => match pipeline.accept_push(&job, now_ms()) {
-                Ok(ack) => push_reply = Some((job.reply, ack)),
+            Some(job) = pushed.recv(), if room(pipeline, &owed) => match pipeline.accept_push(&job, now_ms()) {
+                Ok(ack) => owed.replies.push((job.reply, ack)),
                 Err(err) => tracing::error!(%err, "cannot accept forwarded records"),
             },
+            done = async { in_flight.as_mut().expect("a commit in flight").await }, if in_flight.is_some() => {
+                in_flight = None;
+                match done {
+                    Ok(Some(paid)) => {
+                        pipeline.committed();
+                        paid.pay(&mut acker);
+                    }
+                    // Stopped with the turn uncommitted: its messages are not acknowledged, so
+                    // the broker delivers them again after the restart (and the origin of
+                    // forwarded records sends them again).
+                    _ => return,
+                }
+            }
             _ = tick.tick(), if aggregates => pipeline.release(now_ms()),
+            () = tokio::time::sleep_until(next_commit.unwrap_or_else(tokio::time::Instant::now)), if collecting && in_flight.is_none() => {}
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
             () = shutdown.cancelled() => break,
         }
-        // A turn of messages or forwarded records writes a commit; a tick alone seldom does.
-        let wrote = !batch.is_empty() || push_reply.is_some();
-        let committed = commit_until_done(&mut pipeline, &shutdown).await;
-        if wrote {
-            last_commit = tokio::time::Instant::now();
+        if in_flight.is_some() || next_commit.is_some_and(|t| tokio::time::Instant::now() < t) {
+            continue;
         }
-        if !committed {
-            // Stopping with the turn uncommitted: its messages are not acknowledged, so the broker
-            // delivers them again after the restart (and the origin of forwarded records sends
-            // them again).
-            return;
+        // What came while the last commit was written or the interval ran joins this turn.
+        while room(pipeline, &owed) {
+            while batch.len() < BATCH
+                && let Ok(inbound) = queue.try_recv()
+            {
+                batch.push(inbound);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            pipeline.process(&batch, now_ms());
+            owed.take(&mut batch);
         }
-        acker.ack(batch.drain(..).map(|inbound| inbound.publish));
-        if let Some((reply, ack)) = push_reply {
-            let _ = reply.send(ack);
+        let now = now_ms();
+        if pipeline.wants_commit(now) {
+            in_flight = Some(committer.commit(pipeline.take_turn(now), std::mem::take(&mut owed)));
+            last_commit = Some(tokio::time::Instant::now());
+        } else if !owed.is_empty() {
+            // Nothing to write and nothing being written: what the turn owes is due now.
+            std::mem::take(&mut owed).pay(&mut acker);
         }
     }
-    // Windows that absorbed QoS 0 readings since their last checkpoint are written before the
-    // stop, so a stop or a reload loses none of them.
+    // The commit being written, then what the last turn took and the windows that changed, so a
+    // stop or a reload loses none of them.
+    if let Some(answer) = in_flight.take() {
+        match answer.await {
+            Ok(Some(paid)) => paid.pay(&mut acker),
+            _ => return,
+        }
+    }
     pipeline.checkpoint_all_windows();
-    let _ = commit_until_done(&mut pipeline, &shutdown).await;
+    if pipeline.wants_commit(now_ms()) || !owed.is_empty() {
+        let answer = committer.commit(pipeline.take_turn(now_ms()), owed);
+        if let Ok(Some(paid)) = answer.await {
+            paid.pay(&mut acker);
+        }
+    }
     acker.flush();
 }
 
-/// Commits the turn, retrying with backoff (10 ms doubling to 1 s) until it succeeds. Returns false
-/// when `shutdown` comes first.
-async fn commit_until_done(pipeline: &mut Pipeline, shutdown: &CancellationToken) -> bool {
+/// Which commit-failure counter an error counts in.
+fn failure_reason(err: &CommitError) -> usize {
+    usize::from(matches!(err, CommitError::Full { .. }))
+}
+
+/// Commits `pending`, retrying with backoff (10 ms doubling to 1 s) until it succeeds. Returns false
+/// when `shutdown` comes first (a single attempt is made once it has).
+fn commit_until_done(
+    store: &Store,
+    pending: &mut Pending,
+    failures: &[Counter; 2],
+    shutdown: &CancellationToken,
+) -> bool {
     let mut wait = Duration::from_millis(10);
-    let mut failures = 0u32;
+    let mut attempts = 0u32;
     loop {
-        // The commit waits for the disk (fsync): tell the runtime, so other tasks move meanwhile.
-        let committed = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| pipeline.commit(now_ms()))
-            }
-            _ => pipeline.commit(now_ms()),
-        };
-        match committed {
+        match store.commit(pending, now_ms()) {
             Ok(()) => {
-                if failures > 0 {
-                    tracing::info!(failures, "outbox commit succeeded after retrying");
+                if attempts > 0 {
+                    tracing::info!(
+                        failures = attempts,
+                        "outbox commit succeeded after retrying"
+                    );
                 }
                 return true;
             }
             Err(err) => {
+                failures[failure_reason(&err)].increment(1);
                 // Logged on the first failure, then every 30th, so a long outage does not flood.
-                if failures.is_multiple_of(30) {
-                    tracing::warn!(%err, failures, "outbox commit failed: retrying; messages stay unacknowledged");
+                if attempts.is_multiple_of(30) {
+                    tracing::warn!(%err, failures = attempts, "outbox commit failed: retrying; messages stay unacknowledged");
                 }
-                failures += 1;
+                attempts += 1;
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return false,
-            () = tokio::time::sleep(wait) => {}
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            if shutdown.is_cancelled() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10).min(wait));
         }
         wait = (wait * 2).min(Duration::from_secs(1));
     }

@@ -134,6 +134,11 @@ impl Pending {
         self.commit.is_empty()
     }
 
+    /// Bytes of the records staged.
+    pub fn record_bytes(&self) -> u64 {
+        self.commit.record_bytes()
+    }
+
     /// Adds a checkpoint to the commit, replacing one staged earlier under the same name.
     pub fn checkpoint(&mut self, name: String, bytes: Vec<u8>) {
         self.commit.checkpoints.retain(|(n, _)| *n != name);
@@ -296,6 +301,11 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// The most bytes of records the outbox holds (`store.max_bytes`).
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     fn stream(&self, index: usize) -> &StreamLog {

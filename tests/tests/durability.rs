@@ -245,6 +245,12 @@ async fn open_windows_survive_a_sigkill() {
     wait_for("eight readings counted", Duration::from_secs(10), || {
         gw.metric("hubgate_aggregate_readings_total", &counted) == 8.0
     });
+    // The state that counted them is committed before the next readings come.
+    wait_for(
+        "eight readings acknowledged",
+        Duration::from_secs(10),
+        || gw.metric("hubgate_mqtt_messages_acknowledged_total", &[]) == 8.0,
+    );
     for d in 0..6u8 {
         let payload = format!(
             "{{\"counter_id\": \"pc-01\", \"ts\": {ts}, \"mac\": \"3c:22:fb:00:00:{d:02x}\"}}"
@@ -258,6 +264,12 @@ async fn open_windows_survive_a_sigkill() {
         gw.metric("hubgate_aggregate_readings_total", &counted) == 14.0
     });
     // Counted, committed and acknowledged: the broker holds nothing more for the gateway.
+    wait_for(
+        "six more readings acknowledged",
+        Duration::from_secs(10),
+        || gw.metric("hubgate_mqtt_messages_acknowledged_total", &[]) == 14.0,
+    );
+    // The broker reads the acknowledgements before the kill resets the connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         now() / 10_000 == ts / 10,
@@ -462,6 +474,10 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
         };
         match policy {
             "drop_oldest" => {
+                // Kept is counted when a record is staged; acknowledged, once it is committed.
+                wait_for("every message committed", Duration::from_secs(30), || {
+                    gw.metric("hubgate_mqtt_messages_acknowledged_total", &[]) == N as f64
+                });
                 assert!(purged("capacity") > 0.0);
                 let seen = replay(&gw, "seq", Duration::from_secs(2), |s| {
                     s.numbers.contains_key(&N)
