@@ -7,7 +7,7 @@ pub const MQTT_MESSAGES_RECEIVED: &str = "hubgate_mqtt_messages_received_total";
 /// Payload bytes of MQTT messages received.
 pub const MQTT_RECEIVED_BYTES: &str = "hubgate_mqtt_received_bytes_total";
 /// QoS 1 messages acknowledged to the broker, each after the commit that made its effect
-/// durable: received less acknowledged is what waits for a commit.
+/// durable. Where every message is QoS 1, received less acknowledged is what waits for a commit.
 pub const MQTT_ACKNOWLEDGED: &str = "hubgate_mqtt_messages_acknowledged_total";
 /// 1 while the MQTT connection is up, 0 otherwise.
 pub const MQTT_CONNECTED: &str = "hubgate_mqtt_connected";

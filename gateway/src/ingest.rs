@@ -71,8 +71,18 @@ pub struct Inbound {
 /// messages the gateway has taken in and not yet acknowledged.
 #[derive(Debug)]
 pub struct Acker {
-    client: AsyncClient,
+    wake: Wake,
     queue: AckQueue,
+}
+
+/// How the [`Acker`] wakes the connection with the first ack of a commit.
+#[derive(Debug)]
+enum Wake {
+    /// Through rumqttc's request channel.
+    Client(AsyncClient),
+    /// Tests: noted here instead, for [`AckQueue::written`].
+    #[cfg(test)]
+    Noted(Arc<Mutex<Vec<u16>>>),
 }
 
 /// The acks waiting to be written, shared by the [`Acker`] and the connection task.
@@ -104,6 +114,15 @@ impl AckQueue {
         }
     }
 
+    /// Tests: what a connection would write now, in order, after the ack that woke it (see
+    /// [`Acker::noting`]).
+    #[cfg(test)]
+    pub(crate) fn written(&self, woke: &Mutex<Vec<u16>>) -> Vec<u16> {
+        let mut out = std::mem::take(&mut *woke.lock().unwrap_or_else(PoisonError::into_inner));
+        self.take(true, &mut out);
+        out
+    }
+
     /// The connection was lost: the broker delivers its unacknowledged messages again, and an
     /// ack meant for the old connection could acknowledge another message on the new one.
     fn clear(&self) {
@@ -115,7 +134,22 @@ impl AckQueue {
 
 impl Acker {
     pub fn new(client: AsyncClient, queue: AckQueue) -> Self {
-        Self { client, queue }
+        Self {
+            wake: Wake::Client(client),
+            queue,
+        }
+    }
+
+    /// Tests: an acker without a connection, and where it notes the acks that would wake one
+    /// (see [`AckQueue::written`]).
+    #[cfg(test)]
+    pub(crate) fn noting(queue: AckQueue) -> (Self, Arc<Mutex<Vec<u16>>>) {
+        let woke = Arc::new(Mutex::new(Vec::new()));
+        let acker = Self {
+            wake: Wake::Noted(Arc::clone(&woke)),
+            queue,
+        };
+        (acker, woke)
     }
 
     /// Queues acks for the messages with these packet ids, in order, and wakes the connection.
@@ -134,15 +168,26 @@ impl Acker {
         if acks.waking {
             return false;
         }
-        let wake = Publish {
-            dup: false,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            topic: String::new(),
-            pkid,
-            payload: bytes::Bytes::new(),
+        let woken = match &self.wake {
+            Wake::Client(client) => client
+                .try_ack(&Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    topic: String::new(),
+                    pkid,
+                    payload: bytes::Bytes::new(),
+                })
+                .is_ok(),
+            #[cfg(test)]
+            Wake::Noted(woke) => {
+                woke.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(pkid);
+                true
+            }
         };
-        if self.client.try_ack(&wake).is_err() {
+        if !woken {
             return true;
         }
         acks.pkids.pop_front();
@@ -151,16 +196,20 @@ impl Acker {
     }
 }
 
-/// Writes PUBACKs for `pkids` and flushes them, once. Without a connection (it was just lost) they
-/// are dropped: the broker delivers those messages again.
-async fn write_acks(eventloop: &mut EventLoop, pkids: &[u16]) -> Result<(), rumqttc::StateError> {
+/// Writes PUBACKs for `pkids` and flushes them, once; returns how many were written. Without a
+/// connection (it was just lost) they are dropped: the broker delivers those messages again.
+async fn write_acks(
+    eventloop: &mut EventLoop,
+    pkids: &[u16],
+) -> Result<usize, rumqttc::StateError> {
     let Some(network) = eventloop.network.as_mut() else {
-        return Ok(());
+        return Ok(0);
     };
     for &pkid in pkids {
         network.write(Packet::PubAck(PubAck::new(pkid))).await?;
     }
-    network.flush().await
+    network.flush().await?;
+    Ok(pkids.len())
 }
 
 /// How the gateway logs in to the broker: the password and the TLS settings, read from their files.
@@ -279,11 +328,10 @@ pub async fn run(
                 () = shutdown.cancelled() => break,
                 written = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)) => written,
             };
-            if matches!(written, Ok(Ok(()))) {
-                acknowledged.increment(ready.len() as u64);
-            }
             ready.clear();
-            if !matches!(written, Ok(Ok(()))) {
+            if let Ok(Ok(n)) = written {
+                acknowledged.increment(n as u64);
+            } else {
                 // As if the connection had failed in `poll`: the next poll connects again.
                 errors.increment(1);
                 tracing::warn!("MQTT connection lost while writing acknowledgements");
@@ -357,9 +405,8 @@ pub async fn run(
     connected.send_replace(false);
     // Acks the pipeline handed over before it stopped go out before the disconnect.
     acks.take(true, &mut ready);
-    if let Ok(Ok(())) = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)).await
-    {
-        acknowledged.increment(ready.len() as u64);
+    if let Ok(Ok(n)) = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)).await {
+        acknowledged.increment(n as u64);
     }
     // The session stays on the broker; unacked messages come back on the next start.
     let _ = client.try_disconnect();

@@ -353,8 +353,7 @@ pub async fn start_in(
                 commit_interval,
                 shutdown,
             )
-            .await;
-            Ok(())
+            .await
         });
     }
     {

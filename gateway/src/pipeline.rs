@@ -70,7 +70,7 @@ use crate::keys::KeyManager;
 use crate::push::PushJob;
 use crate::store::{Bodies, CommitError, Pending, Store};
 
-/// Most messages taken from the queue in one turn.
+/// Most messages taken from the queue at once (a turn may take several such batches).
 const BATCH: usize = 512;
 
 /// Counts of what one stream received, dropped and kept. Read by `hubgate demo` and tests; the
@@ -570,7 +570,7 @@ impl Pipeline {
     /// atomically and durably. On an error everything stays staged for the next attempt.
     ///
     /// The same as [`Pipeline::take_turn`], [`Store::commit`] and [`Pipeline::committed`] in a
-    /// row; [`run`] does the second on a thread of its own while the next turn is taken.
+    /// row; [`run`] does the second on a thread of its own.
     pub fn commit(&mut self, now_ms: i64) -> Result<(), CommitError> {
         let marks = self.marks_in_turn;
         let mut turn = self.take_turn(now_ms);
@@ -1076,9 +1076,9 @@ fn to_proto_value(value: Value) -> v1::Value {
     v1::Value { kind: Some(kind) }
 }
 
-/// Most messages taken into one turn while the last is being written: beyond that, or beyond a
-/// quarter of `store.max_bytes` of records, no more are taken until it is done (the queue fills
-/// up, and the MQTT connection stops reading).
+/// Most messages in one turn. Once a turn holds this many, or a quarter of `store.max_bytes` of
+/// records, it takes no more: the rest wait in the queue for the next (when the queue is full, the
+/// MQTT connection stops reading).
 const TURN_MAX: usize = 8 * BATCH;
 
 /// What a turn owes once it is durable: the packet ids of its QoS 1 messages in the order they
@@ -1124,8 +1124,9 @@ struct Job {
     done: tokio::sync::oneshot::Sender<Option<Owed>>,
 }
 
-/// Writes turns to the store on a thread of its own, one at a time and in order, so that the
-/// pipeline takes and processes the next turn while the disk writes this one.
+/// Writes turns to the store on a thread of its own, one at a time and in order. The pipeline
+/// task is free meanwhile: it serves forwarded records and window ticks, and the MQTT connection
+/// fills the queue, without either waiting on the disk.
 #[derive(Debug)]
 struct Committer {
     jobs: std::sync::mpsc::Sender<Job>,
@@ -1177,12 +1178,11 @@ impl Committer {
 }
 
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
-/// forward (see [`crate::push`]).
+/// forward (see [`crate::push`]). Fails only if the commit thread dies.
 ///
-/// Turns are committed on a thread of their own ([`Committer`]) while the next turn is taken:
-/// when a commit is done, the messages that came meanwhile are the next commit. Commits start at
-/// least `commit_interval` apart (`store.commit_interval`): a turn that could be committed sooner
-/// goes on taking messages until then.
+/// Turns are committed on a thread of their own ([`Committer`]); the messages that come while a
+/// commit is written wait in the queue, and are the next turn. Commits start at least
+/// `commit_interval` apart (`store.commit_interval`): what comes sooner waits for the next.
 pub async fn run(
     mut pipeline: Pipeline,
     queue: mpsc::Receiver<Inbound>,
@@ -1190,13 +1190,13 @@ pub async fn run(
     acker: Acker,
     commit_interval: Duration,
     shutdown: CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let committer = Committer::start(
         Arc::clone(&pipeline.store),
         pipeline.commit_failures.clone(),
         shutdown.clone(),
     );
-    take_turns(
+    let result = take_turns(
         &mut pipeline,
         &committer,
         queue,
@@ -1207,6 +1207,14 @@ pub async fn run(
     )
     .await;
     committer.stop().await;
+    result
+}
+
+/// What became of a commit handed to the [`Committer`].
+fn answered(
+    answer: Result<Option<Owed>, tokio::sync::oneshot::error::RecvError>,
+) -> anyhow::Result<Option<Owed>> {
+    answer.map_err(|_| anyhow::anyhow!("the outbox commit thread stopped"))
 }
 
 /// The loop of [`run`].
@@ -1218,7 +1226,7 @@ async fn take_turns(
     mut acker: Acker,
     commit_interval: Duration,
     shutdown: &CancellationToken,
-) {
+) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(BATCH);
     let mut owed = Owed::default();
     let mut in_flight: Option<tokio::sync::oneshot::Receiver<Option<Owed>>> = None;
@@ -1227,54 +1235,68 @@ async fn take_turns(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let aggregates = pipeline.aggregates();
     let turn_bytes = pipeline.store.max_bytes() / 4;
+    // How many more messages the turn takes.
     let room = |pipeline: &Pipeline, owed: &Owed| {
-        owed.messages < TURN_MAX && pipeline.pending.record_bytes() < turn_bytes
+        if pipeline.pending.record_bytes() < turn_bytes {
+            TURN_MAX.saturating_sub(owed.messages)
+        } else {
+            0
+        }
     };
     loop {
         // Acks waiting for room in the request channel: come back soon even if idle.
         let acks_waiting = acker.flush();
-        let next_commit = last_commit.map(|t| t + commit_interval);
-        let early = next_commit.is_some_and(|t| tokio::time::Instant::now() < t);
-        // A turn that cannot be committed yet leaves the messages that come meanwhile in the
-        // queue, to take them all at once when it can: one wake-up per commit, not per message.
-        let collecting =
-            in_flight.is_some() || (early && (!owed.is_empty() || pipeline.wants_commit(now_ms())));
+        let now = tokio::time::Instant::now();
+        // When the next commit may start, if not yet.
+        let next_commit = last_commit
+            .map(|t| t + commit_interval)
+            .filter(|&t| now < t);
+        // The turn has something to commit, and nothing is being written.
+        let due = in_flight.is_none() && (!owed.is_empty() || pipeline.wants_commit(now_ms()));
+        // While a commit is written or the interval runs, the messages that come stay in the
+        // queue, to be taken all at once: one wake-up per commit, not per message.
+        let collecting = in_flight.is_some() || (due && next_commit.is_some());
+        let take = room(pipeline, &owed).min(BATCH);
         tokio::select! {
-            n = queue.recv_many(&mut batch, BATCH), if !collecting && room(pipeline, &owed) => {
+            n = queue.recv_many(&mut batch, take), if !collecting && take > 0 => {
                 if n == 0 {
                     break;
                 }
                 pipeline.process(&batch, now_ms());
                 owed.take(&mut batch);
             }
-            Some(job) = pushed.recv(), if room(pipeline, &owed) => match pipeline.accept_push(&job, now_ms()) {
+            Some(job) = pushed.recv(), if take > 0 => match pipeline.accept_push(&job, now_ms()) {
                 Ok(ack) => owed.replies.push((job.reply, ack)),
                 Err(err) => tracing::error!(%err, "cannot accept forwarded records"),
             },
-            done = async { in_flight.as_mut().expect("a commit in flight").await }, if in_flight.is_some() => {
+            answer = async { in_flight.as_mut().expect("a commit in flight").await }, if in_flight.is_some() => {
                 in_flight = None;
-                match done {
-                    Ok(Some(paid)) => {
+                match answered(answer)? {
+                    Some(paid) => {
                         pipeline.committed();
                         paid.pay(&mut acker);
                     }
                     // Stopped with the turn uncommitted: its messages are not acknowledged, so
                     // the broker delivers them again after the restart (and the origin of
                     // forwarded records sends them again).
-                    _ => return,
+                    None => return Ok(()),
                 }
             }
             _ = tick.tick(), if aggregates => pipeline.release(now_ms()),
-            () = tokio::time::sleep_until(next_commit.unwrap_or_else(tokio::time::Instant::now)), if collecting && in_flight.is_none() => {}
+            // At once when the interval has run.
+            () = tokio::time::sleep_until(next_commit.unwrap_or(now)), if due => {}
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
             () = shutdown.cancelled() => break,
         }
-        if in_flight.is_some() || next_commit.is_some_and(|t| tokio::time::Instant::now() < t) {
+        if in_flight.is_some()
+            || last_commit.is_some_and(|t| tokio::time::Instant::now() < t + commit_interval)
+        {
             continue;
         }
         // What came while the last commit was written or the interval ran joins this turn.
-        while room(pipeline, &owed) {
-            while batch.len() < BATCH
+        loop {
+            let take = room(pipeline, &owed).min(BATCH);
+            while batch.len() < take
                 && let Ok(inbound) = queue.try_recv()
             {
                 batch.push(inbound);
@@ -1284,6 +1306,8 @@ async fn take_turns(
             }
             pipeline.process(&batch, now_ms());
             owed.take(&mut batch);
+            // Others on this worker go on between batches.
+            tokio::task::yield_now().await;
         }
         let now = now_ms();
         if pipeline.wants_commit(now) {
@@ -1297,19 +1321,20 @@ async fn take_turns(
     // The commit being written, then what the last turn took and the windows that changed, so a
     // stop or a reload loses none of them.
     if let Some(answer) = in_flight.take() {
-        match answer.await {
-            Ok(Some(paid)) => paid.pay(&mut acker),
-            _ => return,
+        match answered(answer.await)? {
+            Some(paid) => paid.pay(&mut acker),
+            None => return Ok(()),
         }
     }
     pipeline.checkpoint_all_windows();
     if pipeline.wants_commit(now_ms()) || !owed.is_empty() {
         let answer = committer.commit(pipeline.take_turn(now_ms()), owed);
-        if let Ok(Some(paid)) = answer.await {
+        if let Some(paid) = answered(answer.await)? {
             paid.pay(&mut acker);
         }
     }
     acker.flush();
+    Ok(())
 }
 
 /// Which commit-failure counter an error counts in.
@@ -1520,6 +1545,122 @@ v = "keep"
             records: vec![record],
             reply: tokio::sync::oneshot::channel().0,
         }
+    }
+
+    /// The values of field `v` of stream 0's records, in sequence order.
+    fn values(store: &Store) -> Vec<i64> {
+        store
+            .read(0, 1, 1_000, now_ms())
+            .records
+            .iter()
+            .filter_map(|r| match r.record().ok()?.fields.get("v")?.kind {
+                Some(v1::value::Kind::IntValue(v)) => Some(v),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `run` acknowledges QoS 1 messages in the order they came, each only once its record is
+    /// committed (readable), the last of a burst that nothing follows included; QoS 0 messages
+    /// are committed and never acknowledged. A stop commits what was taken, and the commit
+    /// thread lets go of the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_acknowledges_in_order_once_committed_and_commits_what_it_took_before_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pipeline, store) = pipeline_for(POLICY, dir.path());
+        let (queue_tx, queue_rx) = mpsc::channel(64);
+        let (_push_tx, push_rx) = mpsc::channel(1);
+        let acks = crate::ingest::AckQueue::default();
+        let (acker, woke) = Acker::noting(acks.clone());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            pipeline,
+            queue_rx,
+            push_rx,
+            acker,
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        let message = |v: u16| {
+            // Every third message is QoS 0.
+            let qos = if v.is_multiple_of(3) {
+                rumqttc::QoS::AtMostOnce
+            } else {
+                rumqttc::QoS::AtLeastOnce
+            };
+            let payload = format!(r#"{{"v":{v}}}"#);
+            let mut publish = Publish::new("city/s/x", qos, payload.clone());
+            publish.pkid = v;
+            Inbound {
+                bytes: payload.len(),
+                publish,
+                oversized: false,
+            }
+        };
+        let mut acked: Vec<u16> = Vec::new();
+        let wait_for_acks = async |acked: &mut Vec<u16>, want: &[u16]| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while acked.as_slice() != want {
+                let written = acks.written(&woke);
+                // Nothing is acknowledged before its record is readable.
+                let readable = values(&store);
+                for pkid in &written {
+                    assert!(
+                        readable.contains(&i64::from(*pkid)),
+                        "{pkid} acknowledged before it was committed"
+                    );
+                }
+                acked.extend(written);
+                assert!(
+                    want.starts_with(acked),
+                    "acknowledged {acked:?}, expected {want:?}"
+                );
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "acknowledged {acked:?}, expected {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        // A burst in several sends, closer together than the commit interval: more than one turn.
+        for v in 1..=12 {
+            queue_tx.send(message(v)).await.unwrap();
+            if v % 4 == 0 {
+                tokio::time::sleep(Duration::from_millis(7)).await;
+            }
+        }
+        let qos1: Vec<u16> = (1..=12u16).filter(|v| !v.is_multiple_of(3)).collect();
+        wait_for_acks(&mut acked, &qos1).await;
+        assert_eq!(values(&store), (1..=12).collect::<Vec<i64>>());
+        // One message after a quiet spell, which nothing follows.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        queue_tx.send(message(13)).await.unwrap();
+        let mut want = qos1.clone();
+        want.push(13);
+        wait_for_acks(&mut acked, &want).await;
+        // Two more, right before a stop. What the pipeline took by then is committed and
+        // acknowledged; what it did not take stays unacknowledged, for the broker to deliver
+        // again.
+        queue_tx.send(message(14)).await.unwrap();
+        queue_tx.send(message(16)).await.unwrap();
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        let committed = values(&store);
+        assert!(
+            matches!(committed[12..], [13] | [13, 14] | [13, 14, 16]),
+            "{committed:?}"
+        );
+        want.extend(
+            [14, 16]
+                .into_iter()
+                .filter(|v| committed.contains(&i64::from(*v))),
+        );
+        wait_for_acks(&mut acked, &want).await;
+        assert_eq!(
+            Arc::strong_count(&store),
+            1,
+            "the commit thread holds the store"
+        );
     }
 
     const AGGREGATED: &str = r#"
