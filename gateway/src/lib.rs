@@ -343,17 +343,12 @@ pub async fn start_in(
     let (push_tx, push_rx) = mpsc::channel(16);
     {
         let shutdown = shutdown.clone();
-        let commit_interval = config.store.commit_interval;
+        let spacing = pipeline::Spacing {
+            interval: config.store.commit_interval,
+            max: config.store.commit_interval_max,
+        };
         tasks.spawn(async move {
-            pipeline::run(
-                pipeline,
-                queue_rx,
-                push_rx,
-                acker,
-                commit_interval,
-                shutdown,
-            )
-            .await
+            pipeline::run(pipeline, queue_rx, push_rx, acker, spacing, shutdown).await
         });
     }
     {

@@ -21,8 +21,9 @@
 //!    (a disk error, or a full outbox with `on_full = "stop_acking"`) is retried with backoff, and
 //!    no further message is taken until it succeeds.
 //!
-//! Commits start at least `store.commit_interval` apart. The first message after a quiet spell
-//! is committed at once; those that come within the interval join the next commit.
+//! Commits start at least `store.commit_interval` apart, and under heavy load further apart, up
+//! to `store.commit_interval_max` ([`Spacing`]). The first message after a quiet spell is
+//! committed at once; those that come within the interval join the next commit.
 //!
 //! Windows close on the gateway's clock: after every batch, and at least twice a second when no
 //! message comes. A stream with differential-privacy noise pays for each release in the
@@ -1177,18 +1178,40 @@ impl Committer {
     }
 }
 
+/// How far apart commits start (`store.commit_interval` and `store.commit_interval_max`).
+#[derive(Debug, Clone, Copy)]
+pub struct Spacing {
+    pub interval: Duration,
+    pub max: Duration,
+}
+
+/// Messages a second taken in for each millisecond between commits, under load.
+const MESSAGES_PER_SECOND_PER_MS: f64 = 20_000.0;
+
+impl Spacing {
+    /// The time between the starts of two commits when messages come at `rate` a second: 1 ms
+    /// per 20,000 a second, within `interval` and `max` (never less than `interval`). A commit
+    /// costs a fixed amount of CPU and disk writes besides its records' share; under heavy load
+    /// fewer, larger commits leave more of the machine to the readings themselves, and under
+    /// light load each reading waits the least.
+    pub fn at(&self, rate: f64) -> Duration {
+        let wanted = Duration::from_secs_f64((rate / MESSAGES_PER_SECOND_PER_MS).max(0.0) / 1e3);
+        wanted.min(self.max).max(self.interval)
+    }
+}
+
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
 /// forward (see [`crate::push`]). Fails only if the commit thread dies.
 ///
 /// Turns are committed on a thread of their own ([`Committer`]); the messages that come while a
 /// commit is written wait in the queue, and are the next turn. Commits start at least
-/// `commit_interval` apart (`store.commit_interval`): what comes sooner waits for the next.
+/// [`Spacing::at`] the rate of messages apart: what comes sooner waits for the next.
 pub async fn run(
     mut pipeline: Pipeline,
     queue: mpsc::Receiver<Inbound>,
     pushed: mpsc::Receiver<PushJob>,
     acker: Acker,
-    commit_interval: Duration,
+    spacing: Spacing,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let committer = Committer::start(
@@ -1202,7 +1225,7 @@ pub async fn run(
         queue,
         pushed,
         acker,
-        commit_interval,
+        spacing,
         &shutdown,
     )
     .await;
@@ -1224,13 +1247,15 @@ async fn take_turns(
     mut queue: mpsc::Receiver<Inbound>,
     mut pushed: mpsc::Receiver<PushJob>,
     mut acker: Acker,
-    commit_interval: Duration,
+    spacing: Spacing,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(BATCH);
     let mut owed = Owed::default();
     let mut in_flight: Option<tokio::sync::oneshot::Receiver<Option<Owed>>> = None;
     let mut last_commit: Option<tokio::time::Instant> = None;
+    // The time from the start of the last commit to the start of the next.
+    let mut commit_interval = spacing.interval;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let aggregates = pipeline.aggregates();
@@ -1311,8 +1336,14 @@ async fn take_turns(
         }
         let now = now_ms();
         if pipeline.wants_commit(now) {
+            let start = tokio::time::Instant::now();
+            // The rate the turn's messages came at since the last commit started.
+            let rate = last_commit.map_or(0.0, |t| {
+                owed.messages as f64 / (start - t).as_secs_f64().max(1e-6)
+            });
+            commit_interval = spacing.at(rate);
             in_flight = Some(committer.commit(pipeline.take_turn(now), std::mem::take(&mut owed)));
-            last_commit = Some(tokio::time::Instant::now());
+            last_commit = Some(start);
         } else if !owed.is_empty() {
             // Nothing to write and nothing being written: what the turn owes is due now.
             std::mem::take(&mut owed).pay(&mut acker);
@@ -1547,6 +1578,32 @@ v = "keep"
         }
     }
 
+    /// Commits are spaced by 1 ms per 20,000 messages a second, within the interval and the
+    /// maximum, and never closer than the interval, even when the maximum is less.
+    #[test]
+    fn commits_are_spaced_by_the_rate_of_messages_within_the_interval_and_the_maximum() {
+        let ms = Duration::from_millis;
+        let spacing = Spacing {
+            interval: ms(1),
+            max: ms(5),
+        };
+        assert_eq!(spacing.at(0.0), ms(1));
+        assert_eq!(spacing.at(10_000.0), ms(1));
+        assert_eq!(spacing.at(50_000.0), Duration::from_micros(2_500));
+        assert_eq!(spacing.at(100_000.0), ms(5));
+        assert_eq!(spacing.at(1e9), ms(5));
+        let spacing = Spacing {
+            interval: ms(10),
+            max: ms(5),
+        };
+        assert_eq!(spacing.at(1e9), ms(10));
+        let spacing = Spacing {
+            interval: Duration::ZERO,
+            max: Duration::ZERO,
+        };
+        assert_eq!(spacing.at(1e9), Duration::ZERO);
+    }
+
     /// The values of field `v` of stream 0's records, in sequence order.
     fn values(store: &Store) -> Vec<i64> {
         store
@@ -1578,7 +1635,10 @@ v = "keep"
             queue_rx,
             push_rx,
             acker,
-            Duration::from_millis(20),
+            Spacing {
+                interval: Duration::from_millis(20),
+                max: Duration::from_millis(20),
+            },
             shutdown.clone(),
         ));
         let message = |v: u16| {
