@@ -34,7 +34,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInOut, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use zeroize::Zeroizing;
 
@@ -201,6 +201,23 @@ impl DataKeys {
         rotation: Duration,
         record: &[u8],
     ) -> io::Result<Vec<u8>> {
+        let mut sealed = Vec::with_capacity(record.len() + OVERHEAD);
+        sealed.extend_from_slice(record);
+        self.seal_in_place(stream, sequence, now_ms, rotation, &mut sealed, 0)?;
+        Ok(sealed)
+    }
+
+    /// As [`DataKeys::seal`], for the record in `buf[from..]`: it is encrypted where it is, and
+    /// the authentication tag appended. On an error `buf` is left as it was.
+    pub fn seal_in_place(
+        &mut self,
+        stream: &str,
+        sequence: u64,
+        now_ms: i64,
+        rotation: Duration,
+        buf: &mut Vec<u8>,
+        from: usize,
+    ) -> io::Result<()> {
         let rotation_ms = i64::try_from(rotation.as_millis()).unwrap_or(i64::MAX);
         let current = self.streams.get(&stream_id(stream)).and_then(|l| l.last());
         let fresh = current.is_some_and(|k| {
@@ -214,15 +231,15 @@ impl DataKeys {
             .get(&stream_id(stream))
             .and_then(|l| l.last())
             .ok_or_else(|| io::Error::other("no data key"))?;
-        key.cipher
-            .encrypt(
-                &nonce(sequence),
-                Payload {
-                    msg: record,
-                    aad: stream.as_bytes(),
-                },
-            )
-            .map_err(|_| io::Error::other("record too large to seal"))
+        let record = buf
+            .get_mut(from..)
+            .ok_or_else(|| io::Error::other("nothing to seal"))?;
+        let tag = key
+            .cipher
+            .encrypt_inout_detached(&nonce(sequence), stream.as_bytes(), record.into())
+            .map_err(|_| io::Error::other("record too large to seal"))?;
+        buf.extend_from_slice(&tag);
+        Ok(())
     }
 
     /// Whether a key that can open record `sequence` of `stream` is held.

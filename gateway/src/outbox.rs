@@ -350,29 +350,36 @@ impl Vault {
     }
 }
 
-/// The stored value of a batch: its header, and its records framed and sealed.
+/// The stored value of a batch: its header, and its records framed and sealed. The records are
+/// framed into the value and sealed where they are: they are copied once.
 fn encode(keys: &mut DataKeys, append: &Append) -> Result<Vec<u8>, OutboxError> {
     let too_large = || OutboxError::TooLarge(append.records.len());
     let count = u32::try_from(append.records.len()).map_err(|_| too_large())?;
-    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(batch_len(&append.records)));
-    for r in &append.records {
-        let len = u32::try_from(r.len()).map_err(|_| too_large())?;
-        body.extend_from_slice(&len.to_le_bytes());
-        body.extend_from_slice(r);
-    }
-    let sealed = keys.seal(
-        &append.stream,
-        append.first,
-        append.kept_ms,
-        append.key_period,
-        &body,
-    )?;
-    let mut value = Vec::with_capacity(HEADER + sealed.len());
+    let mut value = Vec::with_capacity(batch_len(&append.records));
     value.push(BATCH_VERSION);
     value.extend_from_slice(&[0; 4]);
     value.extend_from_slice(&count.to_le_bytes());
     value.extend_from_slice(&append.kept_ms.to_le_bytes());
-    value.extend_from_slice(&sealed);
+    for r in &append.records {
+        let Ok(len) = u32::try_from(r.len()) else {
+            zeroize::Zeroize::zeroize(&mut value);
+            return Err(too_large());
+        };
+        value.extend_from_slice(&len.to_le_bytes());
+        value.extend_from_slice(r);
+    }
+    if let Err(err) = keys.seal_in_place(
+        &append.stream,
+        append.first,
+        append.kept_ms,
+        append.key_period,
+        &mut value,
+        HEADER,
+    ) {
+        // Records in clear are not left behind in freed memory.
+        zeroize::Zeroize::zeroize(&mut value);
+        return Err(err.into());
+    }
     let crc = crc32fast::hash(&value[5..]);
     value[1..5].copy_from_slice(&crc.to_le_bytes());
     Ok(value)

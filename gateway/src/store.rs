@@ -59,7 +59,8 @@ pub const PURGE_TICK_MS: i64 = 1_000;
 
 /// A record in the store, with when it was kept: the encoded `hubgate.v1.Record`, as the outbox
 /// holds it and subscribers receive it. Records are encoded once, when they are staged, and
-/// shared from then on.
+/// shared from then on: the records staged together are slices of one buffer, and a copy of a
+/// `Stored` is a reference to it.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub kept_ms: i64,
@@ -116,7 +117,7 @@ impl Bodies {
 pub struct Batch {
     /// Sequences `[first, last]` that were asked for but are no longer held.
     pub gap: Option<(u64, u64)>,
-    pub records: Vec<Arc<Stored>>,
+    pub records: Vec<Stored>,
     /// Where the next read should start.
     pub next: u64,
 }
@@ -126,7 +127,7 @@ pub struct Batch {
 pub struct Pending {
     commit: Commit,
     /// Per stream index, the staged records in sequence order.
-    records: Vec<(usize, Vec<Arc<Stored>>)>,
+    records: Vec<(usize, Vec<Stored>)>,
 }
 
 impl Pending {
@@ -160,7 +161,7 @@ pub enum CommitError {
 /// The in-memory tail of a stream.
 #[derive(Debug)]
 struct Tail {
-    records: VecDeque<Arc<Stored>>,
+    records: VecDeque<Stored>,
     /// Sequence of the next record committed: everything below is in the outbox.
     next: u64,
 }
@@ -332,24 +333,31 @@ impl Store {
     /// each gets its sequence number written after it (the last value of a field is the one a
     /// decoder keeps).
     pub fn stage_encoded(&self, pending: &mut Pending, index: usize, bodies: &Bodies, now_ms: i64) {
-        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+        use prost::encoding::{WireType, encode_key, encode_varint};
         let s = self.stream(index);
-        let mut encoded = Vec::new();
-        let mut stored = Vec::new();
         let first = s.staged.load(Ordering::Relaxed);
+        // Every record with its sequence appended, back to back in one buffer.
+        let mut buf = Vec::with_capacity(bodies.buf.len() + bodies.len() * 11);
+        let mut ends = Vec::with_capacity(bodies.len());
         for (i, body) in bodies.iter().enumerate() {
-            let sequence = first + i as u64;
-            let mut bytes = Vec::with_capacity(body.len() + 1 + encoded_len_varint(sequence));
-            bytes.extend_from_slice(body);
-            encode_key(SEQUENCE_FIELD, WireType::Varint, &mut bytes);
-            encode_varint(sequence, &mut bytes);
-            let bytes = Bytes::from(bytes);
+            buf.extend_from_slice(body);
+            encode_key(SEQUENCE_FIELD, WireType::Varint, &mut buf);
+            encode_varint(first + i as u64, &mut buf);
+            ends.push(buf.len());
+        }
+        let buf = Bytes::from(buf);
+        let mut encoded = Vec::with_capacity(ends.len());
+        let mut stored = Vec::with_capacity(ends.len());
+        let mut start = 0;
+        for (i, end) in ends.into_iter().enumerate() {
+            let bytes = buf.slice(start..end);
+            start = end;
             encoded.push(bytes.clone());
-            stored.push(Arc::new(Stored {
+            stored.push(Stored {
                 kept_ms: now_ms,
-                sequence,
+                sequence: first + i as u64,
                 bytes,
-            }));
+            });
         }
         if stored.is_empty() {
             return;
@@ -534,7 +542,7 @@ impl Store {
                     let skip = usize::try_from(from - front.sequence).unwrap_or(usize::MAX);
                     let mut fresh = Fresh::new(cutoff, max);
                     for r in tail.records.iter().skip(skip) {
-                        if !fresh.offer(r.sequence, r.kept_ms, || Some(Arc::clone(r))) {
+                        if !fresh.offer(r.sequence, r.kept_ms, || Some(r.clone())) {
                             break;
                         }
                     }
@@ -562,11 +570,11 @@ impl Store {
         for r in read.records {
             // Batches are authenticated, so a record that does not decode was written damaged.
             let decoded = || match v1::Record::decode(r.bytes.as_slice()) {
-                Ok(record) if record.sequence == r.sequence => Some(Arc::new(Stored {
+                Ok(record) if record.sequence == r.sequence => Some(Stored {
                     kept_ms: r.kept_ms,
                     sequence: r.sequence,
                     bytes: Bytes::from(r.bytes),
-                })),
+                }),
                 _ => {
                     s.damaged.increment(1);
                     None
@@ -638,7 +646,7 @@ impl Store {
 struct Fresh {
     cutoff: i64,
     max: usize,
-    records: Vec<Arc<Stored>>,
+    records: Vec<Stored>,
     /// The last sequence skipped at the front.
     skipped_to: Option<u64>,
 }
@@ -658,7 +666,7 @@ impl Fresh {
         &mut self,
         sequence: u64,
         kept_ms: i64,
-        record: impl FnOnce() -> Option<Arc<Stored>>,
+        record: impl FnOnce() -> Option<Stored>,
     ) -> bool {
         if self.records.len() >= self.max
             || self
