@@ -37,7 +37,8 @@ pub const LOCATIONS_GENERALISED: &str = "hubgate_locations_generalised_total";
 pub const KEY_ROTATIONS: &str = "hubgate_key_rotations_total";
 /// Pseudonymisation keys destroyed at the end of their epoch. Label: `stream`.
 pub const KEYS_DESTROYED: &str = "hubgate_keys_destroyed_total";
-/// Filtered records kept in the store. Label: `stream`.
+/// Filtered records kept in the store, counted as each is staged for the next commit (a record
+/// is durable, and readable, once its commit is done). Label: `stream`.
 pub const RECORDS_KEPT: &str = "hubgate_records_kept_total";
 /// Records removed from the store. Labels: `stream`, `reason` (`retention`, `capacity`).
 pub const RECORDS_PURGED: &str = "hubgate_store_records_purged_total";
@@ -228,7 +229,10 @@ pub fn describe() {
         KEYS_DESTROYED,
         "pseudonymisation keys destroyed at the end of their epoch"
     );
-    describe_counter!(RECORDS_KEPT, "filtered records kept in the store");
+    describe_counter!(
+        RECORDS_KEPT,
+        "filtered records kept in the store, counted when staged for the next commit"
+    );
     describe_counter!(
         RECORDS_PURGED,
         "records removed from the store, by stream and reason"
