@@ -27,6 +27,13 @@ enum Command {
         /// Configuration file (TOML): broker, listeners and policy.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Threads of the async runtime: MQTT, pipeline, gRPC, exporters, admin server. The
+        /// outbox commits on a thread of its own besides. One thread carries 100,000 readings/s
+        /// with a subscriber; more help with many gRPC subscribers or exporters, at the cost of
+        /// more thread wake-ups per reading (BENCHMARKS.md). Also `HUBGATE_WORKER_THREADS`.
+        #[arg(long, env = "HUBGATE_WORKER_THREADS", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=1024))]
+        worker_threads: u16,
     },
     /// Validate configuration files; print every error and warning with its line and column.
     Check {
@@ -129,7 +136,10 @@ pub fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Check { files } => return check(&files),
-        Command::Run { config } => runtime().and_then(|rt| rt.block_on(run(config))),
+        Command::Run {
+            config,
+            worker_threads,
+        } => runtime(Some(worker_threads.into())).and_then(|rt| rt.block_on(run(config))),
         Command::DryRun {
             config,
             input,
@@ -142,7 +152,7 @@ pub fn main() -> ExitCode {
         } => return audit_verify(&files),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
-            runtime().and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
+            runtime(None).and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
         }
     };
     match result {
@@ -202,8 +212,13 @@ fn init_logging() {
         .try_init();
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The async runtime, with `worker_threads` threads (by default one per core).
+fn runtime(worker_threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -608,4 +623,32 @@ fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> 
 #[cfg(not(feature = "embedded-broker"))]
 fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> {
     anyhow::bail!("this build has no embedded broker: run `hubgate run --config FILE`")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    fn worker_threads(args: &[&str]) -> Result<u16, clap::Error> {
+        match Cli::try_parse_from(args)?.command {
+            Command::Run { worker_threads, .. } => Ok(worker_threads),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_takes_one_worker_thread_unless_told_more_and_never_none() {
+        assert_eq!(worker_threads(&["hubgate", "run"]).unwrap(), 1);
+        assert_eq!(
+            worker_threads(&["hubgate", "run", "--worker-threads", "4"]).unwrap(),
+            4
+        );
+        let refused = worker_threads(&["hubgate", "run", "--worker-threads", "0"]).unwrap_err();
+        assert!(
+            refused.to_string().contains("0 is not in 1..=1024"),
+            "{refused}"
+        );
+    }
 }

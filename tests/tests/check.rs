@@ -413,3 +413,19 @@ fn the_hostile_corpus_is_answered_without_a_panic() {
         );
     }
 }
+
+#[test]
+fn run_reads_its_worker_threads_from_the_environment_and_refuses_zero() {
+    let out = Command::new(gateway_bin!())
+        // Were the variable not read, the run would stop at the missing file instead.
+        .args(["run", "--config", "/nonexistent/hubgate.toml"])
+        .env("HUBGATE_WORKER_THREADS", "0")
+        .output()
+        .expect("run hubgate");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("invalid value '0' for '--worker-threads"),
+        "{stderr}"
+    );
+}
