@@ -178,6 +178,9 @@ pub struct Figures {
     /// The bare subscriber's rate, and what the generator published meanwhile (messages/s).
     pub bare_rate: f64,
     pub bare_published_rate: f64,
+    /// The bare subscriber's CPU time per million readings at QoS 0, in seconds: what receiving
+    /// alone costs on this machine.
+    pub bare_cpu_s_per_million: f64,
     /// The same at QoS 1, the subscriber acknowledging each message as it arrives, and what the
     /// generator published meanwhile.
     pub bare_qos1_rate: f64,
@@ -262,14 +265,13 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
     // The yardsticks: a subscriber that only counts, through the same broker, same load; at QoS 0,
     // and at QoS 1 acknowledging each message as it arrives.
     for qos in [0, 1] {
-        let counted = Arc::new(AtomicU64::new(0));
-        let bare = bare_subscriber(broker.port, qos, Arc::clone(&counted)).await;
+        let bare = BareSubscriber::start(broker.port, qos);
         let spec = load(settings.full_rate, qos, &format!("bare-{qos}"));
         let publisher = std::thread::spawn(move || load::publish(&spec));
         tokio::time::sleep(warmup).await;
-        let (c0, t0) = (counted.load(Ordering::Relaxed), Instant::now());
+        let (c0, cpu0, t0) = (bare.counted(), bare.cpu_seconds(), Instant::now());
         tokio::time::sleep(settings.phase - warmup.mul_f64(2.0)).await;
-        let (c1, t1) = (counted.load(Ordering::Relaxed), Instant::now());
+        let (c1, cpu1, t1) = (bare.counted(), bare.cpu_seconds(), Instant::now());
         let sent = publisher
             .join()
             .expect("publisher")
@@ -277,10 +279,11 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         let rate = (c1 - c0) as f64 / (t1 - t0).as_secs_f64();
         if qos == 0 {
             (figures.bare_rate, figures.bare_published_rate) = (rate, sent.rate());
+            figures.bare_cpu_s_per_million = (cpu1 - cpu0) / ((c1 - c0) as f64).max(1.0) * 1e6;
         } else {
             (figures.bare_qos1_rate, figures.bare_qos1_published_rate) = (rate, sent.rate());
         }
-        bare.abort();
+        drop(bare);
         // Let the broker drain what it still queues for the bare subscriber.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -519,12 +522,89 @@ pub fn disk_usage(dir: &std::path::Path) -> u64 {
 }
 
 /// A rumqttc subscriber to `city/#` that counts messages and does nothing else; at QoS 1,
-/// rumqttc acknowledges each message as it reads it.
-async fn bare_subscriber(
+/// rumqttc acknowledges each message as it reads it. It runs on a thread of its own, with a
+/// single-threaded runtime, so that its CPU time can be read apart from the generator's.
+struct BareSubscriber {
+    counted: Arc<AtomicU64>,
+    /// The thread's id, for /proc/self/task/TID/stat.
+    tid: u32,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BareSubscriber {
+    /// Starts it and returns once the broker has confirmed the subscription.
+    fn start(port: u16, qos: u8) -> Self {
+        let counted = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let thread = {
+            let counted = Arc::clone(&counted);
+            std::thread::Builder::new()
+                .name(format!("bare-subscriber-{qos}"))
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async move {
+                        tokio::select! {
+                            _ = stopped => {}
+                            () = subscribe_and_count(port, qos, &counted, ready_tx) => {}
+                        }
+                    });
+                })
+                .expect("spawn the bare subscriber")
+        };
+        let tid = ready
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the bare subscriber is subscribed");
+        Self {
+            counted,
+            tid,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn counted(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
+    }
+
+    /// The subscriber thread's CPU time so far, in seconds (Linux).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", self.tid))
+            .expect("read /proc/self/task/TID/stat");
+        crate::cpu_seconds_of_stat(&stat)
+    }
+}
+
+impl Drop for BareSubscriber {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The calling thread's id (Linux).
+fn thread_id() -> u32 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|link| link.file_name()?.to_str()?.parse().ok())
+        .expect("read /proc/thread-self")
+}
+
+/// The bare subscriber's loop: sends its thread's id on `ready` once subscribed.
+async fn subscribe_and_count(
     port: u16,
     qos: u8,
-    counted: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
+    counted: &AtomicU64,
+    ready: std::sync::mpsc::Sender<u32>,
+) {
     let mut options = MqttOptions::new(format!("bare-subscriber-{qos}"), "127.0.0.1", port);
     options
         .set_keep_alive(Duration::from_secs(30))
@@ -536,30 +616,21 @@ async fn bare_subscriber(
         QoS::AtLeastOnce
     };
     client.subscribe("city/#", qos).await.expect("subscribe");
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(async move {
-        let _client = client;
-        let mut subscribed_tx = Some(subscribed_tx);
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(_))) => {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+    let mut ready = Some(ready);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(_))) => {
+                counted.fetch_add(1, Ordering::Relaxed);
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(thread_id());
+                }
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subscribed)
-        .await
-        .expect("the bare subscriber is subscribed")
-        .expect("subscriber running");
-    task
+    }
 }
 
 /// A gRPC subscriber to the pass-through streams, live, counting records and noting the
@@ -643,6 +714,16 @@ impl Figures {
             self.cpu_s_per_million,
             self.cpu_s_per_million,
             met(self.cpu_s_per_million <= 5.0)
+        );
+        let _ = writeln!(
+            t,
+            "| bare rumqttc subscriber's CPU per reading, QoS 0 (its thread alone) | {:.2} µs | | |",
+            self.bare_cpu_s_per_million
+        );
+        let _ = writeln!(
+            t,
+            "| hubgate's CPU per reading ÷ the bare subscriber's | {:.2} | | |",
+            self.cpu_s_per_million / self.bare_cpu_s_per_million
         );
         for l in &self.latency {
             let goal = match l.rate {

@@ -557,14 +557,7 @@ impl Gateway {
     pub fn cpu_seconds(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
             .expect("read /proc/PID/stat");
-        // The fields after the command name, which is in parentheses and may hold spaces.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-        let ticks = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
-        (ticks(11) + ticks(12)) / 100.0
+        cpu_seconds_of_stat(&stat)
     }
 
     /// Bytes the gateway process has caused to be written to storage (`write_bytes` of
@@ -760,4 +753,18 @@ pub fn fields(record: &hubgate_proto::v1::Record) -> HashMap<String, String> {
             (k.clone(), text)
         })
         .collect()
+}
+
+/// The CPU time (user and system, seconds) in a Linux `/proc/…/stat` line, of a process or of
+/// one of its threads.
+pub fn cpu_seconds_of_stat(stat: &str) -> f64 {
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name, in
+    // clock ticks of 1/100 s.
+    let ticks = |i: usize| -> f64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0.0) };
+    (ticks(11) + ticks(12)) / 100.0
 }
