@@ -58,18 +58,44 @@ impl TopicFilter {
     /// As the standard requires, filters starting with a wildcard do not match topics starting with
     /// `$` (broker-internal topics such as `$SYS/...`).
     pub fn matches(&self, topic: &str) -> bool {
-        if topic.starts_with('$') && (self.0.starts_with('+') || self.0.starts_with('#')) {
+        let (filter, name) = (self.0.as_bytes(), topic.as_bytes());
+        if name.first() == Some(&b'$') && matches!(filter.first(), Some(b'+' | b'#')) {
             return false;
         }
-        let mut filter = self.0.split('/');
-        let mut name = topic.split('/');
+        // Level by level, `f` and `n` at the start of a level of each. Byte by byte rather than
+        // with `split`: every message is routed, and its topic's levels are short.
+        let (mut f, mut n) = (0, 0);
         loop {
-            match (filter.next(), name.next()) {
-                (Some("#"), _) => return true,
-                (Some("+"), Some(_)) => {}
-                (Some(f), Some(n)) if f == n => {}
-                (None, None) => return true,
-                _ => return false,
+            match filter.get(f) {
+                // Validated: '#' stands alone in the last level.
+                Some(b'#') => return true,
+                // Validated: '+' stands alone in its level, and takes one level of the name.
+                Some(b'+') => {
+                    f += 1;
+                    while n < name.len() && name[n] != b'/' {
+                        n += 1;
+                    }
+                }
+                _ => {
+                    while f < filter.len() && filter[f] != b'/' {
+                        if name.get(n) != Some(&filter[f]) {
+                            return false;
+                        }
+                        f += 1;
+                        n += 1;
+                    }
+                    if n < name.len() && name[n] != b'/' {
+                        return false;
+                    }
+                }
+            }
+            // Both at the end of a level: at a '/' or at the end.
+            match (f < filter.len(), n < name.len()) {
+                (false, false) => return true,
+                (true, true) => (f, n) = (f + 1, n + 1),
+                // `a/#` matches `a` too: '#' also matches the parent level.
+                (true, false) => return &filter[f..] == b"/#",
+                (false, true) => return false,
             }
         }
     }
@@ -77,6 +103,8 @@ impl TopicFilter {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn f(s: &str) -> TopicFilter {
@@ -121,5 +149,46 @@ mod tests {
         assert!(f("$SYS/#").matches("$SYS/broker/load"));
         assert!(f("exact/topic").matches("exact/topic"));
         assert!(!f("exact/topic").matches("exact/topic/more"));
+        assert!(!f("exact/topic").matches("exact/top"));
+        assert!(!f("exact/top").matches("exact/topic"));
+        assert!(!f("a/+").matches("a"));
+        assert!(f("a/+").matches("a/"));
+        assert!(f("+").matches(""));
+        assert!(f("#").matches(""));
+    }
+
+    /// Matching as the standard words it: level by level, over the split levels.
+    fn matches_by_levels(filter: &str, topic: &str) -> bool {
+        if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+            return false;
+        }
+        let mut filter = filter.split('/');
+        let mut name = topic.split('/');
+        loop {
+            match (filter.next(), name.next()) {
+                (Some("#"), _) => return true,
+                (Some("+"), Some(_)) => {}
+                (Some(f), Some(n)) if f == n => {}
+                (None, None) => return true,
+                _ => return false,
+            }
+        }
+    }
+
+    fn levels(alphabet: &'static [&'static str]) -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(alphabet), 1..6)
+            .prop_map(|levels| levels.join("/"))
+    }
+
+    proptest! {
+        #[test]
+        fn matching_agrees_with_matching_level_by_level(
+            filter in levels(&["a", "ab", "b", "", "+", "#", "$S"]),
+            topic in levels(&["a", "ab", "b", "", "$S", "a/b"]),
+        ) {
+            if let Ok(compiled) = TopicFilter::new(&filter) {
+                prop_assert_eq!(compiled.matches(&topic), matches_by_levels(&filter, &topic));
+            }
+        }
     }
 }
