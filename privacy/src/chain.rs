@@ -88,11 +88,21 @@ pub fn apply(
     reading: Reading,
     ctx: &Context<'_>,
 ) -> Result<Outcome, Rejection> {
-    apply_traced(policy, reading, ctx, |_, _| {})
+    stages::<false>(policy, reading, ctx, |_, _| {})
 }
 
 /// Runs every stage of `policy` over `reading`, telling `trace` what happened to each input field.
 pub fn apply_traced(
+    policy: &StreamPolicy,
+    reading: Reading,
+    ctx: &Context<'_>,
+    trace: impl FnMut(&str, Fate),
+) -> Result<Outcome, Rejection> {
+    stages::<true>(policy, reading, ctx, trace)
+}
+
+/// The stages; with `TRACE` false, what only the trace needs is not worked out.
+fn stages<const TRACE: bool>(
     policy: &StreamPolicy,
     mut reading: Reading,
     ctx: &Context<'_>,
@@ -172,12 +182,14 @@ pub fn apply_traced(
             // An input field at an h3 output path is not the cell: it is dropped like any other.
             Some(Treatment::H3(_) | Treatment::Grid(_)) | None => {
                 out.fields_dropped += 1;
-                let cell = policy.fields.iter().find_map(|(out_path, t)| {
-                    t.coordinates()
-                        .filter(|(lat, lon)| *lat == path || *lon == path)
-                        .map(|_| out_path.clone())
-                });
-                trace(&path, cell.map_or(Fate::Undeclared, Fate::Generalised));
+                if TRACE {
+                    let cell = policy.fields.iter().find_map(|(out_path, t)| {
+                        t.coordinates()
+                            .filter(|(lat, lon)| *lat == path || *lon == path)
+                            .map(|_| out_path.clone())
+                    });
+                    trace(&path, cell.map_or(Fate::Undeclared, Fate::Generalised));
+                }
             }
         }
     }
