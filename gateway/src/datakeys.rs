@@ -191,8 +191,8 @@ impl DataKeys {
         Ok(())
     }
 
-    /// Seals record `sequence` of `stream`. Starts a new key, written to disk first, when the
-    /// stream has none this process made or its current one is older than `rotation`.
+    /// Tests: [`DataKeys::seal_in_place`] on a copy of `record`.
+    #[cfg(test)]
     pub fn seal(
         &mut self,
         stream: &str,
@@ -203,12 +203,20 @@ impl DataKeys {
     ) -> io::Result<Vec<u8>> {
         let mut sealed = Vec::with_capacity(record.len() + OVERHEAD);
         sealed.extend_from_slice(record);
-        self.seal_in_place(stream, sequence, now_ms, rotation, &mut sealed, 0)?;
-        Ok(sealed)
+        match self.seal_in_place(stream, sequence, now_ms, rotation, &mut sealed, 0) {
+            Ok(()) => Ok(sealed),
+            Err(err) => {
+                // The copy in clear is not left behind in freed memory.
+                zeroize::Zeroize::zeroize(&mut sealed);
+                Err(err)
+            }
+        }
     }
 
-    /// As [`DataKeys::seal`], for the record in `buf[from..]`: it is encrypted where it is, and
-    /// the authentication tag appended. On an error `buf` is left as it was.
+    /// Seals record `sequence` of `stream`, in `buf[from..]`: it is encrypted where it is, and
+    /// the authentication tag appended. Starts a new key, written to disk first, when the stream
+    /// has none this process made or its current one is older than `rotation`. On an error `buf`
+    /// is left as it was.
     pub fn seal_in_place(
         &mut self,
         stream: &str,

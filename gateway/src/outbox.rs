@@ -305,17 +305,22 @@ impl Vault {
                 .map_or(1, |c| c + 1),
         };
         counters.insert(name.to_owned(), counter + 1);
-        let sealed = keys.seal(
+        // The state is copied into the value once, and sealed where it is.
+        let mut value = Vec::with_capacity(9 + bytes.len() + datakeys::OVERHEAD);
+        value.push(CHECKPOINT_VERSION);
+        value.extend_from_slice(&counter.to_be_bytes());
+        value.extend_from_slice(bytes);
+        if let Err(err) = keys.seal_in_place(
             &checkpoint_series(name),
             counter,
             crate::pipeline::now_ms(),
             CHECKPOINT_KEY_PERIOD,
-            bytes,
-        )?;
-        let mut value = Vec::with_capacity(9 + sealed.len());
-        value.push(CHECKPOINT_VERSION);
-        value.extend_from_slice(&counter.to_be_bytes());
-        value.extend_from_slice(&sealed);
+            &mut value,
+            9,
+        ) {
+            zeroize::Zeroize::zeroize(&mut value);
+            return Err(err.into());
+        }
         Ok((counter, value))
     }
 
