@@ -87,17 +87,19 @@ fn report(name: &str, held: u64, on_disk: u64) {
     );
 }
 
-/// Bytes of a file, or of every file under a directory.
+/// Bytes a file, or every file under a directory, takes on disk: allocated blocks, not lengths
+/// (redb sets the length of its file ahead of what it writes).
 fn disk_size(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     if path.is_file() {
-        return std::fs::metadata(path).map_or(0, |m| m.len());
+        return std::fs::metadata(path).map_or(0, |m| m.blocks() * 512);
     }
     std::fs::read_dir(path).map_or(0, |entries| {
         entries
             .flatten()
             .map(|e| match e.metadata() {
                 Ok(m) if m.is_dir() => disk_size(&e.path()),
-                Ok(m) => m.len(),
+                Ok(m) => m.blocks() * 512,
                 Err(_) => 0,
             })
             .sum()

@@ -21,7 +21,8 @@
 //! 'c' name                                  → a checkpoint
 //! ```
 //!
-//! Records are stored in batches, one key per batch (a key per record costs sled about 9 µs). A
+//! Records are stored in batches, one key per batch (a key per record costs sled about 9 µs), of
+//! at most [`BATCH_MAX`] bytes: a turn's records of a stream take as many batches as they need. A
 //! batch value is
 //!
 //! ```text
@@ -61,6 +62,12 @@ pub use on_redb::RedbOutbox;
 const BATCH_VERSION: u8 = 1;
 /// Bytes before the sealed body: version, CRC, count, kept time.
 const HEADER: usize = 17;
+/// Most bytes of one batch value, unless a single record is larger. redb gives a value larger
+/// than a page a power-of-two number of 4 KiB pages, so a 20 KiB batch took 32 KiB: with turns of
+/// 10 to 45 KiB per stream the file held 1.50 times the data, with batches of at most this size
+/// 1.13 times (and 2.3 times fewer `pwrite` calls than with batches of at most one page). This is four
+/// pages less room for the key (at most 73 bytes) and the leaf's 12 bytes of header.
+const BATCH_MAX: usize = 16 * 1024 - 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -108,10 +115,35 @@ impl Commit {
     pub fn record_bytes(&self) -> u64 {
         self.appends
             .iter()
-            .filter(|a| !a.records.is_empty())
-            .map(|a| batch_len(&a.records) as u64)
+            .flat_map(batches)
+            .map(|(_, records)| batch_len(records) as u64)
             .sum()
     }
+}
+
+/// The batches `append` is stored as, `(first sequence, records)`: consecutive runs of its records,
+/// each at most [`BATCH_MAX`] bytes in the outbox (a record larger than that alone in its batch).
+fn batches(append: &Append) -> impl Iterator<Item = (u64, &[bytes::Bytes])> {
+    let mut rest = append.records.as_slice();
+    let mut first = append.first;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut len = batch_len(&[]);
+        let n = rest
+            .iter()
+            .take_while(|r| {
+                len += 4 + r.len();
+                len <= BATCH_MAX
+            })
+            .count()
+            .max(1);
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        first += n as u64;
+        Some((first - n as u64, batch))
+    })
 }
 
 /// A record read back, with its sequence and when it was kept.
@@ -357,15 +389,20 @@ impl Vault {
 
 /// The stored value of a batch: its header, and its records framed and sealed. The records are
 /// framed into the value and sealed where they are: they are copied once.
-fn encode(keys: &mut DataKeys, append: &Append) -> Result<Vec<u8>, OutboxError> {
-    let too_large = || OutboxError::TooLarge(append.records.len());
-    let count = u32::try_from(append.records.len()).map_err(|_| too_large())?;
-    let mut value = Vec::with_capacity(batch_len(&append.records));
+fn encode(
+    keys: &mut DataKeys,
+    append: &Append,
+    first: u64,
+    records: &[bytes::Bytes],
+) -> Result<Vec<u8>, OutboxError> {
+    let too_large = || OutboxError::TooLarge(records.len());
+    let count = u32::try_from(records.len()).map_err(|_| too_large())?;
+    let mut value = Vec::with_capacity(batch_len(records));
     value.push(BATCH_VERSION);
     value.extend_from_slice(&[0; 4]);
     value.extend_from_slice(&count.to_le_bytes());
     value.extend_from_slice(&append.kept_ms.to_le_bytes());
-    for r in &append.records {
+    for r in records {
         let Ok(len) = u32::try_from(r.len()) else {
             zeroize::Zeroize::zeroize(&mut value);
             return Err(too_large());
@@ -375,7 +412,7 @@ fn encode(keys: &mut DataKeys, append: &Append) -> Result<Vec<u8>, OutboxError> 
     }
     if let Err(err) = keys.seal_in_place(
         &append.stream,
-        append.first,
+        first,
         append.kept_ms,
         append.key_period,
         &mut value,
@@ -671,9 +708,11 @@ impl Outbox for SledOutbox {
         let mut batch = sled::Batch::default();
         let mut added = 0;
         for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
-            let value = encode(&mut keys, a)?;
-            added += value.len() as u64;
-            batch.insert(record_key(&a.stream, a.first), value);
+            for (first, records) in batches(a) {
+                let value = encode(&mut keys, a, first, records)?;
+                added += value.len() as u64;
+                batch.insert(record_key(&a.stream, first), value);
+            }
             let next = a.first + a.records.len() as u64;
             batch.insert(named_key(b'n', &a.stream), &next.to_be_bytes());
         }
@@ -818,6 +857,7 @@ mod tests {
         a_damaged_batch_is_reported_not_returned,
         purged_records_cannot_be_read_back_from_the_disk,
         checkpoints_are_sealed_and_old_versions_shredded,
+        a_large_append_is_stored_in_bounded_batches,
     );
 
     fn rec(seq: u64) -> Vec<u8> {
@@ -889,6 +929,70 @@ mod tests {
         .map(|a| batch_len(&a.records) as u64)
         .sum::<u64>();
         assert_eq!(outbox.record_bytes(), expected);
+    }
+
+    fn a_large_append_is_stored_in_bounded_batches<B: Backend>() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = B::open_in(dir.path());
+        // 300 records of 200 bytes, and in their midst one of 20 KiB: larger than a batch.
+        let mut records: Vec<bytes::Bytes> = (1..=300)
+            .map(|s| {
+                let mut r = rec(s);
+                r.resize(200, b'x');
+                r.into()
+            })
+            .collect();
+        records.insert(150, vec![7; 20 * 1024].into());
+        let commit = Commit {
+            appends: vec![Append {
+                records: records.clone(),
+                ..append("s", 1, 1, 10)
+            }],
+            checkpoints: Vec::new(),
+        };
+        outbox.commit(&commit).unwrap();
+        assert_eq!(outbox.record_bytes(), commit.record_bytes());
+        assert_eq!(outbox.next_sequence("s").unwrap(), 302);
+        let read = outbox.read("s", 1, 1_000).unwrap();
+        assert_eq!(seqs(&read), (1..=301).collect::<Vec<_>>());
+        assert!(
+            read.records
+                .iter()
+                .zip(&records)
+                .all(|(r, b)| r.bytes == **b)
+        );
+
+        // The batches, oldest first, by taking them off one by one.
+        let mut batches = Vec::new();
+        while let Some(b) = outbox.oldest("s").unwrap() {
+            outbox
+                .purge_while("s", &mut |p| p.first == b.first)
+                .unwrap();
+            batches.push(b);
+        }
+        assert!(batches.len() >= 5, "{batches:?}");
+        assert!(
+            batches
+                .windows(2)
+                .all(|w| w[0].first + w[0].count == w[1].first)
+        );
+        assert_eq!(batches.iter().map(|b| b.count).sum::<u64>(), 301);
+        assert_eq!(
+            batches.iter().map(|b| b.bytes).sum::<u64>(),
+            commit.record_bytes()
+        );
+        for (i, b) in batches.iter().enumerate() {
+            if b.first == 151 {
+                assert_eq!(b.count, 1, "the large record is alone: {b:?}");
+                continue;
+            }
+            assert!(b.bytes <= BATCH_MAX as u64, "{b:?}");
+            // Each batch is filled, but the last before the large record and the last of all.
+            let followed_by_large = batches.get(i + 1).is_some_and(|n| n.first == 151);
+            if !followed_by_large && i + 1 < batches.len() {
+                assert!(b.bytes + 204 > BATCH_MAX as u64, "{b:?}");
+            }
+        }
     }
 
     fn purges_by_age_keep_sequences_moving_forward<B: Backend>() {

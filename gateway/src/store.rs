@@ -20,7 +20,8 @@
 //!   retention, at most an hour) of their retention limit: early enough that the key that sealed
 //!   them is destroyed before the first record it sealed reaches the limit;
 //! - size: the outbox holds at most `store.max_bytes` of records. Beyond that, `drop_oldest`
-//!   purges the oldest batches of any stream, and `stop_acking` refuses the commit
+//!   purges the oldest batches of any stream, a 64th of the cap more than the commit needs (so a
+//!   full outbox purges once per 64th of the cap written, not before every commit), and `stop_acking` refuses the commit
 //!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room. The
 //!   only excess: one turn's records larger than the whole cap are written to an empty outbox.
 //!
@@ -48,7 +49,7 @@ use tokio::sync::watch;
 
 use crate::audit::AuditLog;
 use crate::config::{OnFull, StoreConfig};
-use crate::outbox::{Append, BatchInfo, Commit, Outbox, OutboxError, Purged};
+use crate::outbox::{Append, Commit, Outbox, OutboxError, Purged};
 use crate::pipeline::now_ms;
 
 /// Field number of `sequence` in `hubgate.v1.Record`.
@@ -381,20 +382,17 @@ impl Store {
             return Ok(());
         }
         let need = pending.commit.record_bytes();
+        let held = self.outbox.record_bytes();
         // A turn larger than the whole cap is written into an empty outbox rather than never.
-        while self.outbox.record_bytes() > 0 && self.outbox.record_bytes() + need > self.max_bytes {
+        if held > 0 && held + need > self.max_bytes {
             match self.on_full {
                 OnFull::StopAcking => {
                     return Err(CommitError::Full {
-                        held: self.outbox.record_bytes(),
+                        held,
                         max: self.max_bytes,
                     });
                 }
-                OnFull::DropOldest => {
-                    if !self.drop_oldest_batch(now_ms)? {
-                        break;
-                    }
-                }
+                OnFull::DropOldest => self.make_room(need, now_ms)?,
             }
         }
         self.outbox.commit(&pending.commit)?;
@@ -421,28 +419,52 @@ impl Store {
         Ok(())
     }
 
-    /// Purges the oldest batch of the stream whose oldest batch is oldest. Returns false when
-    /// there is nothing to purge.
-    fn drop_oldest_batch(&self, now_ms: i64) -> Result<bool, OutboxError> {
+    /// Makes room for `need` more bytes by purging the oldest batches of any stream, down to a
+    /// 64th of the cap below what `need` requires: a full outbox then purges once per 64th of the
+    /// cap written, in a few transactions, rather than before every commit.
+    fn make_room(&self, need: u64, now_ms: i64) -> Result<(), OutboxError> {
         let _one_purge_at_a_time = self.purging();
-        let mut oldest: Option<(usize, BatchInfo)> = None;
-        for (index, s) in self.streams.iter().enumerate() {
-            if let Some(batch) = self.outbox.oldest(&s.name)?
-                && oldest.is_none_or(|(_, o)| batch.kept_ms < o.kept_ms)
-            {
-                oldest = Some((index, batch));
+        let target = (self.max_bytes - self.max_bytes / 64).saturating_sub(need);
+        loop {
+            let held = self.outbox.record_bytes();
+            if held <= target {
+                return Ok(());
+            }
+            let want = held - target;
+            let mut oldest = Vec::new();
+            for (index, s) in self.streams.iter().enumerate() {
+                if let Some(batch) = self.outbox.oldest(&s.name)? {
+                    oldest.push((batch.kept_ms, index));
+                }
+            }
+            oldest.sort_unstable();
+            let Some(&(first_kept, _)) = oldest.first() else {
+                return Ok(());
+            };
+            // Taking the bytes held as kept evenly from the oldest batch until now, the batches
+            // kept until `cutoff` hold about `want` bytes. Each stream in turn, oldest first,
+            // loses its batches kept until then, until `want` bytes are freed; what is still
+            // missing (records were not kept evenly) is found in the next round.
+            let span = now_ms.saturating_sub(first_kept).max(0) as u128;
+            let cutoff = first_kept.saturating_add((span * want as u128 / held as u128) as i64);
+            let mut freed = 0;
+            for (_, index) in oldest {
+                if freed >= want {
+                    break;
+                }
+                let s = self.stream(index);
+                let purged = self.outbox.purge_while(&s.name, &mut |b| {
+                    let purge = freed < want && b.kept_ms <= cutoff;
+                    freed += if purge { b.bytes } else { 0 };
+                    purge
+                })?;
+                s.purged_capacity.increment(purged.records);
+                self.purged(s, "capacity", &purged, now_ms);
+            }
+            if freed == 0 {
+                return Ok(());
             }
         }
-        let Some((index, batch)) = oldest else {
-            return Ok(false);
-        };
-        let s = self.stream(index);
-        let purged = self
-            .outbox
-            .purge_while(&s.name, &mut |b| b.first == batch.first)?;
-        s.purged_capacity.increment(purged.records);
-        self.purged(s, "capacity", &purged, now_ms);
-        Ok(purged.bytes > 0)
     }
 
     /// Held during each purge: the retention task and a full outbox's `drop_oldest` must not both
@@ -913,6 +935,54 @@ mod tests {
         assert!(log.contains("\"records\":5"), "{log}");
     }
 
+    /// Turns alternating between two streams into an outbox with room for 640 of them: it never
+    /// holds more than its cap, purges a few times rather than before every commit, and takes the
+    /// oldest batches of either stream first.
+    #[test]
+    fn a_full_outbox_purges_in_steps_oldest_first_across_streams() {
+        const TURNS: i64 = 1_200;
+        let dir = tempfile::tempdir().unwrap();
+        let mut one = Pending::default();
+        let probe = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
+        probe.stage(&mut one, 0, (10..20).map(rec), 0);
+        let batch = one.commit.record_bytes();
+        drop(probe);
+
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(SledOutbox::open(dir.path()).unwrap());
+        let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl")).unwrap());
+        let streams = [
+            ("a", Duration::from_secs(3600)),
+            ("b", Duration::from_secs(3600)),
+        ];
+        let cap = 640 * batch;
+        let config = config(100, cap, OnFull::DropOldest);
+        let s = Store::open(outbox.clone(), streams, &config, audit).unwrap();
+        for turn in 0..TURNS {
+            let mut pending = Pending::default();
+            s.stage(&mut pending, (turn % 2) as usize, (10..20).map(rec), turn);
+            s.commit(&mut pending, turn).unwrap();
+            assert!(outbox.record_bytes() <= cap, "turn {turn}");
+        }
+        assert!(outbox.record_bytes() >= cap - cap / 64 - batch);
+        let log = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let purges = log
+            .lines()
+            .filter(|l| l.contains("\"event\":\"purge\"") && l.contains("\"capacity\""))
+            .count();
+        // One purge before each of the last 560 commits without steps; with them, at most one per
+        // stream in each round, and a round every 10 turns or so.
+        assert!((2..=140).contains(&purges), "{purges} purges");
+        let oldest = |stream| outbox.oldest(stream).unwrap().unwrap().kept_ms;
+        assert!(
+            (oldest("a") - oldest("b")).abs() <= 3,
+            "{} {}",
+            oldest("a"),
+            oldest("b")
+        );
+        assert_eq!(s.positions(0).1, TURNS as u64 / 2 * 10);
+    }
+
     #[test]
     fn a_full_outbox_drops_the_oldest_or_refuses() {
         let dir = tempfile::tempdir().unwrap();
@@ -924,9 +994,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Room for three batches of ten records (event times from 10 s on all encode alike).
         let s = open(dir.path(), &config(100, 3 * batch + 1, OnFull::DropOldest));
-        for i in 1..6 {
+        for i in 1..5 {
             append(&s, i * 10..i * 10 + 10, i);
         }
+        // Making room for the fourth batch purged a 64th of the cap more than it needed: two.
+        assert_eq!(s.positions(0), (21, 40));
+        append(&s, 50..60, 5);
         assert_eq!(s.positions(0), (21, 50));
         let b = s.read(0, 1, 100, 10);
         assert_eq!(b.gap, Some((1, 20)));

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{
-    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, encode, first_batch,
-    named_key, purge_batches, read_batches, record_key, seq_of, shred, stream_names, sub_bytes,
+    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, batches, encode,
+    first_batch, named_key, purge_batches, read_batches, record_key, seq_of, shred, stream_names,
+    sub_bytes,
 };
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
@@ -122,11 +123,13 @@ impl Outbox for RedbOutbox {
         {
             let mut table = tx.open_table(TABLE).map_err(db_error)?;
             for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
-                let value = encode(&mut keys, a)?;
-                added += value.len() as u64;
-                table
-                    .insert(record_key(&a.stream, a.first).as_slice(), value.as_slice())
-                    .map_err(db_error)?;
+                for (first, records) in batches(a) {
+                    let value = encode(&mut keys, a, first, records)?;
+                    added += value.len() as u64;
+                    table
+                        .insert(record_key(&a.stream, first).as_slice(), value.as_slice())
+                        .map_err(db_error)?;
+                }
                 let next = a.first + a.records.len() as u64;
                 table
                     .insert(
