@@ -935,19 +935,23 @@ mod tests {
         assert!(log.contains("\"records\":5"), "{log}");
     }
 
+    /// Bytes a batch of ten records takes in the outbox (event times from 10 s on all encode
+    /// alike).
+    fn ten_records_bytes() -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut one = Pending::default();
+        let probe = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
+        probe.stage(&mut one, 0, (10..20).map(rec), 0);
+        one.commit.record_bytes()
+    }
+
     /// Turns alternating between two streams into an outbox with room for 640 of them: it never
     /// holds more than its cap, purges a few times rather than before every commit, and takes the
     /// oldest batches of either stream first.
     #[test]
     fn a_full_outbox_purges_in_steps_oldest_first_across_streams() {
         const TURNS: i64 = 1_200;
-        let dir = tempfile::tempdir().unwrap();
-        let mut one = Pending::default();
-        let probe = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
-        probe.stage(&mut one, 0, (10..20).map(rec), 0);
-        let batch = one.commit.record_bytes();
-        drop(probe);
-
+        let batch = ten_records_bytes();
         let dir = tempfile::tempdir().unwrap();
         let outbox = Arc::new(SledOutbox::open(dir.path()).unwrap());
         let audit = Arc::new(AuditLog::open(&dir.path().join("audit.jsonl")).unwrap());
@@ -985,14 +989,9 @@ mod tests {
 
     #[test]
     fn a_full_outbox_drops_the_oldest_or_refuses() {
+        let batch = ten_records_bytes();
         let dir = tempfile::tempdir().unwrap();
-        let mut one = Pending::default();
-        let probe = open(dir.path(), &config(100, 1 << 20, OnFull::DropOldest));
-        probe.stage(&mut one, 0, (10..20).map(rec), 0);
-        let batch = one.commit.record_bytes();
-        drop(probe);
-        let dir = tempfile::tempdir().unwrap();
-        // Room for three batches of ten records (event times from 10 s on all encode alike).
+        // Room for three batches of ten records.
         let s = open(dir.path(), &config(100, 3 * batch + 1, OnFull::DropOldest));
         for i in 1..5 {
             append(&s, i * 10..i * 10 + 10, i);
