@@ -66,8 +66,8 @@ const HEADER: usize = 17;
 /// Most bytes of one batch value, unless a single record is larger. redb gives a value larger
 /// than a page a power-of-two number of 4 KiB pages, so a 20 KiB batch took 32 KiB: with turns of
 /// 10 to 45 KiB per stream the file held 1.50 times the data, with batches of at most this size
-/// 1.13 times (and 2.3 times fewer `pwrite` calls than with batches of at most one page). This is four
-/// pages less room for the key (at most 73 bytes) and the leaf's 12 bytes of header.
+/// 1.13 times (and 2.3 times fewer `pwrite` calls than with batches of at most one page). This
+/// is four pages less room for the key (at most 73 bytes) and the leaf's 12 bytes of header.
 const BATCH_MAX: usize = 16 * 1024 - 128;
 
 #[derive(Debug, thiserror::Error)]

@@ -21,9 +21,10 @@
 //!   them is destroyed before the first record it sealed reaches the limit;
 //! - size: the outbox holds at most `store.max_bytes` of records. Beyond that, `drop_oldest`
 //!   purges the oldest batches of any stream, a 64th of the cap more than the commit needs (so a
-//!   full outbox purges once per 64th of the cap written, not before every commit), and `stop_acking` refuses the commit
-//!   ([`CommitError::Full`]) so the pipeline stops taking messages until retention frees room. The
-//!   only excess: one turn's records larger than the whole cap are written to an empty outbox.
+//!   full outbox purges once per 64th of the cap written, not before every commit), and
+//!   `stop_acking` refuses the commit ([`CommitError::Full`]) so the pipeline stops taking
+//!   messages until retention frees room. The only excess: one turn's records larger than the
+//!   whole cap are written to an empty outbox.
 //!
 //! The outbox seals records under data keys that purges destroy ([`crate::datakeys`]), so no
 //! record is readable on disk past its retention limit either.
@@ -448,8 +449,10 @@ impl Store {
             let span = now_ms.saturating_sub(first_kept).max(0) as u128;
             let cutoff = first_kept.saturating_add((span * want as u128 / held as u128) as i64);
             let mut freed = 0;
-            for (_, index) in oldest {
-                if freed >= want {
+            for (kept, index) in oldest {
+                // In order of their oldest batch: the streams after one kept past `cutoff` have
+                // nothing to lose in this round.
+                if freed >= want || kept > cutoff {
                     break;
                 }
                 let s = self.stream(index);
