@@ -233,6 +233,10 @@ pub struct Latency {
     pub steady_rss_kib: u64,
     /// The gateway's CPU time per reading while the rate was held (µs), after the first second.
     pub cpu_us_per_reading: f64,
+    /// Bytes the gateway wrote to storage per reading, and its durable outbox commits a second,
+    /// while the rate was held, after the first second.
+    pub disk_bytes_per_reading: f64,
+    pub commits_per_second: f64,
 }
 
 /// What the gRPC subscriber saw.
@@ -314,6 +318,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         }
     };
     let received = || gw.metric("hubgate_mqtt_messages_received_total", &[]);
+    let commits = || gw.metric("hubgate_outbox_commits_total", &[]);
 
     // Full load, QoS 0.
     {
@@ -371,13 +376,17 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
         seen.recording_since_us
             .store(load::now_us(), Ordering::Relaxed);
         let mut steady_rss = 0;
-        let (cpu0, held0) = (gw.cpu_seconds(), received());
-        let end = Instant::now() + settings.phase - warmup;
+        let (cpu0, held0, w0) = (gw.cpu_seconds(), received(), gw.disk_written_bytes());
+        let (commits0, start) = (commits(), Instant::now());
+        let end = start + settings.phase - warmup;
         while Instant::now() < end {
             steady_rss = steady_rss.max(gw.rss_kib());
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let cpu_us_per_reading = (gw.cpu_seconds() - cpu0) / (received() - held0).max(1.0) * 1e6;
+        let held = (received() - held0).max(1.0);
+        let cpu_us_per_reading = (gw.cpu_seconds() - cpu0) / held * 1e6;
+        let disk_bytes_per_reading = (gw.disk_written_bytes() - w0) as f64 / held;
+        let commits_per_second = (commits() - commits0) / start.elapsed().as_secs_f64();
         let sent = publisher
             .join()
             .expect("publisher")
@@ -412,6 +421,8 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             samples: latencies.len(),
             steady_rss_kib: steady_rss,
             cpu_us_per_reading,
+            disk_bytes_per_reading,
+            commits_per_second,
         });
     }
 
@@ -748,6 +759,14 @@ impl Figures {
                 t,
                 "| gateway CPU per reading at {}/s | {:.2} µs | | |",
                 l.rate, l.cpu_us_per_reading
+            );
+            let _ = writeln!(
+                t,
+                "| bytes written to disk per reading at {}/s; durable commits a second | {:.0} B ({:.1} MB/s); {:.0}/s | | |",
+                l.rate,
+                l.disk_bytes_per_reading,
+                l.disk_bytes_per_reading * l.rate as f64 / 1e6,
+                l.commits_per_second
             );
             let _ = writeln!(
                 t,
