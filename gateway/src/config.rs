@@ -488,8 +488,9 @@ pub struct StoreConfig {
     /// Newest records held in memory per stream, so live subscribers do not read the disk; one
     /// further behind than this reads from it.
     pub memory_records_per_stream: usize,
-    /// The outbox's storage engine: `redb` (`<data_dir>/outbox/outbox.redb`, in builds with the
-    /// `redb` feature, the default) or `sled` (`<data_dir>/outbox/sled/`).
+    /// The outbox's storage engine: `redb` (`<data_dir>/outbox/outbox.redb` and its write-ahead
+    /// log `outbox.log`, in builds with the `redb` feature, the default) or `sled`
+    /// (`<data_dir>/outbox/sled/`).
     pub engine: Engine,
     /// Shortest time between the starts of two commits of the outbox (default "1ms"): messages
     /// that arrive sooner join the next commit. A commit costs a fixed amount of CPU and disk

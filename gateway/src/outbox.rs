@@ -12,7 +12,8 @@
 //! Writes go through [`Outbox::commit`]: every record batch, sequence mark and checkpoint of one
 //! pipeline turn is applied atomically and made durable (fsync) before it returns, so after a crash
 //! the outbox holds either all of a turn or none of it. The pipeline acknowledges MQTT messages
-//! only after that.
+//! only after that. On redb a commit is made durable in a write-ahead log and folded into the
+//! database later, many commits at once ([`RedbOutbox`]); the log holds the same sealed values.
 //!
 //! Layout (one sled tree or redb table, keys sorted bytewise):
 //!
@@ -57,6 +58,8 @@ use crate::datakeys::{self, DataKeys};
 #[cfg(feature = "redb")]
 mod on_redb;
 #[cfg(feature = "redb")]
+mod wal;
+#[cfg(feature = "redb")]
 pub use on_redb::RedbOutbox;
 
 /// Format version of a batch value.
@@ -82,6 +85,8 @@ pub enum OutboxError {
     NotBuilt(&'static str),
     #[error("outbox data keys: {0}")]
     Keys(#[from] std::io::Error),
+    #[error("outbox log: {0}")]
+    Log(std::io::Error),
     #[error("a batch of {0} records is larger than the outbox can hold in one value")]
     TooLarge(usize),
 }
@@ -806,6 +811,8 @@ mod tests {
         /// A stored batch value.
         fn raw_value(&self, stream: &str, first: u64) -> Vec<u8>;
         fn vault(&self) -> &Vault;
+        /// Moves what a commit made durable elsewhere into the engine's main store (redb's log).
+        fn fold(&self);
     }
 
     impl Backend for SledOutbox {
@@ -821,6 +828,7 @@ mod tests {
         fn vault(&self) -> &Vault {
             &self.vault
         }
+        fn fold(&self) {}
     }
 
     #[cfg(feature = "redb")]
@@ -836,6 +844,9 @@ mod tests {
         }
         fn vault(&self) -> &Vault {
             self.vault_for_tests()
+        }
+        fn fold(&self) {
+            RedbOutbox::fold(self);
         }
     }
 
@@ -1156,6 +1167,7 @@ mod tests {
         Purge(u8),
         Read(u8, u8),
         Reopen,
+        Fold,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1164,6 +1176,7 @@ mod tests {
             1 => any::<u8>().prop_map(Op::Purge),
             2 => (any::<u8>(), 1u8..50).prop_map(|(f, m)| Op::Read(f, m)),
             1 => Just(Op::Reopen),
+            1 => Just(Op::Fold),
         ]
     }
 
@@ -1223,6 +1236,7 @@ mod tests {
                     drop(outbox);
                     outbox = B::open_in(dir.path());
                 }
+                Op::Fold => outbox.fold(),
             }
             prop_assert_eq!(outbox.next_sequence("s").unwrap(), next);
             prop_assert_eq!(

@@ -1,11 +1,23 @@
-//! The outbox on redb: the same layout and batch format as on sled, in one redb table, with one
-//! write transaction per commit (redb makes it durable before `commit` returns).
+//! The outbox on redb: the same layout and batch format as on sled, in one redb table.
+//!
+//! A commit is made durable in the write-ahead log ([`super::wal`]): its inserts wait in memory,
+//! where reads find them, until a thread of the outbox's own folds them into redb with one
+//! transaction, once they reach [`FOLD_BYTES`] or the oldest is [`FOLD_AFTER`] old. The log's
+//! other half takes the commits meanwhile; a commit waits only if that half fills before the
+//! fold ends. A commit too large for half the log, and every purge, write what waits and their
+//! own changes to redb in one transaction. Opening folds what the log holds past the last fold.
+//! redb makes each of its transactions durable before it returns.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::wal::{Insert, Wal};
 use super::{
     BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, batches, encode,
     first_batch, named_key, purge_batches, read_batches, record_key, seq_of, shred, stream_names,
@@ -14,23 +26,184 @@ use super::{
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
 
+/// Key of the id of the last log entry folded into redb (u64 BE).
+const FOLDED_KEY: &[u8] = b"w";
+/// Size of the log file: two halves of 4 MiB, room for a whole window checkpoint and for what
+/// comes while the other half is folded.
+const LOG_BYTES: u64 = 8 << 20;
+/// Bytes appended to the log's active half at which a commit starts a fold. A fold writes them
+/// with redb's fixed cost once; what waits is also held in memory.
+pub const FOLD_BYTES: u64 = 1 << 20;
+/// Age of the oldest entry of the active half at which a commit starts a fold.
+pub const FOLD_AFTER: Duration = Duration::from_secs(1);
+
 fn db_error(err: impl Into<redb::Error>) -> OutboxError {
     OutboxError::Redb(Box::new(err.into()))
+}
+
+/// The log and the folds' progress.
+#[derive(Debug)]
+struct Log {
+    wal: Wal,
+    /// Bytes appended to the active half, and when its first entry was.
+    active_bytes: u64,
+    since: Option<Instant>,
+    /// The last entry id of the fold being written, if one is.
+    folding: Option<u64>,
+    /// A fold failed: its entries must reach redb before their half is used again.
+    failed: bool,
+}
+
+/// Inserts durable in the log and not yet folded into redb: by table key, the id of the entry
+/// that wrote the value, and the value.
+#[derive(Debug, Default)]
+struct Waiting {
+    inserts: BTreeMap<Vec<u8>, (u64, Arc<[u8]>)>,
+}
+
+/// What the outbox shares with its fold thread.
+#[derive(Debug)]
+struct Shared {
+    db: Database,
+    /// Taken by writers (commits, purges) before the data keys.
+    log: Mutex<Log>,
+    /// Signalled when a fold ends.
+    fold_ended: Condvar,
+    waiting: Mutex<Waiting>,
+}
+
+/// Inserts to fold into redb, up to the log entry `last`.
+struct Fold {
+    inserts: Vec<(Vec<u8>, Arc<[u8]>)>,
+    last: u64,
 }
 
 /// The outbox on redb.
 #[derive(Debug)]
 pub struct RedbOutbox {
-    db: Database,
+    shared: Arc<Shared>,
     vault: Vault,
     /// Bytes of record batches held (see [`Outbox::record_bytes`]).
     record_bytes: AtomicU64,
+    folds: Option<mpsc::Sender<Fold>>,
+    folder: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Writes `inserts` and the id of the last log entry they include to redb, in one durable
+/// transaction. The stored id never goes back.
+fn write<'v>(
+    db: &Database,
+    inserts: impl Iterator<Item = (&'v [u8], &'v [u8])>,
+    last: u64,
+) -> Result<(), OutboxError> {
+    let tx = db.begin_write().map_err(db_error)?;
+    {
+        let mut table = tx.open_table(TABLE).map_err(db_error)?;
+        for (key, value) in inserts {
+            table.insert(key, value).map_err(db_error)?;
+        }
+        let stored = table
+            .get(FOLDED_KEY)
+            .map_err(db_error)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_be_bytes);
+        if last > stored {
+            table
+                .insert(FOLDED_KEY, &last.to_be_bytes()[..])
+                .map_err(db_error)?;
+        }
+    }
+    tx.commit().map_err(db_error)
+}
+
+impl Shared {
+    fn lock_log(&self) -> MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_waiting(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits until no fold is being written.
+    fn no_fold<'a>(&'a self, mut log: MutexGuard<'a, Log>) -> MutexGuard<'a, Log> {
+        while log.folding.is_some() {
+            log = self
+                .fold_ended
+                .wait(log)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        log
+    }
+
+    fn write<'v>(
+        &self,
+        inserts: impl Iterator<Item = (&'v [u8], &'v [u8])>,
+        last: u64,
+    ) -> Result<(), OutboxError> {
+        write(&self.db, inserts, last)
+    }
+
+    /// Writes what waits and `inserts` to redb at once, and starts the log again. Waits for a
+    /// fold being written first.
+    fn write_through<'a>(
+        &'a self,
+        log: MutexGuard<'a, Log>,
+        inserts: &[Insert],
+    ) -> Result<MutexGuard<'a, Log>, OutboxError> {
+        let mut log = self.no_fold(log);
+        if inserts.is_empty() && self.lock_waiting().inserts.is_empty() {
+            // Every entry of the log is in redb.
+            log.wal.reset();
+            log.active_bytes = 0;
+            log.since = None;
+            return Ok(log);
+        }
+        // Nobody else adds to what waits while the log's lock is held.
+        let waiting: Vec<(Vec<u8>, Arc<[u8]>)> = self
+            .lock_waiting()
+            .inserts
+            .iter()
+            .map(|(k, (_, v))| (k.clone(), Arc::clone(v)))
+            .collect();
+        let all = waiting
+            .iter()
+            .map(|(k, v)| (k.as_slice(), &v[..]))
+            .chain(inserts.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
+        self.write(all, log.wal.last_id())?;
+        self.lock_waiting().inserts.clear();
+        log.wal.reset();
+        log.active_bytes = 0;
+        log.since = None;
+        log.failed = false;
+        Ok(log)
+    }
+
+    /// Folds what a [`Fold`] holds (on the fold thread), then drops from memory what it wrote
+    /// and no later entry replaced.
+    fn fold(&self, fold: &Fold) {
+        let inserts = fold.inserts.iter().map(|(k, v)| (k.as_slice(), &v[..]));
+        let result = self.write(inserts, fold.last);
+        if let Err(err) = &result {
+            tracing::warn!(error = %err, "could not fold the outbox log into redb: retried");
+        } else {
+            self.lock_waiting()
+                .inserts
+                .retain(|_, (id, _)| *id > fold.last);
+        }
+        let mut log = self.lock_log();
+        log.folding = None;
+        log.failed |= result.is_err();
+        drop(log);
+        self.fold_ended.notify_all();
+    }
 }
 
 impl RedbOutbox {
-    /// Opens (or creates) the outbox in directory `dir`: the database in `dir/outbox.redb`, the
-    /// data keys in `dir/keys`. A file left by a killed process is repaired by redb on open.
-    /// Opening reads every batch once, to learn the bytes held.
+    /// Opens (or creates) the outbox in directory `dir`: the database in `dir/outbox.redb`, its
+    /// log in `dir/outbox.log`, the data keys in `dir/keys`. A file left by a killed process is
+    /// repaired by redb on open, and what the log holds past the last fold is folded. Opening
+    /// reads every batch once, to learn the bytes held.
     pub fn open(dir: &Path) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
         // redb's page cache. Records are written once and read back only by readers behind the
@@ -43,53 +216,170 @@ impl RedbOutbox {
             .create(dir.join("outbox.redb"))
             .map_err(db_error)?;
         let tx = db.begin_write().map_err(db_error)?;
-        tx.open_table(TABLE).map_err(db_error)?;
+        let folded = {
+            let table = tx.open_table(TABLE).map_err(db_error)?;
+            let value = table.get(FOLDED_KEY).map_err(db_error)?;
+            value
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map_or(0, u64::from_be_bytes)
+        };
         tx.commit().map_err(db_error)?;
-        let tx = db.begin_read().map_err(db_error)?;
+        let (mut wal, entries) =
+            Wal::open(&dir.join("outbox.log"), LOG_BYTES, folded).map_err(OutboxError::Log)?;
+        let inserts = entries
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()));
+        write(&db, inserts, wal.last_id())?;
+        wal.reset();
+        let shared = Shared {
+            db,
+            log: Mutex::new(Log {
+                wal,
+                active_bytes: 0,
+                since: None,
+                folding: None,
+                failed: false,
+            }),
+            fold_ended: Condvar::new(),
+            waiting: Mutex::default(),
+        };
+        let tx = shared.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
         let mut bytes = 0;
         for item in table.range(&b"r"[..]..&b"s"[..]).map_err(db_error)? {
             bytes += item.map_err(db_error)?.1.value().len() as u64;
         }
+        drop(table);
+        drop(tx);
+        let shared = Arc::new(shared);
+        let (folds, jobs) = mpsc::channel::<Fold>();
+        let folder = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("hubgate-fold".into())
+                .spawn(move || {
+                    while let Ok(fold) = jobs.recv() {
+                        shared.fold(&fold);
+                    }
+                })
+                .map_err(OutboxError::Log)?
+        };
         Ok(Self {
-            db,
+            shared,
             vault,
             record_bytes: AtomicU64::new(bytes),
+            folds: Some(folds),
+            folder: Some(folder),
         })
     }
 
-    /// Runs `f` over `stream`'s batches from the one holding `from` (0: from the oldest).
+    /// `stream`'s batches waiting in memory, in order.
+    fn waiting_batches(&self, stream: &str) -> Vec<(u64, Arc<[u8]>)> {
+        let (lo, hi) = (record_key(stream, 0), record_key(stream, u64::MAX));
+        self.shared
+            .lock_waiting()
+            .inserts
+            .range(lo..=hi)
+            .map(|(k, (_, v))| (seq_of(k), Arc::clone(v)))
+            .collect()
+    }
+
+    /// The value waiting in memory under `key`.
+    fn waiting_value(&self, key: &[u8]) -> Option<Arc<[u8]>> {
+        let waiting = self.shared.lock_waiting();
+        waiting.inserts.get(key).map(|(_, v)| Arc::clone(v))
+    }
+
+    /// The value stored under `key`: waiting in memory, or in redb.
+    fn stored(&self, key: &[u8]) -> Result<Option<Vec<u8>>, OutboxError> {
+        // Memory before redb: a fold that ends in between has written the value to redb first.
+        if let Some(value) = self.waiting_value(key) {
+            return Ok(Some(value.to_vec()));
+        }
+        let tx = self.shared.db.begin_read().map_err(db_error)?;
+        let table = tx.open_table(TABLE).map_err(db_error)?;
+        let value = table.get(key).map_err(db_error)?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    /// Hands the active half's entries to the fold thread and makes the other half active.
+    fn start_fold(&self, log: &mut Log) {
+        let last = log.wal.last_id();
+        let inserts = self
+            .shared
+            .lock_waiting()
+            .inserts
+            .iter()
+            .map(|(k, (_, v))| (k.clone(), Arc::clone(v)))
+            .collect();
+        let sent = self
+            .folds
+            .as_ref()
+            .is_some_and(|folds| folds.send(Fold { inserts, last }).is_ok());
+        if sent {
+            log.folding = Some(last);
+            log.wal.switch();
+            log.active_bytes = 0;
+            log.since = None;
+        } else {
+            log.failed = true;
+        }
+    }
+
+    /// Runs `f` over `stream`'s batches from the one holding `from` (0: from the oldest), those
+    /// in redb and then those waiting in memory.
     fn with_batches<T>(
         &self,
         stream: &str,
         from: u64,
         f: impl FnOnce(&mut dyn Iterator<Item = Entry<Vec<u8>>>) -> T,
     ) -> Result<T, OutboxError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
+        // What waits is read before redb: a fold that ends in between leaves a batch in both, and
+        // it is taken from here.
+        let waiting = self.waiting_batches(stream);
+        let tx = self.shared.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
         let (lo, hi) = (record_key(stream, 0), record_key(stream, from));
-        let start = table
+        let in_db = table
             .range(lo.as_slice()..=hi.as_slice())
             .map_err(db_error)?
             .next_back()
             .transpose()
             .map_err(db_error)?
-            .map_or(from, |(k, _)| seq_of(k.value()));
+            .map(|(k, _)| seq_of(k.value()));
+        let in_waiting = waiting.iter().rev().map(|(s, _)| *s).find(|&s| s <= from);
+        let start = in_db.max(in_waiting).unwrap_or(from);
+        let cut = waiting.first().map_or(u64::MAX, |(s, _)| *s);
         let (lo, hi) = (record_key(stream, start), record_key(stream, u64::MAX));
-        let mut batches = table
+        let from_db = table
             .range(lo.as_slice()..=hi.as_slice())
             .map_err(db_error)?
             .map(|item| {
                 let (k, v) = item.map_err(db_error)?;
                 Ok((seq_of(k.value()), v.value().to_vec()))
-            });
+            })
+            .take_while(|entry: &Entry<Vec<u8>>| !matches!(entry, Ok((s, _)) if *s >= cut));
+        let from_waiting = waiting
+            .into_iter()
+            .filter(|(s, _)| *s >= start)
+            .map(|(s, v)| Ok((s, v.to_vec())));
+        let mut batches = from_db.chain(from_waiting);
         Ok(f(&mut batches))
+    }
+
+    /// Writes what waits to redb (tests that read or write redb's table directly).
+    #[cfg(test)]
+    pub(super) fn fold(&self) {
+        let log = self.shared.lock_log();
+        drop(self.shared.write_through(log, &[]).unwrap());
     }
 
     /// Overwrites a stored batch value (tests of damage detection).
     #[cfg(test)]
     pub(super) fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
-        let tx = self.db.begin_write().unwrap();
+        self.fold();
+        let tx = self.shared.db.begin_write().unwrap();
         tx.open_table(TABLE)
             .unwrap()
             .insert(record_key(stream, first).as_slice(), value)
@@ -104,7 +394,8 @@ impl RedbOutbox {
 
     #[cfg(test)]
     pub(super) fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
-        let tx = self.db.begin_read().unwrap();
+        self.fold();
+        let tx = self.shared.db.begin_read().unwrap();
         let table = tx.open_table(TABLE).unwrap();
         let value = table
             .get(record_key(stream, first).as_slice())
@@ -114,44 +405,73 @@ impl RedbOutbox {
     }
 }
 
+impl Drop for RedbOutbox {
+    /// Lets a fold being written end: what it has not written stays in the log.
+    fn drop(&mut self) {
+        drop(self.folds.take());
+        if let Some(folder) = self.folder.take() {
+            let _ = folder.join();
+        }
+    }
+}
+
 impl Outbox for RedbOutbox {
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
+        let mut log = self.shared.lock_log();
         let mut keys = self.vault.lock();
-        let tx = self.db.begin_write().map_err(db_error)?;
+        let mut inserts = Vec::new();
         let mut added = 0;
-        let mut written = Vec::new();
-        {
-            let mut table = tx.open_table(TABLE).map_err(db_error)?;
-            for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
-                for (first, records) in batches(a) {
-                    let value = encode(&mut keys, a, first, records)?;
-                    added += value.len() as u64;
-                    table
-                        .insert(record_key(&a.stream, first).as_slice(), value.as_slice())
-                        .map_err(db_error)?;
-                }
-                let next = a.first + a.records.len() as u64;
-                table
-                    .insert(
-                        named_key(b'n', &a.stream).as_slice(),
-                        &next.to_be_bytes()[..],
-                    )
-                    .map_err(db_error)?;
+        for a in commit.appends.iter().filter(|a| !a.records.is_empty()) {
+            for (first, records) in batches(a) {
+                let value = encode(&mut keys, a, first, records)?;
+                added += value.len() as u64;
+                inserts.push((record_key(&a.stream, first), value));
             }
-            for (name, bytes) in &commit.checkpoints {
-                let key = named_key(b'c', name);
-                let (counter, value) =
-                    self.vault.seal_checkpoint(&mut keys, name, bytes, || {
-                        let stored = table.get(key.as_slice()).map_err(db_error)?;
-                        Ok(stored.map(|v| v.value().to_vec()))
-                    })?;
-                table
-                    .insert(key.as_slice(), value.as_slice())
-                    .map_err(db_error)?;
-                written.push((name.as_str(), counter));
+            let next = a.first + a.records.len() as u64;
+            inserts.push((named_key(b'n', &a.stream), next.to_be_bytes().to_vec()));
+        }
+        let mut written = Vec::new();
+        for (name, bytes) in &commit.checkpoints {
+            let key = named_key(b'c', name);
+            let (counter, value) = self
+                .vault
+                .seal_checkpoint(&mut keys, name, bytes, || self.stored(&key))?;
+            inserts.push((key, value));
+            written.push((name.as_str(), counter));
+        }
+        if inserts.is_empty() {
+            return Ok(());
+        }
+        if log.failed || !log.wal.fits_a_half(&inserts) {
+            log = self.shared.write_through(log, &inserts)?;
+        } else {
+            let id = loop {
+                if let Some(id) = log.wal.append(&inserts).map_err(OutboxError::Log)? {
+                    break id;
+                }
+                // The active half is full: once the other is free, it takes the commits.
+                log = self.shared.no_fold(log);
+                if log.failed {
+                    log = self.shared.write_through(log, &[])?;
+                } else {
+                    self.start_fold(&mut log);
+                }
+            };
+            let mut waiting = self.shared.lock_waiting();
+            for (key, value) in inserts {
+                log.active_bytes += (key.len() + value.len()) as u64;
+                waiting.inserts.insert(key, (id, value.into()));
+            }
+            drop(waiting);
+            let since = *log.since.get_or_insert_with(Instant::now);
+            if log.folding.is_none()
+                && (log.active_bytes >= FOLD_BYTES || since.elapsed() >= FOLD_AFTER)
+            {
+                self.start_fold(&mut log);
             }
         }
-        tx.commit().map_err(db_error)?;
+        drop(log);
+        // Durable: older versions of the checkpoints may go.
         Vault::checkpoints_committed(&mut keys, &written)?;
         drop(keys);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
@@ -177,11 +497,14 @@ impl Outbox for RedbOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
+        // Commits wait until the purge is done; what waits goes to redb first.
+        let log = self.shared.lock_log();
+        let log = self.shared.write_through(log, &[])?;
         let (mut purged, firsts) = self.with_batches(stream, 0, |batches| {
             purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
         })??;
         if !firsts.is_empty() {
-            let tx = self.db.begin_write().map_err(db_error)?;
+            let tx = self.shared.db.begin_write().map_err(db_error)?;
             {
                 let mut table = tx.open_table(TABLE).map_err(db_error)?;
                 for first in firsts {
@@ -194,27 +517,20 @@ impl Outbox for RedbOutbox {
             sub_bytes(&self.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
+        drop(log);
         Ok(purged)
     }
 
     fn next_sequence(&self, stream: &str) -> Result<u64, OutboxError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
-        let table = tx.open_table(TABLE).map_err(db_error)?;
-        let value = table
-            .get(named_key(b'n', stream).as_slice())
-            .map_err(db_error)?;
+        let value = self.stored(&named_key(b'n', stream))?;
         Ok(value
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map_or(1, u64::from_be_bytes))
     }
 
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
-        let table = tx.open_table(TABLE).map_err(db_error)?;
-        let value = table
-            .get(named_key(b'c', name).as_slice())
-            .map_err(db_error)?;
-        Ok(value.and_then(|v| self.vault.open_checkpoint(name, v.value())))
+        let value = self.stored(&named_key(b'c', name))?;
+        Ok(value.and_then(|v| self.vault.open_checkpoint(name, &v)))
     }
 
     fn record_bytes(&self) -> u64 {
@@ -222,12 +538,178 @@ impl Outbox for RedbOutbox {
     }
 
     fn streams(&self) -> Result<Vec<String>, OutboxError> {
-        let tx = self.db.begin_read().map_err(db_error)?;
+        let mut names: BTreeSet<Vec<u8>> = self
+            .shared
+            .lock_waiting()
+            .inserts
+            .range(b"n".to_vec()..b"o".to_vec())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let tx = self.shared.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
-        let keys = table
-            .range(&b"n"[..]..&b"o"[..])
-            .map_err(db_error)?
-            .map(|item| Ok(item.map_err(db_error)?.0.value().to_vec()));
-        stream_names(keys)
+        for item in table.range(&b"n"[..]..&b"o"[..]).map_err(db_error)? {
+            names.insert(item.map_err(db_error)?.0.value().to_vec());
+        }
+        stream_names(names.into_iter().map(Ok))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Append;
+
+    fn append(first: u64, n: u64) -> Append {
+        Append {
+            stream: "s".into(),
+            first,
+            kept_ms: 0,
+            key_period: Duration::from_secs(10),
+            records: (first..first + n)
+                .map(|s| format!("{s:0200}").into_bytes().into())
+                .collect(),
+        }
+    }
+
+    fn commit(outbox: &RedbOutbox, first: u64, n: u64) {
+        let commit = Commit {
+            appends: vec![append(first, n)],
+            checkpoints: Vec::new(),
+        };
+        outbox.commit(&commit).unwrap();
+    }
+
+    fn sequences(outbox: &RedbOutbox, from: u64) -> Vec<u64> {
+        let read = outbox.read("s", from, usize::MAX).unwrap();
+        assert!(read.damaged.is_empty());
+        for r in &read.records {
+            assert_eq!(r.bytes, format!("{:0200}", r.sequence).into_bytes());
+        }
+        read.records.iter().map(|r| r.sequence).collect()
+    }
+
+    /// Waits for a fold being written, and says whether anything waits in memory.
+    fn settled(outbox: &RedbOutbox) -> bool {
+        drop(outbox.shared.no_fold(outbox.shared.lock_log()));
+        !outbox.shared.lock_waiting().inserts.is_empty()
+    }
+
+    #[test]
+    fn commits_wait_in_the_log_and_fold_into_redb_on_a_thread_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db_file = dir.path().join("outbox.redb");
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        let untouched = std::fs::read(&db_file).unwrap();
+        // Commits of ten records of 200 bytes, up to just below a fold: redb's file is not
+        // written, and reads find every record.
+        let mut next = 1;
+        while outbox.shared.lock_log().active_bytes + 2 * 2_300 < FOLD_BYTES {
+            commit(&outbox, next, 10);
+            next += 10;
+        }
+        assert!(next > 400, "{next}");
+        assert_eq!(std::fs::read(&db_file).unwrap(), untouched);
+        assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), next);
+        assert_eq!(outbox.streams().unwrap(), ["s"]);
+        // A commit past the fold's size hands everything to the fold thread, which writes it
+        // to redb.
+        let mut commits = 0;
+        while outbox.shared.lock_log().active_bytes > 0 {
+            commit(&outbox, next, 10);
+            next += 10;
+            commits += 1;
+        }
+        assert!(commits <= 2, "{commits}");
+        assert!(!settled(&outbox), "all of it was folded");
+        assert_ne!(std::fs::read(&db_file).unwrap(), untouched);
+        commit(&outbox, next, 10);
+        next += 10;
+        assert!(settled(&outbox));
+        // Reads go on across what is in redb and what waits, from any sequence.
+        assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
+        assert_eq!(
+            sequences(&outbox, next - 15),
+            (next - 15..next).collect::<Vec<_>>()
+        );
+        assert_eq!(outbox.oldest("s").unwrap().map(|b| b.first), Some(1));
+        let bytes = outbox.record_bytes();
+        // What waits survives a reopen (the log is folded on open).
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        assert!(!settled(&outbox));
+        assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), next);
+        assert_eq!(outbox.record_bytes(), bytes);
+    }
+
+    #[test]
+    fn checkpoints_go_through_the_log_and_large_commits_and_purges_write_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        commit(&outbox, 1, 10);
+        for state in [&b"first"[..], b"second"] {
+            let with_checkpoint = Commit {
+                appends: Vec::new(),
+                checkpoints: vec![("window/s".into(), state.to_vec())],
+            };
+            outbox.commit(&with_checkpoint).unwrap();
+        }
+        assert!(settled(&outbox), "in the log");
+        assert_eq!(
+            outbox.checkpoint("window/s").unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        assert_eq!(
+            outbox.checkpoint("window/s").unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+        // More than half the log (4 MiB) goes to redb at once, with what waits.
+        commit(&outbox, 11, 5);
+        commit(&outbox, 16, 21_000);
+        assert!(!settled(&outbox));
+        assert_eq!(sequences(&outbox, 1), (1..21_016).collect::<Vec<_>>());
+        // A purge writes what waits first.
+        commit(&outbox, 21_016, 10);
+        let purged = outbox.purge_while("s", &mut |b| b.first < 11).unwrap();
+        assert_eq!(purged.records, 10);
+        assert!(!settled(&outbox));
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        assert_eq!(sequences(&outbox, 1), (11..21_026).collect::<Vec<_>>());
+        assert_eq!(
+            outbox.checkpoint("window/s").unwrap().as_deref(),
+            Some(&b"second"[..])
+        );
+    }
+
+    #[test]
+    fn readers_see_every_record_once_while_folds_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(RedbOutbox::open(dir.path()).unwrap());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (outbox, done) = (Arc::clone(&outbox), Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !done.load(Ordering::Relaxed) {
+                    let seen = sequences(&outbox, 1);
+                    assert_eq!(seen, (1..=seen.len() as u64).collect::<Vec<_>>());
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        // About three folds' worth.
+        let mut next = 1;
+        while next < 15_000 {
+            commit(&outbox, next, 10);
+            next += 10;
+        }
+        done.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+        assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
     }
 }
