@@ -4,8 +4,11 @@
 //! where reads find them, until a thread of the outbox's own folds them into redb with one
 //! transaction, once they reach [`FOLD_BYTES`] or the oldest is [`FOLD_AFTER`] old. The log's
 //! other half takes the commits meanwhile; a commit waits only if that half fills before the
-//! fold ends. A commit too large for half the log, and every purge, write what waits and their
-//! own changes to redb in one transaction. Opening folds what the log holds past the last fold.
+//! fold ends. A commit too large for half the log writes what waits and itself to redb in one
+//! transaction, as does a purge that reaches a batch still waiting. Opening folds what the log
+//! holds past the last fold.
+//!
+//! Locks: the log's before the data keys; a commit never waits for a fold with the keys held.
 //! redb makes each of its transactions durable before it returns.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -125,6 +128,15 @@ impl Shared {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// What waits in memory now, by key.
+    fn waiting_now(&self) -> Vec<(Vec<u8>, Arc<[u8]>)> {
+        let waiting = self.lock_waiting();
+        let inserts = waiting.inserts.iter();
+        inserts
+            .map(|(k, (_, v))| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+
     /// Waits until no fold is being written.
     fn no_fold<'a>(&'a self, mut log: MutexGuard<'a, Log>) -> MutexGuard<'a, Log> {
         while log.folding.is_some() {
@@ -160,12 +172,7 @@ impl Shared {
             return Ok(log);
         }
         // Nobody else adds to what waits while the log's lock is held.
-        let waiting: Vec<(Vec<u8>, Arc<[u8]>)> = self
-            .lock_waiting()
-            .inserts
-            .iter()
-            .map(|(k, (_, v))| (k.clone(), Arc::clone(v)))
-            .collect();
+        let waiting = self.waiting_now();
         let all = waiting
             .iter()
             .map(|(k, v)| (k.as_slice(), &v[..]))
@@ -260,7 +267,17 @@ impl RedbOutbox {
                 .name("hubgate-fold".into())
                 .spawn(move || {
                     while let Ok(fold) = jobs.recv() {
-                        shared.fold(&fold);
+                        let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            shared.fold(&fold);
+                        }));
+                        if folded.is_err() {
+                            // As a failed fold: the next commit writes through.
+                            let mut log = shared.lock_log();
+                            log.folding = None;
+                            log.failed = true;
+                            drop(log);
+                            shared.fold_ended.notify_all();
+                        }
                     }
                 })
                 .map_err(OutboxError::Log)?
@@ -306,13 +323,7 @@ impl RedbOutbox {
     /// Hands the active half's entries to the fold thread and makes the other half active.
     fn start_fold(&self, log: &mut Log) {
         let last = log.wal.last_id();
-        let inserts = self
-            .shared
-            .lock_waiting()
-            .inserts
-            .iter()
-            .map(|(k, (_, v))| (k.clone(), Arc::clone(v)))
-            .collect();
+        let inserts = self.shared.waiting_now();
         let sent = self
             .folds
             .as_ref()
@@ -335,8 +346,8 @@ impl RedbOutbox {
         from: u64,
         f: impl FnOnce(&mut dyn Iterator<Item = Entry<Vec<u8>>>) -> T,
     ) -> Result<T, OutboxError> {
-        // What waits is read before redb: a fold that ends in between leaves a batch in both, and
-        // it is taken from here.
+        // What waits is read before redb: a fold that ends in between leaves a batch in both, or
+        // in redb only.
         let waiting = self.waiting_batches(stream);
         let tx = self.shared.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
@@ -350,21 +361,35 @@ impl RedbOutbox {
             .map(|(k, _)| seq_of(k.value()));
         let in_waiting = waiting.iter().rev().map(|(s, _)| *s).find(|&s| s <= from);
         let start = in_db.max(in_waiting).unwrap_or(from);
-        let cut = waiting.first().map_or(u64::MAX, |(s, _)| *s);
         let (lo, hi) = (record_key(stream, start), record_key(stream, u64::MAX));
-        let from_db = table
+        let mut from_db = table
             .range(lo.as_slice()..=hi.as_slice())
             .map_err(db_error)?
             .map(|item| {
                 let (k, v) = item.map_err(db_error)?;
                 Ok((seq_of(k.value()), v.value().to_vec()))
             })
-            .take_while(|entry: &Entry<Vec<u8>>| !matches!(entry, Ok((s, _)) if *s >= cut));
-        let from_waiting = waiting
-            .into_iter()
-            .filter(|(s, _)| *s >= start)
-            .map(|(s, v)| Ok((s, v.to_vec())));
-        let mut batches = from_db.chain(from_waiting);
+            .peekable();
+        let mut from_waiting = waiting.into_iter().filter(|(s, _)| *s >= start).peekable();
+        // In order of sequence; a batch in both (folded meanwhile) is taken once, from memory.
+        let mut batches = std::iter::from_fn(move || {
+            let db_next = match from_db.peek() {
+                Some(Ok((s, _))) => Some(*s),
+                Some(Err(_)) => return from_db.next(),
+                None => None,
+            };
+            match (db_next, from_waiting.peek().map(|(s, _)| *s)) {
+                (Some(d), Some(w)) if d < w => from_db.next(),
+                (Some(d), Some(w)) => {
+                    if d == w {
+                        from_db.next();
+                    }
+                    from_waiting.next().map(|(s, v)| Ok((s, v.to_vec())))
+                }
+                (Some(_), None) => from_db.next(),
+                (None, _) => from_waiting.next().map(|(s, v)| Ok((s, v.to_vec()))),
+            }
+        });
         Ok(f(&mut batches))
     }
 
@@ -439,6 +464,9 @@ impl Outbox for RedbOutbox {
             inserts.push((key, value));
             written.push((name.as_str(), counter));
         }
+        // Waiting for a fold with the keys held would stop readers, and take the log's lock
+        // again after the keys (the other order is the rule).
+        drop(keys);
         if inserts.is_empty() {
             return Ok(());
         }
@@ -446,7 +474,13 @@ impl Outbox for RedbOutbox {
             log = self.shared.write_through(log, &inserts)?;
         } else {
             let id = loop {
-                if let Some(id) = log.wal.append(&inserts).map_err(OutboxError::Log)? {
+                let appended = log.wal.append(&inserts).map_err(|err| {
+                    // The entry may have reached the disk: redb must record an id past it
+                    // before the log is used again.
+                    log.failed = true;
+                    OutboxError::Log(err)
+                })?;
+                if let Some(id) = appended {
                     break id;
                 }
                 // The active half is full: once the other is free, it takes the commits.
@@ -470,10 +504,11 @@ impl Outbox for RedbOutbox {
                 self.start_fold(&mut log);
             }
         }
-        drop(log);
         // Durable: older versions of the checkpoints may go.
+        let mut keys = self.vault.lock();
         Vault::checkpoints_committed(&mut keys, &written)?;
         drop(keys);
+        drop(log);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
     }
@@ -497,13 +532,21 @@ impl Outbox for RedbOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
-        // Commits wait until the purge is done; what waits goes to redb first.
-        let log = self.shared.lock_log();
-        let log = self.shared.write_through(log, &[])?;
         let (mut purged, firsts) = self.with_batches(stream, 0, |batches| {
             purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
         })??;
         if !firsts.is_empty() {
+            // Commits wait until the batches are removed. A fold being written could write one
+            // of them again: it ends first. One that waits in memory goes to redb first.
+            let mut log = self.shared.no_fold(self.shared.lock_log());
+            let waits = {
+                let waiting = self.shared.lock_waiting();
+                let mut keys = firsts.iter().map(|&first| record_key(stream, first));
+                keys.any(|key| waiting.inserts.contains_key(&key))
+            };
+            if waits {
+                log = self.shared.write_through(log, &[])?;
+            }
             let tx = self.shared.db.begin_write().map_err(db_error)?;
             {
                 let mut table = tx.open_table(TABLE).map_err(db_error)?;
@@ -514,10 +557,10 @@ impl Outbox for RedbOutbox {
                 }
             }
             tx.commit().map_err(db_error)?;
+            drop(log);
             sub_bytes(&self.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
-        drop(log);
         Ok(purged)
     }
 
@@ -644,7 +687,7 @@ mod tests {
     }
 
     #[test]
-    fn checkpoints_go_through_the_log_and_large_commits_and_purges_write_through() {
+    fn checkpoints_go_through_the_log_and_large_commits_write_through_as_purges_of_what_waits() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = RedbOutbox::open(dir.path()).unwrap();
         commit(&outbox, 1, 10);
@@ -671,14 +714,23 @@ mod tests {
         commit(&outbox, 16, 21_000);
         assert!(!settled(&outbox));
         assert_eq!(sequences(&outbox, 1), (1..21_016).collect::<Vec<_>>());
-        // A purge writes what waits first.
+        // A purge of batches in redb leaves what waits in memory alone; one that reaches a
+        // batch waiting in memory writes it to redb first.
         commit(&outbox, 21_016, 10);
         let purged = outbox.purge_while("s", &mut |b| b.first < 11).unwrap();
         assert_eq!(purged.records, 10);
+        assert!(settled(&outbox));
+        assert_eq!(outbox.purge_while("s", &mut |_| false).unwrap().records, 0);
+        assert!(settled(&outbox));
+        assert_eq!(sequences(&outbox, 1), (11..21_026).collect::<Vec<_>>());
+        let purged = outbox.purge_while("s", &mut |b| b.first <= 21_016).unwrap();
+        assert_eq!(purged.records, 21_015);
         assert!(!settled(&outbox));
+        commit(&outbox, 21_026, 5);
         drop(outbox);
         let outbox = RedbOutbox::open(dir.path()).unwrap();
-        assert_eq!(sequences(&outbox, 1), (11..21_026).collect::<Vec<_>>());
+        assert_eq!(sequences(&outbox, 1), (21_026..21_031).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), 21_031);
         assert_eq!(
             outbox.checkpoint("window/s").unwrap().as_deref(),
             Some(&b"second"[..])

@@ -96,11 +96,19 @@ impl Wal {
         found.retain(|(id, _)| *id > folded);
         found.sort_by_key(|(id, _)| *id);
         let mut entries = Vec::new();
+        let mut left = found.len();
         for (id, inserts) in found {
             if id != folded + 1 + entries.len() as u64 {
                 break;
             }
             entries.push(inserts);
+            left -= 1;
+        }
+        if left > 0 {
+            tracing::error!(
+                entries = left,
+                "the outbox log holds entries after a missing one: they are not applied"
+            );
         }
         let wal = Self {
             file,
@@ -140,11 +148,14 @@ impl Wal {
         }
         let crc = crc(&entry[4..16], &entry[ENTRY_HEADER..]);
         entry[16..20].copy_from_slice(&crc.to_le_bytes());
+        // The id is used up even if the write fails: the entry may still reach the disk, and
+        // no other entry may have its id. After a failure the caller writes through to redb,
+        // which records an id at least this one, before anything is appended again.
+        self.next_id += 1;
         self.file
             .write_all_at(&entry, self.active * self.half + self.end)?;
         self.file.sync_data()?;
         self.end += total as u64;
-        self.next_id += 1;
         Ok(Some(self.next_id - 1))
     }
 
