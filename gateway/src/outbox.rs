@@ -292,7 +292,8 @@ fn batch_len(records: &[bytes::Bytes]) -> usize {
 
 /// The keys of an outbox, shared by both engines: the directory's key file, behind a lock that a
 /// commit holds from sealing until it is durable, and a purge while it destroys keys, so that a
-/// key is never destroyed while records sealed with it are on their way in.
+/// key is never destroyed while records sealed with it are on their way in. (The redb engine
+/// holds its log's lock for that span instead, around the key lock: see [`RedbOutbox`].)
 #[derive(Debug)]
 struct Vault {
     keys: Mutex<DataKeys>,

@@ -8,7 +8,10 @@
 //! transaction, as does a purge that reaches a batch still waiting. Opening folds what the log
 //! holds past the last fold.
 //!
-//! Locks: the log's before the data keys; a commit never waits for a fold with the keys held.
+//! Locks: the log's before the data keys. A commit holds the log's from sealing until its inserts
+//! are durable and in memory, and a purge until it has destroyed keys, so that no key is
+//! destroyed while a batch sealed with it is on its way in; a commit never waits for a fold
+//! with the keys held.
 //! redb makes each of its transactions durable before it returns.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -164,7 +167,7 @@ impl Shared {
         inserts: &[Insert],
     ) -> Result<MutexGuard<'a, Log>, OutboxError> {
         let mut log = self.no_fold(log);
-        if inserts.is_empty() && self.lock_waiting().inserts.is_empty() {
+        if !log.failed && inserts.is_empty() && self.lock_waiting().inserts.is_empty() {
             // Every entry of the log is in redb.
             log.wal.reset();
             log.active_bytes = 0;
@@ -532,13 +535,17 @@ impl Outbox for RedbOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
+        // Held until the keys are shredded: a commit holds it from sealing until its batches are
+        // durable and readable, so no key is destroyed while a batch sealed with it is on its
+        // way in.
+        let mut log = self.shared.lock_log();
         let (mut purged, firsts) = self.with_batches(stream, 0, |batches| {
             purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
         })??;
         if !firsts.is_empty() {
-            // Commits wait until the batches are removed. A fold being written could write one
-            // of them again: it ends first. One that waits in memory goes to redb first.
-            let mut log = self.shared.no_fold(self.shared.lock_log());
+            // A fold being written could write one of the batches again: it ends first. One
+            // that waits in memory goes to redb first.
+            log = self.shared.no_fold(log);
             let waits = {
                 let waiting = self.shared.lock_waiting();
                 let mut keys = firsts.iter().map(|&first| record_key(stream, first));
@@ -557,10 +564,10 @@ impl Outbox for RedbOutbox {
                 }
             }
             tx.commit().map_err(db_error)?;
-            drop(log);
             sub_bytes(&self.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
+        drop(log);
         Ok(purged)
     }
 
