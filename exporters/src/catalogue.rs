@@ -101,6 +101,10 @@ pub const OUTBOX_WRITTEN_BYTES: &str = "hubgate_outbox_written_bytes_total";
 /// Durable commits of the outbox (each one fsync): with `store.commit_interval`, at most one per
 /// interval.
 pub const OUTBOX_COMMITS: &str = "hubgate_outbox_commits_total";
+/// Writes of the redb outbox's write-ahead log into the database (a fold of half the log on the
+/// outbox's own thread, or a commit or purge writing through). Label: `outcome` (`written`,
+/// `failed`: retried with the next commit).
+pub const OUTBOX_LOG_FOLDS: &str = "hubgate_outbox_log_folds_total";
 /// Bytes the policy kept from leaving: MQTT payload bytes received minus the encoded field content
 /// of the records kept (their envelope is counted in the bytes sent, not here).
 pub const BYTES_AVOIDED: &str = "hubgate_bytes_avoided_total";
@@ -339,6 +343,10 @@ pub fn describe() {
         "bytes of record batches written to the outbox"
     );
     describe_counter!(OUTBOX_COMMITS, "durable commits of the outbox");
+    describe_counter!(
+        OUTBOX_LOG_FOLDS,
+        "writes of the outbox's write-ahead log into its database, by outcome"
+    );
     describe_counter!(
         BYTES_AVOIDED,
         Unit::Bytes,

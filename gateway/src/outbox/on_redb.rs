@@ -21,6 +21,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use hubgate_exporters::catalogue;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::wal::{Insert, Wal};
@@ -122,6 +123,11 @@ fn write<'v>(
     tx.commit().map_err(db_error)
 }
 
+fn count_fold(result: &Result<(), OutboxError>) {
+    let outcome = if result.is_ok() { "written" } else { "failed" };
+    metrics::counter!(catalogue::OUTBOX_LOG_FOLDS, "outcome" => outcome).increment(1);
+}
+
 impl Shared {
     fn lock_log(&self) -> MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
@@ -180,7 +186,9 @@ impl Shared {
             .iter()
             .map(|(k, v)| (k.as_slice(), &v[..]))
             .chain(inserts.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-        self.write(all, log.wal.last_id())?;
+        let written = self.write(all, log.wal.last_id());
+        count_fold(&written);
+        written?;
         self.lock_waiting().inserts.clear();
         log.wal.reset();
         log.active_bytes = 0;
@@ -194,6 +202,7 @@ impl Shared {
     fn fold(&self, fold: &Fold) {
         let inserts = fold.inserts.iter().map(|(k, v)| (k.as_slice(), &v[..]));
         let result = self.write(inserts, fold.last);
+        count_fold(&result);
         if let Err(err) = &result {
             tracing::warn!(error = %err, "could not fold the outbox log into redb: retried");
         } else {
