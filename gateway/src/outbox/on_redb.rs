@@ -57,7 +57,8 @@ struct Log {
     since: Option<Instant>,
     /// The last entry id of the fold being written, if one is.
     folding: Option<u64>,
-    /// A fold failed: its entries must reach redb before their half is used again.
+    /// A fold or an append failed (or the fold thread is gone): the next commit writes what
+    /// waits through to redb, with an id past every entry written, before the log is used again.
     failed: bool,
 }
 
@@ -109,18 +110,21 @@ fn write<'v>(
         for (key, value) in inserts {
             table.insert(key, value).map_err(db_error)?;
         }
-        let stored = table
-            .get(FOLDED_KEY)
-            .map_err(db_error)?
-            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-            .map_or(0, u64::from_be_bytes);
-        if last > stored {
+        if last > folded_id(&table)? {
             table
                 .insert(FOLDED_KEY, &last.to_be_bytes()[..])
                 .map_err(db_error)?;
         }
     }
     tx.commit().map_err(db_error)
+}
+
+/// The id of the last log entry folded into redb (0 before the first).
+fn folded_id(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result<u64, OutboxError> {
+    let value = table.get(FOLDED_KEY).map_err(db_error)?;
+    Ok(value
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map_or(0, u64::from_be_bytes))
 }
 
 fn count_fold(result: &Result<(), OutboxError>) {
@@ -157,14 +161,6 @@ impl Shared {
         log
     }
 
-    fn write<'v>(
-        &self,
-        inserts: impl Iterator<Item = (&'v [u8], &'v [u8])>,
-        last: u64,
-    ) -> Result<(), OutboxError> {
-        write(&self.db, inserts, last)
-    }
-
     /// Writes what waits and `inserts` to redb at once, and starts the log again. Waits for a
     /// fold being written first.
     fn write_through<'a>(
@@ -186,7 +182,7 @@ impl Shared {
             .iter()
             .map(|(k, v)| (k.as_slice(), &v[..]))
             .chain(inserts.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-        let written = self.write(all, log.wal.last_id());
+        let written = write(&self.db, all, log.wal.last_id());
         count_fold(&written);
         written?;
         self.lock_waiting().inserts.clear();
@@ -201,7 +197,7 @@ impl Shared {
     /// and no later entry replaced.
     fn fold(&self, fold: &Fold) {
         let inserts = fold.inserts.iter().map(|(k, v)| (k.as_slice(), &v[..]));
-        let result = self.write(inserts, fold.last);
+        let result = write(&self.db, inserts, fold.last);
         count_fold(&result);
         if let Err(err) = &result {
             tracing::warn!(error = %err, "could not fold the outbox log into redb: retried");
@@ -235,13 +231,7 @@ impl RedbOutbox {
             .create(dir.join("outbox.redb"))
             .map_err(db_error)?;
         let tx = db.begin_write().map_err(db_error)?;
-        let folded = {
-            let table = tx.open_table(TABLE).map_err(db_error)?;
-            let value = table.get(FOLDED_KEY).map_err(db_error)?;
-            value
-                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
-                .map_or(0, u64::from_be_bytes)
-        };
+        let folded = folded_id(&tx.open_table(TABLE).map_err(db_error)?)?;
         tx.commit().map_err(db_error)?;
         let (mut wal, entries) =
             Wal::open(&dir.join("outbox.log"), LOG_BYTES, folded).map_err(OutboxError::Log)?;

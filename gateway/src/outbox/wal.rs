@@ -124,9 +124,7 @@ impl Wal {
     /// id. Returns `Ok(None)`, writing nothing, when the entry does not fit in what is left of
     /// the half.
     pub(super) fn append(&mut self, inserts: &[Insert]) -> io::Result<Option<u64>> {
-        let payload: usize = inserts.iter().map(|(k, v)| 6 + k.len() + v.len()).sum();
-        let total = ENTRY_HEADER + payload;
-        let Ok(length) = u32::try_from(payload) else {
+        let Some(total) = entry_len(inserts) else {
             return Ok(None);
         };
         if self.end + total as u64 > self.half {
@@ -135,15 +133,13 @@ impl Wal {
         let mut entry = Vec::with_capacity(total);
         entry.extend_from_slice(&MAGIC);
         entry.extend_from_slice(&self.next_id.to_le_bytes());
-        entry.extend_from_slice(&length.to_le_bytes());
+        // `entry_len` checked that every length fits its field.
+        entry.extend_from_slice(&((total - ENTRY_HEADER) as u32).to_le_bytes());
         entry.extend_from_slice(&[0; 4]);
         for (key, value) in inserts {
-            let (Ok(k), Ok(v)) = (u16::try_from(key.len()), u32::try_from(value.len())) else {
-                return Ok(None);
-            };
-            entry.extend_from_slice(&k.to_le_bytes());
+            entry.extend_from_slice(&(key.len() as u16).to_le_bytes());
             entry.extend_from_slice(key);
-            entry.extend_from_slice(&v.to_le_bytes());
+            entry.extend_from_slice(&(value.len() as u32).to_le_bytes());
             entry.extend_from_slice(value);
         }
         let crc = crc(&entry[4..16], &entry[ENTRY_HEADER..]);
@@ -161,12 +157,7 @@ impl Wal {
 
     /// Whether an entry of `inserts` could fit in an empty half.
     pub(super) fn fits_a_half(&self, inserts: &[Insert]) -> bool {
-        let payload: usize = inserts.iter().map(|(k, v)| 6 + k.len() + v.len()).sum();
-        (ENTRY_HEADER + payload) as u64 <= self.half
-            && u32::try_from(payload).is_ok()
-            && inserts
-                .iter()
-                .all(|(k, v)| u16::try_from(k.len()).is_ok() && u32::try_from(v.len()).is_ok())
+        entry_len(inserts).is_some_and(|total| total as u64 <= self.half)
     }
 
     /// The id of the last entry appended (before the first: the last folded, or the highest in
@@ -192,6 +183,19 @@ impl Wal {
     pub(super) fn position(&self) -> u64 {
         self.active * self.half + self.end
     }
+}
+
+/// Bytes of an entry holding `inserts`; `None` when a key, a value or the payload is too long
+/// for its length field.
+fn entry_len(inserts: &[Insert]) -> Option<usize> {
+    let mut payload = 0usize;
+    for (key, value) in inserts {
+        u16::try_from(key.len()).ok()?;
+        u32::try_from(value.len()).ok()?;
+        payload += 6 + key.len() + value.len();
+    }
+    u32::try_from(payload).ok()?;
+    Some(ENTRY_HEADER + payload)
 }
 
 fn crc(header: &[u8], payload: &[u8]) -> u32 {
