@@ -19,7 +19,7 @@
 use std::fmt;
 
 pub use hubgate_privacy::policy::PayloadFormat;
-use hubgate_privacy::{Reading, Value};
+use hubgate_privacy::{Reading, Text, Value};
 use serde::Deserializer as _;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
@@ -189,7 +189,11 @@ impl Decoder {
 
 /// Decodes a JSON object payload.
 pub fn json(payload: &[u8]) -> Result<Reading, DecodeError> {
-    let mut reading = Reading::default();
+    // Sensor payloads have a few to a dozen members: room for them at once, not by doubling.
+    let mut reading = Reading {
+        fields: Vec::with_capacity(16),
+        unsupported: 0,
+    };
     let mut prefix = String::new();
     let mut de = serde_json::Deserializer::from_slice(payload);
     let mut members = 0;
@@ -229,7 +233,7 @@ pub fn json(payload: &[u8]) -> Result<Reading, DecodeError> {
 const TOO_DEEP: &str = "hubgate: nesting too deep";
 const TOO_MANY: &str = "hubgate: too many members";
 
-fn has_duplicates(fields: &[(String, Value)]) -> bool {
+fn has_duplicates(fields: &[(Text, Value)]) -> bool {
     if fields.len() <= 16 {
         fields
             .iter()
@@ -311,7 +315,9 @@ impl<'de> DeserializeSeed<'de> for Flatten<'_> {
 
 impl Flatten<'_> {
     fn push(self, value: Value) {
-        self.out.fields.push((self.prefix.clone(), value));
+        self.out
+            .fields
+            .push((Text::from(self.prefix.as_str()), value));
     }
 }
 
@@ -343,12 +349,12 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 
     fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        self.push(Value::Str(v.to_owned()));
+        self.push(Value::Str(v.into()));
         Ok(())
     }
 
     fn visit_string<E>(self, v: String) -> Result<(), E> {
-        self.push(Value::Str(v));
+        self.push(Value::Str(v.into()));
         Ok(())
     }
 
@@ -458,8 +464,8 @@ mod tests {
         fn flat_objects_round_trip(members in prop::collection::btree_map("[a-z]{1,8}", any::<i64>(), 0..20)) {
             let payload = serde_json::to_vec(&members).unwrap();
             let r = json(&payload).unwrap();
-            let got: Vec<(String, Value)> = r.fields;
-            let want: Vec<(String, Value)> = members.into_iter().map(|(k, v)| (k, Value::Int(v))).collect();
+            let got: Vec<(Text, Value)> = r.fields;
+            let want: Vec<(Text, Value)> = members.into_iter().map(|(k, v)| (k.into(), Value::Int(v))).collect();
             prop_assert_eq!(got, want);
         }
     }

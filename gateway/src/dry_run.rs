@@ -176,7 +176,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
                             .record
                             .fields
                             .iter()
-                            .map(|(p, v)| (p.clone(), json_value(v)))
+                            .map(|(p, v)| (p.to_string(), json_value(v)))
                             .collect();
                         let at = time(out.record.event_time_ms);
                         let fields = serde_json::Value::Object(fields);
@@ -278,7 +278,7 @@ fn close_windows(
             let fields: serde_json::Map<String, serde_json::Value> = record
                 .fields
                 .iter()
-                .map(|(p, v)| (p.clone(), json_value(v)))
+                .map(|(p, v)| (p.to_string(), json_value(v)))
                 .collect();
             let _ = writeln!(
                 report,
@@ -314,7 +314,7 @@ fn json_value(v: &Value) -> serde_json::Value {
     match v {
         Value::Int(i) => (*i).into(),
         Value::Float(f) => (*f).into(),
-        Value::Str(s) => s.clone().into(),
+        Value::Str(s) => s.as_str().into(),
         Value::Bool(b) => (*b).into(),
     }
 }
@@ -443,8 +443,12 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
                 };
                 match chain::apply_traced(stream, reading, &ctx, |_, _| {}) {
                     Ok(out) => {
-                        let mut fields: Vec<String> =
-                            out.record.fields.iter().map(|(p, _)| p.clone()).collect();
+                        let mut fields: Vec<String> = out
+                            .record
+                            .fields
+                            .iter()
+                            .map(|(p, _)| p.to_string())
+                            .collect();
                         fields.sort();
                         eval.outputs.insert(slot, Ok(fields));
                         if let Some(spec) = &stream.aggregate {

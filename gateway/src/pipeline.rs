@@ -515,7 +515,7 @@ impl Pipeline {
             let fields = r
                 .fields
                 .iter()
-                .filter_map(|(p, v)| Some((p.clone(), from_proto_value(v.clone())?)))
+                .filter_map(|(p, v)| Some((p.as_str().into(), from_proto_value(v.clone())?)))
                 .collect();
             let admitted = chain::admit_forwarded(stream, fields);
             dropped += u64::from(admitted.fields_dropped);
@@ -528,7 +528,7 @@ impl Pipeline {
                 fields: admitted
                     .fields
                     .into_iter()
-                    .map(|(p, v)| (p, to_proto_value(v)))
+                    .map(|(p, v)| (p.into_string(), to_proto_value(v)))
                     .collect(),
                 origin: job.origin.clone(),
                 origin_sequence: r.sequence,
@@ -1061,7 +1061,7 @@ fn from_proto_value(value: v1::Value) -> Option<Value> {
     Some(match value.kind? {
         Kind::IntValue(i) => Value::Int(i),
         Kind::DoubleValue(f) => Value::Float(f),
-        Kind::StringValue(s) => Value::Str(s),
+        Kind::StringValue(s) => Value::Str(s.into()),
         Kind::BoolValue(b) => Value::Bool(b),
     })
 }
@@ -1071,7 +1071,7 @@ fn to_proto_value(value: Value) -> v1::Value {
     let kind = match value {
         Value::Int(i) => Kind::IntValue(i),
         Value::Float(f) => Kind::DoubleValue(f),
-        Value::Str(s) => Kind::StringValue(s),
+        Value::Str(s) => Kind::StringValue(s.into_string()),
         Value::Bool(b) => Kind::BoolValue(b),
     };
     v1::Value { kind: Some(kind) }
@@ -1439,7 +1439,7 @@ mod tests {
             fields: record
                 .fields
                 .into_iter()
-                .map(|(path, value)| (path, to_proto_value(value)))
+                .map(|(path, value)| (path.into_string(), to_proto_value(value)))
                 .collect(),
             origin: String::new(),
             origin_sequence: 0,
@@ -1452,7 +1452,7 @@ mod tests {
             any::<f64>()
                 .prop_filter("comparable", |f| !f.is_nan())
                 .prop_map(Value::Float),
-            ".{0,40}".prop_map(Value::Str),
+            ".{0,40}".prop_map(|s| Value::Str(s.into())),
             any::<bool>().prop_map(Value::Bool),
         ]
     }
@@ -1490,7 +1490,10 @@ readings = "count"
             let record = Record {
                 event_time_ms: 60_000,
                 fields: vec![
-                    ("zone".into(), Value::Str(format!("z{}", i % 3))),
+                    (
+                        "zone".into(),
+                        Value::Str(compact_str::format_compact!("z{}", i % 3)),
+                    ),
                     ("device".into(), Value::Int(i)),
                 ],
             };
@@ -1525,7 +1528,7 @@ readings = "count"
         ) {
             let record = Record {
                 event_time_ms: time,
-                fields: fields.into_iter().collect(),
+                fields: fields.into_iter().map(|(p, v)| (p.into(), v)).collect(),
             };
             let mut buf = vec![7];
             let (bytes, field_bytes) = encode_body(&stream, &hash, &record, &mut buf);

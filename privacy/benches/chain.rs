@@ -44,7 +44,7 @@ fn stream() -> StreamPolicy {
 }
 
 fn reading() -> Reading {
-    let s = |v: &str| Value::Str(v.to_owned());
+    let s = |v: &str| Value::Str(v.into());
     Reading {
         fields: vec![
             ("counter_id".into(), s("pc-01")),
@@ -109,8 +109,14 @@ fn benches(c: &mut Criterion) {
         .map(|i| Record {
             event_time_ms: 1_704_067_200_000,
             fields: vec![
-                ("counter_id".into(), Value::Str(format!("pc-{:02}", i % 50))),
-                ("mac".into(), Value::Str(format!("{i:032x}"))),
+                (
+                    "counter_id".into(),
+                    Value::Str(compact_str::format_compact!("pc-{:02}", i % 50)),
+                ),
+                (
+                    "mac".into(),
+                    Value::Str(compact_str::format_compact!("{i:032x}")),
+                ),
             ],
         })
         .collect();

@@ -25,7 +25,8 @@ use h3o::{LatLng, Resolution};
 use crate::identifiers::IdKind;
 use crate::policy::{GridCell, H3Cell, IdAction, StreamPolicy, Treatment};
 use crate::pseudonym::{Key, pseudonymise};
-use crate::value::{Reading, Record, Value};
+use crate::value::{Reading, Record, Text, Value};
+use compact_str::ToCompactString as _;
 
 /// What the caller knows about the message that the policy may use.
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +136,7 @@ fn stages<const TRACE: bool>(
         };
         match cell {
             Some(Ok(cell)) => {
-                fields.push((path.clone(), Value::Str(cell)));
+                fields.push((Text::from(path.as_str()), Value::Str(cell)));
                 out.locations_generalised += 1;
             }
             Some(Err(())) => out.locations_invalid += 1,
@@ -224,13 +225,14 @@ pub fn coarsen(t_ms: i64, bucket_ms: i64) -> i64 {
 }
 
 /// The pseudonym of a value: of a string as it is, of a number or a boolean as its text.
-fn pseudonym_of(key: &Key, value: &Value) -> String {
+fn pseudonym_of(key: &Key, value: &Value) -> Text {
     match value {
         Value::Str(s) => pseudonymise(key, s),
         Value::Int(i) => pseudonymise(key, &i.to_string()),
         Value::Float(f) => pseudonymise(key, &f.to_string()),
         Value::Bool(b) => pseudonymise(key, &b.to_string()),
     }
+    .into()
 }
 
 /// The reading's coordinates at these paths: `None` when both are absent, `Err` when invalid.
@@ -258,23 +260,23 @@ fn coordinates(reading: &Reading, lat: &str, lon: &str) -> Option<Result<(f64, f
 }
 
 /// The H3 cell of the reading's coordinates: `None` when they are absent, `Err` when invalid.
-fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<String, ()>> {
+fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<Text, ()>> {
     let coords = coordinates(reading, &cell.lat, &cell.lon)?;
     Some(coords.and_then(|(lat, lon)| {
         let res = Resolution::try_from(cell.resolution).map_err(|_| ())?;
         let point = LatLng::new(lat, lon).map_err(|_| ())?;
-        Ok(point.to_cell(res).to_string())
+        Ok(point.to_cell(res).to_compact_string())
     }))
 }
 
 /// The grid cell of the reading's coordinates, as `"lat,lon"` of its south-west corner.
-fn grid_cell(reading: &Reading, grid: &GridCell) -> Option<Result<String, ()>> {
+fn grid_cell(reading: &Reading, grid: &GridCell) -> Option<Result<Text, ()>> {
     let coords = coordinates(reading, &grid.lat, &grid.lon)?;
     Some(coords.map(|(lat, lon)| {
         // The nudge keeps a coordinate on a cell's edge (52.37 at 0.01) out of the cell below it.
         let corner = |x: f64| (x / grid.step + 1e-9).floor() * grid.step;
         let d = grid.decimals();
-        format!("{:.d$},{:.d$}", corner(lat), corner(lon))
+        compact_str::format_compact!("{:.d$},{:.d$}", corner(lat), corner(lon))
     }))
 }
 
@@ -303,7 +305,7 @@ fn event_time(value: &Value) -> Option<i64> {
 /// What [`admit_forwarded`] let through.
 #[derive(Debug, Default, PartialEq)]
 pub struct Admitted {
-    pub fields: Vec<(String, Value)>,
+    pub fields: Vec<(Text, Value)>,
     pub fields_dropped: u32,
     pub identifiers_suppressed: u32,
 }
@@ -317,7 +319,7 @@ pub struct Admitted {
 /// - a field declared `pseudonymise` passes only if it already is a pseudonym (lowercase hex of
 ///   the pseudonym's length), so a raw value can never slip through under a pseudonym's name;
 /// - a field declared as a location cell passes only as a string (the cell id).
-pub fn admit_forwarded(policy: &StreamPolicy, fields: Vec<(String, Value)>) -> Admitted {
+pub fn admit_forwarded(policy: &StreamPolicy, fields: Vec<(Text, Value)>) -> Admitted {
     let mut out = Admitted::default();
     for (path, value) in fields {
         let pass = match (policy.treatment(&path), &value) {

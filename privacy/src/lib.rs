@@ -28,4 +28,4 @@ pub mod window;
 pub use chain::{Context, Outcome, Rejection};
 pub use diagnostics::{Diagnostic, Severity};
 pub use policy::{Policy, StreamPolicy};
-pub use value::{Reading, Record, Value};
+pub use value::{Reading, Record, Text, Value};

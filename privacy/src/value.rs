@@ -7,13 +7,18 @@
 
 use serde::Serialize;
 
+/// A field path or a string value. Strings of up to 24 bytes, nearly all of them, are kept
+/// inline, without an allocation of their own: a reading is decoded, filtered and encoded with
+/// few allocations.
+pub type Text = compact_str::CompactString;
+
 /// A scalar field value.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Value {
     Int(i64),
     Float(f64),
-    Str(String),
+    Str(Text),
     Bool(bool),
 }
 
@@ -35,7 +40,7 @@ impl Value {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Reading {
     /// Flattened field paths and their values, in payload order.
-    pub fields: Vec<(String, Value)>,
+    pub fields: Vec<(Text, Value)>,
     /// Payload values the decoder could not represent (arrays, nulls); they are dropped.
     pub unsupported: u32,
 }
@@ -46,5 +51,5 @@ pub struct Record {
     /// Event time in milliseconds since the Unix epoch, already coarsened where the policy says so.
     pub event_time_ms: i64,
     /// Field paths and values that passed the policy, in payload order.
-    pub fields: Vec<(String, Value)>,
+    pub fields: Vec<(Text, Value)>,
 }

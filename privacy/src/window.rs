@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 use crate::budget::{Refusal, StreamBudget};
 use crate::noise::{RandomSource, discrete_laplace};
 use crate::policy::aggregate::{Aggregation, MeasureFn};
-use crate::value::{Record, Value};
+use crate::value::{Record, Text, Value};
 
 mod wire;
 pub use wire::Malformed;
@@ -70,7 +70,7 @@ pub enum Absorbed {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 enum KeyValue {
     Int(i64),
-    Str(String),
+    Str(Text),
     Bool(bool),
 }
 
@@ -503,10 +503,10 @@ fn group_record<R: RandomSource + ?Sized>(
     generations: u64,
     mut rng: Option<&mut R>,
 ) -> Record {
-    let mut fields: Vec<(String, Value)> = spec
+    let mut fields: Vec<(Text, Value)> = spec
         .group_by
         .iter()
-        .cloned()
+        .map(|path| Text::from(path.as_str()))
         .zip(key.into_iter().map(Value::from))
         .collect();
     // Under noise: each quantity gets an equal share of the window's epsilon.
@@ -556,7 +556,7 @@ fn group_record<R: RandomSource + ?Sized>(
             // No value of the field in this group.
             MeasureFn::Mean | MeasureFn::Min | MeasureFn::Max => continue,
         };
-        fields.push((measure.name.clone(), value));
+        fields.push((Text::from(measure.name.as_str()), value));
     }
     Record {
         event_time_ms: start,

@@ -23,6 +23,7 @@
 //! The JSON decoder's checks run first, with its limits ([`MAX_DEPTH`](super::MAX_DEPTH),
 //! [`MAX_FIELDS`](super::MAX_FIELDS)); a payload over them, or not an entity, is rejected whole.
 
+use compact_str::format_compact;
 use hubgate_privacy::{Reading, Value};
 use serde_json::{Map, Value as Json};
 
@@ -43,7 +44,7 @@ pub fn entity(payload: &[u8]) -> Result<Reading, DecodeError> {
     let mut reading = Reading::default();
     for key in ["id", "type"] {
         match entity.get(key) {
-            Some(Json::String(s)) => reading.fields.push((key.to_owned(), Value::Str(s.clone()))),
+            Some(Json::String(s)) => reading.fields.push((key.into(), Value::Str(s.into()))),
             _ => return Err(DecodeError::NotAnEntity),
         }
     }
@@ -89,8 +90,10 @@ fn attribute(out: &mut Reading, name: &str, value: &Json) {
 }
 
 fn push_point(out: &mut Reading, name: &str, (lat, lon): (f64, f64)) {
-    out.fields.push((format!("{name}.lat"), Value::Float(lat)));
-    out.fields.push((format!("{name}.lon"), Value::Float(lon)));
+    out.fields
+        .push((format_compact!("{name}.lat"), Value::Float(lat)));
+    out.fields
+        .push((format_compact!("{name}.lon"), Value::Float(lon)));
 }
 
 /// A plain JSON value at `path`, flattened as the JSON decoder does.
@@ -102,7 +105,7 @@ fn flatten(out: &mut Reading, path: &str, value: &Json) {
             (None, Some(f)) => Value::Float(f),
             (None, None) => return out.unsupported += 1,
         },
-        Json::String(s) => Value::Str(s.clone()),
+        Json::String(s) => Value::Str(s.into()),
         Json::Null | Json::Array(_) => return out.unsupported += 1,
         Json::Object(object) => {
             for (key, inner) in object {
@@ -111,7 +114,7 @@ fn flatten(out: &mut Reading, path: &str, value: &Json) {
             return;
         }
     };
-    out.fields.push((path.to_owned(), scalar));
+    out.fields.push((path.into(), scalar));
 }
 
 /// The representative point `(lat, lon)` of a GeoJSON geometry: the point itself, or the mean of

@@ -32,7 +32,8 @@
 use std::fmt;
 
 use base64::Engine as _;
-use hubgate_privacy::{Reading, Value};
+use compact_str::format_compact;
+use hubgate_privacy::{Reading, Text, Value};
 use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
@@ -389,18 +390,18 @@ fn resolve(pack: Pack, received_ms: i64) -> Result<Vec<Reading>, DecodeError> {
         } else {
             format!("{}.", record.name)
         };
-        let mut own: Vec<(String, Value)> = Vec::with_capacity(4);
+        let mut own: Vec<(Text, Value)> = Vec::with_capacity(4);
         if let Some(value) = record.value {
-            own.push((format!("{prefix}{}", record.value_label), value));
+            own.push((format_compact!("{prefix}{}", record.value_label), value));
         }
         if let Some(sum) = record.sum {
-            own.push((format!("{prefix}s"), sum.into_value()));
+            own.push((format_compact!("{prefix}s"), sum.into_value()));
         }
         if let Some(unit) = record.unit {
-            own.push((format!("{prefix}u"), Value::Str(unit)));
+            own.push((format_compact!("{prefix}u"), Value::Str(unit.into())));
         }
         if let Some(ut) = record.update_time {
-            own.push((format!("{prefix}ut"), ut.into_value()));
+            own.push((format_compact!("{prefix}ut"), ut.into_value()));
         }
         // A measurement named again, or a path given again, starts another reading.
         let starts_new = match (&current, readings.last()) {
@@ -419,9 +420,9 @@ fn resolve(pack: Pack, received_ms: i64) -> Result<Vec<Reading>, DecodeError> {
             if !base.name.is_empty() {
                 reading
                     .fields
-                    .push(("bn".to_owned(), Value::Str(base.name.clone())));
+                    .push(("bn".into(), Value::Str(base.name.as_str().into())));
             }
-            reading.fields.push(("t".to_owned(), seconds(time)));
+            reading.fields.push(("t".into(), seconds(time)));
             readings.push(reading);
             current = Some((base.name.clone(), time));
         }
@@ -506,7 +507,7 @@ fn resolve_record(
             }
             Label::StringValue => {
                 values += 1;
-                out.value = Some(Value::Str(text(item, "vs must be a string")?));
+                out.value = Some(Value::Str(text(item, "vs must be a string")?.into()));
                 out.value_label = "vs";
             }
             Label::BoolValue => {
@@ -527,7 +528,7 @@ fn resolve_record(
                     Item::Bytes(b) => BASE64URL.encode(b),
                     _ => return Err(DecodeError::Senml("vd must be base64url data")),
                 };
-                out.value = Some(Value::Str(encoded));
+                out.value = Some(Value::Str(encoded.into()));
                 out.value_label = "vd";
             }
             Label::Sum => sum = Some(Number::from_item(item, "s must be a number")?),
@@ -616,7 +617,7 @@ mod tests {
         let mut out = Vec::new();
         for r in readings {
             let bn = match field(r, "bn") {
-                Some(Value::Str(s)) => s.clone(),
+                Some(Value::Str(s)) => s.to_string(),
                 _ => String::new(),
             };
             for (path, value) in &r.fields {
@@ -630,7 +631,7 @@ mod tests {
                     format!("{name}.u")
                 };
                 let unit = match field(r, &unit_path) {
-                    Some(Value::Str(u)) => Some(u.clone()),
+                    Some(Value::Str(u)) => Some(u.to_string()),
                     _ => None,
                 };
                 out.push((

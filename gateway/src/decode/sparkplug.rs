@@ -242,23 +242,23 @@ impl State {
         let mut reading = Reading::default();
         reading
             .fields
-            .push(("group".to_owned(), Value::Str(group.to_owned())));
+            .push(("group".into(), Value::Str(group.into())));
         reading
             .fields
-            .push(("edge_node".to_owned(), Value::Str(edge.to_owned())));
+            .push(("edge_node".into(), Value::Str(edge.into())));
         if let Some(device) = device {
             reading
                 .fields
-                .push(("device".to_owned(), Value::Str(device.to_owned())));
+                .push(("device".into(), Value::Str(device.into())));
         }
         if let Some(ms) = payload.timestamp {
             reading
                 .fields
-                .push(("timestamp".to_owned(), Value::Float(ms as f64 / 1000.0)));
+                .push(("timestamp".into(), Value::Float(ms as f64 / 1000.0)));
         }
         if let Some(seq) = payload.seq {
             reading.fields.push((
-                "seq".to_owned(),
+                "seq".into(),
                 Value::Int(i64::try_from(seq).unwrap_or(i64::MAX)),
             ));
         }
@@ -310,7 +310,7 @@ impl State {
             };
             let duplicate = reading.fields.iter().any(|(p, _)| p.as_str() == &*name);
             match value {
-                Some(value) if !duplicate => reading.fields.push((name.to_string(), value)),
+                Some(value) if !duplicate => reading.fields.push((name.as_ref().into(), value)),
                 _ => reading.unsupported += 1,
             }
         }
@@ -354,7 +354,7 @@ fn value(v: &MetricValue, datatype: u32) -> Option<Value> {
         MetricValue::FloatValue(f) if f.is_finite() => Value::Float(f64::from(*f)),
         MetricValue::DoubleValue(f) if f.is_finite() => Value::Float(*f),
         MetricValue::BooleanValue(b) => Value::Bool(*b),
-        MetricValue::StringValue(s) => Value::Str(s.clone()),
+        MetricValue::StringValue(s) => Value::Str(s.as_str().into()),
         _ => return None,
     })
 }

@@ -29,7 +29,7 @@ fn reading(fields: &[(&str, Value)]) -> Reading {
     Reading {
         fields: fields
             .iter()
-            .map(|(p, v)| (p.to_string(), v.clone()))
+            .map(|(p, v)| ((*p).into(), v.clone()))
             .collect(),
         unsupported: 0,
     }
@@ -41,7 +41,7 @@ const CTX: Context<'static> = Context {
 };
 
 fn s(v: &str) -> Value {
-    Value::Str(v.to_owned())
+    Value::Str(v.into())
 }
 
 #[test]
@@ -208,7 +208,7 @@ fn arb_value() -> impl Strategy<Value = Value> {
     prop_oneof![
         any::<i64>().prop_map(Value::Int),
         any::<f64>().prop_map(Value::Float),
-        "[ -~]{0,12}".prop_map(Value::Str),
+        "[ -~]{0,12}".prop_map(|s| Value::Str(s.into())),
         any::<bool>().prop_map(Value::Bool),
     ]
 }
@@ -269,7 +269,8 @@ proptest! {
     ) {
         let declared: Vec<&str> = declared.iter().map(String::as_str).collect();
         let policy = stream(None, &declared);
-        let r = Reading { fields: input.clone(), unsupported: 0 };
+        let fields = input.iter().map(|(p, v)| (p.into(), v.clone())).collect();
+        let r = Reading { fields, unsupported: 0 };
         let out = apply(&policy, r, &CTX).unwrap();
         for (path, _) in &out.record.fields {
             prop_assert!(declared.contains(&path.as_str()), "undeclared path {path} passed");
@@ -292,7 +293,7 @@ proptest! {
         let extra = if pseudonymise_hits { "[stream.identifiers]\naction = \"pseudonymise\"" } else { "" };
         let policy = stream_with(extra, &format!("\"{path}\" = \"keep\"\nother = \"keep\"\n"));
         let value = format!("{before} {id}{after}");
-        let r = reading(&[(path.as_str(), Value::Str(value.clone())), ("other", s("ok"))]);
+        let r = reading(&[(path.as_str(), Value::Str(value.as_str().into())), ("other", s("ok"))]);
         let key = Key::new([3; 32]);
         let out = apply(&policy, r, &Context { key: Some(&key), ..CTX }).unwrap();
         prop_assert_eq!(out.identifiers_suppressed, 1, "{} not detected", value);
@@ -402,7 +403,7 @@ fn forwarded_records_are_admitted_fail_closed() {
         vec![
             ("counter_id".into(), s("pc-01")),
             ("rssi".into(), Value::Int(-60)),
-            ("device".into(), Value::Str(pseudonym.clone())),
+            ("device".into(), Value::Str(pseudonym.as_str().into())),
             ("cell".into(), s("8828308281fffff")),
             ("undeclared".into(), s("x")),
         ],
@@ -412,7 +413,7 @@ fn forwarded_records_are_admitted_fail_closed() {
         vec![
             ("counter_id".into(), s("pc-01")),
             ("rssi".into(), Value::Int(-60)),
-            ("device".into(), Value::Str(pseudonym)),
+            ("device".into(), Value::Str(pseudonym.into())),
             ("cell".into(), s("8828308281fffff")),
         ]
     );

@@ -282,10 +282,19 @@ fn the_binary_form_keeps_every_part_of_the_state_and_refuses_damage() {
         let r = Record {
             event_time_ms: T0,
             fields: vec![
-                ("counter_id".into(), Value::Str(format!("c-{}", i % 2))),
-                ("mac".into(), Value::Str(format!("m-{i}"))),
+                (
+                    "counter_id".into(),
+                    Value::Str(compact_str::format_compact!("c-{}", i % 2)),
+                ),
+                (
+                    "mac".into(),
+                    Value::Str(compact_str::format_compact!("m-{i}")),
+                ),
                 ("rssi".into(), Value::Float(-40.5 - f64::from(i))),
-                ("zone".into(), Value::Str(format!("z-{}", i % 3))),
+                (
+                    "zone".into(),
+                    Value::Str(compact_str::format_compact!("z-{}", i % 3)),
+                ),
             ],
         };
         numbers.absorb(agg(&plain), &r, T0);
@@ -664,7 +673,7 @@ proptest! {
         released.extend(state.release(spec, T0 + 100 * MIN, Some((&mut budget, &mut rng))).records);
         for r in &released {
             let Value::Str(counter) = get(r, "counter_id") else { panic!() };
-            let n = truth.get(&(r.event_time_ms, counter.clone())).map_or(0, BTreeSet::len);
+            let n = truth.get(&(r.event_time_ms, counter.to_string())).map_or(0, BTreeSet::len);
             prop_assert!(n >= k as usize, "group of {n} < k = {k} released: {r:?}");
         }
     }

@@ -251,7 +251,7 @@ fn decode_group(r: &mut Reader<'_>) -> Result<(Vec<KeyValue>, Group), Malformed>
                 let n = r.count(1)?;
                 let at = r.at;
                 let s = std::str::from_utf8(r.take(n)?).map_err(|_| Malformed(at))?;
-                KeyValue::Str(s.to_owned())
+                KeyValue::Str(s.into())
             }
             2 => KeyValue::Bool(r.u8()? != 0),
             _ => return Err(Malformed(r.at - 1)),
