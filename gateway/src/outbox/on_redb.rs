@@ -78,6 +78,27 @@ struct Shared {
     /// Signalled when a fold ends.
     fold_ended: Condvar,
     waiting: Mutex<Waiting>,
+    #[cfg(test)]
+    faults: Faults,
+}
+
+/// Failures a test makes the disk report: each count is how many of the next appends or redb
+/// writes fail.
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Faults {
+    /// Appends whose entry is written and synced, and which then fail (as an `fdatasync` that
+    /// reports an error after the blocks reached the disk).
+    appends: std::sync::atomic::AtomicU32,
+    /// Folds and write-throughs into redb that fail before writing anything.
+    redb_writes: std::sync::atomic::AtomicU32,
+}
+
+/// Where a fault can be injected.
+#[derive(Clone, Copy)]
+enum Fault {
+    Append,
+    RedbWrite,
 }
 
 /// Inserts to fold into redb, up to the log entry `last`.
@@ -133,6 +154,24 @@ fn count_fold(result: &Result<(), OutboxError>) {
 }
 
 impl Shared {
+    /// A failure the tests inject at `fault`, if one is due.
+    #[cfg(test)]
+    fn injected(&self, fault: Fault) -> std::io::Result<()> {
+        let count = match fault {
+            Fault::Append => &self.faults.appends,
+            Fault::RedbWrite => &self.faults.redb_writes,
+        };
+        match count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+            Ok(_) => Err(std::io::Error::other("injected failure")),
+            Err(_) => Ok(()),
+        }
+    }
+
+    #[cfg(not(test))]
+    fn injected(&self, _: Fault) -> std::io::Result<()> {
+        Ok(())
+    }
+
     fn lock_log(&self) -> MutexGuard<'_, Log> {
         self.log.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -182,7 +221,8 @@ impl Shared {
             .iter()
             .map(|(k, v)| (k.as_slice(), &v[..]))
             .chain(inserts.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-        let written = write(&self.db, all, log.wal.last_id());
+        let written = (self.injected(Fault::RedbWrite).map_err(OutboxError::Log))
+            .and_then(|()| write(&self.db, all, log.wal.last_id()));
         count_fold(&written);
         written?;
         self.lock_waiting().inserts.clear();
@@ -197,7 +237,8 @@ impl Shared {
     /// and no later entry replaced.
     fn fold(&self, fold: &Fold) {
         let inserts = fold.inserts.iter().map(|(k, v)| (k.as_slice(), &v[..]));
-        let result = write(&self.db, inserts, fold.last);
+        let result = (self.injected(Fault::RedbWrite).map_err(OutboxError::Log))
+            .and_then(|()| write(&self.db, inserts, fold.last));
         count_fold(&result);
         if let Err(err) = &result {
             tracing::warn!(error = %err, "could not fold the outbox log into redb: retried");
@@ -252,6 +293,8 @@ impl RedbOutbox {
             }),
             fold_ended: Condvar::new(),
             waiting: Mutex::default(),
+            #[cfg(test)]
+            faults: Faults::default(),
         };
         let tx = shared.db.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
@@ -476,7 +519,14 @@ impl Outbox for RedbOutbox {
             log = self.shared.write_through(log, &inserts)?;
         } else {
             let id = loop {
-                let appended = log.wal.append(&inserts).map_err(|err| {
+                let appended = log.wal.append(&inserts);
+                let appended = (appended.and_then(|id| {
+                    if id.is_some() {
+                        self.shared.injected(Fault::Append)?;
+                    }
+                    Ok(id)
+                }))
+                .map_err(|err| {
                     // The entry may have reached the disk: redb must record an id past it
                     // before the log is used again.
                     log.failed = true;
@@ -769,5 +819,91 @@ mod tests {
         done.store(true, Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
         assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
+    }
+
+    fn commit_of(first: u64, n: u64) -> Commit {
+        Commit {
+            appends: vec![append(first, n)],
+            checkpoints: Vec::new(),
+        }
+    }
+
+    /// Appends and redb writes that fail lose no committed record, bring back none that was
+    /// written over, and leave the outbox usable: each failed commit is retried as the store
+    /// retries it, and the records and next sequence are whole, before and after a reopen.
+    #[test]
+    fn failed_appends_folds_and_write_throughs_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        let faults = |outbox: &RedbOutbox, appends, redb_writes| {
+            let f = &outbox.shared.faults;
+            f.appends.store(appends, Ordering::SeqCst);
+            f.redb_writes.store(redb_writes, Ordering::SeqCst);
+        };
+        commit(&outbox, 1, 10);
+
+        // An append whose sync fails: the commit fails, though its entry is on disk.
+        faults(&outbox, 1, 0);
+        assert!(matches!(
+            outbox.commit(&commit_of(11, 10)),
+            Err(OutboxError::Log(_))
+        ));
+        assert!(outbox.shared.lock_log().failed);
+        assert_eq!(sequences(&outbox, 1), (1..11).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), 11);
+        // Retried, it is written through to redb with an id past the failed entry; the next
+        // commit goes through the log again.
+        commit(&outbox, 11, 10);
+        assert!(!settled(&outbox), "written through");
+        assert!(!outbox.shared.lock_log().failed);
+        commit(&outbox, 21, 10);
+        assert!(settled(&outbox), "back in the log");
+
+        // A fold that fails: what it held still waits and is read; the next commit writes it
+        // through.
+        faults(&outbox, 0, 1);
+        let mut log = outbox.shared.lock_log();
+        outbox.start_fold(&mut log);
+        drop(log);
+        assert!(settled(&outbox), "the fold wrote nothing");
+        assert!(outbox.shared.lock_log().failed);
+        assert_eq!(sequences(&outbox, 1), (1..31).collect::<Vec<_>>());
+        commit(&outbox, 31, 10);
+        assert!(!settled(&outbox), "written through");
+
+        // A write-through that fails too: the commit fails again, and the third try writes.
+        commit(&outbox, 41, 10);
+        faults(&outbox, 1, 1);
+        assert!(outbox.commit(&commit_of(51, 10)).is_err());
+        assert!(matches!(
+            outbox.commit(&commit_of(51, 10)),
+            Err(OutboxError::Log(_))
+        ));
+        assert_eq!(sequences(&outbox, 1), (1..51).collect::<Vec<_>>());
+        commit(&outbox, 51, 10);
+        commit(&outbox, 61, 10);
+        assert_eq!(sequences(&outbox, 1), (1..71).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), 71);
+        let bytes = outbox.record_bytes();
+
+        // None of the failed entries comes back on reopen: redb's folded id is past them.
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        assert_eq!(sequences(&outbox, 1), (1..71).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), 71);
+        assert_eq!(outbox.record_bytes(), bytes);
+
+        // A failed append not retried before the process ends: its entry, synced, may come
+        // back on open, whole and in sequence (as a write whose outcome was not known), and
+        // nothing after it is lost.
+        faults(&outbox, 1, 0);
+        assert!(outbox.commit(&commit_of(71, 10)).is_err());
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        let next = outbox.next_sequence("s").unwrap();
+        assert!(next == 71 || next == 81, "{next}");
+        assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
+        commit(&outbox, next, 10);
+        assert_eq!(sequences(&outbox, 1), (1..next + 10).collect::<Vec<_>>());
     }
 }
