@@ -105,6 +105,10 @@ pub const OUTBOX_COMMITS: &str = "hubgate_outbox_commits_total";
 /// outbox's own thread, or a commit or purge writing through). Label: `outcome` (`written`,
 /// `failed`: retried with the next commit).
 pub const OUTBOX_LOG_FOLDS: &str = "hubgate_outbox_log_folds_total";
+/// Bytes committed through the redb outbox's write-ahead log and not yet folded into the
+/// database (held in memory until then): at most about the log's size, 8 MiB. A value that stays
+/// high while folds fail means the database cannot be written.
+pub const OUTBOX_LOG_WAITING_BYTES: &str = "hubgate_outbox_log_waiting_bytes";
 /// Bytes the policy kept from leaving: MQTT payload bytes received minus the encoded field content
 /// of the records kept (their envelope is counted in the bytes sent, not here).
 pub const BYTES_AVOIDED: &str = "hubgate_bytes_avoided_total";
@@ -346,6 +350,11 @@ pub fn describe() {
     describe_counter!(
         OUTBOX_LOG_FOLDS,
         "writes of the outbox's write-ahead log into its database, by outcome"
+    );
+    describe_gauge!(
+        OUTBOX_LOG_WAITING_BYTES,
+        Unit::Bytes,
+        "bytes committed through the outbox's write-ahead log, not yet folded into its database"
     );
     describe_counter!(
         BYTES_AVOIDED,

@@ -896,13 +896,14 @@ async fn commits_are_at_least_the_commit_interval_apart() {
         (1.0..=12.0).contains(&commits),
         "{commits} commits for {N} messages over 1.2 s at one per 250 ms"
     );
-    // The commits went to the outbox's write-ahead log, which is folded into redb on its own
-    // by the first commit after its oldest entry is a second old.
+    // The commits went to the outbox's write-ahead log, which is folded into redb once its
+    // oldest entry is a second old; then nothing waits in memory.
     publisher.publish("city/noise/m-1", "{\"laeq\": 60}").await;
     publisher.wait_acked(N + 1).await;
     let folded = || gw.metric("hubgate_outbox_log_folds_total", &[("outcome", "written")]);
+    let waiting = || gw.metric("hubgate_outbox_log_waiting_bytes", &[]);
     hubgate_tests::wait_for("a fold of the outbox log", Duration::from_secs(10), || {
-        folded() >= 1.0
+        folded() >= 1.0 && waiting() == 0.0
     });
     assert_eq!(
         gw.metric("hubgate_outbox_log_folds_total", &[("outcome", "failed")]),

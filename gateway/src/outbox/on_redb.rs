@@ -2,7 +2,8 @@
 //!
 //! A commit is made durable in the write-ahead log ([`super::wal`]): its inserts wait in memory,
 //! where reads find them, until a thread of the outbox's own folds them into redb with one
-//! transaction, once they reach [`FOLD_BYTES`] or the oldest is [`FOLD_AFTER`] old. The log's
+//! transaction, once they reach [`FOLD_BYTES`] or the oldest is [`FOLD_AFTER`] old (a commit
+//! starts the fold, or the fold thread itself when commits stop). The log's
 //! other half takes the commits meanwhile; a commit waits only if that half fills before the
 //! fold ends. A commit too large for half the log writes what waits and itself to redb in one
 //! transaction, as does a purge that reaches a batch still waiting. Opening folds what the log
@@ -64,9 +65,53 @@ struct Log {
 
 /// Inserts durable in the log and not yet folded into redb: by table key, the id of the entry
 /// that wrote the value, and the value.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Waiting {
     inserts: BTreeMap<Vec<u8>, (u64, Arc<[u8]>)>,
+    /// Bytes of the keys and values of `inserts`, shown by `gauge`.
+    bytes: u64,
+    gauge: metrics::Gauge,
+}
+
+impl Waiting {
+    fn new() -> Self {
+        let gauge = metrics::gauge!(catalogue::OUTBOX_LOG_WAITING_BYTES);
+        gauge.set(0.0);
+        Self {
+            inserts: BTreeMap::new(),
+            bytes: 0,
+            gauge,
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, id: u64, value: Arc<[u8]>) {
+        self.bytes += (key.len() + value.len()) as u64;
+        let added = key.len();
+        if let Some((_, old)) = self.inserts.insert(key, (id, value)) {
+            self.bytes -= (added + old.len()) as u64;
+        }
+        self.gauge.set(self.bytes as f64);
+    }
+
+    /// Drops what entries up to `last` wrote and no later entry replaced: it is in redb.
+    fn folded(&mut self, last: u64) {
+        let mut bytes = 0;
+        self.inserts.retain(|key, (id, value)| {
+            let keep = *id > last;
+            if keep {
+                bytes += (key.len() + value.len()) as u64;
+            }
+            keep
+        });
+        self.bytes = bytes;
+        self.gauge.set(bytes as f64);
+    }
+
+    fn clear(&mut self) {
+        self.inserts.clear();
+        self.bytes = 0;
+        self.gauge.set(0.0);
+    }
 }
 
 /// What the outbox shares with its fold thread.
@@ -189,6 +234,35 @@ impl Shared {
             .collect()
     }
 
+    /// A fold of the active half's entries.
+    fn fold_of(&self, log: &Log) -> Fold {
+        Fold {
+            inserts: self.waiting_now(),
+            last: log.wal.last_id(),
+        }
+    }
+
+    /// Marks the fold up to entry `last` as being written, and makes the other half active.
+    fn folding(log: &mut Log, last: u64) {
+        log.folding = Some(last);
+        log.wal.switch();
+        log.active_bytes = 0;
+        log.since = None;
+    }
+
+    /// A fold of the active half, when commits have stopped coming before it was due: its oldest
+    /// entry is [`FOLD_AFTER`] old, no fold is being written, and none failed.
+    fn idle_fold(&self) -> Option<Fold> {
+        let mut log = self.lock_log();
+        let due = log.since.is_some_and(|since| since.elapsed() >= FOLD_AFTER);
+        if !due || log.folding.is_some() || log.failed {
+            return None;
+        }
+        let fold = self.fold_of(&log);
+        Self::folding(&mut log, fold.last);
+        Some(fold)
+    }
+
     /// Waits until no fold is being written.
     fn no_fold<'a>(&'a self, mut log: MutexGuard<'a, Log>) -> MutexGuard<'a, Log> {
         while log.folding.is_some() {
@@ -225,7 +299,7 @@ impl Shared {
             .and_then(|()| write(&self.db, all, log.wal.last_id()));
         count_fold(&written);
         written?;
-        self.lock_waiting().inserts.clear();
+        self.lock_waiting().clear();
         log.wal.reset();
         log.active_bytes = 0;
         log.since = None;
@@ -243,9 +317,7 @@ impl Shared {
         if let Err(err) = &result {
             tracing::warn!(error = %err, "could not fold the outbox log into redb: retried");
         } else {
-            self.lock_waiting()
-                .inserts
-                .retain(|_, (id, _)| *id > fold.last);
+            self.lock_waiting().folded(fold.last);
         }
         let mut log = self.lock_log();
         log.folding = None;
@@ -292,7 +364,7 @@ impl RedbOutbox {
                 failed: false,
             }),
             fold_ended: Condvar::new(),
-            waiting: Mutex::default(),
+            waiting: Mutex::new(Waiting::new()),
             #[cfg(test)]
             faults: Faults::default(),
         };
@@ -311,7 +383,16 @@ impl RedbOutbox {
             std::thread::Builder::new()
                 .name("hubgate-fold".into())
                 .spawn(move || {
-                    while let Ok(fold) = jobs.recv() {
+                    // Folds handed over by commits, and, when they stop, what is left waiting.
+                    loop {
+                        let fold = match jobs.recv_timeout(FOLD_AFTER) {
+                            Ok(fold) => fold,
+                            Err(mpsc::RecvTimeoutError::Timeout) => match shared.idle_fold() {
+                                Some(fold) => fold,
+                                None => continue,
+                            },
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        };
                         let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                             shared.fold(&fold);
                         }));
@@ -367,17 +448,11 @@ impl RedbOutbox {
 
     /// Hands the active half's entries to the fold thread and makes the other half active.
     fn start_fold(&self, log: &mut Log) {
-        let last = log.wal.last_id();
-        let inserts = self.shared.waiting_now();
-        let sent = self
-            .folds
-            .as_ref()
-            .is_some_and(|folds| folds.send(Fold { inserts, last }).is_ok());
+        let fold = self.shared.fold_of(log);
+        let last = fold.last;
+        let sent = (self.folds.as_ref()).is_some_and(|folds| folds.send(fold).is_ok());
         if sent {
-            log.folding = Some(last);
-            log.wal.switch();
-            log.active_bytes = 0;
-            log.since = None;
+            Shared::folding(log, last);
         } else {
             log.failed = true;
         }
@@ -546,7 +621,7 @@ impl Outbox for RedbOutbox {
             let mut waiting = self.shared.lock_waiting();
             for (key, value) in inserts {
                 log.active_bytes += (key.len() + value.len()) as u64;
-                waiting.inserts.insert(key, (id, value.into()));
+                waiting.insert(key, id, value.into());
             }
             drop(waiting);
             let since = *log.since.get_or_insert_with(Instant::now);
@@ -687,10 +762,16 @@ mod tests {
         read.records.iter().map(|r| r.sequence).collect()
     }
 
-    /// Waits for a fold being written, and says whether anything waits in memory.
+    /// Waits for a fold being written, and says whether anything waits in memory; checks that
+    /// the bytes shown as waiting are those of what waits.
     fn settled(outbox: &RedbOutbox) -> bool {
         drop(outbox.shared.no_fold(outbox.shared.lock_log()));
-        !outbox.shared.lock_waiting().inserts.is_empty()
+        let waiting = outbox.shared.lock_waiting();
+        let bytes: usize = (waiting.inserts.iter())
+            .map(|(k, (_, v))| k.len() + v.len())
+            .sum();
+        assert_eq!(waiting.bytes, bytes as u64);
+        !waiting.inserts.is_empty()
     }
 
     #[test]
@@ -819,6 +900,25 @@ mod tests {
         done.store(true, Ordering::Relaxed);
         assert!(reader.join().unwrap() > 0);
         assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn what_waits_is_folded_once_commits_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        commit(&outbox, 1, 10);
+        let committed = Instant::now();
+        assert!(settled(&outbox), "the commit waits in the log");
+        // No other commit comes: the fold thread folds it once it is due.
+        while settled(&outbox) {
+            assert!(committed.elapsed() < 4 * FOLD_AFTER, "never folded");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(committed.elapsed() >= FOLD_AFTER);
+        assert_eq!(sequences(&outbox, 1), (1..11).collect::<Vec<_>>());
+        commit(&outbox, 11, 10);
+        assert!(settled(&outbox), "the log takes commits again");
+        assert_eq!(sequences(&outbox, 1), (1..21).collect::<Vec<_>>());
     }
 
     fn commit_of(first: u64, n: u64) -> Commit {
