@@ -3,7 +3,8 @@
 //! A commit is made durable in the write-ahead log ([`super::wal`]): its inserts wait in memory,
 //! where reads find them, until a thread of the outbox's own folds them into redb with one
 //! transaction, once they reach [`FOLD_BYTES`] or the oldest is [`FOLD_AFTER`] old (a commit
-//! starts the fold, or the fold thread itself when commits stop). The log's
+//! starts the fold, or the fold thread itself when commits stop, which also retries a failed
+//! write once a second). The log's
 //! other half takes the commits meanwhile; a commit waits only if that half fills before the
 //! fold ends. A commit too large for half the log writes what waits and itself to redb in one
 //! transaction, as does a purge that reaches a batch still waiting. Opening folds what the log
@@ -137,6 +138,8 @@ struct Faults {
     appends: std::sync::atomic::AtomicU32,
     /// Folds and write-throughs into redb that fail before writing anything.
     redb_writes: std::sync::atomic::AtomicU32,
+    /// The fold thread leaves the log alone when commits stop (tests that check what waits).
+    no_idle_folds: std::sync::atomic::AtomicBool,
 }
 
 /// Where a fault can be injected.
@@ -250,12 +253,27 @@ impl Shared {
         log.since = None;
     }
 
-    /// A fold of the active half, when commits have stopped coming before it was due: its oldest
-    /// entry is [`FOLD_AFTER`] old, no fold is being written, and none failed.
+    /// What the fold thread does when commits have stopped coming: after a failure, writes what
+    /// waits through to redb (as the next commit would); otherwise, once the active half's oldest
+    /// entry is [`FOLD_AFTER`] old, returns a fold of it to write.
     fn idle_fold(&self) -> Option<Fold> {
         let mut log = self.lock_log();
-        let due = log.since.is_some_and(|since| since.elapsed() >= FOLD_AFTER);
-        if !due || log.folding.is_some() || log.failed {
+        #[cfg(test)]
+        if self.faults.no_idle_folds.load(Ordering::SeqCst) {
+            return None;
+        }
+        // A fold handed over meanwhile is this thread's next job (and `no_fold` would wait for
+        // it forever).
+        if log.folding.is_some() {
+            return None;
+        }
+        if log.failed {
+            if let Err(err) = self.write_through(log, &[]) {
+                tracing::warn!(error = %err, "could not write the outbox log into redb: retried");
+            }
+            return None;
+        }
+        if log.since.is_none_or(|since| since.elapsed() < FOLD_AFTER) {
             return None;
         }
         let fold = self.fold_of(&log);
@@ -779,6 +797,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db_file = dir.path().join("outbox.redb");
         let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
         let untouched = std::fs::read(&db_file).unwrap();
         // Commits of ten records of 200 bytes, up to just below a fold: redb's file is not
         // written, and reads find every record.
@@ -823,10 +842,17 @@ mod tests {
         assert_eq!(outbox.record_bytes(), bytes);
     }
 
+    /// Turns off the folds the fold thread makes when commits stop, for tests that check what
+    /// waits in memory across pauses a slow machine could make longer than [`FOLD_AFTER`].
+    fn no_idle_folds(outbox: &RedbOutbox) {
+        (outbox.shared.faults.no_idle_folds).store(true, Ordering::SeqCst);
+    }
+
     #[test]
     fn checkpoints_go_through_the_log_and_large_commits_write_through_as_purges_of_what_waits() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
         commit(&outbox, 1, 10);
         for state in [&b"first"[..], b"second"] {
             let with_checkpoint = Commit {
@@ -919,6 +945,21 @@ mod tests {
         commit(&outbox, 11, 10);
         assert!(settled(&outbox), "the log takes commits again");
         assert_eq!(sequences(&outbox, 1), (1..21).collect::<Vec<_>>());
+
+        // An append that fails, and no commit after it: the fold thread writes what waits
+        // through, with an id past the failed entry, which then does not come back on open.
+        outbox.shared.faults.appends.store(1, Ordering::SeqCst);
+        assert!(outbox.commit(&commit_of(21, 10)).is_err());
+        let failed = Instant::now();
+        while outbox.shared.lock_log().failed {
+            assert!(failed.elapsed() < 4 * FOLD_AFTER, "never written through");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!settled(&outbox), "written through");
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        assert_eq!(sequences(&outbox, 1), (1..21).collect::<Vec<_>>());
+        assert_eq!(outbox.next_sequence("s").unwrap(), 21);
     }
 
     fn commit_of(first: u64, n: u64) -> Commit {
@@ -935,6 +976,7 @@ mod tests {
     fn failed_appends_folds_and_write_throughs_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
         let faults = |outbox: &RedbOutbox, appends, redb_writes| {
             let f = &outbox.shared.faults;
             f.appends.store(appends, Ordering::SeqCst);
@@ -989,6 +1031,7 @@ mod tests {
         // None of the failed entries comes back on reopen: redb's folded id is past them.
         drop(outbox);
         let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
         assert_eq!(sequences(&outbox, 1), (1..71).collect::<Vec<_>>());
         assert_eq!(outbox.next_sequence("s").unwrap(), 71);
         assert_eq!(outbox.record_bytes(), bytes);
