@@ -9,6 +9,11 @@ pub const MQTT_RECEIVED_BYTES: &str = "hubgate_mqtt_received_bytes_total";
 /// QoS 1 messages acknowledged to the broker, each after the commit that made its effect
 /// durable. Where every message is QoS 1, received less acknowledged is what waits for a commit.
 pub const MQTT_ACKNOWLEDGED: &str = "hubgate_mqtt_messages_acknowledged_total";
+/// QoS 1 messages received on the current connection and not yet acknowledged: in the pipeline,
+/// waiting for their commit, or for their ack to be written. It stays high while commits fail
+/// (a full outbox with `on_full = "stop_acking"`, a failing disk); 0 after a connection loss,
+/// when the broker takes them back to deliver again.
+pub const MQTT_AWAITING_ACK: &str = "hubgate_mqtt_messages_awaiting_ack";
 /// 1 while the MQTT connection is up, 0 otherwise.
 pub const MQTT_CONNECTED: &str = "hubgate_mqtt_connected";
 /// MQTT connection failures and losses (each followed by a reconnect with backoff).
@@ -172,6 +177,10 @@ pub fn describe() {
     describe_counter!(
         MQTT_ACKNOWLEDGED,
         "QoS 1 MQTT messages acknowledged to the broker, each after the commit that made it durable"
+    );
+    describe_gauge!(
+        MQTT_AWAITING_ACK,
+        "QoS 1 MQTT messages received on the current connection and not yet acknowledged"
     );
     describe_gauge!(MQTT_CONNECTED, "1 while the MQTT connection is up");
     describe_counter!(

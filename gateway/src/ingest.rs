@@ -307,6 +307,10 @@ pub async fn run(
     let errors = metrics::counter!(catalogue::MQTT_CONNECTION_ERRORS);
     let oversized = metrics::counter!(catalogue::MQTT_OVERSIZED);
     let acknowledged = metrics::counter!(catalogue::MQTT_ACKNOWLEDGED);
+    // QoS 1 messages of this connection not yet acknowledged.
+    let awaiting = metrics::gauge!(catalogue::MQTT_AWAITING_ACK);
+    let mut unacked: u64 = 0;
+    awaiting.set(0.0);
     let filters: Vec<SubscribeFilter> = subscriptions
         .iter()
         .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
@@ -321,8 +325,10 @@ pub async fn run(
         let woken = matches!(event, Ok(Event::Outgoing(Outgoing::PubAck(_))));
         if woken {
             acknowledged.increment(1);
+            unacked = unacked.saturating_sub(1);
         }
         acks.take(woken, &mut ready);
+        let mut acked = woken;
         if !ready.is_empty() {
             let written = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -331,19 +337,30 @@ pub async fn run(
             ready.clear();
             if let Ok(Ok(n)) = written {
                 acknowledged.increment(n as u64);
+                unacked = unacked.saturating_sub(n as u64);
+                acked = true;
             } else {
                 // As if the connection had failed in `poll`: the next poll connects again.
                 errors.increment(1);
                 tracing::warn!("MQTT connection lost while writing acknowledgements");
                 eventloop.clean();
                 acks.clear();
+                unacked = 0;
+                awaiting.set(0.0);
                 up.set(0.0);
                 connected.send_replace(false);
                 continue;
             }
         }
+        if acked {
+            awaiting.set(unacked as f64);
+        }
         match event {
             Ok(Event::Incoming(Packet::Publish(mut publish))) => {
+                if publish.qos != QoS::AtMostOnce {
+                    unacked += 1;
+                    awaiting.set(unacked as f64);
+                }
                 let bytes = publish.payload.len();
                 let too_big = bytes > max_payload;
                 if too_big {
@@ -390,6 +407,8 @@ pub async fn run(
             Err(err) => {
                 errors.increment(1);
                 acks.clear();
+                unacked = 0;
+                awaiting.set(0.0);
                 up.set(0.0);
                 connected.send_replace(false);
                 tracing::warn!(error = %describe(&err), retry_in = ?backoff, "MQTT connection lost");

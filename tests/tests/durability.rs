@@ -465,12 +465,23 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
         }
         publisher.wait_acked(N).await;
         let kept = [("stream", "seq")];
+        let awaiting = || gw.metric("hubgate_mqtt_messages_awaiting_ack", &[]);
         let mut rss_peak = 0;
+        let mut awaiting_peak: f64 = 0.0;
         wait_for("every message kept", Duration::from_secs(60), || {
             rss_peak = rss_peak.max(gw.rss_kib());
+            awaiting_peak = awaiting_peak.max(awaiting());
             assert!(gw.metric("hubgate_outbox_bytes", &[]) <= CAP);
             gw.metric("hubgate_records_kept_total", &kept) == N as f64
         });
+        // Kept is counted when a record is staged, acknowledged once it is committed: every
+        // message is acknowledged in the end, and none then awaits its ack.
+        wait_for(
+            "every message acknowledged",
+            Duration::from_secs(30),
+            || gw.metric("hubgate_mqtt_messages_acknowledged_total", &[]) >= N as f64,
+        );
+        assert_eq!(awaiting(), 0.0);
         let purged = |reason| {
             gw.metric(
                 "hubgate_store_records_purged_total",
@@ -479,10 +490,6 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
         };
         match policy {
             "drop_oldest" => {
-                // Kept is counted when a record is staged; acknowledged, once it is committed.
-                wait_for("every message committed", Duration::from_secs(30), || {
-                    gw.metric("hubgate_mqtt_messages_acknowledged_total", &[]) >= N as f64
-                });
                 assert!(purged("capacity") > 0.0);
                 let seen = replay(&gw, "seq", Duration::from_secs(2), |s| {
                     s.numbers.contains_key(&N)
@@ -497,6 +504,8 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
             _ => {
                 let full = [("reason", "full")];
                 assert!(gw.metric("hubgate_outbox_commit_failures_total", &full) > 0.0);
+                // While the full outbox took nothing, what had arrived waited for its ack.
+                assert!(awaiting_peak > 0.0);
                 assert_eq!(purged("capacity"), 0.0);
             }
         }
