@@ -12,7 +12,8 @@ pub const MQTT_ACKNOWLEDGED: &str = "hubgate_mqtt_messages_acknowledged_total";
 /// QoS 1 messages received on the current connection and not yet acknowledged: in the pipeline,
 /// waiting for their commit, or for their ack to be written. It stays high while commits fail
 /// (a full outbox with `on_full = "stop_acking"`, a failing disk); 0 after a connection loss,
-/// when the broker takes them back to deliver again.
+/// when the broker takes them back to deliver again. For a while after a reconnect it can read
+/// low, by the acks of messages the pipeline held across it (never below 0).
 pub const MQTT_AWAITING_ACK: &str = "hubgate_mqtt_messages_awaiting_ack";
 /// 1 while the MQTT connection is up, 0 otherwise.
 pub const MQTT_CONNECTED: &str = "hubgate_mqtt_connected";
