@@ -129,6 +129,44 @@ fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // A window of 20,000 counters, filled from empty: each reading opens a group of its own, the
+    // counters in no particular order.
+    const COUNTERS: usize = 20_000;
+    let opening: Vec<Record> = (0..COUNTERS)
+        .map(|i| i * 7_919 % COUNTERS)
+        .map(|i| Record {
+            event_time_ms: 1_704_067_200_000,
+            fields: vec![
+                (
+                    "counter_id".into(),
+                    Value::Str(compact_str::format_compact!("pc-{i:05}")),
+                ),
+                (
+                    "mac".into(),
+                    Value::Str(compact_str::format_compact!("{i:032x}")),
+                ),
+            ],
+        })
+        .collect();
+    let mut g = c.benchmark_group("window");
+    g.throughput(Throughput::Elements(COUNTERS as u64));
+    g.sample_size(10);
+    g.bench_function("open_20000_groups", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let mut state = WindowState::default();
+                let start = std::time::Instant::now();
+                for record in &opening {
+                    state.absorb(spec, black_box(record), 1_704_067_200_000);
+                }
+                spent += start.elapsed();
+            }
+            spent
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(chain_benches, benches);

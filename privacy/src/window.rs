@@ -124,11 +124,37 @@ impl Group {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Window {
-    /// Groups by key, as pairs so that the state serialises to any format.
-    groups: Vec<(Vec<KeyValue>, Group)>,
+    /// Groups by key: a new group costs a tree insert, not a move of the groups after it (a
+    /// window of a city's devices can hold hundreds of thousands).
+    #[serde(with = "pairs")]
+    groups: BTreeMap<Vec<KeyValue>, Group>,
     /// Readings counted per contributor digest and key generation (see [`generation_digest`]),
     /// kept only when contributions are bounded.
     contributions: BTreeMap<u64, u32>,
+}
+
+/// Groups serialised as a sequence of (key, group) pairs: their keys are not strings, which
+/// formats such as JSON require of a map's keys.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::{Group, KeyValue};
+
+    pub fn serialize<S: Serializer>(
+        groups: &BTreeMap<Vec<KeyValue>, Group>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(groups)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<Vec<KeyValue>, Group>, D::Error> {
+        let pairs = Vec::<(Vec<KeyValue>, Group)>::deserialize(d)?;
+        Ok(pairs.into_iter().collect())
+    }
 }
 
 /// A contributor digest made distinct per key generation, for the contributions map.
@@ -254,8 +280,8 @@ impl WindowState {
     /// Groups that changed since [`WindowState::forget_changes`], and groups held: what writing
     /// only the changes would write, against writing the whole state.
     pub fn changed_groups(&self) -> (usize, usize) {
-        let groups = || self.windows.values().flat_map(|w| &w.groups);
-        let changed = groups().filter(|(_, g)| g.changed.0).count();
+        let groups = || self.windows.values().flat_map(|w| w.groups.values());
+        let changed = groups().filter(|g| g.changed.0).count();
         (changed, groups().count())
     }
 
@@ -263,7 +289,7 @@ impl WindowState {
     pub fn forget_changes(&mut self) {
         self.changes = Changes::default();
         for window in self.windows.values_mut() {
-            for (_, group) in &mut window.groups {
+            for group in window.groups.values_mut() {
                 group.changed = Changed(false);
             }
         }
@@ -349,18 +375,13 @@ impl WindowState {
                 .contributions
                 .insert((start, generation_digest(generation, contributor)));
         }
-        let group = match window.groups.binary_search_by(|(k, _)| k.cmp(&key)) {
-            Ok(i) => &mut window.groups[i].1,
-            Err(i) => {
-                self.entries += 1;
-                let group = Group {
-                    measures: vec![Acc::default(); spec.measures.len()],
-                    ..Group::default()
-                };
-                window.groups.insert(i, (key, group));
-                &mut window.groups[i].1
+        let group = window.groups.entry(key).or_insert_with(|| {
+            self.entries += 1;
+            Group {
+                measures: vec![Acc::default(); spec.measures.len()],
+                ..Group::default()
             }
-        };
+        });
         group.readings += 1;
         group.changed = Changed(true);
         if group.contributors.insert((generation, contributor)) {
@@ -481,8 +502,8 @@ impl WindowState {
 fn window_entries(window: &Window) -> u64 {
     let groups: u64 = window
         .groups
-        .iter()
-        .map(|(_, g)| {
+        .values()
+        .map(|g| {
             1 + g.contributors.len() as u64
                 + g.measures
                     .iter()

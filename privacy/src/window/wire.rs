@@ -64,17 +64,16 @@ impl WindowState {
         for _ in 0..r.count(12)? {
             let start = r.i64()?;
             let mut window = Window::default();
-            let groups = r.count(14)?;
-            window.groups.reserve(groups);
-            for _ in 0..groups {
-                window.groups.push(decode_group(&mut r)?);
+            let mut groups = Vec::new();
+            for _ in 0..r.count(14)? {
+                groups.push(decode_group(&mut r)?);
             }
             let mut contributions = Vec::new();
             for _ in 0..r.count(12)? {
                 contributions.push((r.u64()?, r.u32()?));
             }
             if !contributions.is_sorted_by(|a, b| a.0 < b.0)
-                || !window.groups.is_sorted_by(|a, b| a.0 < b.0)
+                || !groups.is_sorted_by(|a, b| a.0 < b.0)
                 || state
                     .windows
                     .last_key_value()
@@ -82,6 +81,7 @@ impl WindowState {
             {
                 return Err(Malformed(r.at));
             }
+            window.groups = BTreeMap::from_iter(groups);
             window.contributions = BTreeMap::from_iter(contributions);
             state.windows.insert(start, window);
         }
@@ -150,10 +150,7 @@ impl WindowState {
                 return Err(Malformed(r.at));
             }
             let window = state.windows.get_mut(&start).ok_or(Malformed(r.at))?;
-            match window.groups.binary_search_by(|(k, _)| k.cmp(&at.1)) {
-                Ok(i) => window.groups[i].1 = group,
-                Err(i) => window.groups.insert(i, (at.1.clone(), group)),
-            }
+            window.groups.insert(at.1.clone(), group);
             previous = Some(at);
         }
         let mut previous = None;
