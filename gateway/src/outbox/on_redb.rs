@@ -8,7 +8,9 @@
 //! other half takes the commits meanwhile; a commit waits only if that half fills before the
 //! fold ends. A commit too large for half the log writes what waits and itself to redb in one
 //! transaction, as does a purge that reaches a batch still waiting. Opening folds what the log
-//! holds past the last fold.
+//! holds past the last fold. Folds and the writes of commits pack the batches of consecutive
+//! commits of a stream into larger values ([`super::pack`]); a purge's write does not, so that
+//! the batches it chose are the ones it removes.
 //!
 //! Locks: the log's before the data keys. A commit holds the log's from sealing until its inserts
 //! are durable and in memory, and a purge until it has destroyed keys, so that no key is
@@ -28,9 +30,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::wal::{Insert, Wal};
 use super::{
-    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, Vault, batches, encode,
-    first_batch, named_key, purge_batches, read_batches, record_key, seq_of, shred, stream_names,
-    sub_bytes,
+    BatchInfo, Commit, Entry, Outbox, OutboxError, Packed, Purged, ReadBatch, Vault, batches,
+    encode, first_batch, named_key, pack, purge_batches, read_batches, record_key, seq_of, shred,
+    stream_names, sub_bytes,
 };
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
@@ -139,6 +141,8 @@ struct Shared {
     /// Signalled when a fold ends.
     fold_ended: Condvar,
     waiting: Mutex<Waiting>,
+    /// Bytes of record batches held (see [`Outbox::record_bytes`]).
+    record_bytes: AtomicU64,
     #[cfg(test)]
     faults: Faults,
 }
@@ -155,6 +159,8 @@ struct Faults {
     redb_writes: std::sync::atomic::AtomicU32,
     /// The fold thread leaves the log alone when commits stop (tests that check what waits).
     no_idle_folds: std::sync::atomic::AtomicBool,
+    /// Folds wait before writing while this is set (tests of what happens meanwhile).
+    hold_folds: std::sync::atomic::AtomicBool,
 }
 
 /// Where a fault can be injected.
@@ -175,8 +181,6 @@ struct Fold {
 pub struct RedbOutbox {
     shared: Arc<Shared>,
     vault: Vault,
-    /// Bytes of record batches held (see [`Outbox::record_bytes`]).
-    record_bytes: AtomicU64,
     folds: Option<mpsc::Sender<Fold>>,
     folder: Option<std::thread::JoinHandle<()>>,
 }
@@ -291,7 +295,7 @@ impl Shared {
             return None;
         }
         if log.failed {
-            if let Err(err) = self.write_through(log, &[]) {
+            if let Err(err) = self.write_through(log, &[], true) {
                 tracing::warn!(error = %err, "could not write the outbox log into redb: retried");
             }
             return None;
@@ -315,12 +319,13 @@ impl Shared {
         log
     }
 
-    /// Writes what waits and `inserts` to redb at once, and starts the log again. Waits for a
-    /// fold being written first.
+    /// Writes what waits and `inserts` to redb at once, and starts the log again; what waits
+    /// packed, if `packed` ([`pack`]). Waits for a fold being written first.
     fn write_through<'a>(
         &'a self,
         log: MutexGuard<'a, Log>,
         inserts: &[Insert],
+        packed: bool,
     ) -> Result<MutexGuard<'a, Log>, OutboxError> {
         let mut log = self.no_fold(log);
         if !log.failed && inserts.is_empty() && self.lock_waiting().inserts.is_empty() {
@@ -330,12 +335,19 @@ impl Shared {
         }
         // Nobody else adds to what waits while the log's lock is held.
         let waiting = self.waiting_now();
+        let (waiting, growth) = if packed {
+            pack(&waiting)
+        } else {
+            let unchanged = waiting.iter().map(|(k, v)| (k.as_slice(), (&v[..]).into()));
+            (unchanged.collect(), 0)
+        };
         let all = waiting
             .iter()
-            .map(|(k, v)| (k.as_slice(), &v[..]))
+            .map(|(k, v): &Packed<'_>| (*k, v.as_ref()))
             .chain(inserts.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
         let last = log.wal.last_id();
         self.fold_into_redb(all, last)?;
+        self.record_bytes.fetch_add(growth, Ordering::Relaxed);
         self.lock_waiting().clear();
         log.reset();
         log.failed = false;
@@ -345,11 +357,16 @@ impl Shared {
     /// Folds what a [`Fold`] holds (on the fold thread), then drops from memory what it wrote
     /// and no later entry replaced.
     fn fold(&self, fold: &Fold) {
-        let inserts = fold.inserts.iter().map(|(k, v)| (k.as_slice(), &v[..]));
-        let result = self.fold_into_redb(inserts, fold.last);
+        #[cfg(test)]
+        while self.faults.hold_folds.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (inserts, growth) = pack(&fold.inserts);
+        let result = self.fold_into_redb(inserts.iter().map(|(k, v)| (*k, v.as_ref())), fold.last);
         if let Err(err) = &result {
             tracing::warn!(error = %err, "could not fold the outbox log into redb: retried");
         } else {
+            self.record_bytes.fetch_add(growth, Ordering::Relaxed);
             self.lock_waiting().folded(fold.last);
         }
         let mut log = self.lock_log();
@@ -398,6 +415,7 @@ impl RedbOutbox {
             }),
             fold_ended: Condvar::new(),
             waiting: Mutex::new(Waiting::new()),
+            record_bytes: AtomicU64::new(0),
             #[cfg(test)]
             faults: Faults::default(),
         };
@@ -409,6 +427,7 @@ impl RedbOutbox {
         }
         drop(table);
         drop(tx);
+        shared.record_bytes.store(bytes, Ordering::Relaxed);
         let shared = Arc::new(shared);
         let (folds, jobs) = mpsc::channel::<Fold>();
         let folder = {
@@ -444,7 +463,6 @@ impl RedbOutbox {
         Ok(Self {
             shared,
             vault,
-            record_bytes: AtomicU64::new(bytes),
             folds: Some(folds),
             folder: Some(folder),
         })
@@ -546,11 +564,18 @@ impl RedbOutbox {
         Ok(f(&mut batches))
     }
 
-    /// Writes what waits to redb (tests that read or write redb's table directly).
+    /// Writes what waits to redb as it is (tests that read or write redb's table directly).
     #[cfg(test)]
     pub(super) fn fold(&self) {
         let log = self.shared.lock_log();
-        drop(self.shared.write_through(log, &[]).unwrap());
+        drop(self.shared.write_through(log, &[], false).unwrap());
+    }
+
+    /// Writes what waits to redb packed, as folds do.
+    #[cfg(test)]
+    pub(super) fn fold_packed(&self) {
+        let log = self.shared.lock_log();
+        drop(self.shared.write_through(log, &[], true).unwrap());
     }
 
     /// Overwrites a stored batch value (tests of damage detection).
@@ -624,7 +649,7 @@ impl Outbox for RedbOutbox {
             return Ok(());
         }
         if log.failed || !log.wal.fits_a_half(&inserts) {
-            log = self.shared.write_through(log, &inserts)?;
+            log = self.shared.write_through(log, &inserts, true)?;
         } else {
             let id = loop {
                 let appended = (log.wal.append(&inserts))
@@ -644,7 +669,7 @@ impl Outbox for RedbOutbox {
                 // The active half is full: once the other is free, it takes the commits.
                 log = self.shared.no_fold(log);
                 if log.failed {
-                    log = self.shared.write_through(log, &[])?;
+                    log = self.shared.write_through(log, &[], true)?;
                 } else {
                     self.start_fold(&mut log);
                 }
@@ -667,7 +692,7 @@ impl Outbox for RedbOutbox {
         Vault::checkpoints_committed(&mut keys, &written)?;
         drop(keys);
         drop(log);
-        self.record_bytes.fetch_add(added, Ordering::Relaxed);
+        self.shared.record_bytes.fetch_add(added, Ordering::Relaxed);
         Ok(())
     }
 
@@ -692,22 +717,22 @@ impl Outbox for RedbOutbox {
     ) -> Result<Purged, OutboxError> {
         // Held until the keys are shredded: a commit holds it from sealing until its batches are
         // durable and readable, so no key is destroyed while a batch sealed with it is on its
-        // way in.
-        let mut log = self.shared.lock_log();
+        // way in. A fold being written ends first: it could write one of the batches again, or
+        // pack the batches chosen into a value that holds more.
+        let log = self.shared.lock_log();
+        let mut log = self.shared.no_fold(log);
         let (mut purged, firsts) = self.with_batches(stream, 0, |batches| {
             purge_batches(batches, purge, &|| self.next_sequence(stream).unwrap_or(0))
         })??;
         if !firsts.is_empty() {
-            // A fold being written could write one of the batches again: it ends first. One
-            // that waits in memory goes to redb first.
-            log = self.shared.no_fold(log);
+            // One that waits in memory goes to redb first, as it is.
             let waits = {
                 let waiting = self.shared.lock_waiting();
                 let mut keys = firsts.iter().map(|&first| record_key(stream, first));
                 keys.any(|key| waiting.inserts.contains_key(&key))
             };
             if waits {
-                log = self.shared.write_through(log, &[])?;
+                log = self.shared.write_through(log, &[], false)?;
             }
             let tx = self.shared.db.begin_write().map_err(db_error)?;
             {
@@ -719,7 +744,7 @@ impl Outbox for RedbOutbox {
                 }
             }
             tx.commit().map_err(db_error)?;
-            sub_bytes(&self.record_bytes, purged.bytes);
+            sub_bytes(&self.shared.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
         drop(log);
@@ -739,7 +764,7 @@ impl Outbox for RedbOutbox {
     }
 
     fn record_bytes(&self) -> u64 {
-        self.record_bytes.load(Ordering::Relaxed)
+        self.shared.record_bytes.load(Ordering::Relaxed)
     }
 
     fn streams(&self) -> Result<Vec<String>, OutboxError> {
@@ -1062,5 +1087,162 @@ mod tests {
         assert_eq!(sequences(&outbox, 1), (1..next).collect::<Vec<_>>());
         commit(&outbox, next, 10);
         assert_eq!(sequences(&outbox, 1), (1..next + 10).collect::<Vec<_>>());
+    }
+
+    /// `stream`'s batch values as redb holds them.
+    fn in_redb(outbox: &RedbOutbox, stream: &str) -> Vec<(u64, Vec<u8>)> {
+        let tx = outbox.shared.db.begin_read().unwrap();
+        let table = tx.open_table(TABLE).unwrap();
+        let (lo, hi) = (record_key(stream, 0), record_key(stream, u64::MAX));
+        let range = table.range(lo.as_slice()..=hi.as_slice()).unwrap();
+        range
+            .map(|item| {
+                let (k, v) = item.unwrap();
+                (seq_of(k.value()), v.value().to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_batches_are_packed_and_read_counted_purged_and_reopened_as_one() {
+        use crate::outbox::{BATCH_MAX, PACKED_VERSION, count_of};
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
+        // 300 commits, each of three records of stream `s` and one of `t`, kept a ms apart.
+        for i in 0..300 {
+            let kept_ms = 1_000 + i as i64;
+            let commit = Commit {
+                appends: vec![
+                    Append {
+                        kept_ms,
+                        ..append(1 + 3 * i, 3)
+                    },
+                    Append {
+                        stream: "t".into(),
+                        kept_ms,
+                        ..append(1 + i, 1)
+                    },
+                ],
+                checkpoints: Vec::new(),
+            };
+            outbox.commit(&commit).unwrap();
+        }
+        let unpacked = outbox.record_bytes();
+        outbox.fold_packed();
+
+        // Values of 25 batches of 645 bytes (16,239 bytes packed), in sequence; the last holds
+        // the 25 left whole, which split into values of a page would take five pages.
+        let values = in_redb(&outbox, "s");
+        assert_eq!(values.len(), 12);
+        assert!(values.iter().all(|(_, v)| v[0] == PACKED_VERSION));
+        assert!(values.iter().all(|(_, v)| v.len() <= BATCH_MAX));
+        let mut next = 1;
+        for (first, value) in &values {
+            assert_eq!(*first, next);
+            next += u64::from(count_of(value));
+        }
+        assert_eq!(next, 901);
+        // The byte count is that of the values now held.
+        let held: usize = (in_redb(&outbox, "s").iter().chain(&in_redb(&outbox, "t")))
+            .map(|(_, v)| v.len())
+            .sum();
+        assert_eq!(outbox.record_bytes(), held as u64);
+        assert!(outbox.record_bytes() > unpacked);
+
+        // Every record reads back from any sequence, with its own kept time.
+        let check = |outbox: &RedbOutbox, stream: &str, per_commit: u64, from: u64, last: u64| {
+            let read = outbox.read(stream, from, 100).unwrap();
+            assert!(read.damaged.is_empty());
+            let want: Vec<u64> = (from..=last).take(100).collect();
+            assert_eq!(
+                read.records.iter().map(|r| r.sequence).collect::<Vec<_>>(),
+                want
+            );
+            for r in &read.records {
+                assert_eq!(r.bytes, format!("{:0200}", r.sequence).into_bytes());
+                assert_eq!(r.kept_ms, 1_000 + ((r.sequence - 1) / per_commit) as i64);
+            }
+        };
+        let reads = |outbox: &RedbOutbox, s_from: u64| {
+            for from in [s_from, s_from + 1, 74, 75, 76, 77, 450, 899, 900] {
+                check(outbox, "s", 3, from.max(s_from), 900);
+            }
+            for from in [1, 2, 150, 300] {
+                check(outbox, "t", 1, from, 300);
+            }
+        };
+        reads(&outbox, 1);
+        // The oldest batch is a packed value, with its oldest part's kept time.
+        let oldest = outbox.oldest("s").unwrap().unwrap();
+        assert_eq!((oldest.first, oldest.kept_ms), (1, 1_000));
+        assert_eq!(oldest.count, u64::from(count_of(&values[0].1)));
+        assert_eq!(oldest.bytes, values[0].1.len() as u64);
+
+        // The same after a reopen.
+        let bytes = outbox.record_bytes();
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
+        assert_eq!(outbox.record_bytes(), bytes);
+        reads(&outbox, 1);
+
+        // A purge by age takes a packed value whole, once its oldest part is due.
+        let purged = outbox.purge_while("s", &mut |b| b.kept_ms < 1_001).unwrap();
+        assert_eq!(purged.records, oldest.count);
+        assert_eq!(purged.sequences, Some((1, oldest.count)));
+        assert_eq!(purged.bytes, oldest.bytes);
+        assert_eq!(outbox.record_bytes(), bytes - oldest.bytes);
+        let s_from = oldest.count + 1;
+        assert_eq!(sequences(&outbox, 1)[0], s_from);
+        reads(&outbox, s_from);
+
+        // Damage anywhere in a packed value loses that value's records, and reports them.
+        let (first, mut value) = values[1].clone();
+        let end = first + u64::from(count_of(&value)) - 1;
+        let middle = value.len() / 2;
+        value[middle] ^= 1;
+        outbox.raw_insert("s", first, &value);
+        let read = outbox.read("s", first, 10).unwrap();
+        assert_eq!(read.damaged, [(first, end)]);
+        assert_eq!(read.records.first().map(|r| r.sequence), Some(end + 1));
+    }
+
+    #[test]
+    fn a_purge_removes_what_it_reports_while_a_fold_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(RedbOutbox::open(dir.path()).unwrap());
+        no_idle_folds(&outbox);
+        for i in 0..20 {
+            commit(&outbox, 1 + 3 * i, 3);
+        }
+        // A commit once the oldest waits for a second hands the 21 batches to the fold thread,
+        // which holds them there.
+        std::thread::sleep(FOLD_AFTER);
+        outbox
+            .shared
+            .faults
+            .hold_folds
+            .store(true, Ordering::SeqCst);
+        commit(&outbox, 61, 3);
+        assert!(outbox.shared.lock_log().folding.is_some());
+        // A purge of the first batch, meanwhile: it decides on what the fold leaves, one value
+        // of all 21 batches.
+        let purge = {
+            let outbox = Arc::clone(&outbox);
+            std::thread::spawn(move || outbox.purge_while("s", &mut |b| b.first == 1).unwrap())
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        outbox
+            .shared
+            .faults
+            .hold_folds
+            .store(false, Ordering::SeqCst);
+        let purged = purge.join().unwrap();
+        assert_eq!(purged.records, 63);
+        assert_eq!(sequences(&outbox, 1), Vec::<u64>::new());
+        assert_eq!(outbox.record_bytes(), 0);
+        commit(&outbox, 64, 3);
+        assert_eq!(sequences(&outbox, 1), [64, 65, 66]);
     }
 }
