@@ -45,7 +45,7 @@
 //! ```
 //!
 //! A packed value is read, counted and purged as one batch: retention removes it when its oldest
-//! part is due, at most a fold (about a second) before the newest would be.
+//! part is due, at most [`PACK_SPAN_MS`] before the newest would be.
 //!
 //! The body is sealed (ChaCha20-Poly1305, nonce = the batch's first sequence) under a data key of
 //! the stream, kept in `keys` beside the engine's files, and a purge destroys the keys that no
@@ -92,6 +92,9 @@ const PAGE: usize = 4 * 1024;
 const ROOM: usize = 128;
 /// Most bytes of a packed value that fills a page ([`pack`]).
 const PAGE_MAX: usize = PAGE - ROOM;
+/// Most time between the kept times of the batches packed into one value: retention purges a
+/// packed value when its oldest part is due, at most this early for the newest.
+const PACK_SPAN_MS: u64 = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
@@ -477,7 +480,8 @@ fn kept_of(value: &[u8]) -> i64 {
 type Packed<'a> = (&'a [u8], std::borrow::Cow<'a, [u8]>);
 
 /// Packs the record batches among `inserts` (sorted by key, as what waits in redb's log) that
-/// hold consecutive sequences of one stream: each such run becomes values of at most
+/// hold consecutive sequences of one stream, kept at most [`PACK_SPAN_MS`] after the run's first
+/// (or before it): each such run becomes values of at most
 /// [`BATCH_MAX`] bytes, and its last value one of at most [`PAGE_MAX`] (or one batch as it was).
 /// Other inserts are kept as they are. Returns what to write instead of `inserts`, in the same
 /// order, and how many bytes more it holds.
@@ -492,8 +496,13 @@ fn pack<K: AsRef<[u8]>, V: AsRef<[u8]>>(inserts: &[(K, V)]) -> (Vec<Packed<'_>>,
     while !rest.is_empty() {
         let mut len = 1;
         if let Some((stream, mut next)) = batch_span(&rest[0]) {
+            let kept = kept_of(rest[0].1.as_ref());
             while let Some((s, n)) = rest.get(len).and_then(batch_span) {
-                if s != stream || seq_of(rest[len].0.as_ref()) != next {
+                let (key, value) = (rest[len].0.as_ref(), rest[len].1.as_ref());
+                if s != stream
+                    || seq_of(key) != next
+                    || kept_of(value).abs_diff(kept) > PACK_SPAN_MS
+                {
                     break;
                 }
                 next = n;
@@ -1485,7 +1494,8 @@ mod tests {
 
         /// Batches as commits write them (of two streams, with gaps in the sequences), packed:
         /// every record reads back as it was, with its kept time, other values are kept as they
-        /// are, and packed values are at most a batch long.
+        /// are, and packed values are at most a batch long and span at most a second of kept
+        /// times.
         #[test]
         fn packing_keeps_every_record_in_bounded_values(
             specs in prop::collection::vec((0usize..2, 1u64..8, 1usize..2_500, prop::bool::weighted(0.1)), 1..60)
@@ -1507,8 +1517,9 @@ mod tests {
                 let a = Append {
                     stream: name.into(),
                     first,
-                    kept_ms: i as i64,
-                    key_period: Duration::from_secs(10),
+                    kept_ms: 100 * i as i64,
+                    // A new data key every second: some packed values hold parts of two.
+                    key_period: Duration::from_secs(1),
                     records: records.collect(),
                 };
                 for (first, batch) in batches(&a) {
@@ -1533,6 +1544,13 @@ mod tests {
                     continue;
                 }
                 prop_assert!(value.len() <= BATCH_MAX, "{}", value.len());
+                let name = std::str::from_utf8(&key[1..key.len() - 9]).unwrap();
+                let Decoded::Records(held) = decode(&keys, name, seq_of(key), value) else {
+                    unreachable!("checked above");
+                };
+                let kept = held.iter().map(|(kept, _)| *kept);
+                let span = kept.clone().max().unwrap() - kept.min().unwrap();
+                prop_assert!(span <= PACK_SPAN_MS as i64, "{}", span);
             }
         }
     }

@@ -157,6 +157,8 @@ struct Faults {
     appends: std::sync::atomic::AtomicU32,
     /// Folds and write-throughs into redb that fail before writing anything.
     redb_writes: std::sync::atomic::AtomicU32,
+    /// Folds and write-throughs into redb that commit, and then report a failure.
+    redb_writes_landed: std::sync::atomic::AtomicU32,
     /// The fold thread leaves the log alone when commits stop (tests that check what waits).
     no_idle_folds: std::sync::atomic::AtomicBool,
     /// Folds wait before writing while this is set (tests of what happens meanwhile).
@@ -168,7 +170,11 @@ struct Faults {
 enum Fault {
     Append,
     RedbWrite,
+    RedbWriteLanded,
 }
+
+/// A batch waiting in memory: its first sequence and its value.
+type WaitingBatch = (u64, Arc<[u8]>);
 
 /// Inserts to fold into redb, up to the log entry `last`.
 struct Fold {
@@ -222,6 +228,7 @@ impl Shared {
         let count = match fault {
             Fault::Append => &self.faults.appends,
             Fault::RedbWrite => &self.faults.redb_writes,
+            Fault::RedbWriteLanded => &self.faults.redb_writes_landed,
         };
         match count.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
             Ok(_) => Err(std::io::Error::other("injected failure")),
@@ -242,7 +249,11 @@ impl Shared {
         last: u64,
     ) -> Result<(), OutboxError> {
         let written = (self.injected(Fault::RedbWrite).map_err(OutboxError::Log))
-            .and_then(|()| write(&self.db, inserts, last));
+            .and_then(|()| write(&self.db, inserts, last))
+            .and_then(|()| {
+                self.injected(Fault::RedbWriteLanded)
+                    .map_err(OutboxError::Log)
+            });
         let outcome = if written.is_ok() { "written" } else { "failed" };
         metrics::counter!(catalogue::OUTBOX_LOG_FOLDS, "outcome" => outcome).increment(1);
         written
@@ -320,7 +331,7 @@ impl Shared {
     }
 
     /// Writes what waits and `inserts` to redb at once, and starts the log again; what waits
-    /// packed, if `packed` ([`pack`]). Waits for a fold being written first.
+    /// packed, if `packed` ([`pack`]) and no write failed. Waits for a fold being written first.
     fn write_through<'a>(
         &'a self,
         log: MutexGuard<'a, Log>,
@@ -335,7 +346,11 @@ impl Shared {
         }
         // Nobody else adds to what waits while the log's lock is held.
         let waiting = self.waiting_now();
-        let (waiting, growth) = if packed {
+        // After a failure, what waits may be in redb already, packed by a fold that failed
+        // after its commit, or that failed to learn it committed. Written unpacked, every
+        // value under a key that waits is replaced; packed again, in groups that may differ as
+        // more waits now, a part could stay behind in an old value beside its new one.
+        let (waiting, growth) = if packed && !log.failed {
             pack(&waiting)
         } else {
             let unchanged = waiting.iter().map(|(k, v)| (k.as_slice(), (&v[..]).into()));
@@ -468,15 +483,20 @@ impl RedbOutbox {
         })
     }
 
-    /// `stream`'s batches waiting in memory, in order.
-    fn waiting_batches(&self, stream: &str) -> Vec<(u64, Arc<[u8]>)> {
+    /// `stream`'s batches waiting in memory, in order, and a read transaction of redb begun
+    /// at the same moment: no fold ends in between, so every part of a value that a fold packed
+    /// and the read sees in redb is still waiting, or none is.
+    fn waiting_batches(
+        &self,
+        stream: &str,
+    ) -> Result<(Vec<WaitingBatch>, redb::ReadTransaction), OutboxError> {
         let (lo, hi) = (record_key(stream, 0), record_key(stream, u64::MAX));
-        self.shared
-            .lock_waiting()
-            .inserts
-            .range(lo..=hi)
+        let waiting = self.shared.lock_waiting();
+        let batches = (waiting.inserts.range(lo..=hi))
             .map(|(k, (_, v))| (seq_of(k), Arc::clone(v)))
-            .collect()
+            .collect();
+        let tx = self.shared.db.begin_read().map_err(db_error)?;
+        Ok((batches, tx))
     }
 
     /// The value waiting in memory under `key`.
@@ -517,10 +537,8 @@ impl RedbOutbox {
         from: u64,
         f: impl FnOnce(&mut dyn Iterator<Item = Entry<Vec<u8>>>) -> T,
     ) -> Result<T, OutboxError> {
-        // What waits is read before redb: a fold that ends in between leaves a batch in both, or
-        // in redb only.
-        let waiting = self.waiting_batches(stream);
-        let tx = self.shared.db.begin_read().map_err(db_error)?;
+        // A batch being folded is in both (packed, under its first part's key, in redb).
+        let (waiting, tx) = self.waiting_batches(stream)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
         let (lo, hi) = (record_key(stream, 0), record_key(stream, from));
         let in_db = table
@@ -1131,7 +1149,7 @@ mod tests {
         let unpacked = outbox.record_bytes();
         outbox.fold_packed();
 
-        // Values of 25 batches of 645 bytes (16,239 bytes packed), in sequence; the last holds
+        // Values of 25 batches of 645 bytes (16,242 bytes packed), in sequence; the last holds
         // the 25 left whole, which split into values of a page would take five pages.
         let values = in_redb(&outbox, "s");
         assert_eq!(values.len(), 12);
@@ -1244,5 +1262,45 @@ mod tests {
         assert_eq!(outbox.record_bytes(), 0);
         commit(&outbox, 64, 3);
         assert_eq!(sequences(&outbox, 1), [64, 65, 66]);
+    }
+
+    #[test]
+    fn a_fold_that_landed_but_failed_is_written_again_without_doubles() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        no_idle_folds(&outbox);
+        for i in 0..13 {
+            commit(&outbox, 1 + 3 * i, 3);
+        }
+        // The 14th commit, a second on, hands 14 batches to the fold thread, which holds them
+        // while 11 more come, and then packs them into three values of a page, commits, and
+        // reports a failure.
+        std::thread::sleep(FOLD_AFTER);
+        outbox
+            .shared
+            .faults
+            .hold_folds
+            .store(true, Ordering::SeqCst);
+        commit(&outbox, 40, 3);
+        for i in 0..11 {
+            commit(&outbox, 43 + 3 * i, 3);
+        }
+        (outbox.shared.faults.redb_writes_landed).store(1, Ordering::SeqCst);
+        outbox
+            .shared
+            .faults
+            .hold_folds
+            .store(false, Ordering::SeqCst);
+        assert!(settled(&outbox), "what the failed fold held still waits");
+        assert!(outbox.shared.lock_log().failed);
+        assert_eq!(in_redb(&outbox, "s").len(), 3);
+        // The next commit writes all 25 batches, and its own, through: every record once.
+        commit(&outbox, 76, 3);
+        assert_eq!(sequences(&outbox, 1), (1..79).collect::<Vec<_>>());
+        let held: usize = in_redb(&outbox, "s").iter().map(|(_, v)| v.len()).sum();
+        assert_eq!(outbox.record_bytes(), held as u64);
+        drop(outbox);
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        assert_eq!(sequences(&outbox, 1), (1..79).collect::<Vec<_>>());
     }
 }
