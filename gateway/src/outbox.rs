@@ -653,16 +653,9 @@ fn decode(keys: &DataKeys, stream: &str, first: u64, value: &[u8]) -> Decoded {
     let mut records = Vec::new();
     let mut rest = &value[HEADER..];
     while !rest.is_empty() {
-        let Some(len) = rest
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        else {
+        let Some(part) = next_framed(&mut rest) else {
             return Decoded::Damaged;
         };
-        let Some(part) = rest.get(4..4 + len) else {
-            return Decoded::Damaged;
-        };
-        rest = &rest[4 + len..];
         if part.first() != Some(&BATCH_VERSION) {
             return Decoded::Damaged;
         }
@@ -676,6 +669,16 @@ fn decode(keys: &DataKeys, stream: &str, first: u64, value: &[u8]) -> Decoded {
     } else {
         Decoded::Damaged
     }
+}
+
+/// Takes the next `length (u32 LE) | bytes` off the front of `rest`; `None` if it is cut short.
+fn next_framed<'v>(rest: &mut &'v [u8]) -> Option<&'v [u8]> {
+    let len = rest
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)?;
+    let framed = rest.get(4..4 + len)?;
+    *rest = &rest[4 + len..];
+    Some(framed)
 }
 
 /// [`decode`] for a batch as a commit writes it.
@@ -695,17 +698,10 @@ fn decode_batch(keys: &DataKeys, stream: &str, first: u64, value: &[u8]) -> Deco
     let mut rest = body.as_slice();
     let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 16));
     for _ in 0..count {
-        let Some(len) = rest
-            .get(..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        else {
-            return Decoded::Damaged;
-        };
-        let Some(record) = rest.get(4..4 + len) else {
+        let Some(record) = next_framed(&mut rest) else {
             return Decoded::Damaged;
         };
         out.push((kept_ms, record.to_vec()));
-        rest = &rest[4 + len..];
     }
     if rest.is_empty() {
         Decoded::Records(out)

@@ -1226,22 +1226,28 @@ mod tests {
         assert_eq!(read.records.first().map(|r| r.sequence), Some(end + 1));
     }
 
+    /// Makes folds wait before writing, or lets them go on.
+    fn hold_folds(outbox: &RedbOutbox, hold: bool) {
+        (outbox.shared.faults.hold_folds).store(hold, Ordering::SeqCst);
+    }
+
+    /// Commits `n` batches of three records from `first`, each its own commit.
+    fn small_commits(outbox: &RedbOutbox, first: u64, n: u64) {
+        for i in 0..n {
+            commit(outbox, first + 3 * i, 3);
+        }
+    }
+
     #[test]
     fn a_purge_removes_what_it_reports_while_a_fold_packs() {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Arc::new(RedbOutbox::open(dir.path()).unwrap());
         no_idle_folds(&outbox);
-        for i in 0..20 {
-            commit(&outbox, 1 + 3 * i, 3);
-        }
+        small_commits(&outbox, 1, 20);
         // A commit once the oldest waits for a second hands the 21 batches to the fold thread,
         // which holds them there.
         std::thread::sleep(FOLD_AFTER);
-        outbox
-            .shared
-            .faults
-            .hold_folds
-            .store(true, Ordering::SeqCst);
+        hold_folds(&outbox, true);
         commit(&outbox, 61, 3);
         assert!(outbox.shared.lock_log().folding.is_some());
         // A purge of the first batch, meanwhile: it decides on what the fold leaves, one value
@@ -1251,11 +1257,7 @@ mod tests {
             std::thread::spawn(move || outbox.purge_while("s", &mut |b| b.first == 1).unwrap())
         };
         std::thread::sleep(Duration::from_millis(200));
-        outbox
-            .shared
-            .faults
-            .hold_folds
-            .store(false, Ordering::SeqCst);
+        hold_folds(&outbox, false);
         let purged = purge.join().unwrap();
         assert_eq!(purged.records, 63);
         assert_eq!(sequences(&outbox, 1), Vec::<u64>::new());
@@ -1269,28 +1271,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = RedbOutbox::open(dir.path()).unwrap();
         no_idle_folds(&outbox);
-        for i in 0..13 {
-            commit(&outbox, 1 + 3 * i, 3);
-        }
+        small_commits(&outbox, 1, 13);
         // The 14th commit, a second on, hands 14 batches to the fold thread, which holds them
         // while 11 more come, and then packs them into three values of a page, commits, and
         // reports a failure.
         std::thread::sleep(FOLD_AFTER);
-        outbox
-            .shared
-            .faults
-            .hold_folds
-            .store(true, Ordering::SeqCst);
+        hold_folds(&outbox, true);
         commit(&outbox, 40, 3);
-        for i in 0..11 {
-            commit(&outbox, 43 + 3 * i, 3);
-        }
+        small_commits(&outbox, 43, 11);
         (outbox.shared.faults.redb_writes_landed).store(1, Ordering::SeqCst);
-        outbox
-            .shared
-            .faults
-            .hold_folds
-            .store(false, Ordering::SeqCst);
+        hold_folds(&outbox, false);
         assert!(settled(&outbox), "what the failed fold held still waits");
         assert!(outbox.shared.lock_log().failed);
         assert_eq!(in_redb(&outbox, "s").len(), 3);
