@@ -10,7 +10,8 @@
 //! transaction, as does a purge that reaches a batch still waiting. Opening folds what the log
 //! holds past the last fold. Folds and the writes of commits pack the batches of consecutive
 //! commits of a stream into larger values ([`super::pack`]); a purge's write does not, so that
-//! the batches it chose are the ones it removes.
+//! the batches it chose are the ones it removes, nor a write after a failure, which replaces
+//! whatever a fold that failed may have left of what waits.
 //!
 //! Locks: the log's before the data keys. A commit holds the log's from sealing until its inserts
 //! are durable and in memory, and a purge until it has destroyed keys, so that no key is
