@@ -481,9 +481,8 @@ type Packed<'a> = (&'a [u8], std::borrow::Cow<'a, [u8]>);
 
 /// Packs the record batches among `inserts` (sorted by key, as what waits in redb's log) that
 /// hold consecutive sequences of one stream, kept at most [`PACK_SPAN_MS`] after the run's first
-/// (or before it): each such run becomes values of at most
-/// [`BATCH_MAX`] bytes, and its last value one of at most [`PAGE_MAX`] (or one batch as it was).
-/// Other inserts are kept as they are. Returns what to write instead of `inserts`, in the same
+/// (or before it): each such run becomes values of at most [`BATCH_MAX`] bytes ([`pack_groups`];
+/// a group of one batch is written as it was). Other inserts are kept as they are. Returns what to write instead of `inserts`, in the same
 /// order, and how many bytes more it holds.
 ///
 /// Why: redb splits a full leaf into halves and never fills the left one again when keys only
