@@ -482,8 +482,8 @@ type Packed<'a> = (&'a [u8], std::borrow::Cow<'a, [u8]>);
 /// Packs the record batches among `inserts` (sorted by key, as what waits in redb's log) that
 /// hold consecutive sequences of one stream, kept at most [`PACK_SPAN_MS`] after the run's first
 /// (or before it): each such run becomes values of at most [`BATCH_MAX`] bytes ([`pack_groups`];
-/// a group of one batch is written as it was). Other inserts are kept as they are. Returns what to write instead of `inserts`, in the same
-/// order, and how many bytes more it holds.
+/// a group of one batch is written as it was). Other inserts are kept as they are. Returns what
+/// to write instead of `inserts`, in the same order, and how many bytes more it holds.
 ///
 /// Why: redb splits a full leaf into halves and never fills the left one again when keys only
 /// grow, so batches smaller than a page, as small commits write them, left the file 1.4 to 1.6
@@ -1312,6 +1312,45 @@ mod tests {
         assert_eq!(seqs(&read), (201..=300).collect::<Vec<_>>());
         assert_eq!(read.records[0].bytes, b"MARKER-00201");
         assert!(read.damaged.is_empty());
+    }
+
+    /// A packed value holds only sealed parts, and a purge of it destroys the keys its parts
+    /// alone needed, also where its parts were sealed under two keys.
+    #[cfg(feature = "redb")]
+    #[test]
+    fn packed_values_hold_sealed_parts_and_their_purge_destroys_their_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = RedbOutbox::open(dir.path()).unwrap();
+        let marked = |first: u64, kept_ms: i64| Append {
+            records: (first..first + 10)
+                .map(|s| format!("MARKER-{s:05}").into_bytes().into())
+                .collect(),
+            key_period: Duration::from_secs(1),
+            ..append("s", first, first, kept_ms)
+        };
+        // Keys rotate every second: 1..=20 under the first key, 21..=40 under the next; the
+        // three batches kept within a second of each other are packed into one value.
+        for (first, kept_ms) in [(1, 500), (11, 900), (21, 1_500), (31, 2_400)] {
+            commit(&outbox, vec![marked(first, kept_ms)]);
+        }
+        outbox.fold_packed();
+        let oldest = outbox.oldest("s").unwrap().unwrap();
+        assert_eq!((oldest.first, oldest.count), (1, 30));
+        assert!(!holds(&disk_bytes(dir.path()), b"MARKER-"));
+        let key_path = dir.path().join("keys");
+        let first_key = outbox.vault().lock().raw_key(&key_path, "s", 1).unwrap();
+        let second_key = outbox.vault().lock().raw_key(&key_path, "s", 21).unwrap();
+        // The packed value goes whole; the first key with it, the second stays for 31..=40.
+        let purged = outbox.purge_while("s", &mut |b| b.kept_ms < 600).unwrap();
+        assert_eq!(
+            (purged.records, purged.keys_destroyed.clone()),
+            (30, vec![1])
+        );
+        let disk = disk_bytes(dir.path());
+        assert!(!holds(&disk, &first_key));
+        assert!(holds(&disk, &second_key));
+        let read = outbox.read("s", 1, 100).unwrap();
+        assert_eq!(seqs(&read), (31..=40).collect::<Vec<_>>());
     }
 
     fn checkpoint_commit(outbox: &impl Outbox, name: &str, bytes: &[u8]) {

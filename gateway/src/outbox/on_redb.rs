@@ -307,7 +307,7 @@ impl Shared {
             return None;
         }
         if log.failed {
-            if let Err(err) = self.write_through(log, &[], true) {
+            if let Err(err) = self.write_through(log, &[], false) {
                 tracing::warn!(error = %err, "could not write the outbox log into redb: retried");
             }
             return None;
@@ -688,7 +688,7 @@ impl Outbox for RedbOutbox {
                 // The active half is full: once the other is free, it takes the commits.
                 log = self.shared.no_fold(log);
                 if log.failed {
-                    log = self.shared.write_through(log, &[], true)?;
+                    log = self.shared.write_through(log, &[], false)?;
                 } else {
                     self.start_fold(&mut log);
                 }
