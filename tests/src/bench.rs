@@ -18,6 +18,14 @@ use tokio_stream::StreamExt;
 use crate::load::{self, Load};
 use crate::{Gateway, Mosquitto, config, subscribe_request};
 
+/// glibc's malloc settings the deployment files give the gateway (`deploy/hubgate.service` says
+/// why), and so the benchmark too.
+pub const MALLOC: [(&str, &str); 3] = [
+    ("MALLOC_ARENA_MAX", "2"),
+    ("MALLOC_TRIM_THRESHOLD_", "131072"),
+    ("MALLOC_MMAP_THRESHOLD_", "131072"),
+];
+
 /// The streams the subscriber follows: every stream that keeps one record per reading.
 pub const PASS_THROUGH: [&str; 4] = ["air", "footfall", "parking", "noise"];
 
@@ -293,7 +301,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
     }
 
     // Run as deployed: the systemd unit, the container file and the Kubernetes manifest all set
-    // MALLOC_ARENA_MAX=2.
+    // these for glibc's malloc.
     let gw = Gateway::start_with_env(
         gateway,
         &config(
@@ -301,7 +309,7 @@ pub async fn run(gateway: &std::path::Path, settings: &Settings) -> Figures {
             "hubgate-bench",
             &format!("{}\n{POLICY}", settings.extra_config),
         ),
-        &[("MALLOC_ARENA_MAX", "2")],
+        &MALLOC,
     );
     gw.wait_ready();
     let seen = Arc::new(Seen::default());

@@ -260,3 +260,46 @@ fn the_dashboard_queries_only_metrics_the_gateway_exports() {
         assert!(queried.iter().any(|m| m == metric), "no panel for {metric}");
     }
 }
+
+/// The systemd unit, the container file and the Kubernetes manifest give the gateway the malloc
+/// settings the benchmark measured memory with.
+#[test]
+fn every_deployment_file_tunes_malloc_as_the_benchmark_does() {
+    let read =
+        |path: &str| std::fs::read_to_string(hubgate_tests::repo().join(path)).expect("test setup");
+    let unit = read("deploy/hubgate.service");
+    let unit: Vec<(&str, &str)> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let container = read("deploy/Containerfile");
+    let container: Vec<(&str, &str)> = container
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(str::split_whitespace)
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let manifest = read("deploy/kubernetes/hubgate.yaml");
+    let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+    let manifest: Vec<(&str, &str)> = lines
+        .windows(2)
+        .filter_map(|w| {
+            let name = w[0].strip_prefix("- name: ")?;
+            let value = w[1].strip_prefix("value: ")?;
+            Some((name, value.trim_matches('"')))
+        })
+        .collect();
+    for (file, env) in [
+        ("hubgate.service", &unit),
+        ("Containerfile", &container),
+        ("hubgate.yaml", &manifest),
+    ] {
+        let malloc: Vec<(&str, &str)> = env
+            .iter()
+            .copied()
+            .filter(|(k, _)| k.starts_with("MALLOC_"))
+            .collect();
+        assert_eq!(malloc, hubgate_tests::bench::MALLOC, "{file}");
+    }
+}
