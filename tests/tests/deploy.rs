@@ -1,5 +1,6 @@
 //! The deployment files in `deploy/` that a test can exercise for real: the broker configuration
-//! and its ACL, run by mosquitto, and the Grafana dashboard against the metric catalogue. (The
+//! and its ACL, run by mosquitto, the Grafana dashboard against the metric catalogue, and the malloc
+//! settings of the systemd unit, the container file and the manifest against the benchmark's. (The
 //! gateway configurations are checked in `check.rs`; `.ci/run` lints the systemd unit, the
 //! container file and the Kubernetes manifests.)
 
