@@ -93,7 +93,7 @@ fn benches(c: &mut Criterion) {
             "senml_cbor",
             PayloadFormat::SenmlCbor,
             "city/x",
-            hubgate::dry_run::from_hex(SENML_CBOR).expect("hex"),
+            decode::from_hex(SENML_CBOR).expect("hex"),
         ),
         (
             "ngsi_keyvalues",

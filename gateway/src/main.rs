@@ -1,5 +1,5 @@
-//! The `hubgate` binary; see [`hubgate::cli`].
+//! The `hubgate` binary; see [`hubgate::tools::cli`].
 
 fn main() -> std::process::ExitCode {
-    hubgate::cli::main()
+    hubgate::tools::cli::main()
 }

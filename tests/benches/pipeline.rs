@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use hubgate::audit::AuditLog;
-use hubgate::ingest::Inbound;
+use hubgate::governance::audit::AuditLog;
 use hubgate::outbox::RedbOutbox;
-use hubgate::pipeline::{Pipeline, Stats, now_ms};
+use hubgate::pipeline::Pipeline;
+use hubgate::sources::mqtt::Inbound;
 use hubgate::store::Store;
+use hubgate::telemetry::{clock::now_ms, stats::Stats};
 use hubgate_tests::bench::POLICY;
 use hubgate_tests::load::{KINDS, make_message};
 

@@ -61,7 +61,7 @@ fn every_shipped_config_passes_the_check() {
     ));
     sources.push((
         "default_config.toml".into(),
-        std::fs::read_to_string(hubgate_tests::repo().join("gateway/src/default_config.toml"))
+        std::fs::read_to_string(hubgate_tests::repo().join("gateway/src/config/default.toml"))
             .unwrap(),
     ));
     assert!(sources.len() >= 3, "{sources:?}");
@@ -325,8 +325,8 @@ fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
 /// The committed corpus of hostile inputs (`tests/corpus/`) replayed through the payload decoder
 /// and the configuration parser, called as library functions: every input gets an answer, never
 /// a panic; the payloads that cannot be a reading are refused; every configuration error points
-/// inside its file. (Run continuously by the property tests of `gateway/src/decode.rs` and
-/// `gateway/src/config.rs`; new crashers found there belong in this corpus.)
+/// inside its file. (Run continuously by the property tests of `gateway/src/decode/mod.rs` and
+/// `gateway/src/config/`; new crashers found there belong in this corpus.)
 #[test]
 fn the_hostile_corpus_is_answered_without_a_panic() {
     let corpus = hubgate_tests::repo().join("tests/corpus");

@@ -86,7 +86,7 @@ async fn the_python_client_reads_a_stream_and_is_refused_without_a_valid_token()
         &format!(
             "{}\n[[grpc.token]]\nname = \"dashboard\"\nsha256 = \"{}\"\nstreams = [\"noise\"]\n",
             config(broker.port, "gw-python", STREAMS),
-            hubgate::auth::digest_hex(token)
+            hubgate::sinks::grpc::auth::digest_hex(token)
         ),
     );
     gw.wait_ready();

@@ -162,7 +162,7 @@ fn the_getting_started_guide_does_what_it_says() {
         .into_iter()
         .find(|b| b.contains("\"topic\""))
         .expect("a dry-run sample");
-    let report = hubgate::dry_run::run(&config.policy, sample.as_bytes()).unwrap();
+    let report = hubgate::tools::dry_run::run(&config.policy, sample.as_bytes()).unwrap();
     for expected in [
         "firmware                 not declared: dropped",
         "operator                 not declared: dropped",

@@ -543,8 +543,8 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
         // The hub lets the origin push with a token of its own.
         "\n[[grpc.token]]\nname = \"district-1\"\nsha256 = \"{}\"\nstreams = [\"seq\"]\npush = true\norigins = [\"district-1\"]\n\
          \n[[grpc.token]]\nname = \"reader\"\nsha256 = \"{}\"\nstreams = [\"*\"]\n",
-        hubgate::auth::digest_hex("hg_district_1_push_token"),
-        hubgate::auth::digest_hex(READER_TOKEN)
+        hubgate::sinks::grpc::auth::digest_hex("hg_district_1_push_token"),
+        hubgate::sinks::grpc::auth::digest_hex(READER_TOKEN)
     );
     let origin_data = tempfile::tempdir().unwrap();
     let token_file = origin_data.path().join("upstream.token");

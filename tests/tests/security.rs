@@ -60,7 +60,7 @@ fn with<T>(message: T, token: Option<&str>) -> Request<T> {
 fn token_entry(name: &str, token: &str, scopes: &str) -> String {
     format!(
         "\n[[grpc.token]]\nname = \"{name}\"\nsha256 = \"{}\"\n{scopes}\n",
-        hubgate::auth::digest_hex(token)
+        hubgate::sinks::grpc::auth::digest_hex(token)
     )
 }
 
@@ -252,7 +252,7 @@ fn tokens_and_remote_listening_are_checked_in_the_config() {
     assert!(token.starts_with("hg_"));
     assert!(entry.contains(&format!(
         "sha256 = \"{}\"",
-        hubgate::auth::digest_hex(&token)
+        hubgate::sinks::grpc::auth::digest_hex(&token)
     )));
     assert!(entry.contains("streams = [\"air\"]") && entry.contains("footprint = true"));
     assert!(!entry.contains(&token));

@@ -747,7 +747,7 @@ mod tests {
     /// 1.5 as a half-precision float and the last time as an explicit 0).
     #[test]
     fn rfc_cbor_example_equals_its_json() {
-        let bytes = crate::dry_run::from_hex(
+        let bytes = super::super::from_hex(
             "87a721781b75726e3a6465763a6f773a3130653230373361303130383030363a22fb41d303a15b
              00106223614120050067766f6c7461676501615602fb405e066666666666a3006763757272656e
              74062402fb3ff3333333333333a3006763757272656e74062302fb3ff4cccccccccccda3006763

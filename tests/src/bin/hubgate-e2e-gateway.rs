@@ -1,5 +1,5 @@
 //! The `hubgate` binary's entry point, built in this package for the end-to-end tests.
 
 fn main() -> std::process::ExitCode {
-    hubgate::cli::main()
+    hubgate::tools::cli::main()
 }

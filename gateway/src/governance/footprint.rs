@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -29,25 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::FootprintConfig;
-use crate::pipeline::Stats;
-
-/// Bytes the gateway sent or wrote, process-wide (as the metrics are), for the footprint's
-/// snapshots; the per-stream detail is in the metrics.
-#[derive(Debug)]
-pub struct Traffic {
-    pub grpc_sent: AtomicU64,
-    pub upstream_sent: AtomicU64,
-    pub nats_sent: AtomicU64,
-    pub outbox_written: AtomicU64,
-}
-
-/// The process's [`Traffic`].
-pub static TRAFFIC: Traffic = Traffic {
-    grpc_sent: AtomicU64::new(0),
-    upstream_sent: AtomicU64::new(0),
-    nats_sent: AtomicU64::new(0),
-    outbox_written: AtomicU64::new(0),
-};
+use crate::telemetry::stats::{Stats, TRAFFIC};
 
 /// Where the grid's carbon intensity comes from: an hourly file, a fixed value for the hours the
 /// file lacks (or for every hour without a file), or nothing.

@@ -1,6 +1,6 @@
 //! The admin HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is up),
 //! `/readyz` (the MQTT connection is up), and the transparency register of the running policy
-//! (see [`crate::register`]): `/transparency` (the HTML notice), `/transparency.json` and
+//! (see [`crate::governance::register`]): `/transparency` (the HTML notice), `/transparency.json` and
 //! `/processing-record` (GDPR Art. 30, Markdown).
 
 use std::net::SocketAddr;
@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::register::{Register, html};
+use crate::governance::register::{Register, html};
 
 /// Serves the admin endpoint on `listener` until `shutdown`.
 pub async fn serve(

@@ -83,9 +83,6 @@ struct Tail {
     first: Option<(u64, i64)>,
 }
 
-/// How long the audit log keeps entries when the configuration does not say: two years.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(730 * 86_400);
-
 /// The audit log of a gateway.
 #[derive(Debug)]
 pub struct AuditLog {
@@ -125,7 +122,7 @@ fn ends(path: &Path) -> io::Result<Option<(Entry, Entry, String)>> {
 impl AuditLog {
     /// Opens (or creates) the log with the default retention; see [`AuditLog::open_with`].
     pub fn open(path: &Path) -> io::Result<Self> {
-        Self::open_with(path, DEFAULT_RETENTION)
+        Self::open_with(path, crate::config::DEFAULT_AUDIT_RETENTION)
     }
 
     /// Opens (or creates) the log and finds where its chain ends. A last line without its newline
@@ -197,7 +194,7 @@ impl AuditLog {
             let mut tail = log.tail.lock().unwrap_or_else(PoisonError::into_inner);
             log.append(
                 &mut tail,
-                crate::pipeline::now_ms(),
+                crate::telemetry::clock::now_ms(),
                 "audit_segment_start",
                 serde_json::json!({
                     "previous_segment": previous_segment,
@@ -209,7 +206,7 @@ impl AuditLog {
         }
         if torn > 0 {
             log.record(
-                crate::pipeline::now_ms(),
+                crate::telemetry::clock::now_ms(),
                 "audit_tail_cut",
                 serde_json::json!({ "bytes": torn }),
             );
@@ -530,7 +527,7 @@ mod tests {
         let log = AuditLog::open(&path).unwrap();
         for i in 0..n {
             log.record(
-                crate::pipeline::now_ms() + i as i64,
+                crate::telemetry::clock::now_ms() + i as i64,
                 "purge",
                 json!({"stream": "noise", "records": i}),
             );

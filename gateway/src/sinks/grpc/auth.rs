@@ -196,44 +196,6 @@ pub fn digest_hex(token: &str) -> String {
         .collect()
 }
 
-/// Reads a private file (a key) whole. It must not be readable by group or others.
-pub fn read_private(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
-    check_private(path)?;
-    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
-}
-
-/// Reads a secret (a token) from `path`: its first line, trimmed. The file must not be readable
-/// by group or others.
-pub fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
-    check_private(path)?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    let secret = text.lines().next().unwrap_or_default().trim().to_owned();
-    if secret.is_empty() {
-        anyhow::bail!("{} is empty", path.display());
-    }
-    Ok(secret)
-}
-
-fn check_private(path: &std::path::Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(path)
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
-            .permissions()
-            .mode();
-        if mode & 0o077 != 0 {
-            anyhow::bail!(
-                "{} is readable by others (mode {:o}): it holds a secret; chmod 600 it",
-                path.display(),
-                mode & 0o777
-            );
-        }
-    }
-    Ok(())
-}
-
 /// A new random token: `hg_` and 64 hex digits (256 bits from the operating system).
 pub fn new_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
@@ -301,23 +263,6 @@ mod tests {
         // No token configured: open.
         let open = Tokens::new(&[]);
         assert!(matches!(open.check(&MetadataMap::new()), Ok(Grant::Open)));
-    }
-
-    #[test]
-    fn a_secret_file_readable_by_others_is_refused() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("token");
-        std::fs::write(&path, "hg_secret\n").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_secret(&path).unwrap_err().to_string();
-        assert!(err.contains("readable by others (mode 644)"), "{err}");
-        assert!(
-            !err.contains("hg_secret"),
-            "the secret must not be in the error"
-        );
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_secret(&path).unwrap(), "hg_secret");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! 2. decodes the payload in the stream's format; a payload that does not decode is dropped and
 //!    counted per stream;
 //! 3. runs the stream's privacy chain ([`hubgate_privacy::chain`]) with the stream's current
-//!    pseudonymisation key (see [`crate::keys`]); image and video payloads are dropped undecoded;
+//!    pseudonymisation key (see [`crate::pipeline::pseudonym_keys`]); image and video payloads are dropped undecoded;
 //! 4. stages the filtered records in the store, one append per stream per batch; for an
 //!    aggregated stream, absorbs them into the stream's open windows instead
 //!    ([`hubgate_privacy::window`]), and stages the groups each closing window releases;
@@ -28,7 +28,7 @@
 //! Windows close on the gateway's clock: after every batch, and at least twice a second when no
 //! message comes. A stream with differential-privacy noise pays for each release in the
 //! privacy-budget ledger, which is written to disk before the released records are kept (see
-//! [`crate::budget`]).
+//! [`crate::pipeline::budget`]).
 //!
 //! Open windows are checkpointed in the outbox under `window/<stream>` (a whole copy of the state)
 //! and `window/<stream>/changes` (what changed since that copy), and a restart resumes them. A
@@ -36,7 +36,7 @@
 //! windows are discarded, with a warning.
 //!
 //! Acknowledgements are handed to the MQTT connection without ever waiting on it
-//! ([`crate::ingest::Acker`]): the MQTT task may itself be waiting for room in this task's queue,
+//! ([`crate::sources::mqtt::Acker`]): the MQTT task may itself be waiting for room in this task's queue,
 //! and waiting on each other would deadlock. The acks of a turn are written to the broker together.
 //!
 //! Metrics (counted per batch): `hubgate_mqtt_messages_received_total`,
@@ -50,83 +50,35 @@
 //! `hubgate_privacy_budget_refusals_total{stream}` and
 //! `hubgate_privacy_budget_spent_today_epsilon{stream}`.
 
+pub mod budget;
+pub mod pseudonym_keys;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::ingest::{Acker, Inbound};
-use crate::ratelimit::{DeviceLimit, Limit, Limiter};
+use crate::record::{encode_body, from_proto_value, to_proto_value};
+use crate::sources::mqtt::{Acker, Inbound};
+use crate::sources::ratelimit::{DeviceLimit, Limit, Limiter};
+use crate::telemetry::clock::now_ms;
+use crate::telemetry::stats::Stats;
 use hubgate_exporters::catalogue;
 use hubgate_privacy::window::{Absorbed, WindowState};
-use hubgate_privacy::{Context, Policy, Record, Value, chain, identifiers};
+use hubgate_privacy::{Context, Policy, chain, identifiers};
 use hubgate_proto::v1;
 use metrics::{Counter, Gauge};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::AuditLog;
-use crate::budget::{BudgetFile, OsRandom};
 use crate::decode::{self, Decoder};
-use crate::keys::KeyManager;
-use crate::push::PushJob;
+use crate::governance::audit::AuditLog;
+use crate::pipeline::budget::{BudgetFile, OsRandom};
+use crate::pipeline::pseudonym_keys::KeyManager;
+use crate::sources::push::PushJob;
 use crate::store::{Bodies, CommitError, Pending, Store};
 
 /// Most messages taken from the queue at once (a turn may take several such batches).
 const BATCH: usize = 512;
-
-/// Counts of what one stream received, dropped and kept. Read by `hubgate demo` and tests; the
-/// same figures go to the metrics.
-#[derive(Debug, Default)]
-pub struct StreamStats {
-    pub messages: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub dropped_decode: AtomicU64,
-    pub dropped_media: AtomicU64,
-    pub dropped_bad_time: AtomicU64,
-    pub fields_dropped: AtomicU64,
-    pub identifiers_suppressed: AtomicU64,
-    pub pseudonymised: AtomicU64,
-    pub locations_generalised: AtomicU64,
-    pub records_kept: AtomicU64,
-    /// Encoded size of the records kept (protobuf), the bytes a subscriber receives per record.
-    pub bytes_kept: AtomicU64,
-    /// Encoded size of the field data alone in the records kept, without the envelope (stream,
-    /// sequence, time, policy hash): what is left of the payload's content.
-    pub field_bytes_kept: AtomicU64,
-    /// Aggregated streams: readings counted in a window.
-    pub readings_aggregated: AtomicU64,
-    /// Aggregated streams: readings that arrived after their window closed.
-    pub dropped_late: AtomicU64,
-    /// Aggregated streams: readings left out for another reason (see [`Absorbed`]).
-    pub dropped_aggregate: AtomicU64,
-    /// Aggregated streams: groups released as records.
-    pub groups_released: AtomicU64,
-    /// Aggregated streams: groups with fewer than k contributors, never released.
-    pub groups_suppressed: AtomicU64,
-    /// Aggregated streams: windows the privacy budget refused.
-    pub windows_refused: AtomicU64,
-}
-
-/// Counts for the whole gateway.
-#[derive(Debug)]
-pub struct Stats {
-    pub received: AtomicU64,
-    pub received_bytes: AtomicU64,
-    pub unrouted: AtomicU64,
-    /// Per stream, in policy order.
-    pub streams: Vec<StreamStats>,
-}
-
-impl Stats {
-    pub fn new(streams: usize) -> Self {
-        Self {
-            received: AtomicU64::new(0),
-            received_bytes: AtomicU64::new(0),
-            unrouted: AtomicU64::new(0),
-            streams: (0..streams).map(|_| StreamStats::default()).collect(),
-        }
-    }
-}
 
 /// Per-batch tallies for one stream, flushed to [`StreamStats`] and metrics once per batch.
 #[derive(Debug, Default)]
@@ -418,12 +370,12 @@ pub struct Pipeline {
     /// What this turn stages, until it is committed.
     pending: Pending,
     commit_failures: [Counter; 2],
-    /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::push`]).
+    /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::sources::push`]).
     push_marks: std::collections::HashMap<String, u64>,
     /// The turn being taken stages a push mark: the cache must not forget it before it is
     /// committed.
     marks_in_turn: bool,
-    /// Per-topic rate limits, when configured (see [`crate::ratelimit`]).
+    /// Per-topic rate limits, when configured (see [`crate::sources::ratelimit`]).
     topic_limiter: Option<Limiter>,
     /// Per-device rate limits and the payload field that names the device, when configured.
     device_limiter: Option<(String, Limiter)>,
@@ -490,12 +442,13 @@ impl Pipeline {
         })
     }
 
-    /// Stages the records another gateway forwarded (see [`crate::push`]): those not kept
+    /// Stages the records another gateway forwarded (see [`crate::sources::push`]): those not kept
     /// before, with the fields this gateway's policy admits. Returns the origin sequence to
     /// acknowledge once the turn is committed.
     pub fn accept_push(&mut self, job: &PushJob, now_ms: i64) -> anyhow::Result<u64> {
         let stream = &self.policy.streams()[job.stream];
-        let mark_name = crate::push::mark_name(&job.origin, &job.incarnation, &stream.name);
+        let mark_name =
+            crate::sources::push::mark_name(&job.origin, &job.incarnation, &stream.name);
         let mark = match self.push_marks.get(&mark_name) {
             Some(mark) => *mark,
             None => self
@@ -982,101 +935,6 @@ enum Routed {
     DeviceOverLimit,
 }
 
-/// Encodes a filtered record as a `hubgate.v1.Record` message without its sequence (the store
-/// assigns it, see [`crate::store::Bodies`]), byte for byte as prost would encode the message,
-/// without building it (the tests compare the two). Returns the bytes written, and those of the
-/// field data alone (without stream, time and policy hash): what a subscriber receives but the
-/// sequence, and what is left of the payload's content.
-pub fn encode_body(
-    stream: &str,
-    policy_hash: &str,
-    record: &Record,
-    buf: &mut Vec<u8>,
-) -> (usize, usize) {
-    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-    fn put_str(tag: u32, s: &str, buf: &mut Vec<u8>) {
-        encode_key(tag, WireType::LengthDelimited, buf);
-        encode_varint(s.len() as u64, buf);
-        buf.extend_from_slice(s.as_bytes());
-    }
-    fn str_len(tag: u32, s: &str) -> usize {
-        key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
-    }
-    let start = buf.len();
-    if !stream.is_empty() {
-        put_str(1, stream, buf);
-    }
-    let time = event_time(record.event_time_ms);
-    prost::encoding::message::encode(3, &time, buf);
-    if !policy_hash.is_empty() {
-        put_str(4, policy_hash, buf);
-    }
-    let fields_start = buf.len();
-    for (path, value) in &record.fields {
-        // A map entry: the key as field 1, the `Value` message as field 2.
-        let value_len = match value {
-            Value::Float(_) => key_len(1) + 8,
-            Value::Int(i) => key_len(2) + encoded_len_varint(*i as u64),
-            Value::Str(s) => str_len(3, s),
-            Value::Bool(_) => key_len(4) + 1,
-        };
-        let key = if path.is_empty() { 0 } else { str_len(1, path) };
-        let entry_len = key + key_len(2) + encoded_len_varint(value_len as u64) + value_len;
-        encode_key(5, WireType::LengthDelimited, buf);
-        encode_varint(entry_len as u64, buf);
-        if !path.is_empty() {
-            put_str(1, path, buf);
-        }
-        encode_key(2, WireType::LengthDelimited, buf);
-        encode_varint(value_len as u64, buf);
-        match value {
-            Value::Float(f) => {
-                encode_key(1, WireType::SixtyFourBit, buf);
-                buf.extend_from_slice(&f.to_le_bytes());
-            }
-            Value::Int(i) => {
-                encode_key(2, WireType::Varint, buf);
-                encode_varint(*i as u64, buf);
-            }
-            Value::Str(s) => put_str(3, s, buf),
-            Value::Bool(b) => {
-                encode_key(4, WireType::Varint, buf);
-                buf.push(u8::from(*b));
-            }
-        }
-    }
-    (buf.len() - start, buf.len() - fields_start)
-}
-
-/// An event time in milliseconds as a protobuf timestamp.
-fn event_time(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
-fn from_proto_value(value: v1::Value) -> Option<Value> {
-    use v1::value::Kind;
-    Some(match value.kind? {
-        Kind::IntValue(i) => Value::Int(i),
-        Kind::DoubleValue(f) => Value::Float(f),
-        Kind::StringValue(s) => Value::Str(s.into()),
-        Kind::BoolValue(b) => Value::Bool(b),
-    })
-}
-
-fn to_proto_value(value: Value) -> v1::Value {
-    use v1::value::Kind;
-    let kind = match value {
-        Value::Int(i) => Kind::IntValue(i),
-        Value::Float(f) => Kind::DoubleValue(f),
-        Value::Str(s) => Kind::StringValue(s.into_string()),
-        Value::Bool(b) => Kind::BoolValue(b),
-    };
-    v1::Value { kind: Some(kind) }
-}
-
 /// Most messages in one turn. Once a turn holds this many, or a quarter of `store.max_bytes` of
 /// records, it takes no more: the rest wait in the queue for the next (when the queue is full, the
 /// MQTT connection stops reading).
@@ -1201,7 +1059,7 @@ impl Spacing {
 }
 
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
-/// forward (see [`crate::push`]). Fails only if the commit thread dies.
+/// forward (see [`crate::sources::push`]). Fails only if the commit thread dies.
 ///
 /// Turns are committed on a thread of their own ([`Committer`]); the messages that come while a
 /// commit is written wait in the queue, and are the next turn. Commits start at least
@@ -1414,48 +1272,12 @@ fn commit_until_done(
     }
 }
 
-/// Milliseconds since the Unix epoch, from the system clock.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::outbox::SledOutbox;
-    use proptest::prelude::*;
-    use prost::Message as _;
+    use hubgate_privacy::{Record, Value};
     use rumqttc::Publish;
-
-    /// A filtered record in its gRPC form, built as a message (sequence 0).
-    fn to_proto(stream: &str, policy_hash: &str, record: Record) -> v1::Record {
-        v1::Record {
-            stream: stream.to_owned(),
-            sequence: 0,
-            event_time: Some(event_time(record.event_time_ms)),
-            policy_hash: policy_hash.to_owned(),
-            fields: record
-                .fields
-                .into_iter()
-                .map(|(path, value)| (path.into_string(), to_proto_value(value)))
-                .collect(),
-            origin: String::new(),
-            origin_sequence: 0,
-        }
-    }
-
-    fn value() -> impl Strategy<Value = Value> {
-        prop_oneof![
-            any::<i64>().prop_map(Value::Int),
-            any::<f64>()
-                .prop_filter("comparable", |f| !f.is_nan())
-                .prop_map(Value::Float),
-            ".{0,40}".prop_map(|s| Value::Str(s.into())),
-            any::<bool>().prop_map(Value::Bool),
-        ]
-    }
 
     #[test]
     fn window_checkpoints_are_binary_and_those_written_as_json_still_resume() {
@@ -1513,37 +1335,6 @@ readings = "count"
             &json[..json.len() - 1],
         ] {
             assert!(Checkpoint::decode(damaged).is_err());
-        }
-    }
-
-    proptest! {
-        /// The hand-written encoding decodes to the message prost would have encoded, with the
-        /// same sizes.
-        #[test]
-        fn encode_body_is_the_record_message(
-            stream in "[a-z_]{0,12}",
-            hash in "[0-9a-f]{0,64}",
-            time in any::<i64>(),
-            fields in proptest::collection::btree_map("[a-z.]{0,12}", value(), 0..8),
-        ) {
-            let record = Record {
-                event_time_ms: time,
-                fields: fields.into_iter().map(|(p, v)| (p.into(), v)).collect(),
-            };
-            let mut buf = vec![7];
-            let (bytes, field_bytes) = encode_body(&stream, &hash, &record, &mut buf);
-            prop_assert_eq!(buf[0], 7, "what the buffer held is kept");
-            let want = to_proto(&stream, &hash, record);
-            prop_assert_eq!(bytes, want.encoded_len());
-            prop_assert_eq!(bytes, buf.len() - 1);
-            let fields_len = prost::encoding::hash_map::encoded_len(
-                prost::encoding::string::encoded_len,
-                prost::encoding::message::encoded_len,
-                5,
-                &want.fields,
-            );
-            prop_assert_eq!(field_bytes, fields_len);
-            prop_assert_eq!(v1::Record::decode(&buf[1..]).expect("decodes"), want);
         }
     }
 
@@ -1630,7 +1421,7 @@ v = "keep"
         let (pipeline, store) = pipeline_for(POLICY, dir.path());
         let (queue_tx, queue_rx) = mpsc::channel(64);
         let (_push_tx, push_rx) = mpsc::channel(1);
-        let acks = crate::ingest::AckQueue::default();
+        let acks = crate::sources::mqtt::AckQueue::default();
         let (acker, woke) = Acker::noting(acks.clone());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(

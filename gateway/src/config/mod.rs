@@ -28,7 +28,7 @@ use serde::{Deserialize, Deserializer};
 
 /// The embedded default configuration: a small district's policy, used by `hubgate run` without a
 /// config file and by `hubgate demo`.
-pub const DEFAULT_CONFIG: &str = include_str!("default_config.toml");
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ pub struct Config {
     pub policy: Policy,
 }
 
-/// The audit log's own settings (see [`crate::audit`]).
+/// The audit log's own settings (see [`crate::governance::audit`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
@@ -59,12 +59,15 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
-            retention: crate::audit::DEFAULT_RETENTION,
+            retention: DEFAULT_AUDIT_RETENTION,
         }
     }
 }
 
-/// Who runs the hub and where, for the transparency register (see [`crate::register`]).
+/// How long the audit log keeps entries when the configuration does not say: two years.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(730 * 86_400);
+
+/// Who runs the hub and where, for the transparency register (see [`crate::governance::register`]).
 #[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegisterConfig {
@@ -166,7 +169,7 @@ impl FootprintConfig {
     }
 }
 
-/// An upstream hub that receives this gateway's records (gRPC `Push`); see [`crate::upstream`].
+/// An upstream hub that receives this gateway's records (gRPC `Push`); see [`crate::sinks::upstream`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -218,7 +221,7 @@ impl UpstreamConfig {
     }
 }
 
-/// A NATS JetStream server the filtered streams are published to; see [`crate::nats`].
+/// A NATS JetStream server the filtered streams are published to; see [`crate::sinks::nats`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsConfig {
@@ -274,7 +277,7 @@ pub enum NatsPayload {
     /// `hubgate.v1.Record` in protobuf, as Subscribe sends it.
     #[default]
     Protobuf,
-    /// An NGSI-LD entity in JSON, normalised form (see [`crate::ngsi_ld`]).
+    /// An NGSI-LD entity in JSON, normalised form (see [`crate::sinks::ngsi_ld`]).
     NgsiLd,
 }
 
@@ -317,17 +320,17 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Largest message payload accepted; larger messages are dropped on arrival and counted
     /// (`hubgate_mqtt_messages_oversized_total`). Packets beyond the read limit
-    /// ([`crate::ingest::read_limit`]) cannot be read at all: cap the broker's packet size below it.
+    /// ([`crate::sources::mqtt::read_limit`]) cannot be read at all: cap the broker's packet size below it.
     pub max_packet_bytes: usize,
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.
     pub queue_capacity: usize,
     /// Messages per second each topic may send (and its burst); more are dropped and counted.
     /// Off when absent.
-    pub rate_limit: Option<crate::ratelimit::Limit>,
+    pub rate_limit: Option<Limit>,
     /// Messages per second each device may send, the device named by a payload field; more are
     /// dropped and counted. Off when absent.
-    pub device_rate_limit: Option<crate::ratelimit::DeviceLimit>,
+    pub device_rate_limit: Option<DeviceLimit>,
     /// TLS to the broker (`mqtts`, usually port 8883).
     pub tls: Option<MqttTlsConfig>,
     /// User name at the broker, if it wants one.
@@ -382,7 +385,7 @@ pub struct GrpcConfig {
     /// Streams one Subscribe call may follow, at most (each is followed by a task of its own);
     /// more are refused (`RESOURCE_EXHAUSTED`).
     pub max_streams_per_subscription: usize,
-    /// Clients' bearer tokens, by digest, with their scopes (see [`crate::auth`]). None: the API
+    /// Clients' bearer tokens, by digest, with their scopes (see [`crate::sinks::grpc::auth`]). None: the API
     /// is open.
     #[serde(rename = "token")]
     pub tokens: Vec<TokenConfig>,
@@ -601,6 +604,43 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
             "invalid duration '{text}' (write e.g. \"30s\"): {e}"
         ))
     })
+}
+
+/// The limit: a sustained rate and a burst, per topic or device.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limit {
+    /// Messages per second each topic or device may sustain.
+    pub per_second: f64,
+    /// Messages a topic or device may send at once after a quiet spell.
+    pub burst: f64,
+}
+
+impl Limit {
+    /// Whether the limit can be met: a positive, finite rate and a burst of at least one.
+    pub fn is_valid(&self) -> bool {
+        self.per_second.is_finite() && self.per_second > 0.0 && self.burst >= 1.0
+    }
+}
+
+/// `mqtt.device_rate_limit`: a limit per device, the device named by a payload field.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceLimit {
+    /// The payload field that names the device (a flattened path such as `device.id`).
+    /// Readings without it are held only to their topic's limit.
+    pub field: String,
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+impl DeviceLimit {
+    pub fn limit(&self) -> Limit {
+        Limit {
+            per_second: self.per_second,
+            burst: self.burst,
+        }
+    }
 }
 
 /// A configuration that was rejected, with every problem found.
@@ -1294,7 +1334,7 @@ mod tests {
     #[test]
     fn the_audit_retention_is_read_and_checked() {
         let (config, _) = parse(DEFAULT_CONFIG).unwrap();
-        assert_eq!(config.audit.retention, crate::audit::DEFAULT_RETENTION);
+        assert_eq!(config.audit.retention, DEFAULT_AUDIT_RETENTION);
         let (config, _) =
             parse(&format!("[audit]\nretention = \"400d\"\n{DEFAULT_CONFIG}")).unwrap();
         assert_eq!(config.audit.retention.as_secs(), 400 * 86_400);

@@ -49,7 +49,7 @@
 //!
 //! The body is sealed (ChaCha20-Poly1305, nonce = the batch's first sequence) under a data key of
 //! the stream, kept in `keys` beside the engine's files, and a purge destroys the keys that no
-//! longer seal anything held ([`crate::datakeys`]). Neither engine overwrites what it deletes:
+//! longer seal anything held ([`crate::outbox::data_keys`]). Neither engine overwrites what it deletes:
 //! without this, most purged records could still be read from the files (both engines, in a
 //! test). With it, a purged record is unreadable once its key goes; the store purges early enough
 //! that this happens before the record's retention ends ([`crate::store`]).
@@ -64,7 +64,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::datakeys::{self, DataKeys};
+pub mod data_keys;
+
+use data_keys::DataKeys;
 
 #[cfg(feature = "redb")]
 mod on_redb;
@@ -121,7 +123,7 @@ pub struct Append {
     pub first: u64,
     /// When the records were kept (Unix ms): retention counts from here.
     pub kept_ms: i64,
-    /// How long one data key of the stream seals (see [`datakeys::rotation`]).
+    /// How long one data key of the stream seals (see [`data_keys::rotation`]).
     pub key_period: Duration,
     /// Encoded records, shared with the store's memory tail.
     pub records: Vec<bytes::Bytes>,
@@ -310,7 +312,7 @@ fn seq_of(key: &[u8]) -> u64 {
 }
 
 fn batch_len(records: &[bytes::Bytes]) -> usize {
-    HEADER + datakeys::OVERHEAD + records.iter().map(|r| 4 + r.len()).sum::<usize>()
+    HEADER + data_keys::OVERHEAD + records.iter().map(|r| 4 + r.len()).sum::<usize>()
 }
 
 /// The keys of an outbox, shared by both engines: the directory's key file, behind a lock that a
@@ -368,14 +370,14 @@ impl Vault {
         };
         counters.insert(name.to_owned(), counter + 1);
         // The state is copied into the value once, and sealed where it is.
-        let mut value = Vec::with_capacity(9 + bytes.len() + datakeys::OVERHEAD);
+        let mut value = Vec::with_capacity(9 + bytes.len() + data_keys::OVERHEAD);
         value.push(CHECKPOINT_VERSION);
         value.extend_from_slice(&counter.to_be_bytes());
         value.extend_from_slice(bytes);
         if let Err(err) = keys.seal_in_place(
             &checkpoint_series(name),
             counter,
-            crate::pipeline::now_ms(),
+            crate::telemetry::clock::now_ms(),
             CHECKPOINT_KEY_PERIOD,
             &mut value,
             9,

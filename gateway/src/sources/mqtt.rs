@@ -215,40 +215,8 @@ async fn write_acks(
 /// How the gateway logs in to the broker: the password and the TLS settings, read from their files.
 #[derive(Debug, Default)]
 pub struct Login {
-    password: Option<String>,
-    tls: Option<TlsConfiguration>,
-}
-
-/// Reads the broker login: the password from `mqtt.password_file` (which must not be readable by
-/// group or others) or the environment variable `HUBGATE_MQTT_PASSWORD`, and the `[mqtt.tls]`
-/// files.
-pub fn login(config: &MqttConfig) -> anyhow::Result<Login> {
-    let password = match &config.password_file {
-        Some(path) => Some(crate::auth::read_secret(path)?),
-        None => std::env::var("HUBGATE_MQTT_PASSWORD")
-            .ok()
-            .filter(|p| !p.is_empty()),
-    };
-    let tls = match &config.tls {
-        None => None,
-        Some(tls) => {
-            crate::install_crypto_provider();
-            let read = |path: &std::path::Path| {
-                std::fs::read(path)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
-            };
-            let client_auth = match (&tls.cert_file, &tls.key_file) {
-                (Some(cert), Some(key)) => Some((read(cert)?, crate::auth::read_private(key)?)),
-                _ => None,
-            };
-            Some(TlsConfiguration::Simple {
-                ca: read(&tls.ca_file)?,
-                alpn: None,
-                client_auth,
-            })
-        }
-    };
-    Ok(Login { password, tls })
+    pub password: Option<String>,
+    pub tls: Option<TlsConfiguration>,
 }
 
 /// Creates the client and its event loop, with hubgate's settings and `login`.

@@ -152,7 +152,7 @@ pub fn main() -> ExitCode {
         } => return audit_verify(&files),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
-            runtime(None).and_then(|rt| rt.block_on(crate::demo::run(seconds, rate)))
+            runtime(None).and_then(|rt| rt.block_on(crate::tools::demo::run(seconds, rate)))
         }
     };
     match result {
@@ -165,7 +165,7 @@ pub fn main() -> ExitCode {
 }
 
 fn audit_verify(files: &[PathBuf]) -> ExitCode {
-    let verdicts = match crate::audit::verify_files(files) {
+    let verdicts = match crate::governance::audit::verify_files(files) {
         Ok(verdicts) => verdicts,
         Err(err) => {
             eprintln!("hubgate: error: cannot read the audit log: {err}");
@@ -175,7 +175,7 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
     let mut intact = true;
     for (file, verdict) in files.iter().zip(verdicts) {
         match verdict {
-            crate::audit::Verdict::Intact {
+            crate::governance::audit::Verdict::Intact {
                 entries,
                 last_hash,
                 continues,
@@ -188,7 +188,7 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
                     file.display()
                 );
             }
-            crate::audit::Verdict::Broken { line, reason } => {
+            crate::governance::audit::Verdict::Broken { line, reason } => {
                 println!("{}:{line}: broken: {reason}", file.display());
                 intact = false;
             }
@@ -254,14 +254,14 @@ fn token(action: TokenAction) -> anyhow::Result<()> {
             footprint,
             push,
         } => {
-            let token = crate::auth::new_token()?;
+            let token = crate::sinks::grpc::auth::new_token()?;
             eprintln!("The token, for the client only (it is stored nowhere; keep it secret):");
             println!("{token}");
             eprintln!("\nFor the gateway's configuration:\n");
             let streams: Vec<String> = streams.iter().map(|s| format!("{s:?}")).collect();
             eprintln!(
                 "[[grpc.token]]\nname = {name:?}\nsha256 = \"{}\"\nstreams = [{}]\npolicy = {policy}\nfootprint = {footprint}\npush = {push}",
-                crate::auth::digest_hex(&token),
+                crate::sinks::grpc::auth::digest_hex(&token),
                 streams.join(", ")
             );
         }
@@ -270,7 +270,7 @@ fn token(action: TokenAction) -> anyhow::Result<()> {
             std::io::stdin().read_line(&mut line)?;
             let token = line.trim();
             anyhow::ensure!(!token.is_empty(), "no token on standard input");
-            println!("{}", crate::auth::digest_hex(token));
+            println!("{}", crate::sinks::grpc::auth::digest_hex(token));
         }
     }
     Ok(())
@@ -289,7 +289,7 @@ fn explain(config_path: Option<&Path>, format: ExplainFormat) -> anyhow::Result<
         }
     };
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
-    let register = crate::register::Register::new(&config, &now);
+    let register = crate::governance::register::Register::new(&config, &now);
     match format {
         ExplainFormat::Text => print!("{}", register.to_text()),
         ExplainFormat::Json => println!("{}", register.to_json()),
@@ -299,7 +299,10 @@ fn explain(config_path: Option<&Path>, format: ExplainFormat) -> anyhow::Result<
                 .public_url
                 .clone()
                 .unwrap_or_else(|| format!("http://{}/transparency", config.admin.listen));
-            print!("{}", crate::register::html::render(&register, &url));
+            print!(
+                "{}",
+                crate::governance::register::html::render(&register, &url)
+            );
         }
     }
     Ok(())
@@ -313,12 +316,12 @@ fn dry_run(config_path: &Path, input: &Path, against: Option<&Path>) -> anyhow::
         std::fs::File::open(input).with_context(|| format!("cannot read {}", input.display()))?;
     let samples = std::io::BufReader::new(file);
     let report = match against {
-        None => crate::dry_run::run(&config.policy, samples)?,
+        None => crate::tools::dry_run::run(&config.policy, samples)?,
         Some(old_path) => {
             let Some(old) = load(old_path)? else {
                 anyhow::bail!("{} has errors (see above)", old_path.display());
             };
-            crate::dry_run::diff(&old.policy, &config.policy, samples)?
+            crate::tools::dry_run::diff(&old.policy, &config.policy, samples)?
         }
     };
     print!("{report}");
@@ -341,7 +344,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
             Ok((config, warnings)) => {
                 let streams = config.policy.streams().len();
                 // The files the config names, read as the gateway would at start.
-                let files = crate::check_files(&config);
+                let files = crate::app::check_files(&config);
                 match files {
                     Ok(_) => (warnings, Ok((config.policy.hash_hex(), streams))),
                     Err(err) => {
@@ -389,22 +392,22 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         },
         None => embedded_default()?,
     };
-    let process = crate::Process::bind(&config)?;
+    let process = crate::app::Process::bind(&config)?;
     let mut signals = Signals::new()?;
-    let mut why = crate::Start::Fresh;
+    let mut why = crate::app::Start::Fresh;
     let mut announced = false;
     // The configuration that ran before a reload, to go back to if the new one cannot start.
     let mut previous: Option<Config> = None;
     loop {
         let shutdown = CancellationToken::new();
         let started =
-            crate::start_in(&process, config.clone(), why.clone(), shutdown.clone()).await;
+            crate::app::start_in(&process, config.clone(), why.clone(), shutdown.clone()).await;
         let gateway = match (started, previous.take()) {
             (Ok(gateway), _) => gateway,
             (Err(err), Some(before)) => {
                 let error = format!("{err:#}");
                 tracing::error!(%error, "the reloaded configuration cannot start; the previous one runs again");
-                why = crate::Start::Revert {
+                why = crate::app::Start::Revert {
                     failed_policy_hash: config.policy.hash_hex(),
                     error,
                 };
@@ -448,7 +451,7 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
                             Err(rejected) => {
                                 tracing::warn!(errors = rejected.errors, first = %rejected.first, "SIGHUP: the new configuration is rejected; the running policy stays");
                                 audit.record(
-                                    crate::pipeline::now_ms(),
+                                    crate::telemetry::clock::now_ms(),
                                     "policy_rejected",
                                     serde_json::json!({
                                         "running_policy_hash": running_hash,
@@ -470,7 +473,7 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         shutdown.cancel();
         wait.await?;
         drop(audit);
-        why = crate::Start::Reload {
+        why = crate::app::Start::Reload {
             previous_policy_hash: running_hash,
         };
         previous = Some(std::mem::replace(&mut config, next));
@@ -536,7 +539,7 @@ fn reload(path: &Path, running: &Config) -> Result<Config, Rejected> {
             ),
         });
     }
-    if let Err(err) = crate::check_files(&config) {
+    if let Err(err) = crate::app::check_files(&config) {
         return Err(Rejected {
             errors: 1,
             first: format!("{name}: {err:#}"),
@@ -601,7 +604,7 @@ impl Signals {
 fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> {
     let (mut config, _) = config::parse(config::DEFAULT_CONFIG)
         .map_err(|_| anyhow::anyhow!("the embedded default configuration is invalid"))?;
-    let addr = crate::broker::start(crate::broker::DEFAULT_ADDR)?;
+    let addr = crate::tools::broker::start(crate::tools::broker::DEFAULT_ADDR)?;
     config.mqtt.host = addr.ip().to_string();
     config.mqtt.port = addr.port();
     // Without a config file there is nothing to edit: take a free port when a default one is taken.

@@ -19,45 +19,10 @@ use std::hash::{BuildHasher, Hash, RandomState};
 
 use hubgate_privacy::value::Value;
 
+pub use crate::config::{DeviceLimit, Limit};
+
 /// Most topics, or device ids, tracked at once.
 pub const MAX_KEYS: usize = 65_536;
-
-/// The limit: a sustained rate and a burst, per topic or device.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limit {
-    /// Messages per second each topic or device may sustain.
-    pub per_second: f64,
-    /// Messages a topic or device may send at once after a quiet spell.
-    pub burst: f64,
-}
-
-impl Limit {
-    /// Whether the limit can be met: a positive, finite rate and a burst of at least one.
-    pub fn is_valid(&self) -> bool {
-        self.per_second.is_finite() && self.per_second > 0.0 && self.burst >= 1.0
-    }
-}
-
-/// `mqtt.device_rate_limit`: a limit per device, the device named by a payload field.
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceLimit {
-    /// The payload field that names the device (a flattened path such as `device.id`).
-    /// Readings without it are held only to their topic's limit.
-    pub field: String,
-    pub per_second: f64,
-    pub burst: f64,
-}
-
-impl DeviceLimit {
-    pub fn limit(&self) -> Limit {
-        Limit {
-            per_second: self.per_second,
-            burst: self.burst,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {

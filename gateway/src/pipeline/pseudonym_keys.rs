@@ -27,12 +27,15 @@ struct StreamKey {
 #[derive(Debug)]
 pub struct KeyManager {
     streams: Vec<Option<StreamKey>>,
-    audit: Option<std::sync::Arc<crate::audit::AuditLog>>,
+    audit: Option<std::sync::Arc<crate::governance::audit::AuditLog>>,
 }
 
 impl KeyManager {
     /// Keys for `policy`'s streams; rotations and destructions go to `audit` when given.
-    pub fn new(policy: &Policy, audit: Option<std::sync::Arc<crate::audit::AuditLog>>) -> Self {
+    pub fn new(
+        policy: &Policy,
+        audit: Option<std::sync::Arc<crate::governance::audit::AuditLog>>,
+    ) -> Self {
         let streams = policy
             .streams()
             .iter()

@@ -9,13 +9,13 @@
 //! once when they were kept ([`SubscribeCodec`]), whatever the number of subscribers.
 //!
 //! Push: one task per call reads the origin's requests, validates each and waits for the pipeline
-//! to commit it before answering (see [`crate::push`]); a slow commit slows only that origin.
+//! to commit it before answering (see [`crate::sources::push`]); a slow commit slows only that origin.
 //!
 //! GetPolicy: the running policy (canonical JSON) and its transparency register (see
-//! [`crate::register`]).
+//! [`crate::governance::register`]).
 //!
 //! GetFootprint and WatchFootprint: the footprint meter's latest figures, and each new sample (see
-//! [`crate::footprint`]).
+//! [`crate::governance::footprint`]).
 //!
 //! Metrics: `hubgate_grpc_subscribers`, `hubgate_grpc_records_sent_total{stream}`,
 //! `hubgate_grpc_sent_bytes_total{stream}`.
@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::{BufMut, Bytes};
 use hubgate_exporters::catalogue;
 use hubgate_privacy::Policy;
+pub mod auth;
+
 use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
 use prost::Message as _;
@@ -39,13 +41,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::NamedService;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Scope, Tokens};
-use crate::push::{self, PushJob};
-use crate::register::Register;
+use crate::governance::register::Register;
+use crate::sources::push::{self, PushJob};
 use crate::store::Store;
+use auth::{Scope, Tokens};
 
 /// Records read from the store per turn of a follower.
 const READ_BATCH: usize = 256;
@@ -61,7 +63,7 @@ pub struct GatewayService {
     pushed: mpsc::Sender<PushJob>,
     /// The footprint meter's latest figures.
     footprint: watch::Receiver<v1::Footprint>,
-    /// Who may call (see [`crate::auth`]).
+    /// Who may call (see [`crate::sinks::grpc::auth`]).
     tokens: Arc<Tokens>,
     /// Subscribe and WatchFootprint calls open now, and the most allowed.
     subscribers: Places,
@@ -108,7 +110,7 @@ impl GatewayService {
                 .filter(|&i| grant.stream(&self.policy.streams()[i].name))
                 .collect();
             if all.is_empty() {
-                return Err(crate::auth::out_of_scope());
+                return Err(auth::out_of_scope());
             }
             all
         } else {
@@ -116,7 +118,7 @@ impl GatewayService {
             for name in &req.streams {
                 // Out of scope is refused alike whether the stream exists or not.
                 if !grant.stream(name) {
-                    return Err(crate::auth::out_of_scope());
+                    return Err(auth::out_of_scope());
                 }
                 let Some(i) = self.policy.streams().iter().position(|s| &s.name == name) else {
                     return Err(Status::not_found("no such stream"));
@@ -326,7 +328,7 @@ impl Gateway for GatewayService {
                     },
                 };
                 if !grant.stream(&request.stream) || !grant.origin(&request.origin) {
-                    send_or_stop(&tx, Err(crate::auth::out_of_scope()), &shutdown).await;
+                    send_or_stop(&tx, Err(auth::out_of_scope()), &shutdown).await;
                     return;
                 }
                 let stream = match push::validate(&policy, &request) {
@@ -459,7 +461,7 @@ impl Follower {
             }
             self.sent.increment(count);
             self.sent_bytes.increment(bytes);
-            crate::footprint::TRAFFIC
+            crate::telemetry::stats::TRAFFIC
                 .grpc_sent
                 .fetch_add(bytes, Ordering::Relaxed);
             self.cursor = batch.next;
@@ -611,25 +613,6 @@ where
             Ok(grpc.server_streaming(call, request).await)
         })
     }
-}
-
-/// The server's TLS settings from `[grpc.tls]`: its certificate and key, and the CA its clients'
-/// certificates must be signed by when mutual TLS is on.
-pub fn server_tls(config: &crate::config::TlsConfig) -> anyhow::Result<ServerTlsConfig> {
-    let cert = std::fs::read(&config.cert_file)
-        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.cert_file.display()))?;
-    let key = crate::auth::read_private(&config.key_file)?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if let Some(ca) = &config.client_ca_file {
-        let ca =
-            std::fs::read(ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?;
-        tls = tls.client_ca_root(Certificate::from_pem(ca));
-    }
-    // Parse the files now, so that a bad certificate or key stops a start or a reload here.
-    tonic::transport::Server::builder()
-        .tls_config(tls.clone())
-        .map_err(|e| anyhow::anyhow!("[grpc.tls] cannot be used: {e}"))?;
-    Ok(tls)
 }
 
 /// Serves the gRPC API on `listener` until `shutdown`, over TLS when `tls` is given.

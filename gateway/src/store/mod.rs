@@ -26,10 +26,10 @@
 //!   messages until retention frees room. The only excess: one turn's records larger than the
 //!   whole cap are written to an empty outbox.
 //!
-//! The outbox seals records under data keys that purges destroy ([`crate::datakeys`]), so no
+//! The outbox seals records under data keys that purges destroy ([`crate::outbox::data_keys`]), so no
 //! record is readable on disk past its retention limit either.
 //!
-//! Each purge and key destruction is an entry of the audit log ([`crate::audit`]: stream, reason,
+//! Each purge and key destruction is an entry of the audit log ([`crate::governance::audit`]: stream, reason,
 //! record count, sequence range and time range), never with record content.
 //!
 //! Metrics: `hubgate_store_records_purged_total{stream, reason}`,
@@ -48,15 +48,13 @@ use metrics::{Counter, Gauge};
 use prost::Message as _;
 use tokio::sync::watch;
 
-use crate::audit::AuditLog;
 use crate::config::{OnFull, StoreConfig};
+use crate::governance::audit::AuditLog;
 use crate::outbox::{Append, Commit, Outbox, OutboxError, Purged};
-use crate::pipeline::now_ms;
+use crate::record::SEQUENCE_FIELD;
+use crate::telemetry::clock::now_ms;
 
-/// Field number of `sequence` in `hubgate.v1.Record`.
-const SEQUENCE_FIELD: u32 = 2;
-
-/// How often [`Store::purge_expired_all`] runs (see `crate::start`).
+/// How often [`Store::purge_expired_all`] runs (see `crate::app::start`).
 pub const PURGE_TICK_MS: i64 = 1_000;
 
 /// A record in the store, with when it was kept: the encoded `hubgate.v1.Record`, as the outbox
@@ -257,7 +255,7 @@ impl Store {
                 }),
                 staged: AtomicU64::new(next),
                 retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-                key_period: crate::datakeys::rotation(retention),
+                key_period: crate::outbox::data_keys::rotation(retention),
                 tip: watch::channel(next - 1).0,
                 purged_retention: counter("retention"),
                 purged_capacity: counter("capacity"),
@@ -400,7 +398,7 @@ impl Store {
         self.bytes_held.set(self.outbox.record_bytes() as f64);
         self.bytes_written.increment(need);
         self.commits.increment(1);
-        crate::footprint::TRAFFIC
+        crate::telemetry::stats::TRAFFIC
             .outbox_written
             .fetch_add(need, Ordering::Relaxed);
         for (index, records) in std::mem::take(&mut pending.records) {

@@ -2,7 +2,7 @@
 //!
 //! Each published stream `s` goes to the subject `<subject_prefix>.s`, one message per record: the
 //! record in protobuf (`hubgate.v1.Record`, the same message Subscribe sends), or with
-//! `payload = "ngsi_ld"` as an NGSI-LD entity in JSON ([`crate::ngsi_ld`]), with headers
+//! `payload = "ngsi_ld"` as an NGSI-LD entity in JSON ([`crate::sinks::ngsi_ld`]), with headers
 //!
 //! - `Nats-Msg-Id: <incarnation>-<stream>-<sequence>`, JetStream's de-duplication id;
 //! - `Hubgate-Stream`, `Hubgate-Sequence`, `Hubgate-Type` (`hubgate.v1.Record` or `ngsi-ld`) and
@@ -38,7 +38,7 @@ use metrics::{Counter, Gauge};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NatsConfig, NatsPayload};
-use crate::position::{Backoff, Position, SAVE_EVERY};
+use crate::sinks::position::{Backoff, Position, SAVE_EVERY};
 use crate::store::Store;
 
 /// Longest wait for new records before looking again.
@@ -51,7 +51,7 @@ const READ_BATCH: usize = 256;
 /// What the exporter authenticates with. The token is never shown by `Debug`.
 #[derive(Clone, Default)]
 pub struct Credentials {
-    token: Option<String>,
+    pub token: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -60,24 +60,6 @@ impl std::fmt::Debug for Credentials {
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .finish()
     }
-}
-
-/// Reads the files `config` names (the token file must not be readable by group or others).
-pub fn credentials(config: &NatsConfig) -> anyhow::Result<Credentials> {
-    if let Some(ca) = &config.ca_file {
-        std::fs::metadata(ca).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?;
-    }
-    let token = config
-        .token_file
-        .as_deref()
-        .map(crate::auth::read_secret)
-        .transpose()?;
-    if token.is_some() && config.url.starts_with("nats://") {
-        tracing::warn!(
-            "the NATS token is sent without TLS (a nats:// url): use tls:// outside a trusted network"
-        );
-    }
-    Ok(Credentials { token })
 }
 
 /// One published stream.
@@ -391,7 +373,7 @@ async fn publish(
                             sent = sequence;
                             continue;
                         };
-                        serde_json::to_vec(&crate::ngsi_ld::entity(&record, incarnation))
+                        serde_json::to_vec(&crate::sinks::ngsi_ld::entity(&record, incarnation))
                             .unwrap_or_default()
                             .into()
                     }
@@ -404,7 +386,7 @@ async fn publish(
                 };
                 s.published.increment(1);
                 s.sent_bytes.increment(bytes);
-                crate::footprint::TRAFFIC
+                crate::telemetry::stats::TRAFFIC
                     .nats_sent
                     .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 pending.push_back((sequence, ack));

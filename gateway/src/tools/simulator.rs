@@ -218,7 +218,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             _ = interval.tick() => {}
         }
-        let now_s = crate::pipeline::now_ms() as f64 / 1000.0;
+        let now_s = crate::telemetry::clock::now_ms() as f64 / 1000.0;
         for _ in 0..per_tick {
             let (topic, payload) = {
                 let mut sent = sent.lock().unwrap_or_else(PoisonError::into_inner);

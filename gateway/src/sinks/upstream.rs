@@ -39,10 +39,10 @@ use metrics::{Counter, Gauge};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+use tonic::transport::ClientTlsConfig;
 
 use crate::config::UpstreamConfig;
-use crate::position::{Backoff, Position, SAVE_EVERY};
+use crate::sinks::position::{Backoff, Position, SAVE_EVERY};
 use crate::store::Store;
 
 /// Settings every stream's call shares.
@@ -111,66 +111,6 @@ pub struct Credentials {
     pub authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     /// TLS for an `https://` endpoint.
     pub tls: Option<ClientTlsConfig>,
-}
-
-/// The credentials `config` names, read and checked (private files must not be readable by
-/// group or others).
-pub fn credentials(config: &UpstreamConfig) -> anyhow::Result<Credentials> {
-    let tls = if config.endpoint.starts_with("https://") {
-        let mut tls = ClientTlsConfig::new();
-        tls = match &config.ca_file {
-            Some(ca) => tls.ca_certificate(Certificate::from_pem(
-                std::fs::read(ca)
-                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", ca.display()))?,
-            )),
-            None => tls.with_webpki_roots(),
-        };
-        if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
-            let cert = std::fs::read(cert)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", cert.display()))?;
-            tls = tls.identity(Identity::from_pem(cert, crate::auth::read_private(key)?));
-        }
-        // Parse the files now, so that a bad certificate or key stops a start or a reload here.
-        tonic::transport::Endpoint::from_shared(config.endpoint.clone())?
-            .tls_config(tls.clone())
-            .map_err(|e| anyhow::anyhow!("the upstream TLS settings cannot be used: {e}"))?;
-        Some(tls)
-    } else {
-        None
-    };
-    Ok(Credentials {
-        authorization: authorization(config)?,
-        tls,
-    })
-}
-
-/// The `authorization` value to send the hub: the token from `token_file`, or from the
-/// environment variable `HUBGATE_UPSTREAM_TOKEN`, if either is set.
-fn authorization(
-    config: &UpstreamConfig,
-) -> anyhow::Result<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>> {
-    let token = match &config.token_file {
-        Some(path) => Some(crate::auth::read_secret(path)?),
-        None => std::env::var("HUBGATE_UPSTREAM_TOKEN")
-            .ok()
-            .filter(|t| !t.trim().is_empty()),
-    };
-    if token.is_some() && config.endpoint.starts_with("http://") {
-        tracing::warn!(
-            "the upstream token is sent without TLS (an http:// endpoint): use https:// outside a trusted network"
-        );
-    }
-    token
-        .map(|t| {
-            let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-                format!("Bearer {}", t.trim()).parse().map_err(|_| {
-                    anyhow::anyhow!("the upstream token holds characters a header cannot")
-                })?;
-            // Never indexed by HPACK, never shown by Debug.
-            value.set_sensitive(true);
-            Ok(value)
-        })
-        .transpose()
 }
 
 /// Forwards the configured streams until `shutdown`, with `credentials`.
@@ -313,7 +253,7 @@ async fn call(
                 Ok(()) => {
                     s.sent_total.increment(count);
                     s.sent_bytes.increment(bytes);
-                    crate::footprint::TRAFFIC
+                    crate::telemetry::stats::TRAFFIC
                         .upstream_sent
                         .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                     s.sent = newest;

@@ -344,9 +344,11 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
         let payload = match (sample.get("payload"), sample.get("payload_hex")) {
             (Some(serde_json::Value::String(raw)), None) => raw.clone().into_bytes(),
             (Some(other), None) => serde_json::to_vec(other)?,
-            (None, Some(serde_json::Value::String(hex))) => from_hex(hex).ok_or_else(|| {
-                anyhow::anyhow!("sample line {}: \"payload_hex\" is not hexadecimal", n + 1)
-            })?,
+            (None, Some(serde_json::Value::String(hex))) => {
+                decode::from_hex(hex).ok_or_else(|| {
+                    anyhow::anyhow!("sample line {}: \"payload_hex\" is not hexadecimal", n + 1)
+                })?
+            }
             _ => anyhow::bail!(
                 "sample line {}: needs a \"payload\" or a \"payload_hex\" string",
                 n + 1
@@ -372,18 +374,6 @@ fn shown(path: &str, detector: &Detector) -> String {
         Some(kind) => format!("<a name holding an identifier ({})>", kind.name()),
         None => path.to_owned(),
     }
-}
-
-/// Bytes written as hexadecimal digits, whitespace allowed between them.
-pub fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    let digits: Vec<u8> = hex.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if !digits.len().is_multiple_of(2) {
-        return None;
-    }
-    digits
-        .chunks(2)
-        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
-        .collect()
 }
 
 /// Sample line, reading (when its payload gives several) and stream.

@@ -16,8 +16,8 @@ use hubgate_proto::v1::{self, subscribe_response::Event};
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
-use crate::pipeline::Stats;
-use crate::simulator::{self, Sent};
+use crate::telemetry::stats::Stats;
+use crate::tools::simulator::{self, Sent};
 
 /// What the demo's subscriber received, per stream.
 #[derive(Debug, Default)]
@@ -42,7 +42,7 @@ impl Drop for DemoData {
 
 /// Runs the demo for `seconds` (0: until Ctrl-C) at about `rate` messages a second.
 pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
-    let broker = crate::broker::start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let broker = crate::tools::broker::start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let (mut config, _) = config::parse(config::DEFAULT_CONFIG)
         .map_err(|_| anyhow::anyhow!("the embedded default configuration is invalid"))?;
     config.mqtt.host = broker.ip().to_string();
@@ -55,7 +55,7 @@ pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
     config.store.data_dir = data.0.clone();
 
     let shutdown = CancellationToken::new();
-    let gateway = crate::start(config, shutdown.clone()).await?;
+    let gateway = crate::app::start(config, shutdown.clone()).await?;
     let stats = Arc::clone(&gateway.stats);
     let policy = Arc::clone(&gateway.policy);
     println!(
@@ -268,13 +268,14 @@ fn print_summary(
         kb(field_bytes),
         kb(bytes_kept),
     );
-    let total = |f: fn(&crate::pipeline::StreamStats) -> &std::sync::atomic::AtomicU64| -> u64 {
-        stats
-            .streams
-            .iter()
-            .map(|s| f(s).load(Ordering::Relaxed))
-            .sum()
-    };
+    let total =
+        |f: fn(&crate::telemetry::stats::StreamStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+            stats
+                .streams
+                .iter()
+                .map(|s| f(s).load(Ordering::Relaxed))
+                .sum()
+        };
     println!(
         "  privacy stages: {} values pseudonymised, {} identifiers suppressed, {} locations generalised to cells",
         total(|s| &s.pseudonymised),

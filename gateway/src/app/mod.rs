@@ -1,0 +1,402 @@
+//! Starting and stopping a gateway: the listeners a process keeps across reloads, the files a
+//! configuration names (secrets, TLS, grid intensities), and the tasks of one running gateway.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hubgate_exporters::catalogue;
+use hubgate_privacy::Policy;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+pub use tokio_util::sync::CancellationToken;
+
+pub mod files;
+
+pub use files::{Files, check_files};
+
+use crate::config::Config;
+use crate::governance::{audit, footprint, register};
+use crate::outbox;
+use crate::pipeline;
+use crate::pipeline::Pipeline;
+use crate::pipeline::budget;
+use crate::sinks::grpc::auth;
+use crate::sinks::{admin, grpc, nats, upstream};
+use crate::sources::mqtt as ingest;
+use crate::sources::mqtt::{AckQueue, Acker};
+use crate::store::{PURGE_TICK_MS, Store};
+use crate::telemetry::stats::Stats;
+
+/// A gateway that is running.
+#[derive(Debug)]
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub policy: Arc<Policy>,
+    pub stats: Arc<Stats>,
+    pub mqtt_connected: watch::Receiver<bool>,
+    pub audit: Arc<audit::AuditLog>,
+    tasks: JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+    /// Gone once every task that used the store has let it go.
+    store: std::sync::Weak<Store>,
+    /// Held while the gateway runs (see [`start`]).
+    _data_lock: std::fs::File,
+}
+
+impl Running {
+    /// Waits until `shutdown` is cancelled and every task has stopped, or until a task fails (then
+    /// stops the others and returns its error). When it returns, the data directory is free for
+    /// another start (see [`Process`]).
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            let outcome = joined.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(err) = outcome {
+                if result.is_ok() {
+                    result = Err(err);
+                }
+                self.shutdown.cancel();
+            }
+        }
+        // Subscribers' and pushers' tasks end on the same cancellation, shortly after: the outbox
+        // is closed only when the last of them lets go of the store.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.store.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if self.store.strong_count() > 0 && result.is_ok() {
+            result = Err(anyhow::anyhow!(
+                "the store is still in use 10 s after the gateway stopped"
+            ));
+        }
+        result
+    }
+}
+
+/// What a gateway process keeps across policy reloads: its listening sockets (so that the
+/// addresses, including ports the system picked, stay the same) and its footprint counts.
+#[derive(Debug)]
+pub struct Process {
+    grpc: std::net::TcpListener,
+    admin: std::net::TcpListener,
+    footprint: Arc<footprint::Ledger>,
+}
+
+impl Process {
+    /// Binds the configuration's gRPC and admin addresses.
+    pub fn bind(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            grpc: grpc::bind(config.grpc.listen)?,
+            admin: admin::bind(config.admin.listen)?,
+            footprint: Arc::new(footprint::Ledger::new()),
+        })
+    }
+
+    pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.grpc.local_addr().context("gRPC listener address")
+    }
+
+    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.admin.local_addr().context("admin listener address")
+    }
+}
+
+/// Makes ring the process's TLS provider (for the MQTT client; tonic names its provider itself).
+pub fn install_crypto_provider() {
+    // Already installed is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Why a gateway starts, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The process started.
+    Fresh,
+    /// The configuration was reloaded (SIGHUP); the policy it replaced.
+    Reload { previous_policy_hash: String },
+    /// A reloaded configuration could not start, and the previous one runs again.
+    Revert {
+        failed_policy_hash: String,
+        error: String,
+    },
+}
+
+/// Starts a gateway: binds its listeners, connects to the broker and starts the pipeline.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let process = Process::bind(&config)?;
+    start_in(&process, config, Start::Fresh, shutdown).await
+}
+
+/// Starts a gateway on `process`'s listeners: connects to the broker and starts the pipeline.
+/// After the previous gateway of the process has stopped ([`Running::wait`]), this is how a new
+/// configuration takes over.
+pub async fn start_in(
+    process: &Process,
+    config: Config,
+    why: Start,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    hubgate_exporters::prometheus::install();
+    let grpc_listener = tokio::net::TcpListener::from_std(process.grpc.try_clone()?)?;
+    let admin_listener = tokio::net::TcpListener::from_std(process.admin.try_clone()?)?;
+    let grpc_addr = process.grpc_addr()?;
+    let admin_addr = process.admin_addr()?;
+
+    let Files {
+        grid_intensity,
+        upstream: upstream_credentials,
+        nats: nats_credentials,
+        grpc_tls,
+        mqtt_login,
+    } = Files::load(&config)?;
+    let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
+    let loaded_at = std::time::SystemTime::now();
+    let register = Arc::new(register::Register::new(
+        &config,
+        &humantime::format_rfc3339_seconds(loaded_at).to_string(),
+    ));
+    let policy = Arc::new(config.policy);
+    let replaced = match &why {
+        Start::Fresh => None,
+        Start::Reload {
+            previous_policy_hash,
+        } => Some(previous_policy_hash),
+        Start::Revert {
+            failed_policy_hash, ..
+        } => Some(failed_policy_hash),
+    };
+    if let Some(replaced) = replaced {
+        metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => replaced.clone()).set(0.0);
+    }
+    metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
+    metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    std::fs::create_dir_all(&config.store.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.store.data_dir.display()
+        )
+    })?;
+    // One gateway per data directory: a second one would corrupt the keys and the audit chain.
+    let lock_path = config.store.data_dir.join("lock");
+    let data_lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open {}", lock_path.display()))?;
+    data_lock.try_lock().map_err(|_| {
+        anyhow::anyhow!(
+            "another hubgate is running with the data directory {} (it holds {})",
+            config.store.data_dir.display(),
+            lock_path.display()
+        )
+    })?;
+    let audit_path = config.store.data_dir.join("audit.jsonl");
+    let audit = Arc::new(
+        audit::AuditLog::open_with(&audit_path, config.audit.retention)
+            .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
+    );
+    let mut entry = serde_json::json!({
+        "policy_hash": policy.hash_hex(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "streams": policy.streams().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+    });
+    let event = match &why {
+        Start::Fresh => "start",
+        Start::Reload {
+            previous_policy_hash,
+        } => {
+            entry["previous_policy_hash"] = previous_policy_hash.as_str().into();
+            "policy_reloaded"
+        }
+        Start::Revert {
+            failed_policy_hash,
+            error,
+        } => {
+            entry["failed_policy_hash"] = failed_policy_hash.as_str().into();
+            entry["error"] = error.as_str().into();
+            "policy_reload_failed"
+        }
+    };
+    audit.record(crate::telemetry::clock::now_ms(), event, entry);
+    let outbox = outbox::open(config.store.engine, &config.store.data_dir).with_context(|| {
+        format!(
+            "cannot open the outbox in {}",
+            config.store.data_dir.display()
+        )
+    })?;
+    let store = Arc::new(Store::open(
+        outbox,
+        policy
+            .streams()
+            .iter()
+            .map(|s| (s.name.as_str(), s.retention)),
+        &config.store,
+        Arc::clone(&audit),
+    )?);
+    let stats = Arc::new(Stats::new(policy.streams().len()));
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let (queue_tx, queue_rx) = mpsc::channel(config.mqtt.queue_capacity);
+    let (client, eventloop) = ingest::connect(&config.mqtt, mqtt_login);
+    let subscriptions = policy
+        .subscriptions()
+        .into_iter()
+        .map(|filter| match &config.mqtt.shared_group {
+            Some(group) => format!("$share/{group}/{filter}"),
+            None => filter.to_owned(),
+        })
+        .collect();
+
+    let mut tasks = JoinSet::new();
+    let budget = if policy
+        .streams()
+        .iter()
+        .any(|s| s.aggregate.as_ref().is_some_and(|a| a.noise.is_some()))
+    {
+        Some(budget::BudgetFile::open(&config.store.data_dir)?)
+    } else {
+        None
+    };
+    let mut pipeline = Pipeline::new(
+        Arc::clone(&policy),
+        Arc::clone(&store),
+        Arc::clone(&stats),
+        budget,
+        Arc::clone(&audit),
+    )?;
+    if let Some(limit) = config.mqtt.rate_limit {
+        pipeline.limit_topics(limit);
+    }
+    if let Some(device) = &config.mqtt.device_rate_limit {
+        pipeline.limit_devices(device);
+    }
+    let acks = AckQueue::default();
+    let acker = Acker::new(client.clone(), acks.clone());
+    let (push_tx, push_rx) = mpsc::channel(16);
+    {
+        let shutdown = shutdown.clone();
+        let spacing = pipeline::Spacing {
+            interval: config.store.commit_interval,
+            max: config.store.commit_interval_max,
+        };
+        tasks.spawn(async move {
+            pipeline::run(pipeline, queue_rx, push_rx, acker, spacing, shutdown).await
+        });
+    }
+    {
+        let (shutdown, backoff_max) = (shutdown.clone(), config.mqtt.reconnect_backoff_max);
+        let max_payload = config.mqtt.max_packet_bytes;
+        tasks.spawn(async move {
+            ingest::run(
+                eventloop,
+                client,
+                acks,
+                subscriptions,
+                max_payload,
+                queue_tx,
+                connected_tx,
+                backoff_max,
+                shutdown,
+            )
+            .await;
+            Ok(())
+        });
+    }
+    let footprint_rx = process.footprint.watch();
+    let service = grpc::GatewayService::new(
+        Arc::clone(&policy),
+        Arc::clone(&store),
+        push_tx,
+        footprint_rx,
+        grpc::Access {
+            tokens,
+            max_subscribers: config.grpc.max_subscribers,
+            max_push_calls: config.grpc.max_push_calls,
+            max_streams_per_subscription: config.grpc.max_streams_per_subscription,
+        },
+        grpc::Published {
+            register: Arc::clone(&register),
+            loaded_at,
+        },
+        shutdown.clone(),
+    );
+    // One incarnation for every exporter, made with the outbox.
+    let incarnation = if config.upstream.is_some() || config.nats.is_some() {
+        Some(upstream::incarnation(&store)?)
+    } else {
+        None
+    };
+    if let (Some(nats), Some(incarnation)) = (config.nats, incarnation.clone()) {
+        tasks.spawn(nats::run(
+            nats,
+            nats_credentials,
+            incarnation,
+            Arc::clone(&policy),
+            Arc::clone(&store),
+            shutdown.clone(),
+        ));
+    }
+    if let (Some(upstream), Some(incarnation)) = (config.upstream, incarnation) {
+        tasks.spawn(upstream::run(
+            upstream,
+            upstream_credentials,
+            incarnation,
+            Arc::clone(&policy),
+            Arc::clone(&store),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(grpc::serve(
+        grpc_listener,
+        service,
+        grpc_tls,
+        shutdown.clone(),
+    ));
+    tasks.spawn(footprint::run(
+        config.footprint,
+        grid_intensity,
+        Arc::clone(&stats),
+        Arc::clone(&process.footprint),
+        shutdown.clone(),
+    ));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        connected_rx.clone(),
+        Arc::clone(&register),
+        shutdown.clone(),
+    ));
+    {
+        let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
+        tasks.spawn(async move {
+            let mut tick =
+                tokio::time::interval(Duration::from_millis(PURGE_TICK_MS.unsigned_abs()));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    _ = tick.tick() => {
+                        // Disk work (deletes, fsync): off the async threads.
+                        let store = Arc::clone(&store);
+                        let purge = move || store.purge_expired_all(crate::telemetry::clock::now_ms());
+                        let _ = tokio::task::spawn_blocking(purge).await;
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(%grpc_addr, %admin_addr, policy_hash = %policy.hash_hex(), streams = policy.streams().len(), "hubgate started");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        policy,
+        stats,
+        mqtt_connected: connected_rx,
+        audit,
+        tasks,
+        shutdown,
+        store: Arc::downgrade(&store),
+        _data_lock: data_lock,
+    })
+}
