@@ -1,0 +1,599 @@
+use std::time::Duration;
+
+use hubgate_proto::v1;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::push::MAX_CACHED_PUSH_MARKS;
+use super::windows::{CHANGES_MAGIC, CHECKPOINT_MAGIC, Checkpoint, changes_name, checkpoint_name};
+use super::*;
+use crate::outbox::SledOutbox;
+use crate::sources::mqtt::Acker;
+use crate::sources::push::PushJob;
+use crate::telemetry::clock::now_ms;
+use hubgate_privacy::window::WindowState;
+use hubgate_privacy::{Record, Value};
+use rumqttc::Publish;
+
+#[test]
+fn window_checkpoints_are_binary_and_those_written_as_json_still_resume() {
+    let (policy, _) = hubgate_privacy::policy::from_toml(
+        r#"
+[[stream]]
+name = "counts"
+topics = ["c/+"]
+purpose = "test"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+
+[stream.fields]
+zone = "keep"
+device = "keep"
+
+[stream.aggregate]
+window = "1m"
+group_by = ["zone"]
+contributor = "device"
+min_group_size = 2
+
+[stream.aggregate.measures]
+readings = "count"
+"#,
+    )
+    .unwrap();
+    let spec = policy.streams()[0].aggregate.as_ref().unwrap();
+    let mut state = WindowState::default();
+    for i in 0..10 {
+        let record = Record {
+            event_time_ms: 60_000,
+            fields: vec![
+                (
+                    "zone".into(),
+                    Value::Str(compact_str::format_compact!("z{}", i % 3)),
+                ),
+                ("device".into(), Value::Int(i)),
+            ],
+        };
+        assert_eq!(state.absorb(spec, &record, 60_000), Absorbed::Counted);
+    }
+    let binary = Checkpoint::encode(7, 1, &state);
+    assert!(binary.starts_with(CHECKPOINT_MAGIC));
+    let read = Checkpoint::decode(&binary).unwrap();
+    assert_eq!((read.spec, &read.state), (7, &state));
+    let json = serde_json::to_vec(&serde_json::json!({ "spec": 7, "state": state })).unwrap();
+    assert!(json.len() > binary.len());
+    let read = Checkpoint::decode(&json).unwrap();
+    assert_eq!((read.spec, &read.state), (7, &state));
+    for damaged in [
+        &binary[..binary.len() - 1],
+        &binary[..6],
+        &json[..json.len() - 1],
+    ] {
+        assert!(Checkpoint::decode(damaged).is_err());
+    }
+}
+
+const POLICY: &str = r#"
+[[stream]]
+name = "s"
+topics = ["city/s/+"]
+purpose = "test"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+
+[stream.fields]
+v = "keep"
+"#;
+
+fn push(origin: &str, sequence: u64) -> PushJob {
+    let record = v1::Record {
+        sequence,
+        fields: [(
+            "v".to_owned(),
+            v1::Value {
+                kind: Some(v1::value::Kind::IntValue(1)),
+            },
+        )]
+        .into(),
+        ..v1::Record::default()
+    };
+    PushJob {
+        origin: origin.to_owned(),
+        incarnation: "a".to_owned(),
+        stream: 0,
+        records: vec![record],
+        reply: tokio::sync::oneshot::channel().0,
+    }
+}
+
+/// Commits are spaced by 1 ms per 20,000 messages a second, within the interval and the
+/// maximum, and never closer than the interval, even when the maximum is less.
+#[test]
+fn commits_are_spaced_by_the_rate_of_messages_within_the_interval_and_the_maximum() {
+    let ms = Duration::from_millis;
+    let spacing = Spacing {
+        interval: ms(1),
+        max: ms(5),
+    };
+    assert_eq!(spacing.at(0.0), ms(1));
+    assert_eq!(spacing.at(10_000.0), ms(1));
+    assert_eq!(spacing.at(50_000.0), Duration::from_micros(2_500));
+    assert_eq!(spacing.at(100_000.0), ms(5));
+    assert_eq!(spacing.at(1e9), ms(5));
+    let spacing = Spacing {
+        interval: ms(10),
+        max: ms(5),
+    };
+    assert_eq!(spacing.at(1e9), ms(10));
+    let spacing = Spacing {
+        interval: Duration::ZERO,
+        max: Duration::ZERO,
+    };
+    assert_eq!(spacing.at(1e9), Duration::ZERO);
+}
+
+/// The values of field `v` of stream 0's records, in sequence order.
+fn values(store: &Store) -> Vec<i64> {
+    store
+        .read(0, 1, 1_000, now_ms())
+        .records
+        .iter()
+        .filter_map(|r| match r.record().ok()?.fields.get("v")?.kind {
+            Some(v1::value::Kind::IntValue(v)) => Some(v),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `run` acknowledges QoS 1 messages in the order they came, each only once its record is
+/// committed (readable), the last of a burst that nothing follows included; QoS 0 messages
+/// are committed and never acknowledged. A stop commits what was taken, and the commit
+/// thread lets go of the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_acknowledges_in_order_once_committed_and_commits_what_it_took_before_a_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pipeline, store) = pipeline_for(POLICY, dir.path());
+    let (queue_tx, queue_rx) = mpsc::channel(64);
+    let (_push_tx, push_rx) = mpsc::channel(1);
+    let acks = crate::sources::mqtt::AckQueue::default();
+    let (acker, woke) = Acker::noting(acks.clone());
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        pipeline,
+        queue_rx,
+        push_rx,
+        acker,
+        Spacing {
+            interval: Duration::from_millis(20),
+            max: Duration::from_millis(20),
+        },
+        shutdown.clone(),
+    ));
+    let message = |v: u16| {
+        // Every third message is QoS 0.
+        let qos = if v.is_multiple_of(3) {
+            rumqttc::QoS::AtMostOnce
+        } else {
+            rumqttc::QoS::AtLeastOnce
+        };
+        let payload = format!(r#"{{"v":{v}}}"#);
+        let mut publish = Publish::new("city/s/x", qos, payload.clone());
+        publish.pkid = v;
+        Inbound {
+            bytes: payload.len(),
+            publish,
+            oversized: false,
+        }
+    };
+    let mut acked: Vec<u16> = Vec::new();
+    let wait_for_acks = async |acked: &mut Vec<u16>, want: &[u16]| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while acked.as_slice() != want {
+            let written = acks.written(&woke);
+            // Nothing is acknowledged before its record is readable.
+            let readable = values(&store);
+            for pkid in &written {
+                assert!(
+                    readable.contains(&i64::from(*pkid)),
+                    "{pkid} acknowledged before it was committed"
+                );
+            }
+            acked.extend(written);
+            assert!(
+                want.starts_with(acked),
+                "acknowledged {acked:?}, expected {want:?}"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "acknowledged {acked:?}, expected {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    // A burst in several sends, closer together than the commit interval: more than one turn.
+    for v in 1..=12 {
+        queue_tx.send(message(v)).await.unwrap();
+        if v % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(7)).await;
+        }
+    }
+    let qos1: Vec<u16> = (1..=12u16).filter(|v| !v.is_multiple_of(3)).collect();
+    wait_for_acks(&mut acked, &qos1).await;
+    assert_eq!(values(&store), (1..=12).collect::<Vec<i64>>());
+    // One message after a quiet spell, which nothing follows.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    queue_tx.send(message(13)).await.unwrap();
+    let mut want = qos1.clone();
+    want.push(13);
+    wait_for_acks(&mut acked, &want).await;
+    // Two more, right before a stop. What the pipeline took by then is committed and
+    // acknowledged; what it did not take stays unacknowledged, for the broker to deliver
+    // again.
+    queue_tx.send(message(14)).await.unwrap();
+    queue_tx.send(message(16)).await.unwrap();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let committed = values(&store);
+    assert!(
+        matches!(committed[12..], [13] | [13, 14] | [13, 14, 16]),
+        "{committed:?}"
+    );
+    want.extend(
+        [14, 16]
+            .into_iter()
+            .filter(|v| committed.contains(&i64::from(*v))),
+    );
+    wait_for_acks(&mut acked, &want).await;
+    assert_eq!(
+        Arc::strong_count(&store),
+        1,
+        "the commit thread holds the store"
+    );
+}
+
+const AGGREGATED: &str = r#"
+[[stream]]
+name = "counts"
+topics = ["city/footfall/+/probe"]
+purpose = "test"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+
+[stream.fields]
+counter_id = "keep"
+mac = "pseudonymise"
+
+[stream.aggregate]
+window = "1h"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 1
+
+[stream.aggregate.measures]
+readings = "count"
+"#;
+
+fn pipeline_for(policy: &str, dir: &std::path::Path) -> (Pipeline, Arc<Store>) {
+    let (policy, _) = hubgate_privacy::policy::from_toml(policy).unwrap();
+    let policy = Arc::new(policy);
+    let audit = Arc::new(AuditLog::open(&dir.join("audit.jsonl")).unwrap());
+    let outbox = Arc::new(SledOutbox::open(&dir.join("outbox")).unwrap());
+    let streams: Vec<(&str, Duration)> = policy
+        .streams()
+        .iter()
+        .map(|s| (s.name.as_str(), s.retention))
+        .collect();
+    let store = Arc::new(
+        Store::open(
+            outbox,
+            streams,
+            &crate::config::StoreConfig::default(),
+            Arc::clone(&audit),
+        )
+        .unwrap(),
+    );
+    let stats = Arc::new(Stats::new(policy.streams().len()));
+    let pipeline =
+        Pipeline::new(Arc::clone(&policy), Arc::clone(&store), stats, None, audit).unwrap();
+    (pipeline, store)
+}
+
+fn probe(qos: rumqttc::QoS, mac: &str) -> Inbound {
+    let payload = format!(r#"{{"counter_id":"pc-1","mac":"{mac}"}}"#);
+    Inbound {
+        bytes: payload.len(),
+        publish: Publish::new("city/footfall/pc-1/probe", qos, payload),
+        oversized: false,
+    }
+}
+
+const SENML: &str = r#"
+[[stream]]
+name = "climate"
+topics = ["city/climate/+"]
+format = "senml_cbor"
+purpose = "test"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+time_field = "t"
+
+[stream.fields]
+bn = "pseudonymise"
+"temperature.v" = "keep"
+"#;
+
+/// A SenML pack gives one record per time it reports; a payload that is not SenML is
+/// dropped and counted, and costs nothing else.
+#[test]
+fn a_senml_pack_gives_a_record_per_time_and_a_bad_pack_is_counted() {
+    use ciborium::Value as C;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pipeline, store) = pipeline_for(SENML, dir.path());
+    let record =
+        |fields: Vec<(i64, C)>| C::Map(fields.into_iter().map(|(k, v)| (C::from(k), v)).collect());
+    let pack = C::Array(vec![
+        record(vec![
+            (-2, C::from("urn:dev:ow:10e2073a01080063:")),
+            (-3, C::from(1_700_000_000)),
+            (0, C::from("temperature")),
+            (1, C::from("Cel")),
+            (2, C::Float(21.5)),
+        ]),
+        record(vec![
+            (0, C::from("temperature")),
+            (6, C::from(60)),
+            (2, C::Float(21.75)),
+        ]),
+    ]);
+    let mut payload = Vec::new();
+    ciborium::into_writer(&pack, &mut payload).unwrap();
+    let message = |payload: Vec<u8>| Inbound {
+        bytes: payload.len(),
+        publish: Publish::new("city/climate/7", rumqttc::QoS::AtLeastOnce, payload),
+        oversized: false,
+    };
+    let now = now_ms();
+    let mut garbage = payload.clone();
+    garbage.truncate(payload.len() - 3);
+    pipeline.process(&[message(payload), message(garbage)], now);
+    pipeline.commit(now).unwrap();
+    let records: Vec<v1::Record> = (store.read(0, 1, 10, now).records.iter())
+        .map(|r| r.record().unwrap())
+        .collect();
+    let times: Vec<i64> = records
+        .iter()
+        .map(|r| r.event_time.unwrap().seconds)
+        .collect();
+    assert_eq!(times, [1_700_000_000, 1_700_000_060]);
+    for (r, want) in records.iter().zip([21.5, 21.75]) {
+        let mut names: Vec<&str> = r.fields.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["bn", "temperature.v"]);
+        assert_eq!(
+            r.fields["temperature.v"].kind,
+            Some(v1::value::Kind::DoubleValue(want))
+        );
+        let Some(v1::value::Kind::StringValue(bn)) = &r.fields["bn"].kind else {
+            panic!("bn is a pseudonym");
+        };
+        assert!(!bn.contains("10e2073a01080063"));
+    }
+    assert_eq!(
+        pipeline.stats.streams[0]
+            .dropped_decode
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+/// Streams of one topic each get the message's readings, whatever their order and formats:
+/// the last stream of a format takes them by value, the others copies, and a format that
+/// cannot read the payload is counted for its stream alone.
+#[test]
+fn every_stream_of_a_topic_gets_the_readings() {
+    let stream = |name: &str, format: &str, fields: &str| {
+        format!(
+            r#"
+[[stream]]
+name = "{name}"
+topics = ["city/footfall/+/probe"]
+format = "{format}"
+purpose = "test"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+
+[stream.fields]
+{fields}
+"#
+        )
+    };
+    let policy = [
+        stream("ids", "json", r#"counter_id = "keep""#),
+        stream("pack", "senml_json", r#"n = "keep""#),
+        stream(
+            "both",
+            "json",
+            "counter_id = \"keep\"\nmac = \"pseudonymise\"",
+        ),
+    ]
+    .concat();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pipeline, store) = pipeline_for(&policy, dir.path());
+    let mut garbage = probe(rumqttc::QoS::AtMostOnce, "3c:22:fb:12:34:56");
+    garbage.publish.payload = bytes::Bytes::from_static(b"{\"counter_id\":");
+    let now = now_ms();
+    let messages = [
+        probe(rumqttc::QoS::AtMostOnce, "3c:22:fb:12:34:56"),
+        garbage,
+        probe(rumqttc::QoS::AtMostOnce, "3c:22:fb:12:34:57"),
+    ];
+    pipeline.process(&messages, now);
+    pipeline.commit(now).unwrap();
+    let fields = |stream: usize| -> Vec<Vec<String>> {
+        store
+            .read(stream, 1, 10, now)
+            .records
+            .iter()
+            .map(|r| {
+                let mut names: Vec<String> = r.record().unwrap().fields.into_keys().collect();
+                names.sort_unstable();
+                names
+            })
+            .collect()
+    };
+    assert_eq!(fields(0), [["counter_id"], ["counter_id"]]);
+    assert!(fields(1).is_empty());
+    assert_eq!(fields(2), [["counter_id", "mac"], ["counter_id", "mac"]]);
+    let macs: Vec<String> = store
+        .read(2, 1, 10, now)
+        .records
+        .iter()
+        .map(|r| match r.record().unwrap().fields["mac"].kind.clone() {
+            Some(v1::value::Kind::StringValue(p)) => p,
+            other => panic!("a pseudonym, not {other:?}"),
+        })
+        .collect();
+    assert_ne!(macs[0], macs[1]);
+    let dropped: Vec<u64> = (pipeline.stats.streams.iter())
+        .map(|s| s.dropped_decode.load(Ordering::Relaxed))
+        .collect();
+    assert_eq!(dropped, [1, 3, 1]);
+}
+
+/// A window that absorbed a QoS 1 reading (to be acknowledged) is checkpointed in that
+/// commit; one that absorbed only QoS 0 readings at most once a second, and before a stop.
+#[test]
+fn windows_are_checkpointed_before_acknowledgement_and_at_most_each_second_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pipeline, store) = pipeline_for(AGGREGATED, dir.path());
+    let name = checkpoint_name("counts");
+    let t = now_ms();
+    pipeline.process(&[probe(rumqttc::QoS::AtMostOnce, "aa:01")], t);
+    pipeline.commit(t).unwrap();
+    assert_eq!(store.checkpoint(&name).unwrap(), None, "QoS 0: not yet");
+    pipeline.process(&[probe(rumqttc::QoS::AtMostOnce, "aa:02")], t + 1_500);
+    pipeline.commit(t + 1_500).unwrap();
+    let after_a_second = store
+        .checkpoint(&name)
+        .unwrap()
+        .expect("due after a second");
+    pipeline.process(&[probe(rumqttc::QoS::AtLeastOnce, "aa:03")], t + 1_600);
+    pipeline.commit(t + 1_600).unwrap();
+    let for_the_ack = store.checkpoint(&name).unwrap().expect("checkpointed");
+    assert_ne!(for_the_ack, after_a_second, "QoS 1: in the same commit");
+    pipeline.process(&[probe(rumqttc::QoS::AtMostOnce, "aa:04")], t + 1_700);
+    pipeline.commit(t + 1_700).unwrap();
+    assert_eq!(store.checkpoint(&name).unwrap().unwrap(), for_the_ack);
+    pipeline.checkpoint_all_windows();
+    pipeline.commit(t + 1_800).unwrap();
+    assert_ne!(
+        store.checkpoint(&name).unwrap().unwrap(),
+        for_the_ack,
+        "before a stop"
+    );
+}
+
+/// Between whole states, a checkpoint writes only the groups that changed; the whole state
+/// and its changes resume the state the pipeline holds, and once a quarter of the groups
+/// changed the whole state is written again.
+#[test]
+fn window_checkpoints_write_the_changes_between_whole_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pipeline, store) = pipeline_for(AGGREGATED, dir.path());
+    let probe_at = |counter: usize, mac: &str| {
+        let payload = format!(r#"{{"counter_id":"pc-{counter}","mac":"{mac}"}}"#);
+        Inbound {
+            bytes: payload.len(),
+            publish: Publish::new(
+                format!("city/footfall/pc-{counter}/probe"),
+                rumqttc::QoS::AtLeastOnce,
+                payload,
+            ),
+            oversized: false,
+        }
+    };
+    let (whole, changes) = (checkpoint_name("counts"), changes_name("counts"));
+    let stored = |name: &str| store.checkpoint(name).unwrap().unwrap_or_default();
+    let t = now_ms();
+    let batch: Vec<_> = (0..40).map(|c| probe_at(c, "aa:01")).collect();
+    pipeline.process(&batch, t);
+    pipeline.commit(t).unwrap();
+    let first = stored(&whole);
+    assert!(first.starts_with(CHECKPOINT_MAGIC));
+    assert!(
+        stored(&changes).is_empty(),
+        "a whole state, with no changes"
+    );
+
+    // Two groups change, one of them new: only they are written.
+    pipeline.process(&[probe_at(1, "aa:02"), probe_at(99, "aa:03")], t + 10);
+    pipeline.commit(t + 10).unwrap();
+    assert_eq!(stored(&whole), first);
+    let written = stored(&changes);
+    assert!(written.starts_with(CHANGES_MAGIC));
+    assert!(
+        written.len() * 5 < first.len(),
+        "{} of {}",
+        written.len(),
+        first.len()
+    );
+    let spec = pipeline.policy.streams()[0].aggregate.clone().unwrap();
+    let resumed = resume_windows(&store, &pipeline.policy.streams()[0], &spec).unwrap();
+    let live = &pipeline.windows[0].as_ref().unwrap().state;
+    assert_eq!(resumed.state.entries(), live.entries());
+    assert_eq!(
+        resumed.state.groups().collect::<Vec<_>>(),
+        live.groups().collect::<Vec<_>>()
+    );
+    assert!(
+        live.groups()
+            .any(|(_, key, n)| key == [Value::Str("pc-99".into())] && n == 1)
+    );
+
+    // A quarter of the groups changed: the whole state again, and its changes start over.
+    let batch: Vec<_> = (0..10).map(|c| probe_at(c, "aa:04")).collect();
+    pipeline.process(&batch, t + 20);
+    pipeline.commit(t + 20).unwrap();
+    assert_ne!(stored(&whole), first);
+    assert!(stored(&changes).is_empty());
+    let resumed = resume_windows(&store, &pipeline.policy.streams()[0], &spec).unwrap();
+    let live = &pipeline.windows[0].as_ref().unwrap().state;
+    assert_eq!(
+        resumed.state.groups().collect::<Vec<_>>(),
+        live.groups().collect::<Vec<_>>()
+    );
+
+    // Changes that are not those of the whole state beside them are refused, not applied.
+    store.save_checkpoint(&changes, written).unwrap();
+    let refused = resume_windows(&store, &pipeline.policy.streams()[0], &spec);
+    assert!(refused.unwrap_err().to_string().contains("damaged"));
+}
+
+/// However many origins push, the marks held in memory stay bounded, and a mark let go is
+/// read back from the store: a batch sent again is still recognised.
+#[test]
+fn push_marks_in_memory_are_bounded_and_reread_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pipeline, store) = pipeline_for(POLICY, dir.path());
+    let origins = MAX_CACHED_PUSH_MARKS + 100;
+    for i in 0..origins {
+        assert_eq!(
+            pipeline.accept_push(&push(&format!("o{i}"), 1), 0).unwrap(),
+            1
+        );
+        pipeline.commit(0).unwrap();
+        assert!(pipeline.push_marks.len() < MAX_CACHED_PUSH_MARKS);
+    }
+    let kept = store.next_sequence(0);
+    assert_eq!(kept, origins as u64 + 1);
+    // The first origin's mark left memory long ago; its batch sent again is not kept twice.
+    assert!(!pipeline.push_marks.contains_key("push/o0/a/s"));
+    assert_eq!(pipeline.accept_push(&push("o0", 1), 0).unwrap(), 1);
+    pipeline.commit(0).unwrap();
+    assert_eq!(store.next_sequence(0), kept);
+}

@@ -1,0 +1,352 @@
+//! The turn loop: takes messages from the queue in batches, has each turn committed on a thread
+//! of its own, and acknowledges the turn's messages once it is durable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Counter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{BATCH, Pipeline};
+use crate::sources::mqtt::{Acker, Inbound};
+use crate::sources::push::PushJob;
+use crate::store::{CommitError, Pending, Store};
+use crate::telemetry::clock::now_ms;
+
+/// Most messages in one turn. Once a turn holds this many, or a quarter of `store.max_bytes` of
+/// records, it takes no more: the rest wait in the queue for the next (when the queue is full, the
+/// MQTT connection stops reading).
+pub(super) const TURN_MAX: usize = 8 * BATCH;
+
+/// What a turn owes once it is durable: the packet ids of its QoS 1 messages in the order they
+/// arrived, and the replies to the forwarded records it kept.
+#[derive(Debug, Default)]
+pub(super) struct Owed {
+    messages: usize,
+    acks: Vec<u16>,
+    replies: Vec<(tokio::sync::oneshot::Sender<u64>, u64)>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.messages == 0 && self.replies.is_empty()
+    }
+
+    /// Takes in `batch`'s messages (QoS 0 messages need no acknowledgement).
+    fn take(&mut self, batch: &mut Vec<Inbound>) {
+        self.messages += batch.len();
+        // The gateway subscribes at QoS 1, so the broker sends nothing at QoS 2.
+        self.acks.extend(
+            batch
+                .drain(..)
+                .filter(|i| i.publish.qos != rumqttc::QoS::AtMostOnce)
+                .map(|i| i.publish.pkid),
+        );
+    }
+
+    /// The turn is durable: acknowledge its messages and answer its forwarders.
+    fn pay(self, acker: &mut Acker) {
+        acker.ack(self.acks);
+        for (reply, ack) in self.replies {
+            let _ = reply.send(ack);
+        }
+    }
+}
+
+/// A turn handed to the committer, and where it says whether the turn was committed.
+#[derive(Debug)]
+pub(super) struct Job {
+    pending: Pending,
+    owed: Owed,
+    done: tokio::sync::oneshot::Sender<Option<Owed>>,
+}
+
+/// Writes turns to the store on a thread of its own, one at a time and in order. The pipeline
+/// task is free meanwhile: it serves forwarded records and window ticks, and the MQTT connection
+/// fills the queue, without either waiting on the disk.
+#[derive(Debug)]
+pub(super) struct Committer {
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// Closed once the thread has let go of the store.
+    stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Committer {
+    fn start(store: Arc<Store>, failures: [Counter; 2], shutdown: CancellationToken) -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (stopping, stopped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("hubgate-commit".into())
+            .spawn(move || {
+                while let Ok(mut job) = queue.recv() {
+                    let committed =
+                        commit_until_done(&store, &mut job.pending, &failures, &shutdown);
+                    let _ = job.done.send(committed.then_some(job.owed));
+                }
+                // The pipeline stopped. Its store, and with it the outbox, must be closed before
+                // another start opens them (a policy reload).
+                drop(store);
+                drop(stopping);
+            })
+            .expect("the commit thread starts");
+        Self { jobs, stopped }
+    }
+
+    /// Stops the thread once it has written what it was given, and waits until it has let go
+    /// of the store.
+    async fn stop(self) {
+        drop(self.jobs);
+        let _ = self.stopped.await;
+    }
+
+    /// Hands a turn over; the receiver answers with what it owes once it is committed, or
+    /// `None` when the gateway stopped first.
+    fn commit(&self, pending: Pending, owed: Owed) -> tokio::sync::oneshot::Receiver<Option<Owed>> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        // The thread only stops when this sender is dropped; if it ever died, `answer` is
+        // closed and the pipeline stops without acknowledging.
+        let _ = self.jobs.send(Job {
+            pending,
+            owed,
+            done,
+        });
+        answer
+    }
+}
+
+/// How far apart commits start (`store.commit_interval` and `store.commit_interval_max`).
+#[derive(Debug, Clone, Copy)]
+pub struct Spacing {
+    pub interval: Duration,
+    pub max: Duration,
+}
+
+/// Messages a second taken in for each millisecond between commits, under load.
+pub(super) const MESSAGES_PER_SECOND_PER_MS: f64 = 20_000.0;
+
+impl Spacing {
+    /// The time between the starts of two commits when messages come at `rate` a second: 1 ms
+    /// per 20,000 a second, within `interval` and `max` (never less than `interval`). A commit
+    /// costs a fixed amount of CPU and disk writes besides its records' share; under heavy load
+    /// fewer, larger commits leave more of the machine to the readings themselves, and under
+    /// light load each reading waits the least.
+    pub fn at(&self, rate: f64) -> Duration {
+        let wanted = Duration::from_secs_f64((rate / MESSAGES_PER_SECOND_PER_MS).max(0.0) / 1e3);
+        wanted.min(self.max).max(self.interval)
+    }
+}
+
+/// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
+/// forward (see [`crate::sources::push`]). Fails only if the commit thread dies.
+///
+/// Turns are committed on a thread of their own ([`Committer`]); the messages that come while a
+/// commit is written wait in the queue, and are the next turn. Commits start at least
+/// [`Spacing::at`] the rate of messages apart: what comes sooner waits for the next.
+pub async fn run(
+    mut pipeline: Pipeline,
+    queue: mpsc::Receiver<Inbound>,
+    pushed: mpsc::Receiver<PushJob>,
+    acker: Acker,
+    spacing: Spacing,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let committer = Committer::start(
+        Arc::clone(&pipeline.store),
+        pipeline.commit_failures.clone(),
+        shutdown.clone(),
+    );
+    let result = take_turns(
+        &mut pipeline,
+        &committer,
+        queue,
+        pushed,
+        acker,
+        spacing,
+        &shutdown,
+    )
+    .await;
+    committer.stop().await;
+    result
+}
+
+/// What became of a commit handed to the [`Committer`].
+pub(super) fn answered(
+    answer: Result<Option<Owed>, tokio::sync::oneshot::error::RecvError>,
+) -> anyhow::Result<Option<Owed>> {
+    answer.map_err(|_| anyhow::anyhow!("the outbox commit thread stopped"))
+}
+
+/// The loop of [`run`].
+pub(super) async fn take_turns(
+    pipeline: &mut Pipeline,
+    committer: &Committer,
+    mut queue: mpsc::Receiver<Inbound>,
+    mut pushed: mpsc::Receiver<PushJob>,
+    mut acker: Acker,
+    spacing: Spacing,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut owed = Owed::default();
+    let mut in_flight: Option<tokio::sync::oneshot::Receiver<Option<Owed>>> = None;
+    let mut last_commit: Option<tokio::time::Instant> = None;
+    // The time from the start of the last commit to the start of the next.
+    let mut commit_interval = spacing.interval;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let aggregates = pipeline.aggregates();
+    let turn_bytes = pipeline.store.max_bytes() / 4;
+    // How many more messages the turn takes.
+    let room = |pipeline: &Pipeline, owed: &Owed| {
+        if pipeline.pending.record_bytes() < turn_bytes {
+            TURN_MAX.saturating_sub(owed.messages)
+        } else {
+            0
+        }
+    };
+    loop {
+        // Acks waiting for room in the request channel: come back soon even if idle.
+        let acks_waiting = acker.flush();
+        let now = tokio::time::Instant::now();
+        // When the next commit may start, if not yet.
+        let next_commit = last_commit
+            .map(|t| t + commit_interval)
+            .filter(|&t| now < t);
+        // The turn has something to commit, and nothing is being written.
+        let due = in_flight.is_none() && (!owed.is_empty() || pipeline.wants_commit(now_ms()));
+        // While a commit is written or the interval runs, the messages that come stay in the
+        // queue, to be taken all at once: one wake-up per commit, not per message.
+        let collecting = in_flight.is_some() || (due && next_commit.is_some());
+        let take = room(pipeline, &owed).min(BATCH);
+        tokio::select! {
+            n = queue.recv_many(&mut batch, take), if !collecting && take > 0 => {
+                if n == 0 {
+                    break;
+                }
+                pipeline.process(&batch, now_ms());
+                owed.take(&mut batch);
+            }
+            Some(job) = pushed.recv(), if take > 0 => match pipeline.accept_push(&job, now_ms()) {
+                Ok(ack) => owed.replies.push((job.reply, ack)),
+                Err(err) => tracing::error!(%err, "cannot accept forwarded records"),
+            },
+            answer = async { in_flight.as_mut().expect("a commit in flight").await }, if in_flight.is_some() => {
+                in_flight = None;
+                match answered(answer)? {
+                    Some(paid) => {
+                        pipeline.committed();
+                        paid.pay(&mut acker);
+                    }
+                    // Stopped with the turn uncommitted: its messages are not acknowledged, so
+                    // the broker delivers them again after the restart (and the origin of
+                    // forwarded records sends them again).
+                    None => return Ok(()),
+                }
+            }
+            _ = tick.tick(), if aggregates => pipeline.release(now_ms()),
+            // At once when the interval has run.
+            () = tokio::time::sleep_until(next_commit.unwrap_or(now)), if due => {}
+            () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
+            () = shutdown.cancelled() => break,
+        }
+        if in_flight.is_some()
+            || last_commit.is_some_and(|t| tokio::time::Instant::now() < t + commit_interval)
+        {
+            continue;
+        }
+        // What came while the last commit was written or the interval ran joins this turn.
+        loop {
+            let take = room(pipeline, &owed).min(BATCH);
+            while batch.len() < take
+                && let Ok(inbound) = queue.try_recv()
+            {
+                batch.push(inbound);
+            }
+            if batch.is_empty() {
+                break;
+            }
+            pipeline.process(&batch, now_ms());
+            owed.take(&mut batch);
+            // Others on this worker go on between batches.
+            tokio::task::yield_now().await;
+        }
+        let now = now_ms();
+        if pipeline.wants_commit(now) {
+            let start = tokio::time::Instant::now();
+            // The rate the turn's messages came at since the last commit started.
+            let rate = last_commit.map_or(0.0, |t| {
+                owed.messages as f64 / (start - t).as_secs_f64().max(1e-6)
+            });
+            commit_interval = spacing.at(rate);
+            in_flight = Some(committer.commit(pipeline.take_turn(now), std::mem::take(&mut owed)));
+            last_commit = Some(start);
+        } else if !owed.is_empty() {
+            // Nothing to write and nothing being written: what the turn owes is due now.
+            std::mem::take(&mut owed).pay(&mut acker);
+        }
+    }
+    // The commit being written, then what the last turn took and the windows that changed, so a
+    // stop or a reload loses none of them.
+    if let Some(answer) = in_flight.take() {
+        match answered(answer.await)? {
+            Some(paid) => paid.pay(&mut acker),
+            None => return Ok(()),
+        }
+    }
+    pipeline.checkpoint_all_windows();
+    if pipeline.wants_commit(now_ms()) || !owed.is_empty() {
+        let answer = committer.commit(pipeline.take_turn(now_ms()), owed);
+        if let Some(paid) = answered(answer.await)? {
+            paid.pay(&mut acker);
+        }
+    }
+    acker.flush();
+    Ok(())
+}
+
+/// Which commit-failure counter an error counts in.
+pub(super) fn failure_reason(err: &CommitError) -> usize {
+    usize::from(matches!(err, CommitError::Full { .. }))
+}
+
+/// Commits `pending`, retrying with backoff (10 ms doubling to 1 s) until it succeeds. Returns false
+/// when `shutdown` comes first (a single attempt is made once it has).
+pub(super) fn commit_until_done(
+    store: &Store,
+    pending: &mut Pending,
+    failures: &[Counter; 2],
+    shutdown: &CancellationToken,
+) -> bool {
+    let mut wait = Duration::from_millis(10);
+    let mut attempts = 0u32;
+    loop {
+        match store.commit(pending, now_ms()) {
+            Ok(()) => {
+                if attempts > 0 {
+                    tracing::info!(
+                        failures = attempts,
+                        "outbox commit succeeded after retrying"
+                    );
+                }
+                return true;
+            }
+            Err(err) => {
+                failures[failure_reason(&err)].increment(1);
+                // Logged on the first failure, then every 30th, so a long outage does not flood.
+                if attempts.is_multiple_of(30) {
+                    tracing::warn!(%err, failures = attempts, "outbox commit failed: retrying; messages stay unacknowledged");
+                }
+                attempts += 1;
+            }
+        }
+        let until = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < until {
+            if shutdown.is_cancelled() {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10).min(wait));
+        }
+        wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
