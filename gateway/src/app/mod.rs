@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 pub use tokio_util::sync::CancellationToken;
 
 pub mod files;
+pub mod lifecycle;
 
 pub use files::{Files, check_files};
 
@@ -140,26 +141,177 @@ pub async fn start_in(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     hubgate_exporters::prometheus::install();
-    let grpc_listener = tokio::net::TcpListener::from_std(process.grpc.try_clone()?)?;
-    let admin_listener = tokio::net::TcpListener::from_std(process.admin.try_clone()?)?;
-    let grpc_addr = process.grpc_addr()?;
-    let admin_addr = process.admin_addr()?;
-
-    let Files {
-        grid_intensity,
-        upstream: upstream_credentials,
-        nats: nats_credentials,
-        grpc_tls,
-        mqtt_login,
-    } = Files::load(&config)?;
-    let tokens = Arc::new(auth::Tokens::new(&config.grpc.tokens));
+    let files = Files::load(&config)?;
     let loaded_at = std::time::SystemTime::now();
     let register = Arc::new(register::Register::new(
         &config,
         &humantime::format_rfc3339_seconds(loaded_at).to_string(),
     ));
-    let policy = Arc::new(config.policy);
-    let replaced = match &why {
+    let opened = Opened::open(&config, &why)?;
+    let mut tasks = JoinSet::new();
+    let (push_tx, push_rx) = mpsc::channel(16);
+    let connected = spawn_ingest(
+        &mut tasks,
+        (&config.mqtt, &config.store),
+        files.mqtt_login,
+        &opened,
+        push_rx,
+        &shutdown,
+    )?;
+    let Opened {
+        policy,
+        data_lock,
+        audit,
+        store,
+        stats,
+    } = opened;
+    spawn_exporters(
+        &mut tasks,
+        (config.upstream, files.upstream),
+        (config.nats, files.nats),
+        &policy,
+        &store,
+        &shutdown,
+    )?;
+    let service = gateway_service(
+        &config.grpc,
+        (&policy, &store, &register),
+        push_tx,
+        process.footprint.watch(),
+        loaded_at,
+        &shutdown,
+    );
+    serve_listeners(
+        &mut tasks,
+        process,
+        (service, files.grpc_tls),
+        (connected.clone(), Arc::clone(&register)),
+        &shutdown,
+    )?;
+    tasks.spawn(footprint::run(
+        config.footprint,
+        files.grid_intensity,
+        Arc::clone(&stats),
+        Arc::clone(&process.footprint),
+        shutdown.clone(),
+    ));
+    tasks.spawn(purge_every_tick(Arc::clone(&store), shutdown.clone()));
+    let (grpc_addr, admin_addr) = (process.grpc_addr()?, process.admin_addr()?);
+    tracing::info!(%grpc_addr, %admin_addr, policy_hash = %policy.hash_hex(), streams = policy.streams().len(), "hubgate started");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        policy,
+        stats,
+        mqtt_connected: connected,
+        audit,
+        tasks,
+        shutdown,
+        store: Arc::downgrade(&store),
+        _data_lock: data_lock,
+    })
+}
+
+/// Serves the gRPC API and the admin HTTP endpoints on the process's listeners.
+fn serve_listeners(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    process: &Process,
+    (service, tls): (
+        grpc::GatewayService,
+        Option<tonic::transport::ServerTlsConfig>,
+    ),
+    (connected, register): (watch::Receiver<bool>, Arc<register::Register>),
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let grpc_listener = tokio::net::TcpListener::from_std(process.grpc.try_clone()?)?;
+    let admin_listener = tokio::net::TcpListener::from_std(process.admin.try_clone()?)?;
+    tasks.spawn(grpc::serve(grpc_listener, service, tls, shutdown.clone()));
+    tasks.spawn(admin::serve(
+        admin_listener,
+        connected,
+        register,
+        shutdown.clone(),
+    ));
+    Ok(())
+}
+
+/// The gRPC service of a gateway: its streams from `store`, the register and footprint it
+/// publishes, Push into `push`, and who may call it.
+fn gateway_service(
+    config: &crate::config::GrpcConfig,
+    (policy, store, register): (&Arc<Policy>, &Arc<Store>, &Arc<register::Register>),
+    push: mpsc::Sender<crate::sources::push::PushJob>,
+    footprint: watch::Receiver<hubgate_proto::v1::Footprint>,
+    loaded_at: std::time::SystemTime,
+    shutdown: &CancellationToken,
+) -> grpc::GatewayService {
+    grpc::GatewayService::new(
+        Arc::clone(policy),
+        Arc::clone(store),
+        push,
+        footprint,
+        grpc::Access {
+            tokens: Arc::new(auth::Tokens::new(&config.tokens)),
+            max_subscribers: config.max_subscribers,
+            max_push_calls: config.max_push_calls,
+            max_streams_per_subscription: config.max_streams_per_subscription,
+        },
+        grpc::Published {
+            register: Arc::clone(register),
+            loaded_at,
+        },
+        shutdown.clone(),
+    )
+}
+
+/// What a start opens before any task runs: the data directory (locked), the audit log with the
+/// start's entry, the outbox and the store over it.
+struct Opened {
+    policy: Arc<Policy>,
+    data_lock: std::fs::File,
+    audit: Arc<audit::AuditLog>,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+}
+
+impl Opened {
+    fn open(config: &Config, why: &Start) -> anyhow::Result<Self> {
+        let policy = Arc::new(config.policy.clone());
+        publish_policy_info(&policy, why);
+        let data_dir = &config.store.data_dir;
+        let data_lock = lock_data_dir(data_dir)?;
+        let audit_path = data_dir.join("audit.jsonl");
+        let audit = Arc::new(
+            audit::AuditLog::open_with(&audit_path, config.audit.retention)
+                .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
+        );
+        record_start(&audit, &policy, why);
+        let outbox = outbox::open(config.store.engine, data_dir)
+            .with_context(|| format!("cannot open the outbox in {}", data_dir.display()))?;
+        let store = Arc::new(Store::open(
+            outbox,
+            policy
+                .streams()
+                .iter()
+                .map(|s| (s.name.as_str(), s.retention)),
+            &config.store,
+            Arc::clone(&audit),
+        )?);
+        let stats = Arc::new(Stats::new(policy.streams().len()));
+        Ok(Self {
+            policy,
+            data_lock,
+            audit,
+            store,
+            stats,
+        })
+    }
+}
+
+/// `hubgate_policy_info` names the running policy (and no longer the one it replaced), and
+/// `hubgate_build_info` the version.
+fn publish_policy_info(policy: &Policy, why: &Start) {
+    let replaced = match why {
         Start::Fresh => None,
         Start::Reload {
             previous_policy_hash,
@@ -173,14 +325,14 @@ pub async fn start_in(
     }
     metrics::gauge!(catalogue::POLICY_INFO, "policy_hash" => policy.hash_hex()).set(1.0);
     metrics::gauge!(catalogue::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    std::fs::create_dir_all(&config.store.data_dir).with_context(|| {
-        format!(
-            "cannot create the data directory {}",
-            config.store.data_dir.display()
-        )
-    })?;
-    // One gateway per data directory: a second one would corrupt the keys and the audit chain.
-    let lock_path = config.store.data_dir.join("lock");
+}
+
+/// Creates the data directory and locks it: one gateway per data directory, since a second one
+/// would corrupt the keys and the audit chain. The lock is held while the returned file is.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let lock_path = data_dir.join("lock");
     let data_lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -190,21 +342,21 @@ pub async fn start_in(
     data_lock.try_lock().map_err(|_| {
         anyhow::anyhow!(
             "another hubgate is running with the data directory {} (it holds {})",
-            config.store.data_dir.display(),
+            data_dir.display(),
             lock_path.display()
         )
     })?;
-    let audit_path = config.store.data_dir.join("audit.jsonl");
-    let audit = Arc::new(
-        audit::AuditLog::open_with(&audit_path, config.audit.retention)
-            .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
-    );
+    Ok(data_lock)
+}
+
+/// The audit entry of a start: `start`, `policy_reloaded` or `policy_reload_failed`.
+fn record_start(audit: &audit::AuditLog, policy: &Policy, why: &Start) {
     let mut entry = serde_json::json!({
         "policy_hash": policy.hash_hex(),
         "version": env!("CARGO_PKG_VERSION"),
         "streams": policy.streams().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
     });
-    let event = match &why {
+    let event = match why {
         Start::Fresh => "start",
         Start::Reload {
             previous_policy_hash,
@@ -222,181 +374,131 @@ pub async fn start_in(
         }
     };
     audit.record(crate::telemetry::clock::now_ms(), event, entry);
-    let outbox = outbox::open(config.store.engine, &config.store.data_dir).with_context(|| {
-        format!(
-            "cannot open the outbox in {}",
-            config.store.data_dir.display()
-        )
-    })?;
-    let store = Arc::new(Store::open(
-        outbox,
-        policy
-            .streams()
-            .iter()
-            .map(|s| (s.name.as_str(), s.retention)),
-        &config.store,
-        Arc::clone(&audit),
-    )?);
-    let stats = Arc::new(Stats::new(policy.streams().len()));
+}
+
+/// The privacy-budget ledger, when a stream adds noise.
+fn budget_for(
+    policy: &Policy,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<budget::BudgetFile>> {
+    let noisy = policy
+        .streams()
+        .iter()
+        .any(|s| s.aggregate.as_ref().is_some_and(|a| a.noise.is_some()));
+    Ok(if noisy {
+        Some(budget::BudgetFile::open(data_dir)?)
+    } else {
+        None
+    })
+}
+
+/// Spawns the MQTT connection and the pipeline it feeds; returns whether the broker connection
+/// is up (for `/readyz`).
+fn spawn_ingest(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    (mqtt, store): (&crate::config::MqttConfig, &crate::config::StoreConfig),
+    login: ingest::Login,
+    opened: &Opened,
+    push_rx: mpsc::Receiver<crate::sources::push::PushJob>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<watch::Receiver<bool>> {
+    let policy = &opened.policy;
+    let mut pipeline = Pipeline::new(
+        Arc::clone(policy),
+        Arc::clone(&opened.store),
+        Arc::clone(&opened.stats),
+        budget_for(policy, &store.data_dir)?,
+        Arc::clone(&opened.audit),
+    )?;
     let (connected_tx, connected_rx) = watch::channel(false);
-    let (queue_tx, queue_rx) = mpsc::channel(config.mqtt.queue_capacity);
-    let (client, eventloop) = ingest::connect(&config.mqtt, mqtt_login);
+    let (queue_tx, queue_rx) = mpsc::channel(mqtt.queue_capacity);
+    let (client, eventloop) = ingest::connect(mqtt, login);
     let subscriptions = policy
         .subscriptions()
         .into_iter()
-        .map(|filter| match &config.mqtt.shared_group {
+        .map(|filter| match &mqtt.shared_group {
             Some(group) => format!("$share/{group}/{filter}"),
             None => filter.to_owned(),
         })
         .collect();
-
-    let mut tasks = JoinSet::new();
-    let budget = if policy
-        .streams()
-        .iter()
-        .any(|s| s.aggregate.as_ref().is_some_and(|a| a.noise.is_some()))
-    {
-        Some(budget::BudgetFile::open(&config.store.data_dir)?)
-    } else {
-        None
-    };
-    let mut pipeline = Pipeline::new(
-        Arc::clone(&policy),
-        Arc::clone(&store),
-        Arc::clone(&stats),
-        budget,
-        Arc::clone(&audit),
-    )?;
-    if let Some(limit) = config.mqtt.rate_limit {
+    if let Some(limit) = mqtt.rate_limit {
         pipeline.limit_topics(limit);
     }
-    if let Some(device) = &config.mqtt.device_rate_limit {
+    if let Some(device) = &mqtt.device_rate_limit {
         pipeline.limit_devices(device);
     }
     let acks = AckQueue::default();
     let acker = Acker::new(client.clone(), acks.clone());
-    let (push_tx, push_rx) = mpsc::channel(16);
-    {
-        let shutdown = shutdown.clone();
-        let spacing = pipeline::Spacing {
-            interval: config.store.commit_interval,
-            max: config.store.commit_interval_max,
-        };
-        tasks.spawn(async move {
-            pipeline::run(pipeline, queue_rx, push_rx, acker, spacing, shutdown).await
-        });
-    }
-    {
-        let (shutdown, backoff_max) = (shutdown.clone(), config.mqtt.reconnect_backoff_max);
-        let max_payload = config.mqtt.max_packet_bytes;
-        tasks.spawn(async move {
-            ingest::run(
-                eventloop,
-                client,
-                acks,
-                subscriptions,
-                max_payload,
-                queue_tx,
-                connected_tx,
-                backoff_max,
-                shutdown,
-            )
-            .await;
-            Ok(())
-        });
-    }
-    let footprint_rx = process.footprint.watch();
-    let service = grpc::GatewayService::new(
-        Arc::clone(&policy),
-        Arc::clone(&store),
-        push_tx,
-        footprint_rx,
-        grpc::Access {
-            tokens,
-            max_subscribers: config.grpc.max_subscribers,
-            max_push_calls: config.grpc.max_push_calls,
-            max_streams_per_subscription: config.grpc.max_streams_per_subscription,
-        },
-        grpc::Published {
-            register: Arc::clone(&register),
-            loaded_at,
-        },
-        shutdown.clone(),
-    );
-    // One incarnation for every exporter, made with the outbox.
-    let incarnation = if config.upstream.is_some() || config.nats.is_some() {
-        Some(upstream::incarnation(&store)?)
-    } else {
-        None
+    let spacing = pipeline::Spacing {
+        interval: store.commit_interval,
+        max: store.commit_interval_max,
     };
-    if let (Some(nats), Some(incarnation)) = (config.nats, incarnation.clone()) {
+    let stop = shutdown.clone();
+    tasks.spawn(
+        async move { pipeline::run(pipeline, queue_rx, push_rx, acker, spacing, stop).await },
+    );
+    let link = ingest::Link {
+        subscriptions,
+        max_payload: mqtt.max_packet_bytes,
+        backoff_max: mqtt.reconnect_backoff_max,
+    };
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        ingest::run(eventloop, client, acks, link, queue_tx, connected_tx, stop).await;
+        Ok(())
+    });
+    Ok(connected_rx)
+}
+
+/// Spawns the exporters that are configured (NATS, upstream), with one incarnation for all of
+/// them, made with the outbox.
+fn spawn_exporters(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    upstream: (Option<crate::config::UpstreamConfig>, upstream::Credentials),
+    nats: (Option<crate::config::NatsConfig>, nats::Credentials),
+    policy: &Arc<Policy>,
+    store: &Arc<Store>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if upstream.0.is_none() && nats.0.is_none() {
+        return Ok(());
+    }
+    let incarnation = upstream::incarnation(store)?;
+    if let (Some(config), credentials) = nats {
         tasks.spawn(nats::run(
-            nats,
-            nats_credentials,
-            incarnation,
-            Arc::clone(&policy),
-            Arc::clone(&store),
+            config,
+            credentials,
+            incarnation.clone(),
+            Arc::clone(policy),
+            Arc::clone(store),
             shutdown.clone(),
         ));
     }
-    if let (Some(upstream), Some(incarnation)) = (config.upstream, incarnation) {
+    if let (Some(config), credentials) = upstream {
         tasks.spawn(upstream::run(
-            upstream,
-            upstream_credentials,
+            config,
+            credentials,
             incarnation,
-            Arc::clone(&policy),
-            Arc::clone(&store),
+            Arc::clone(policy),
+            Arc::clone(store),
             shutdown.clone(),
         ));
     }
-    tasks.spawn(grpc::serve(
-        grpc_listener,
-        service,
-        grpc_tls,
-        shutdown.clone(),
-    ));
-    tasks.spawn(footprint::run(
-        config.footprint,
-        grid_intensity,
-        Arc::clone(&stats),
-        Arc::clone(&process.footprint),
-        shutdown.clone(),
-    ));
-    tasks.spawn(admin::serve(
-        admin_listener,
-        connected_rx.clone(),
-        Arc::clone(&register),
-        shutdown.clone(),
-    ));
-    {
-        let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
-        tasks.spawn(async move {
-            let mut tick =
-                tokio::time::interval(Duration::from_millis(PURGE_TICK_MS.unsigned_abs()));
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => return Ok(()),
-                    _ = tick.tick() => {
-                        // Disk work (deletes, fsync): off the async threads.
-                        let store = Arc::clone(&store);
-                        let purge = move || store.purge_expired_all(crate::telemetry::clock::now_ms());
-                        let _ = tokio::task::spawn_blocking(purge).await;
-                    }
-                }
+    Ok(())
+}
+
+/// Purges what retention no longer allows, every [`PURGE_TICK_MS`], off the async threads (the
+/// disk work of deletes and fsync).
+async fn purge_every_tick(store: Arc<Store>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(PURGE_TICK_MS.unsigned_abs()));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                let store = Arc::clone(&store);
+                let purge = move || store.purge_expired_all(crate::telemetry::clock::now_ms());
+                let _ = tokio::task::spawn_blocking(purge).await;
             }
-        });
+        }
     }
-    tracing::info!(%grpc_addr, %admin_addr, policy_hash = %policy.hash_hex(), streams = policy.streams().len(), "hubgate started");
-    Ok(Running {
-        grpc_addr,
-        admin_addr,
-        policy,
-        stats,
-        mqtt_connected: connected_rx,
-        audit,
-        tasks,
-        shutdown,
-        store: Arc::downgrade(&store),
-        _data_lock: data_lock,
-    })
 }

@@ -457,8 +457,7 @@ fn resolve_record(
     let mut seen: Vec<Label> = Vec::with_capacity(fields.len());
     let mut regular = false;
     let mut out = Resolved::default();
-    let (mut value, mut sum, mut time) = (None, None, None);
-    let mut values = 0;
+    let mut own = Own::default();
     for (label, item) in fields {
         if !matches!(label, Label::Unknown(_)) {
             if seen.contains(&label) {
@@ -476,81 +475,15 @@ fn resolve_record(
                 | Label::BaseSum
                 | Label::Unknown(false)
         );
-        match label {
-            Label::BaseVersion => match item {
-                Item::Int(v) if v > VERSION => {
-                    return Err(DecodeError::Senml(
-                        "the pack's SenML version is newer than 10",
-                    ));
-                }
-                Item::Int(v) if v >= 1 && base.version.is_none_or(|w| w == v) => {
-                    base.version = Some(v)
-                }
-                Item::Int(v) if v >= 1 => {
-                    return Err(DecodeError::Senml(
-                        "records of one pack give different versions",
-                    ));
-                }
-                _ => return Err(DecodeError::Senml("bver must be a positive integer")),
-            },
-            Label::BaseName => base.name = text(item, "bn must be a string")?,
-            Label::BaseTime => base.time = Some(Number::from_item(item, "bt must be a number")?),
-            Label::BaseUnit => base.unit = Some(text(item, "bu must be a string")?),
-            Label::BaseValue => base.value = Some(Number::from_item(item, "bv must be a number")?),
-            Label::BaseSum => base.sum = Some(Number::from_item(item, "bs must be a number")?),
-            Label::Name => out.name = text(item, "n must be a string")?,
-            Label::Unit => out.unit = Some(text(item, "u must be a string")?),
-            Label::Value => {
-                values += 1;
-                value = Some(Number::from_item(item, "v must be a number")?);
-                out.value_label = "v";
-            }
-            Label::StringValue => {
-                values += 1;
-                out.value = Some(Value::Str(text(item, "vs must be a string")?.into()));
-                out.value_label = "vs";
-            }
-            Label::BoolValue => {
-                values += 1;
-                let Item::Bool(b) = item else {
-                    return Err(DecodeError::Senml("vb must be a boolean"));
-                };
-                out.value = Some(Value::Bool(b));
-                out.value_label = "vb";
-            }
-            Label::DataValue => {
-                values += 1;
-                let encoded = match item {
-                    // JSON carries data as base64url text (RFC 8428 §4.3); it passes as written
-                    // once it is known to be base64url.
-                    Item::Text(s) if BASE64URL.decode(&s).is_ok() => s,
-                    // CBOR carries it as a byte string; it is written as base64url text.
-                    Item::Bytes(b) => BASE64URL.encode(b),
-                    _ => return Err(DecodeError::Senml("vd must be base64url data")),
-                };
-                out.value = Some(Value::Str(encoded.into()));
-                out.value_label = "vd";
-            }
-            Label::Sum => sum = Some(Number::from_item(item, "s must be a number")?),
-            Label::Time => time = Some(Number::from_item(item, "t must be a number")?),
-            Label::UpdateTime => {
-                out.update_time = Some(Number::from_item(item, "ut must be a number")?)
-            }
-            Label::Unknown(true) => {
-                return Err(DecodeError::Senml(
-                    "a field that must be understood is not known",
-                ));
-            }
-            Label::Unknown(false) => out.unsupported += 1,
-        }
+        read_field(label, item, base, &mut out, &mut own)?;
     }
-    if values > 1 {
+    if own.values > 1 {
         return Err(DecodeError::Senml("a record has more than one value"));
     }
-    if let Some(v) = value {
+    if let Some(v) = own.value {
         out.value = Some(base.value.map_or(v, |b| b.add(v)).into_value());
     }
-    out.sum = match (base.sum, sum) {
+    out.sum = match (base.sum, own.sum) {
         (Some(b), Some(s)) => Some(b.add(s)),
         (None, Some(s)) => Some(s),
         // A base sum alone gives the record its sum (RFC 8428 §4.6).
@@ -566,13 +499,105 @@ fn resolve_record(
     if out.unit.is_none() {
         out.unit.clone_from(&base.unit);
     }
-    out.time = match (base.time, time) {
+    out.time = match (base.time, own.time) {
         (Some(b), Some(t)) => b.add(t),
         (Some(b), None) => b,
         (None, Some(t)) => t,
         (None, None) => Number::Int(0),
     };
     Ok(Some(out))
+}
+
+/// A record's own fields that the base fields in force add to, as read.
+#[derive(Debug, Default)]
+struct Own {
+    value: Option<Number>,
+    sum: Option<Number>,
+    time: Option<Number>,
+    /// Value fields given (`v`, `vs`, `vb`, `vd`): a record may have one.
+    values: u32,
+}
+
+/// Reads one field of a record: a base field into `base`, one of the record's own into `out`,
+/// or into `own` if a base field adds to it.
+fn read_field(
+    label: Label,
+    item: Item,
+    base: &mut Base,
+    out: &mut Resolved,
+    own: &mut Own,
+) -> Result<(), DecodeError> {
+    match label {
+        Label::BaseVersion => base.version = Some(version(item, base.version)?),
+        Label::BaseName => base.name = text(item, "bn must be a string")?,
+        Label::BaseTime => base.time = Some(Number::from_item(item, "bt must be a number")?),
+        Label::BaseUnit => base.unit = Some(text(item, "bu must be a string")?),
+        Label::BaseValue => base.value = Some(Number::from_item(item, "bv must be a number")?),
+        Label::BaseSum => base.sum = Some(Number::from_item(item, "bs must be a number")?),
+        Label::Name => out.name = text(item, "n must be a string")?,
+        Label::Unit => out.unit = Some(text(item, "u must be a string")?),
+        Label::Value => {
+            own.values += 1;
+            own.value = Some(Number::from_item(item, "v must be a number")?);
+            out.value_label = "v";
+        }
+        Label::StringValue => {
+            own.values += 1;
+            out.value = Some(Value::Str(text(item, "vs must be a string")?.into()));
+            out.value_label = "vs";
+        }
+        Label::BoolValue => {
+            own.values += 1;
+            let Item::Bool(b) = item else {
+                return Err(DecodeError::Senml("vb must be a boolean"));
+            };
+            out.value = Some(Value::Bool(b));
+            out.value_label = "vb";
+        }
+        Label::DataValue => {
+            own.values += 1;
+            out.value = Some(Value::Str(data(item)?.into()));
+            out.value_label = "vd";
+        }
+        Label::Sum => own.sum = Some(Number::from_item(item, "s must be a number")?),
+        Label::Time => own.time = Some(Number::from_item(item, "t must be a number")?),
+        Label::UpdateTime => {
+            out.update_time = Some(Number::from_item(item, "ut must be a number")?)
+        }
+        Label::Unknown(true) => {
+            return Err(DecodeError::Senml(
+                "a field that must be understood is not known",
+            ));
+        }
+        Label::Unknown(false) => out.unsupported += 1,
+    }
+    Ok(())
+}
+
+/// A record's `bver`, which must agree with the version of the pack's records so far.
+fn version(item: Item, pack: Option<i64>) -> Result<i64, DecodeError> {
+    match item {
+        Item::Int(v) if v > VERSION => Err(DecodeError::Senml(
+            "the pack's SenML version is newer than 10",
+        )),
+        Item::Int(v) if v >= 1 && pack.is_none_or(|w| w == v) => Ok(v),
+        Item::Int(v) if v >= 1 => Err(DecodeError::Senml(
+            "records of one pack give different versions",
+        )),
+        _ => Err(DecodeError::Senml("bver must be a positive integer")),
+    }
+}
+
+/// A `vd` value as base64url text.
+fn data(item: Item) -> Result<String, DecodeError> {
+    match item {
+        // JSON carries data as base64url text (RFC 8428 §4.3); it passes as written once it is
+        // known to be base64url.
+        Item::Text(s) if BASE64URL.decode(&s).is_ok() => Ok(s),
+        // CBOR carries it as a byte string; it is written as base64url text.
+        Item::Bytes(b) => Ok(BASE64URL.encode(b)),
+        _ => Err(DecodeError::Senml("vd must be base64url data")),
+    }
 }
 
 /// RFC 8428 §4.5.1: letters, digits and `-:./_`, starting with a letter or digit.

@@ -239,83 +239,109 @@ impl State {
             return Vec::new();
         }
         let birth = matches!(kind, Kind::NodeBirth | Kind::DeviceBirth);
-        let mut reading = Reading::default();
-        reading
-            .fields
-            .push(("group".into(), Value::Str(group.into())));
-        reading
-            .fields
-            .push(("edge_node".into(), Value::Str(edge.into())));
-        if let Some(device) = device {
-            reading
-                .fields
-                .push(("device".into(), Value::Str(device.into())));
-        }
-        if let Some(ms) = payload.timestamp {
-            reading
-                .fields
-                .push(("timestamp".into(), Value::Float(ms as f64 / 1000.0)));
-        }
-        if let Some(seq) = payload.seq {
-            reading.fields.push((
-                "seq".into(),
-                Value::Int(i64::try_from(seq).unwrap_or(i64::MAX)),
-            ));
-        }
+        let mut reading = header(payload, group, edge, device);
         for metric in &payload.metrics {
-            let named = metric.name.as_deref().filter(|n| !n.is_empty());
-            if birth
-                && let Some(name) = named
-                && name.len() <= MAX_NAME_BYTES
-                && self.declarations + 2 <= MAX_DECLARATIONS
-            {
-                let name: Arc<str> = name.into();
-                let datatype = metric.datatype.unwrap_or(0);
-                if node.datatypes.insert(Arc::clone(&name), datatype).is_none() {
-                    self.declarations += 1;
-                }
-                if let Some(alias) = metric.alias
-                    && node.aliases.insert(alias, (name, datatype)).is_none()
-                {
-                    self.declarations += 1;
-                }
+            if birth {
+                self.declare(node, metric);
             }
-            // Datatype 0 is "unknown": the birth's declaration holds.
-            let declared = metric.datatype.filter(|d| *d != 0);
-            let resolved = match (named, metric.alias) {
-                (Some(name), _) => Some((
-                    Arc::<str>::from(name),
-                    declared.or_else(|| node.datatypes.get(name).copied()),
-                )),
-                (None, Some(alias)) => node.aliases.get(&alias).map(|(name, datatype)| {
-                    (Arc::clone(name), Some(declared.unwrap_or(*datatype)))
-                }),
-                (None, None) => None,
-            };
-            let Some((name, datatype)) = resolved else {
-                if metric.alias.is_some() {
-                    self.unknown_aliases.increment(1);
-                    self.seen.1 += 1;
-                }
-                reading.unsupported += 1;
-                continue;
-            };
-            let value = if metric.is_null == Some(true) || metric.is_historical == Some(true) {
-                None
-            } else {
-                metric
-                    .value
-                    .as_ref()
-                    .and_then(|v| value(v, datatype.unwrap_or(0)))
-            };
-            let duplicate = reading.fields.iter().any(|(p, _)| p.as_str() == &*name);
-            match value {
-                Some(value) if !duplicate => reading.fields.push((name.as_ref().into(), value)),
-                _ => reading.unsupported += 1,
-            }
+            self.read_metric(node, metric, &mut reading);
         }
         vec![reading]
     }
+
+    /// Remembers the name, alias and datatype a birth declares for a metric, within bounds.
+    fn declare(&mut self, node: &mut Node, metric: &Metric) {
+        if let Some(name) = metric.name.as_deref().filter(|n| !n.is_empty())
+            && name.len() <= MAX_NAME_BYTES
+            && self.declarations + 2 <= MAX_DECLARATIONS
+        {
+            let name: Arc<str> = name.into();
+            let datatype = metric.datatype.unwrap_or(0);
+            if node.datatypes.insert(Arc::clone(&name), datatype).is_none() {
+                self.declarations += 1;
+            }
+            if let Some(alias) = metric.alias
+                && node.aliases.insert(alias, (name, datatype)).is_none()
+            {
+                self.declarations += 1;
+            }
+        }
+    }
+
+    /// Adds a metric's value to `reading` under its name; a metric without a name or a value
+    /// hubgate reads is counted as unsupported instead.
+    fn read_metric(&mut self, node: &Node, metric: &Metric, reading: &mut Reading) {
+        let Some((name, datatype)) = node.resolve(metric) else {
+            if metric.alias.is_some() {
+                self.unknown_aliases.increment(1);
+                self.seen.1 += 1;
+            }
+            reading.unsupported += 1;
+            return;
+        };
+        let value = if metric.is_null == Some(true) || metric.is_historical == Some(true) {
+            None
+        } else {
+            metric
+                .value
+                .as_ref()
+                .and_then(|v| value(v, datatype.unwrap_or(0)))
+        };
+        let duplicate = reading.fields.iter().any(|(p, _)| p.as_str() == &*name);
+        match value {
+            Some(value) if !duplicate => reading.fields.push((name.as_ref().into(), value)),
+            _ => reading.unsupported += 1,
+        }
+    }
+}
+
+impl Node {
+    /// A metric's name and datatype: its own, else what a birth declared for its name or alias.
+    fn resolve(&self, metric: &Metric) -> Option<(Arc<str>, Option<u32>)> {
+        let named = metric.name.as_deref().filter(|n| !n.is_empty());
+        // Datatype 0 is "unknown": the birth's declaration holds.
+        let declared = metric.datatype.filter(|d| *d != 0);
+        match (named, metric.alias) {
+            (Some(name), _) => Some((
+                Arc::<str>::from(name),
+                declared.or_else(|| self.datatypes.get(name).copied()),
+            )),
+            (None, Some(alias)) => self
+                .aliases
+                .get(&alias)
+                .map(|(name, datatype)| (Arc::clone(name), Some(declared.unwrap_or(*datatype)))),
+            (None, None) => None,
+        }
+    }
+}
+
+/// A reading's fields from the topic and the payload's header: where it comes from, when, and
+/// its sequence number.
+fn header(payload: &Payload, group: &str, edge: &str, device: Option<&str>) -> Reading {
+    let mut reading = Reading::default();
+    reading
+        .fields
+        .push(("group".into(), Value::Str(group.into())));
+    reading
+        .fields
+        .push(("edge_node".into(), Value::Str(edge.into())));
+    if let Some(device) = device {
+        reading
+            .fields
+            .push(("device".into(), Value::Str(device.into())));
+    }
+    if let Some(ms) = payload.timestamp {
+        reading
+            .fields
+            .push(("timestamp".into(), Value::Float(ms as f64 / 1000.0)));
+    }
+    if let Some(seq) = payload.seq {
+        reading.fields.push((
+            "seq".into(),
+            Value::Int(i64::try_from(seq).unwrap_or(i64::MAX)),
+        ));
+    }
+    reading
 }
 
 /// Refuses a payload of more than [`MAX_FIELDS`] metrics before decoding it (decoded metrics

@@ -119,6 +119,26 @@ fn ends(path: &Path) -> io::Result<Option<(Entry, Entry, String)>> {
     Ok(Some((parse(first)?, parse(last)?, hash)))
 }
 
+/// The sequence number and hash of the last of `lines`, the complete lines of the log at
+/// `path`, if it has any; the chain cannot go on from a last entry that is not valid.
+fn last_entry(path: &Path, lines: &[u8]) -> io::Result<Option<(u64, String)>> {
+    let Some(last) = lines.split(|b| *b == b'\n').rfind(|l| !l.is_empty()) else {
+        return Ok(None);
+    };
+    let invalid = |why: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the last audit entry of {} is not valid: {why}",
+                path.display()
+            ),
+        )
+    };
+    let entry: Entry = serde_json::from_slice(last).map_err(|e| invalid(e.to_string()))?;
+    let (_, hash) = split_hash(last).ok_or_else(|| invalid("no hash".into()))?;
+    Ok(Some((entry.seq, hash.to_owned())))
+}
+
 impl AuditLog {
     /// Opens (or creates) the log with the default retention; see [`AuditLog::open_with`].
     pub fn open(path: &Path) -> io::Result<Self> {
@@ -143,31 +163,15 @@ impl AuditLog {
             file.seek(SeekFrom::End(0))?;
             file.sync_data()?;
         }
-        let first = bytes[..complete]
+        let lines = &bytes[..complete];
+        let first = lines
             .split(|b| *b == b'\n')
             .find(|l| !l.is_empty())
             .and_then(|l| serde_json::from_slice::<Entry>(l).ok())
             .map(|e| (e.seq, e.time_ms));
         let mut continued = None;
-        let (next_seq, prev) = match bytes[..complete]
-            .split(|b| *b == b'\n')
-            .rfind(|l| !l.is_empty())
-        {
-            Some(last) => {
-                let invalid = |why: String| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "the last audit entry of {} is not valid: {why}",
-                            path.display()
-                        ),
-                    )
-                };
-                let entry: Entry =
-                    serde_json::from_slice(last).map_err(|e| invalid(e.to_string()))?;
-                let (_, hash) = split_hash(last).ok_or_else(|| invalid("no hash".into()))?;
-                (entry.seq + 1, hash.to_owned())
-            }
+        let (next_seq, prev) = match last_entry(path, lines)? {
+            Some((seq, hash)) => (seq + 1, hash),
             None => match Self::last_segment(path)? {
                 // A fresh file after a segment was closed (and the process died before writing
                 // to the new one): the chain continues from the segment.

@@ -203,21 +203,11 @@ pub async fn run(
         lifetime_years: config.lifetime_years,
         share: config.hardware_share,
     };
-    let shown = |o: Option<String>| o.unwrap_or_else(|| "unset".to_owned());
-    metrics::gauge!(
-        catalogue::CARBON_INFO,
-        "grid_intensity_g_per_kwh" => shown(config.grid_intensity_g_per_kwh.map(|i| i.to_string())),
-        "grid_intensity_file" => shown(config.grid_intensity_file.as_ref().map(|p| p.display().to_string())),
-        "grid_zone" => shown(intensity.file.as_ref().map(|f| f.table.zone().to_owned())),
-        "embodied_kg" => embodied.kg.to_string(),
-        "lifetime_years" => embodied.lifetime_years.to_string(),
-        "hardware_share" => embodied.share.to_string()
-    )
-    .set(1.0);
+    describe_carbon(&config, &intensity, &embodied);
     let sci_gauge = metrics::gauge!(catalogue::SCI);
     let intensity_gauge = metrics::gauge!(catalogue::GRID_INTENSITY);
     let bytes_avoided = metrics::counter!(catalogue::BYTES_AVOIDED);
-    let mut meter = match Meter::new(
+    let meter = match Meter::new(
         std::path::Path::new("/sys/class"),
         std::path::Path::new("/proc"),
         coefficients,
@@ -229,6 +219,67 @@ pub async fn run(
             return Ok(());
         }
     };
+    let parameters = describe_method(&meter, coefficients, vcpus);
+    let totals = ledger.begin_run();
+    let since = ledger.publish.borrow().since;
+    let mut sampler = Sampler {
+        method_name: meter.method_name(),
+        meter,
+        parameters,
+        embodied,
+        network_kwh_per_gb: config.network_kwh_per_gb,
+        since,
+        totals,
+        failing: false,
+        sci_gauge,
+        intensity_gauge,
+        bytes_avoided,
+    };
+    sampler.totals.run.observe(&stats);
+    ledger
+        .publish
+        .send_replace(sampler.snapshot(intensity.at(unix_now())));
+    let mut tick = tokio::time::interval(config.sample_every);
+    tick.tick().await;
+    let mut last = Instant::now();
+    loop {
+        // On a stop or a reload, one last sample counts the time since the previous one.
+        let stopping = tokio::select! {
+            () = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let elapsed = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        let current = sampler.sample(elapsed, &stats, &mut intensity);
+        sampler.publish(&ledger, current);
+        if stopping {
+            return Ok(());
+        }
+    }
+}
+
+/// Sets `hubgate_carbon_info`: the inputs of the carbon figures.
+fn describe_carbon(config: &FootprintConfig, intensity: &GridIntensity, embodied: &Embodied) {
+    let shown = |o: Option<String>| o.unwrap_or_else(|| "unset".to_owned());
+    metrics::gauge!(
+        catalogue::CARBON_INFO,
+        "grid_intensity_g_per_kwh" => shown(config.grid_intensity_g_per_kwh.map(|i| i.to_string())),
+        "grid_intensity_file" => shown(config.grid_intensity_file.as_ref().map(|p| p.display().to_string())),
+        "grid_zone" => shown(intensity.file.as_ref().map(|f| f.table.zone().to_owned())),
+        "embodied_kg" => embodied.kg.to_string(),
+        "lifetime_years" => embodied.lifetime_years.to_string(),
+        "hardware_share" => embodied.share.to_string()
+    )
+    .set(1.0);
+}
+
+/// Logs how the energy is obtained and sets `hubgate_footprint_info` to it: the method and its
+/// parameters (the counters, or the model's coefficients), which are returned.
+fn describe_method(
+    meter: &Meter,
+    coefficients: Coefficients,
+    vcpus: usize,
+) -> HashMap<String, String> {
     let method_name = meter.method_name();
     let parameters: HashMap<String, String> = match meter.method() {
         Method::Sensor(counters) => {
@@ -255,37 +306,143 @@ pub async fn run(
             ])
         }
     };
-    {
-        let mut labels: Vec<(String, String)> = parameters
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        labels.sort();
-        labels.insert(0, ("method".to_owned(), method_name.to_owned()));
-        let labels: Vec<metrics::Label> = labels
-            .into_iter()
-            .map(|(k, v)| metrics::Label::new(k, v))
-            .collect();
-        metrics::gauge!(catalogue::FOOTPRINT_INFO, labels).set(1.0);
+    let mut labels: Vec<(String, String)> = parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.sort();
+    labels.insert(0, ("method".to_owned(), method_name.to_owned()));
+    let labels: Vec<metrics::Label> = labels
+        .into_iter()
+        .map(|(k, v)| metrics::Label::new(k, v))
+        .collect();
+    metrics::gauge!(catalogue::FOOTPRINT_INFO, labels).set(1.0);
+    parameters
+}
+
+/// The meter and the running totals between samples, with what each snapshot repeats.
+struct Sampler {
+    meter: Meter,
+    method_name: &'static str,
+    parameters: HashMap<String, String>,
+    embodied: Embodied,
+    network_kwh_per_gb: f64,
+    /// When the ledger's totals started.
+    since: Option<prost_types::Timestamp>,
+    totals: Totals,
+    /// The last reading of the meter failed (warned about once until it succeeds).
+    failing: bool,
+    sci_gauge: metrics::Gauge,
+    intensity_gauge: metrics::Gauge,
+    bytes_avoided: metrics::Counter,
+}
+
+impl Sampler {
+    /// Counts the `elapsed` seconds since the previous sample into the totals and the counters;
+    /// returns the grid intensity they were counted at, if one is known.
+    fn sample(
+        &mut self,
+        elapsed: f64,
+        stats: &Stats,
+        intensity: &mut GridIntensity,
+    ) -> Option<(f64, &'static str)> {
+        let totals = &mut self.totals;
+        let delta = totals.run.observe(stats);
+        self.bytes_avoided.increment(delta);
+        let network_joules = delta as f64 / 1e9 * self.network_kwh_per_gb * carbon::JOULES_PER_KWH;
+        totals.network_joules_avoided += network_joules;
+        add_float_counter(
+            catalogue::NETWORK_ENERGY_AVOIDED_JOULES,
+            "attributional network energy of the bytes avoided, at the configured kWh per GB (apart from SCI)",
+            network_joules,
+        );
+        let embodied_grams = carbon::embodied_grams(elapsed, &self.embodied);
+        totals.embodied_grams += embodied_grams;
+        add_float_counter(
+            catalogue::CARBON_EMBODIED_GRAMS,
+            "embodied emissions of the hardware attributed to the gateway's running time, gCO2e",
+            embodied_grams,
+        );
+        intensity.refresh();
+        let current = intensity.at(unix_now());
+        match self.meter.sample(elapsed) {
+            Ok(sample) => {
+                self.failing = false;
+                self.count_energy(sample.joules, elapsed, current);
+            }
+            Err(err) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(%err, "the energy meter cannot be read; retrying");
+            }
+            Err(_) => {}
+        }
+        current
     }
-    let mut totals = ledger.begin_run();
-    let since = ledger.publish.borrow().since;
-    let snapshot = |totals: &Totals, current: Option<(f64, &'static str)>| {
+
+    /// Counts the energy used over `elapsed` seconds, and its operational carbon at the grid
+    /// intensity `current` (or the seconds it is missing for).
+    fn count_energy(&mut self, joules: f64, elapsed: f64, current: Option<(f64, &'static str)>) {
+        let totals = &mut self.totals;
+        totals.joules += joules;
+        add_float_counter(
+            catalogue::ENERGY_JOULES,
+            "energy attributed to the gateway process, measured or modelled (see hubgate_footprint_info)",
+            joules,
+        );
+        match current {
+            Some((grams_per_kwh, _)) => {
+                self.intensity_gauge.set(grams_per_kwh);
+                totals.seconds_with_intensity += elapsed;
+                let grams = carbon::operational_grams(joules, grams_per_kwh);
+                totals.operational_grams += grams;
+                add_float_counter(
+                    catalogue::CARBON_OPERATIONAL_GRAMS,
+                    "emissions of the energy the gateway used, at the grid's intensity, gCO2e",
+                    grams,
+                );
+            }
+            None => {
+                totals.seconds_without_intensity += elapsed;
+                add_float_counter(
+                    catalogue::INTENSITY_MISSING_SECONDS,
+                    "seconds for which no grid intensity was known (no operational carbon counted)",
+                    elapsed,
+                );
+            }
+        }
+    }
+
+    /// Saves the totals to `ledger`, sets the SCI gauge and publishes the snapshot.
+    fn publish(&self, ledger: &Ledger, current: Option<(f64, &'static str)>) {
+        let figures = self.snapshot(current);
+        ledger.save(&self.totals);
+        if let Some(sci) = figures.sci_grams_per_1000_readings {
+            self.sci_gauge.set(sci);
+        } else if self.totals.seconds_without_intensity > 0.0 {
+            // Undefined rather than understated.
+            self.sci_gauge.set(f64::NAN);
+        }
+        ledger.publish.send_replace(figures);
+    }
+
+    /// The figures so far, at the grid intensity `current`.
+    fn snapshot(&self, current: Option<(f64, &'static str)>) -> v1::Footprint {
+        let totals = &self.totals;
         let readings_kept = totals.before.records_kept + totals.run.records_kept;
         v1::Footprint {
             sampled_at: Some(SystemTime::now().into()),
-            since,
-            energy_method: method_name.to_owned(),
-            energy_method_parameters: parameters.clone(),
+            since: self.since,
+            energy_method: self.method_name.to_owned(),
+            energy_method_parameters: self.parameters.clone(),
             energy_joules: totals.joules,
             grid_intensity_g_per_kwh: current.map(|(g, _)| g),
             grid_intensity_source: current.map(|(_, s)| s).unwrap_or_default().to_owned(),
             seconds_without_intensity: totals.seconds_without_intensity,
             carbon_operational_grams: totals.operational_grams,
             carbon_embodied_grams: totals.embodied_grams,
-            embodied_kg: embodied.kg,
-            lifetime_years: embodied.lifetime_years,
-            hardware_share: embodied.share,
+            embodied_kg: self.embodied.kg,
+            lifetime_years: self.embodied.lifetime_years,
+            hardware_share: self.embodied.share,
             sci_grams_per_1000_readings: totals.sci(readings_kept),
             readings_received: totals.before.readings_received + totals.run.readings_received,
             records_kept: readings_kept,
@@ -296,92 +453,7 @@ pub async fn run(
             outbox_written_bytes: TRAFFIC.outbox_written.load(Ordering::Relaxed),
             bytes_avoided: totals.before.bytes_avoided + totals.run.bytes_avoided,
             network_energy_avoided_joules: totals.network_joules_avoided,
-            network_kwh_per_gb: config.network_kwh_per_gb,
-        }
-    };
-    totals.run.observe(&stats);
-    ledger
-        .publish
-        .send_replace(snapshot(&totals, intensity.at(unix_now())));
-    let mut tick = tokio::time::interval(config.sample_every);
-    tick.tick().await;
-    let mut last = Instant::now();
-    let mut failing = false;
-    loop {
-        // On a stop or a reload, one last sample counts the time since the previous one.
-        let stopping = tokio::select! {
-            () = shutdown.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        let elapsed = last.elapsed().as_secs_f64();
-        last = Instant::now();
-        let delta = totals.run.observe(&stats);
-        bytes_avoided.increment(delta);
-        let network_joules =
-            delta as f64 / 1e9 * config.network_kwh_per_gb * carbon::JOULES_PER_KWH;
-        totals.network_joules_avoided += network_joules;
-        add_float_counter(
-            catalogue::NETWORK_ENERGY_AVOIDED_JOULES,
-            "attributional network energy of the bytes avoided, at the configured kWh per GB (apart from SCI)",
-            network_joules,
-        );
-        let embodied_grams = carbon::embodied_grams(elapsed, &embodied);
-        totals.embodied_grams += embodied_grams;
-        add_float_counter(
-            catalogue::CARBON_EMBODIED_GRAMS,
-            "embodied emissions of the hardware attributed to the gateway's running time, gCO2e",
-            embodied_grams,
-        );
-        intensity.refresh();
-        let current = intensity.at(unix_now());
-        match meter.sample(elapsed) {
-            Ok(sample) => {
-                failing = false;
-                totals.joules += sample.joules;
-                add_float_counter(
-                    catalogue::ENERGY_JOULES,
-                    "energy attributed to the gateway process, measured or modelled (see hubgate_footprint_info)",
-                    sample.joules,
-                );
-                match current {
-                    Some((grams_per_kwh, _)) => {
-                        intensity_gauge.set(grams_per_kwh);
-                        totals.seconds_with_intensity += elapsed;
-                        let grams = carbon::operational_grams(sample.joules, grams_per_kwh);
-                        totals.operational_grams += grams;
-                        add_float_counter(
-                            catalogue::CARBON_OPERATIONAL_GRAMS,
-                            "emissions of the energy the gateway used, at the grid's intensity, gCO2e",
-                            grams,
-                        );
-                    }
-                    None => {
-                        totals.seconds_without_intensity += elapsed;
-                        add_float_counter(
-                            catalogue::INTENSITY_MISSING_SECONDS,
-                            "seconds for which no grid intensity was known (no operational carbon counted)",
-                            elapsed,
-                        );
-                    }
-                }
-            }
-            Err(err) if !failing => {
-                failing = true;
-                tracing::warn!(%err, "the energy meter cannot be read; retrying");
-            }
-            Err(_) => {}
-        }
-        let figures = snapshot(&totals, current);
-        ledger.save(&totals);
-        if let Some(sci) = figures.sci_grams_per_1000_readings {
-            sci_gauge.set(sci);
-        } else if totals.seconds_without_intensity > 0.0 {
-            // Undefined rather than understated.
-            sci_gauge.set(f64::NAN);
-        }
-        ledger.publish.send_replace(figures);
-        if stopping {
-            return Ok(());
+            network_kwh_per_gb: self.network_kwh_per_gb,
         }
     }
 }

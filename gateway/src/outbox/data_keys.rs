@@ -26,6 +26,9 @@
 //!
 //! The key file holds the keys of the records still held: it protects purged records, not live
 //! ones, from someone who can read the disk.
+//!
+//! These keys seal records; the keys that make pseudonyms are the pipeline's
+//! (`pipeline::pseudonym_keys`), a system of their own.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -11,10 +11,9 @@ pub(super) const PACKED_VERSION: u8 = 2;
 /// Bytes before the sealed body (or the parts of a packed value): version, CRC, count, kept time.
 pub(super) const HEADER: usize = 17;
 /// Most bytes of one batch value, unless a single record is larger. redb gives a value larger
-/// than a page a power-of-two number of 4 KiB pages, so a 20 KiB batch took 32 KiB: with turns of
-/// 10 to 45 KiB per stream the file held 1.50 times the data, with batches of at most this size
-/// 1.13 times (and 2.3 times fewer `pwrite` calls than with batches of at most one page). This
-/// is four pages less [`ROOM`].
+/// than a page a power-of-two number of 4 KiB pages, so a 20 KiB batch takes 32 KiB; batches of
+/// at most four pages fill them, with fewer `pwrite` calls than batches of one page
+/// (BENCHMARKS.md, "Batches of at most 16 KiB"). This is four pages less [`ROOM`].
 pub(super) const BATCH_MAX: usize = 4 * PAGE - ROOM;
 /// redb's page.
 pub(super) const PAGE: usize = 4 * 1024;
@@ -149,8 +148,9 @@ pub(super) type Packed<'a> = (&'a [u8], std::borrow::Cow<'a, [u8]>);
 /// to write instead of `inserts`, in the same order, and how many bytes more it holds.
 ///
 /// Why: redb splits a full leaf into halves and never fills the left one again when keys only
-/// grow, so batches smaller than a page, as small commits write them, left the file 1.4 to 1.6
-/// times their size. Packed, most values fill four pages of their own.
+/// grow, so batches smaller than a page, as small commits write them, leave the file much larger
+/// than their size. Packed, most values fill four pages of their own (BENCHMARKS.md, "Packed
+/// batches in the outbox").
 pub(super) fn pack<K: AsRef<[u8]>, V: AsRef<[u8]>>(inserts: &[(K, V)]) -> (Vec<Packed<'_>>, u64) {
     let mut out = Vec::with_capacity(inserts.len());
     let mut growth = 0;

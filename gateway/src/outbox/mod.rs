@@ -3,11 +3,10 @@
 //! Only filtered records (encoded `hubgate.v1.Record` messages) and window checkpoints ever enter
 //! it, never a raw payload. The store behind it is swappable through the narrow [`Outbox`] trait,
 //! implemented on redb ([`RedbOutbox`], the default engine) and on sled ([`SledOutbox`]); both pass
-//! the same model tests and the end-to-end SIGKILL crash test. redb is the default: held at
-//! 200,000 live records of 200 B with the oldest purged as new ones come (`cargo bench -p hubgate
-//! --bench outbox`), sled's files grew to 79x the live data in length while redb's stayed at 1.9x
-//! (in allocated blocks, with the batches of today: sled 2.04x, redb 1.07x), and redb's durable
-//! appends were faster (twice then, 1.2 times today).
+//! the same model tests and the end-to-end SIGKILL crash test. redb is the default: held at a
+//! steady number of live records with the oldest purged as new ones come, sled's files grow far
+//! past the live data (it does not reuse the space of purged records) and its durable appends
+//! are slower (`cargo bench -p hubgate --bench outbox`; BENCHMARKS.md, "Micro-benchmarks").
 //!
 //! Writes go through [`Outbox::commit`]: every record batch, sequence mark and checkpoint of one
 //! pipeline turn is applied atomically and made durable (fsync) before it returns, so after a crash
@@ -23,7 +22,7 @@
 //! 'c' name                                  → a checkpoint
 //! ```
 //!
-//! Records are stored in batches, one key per batch (a key per record costs sled about 9 µs), of
+//! Records are stored in batches, one key per batch (a key per record is costly on either engine), of
 //! at most [`BATCH_MAX`] bytes: a turn's records of a stream take as many batches as they need. A
 //! batch value is
 //!

@@ -403,9 +403,8 @@ impl RedbOutbox {
         let vault = Vault::open(dir)?;
         // redb's page cache. Records are written once and read back only by readers behind the
         // store's memory tail (a subscriber replaying, an exporter catching up), so a small cache
-        // costs neither appends nor replays (`cargo bench -p hubgate --bench outbox`: the same
-        // figures with 2 and 16 MiB), while a large one stays resident: with 16 MiB the gateway's
-        // steady memory at 50,000 readings/s was 52 MiB, with 2 MiB 28 MiB (BENCHMARKS.md).
+        // costs neither appends nor replays, while a large one stays resident (BENCHMARKS.md,
+        // "Micro-benchmarks" and "Figures from the code's comments").
         let db = Database::builder()
             .set_cache_size(2 * 1024 * 1024)
             .create(dir.join("outbox.redb"))
@@ -436,47 +435,12 @@ impl RedbOutbox {
             #[cfg(test)]
             faults: Faults::default(),
         };
-        let tx = shared.db.begin_read().map_err(db_error)?;
-        let table = tx.open_table(TABLE).map_err(db_error)?;
-        let mut bytes = 0;
-        for item in table.range(&b"r"[..]..&b"s"[..]).map_err(db_error)? {
-            bytes += item.map_err(db_error)?.1.value().len() as u64;
-        }
-        drop(table);
-        drop(tx);
-        shared.record_bytes.store(bytes, Ordering::Relaxed);
+        shared
+            .record_bytes
+            .store(record_bytes(&shared.db)?, Ordering::Relaxed);
         let shared = Arc::new(shared);
         let (folds, jobs) = mpsc::channel::<Fold>();
-        let folder = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("hubgate-fold".into())
-                .spawn(move || {
-                    // Folds handed over by commits, and, when they stop, what is left waiting.
-                    loop {
-                        let fold = match jobs.recv_timeout(FOLD_AFTER) {
-                            Ok(fold) => fold,
-                            Err(mpsc::RecvTimeoutError::Timeout) => match shared.idle_fold() {
-                                Some(fold) => fold,
-                                None => continue,
-                            },
-                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                        };
-                        let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            shared.fold(&fold);
-                        }));
-                        if folded.is_err() {
-                            // As a failed fold: the next commit writes through.
-                            let mut log = shared.lock_log();
-                            log.folding = None;
-                            log.failed = true;
-                            drop(log);
-                            shared.fold_ended.notify_all();
-                        }
-                    }
-                })
-                .map_err(OutboxError::Log)?
-        };
+        let folder = start_folder(Arc::clone(&shared), jobs).map_err(OutboxError::Log)?;
         Ok(Self {
             shared,
             vault,
@@ -636,6 +600,50 @@ impl Drop for RedbOutbox {
             let _ = folder.join();
         }
     }
+}
+
+/// Bytes of record batches held in `db`.
+fn record_bytes(db: &Database) -> Result<u64, OutboxError> {
+    let tx = db.begin_read().map_err(db_error)?;
+    let table = tx.open_table(TABLE).map_err(db_error)?;
+    let mut bytes = 0;
+    for item in table.range(&b"r"[..]..&b"s"[..]).map_err(db_error)? {
+        bytes += item.map_err(db_error)?.1.value().len() as u64;
+    }
+    Ok(bytes)
+}
+
+/// Starts the thread that folds the log into redb: the folds commits hand over, and, when they
+/// stop, what is left waiting.
+fn start_folder(
+    shared: Arc<Shared>,
+    jobs: mpsc::Receiver<Fold>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("hubgate-fold".into())
+        .spawn(move || {
+            loop {
+                let fold = match jobs.recv_timeout(FOLD_AFTER) {
+                    Ok(fold) => fold,
+                    Err(mpsc::RecvTimeoutError::Timeout) => match shared.idle_fold() {
+                        Some(fold) => fold,
+                        None => continue,
+                    },
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                };
+                let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    shared.fold(&fold);
+                }));
+                if folded.is_err() {
+                    // As a failed fold: the next commit writes through.
+                    let mut log = shared.lock_log();
+                    log.folding = None;
+                    log.failed = true;
+                    drop(log);
+                    shared.fold_ended.notify_all();
+                }
+            }
+        })
 }
 
 impl Outbox for RedbOutbox {

@@ -1,8 +1,8 @@
 //! The redb outbox's write-ahead log: what makes a commit durable without a redb transaction.
 //!
 //! A durable redb transaction writes a new copy of every B-tree page on the path to each leaf it
-//! changes, the pages of its system tree and its header: 60–300 KB a commit in the gateway,
-//! whether it holds one record or hundreds (BENCHMARKS.md, "Disk writes at steady rates"). Here a
+//! changes, the pages of its system tree and its header: hundreds of KB a commit, whether it
+//! holds one record or hundreds (BENCHMARKS.md, "Disk writes at steady rates"). Here a
 //! commit's inserts (sealed batches, next-sequence marks and checkpoints, already in their stored
 //! form) are appended to one file and made durable with one `fdatasync`, and the outbox folds
 //! them into redb from time to time, with one transaction, on a thread of its own.

@@ -53,8 +53,11 @@
 pub mod budget;
 pub mod pseudonym_keys;
 mod push;
+mod tally;
 mod turns;
 mod windows;
+
+use tally::{ABSORBED, StreamCounters, Tally, absorbed_index};
 
 pub use turns::{Spacing, run};
 use windows::{Windows, resume_windows};
@@ -67,86 +70,17 @@ use crate::sources::mqtt::Inbound;
 use crate::sources::ratelimit::{DeviceLimit, Limit, Limiter};
 use crate::telemetry::stats::Stats;
 use hubgate_exporters::catalogue;
-use hubgate_privacy::window::Absorbed;
-use hubgate_privacy::{Context, Policy, chain, identifiers};
+use hubgate_privacy::{Context, Policy, Reading, chain, identifiers};
 use metrics::Counter;
 
 use crate::decode::{self, Decoder};
 use crate::governance::audit::AuditLog;
 use crate::pipeline::budget::{BudgetFile, OsRandom};
-use crate::pipeline::pseudonym_keys::KeyManager;
-use crate::store::{Bodies, CommitError, Pending, Store};
+use crate::pipeline::pseudonym_keys::PseudonymKeys;
+use crate::store::{CommitError, Pending, Store};
 
 /// Most messages taken from the queue at once (a turn may take several such batches).
 const BATCH: usize = 512;
-
-/// Per-batch tallies for one stream, flushed to [`StreamStats`] and metrics once per batch.
-#[derive(Debug, Default)]
-struct Tally {
-    messages: u64,
-    bytes_in: u64,
-    dropped_decode: u64,
-    dropped_media: u64,
-    dropped_bad_time: u64,
-    fields_dropped: u64,
-    identifiers_suppressed: u64,
-    pseudonymised: u64,
-    locations_generalised: u64,
-    locations_invalid: u64,
-    bytes_kept: u64,
-    field_bytes_kept: u64,
-    /// Per [`Absorbed`] outcome, indexed by [`absorbed_index`].
-    absorbed: [u64; ABSORBED.len()],
-    /// The records kept, encoded (see [`crate::store::Bodies`]).
-    records: Bodies,
-}
-
-/// Every outcome of offering a record to the windows, with its metric label.
-const ABSORBED: [(Absorbed, &str); 7] = [
-    (Absorbed::Counted, "counted"),
-    (Absorbed::Late, "late"),
-    (Absorbed::Early, "early"),
-    (Absorbed::NoContributor, "no_contributor"),
-    (Absorbed::NoGroupKey, "no_group_key"),
-    (Absorbed::Bounded, "bounded"),
-    (Absorbed::Full, "state_full"),
-];
-
-fn absorbed_index(a: Absorbed) -> usize {
-    ABSORBED.iter().position(|(x, _)| *x == a).unwrap_or(0)
-}
-
-#[derive(Debug)]
-struct StreamCounters {
-    messages: Counter,
-    dropped_decode: Counter,
-    dropped_media: Counter,
-    dropped_bad_time: Counter,
-    fields_dropped: Counter,
-    identifiers_suppressed: Counter,
-    pseudonymised: Counter,
-    locations_generalised: Counter,
-    locations_invalid: Counter,
-    kept: Counter,
-}
-
-impl StreamCounters {
-    fn new(stream: &str) -> Self {
-        let s = stream.to_owned();
-        Self {
-            messages: metrics::counter!(catalogue::STREAM_MESSAGES, "stream" => s.clone()),
-            dropped_decode: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "decode"),
-            dropped_media: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "media"),
-            dropped_bad_time: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "bad_time"),
-            fields_dropped: metrics::counter!(catalogue::FIELDS_DROPPED, "stream" => s.clone(), "stage" => "allow_list"),
-            identifiers_suppressed: metrics::counter!(catalogue::IDENTIFIERS_SUPPRESSED, "stream" => s.clone()),
-            pseudonymised: metrics::counter!(catalogue::FIELDS_PSEUDONYMISED, "stream" => s.clone()),
-            locations_generalised: metrics::counter!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "cell"),
-            locations_invalid: metrics::counter!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "invalid"),
-            kept: metrics::counter!(catalogue::RECORDS_KEPT, "stream" => s),
-        }
-    }
-}
 
 /// Route, decode, filter and keep. Holds no I/O of its own besides the store.
 #[derive(Debug)]
@@ -160,7 +94,7 @@ pub struct Pipeline {
     received_bytes: Counter,
     unrouted: Counter,
     tallies: Vec<Tally>,
-    keys: KeyManager,
+    keys: PseudonymKeys,
     /// Per stream, in policy order: the open windows of aggregated streams.
     windows: Vec<Option<Windows>>,
     /// The privacy-budget ledger, when a stream adds noise.
@@ -228,7 +162,7 @@ impl Pipeline {
             received_bytes: metrics::counter!(catalogue::MQTT_RECEIVED_BYTES),
             unrouted: metrics::counter!(catalogue::UNROUTED_MESSAGES),
             tallies,
-            keys: KeyManager::new(&policy_for_keys, Some(Arc::clone(&audit))),
+            keys: PseudonymKeys::new(&policy_for_keys, Some(Arc::clone(&audit))),
             audit,
             windows,
             budget,
@@ -359,68 +293,7 @@ impl Pipeline {
             .received_bytes
             .fetch_add(bytes, Ordering::Relaxed);
         self.stats.unrouted.fetch_add(unrouted, Ordering::Relaxed);
-        for (index, tally) in self.tallies.iter_mut().enumerate() {
-            if tally.messages == 0 {
-                continue;
-            }
-            if let Some(windows) = &self.windows[index] {
-                let s = &self.stats.streams[index];
-                for (i, n) in tally.absorbed.iter().enumerate() {
-                    windows.counters.absorbed[i].increment(*n);
-                }
-                let counted = tally.absorbed[absorbed_index(Absorbed::Counted)];
-                let late = tally.absorbed[absorbed_index(Absorbed::Late)];
-                let all: u64 = tally.absorbed.iter().sum();
-                s.readings_aggregated.fetch_add(counted, Ordering::Relaxed);
-                s.dropped_late.fetch_add(late, Ordering::Relaxed);
-                s.dropped_aggregate
-                    .fetch_add(all - counted - late, Ordering::Relaxed);
-            }
-            let mut records = std::mem::take(&mut tally.records);
-            let kept = records.len() as u64;
-            if kept > 0 {
-                self.store
-                    .stage_encoded(&mut self.pending, index, &records, now_ms);
-                records.clear();
-            }
-            let (c, s) = (&self.counters[index], &self.stats.streams[index]);
-            // The same figures go to the metrics and to the stats `hubgate demo` reads.
-            for (counter, stat, n) in [
-                (&c.messages, &s.messages, tally.messages),
-                (&c.dropped_decode, &s.dropped_decode, tally.dropped_decode),
-                (&c.dropped_media, &s.dropped_media, tally.dropped_media),
-                (
-                    &c.dropped_bad_time,
-                    &s.dropped_bad_time,
-                    tally.dropped_bad_time,
-                ),
-                (&c.fields_dropped, &s.fields_dropped, tally.fields_dropped),
-                (
-                    &c.identifiers_suppressed,
-                    &s.identifiers_suppressed,
-                    tally.identifiers_suppressed,
-                ),
-                (&c.pseudonymised, &s.pseudonymised, tally.pseudonymised),
-                (
-                    &c.locations_generalised,
-                    &s.locations_generalised,
-                    tally.locations_generalised,
-                ),
-                (&c.kept, &s.records_kept, kept),
-            ] {
-                counter.increment(n);
-                stat.fetch_add(n, Ordering::Relaxed);
-            }
-            c.locations_invalid.increment(tally.locations_invalid);
-            s.bytes_in.fetch_add(tally.bytes_in, Ordering::Relaxed);
-            s.bytes_kept.fetch_add(tally.bytes_kept, Ordering::Relaxed);
-            s.field_bytes_kept
-                .fetch_add(tally.field_bytes_kept, Ordering::Relaxed);
-            *tally = Tally {
-                records,
-                ..Tally::default()
-            };
-        }
+        self.flush_tallies(now_ms);
         if self.aggregates() {
             self.release(now_ms);
         }
@@ -428,33 +301,16 @@ impl Pipeline {
 
     /// Routes one message to the streams that take its topic.
     fn process_one(&mut self, publish: &rumqttc::Publish, now_ms: i64) -> Routed {
-        let mut routed = false;
         // Decoded once per format, on first use, and shared by every stream of that format.
         let mut decoded = decode::Once::default();
         let media = identifiers::is_media_payload(&publish.payload);
-        if let Some((field, limiter)) = &mut self.device_limiter
-            && !media
-            && let Some(first) = self.policy.route(&publish.topic).next()
-        {
-            let format = self.policy.streams()[first].format;
-            if let Ok(decoded) = decoded.get(
-                &mut self.decoder,
-                format,
-                &publish.topic,
-                &publish.payload,
-                now_ms,
-            ) && let Some(reading) = decoded.readings().first()
-                && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
-                && !limiter.allow_device(&publish.topic, id, now_ms)
-            {
-                return Routed::DeviceOverLimit;
-            }
+        if !media && self.device_over_limit(publish, &mut decoded, now_ms) {
+            return Routed::DeviceOverLimit;
         }
         let mut routes = std::mem::take(&mut self.routes);
         routes.clear();
         routes.extend(self.policy.route(&publish.topic));
         for (k, &index) in routes.iter().enumerate() {
-            routed = true;
             let stream = &self.policy.streams()[index];
             // The last stream of a format to take the message takes its readings by value.
             let last = !routes[k + 1..]
@@ -480,46 +336,83 @@ impl Pipeline {
                 continue;
             };
             for reading in readings {
-                let ctx = Context {
-                    received_ms: now_ms,
-                    key: self.keys.key(index, now_ms),
-                };
-                match chain::apply(stream, reading, &ctx) {
-                    Ok(outcome) => {
-                        tally.fields_dropped += u64::from(outcome.fields_dropped);
-                        tally.identifiers_suppressed += u64::from(outcome.identifiers_suppressed);
-                        tally.pseudonymised += u64::from(outcome.pseudonymised);
-                        tally.locations_generalised += u64::from(outcome.locations_generalised);
-                        tally.locations_invalid += u64::from(outcome.locations_invalid);
-                        if let (Some(spec), Some(windows)) =
-                            (&stream.aggregate, self.windows[index].as_mut())
-                        {
-                            let generation = self.keys.generation(index);
-                            if windows.key_generation.is_some_and(|g| g != generation) {
-                                windows.state.rekey(now_ms);
-                                windows.must_checkpoint = true;
-                            }
-                            windows.key_generation = Some(generation);
-                            let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
-                            windows.dirty = true;
-                            windows.must_checkpoint |= publish.qos != rumqttc::QoS::AtMostOnce;
-                            tally.absorbed[absorbed_index(absorbed)] += 1;
-                            continue;
-                        }
-                        let mut sizes = (0, 0);
-                        tally.records.push_with(|buf| {
-                            sizes =
-                                encode_body(&stream.name, &self.policy_hash, &outcome.record, buf);
-                        });
-                        tally.bytes_kept += sizes.0 as u64;
-                        tally.field_bytes_kept += sizes.1 as u64;
-                    }
-                    Err(chain::Rejection::BadTime) => tally.dropped_bad_time += 1,
-                }
+                self.filter(index, reading, publish.qos, now_ms);
             }
         }
+        let routed = !routes.is_empty();
         self.routes = routes;
         if routed { Routed::Yes } else { Routed::Nowhere }
+    }
+
+    /// Whether the message's device, named by `mqtt.device_rate_limit.field` in its first
+    /// reading, is over its limit.
+    fn device_over_limit(
+        &mut self,
+        publish: &rumqttc::Publish,
+        decoded: &mut decode::Once,
+        now_ms: i64,
+    ) -> bool {
+        let Some((field, limiter)) = &mut self.device_limiter else {
+            return false;
+        };
+        let Some(first) = self.policy.route(&publish.topic).next() else {
+            return false;
+        };
+        let format = self.policy.streams()[first].format;
+        if let Ok(decoded) = decoded.get(
+            &mut self.decoder,
+            format,
+            &publish.topic,
+            &publish.payload,
+            now_ms,
+        ) && let Some(reading) = decoded.readings().first()
+            && let Some((_, id)) = reading.fields.iter().find(|(name, _)| name == field)
+        {
+            return !limiter.allow_device(&publish.topic, id, now_ms);
+        }
+        false
+    }
+
+    /// Runs one reading through stream `index`'s privacy chain, and keeps what comes out: as a
+    /// record, or absorbed into the stream's windows.
+    fn filter(&mut self, index: usize, reading: Reading, qos: rumqttc::QoS, now_ms: i64) {
+        let stream = &self.policy.streams()[index];
+        let ctx = Context {
+            received_ms: now_ms,
+            key: self.keys.key(index, now_ms),
+        };
+        let tally = &mut self.tallies[index];
+        let outcome = match chain::apply(stream, reading, &ctx) {
+            Ok(outcome) => outcome,
+            Err(chain::Rejection::BadTime) => {
+                tally.dropped_bad_time += 1;
+                return;
+            }
+        };
+        tally.fields_dropped += u64::from(outcome.fields_dropped);
+        tally.identifiers_suppressed += u64::from(outcome.identifiers_suppressed);
+        tally.pseudonymised += u64::from(outcome.pseudonymised);
+        tally.locations_generalised += u64::from(outcome.locations_generalised);
+        tally.locations_invalid += u64::from(outcome.locations_invalid);
+        if let (Some(spec), Some(windows)) = (&stream.aggregate, self.windows[index].as_mut()) {
+            let generation = self.keys.generation(index);
+            if windows.key_generation.is_some_and(|g| g != generation) {
+                windows.state.rekey(now_ms);
+                windows.must_checkpoint = true;
+            }
+            windows.key_generation = Some(generation);
+            let absorbed = windows.state.absorb(spec, &outcome.record, now_ms);
+            windows.dirty = true;
+            windows.must_checkpoint |= qos != rumqttc::QoS::AtMostOnce;
+            tally.absorbed[absorbed_index(absorbed)] += 1;
+            return;
+        }
+        let mut sizes = (0, 0);
+        tally.records.push_with(|buf| {
+            sizes = encode_body(&stream.name, &self.policy_hash, &outcome.record, buf);
+        });
+        tally.bytes_kept += sizes.0 as u64;
+        tally.field_bytes_kept += sizes.1 as u64;
     }
 }
 

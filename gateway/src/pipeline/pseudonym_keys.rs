@@ -8,6 +8,9 @@
 //! Epochs are aligned to the Unix epoch (`floor(now / key_epoch)`), so a restart within an epoch
 //! also starts a new key: pseudonyms never survive a restart.
 //!
+//! These keys make pseudonyms; the keys that seal records on disk are the outbox's data keys
+//! ([`crate::outbox::data_keys`]), a system of their own.
+//!
 //! Metrics: `hubgate_key_rotations_total{stream}`, `hubgate_keys_destroyed_total{stream}`.
 
 use hubgate_exporters::catalogue;
@@ -25,12 +28,12 @@ struct StreamKey {
 
 /// The current key of every stream that pseudonymises.
 #[derive(Debug)]
-pub struct KeyManager {
+pub struct PseudonymKeys {
     streams: Vec<Option<StreamKey>>,
     audit: Option<std::sync::Arc<crate::governance::audit::AuditLog>>,
 }
 
-impl KeyManager {
+impl PseudonymKeys {
     /// Keys for `policy`'s streams; rotations and destructions go to `audit` when given.
     pub fn new(
         policy: &Policy,
@@ -131,7 +134,7 @@ mod tests {
 
     #[test]
     fn one_key_per_epoch_and_a_fresh_one_after() {
-        let mut keys = KeyManager::new(&policy(), None);
+        let mut keys = PseudonymKeys::new(&policy(), None);
         assert!(
             keys.key(1, 0).is_none(),
             "a stream that does not pseudonymise has no key"
@@ -148,7 +151,7 @@ mod tests {
         assert_eq!((keys.generation(0), keys.generation(1)), (2, 0));
         assert_ne!(p1, p2, "a new epoch gives an unrelated pseudonym");
         // A second manager (a restart) never reuses a key, even within the same epoch.
-        let mut restarted = KeyManager::new(&policy(), None);
+        let mut restarted = PseudonymKeys::new(&policy(), None);
         assert_ne!(
             pseudonymise(restarted.key(0, hour).unwrap(), "3c:22:fb:12:34:56"),
             p2

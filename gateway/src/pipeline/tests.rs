@@ -11,7 +11,7 @@ use crate::outbox::SledOutbox;
 use crate::sources::mqtt::Acker;
 use crate::sources::push::PushJob;
 use crate::telemetry::clock::now_ms;
-use hubgate_privacy::window::WindowState;
+use hubgate_privacy::window::{Absorbed, WindowState};
 use hubgate_privacy::{Record, Value};
 use rumqttc::Publish;
 

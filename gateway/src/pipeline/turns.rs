@@ -177,132 +177,196 @@ pub(super) fn answered(
     answer.map_err(|_| anyhow::anyhow!("the outbox commit thread stopped"))
 }
 
+/// The state of [`take_turns`] between two turns.
+struct Turns<'p> {
+    pipeline: &'p mut Pipeline,
+    committer: &'p Committer,
+    acker: Acker,
+    spacing: Spacing,
+    batch: Vec<Inbound>,
+    /// What the turn being taken owes once it is durable.
+    owed: Owed,
+    /// The commit being written, if any.
+    in_flight: Option<tokio::sync::oneshot::Receiver<Option<Owed>>>,
+    last_commit: Option<tokio::time::Instant>,
+    /// The time from the start of the last commit to the start of the next.
+    commit_interval: Duration,
+    /// Most record bytes a turn takes: a quarter of `store.max_bytes`.
+    turn_bytes: u64,
+}
+
+impl Turns<'_> {
+    /// How many more messages the turn takes.
+    fn room(&self) -> usize {
+        if self.pipeline.pending.record_bytes() < self.turn_bytes {
+            TURN_MAX.saturating_sub(self.owed.messages)
+        } else {
+            0
+        }
+    }
+
+    /// Processes the batch taken and adds its messages to what the turn owes.
+    fn process_batch(&mut self) {
+        self.pipeline.process(&self.batch, now_ms());
+        self.owed.take(&mut self.batch);
+    }
+
+    /// The commit in flight was answered. `Ok(false)`: the gateway stopped with the turn
+    /// uncommitted, so its messages are not acknowledged and the broker delivers them again
+    /// after the restart (and the origin of forwarded records sends them again).
+    fn answered(
+        &mut self,
+        answer: Result<Option<Owed>, tokio::sync::oneshot::error::RecvError>,
+    ) -> anyhow::Result<bool> {
+        self.in_flight = None;
+        match answered(answer)? {
+            Some(paid) => {
+                self.pipeline.committed();
+                paid.pay(&mut self.acker);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Whether a commit is being written or the interval since the last one still runs.
+    fn waiting(&self) -> bool {
+        self.in_flight.is_some()
+            || self
+                .last_commit
+                .is_some_and(|t| tokio::time::Instant::now() < t + self.commit_interval)
+    }
+
+    /// Takes what came while the last commit was written or the interval ran into this turn.
+    async fn take_what_waits(&mut self, queue: &mut mpsc::Receiver<Inbound>) {
+        loop {
+            let take = self.room().min(BATCH);
+            while self.batch.len() < take
+                && let Ok(inbound) = queue.try_recv()
+            {
+                self.batch.push(inbound);
+            }
+            if self.batch.is_empty() {
+                return;
+            }
+            self.process_batch();
+            // Others on this worker go on between batches.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Hands the turn to the committer, or pays what it owes at once when it has nothing to
+    /// write and nothing is being written.
+    fn commit_or_pay(&mut self) {
+        let now = now_ms();
+        if self.pipeline.wants_commit(now) {
+            let start = tokio::time::Instant::now();
+            // The rate the turn's messages came at since the last commit started.
+            let rate = self.last_commit.map_or(0.0, |t| {
+                self.owed.messages as f64 / (start - t).as_secs_f64().max(1e-6)
+            });
+            self.commit_interval = self.spacing.at(rate);
+            let turn = self.pipeline.take_turn(now);
+            self.in_flight = Some(self.committer.commit(turn, std::mem::take(&mut self.owed)));
+            self.last_commit = Some(start);
+        } else if !self.owed.is_empty() {
+            std::mem::take(&mut self.owed).pay(&mut self.acker);
+        }
+    }
+
+    /// After a stop: the commit being written, then what the last turn took and the windows
+    /// that changed, so a stop or a reload loses none of them.
+    async fn finish(mut self) -> anyhow::Result<()> {
+        if let Some(answer) = self.in_flight.take() {
+            match answered(answer.await)? {
+                Some(paid) => paid.pay(&mut self.acker),
+                None => return Ok(()),
+            }
+        }
+        self.pipeline.checkpoint_all_windows();
+        if self.pipeline.wants_commit(now_ms()) || !self.owed.is_empty() {
+            let turn = self.pipeline.take_turn(now_ms());
+            let answer = self.committer.commit(turn, self.owed);
+            if let Some(paid) = answered(answer.await)? {
+                paid.pay(&mut self.acker);
+            }
+        }
+        self.acker.flush();
+        Ok(())
+    }
+}
+
 /// The loop of [`run`].
 pub(super) async fn take_turns(
     pipeline: &mut Pipeline,
     committer: &Committer,
     mut queue: mpsc::Receiver<Inbound>,
     mut pushed: mpsc::Receiver<PushJob>,
-    mut acker: Acker,
+    acker: Acker,
     spacing: Spacing,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut owed = Owed::default();
-    let mut in_flight: Option<tokio::sync::oneshot::Receiver<Option<Owed>>> = None;
-    let mut last_commit: Option<tokio::time::Instant> = None;
-    // The time from the start of the last commit to the start of the next.
-    let mut commit_interval = spacing.interval;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let aggregates = pipeline.aggregates();
     let turn_bytes = pipeline.store.max_bytes() / 4;
-    // How many more messages the turn takes.
-    let room = |pipeline: &Pipeline, owed: &Owed| {
-        if pipeline.pending.record_bytes() < turn_bytes {
-            TURN_MAX.saturating_sub(owed.messages)
-        } else {
-            0
-        }
+    let mut t = Turns {
+        pipeline,
+        committer,
+        acker,
+        spacing,
+        batch: Vec::with_capacity(BATCH),
+        owed: Owed::default(),
+        in_flight: None,
+        last_commit: None,
+        commit_interval: spacing.interval,
+        turn_bytes,
     };
     loop {
         // Acks waiting for room in the request channel: come back soon even if idle.
-        let acks_waiting = acker.flush();
+        let acks_waiting = t.acker.flush();
         let now = tokio::time::Instant::now();
         // When the next commit may start, if not yet.
-        let next_commit = last_commit
-            .map(|t| t + commit_interval)
-            .filter(|&t| now < t);
+        let next_commit = t
+            .last_commit
+            .map(|l| l + t.commit_interval)
+            .filter(|&l| now < l);
         // The turn has something to commit, and nothing is being written.
-        let due = in_flight.is_none() && (!owed.is_empty() || pipeline.wants_commit(now_ms()));
+        let due =
+            t.in_flight.is_none() && (!t.owed.is_empty() || t.pipeline.wants_commit(now_ms()));
         // While a commit is written or the interval runs, the messages that come stay in the
         // queue, to be taken all at once: one wake-up per commit, not per message.
-        let collecting = in_flight.is_some() || (due && next_commit.is_some());
-        let take = room(pipeline, &owed).min(BATCH);
+        let collecting = t.in_flight.is_some() || (due && next_commit.is_some());
+        let take = t.room().min(BATCH);
         tokio::select! {
-            n = queue.recv_many(&mut batch, take), if !collecting && take > 0 => {
+            n = queue.recv_many(&mut t.batch, take), if !collecting && take > 0 => {
                 if n == 0 {
                     break;
                 }
-                pipeline.process(&batch, now_ms());
-                owed.take(&mut batch);
+                t.process_batch();
             }
-            Some(job) = pushed.recv(), if take > 0 => match pipeline.accept_push(&job, now_ms()) {
-                Ok(ack) => owed.replies.push((job.reply, ack)),
+            Some(job) = pushed.recv(), if take > 0 => match t.pipeline.accept_push(&job, now_ms()) {
+                Ok(ack) => t.owed.replies.push((job.reply, ack)),
                 Err(err) => tracing::error!(%err, "cannot accept forwarded records"),
             },
-            answer = async { in_flight.as_mut().expect("a commit in flight").await }, if in_flight.is_some() => {
-                in_flight = None;
-                match answered(answer)? {
-                    Some(paid) => {
-                        pipeline.committed();
-                        paid.pay(&mut acker);
-                    }
-                    // Stopped with the turn uncommitted: its messages are not acknowledged, so
-                    // the broker delivers them again after the restart (and the origin of
-                    // forwarded records sends them again).
-                    None => return Ok(()),
+            answer = async { t.in_flight.as_mut().expect("a commit in flight").await }, if t.in_flight.is_some() => {
+                if !t.answered(answer)? {
+                    return Ok(());
                 }
             }
-            _ = tick.tick(), if aggregates => pipeline.release(now_ms()),
+            _ = tick.tick(), if aggregates => t.pipeline.release(now_ms()),
             // At once when the interval has run.
             () = tokio::time::sleep_until(next_commit.unwrap_or(now)), if due => {}
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,
             () = shutdown.cancelled() => break,
         }
-        if in_flight.is_some()
-            || last_commit.is_some_and(|t| tokio::time::Instant::now() < t + commit_interval)
-        {
+        if t.waiting() {
             continue;
         }
-        // What came while the last commit was written or the interval ran joins this turn.
-        loop {
-            let take = room(pipeline, &owed).min(BATCH);
-            while batch.len() < take
-                && let Ok(inbound) = queue.try_recv()
-            {
-                batch.push(inbound);
-            }
-            if batch.is_empty() {
-                break;
-            }
-            pipeline.process(&batch, now_ms());
-            owed.take(&mut batch);
-            // Others on this worker go on between batches.
-            tokio::task::yield_now().await;
-        }
-        let now = now_ms();
-        if pipeline.wants_commit(now) {
-            let start = tokio::time::Instant::now();
-            // The rate the turn's messages came at since the last commit started.
-            let rate = last_commit.map_or(0.0, |t| {
-                owed.messages as f64 / (start - t).as_secs_f64().max(1e-6)
-            });
-            commit_interval = spacing.at(rate);
-            in_flight = Some(committer.commit(pipeline.take_turn(now), std::mem::take(&mut owed)));
-            last_commit = Some(start);
-        } else if !owed.is_empty() {
-            // Nothing to write and nothing being written: what the turn owes is due now.
-            std::mem::take(&mut owed).pay(&mut acker);
-        }
+        t.take_what_waits(&mut queue).await;
+        t.commit_or_pay();
     }
-    // The commit being written, then what the last turn took and the windows that changed, so a
-    // stop or a reload loses none of them.
-    if let Some(answer) = in_flight.take() {
-        match answered(answer.await)? {
-            Some(paid) => paid.pay(&mut acker),
-            None => return Ok(()),
-        }
-    }
-    pipeline.checkpoint_all_windows();
-    if pipeline.wants_commit(now_ms()) || !owed.is_empty() {
-        let answer = committer.commit(pipeline.take_turn(now_ms()), owed);
-        if let Some(paid) = answered(answer.await)? {
-            paid.pay(&mut acker);
-        }
-    }
-    acker.flush();
-    Ok(())
+    t.finish().await
 }
 
 /// Which commit-failure counter an error counts in.

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hubgate_exporters::catalogue;
-use hubgate_privacy::window::WindowState;
+use hubgate_privacy::Record;
+use hubgate_privacy::window::{Release, WindowState};
 use metrics::{Counter, Gauge};
 
 use super::{ABSORBED, Pipeline};
@@ -63,7 +64,7 @@ pub(super) struct Windows {
     pub(super) wrote_whole: bool,
     /// Identifies the aggregation spec the state was built under.
     pub(super) spec: u32,
-    /// The stream's key generation ([`KeyManager::generation`]) the windows last absorbed under.
+    /// The stream's key generation ([`PseudonymKeys::generation`]) the windows last absorbed under.
     pub(super) key_generation: Option<u64>,
 }
 
@@ -260,89 +261,113 @@ impl Pipeline {
                 )),
                 _ => None,
             };
-            let release = windows.state.release(spec, now_ms, dp);
+            let mut release = windows.state.release(spec, now_ms, dp);
             windows.dirty |= release.windows > 0;
             windows.must_checkpoint |= release.windows > 0;
-            let c = &windows.counters;
-            c.entries.set(windows.state.entries() as f64);
+            windows.counters.entries.set(windows.state.entries() as f64);
             if release.windows == 0 {
                 continue;
             }
-            let stats = &self.stats.streams[index];
-            let mut records = release.records;
-            if release.epsilon_spent_micro > 0
-                && let Some(file) = &mut self.budget
-            {
-                c.spent_today.set(
-                    file.ledger.stream(&stream.name).spent_on_day_of(now_ms) as f64
-                        / hubgate_privacy::policy::aggregate::MICRO,
-                );
-                // The spending is on disk before anything it paid for is kept.
-                if let Err(err) = file.save() {
-                    tracing::error!(stream = %stream.name, %err, "cannot write the privacy-budget ledger: the window's groups are not released");
-                    c.refusals.increment(1);
-                    stats.windows_refused.fetch_add(1, Ordering::Relaxed);
-                    records.clear();
-                } else {
-                    let (from_ms, to_ms) = release.range_ms.unwrap_or_default();
-                    self.audit.record(
-                        now_ms,
-                        "privacy_budget_spent",
-                        serde_json::json!({
-                            "stream": stream.name,
-                            "epsilon_micro": release.epsilon_spent_micro,
-                            "spent_today_micro": file.ledger.stream(&stream.name).spent_on_day_of(now_ms),
-                            "windows_from_ms": from_ms,
-                            "windows_to_ms": to_ms,
-                        }),
-                    );
-                }
+            if !self.pay_for(index, &stream.name, &release, now_ms) {
+                release.records.clear();
             }
-            if let Some(refusal) = release.last_refusal {
-                tracing::warn!(stream = %stream.name, windows = release.windows_refused, %refusal, "window release refused");
+            self.count_release(index, &release);
+            if !release.records.is_empty() {
+                self.stage_released(index, &stream.name, &release.records, now_ms);
+            }
+        }
+    }
+
+    /// Writes the privacy budget a release spent to disk before anything it paid for is kept,
+    /// and audits the spending and any refusal. False when the ledger cannot be written: then
+    /// the window's groups are not released.
+    fn pay_for(&mut self, index: usize, stream: &str, release: &Release, now_ms: i64) -> bool {
+        let mut paid = true;
+        if release.epsilon_spent_micro > 0
+            && let Some(file) = &mut self.budget
+            && let Some(w) = &self.windows[index]
+        {
+            let c = &w.counters;
+            c.spent_today.set(
+                file.ledger.stream(stream).spent_on_day_of(now_ms) as f64
+                    / hubgate_privacy::policy::aggregate::MICRO,
+            );
+            if let Err(err) = file.save() {
+                tracing::error!(stream = %stream, %err, "cannot write the privacy-budget ledger: the window's groups are not released");
+                c.refusals.increment(1);
+                self.stats.streams[index]
+                    .windows_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                paid = false;
+            } else {
+                let (from_ms, to_ms) = release.range_ms.unwrap_or_default();
                 self.audit.record(
                     now_ms,
-                    "privacy_budget_refused",
+                    "privacy_budget_spent",
                     serde_json::json!({
-                        "stream": stream.name,
-                        "windows": release.windows_refused,
-                        "reason": refusal.to_string(),
+                        "stream": stream,
+                        "epsilon_micro": release.epsilon_spent_micro,
+                        "spent_today_micro": file.ledger.stream(stream).spent_on_day_of(now_ms),
+                        "windows_from_ms": from_ms,
+                        "windows_to_ms": to_ms,
                     }),
                 );
             }
-            c.windows.increment(u64::from(release.windows));
-            c.suppressed.increment(u64::from(release.groups_suppressed));
-            c.refusals.increment(u64::from(release.windows_refused));
-            c.released.increment(records.len() as u64);
-            stats
-                .groups_suppressed
-                .fetch_add(u64::from(release.groups_suppressed), Ordering::Relaxed);
-            stats
-                .windows_refused
-                .fetch_add(u64::from(release.windows_refused), Ordering::Relaxed);
-            stats
-                .groups_released
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            if records.is_empty() {
-                continue;
-            }
-            let (mut bytes, mut field_bytes) = (0, 0);
-            let mut bodies = Bodies::default();
-            for r in &records {
-                bodies.push_with(|buf| {
-                    let (b, f) = encode_body(&stream.name, &self.policy_hash, r, buf);
-                    (bytes, field_bytes) = (bytes + b as u64, field_bytes + f as u64);
-                });
-            }
-            let n = bodies.len() as u64;
-            self.store
-                .stage_encoded(&mut self.pending, index, &bodies, now_ms);
-            self.counters[index].kept.increment(n);
-            stats.records_kept.fetch_add(n, Ordering::Relaxed);
-            stats.bytes_kept.fetch_add(bytes, Ordering::Relaxed);
-            stats
-                .field_bytes_kept
-                .fetch_add(field_bytes, Ordering::Relaxed);
         }
+        if let Some(refusal) = &release.last_refusal {
+            tracing::warn!(stream = %stream, windows = release.windows_refused, %refusal, "window release refused");
+            self.audit.record(
+                now_ms,
+                "privacy_budget_refused",
+                serde_json::json!({
+                    "stream": stream,
+                    "windows": release.windows_refused,
+                    "reason": refusal.to_string(),
+                }),
+            );
+        }
+        paid
+    }
+
+    /// Counts the windows a release closed and what became of their groups.
+    fn count_release(&self, index: usize, release: &Release) {
+        let Some(w) = &self.windows[index] else {
+            return;
+        };
+        let (c, stats) = (&w.counters, &self.stats.streams[index]);
+        let released = release.records.len() as u64;
+        c.windows.increment(u64::from(release.windows));
+        c.suppressed.increment(u64::from(release.groups_suppressed));
+        c.refusals.increment(u64::from(release.windows_refused));
+        c.released.increment(released);
+        stats
+            .groups_suppressed
+            .fetch_add(u64::from(release.groups_suppressed), Ordering::Relaxed);
+        stats
+            .windows_refused
+            .fetch_add(u64::from(release.windows_refused), Ordering::Relaxed);
+        stats.groups_released.fetch_add(released, Ordering::Relaxed);
+    }
+
+    /// Stages the records of the groups a release let out.
+    fn stage_released(&mut self, index: usize, stream: &str, records: &[Record], now_ms: i64) {
+        let (mut bytes, mut field_bytes) = (0, 0);
+        let mut bodies = Bodies::default();
+        for r in records {
+            bodies.push_with(|buf| {
+                let (b, f) = encode_body(stream, &self.policy_hash, r, buf);
+                (bytes, field_bytes) = (bytes + b as u64, field_bytes + f as u64);
+            });
+        }
+        let n = bodies.len() as u64;
+        self.store
+            .stage_encoded(&mut self.pending, index, &bodies, now_ms);
+        self.counters[index].kept.increment(n);
+        let stats = &self.stats.streams[index];
+        stats.records_kept.fetch_add(n, Ordering::Relaxed);
+        stats.bytes_kept.fetch_add(bytes, Ordering::Relaxed);
+        stats
+            .field_bytes_kept
+            .fetch_add(field_bytes, Ordering::Relaxed);
     }
 }

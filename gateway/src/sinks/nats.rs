@@ -77,6 +77,24 @@ struct Published {
     sent_bytes: Counter,
 }
 
+impl Published {
+    fn new(index: usize, name: &str, subject_prefix: &str, position: Position) -> Self {
+        let stream = name.to_owned();
+        Self {
+            index,
+            subject: format!("{subject_prefix}.{name}"),
+            position,
+            published: metrics::counter!(catalogue::NATS_RECORDS_PUBLISHED, "stream" => stream.clone()),
+            acked_total: metrics::counter!(catalogue::NATS_RECORDS_ACKED, "stream" => stream.clone()),
+            duplicates: metrics::counter!(catalogue::NATS_RECORDS_DUPLICATE, "stream" => stream.clone()),
+            lost: metrics::counter!(catalogue::NATS_RECORDS_LOST, "stream" => stream.clone()),
+            lag: metrics::gauge!(catalogue::NATS_LAG, "stream" => stream.clone()),
+            sent_bytes: metrics::counter!(catalogue::NATS_SENT_BYTES, "stream" => stream.clone()),
+            name: stream,
+        }
+    }
+}
+
 /// Why publishing stopped.
 #[derive(Debug, thiserror::Error)]
 enum PublishError {
@@ -110,62 +128,25 @@ pub async fn run(
     // Every stream's window of unacknowledged publishes fits at once, so that no stream waits
     // for room held by acknowledgements another has yet to read.
     let in_flight = config.window * chosen.len().max(1) + 16;
-    // Connect, and make sure the JetStream stream exists, before anything is published; once
-    // connected, the client reconnects by itself.
-    let mut backoff = Backoff::new(config.reconnect_backoff_max);
-    let js = loop {
-        let attempt = async {
-            let client = options(&config, &credentials, connected.clone())
-                .connect(config.url.as_str())
-                .await?;
-            let js = jetstream::ContextBuilder::new()
-                .timeout(ACK_TIMEOUT)
-                .ack_timeout(ACK_TIMEOUT)
-                .max_ack_inflight(in_flight)
-                .build(client);
-            tokio::time::timeout(ACK_TIMEOUT, ensure_stream(&js, &config))
-                .await
-                .map_err(|_| anyhow::anyhow!("JetStream did not answer"))??;
-            anyhow::Ok(js)
-        };
-        let err = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            outcome = attempt => match outcome {
-                Ok(js) => {
-                    connected.set(1.0);
-                    break js;
-                }
-                Err(err) => err,
-            },
-        };
-        errors.increment(1);
-        let retry = backoff.wait(&shutdown, |retry_in| {
-            tracing::warn!(%err, ?retry_in, "NATS JetStream unavailable; records wait in the outbox");
-        });
-        if !retry.await {
-            return Ok(());
-        }
+    let Some(js) = connect(
+        &config,
+        &credentials,
+        in_flight,
+        &connected,
+        &errors,
+        &shutdown,
+    )
+    .await
+    else {
+        return Ok(());
     };
-
     let config = Arc::new(config);
     let incarnation: Arc<str> = incarnation.into();
     let mut tasks = tokio::task::JoinSet::new();
     for index in chosen {
         let s = &policy.streams()[index];
         let position = Position::load(&store, checkpoint_name(&s.name))?;
-        let name = s.name.clone();
-        let stream = Published {
-            index,
-            subject: format!("{}.{name}", config.subject_prefix),
-            position,
-            published: metrics::counter!(catalogue::NATS_RECORDS_PUBLISHED, "stream" => name.clone()),
-            acked_total: metrics::counter!(catalogue::NATS_RECORDS_ACKED, "stream" => name.clone()),
-            duplicates: metrics::counter!(catalogue::NATS_RECORDS_DUPLICATE, "stream" => name.clone()),
-            lost: metrics::counter!(catalogue::NATS_RECORDS_LOST, "stream" => name.clone()),
-            lag: metrics::gauge!(catalogue::NATS_LAG, "stream" => name.clone()),
-            sent_bytes: metrics::counter!(catalogue::NATS_SENT_BYTES, "stream" => name.clone()),
-            name,
-        };
+        let stream = Published::new(index, &s.name, &config.subject_prefix, position);
         tasks.spawn(forward(
             js.clone(),
             Arc::clone(&config),
@@ -184,6 +165,52 @@ pub async fn run(
     }
     connected.set(0.0);
     Ok(())
+}
+
+/// Connects, and makes sure the JetStream stream exists, before anything is published; once
+/// connected, the client reconnects by itself. Retries with backoff; `None` on `shutdown`.
+async fn connect(
+    config: &NatsConfig,
+    credentials: &Credentials,
+    in_flight: usize,
+    connected: &Gauge,
+    errors: &Counter,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::Context> {
+    let mut backoff = Backoff::new(config.reconnect_backoff_max);
+    loop {
+        let attempt = async {
+            let client = options(config, credentials, connected.clone())
+                .connect(config.url.as_str())
+                .await?;
+            let js = jetstream::ContextBuilder::new()
+                .timeout(ACK_TIMEOUT)
+                .ack_timeout(ACK_TIMEOUT)
+                .max_ack_inflight(in_flight)
+                .build(client);
+            tokio::time::timeout(ACK_TIMEOUT, ensure_stream(&js, config))
+                .await
+                .map_err(|_| anyhow::anyhow!("JetStream did not answer"))??;
+            anyhow::Ok(js)
+        };
+        let err = tokio::select! {
+            () = shutdown.cancelled() => return None,
+            outcome = attempt => match outcome {
+                Ok(js) => {
+                    connected.set(1.0);
+                    return Some(js);
+                }
+                Err(err) => err,
+            },
+        };
+        errors.increment(1);
+        let retry = backoff.wait(shutdown, |retry_in| {
+            tracing::warn!(%err, ?retry_in, "NATS JetStream unavailable; records wait in the outbox");
+        });
+        if !retry.await {
+            return None;
+        }
+    }
 }
 
 /// The connection settings: a name, the token, TLS, and the connected gauge kept by events.
@@ -314,6 +341,69 @@ async fn forward(
     s.position.save(&store).await;
 }
 
+/// Waits for the oldest publish's acknowledgement, or, with none pending, for the stream to
+/// grow (or a short while). False on `shutdown`.
+async fn settle_one(
+    pending: &mut VecDeque<(u64, PublishAckFuture)>,
+    s: &mut Published,
+    grown: &mut tokio::sync::watch::Receiver<u64>,
+    shutdown: &CancellationToken,
+) -> Result<bool, PublishError> {
+    if let Some((sequence, ack)) = pending.pop_front() {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            ack = ack => {
+                if ack?.duplicate {
+                    s.duplicates.increment(1);
+                }
+                s.acked_total.increment(1);
+                s.position.acked = sequence;
+            }
+        }
+    } else {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(false),
+            _ = grown.changed() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+    Ok(true)
+}
+
+/// The NATS message of a stored record: its headers and payload (the record itself, or its
+/// NGSI-LD entity). `None` when the record does not decode.
+fn message(
+    stored: &crate::store::Stored,
+    config: &NatsConfig,
+    incarnation: &str,
+    stream: &str,
+) -> Option<(async_nats::HeaderMap, bytes::Bytes)> {
+    let sequence = stored.sequence;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{incarnation}-{stream}-{sequence}").as_str(),
+    );
+    headers.insert("Hubgate-Stream", stream);
+    headers.insert("Hubgate-Sequence", sequence.to_string().as_str());
+    let payload = match config.payload {
+        NatsPayload::Protobuf => {
+            headers.insert("Hubgate-Type", "hubgate.v1.Record");
+            headers.insert("Content-Type", "application/x-protobuf");
+            stored.bytes.clone()
+        }
+        NatsPayload::NgsiLd => {
+            headers.insert("Hubgate-Type", "ngsi-ld");
+            headers.insert("Content-Type", "application/ld+json");
+            let record = stored.record().ok()?;
+            serde_json::to_vec(&crate::sinks::ngsi_ld::entity(&record, incarnation))
+                .unwrap_or_default()
+                .into()
+        }
+    };
+    Some((headers, payload))
+}
+
 /// Publishes from the last acknowledged record on, until an error or `shutdown`.
 async fn publish(
     js: &jetstream::Context,
@@ -347,36 +437,15 @@ async fn publish(
             }
             for stored in &batch.records {
                 let sequence = stored.sequence;
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert(
-                    async_nats::header::NATS_MESSAGE_ID,
-                    format!("{incarnation}-{}-{sequence}", s.name).as_str(),
-                );
-                headers.insert("Hubgate-Stream", s.name.as_str());
-                headers.insert("Hubgate-Sequence", sequence.to_string().as_str());
-                let payload = match config.payload {
-                    NatsPayload::Protobuf => {
-                        headers.insert("Hubgate-Type", "hubgate.v1.Record");
-                        headers.insert("Content-Type", "application/x-protobuf");
-                        stored.bytes.clone()
+                let Some((headers, payload)) = message(stored, config, incarnation, &s.name) else {
+                    // Never written so: records are checked as they are read back.
+                    s.lost.increment(1);
+                    tracing::error!(stream = %s.name, sequence, "a stored record does not decode: not published to NATS");
+                    if pending.is_empty() {
+                        s.position.acked = sequence;
                     }
-                    NatsPayload::NgsiLd => {
-                        headers.insert("Hubgate-Type", "ngsi-ld");
-                        headers.insert("Content-Type", "application/ld+json");
-                        let Ok(record) = stored.record() else {
-                            // Never written so: records are checked as they are read back.
-                            s.lost.increment(1);
-                            tracing::error!(stream = %s.name, sequence, "a stored record does not decode: not published to NATS");
-                            if pending.is_empty() {
-                                s.position.acked = sequence;
-                            }
-                            sent = sequence;
-                            continue;
-                        };
-                        serde_json::to_vec(&crate::sinks::ngsi_ld::entity(&record, incarnation))
-                            .unwrap_or_default()
-                            .into()
-                    }
+                    sent = sequence;
+                    continue;
                 };
                 let bytes = payload.len() as u64;
                 let publish = js.publish_with_headers(s.subject.clone(), headers, payload);
@@ -395,23 +464,8 @@ async fn publish(
         }
         let kept = store.next_sequence(s.index).saturating_sub(1);
         s.lag.set(kept.saturating_sub(s.position.acked) as f64);
-        if let Some((sequence, ack)) = pending.pop_front() {
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                ack = ack => {
-                    if ack?.duplicate {
-                        s.duplicates.increment(1);
-                    }
-                    s.acked_total.increment(1);
-                    s.position.acked = sequence;
-                }
-            }
-        } else {
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
-                _ = grown.changed() => {}
-                () = tokio::time::sleep(POLL) => {}
-            }
+        if !settle_one(&mut pending, s, &mut grown, shutdown).await? {
+            return Ok(());
         }
         if last_save.elapsed() >= SAVE_EVERY {
             s.position.save(store).await;

@@ -198,7 +198,7 @@ async fn call(
     s: &mut Forwarded,
     shutdown: &CancellationToken,
 ) -> Result<(), CallError> {
-    let (config, store) = (&shared.config, &shared.store);
+    let store = &shared.store;
     let mut client = GatewayClient::new(shared.channel.clone());
     let (tx, rx) = mpsc::channel(4);
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -213,54 +213,8 @@ async fn call(
     s.sent = s.position.acked;
     let mut last_save = Instant::now();
     loop {
-        while s.sent.saturating_sub(s.position.acked) < config.window {
-            let Some(batch) = store.read_async(s.index, s.sent + 1, config.batch).await else {
-                return Ok(());
-            };
-            if let Some((first, last)) = batch.gap {
-                s.lost.increment(last - first + 1);
-                tracing::warn!(stream = %s.name, first, last, "records purged before they were sent upstream");
-                if s.sent == s.position.acked {
-                    s.position.acked = last;
-                }
-                s.sent = last;
-            }
-            let Some(newest) = batch.records.last().map(|r| r.sequence) else {
-                break;
-            };
-            let records: Vec<v1::Record> = batch
-                .records
-                .iter()
-                .filter_map(|r| r.record().ok())
-                .collect();
-            // Never so: records are checked as they are read back.
-            let undecodable = batch.records.len() - records.len();
-            if undecodable > 0 {
-                s.lost.increment(undecodable as u64);
-                tracing::error!(stream = %s.name, undecodable, "stored records that do not decode are not sent upstream");
-            }
-            let count = records.len() as u64;
-            let request = v1::PushRequest {
-                origin: config.origin.clone(),
-                incarnation: shared.incarnation.clone(),
-                stream: s.name.clone(),
-                records,
-            };
-            let bytes = prost::Message::encoded_len(&request) as u64;
-            // Never wait to send: acks must keep being read, or both sides would wait on each
-            // other. A full channel is tried again on the next turn.
-            match tx.try_send(request) {
-                Ok(()) => {
-                    s.sent_total.increment(count);
-                    s.sent_bytes.increment(bytes);
-                    crate::telemetry::stats::TRAFFIC
-                        .upstream_sent
-                        .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                    s.sent = newest;
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => break,
-                Err(mpsc::error::TrySendError::Closed(_)) => return Err(CallError::Closed),
-            }
+        if !send_window(shared, s, &tx).await? {
+            return Ok(());
         }
         let kept = store.next_sequence(s.index).saturating_sub(1);
         s.lag.set(kept.saturating_sub(s.position.acked) as f64);
@@ -286,6 +240,65 @@ async fn call(
             last_save = Instant::now();
         }
     }
+}
+
+/// Sends what the window allows from the outbox, without ever waiting for room in the call: acks
+/// must keep being read, or both sides would wait on each other (a full channel is tried again
+/// on the next turn). False when the store is closing.
+async fn send_window(
+    shared: &Shared,
+    s: &mut Forwarded,
+    tx: &mpsc::Sender<v1::PushRequest>,
+) -> Result<bool, CallError> {
+    let (config, store) = (&shared.config, &shared.store);
+    while s.sent.saturating_sub(s.position.acked) < config.window {
+        let Some(batch) = store.read_async(s.index, s.sent + 1, config.batch).await else {
+            return Ok(false);
+        };
+        if let Some((first, last)) = batch.gap {
+            s.lost.increment(last - first + 1);
+            tracing::warn!(stream = %s.name, first, last, "records purged before they were sent upstream");
+            if s.sent == s.position.acked {
+                s.position.acked = last;
+            }
+            s.sent = last;
+        }
+        let Some(newest) = batch.records.last().map(|r| r.sequence) else {
+            break;
+        };
+        let records: Vec<v1::Record> = batch
+            .records
+            .iter()
+            .filter_map(|r| r.record().ok())
+            .collect();
+        // Never so: records are checked as they are read back.
+        let undecodable = batch.records.len() - records.len();
+        if undecodable > 0 {
+            s.lost.increment(undecodable as u64);
+            tracing::error!(stream = %s.name, undecodable, "stored records that do not decode are not sent upstream");
+        }
+        let count = records.len() as u64;
+        let request = v1::PushRequest {
+            origin: config.origin.clone(),
+            incarnation: shared.incarnation.clone(),
+            stream: s.name.clone(),
+            records,
+        };
+        let bytes = prost::Message::encoded_len(&request) as u64;
+        match tx.try_send(request) {
+            Ok(()) => {
+                s.sent_total.increment(count);
+                s.sent_bytes.increment(bytes);
+                crate::telemetry::stats::TRAFFIC
+                    .upstream_sent
+                    .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                s.sent = newest;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => break,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(CallError::Closed),
+        }
+    }
+    Ok(true)
 }
 
 /// Counts a call out of the open-calls gauge when it ends, however it ends.

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hubgate_exporters::catalogue;
+use metrics::{Counter, Gauge};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
     PubAck, Publish, QoS, SubscribeFilter, TlsConfiguration, Transport,
@@ -254,36 +255,142 @@ fn describe(err: &ConnectionError) -> String {
     }
 }
 
+/// What the connection task needs besides the client: what to subscribe to, the largest payload
+/// taken in, and the longest wait between reconnects.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Topic filters, subscribed at QoS 1 on every CONNACK.
+    pub subscriptions: Vec<String>,
+    /// Payloads larger than this are emptied on arrival and counted.
+    pub max_payload: usize,
+    pub backoff_max: Duration,
+}
+
+/// The connection's state and metrics, for the event loop of [`run`].
+struct Connection {
+    up: Gauge,
+    errors: Counter,
+    oversized: Counter,
+    acknowledged: Counter,
+    /// QoS 1 messages of this connection not yet acknowledged, and their gauge.
+    unacked: u64,
+    awaiting: Gauge,
+    connected: watch::Sender<bool>,
+    backoff: Duration,
+}
+
+impl Connection {
+    fn new(connected: watch::Sender<bool>) -> Self {
+        let awaiting = metrics::gauge!(catalogue::MQTT_AWAITING_ACK);
+        awaiting.set(0.0);
+        Self {
+            up: metrics::gauge!(catalogue::MQTT_CONNECTED),
+            errors: metrics::counter!(catalogue::MQTT_CONNECTION_ERRORS),
+            oversized: metrics::counter!(catalogue::MQTT_OVERSIZED),
+            acknowledged: metrics::counter!(catalogue::MQTT_ACKNOWLEDGED),
+            unacked: 0,
+            awaiting,
+            connected,
+            backoff: BACKOFF_START,
+        }
+    }
+
+    /// `n` acknowledgements were written.
+    fn acked(&mut self, n: u64) {
+        self.acknowledged.increment(n);
+        self.unacked = self.unacked.saturating_sub(n);
+        self.awaiting.set(self.unacked as f64);
+    }
+
+    /// The connection is lost: the broker delivers its unacknowledged messages again.
+    fn lost(&mut self, acks: &AckQueue) {
+        self.errors.increment(1);
+        acks.clear();
+        self.unacked = 0;
+        self.awaiting.set(0.0);
+        self.down();
+    }
+
+    fn down(&self) {
+        self.up.set(0.0);
+        self.connected.send_replace(false);
+    }
+
+    /// A message arrived: emptied when it is larger than `max_payload`, and counted.
+    fn inbound(&mut self, mut publish: Publish, max_payload: usize) -> Inbound {
+        if publish.qos != QoS::AtMostOnce {
+            self.unacked += 1;
+            self.awaiting.set(self.unacked as f64);
+        }
+        let bytes = publish.payload.len();
+        let oversized = bytes > max_payload;
+        if oversized {
+            self.oversized.increment(1);
+            drop(std::mem::take(&mut publish.payload));
+        }
+        Inbound {
+            publish,
+            bytes,
+            oversized,
+        }
+    }
+
+    /// The broker accepted the connection: subscribe (again: harmless when the session survived
+    /// and necessary when not).
+    fn connack(
+        &mut self,
+        ack: &rumqttc::ConnAck,
+        client: &AsyncClient,
+        filters: &[SubscribeFilter],
+    ) {
+        tracing::info!(
+            session_present = ack.session_present,
+            "connected to MQTT broker"
+        );
+        self.backoff = BACKOFF_START;
+        self.up.set(1.0);
+        self.connected.send_replace(true);
+        if client.try_subscribe_many(filters.to_vec()).is_err() {
+            tracing::error!("could not queue the MQTT subscription request");
+        }
+    }
+}
+
+/// Logs the subscriptions the broker refused.
+fn suback(ack: &rumqttc::SubAck) {
+    let refused = ack
+        .return_codes
+        .iter()
+        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+        .count();
+    if refused > 0 {
+        tracing::error!(
+            refused,
+            "the broker refused some topic subscriptions (check its ACL)"
+        );
+    }
+}
+
 /// Drives the connection until `shutdown`, sending every received PUBLISH to `queue`; payloads
-/// larger than `max_payload` are emptied there and then, and counted.
+/// larger than `link.max_payload` are emptied there and then, and counted.
 ///
 /// `connected` tracks whether the broker connection is up (for `/readyz`). `acks` brings the
 /// pipeline's acknowledgements ([`Acker`]).
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut eventloop: EventLoop,
     client: AsyncClient,
     acks: AckQueue,
-    subscriptions: Vec<String>,
-    max_payload: usize,
+    link: Link,
     queue: mpsc::Sender<Inbound>,
     connected: watch::Sender<bool>,
-    backoff_max: Duration,
     shutdown: CancellationToken,
 ) {
-    let up = metrics::gauge!(catalogue::MQTT_CONNECTED);
-    let errors = metrics::counter!(catalogue::MQTT_CONNECTION_ERRORS);
-    let oversized = metrics::counter!(catalogue::MQTT_OVERSIZED);
-    let acknowledged = metrics::counter!(catalogue::MQTT_ACKNOWLEDGED);
-    // QoS 1 messages of this connection not yet acknowledged.
-    let awaiting = metrics::gauge!(catalogue::MQTT_AWAITING_ACK);
-    let mut unacked: u64 = 0;
-    awaiting.set(0.0);
-    let filters: Vec<SubscribeFilter> = subscriptions
+    let mut conn = Connection::new(connected);
+    let filters: Vec<SubscribeFilter> = link
+        .subscriptions
         .iter()
         .map(|t| SubscribeFilter::new(t.clone(), QoS::AtLeastOnce))
         .collect();
-    let mut backoff = BACKOFF_START;
     let mut ready = Vec::new();
     loop {
         let event = tokio::select! {
@@ -292,11 +399,9 @@ pub async fn run(
         };
         let woken = matches!(event, Ok(Event::Outgoing(Outgoing::PubAck(_))));
         if woken {
-            acknowledged.increment(1);
-            unacked = unacked.saturating_sub(1);
+            conn.acked(1);
         }
         acks.take(woken, &mut ready);
-        let mut acked = woken;
         if !ready.is_empty() {
             let written = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -304,98 +409,54 @@ pub async fn run(
             };
             ready.clear();
             if let Ok(Ok(n)) = written {
-                acknowledged.increment(n as u64);
-                unacked = unacked.saturating_sub(n as u64);
-                acked = true;
+                conn.acked(n as u64);
             } else {
                 // As if the connection had failed in `poll`: the next poll connects again.
-                errors.increment(1);
                 tracing::warn!("MQTT connection lost while writing acknowledgements");
                 eventloop.clean();
-                acks.clear();
-                unacked = 0;
-                awaiting.set(0.0);
-                up.set(0.0);
-                connected.send_replace(false);
+                conn.lost(&acks);
                 continue;
             }
         }
-        if acked {
-            awaiting.set(unacked as f64);
-        }
         match event {
-            Ok(Event::Incoming(Packet::Publish(mut publish))) => {
-                if publish.qos != QoS::AtMostOnce {
-                    unacked += 1;
-                    awaiting.set(unacked as f64);
-                }
-                let bytes = publish.payload.len();
-                let too_big = bytes > max_payload;
-                if too_big {
-                    oversized.increment(1);
-                    drop(std::mem::take(&mut publish.payload));
-                }
-                let inbound = Inbound {
-                    publish,
-                    bytes,
-                    oversized: too_big,
-                };
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let inbound = conn.inbound(publish, link.max_payload);
                 // Waits while the pipeline is busy: that is the backpressure.
                 if queue.send(inbound).await.is_err() {
                     break;
                 }
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                tracing::info!(
-                    session_present = ack.session_present,
-                    "connected to MQTT broker"
-                );
-                backoff = BACKOFF_START;
-                up.set(1.0);
-                connected.send_replace(true);
-                // Subscribing again is harmless when the session survived and necessary when not.
-                if client.try_subscribe_many(filters.clone()).is_err() {
-                    tracing::error!("could not queue the MQTT subscription request");
-                }
-            }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let refused = ack
-                    .return_codes
-                    .iter()
-                    .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                    .count();
-                if refused > 0 {
-                    tracing::error!(
-                        refused,
-                        "the broker refused some topic subscriptions (check its ACL)"
-                    );
-                }
-            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => conn.connack(&ack, &client, &filters),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => suback(&ack),
             Ok(_) => {}
             Err(err) => {
-                errors.increment(1);
-                acks.clear();
-                unacked = 0;
-                awaiting.set(0.0);
-                up.set(0.0);
-                connected.send_replace(false);
-                tracing::warn!(error = %describe(&err), retry_in = ?backoff, "MQTT connection lost");
+                conn.lost(&acks);
+                tracing::warn!(error = %describe(&err), retry_in = ?conn.backoff, "MQTT connection lost");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(conn.backoff) => {}
                 }
-                backoff = (backoff * 2).min(backoff_max.max(BACKOFF_START));
+                conn.backoff = (conn.backoff * 2).min(link.backoff_max.max(BACKOFF_START));
             }
         }
     }
-    up.set(0.0);
-    connected.send_replace(false);
-    // Acks the pipeline handed over before it stopped go out before the disconnect.
+    conn.down();
+    disconnect(&mut eventloop, &client, &acks, &mut conn).await;
+}
+
+/// Writes the acks the pipeline handed over before it stopped, then disconnects. The session
+/// stays on the broker; unacknowledged messages come back on the next start.
+async fn disconnect(
+    eventloop: &mut EventLoop,
+    client: &AsyncClient,
+    acks: &AckQueue,
+    conn: &mut Connection,
+) {
+    let mut ready = Vec::new();
     acks.take(true, &mut ready);
-    if let Ok(Ok(n)) = tokio::time::timeout(ACK_TIMEOUT, write_acks(&mut eventloop, &ready)).await {
-        acknowledged.increment(n as u64);
+    if let Ok(Ok(n)) = tokio::time::timeout(ACK_TIMEOUT, write_acks(eventloop, &ready)).await {
+        conn.acknowledged.increment(n as u64);
     }
-    // The session stays on the broker; unacked messages come back on the next start.
     let _ = client.try_disconnect();
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = eventloop.poll().await {

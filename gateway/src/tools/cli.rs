@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use hubgate_privacy::Severity;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Config};
 
@@ -28,7 +27,7 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Threads of the async runtime: MQTT, pipeline, gRPC, exporters, admin server. The
-        /// outbox commits on a thread of its own besides. One thread carries 100,000 readings/s
+        /// outbox commits on a thread of its own besides. One thread carries the benchmark's full load
         /// with a subscriber; more help with many gRPC subscribers or exporters, at the cost of
         /// more thread wake-ups per reading (BENCHMARKS.md). Also `HUBGATE_WORKER_THREADS`.
         #[arg(long, env = "HUBGATE_WORKER_THREADS", default_value_t = 1,
@@ -382,7 +381,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
 }
 
 async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
-    let (mut config, broker) = match &config_path {
+    let (config, broker) = match &config_path {
         Some(path) => match load(path)? {
             Some(config) => (config, None),
             None => anyhow::bail!(
@@ -392,212 +391,18 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         },
         None => embedded_default()?,
     };
-    let process = crate::app::Process::bind(&config)?;
-    let mut signals = Signals::new()?;
-    let mut why = crate::app::Start::Fresh;
-    let mut announced = false;
-    // The configuration that ran before a reload, to go back to if the new one cannot start.
-    let mut previous: Option<Config> = None;
-    loop {
-        let shutdown = CancellationToken::new();
-        let started =
-            crate::app::start_in(&process, config.clone(), why.clone(), shutdown.clone()).await;
-        let gateway = match (started, previous.take()) {
-            (Ok(gateway), _) => gateway,
-            (Err(err), Some(before)) => {
-                let error = format!("{err:#}");
-                tracing::error!(%error, "the reloaded configuration cannot start; the previous one runs again");
-                why = crate::app::Start::Revert {
-                    failed_policy_hash: config.policy.hash_hex(),
-                    error,
-                };
-                config = before;
-                continue;
-            }
-            (Err(err), None) => return Err(err),
-        };
-        if !announced {
-            // One line on stdout that says where everything is (scripts and tests read it).
-            println!(
-                "hubgate: gRPC listening on {}, admin HTTP listening on {}{}",
-                gateway.grpc_addr,
-                gateway.admin_addr,
-                broker
-                    .map(|b| format!(", embedded MQTT broker on {b}"))
-                    .unwrap_or_default()
-            );
-            announced = true;
-        }
-        let audit = std::sync::Arc::clone(&gateway.audit);
-        let running_hash = gateway.policy.hash_hex();
-        let wait = gateway.wait();
-        tokio::pin!(wait);
-        let next = loop {
-            tokio::select! {
-                result = &mut wait => return result,
-                signal = signals.next() => match signal {
-                    Signal::Stop => {
-                        tracing::info!("stopping");
-                        shutdown.cancel();
-                        return wait.await;
-                    }
-                    Signal::Reload => {
-                        let Some(path) = &config_path else {
-                            tracing::warn!("SIGHUP: nothing to reload (running the embedded default)");
-                            continue;
-                        };
-                        match reload(path, &config) {
-                            Ok(next) => break next,
-                            Err(rejected) => {
-                                tracing::warn!(errors = rejected.errors, first = %rejected.first, "SIGHUP: the new configuration is rejected; the running policy stays");
-                                audit.record(
-                                    crate::telemetry::clock::now_ms(),
-                                    "policy_rejected",
-                                    serde_json::json!({
-                                        "running_policy_hash": running_hash,
-                                        "errors": rejected.errors,
-                                        "first_error": rejected.first,
-                                    }),
-                                );
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        tracing::info!(
-            from = %running_hash,
-            to = %next.policy.hash_hex(),
-            "SIGHUP: reloading the configuration"
+    crate::app::lifecycle::serve(config, config_path, |gateway| {
+        // One line on stdout that says where everything is (scripts and tests read it).
+        println!(
+            "hubgate: gRPC listening on {}, admin HTTP listening on {}{}",
+            gateway.grpc_addr,
+            gateway.admin_addr,
+            broker
+                .map(|b| format!(", embedded MQTT broker on {b}"))
+                .unwrap_or_default()
         );
-        shutdown.cancel();
-        wait.await?;
-        drop(audit);
-        why = crate::app::Start::Reload {
-            previous_policy_hash: running_hash,
-        };
-        previous = Some(std::mem::replace(&mut config, next));
-    }
-}
-
-/// Why a reloaded configuration is not taken.
-#[derive(Debug)]
-struct Rejected {
-    errors: usize,
-    /// The first error, with its line and column.
-    first: String,
-}
-
-/// Reads and checks `path` again for a reload. The listening addresses and the data directory
-/// belong to the process and need a restart to change.
-fn reload(path: &Path, running: &Config) -> Result<Config, Rejected> {
-    let name = path.display().to_string();
-    let source = std::fs::read_to_string(path).map_err(|e| Rejected {
-        errors: 1,
-        first: format!("{name}: cannot read: {e}"),
-    })?;
-    let config = match config::parse(&source) {
-        Ok((config, warnings)) => {
-            for w in &warnings {
-                eprintln!("{}", w.render(&name, &source));
-            }
-            config
-        }
-        Err(rejected) => {
-            let errors: Vec<String> = rejected
-                .diagnostics
-                .iter()
-                .filter(|d| d.severity == Severity::Error)
-                .map(|d| d.render(&name, &source))
-                .collect();
-            for d in &rejected.diagnostics {
-                eprintln!("{}", d.render(&name, &source));
-            }
-            return Err(Rejected {
-                errors: errors.len(),
-                first: errors
-                    .first()
-                    .and_then(|e| e.lines().next())
-                    .unwrap_or_default()
-                    .to_owned(),
-            });
-        }
-    };
-    let fixed = [
-        ("grpc.listen", config.grpc.listen != running.grpc.listen),
-        ("admin.listen", config.admin.listen != running.admin.listen),
-        (
-            "store.data_dir",
-            config.store.data_dir != running.store.data_dir,
-        ),
-    ];
-    if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
-        return Err(Rejected {
-            errors: 1,
-            first: format!(
-                "{name}: {what} changed: a reload cannot change it, restart the gateway"
-            ),
-        });
-    }
-    if let Err(err) = crate::app::check_files(&config) {
-        return Err(Rejected {
-            errors: 1,
-            first: format!("{name}: {err:#}"),
-        });
-    }
-    Ok(config)
-}
-
-/// The signals the gateway acts on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Signal {
-    /// SIGTERM or Ctrl-C (SIGINT): stop.
-    Stop,
-    /// SIGHUP: load the configuration file again.
-    Reload,
-}
-
-/// Signal streams, made once so that none is missed while the gateway restarts.
-#[derive(Debug)]
-struct Signals {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    int: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> anyhow::Result<Self> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            Ok(Self {
-                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
-                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
-                hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Self {})
-    }
-
-    async fn next(&mut self) -> Signal {
-        #[cfg(unix)]
-        {
-            tokio::select! {
-                _ = self.term.recv() => Signal::Stop,
-                _ = self.int.recv() => Signal::Stop,
-                _ = self.hup.recv() => Signal::Reload,
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-            Signal::Stop
-        }
-    }
+    })
+    .await
 }
 
 #[cfg(feature = "embedded-broker")]

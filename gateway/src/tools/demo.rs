@@ -43,16 +43,9 @@ impl Drop for DemoData {
 /// Runs the demo for `seconds` (0: until Ctrl-C) at about `rate` messages a second.
 pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
     let broker = crate::tools::broker::start(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-    let (mut config, _) = config::parse(config::DEFAULT_CONFIG)
-        .map_err(|_| anyhow::anyhow!("the embedded default configuration is invalid"))?;
-    config.mqtt.host = broker.ip().to_string();
-    config.mqtt.port = broker.port();
-    config.mqtt.client_id = format!("hubgate-demo-{}", std::process::id());
-    config.grpc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     // The demo's outbox lives in a directory of its own, removed at the end.
     let data = DemoData(std::env::temp_dir().join(format!("hubgate-demo-{}", std::process::id())));
-    config.store.data_dir = data.0.clone();
+    let config = demo_config(broker, &data)?;
 
     let shutdown = CancellationToken::new();
     let gateway = crate::app::start(config, shutdown.clone()).await?;
@@ -121,6 +114,20 @@ pub async fn run(seconds: u64, rate: u32) -> anyhow::Result<()> {
         "{seen} records at the subscriber held a raw identifier"
     );
     Ok(())
+}
+
+/// The default configuration, on local ports chosen by the system, reading from `broker` and
+/// keeping its outbox in `data`.
+fn demo_config(broker: SocketAddr, data: &DemoData) -> anyhow::Result<config::Config> {
+    let (mut config, _) = config::parse(config::DEFAULT_CONFIG)
+        .map_err(|_| anyhow::anyhow!("the embedded default configuration is invalid"))?;
+    config.mqtt.host = broker.ip().to_string();
+    config.mqtt.port = broker.port();
+    config.mqtt.client_id = format!("hubgate-demo-{}", std::process::id());
+    config.grpc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.store.data_dir = data.0.clone();
+    Ok(config)
 }
 
 async fn wait_done(seconds: u64) {
@@ -227,6 +234,24 @@ fn print_summary(
         sent.messages,
         sent.malformed
     );
+    print_streams(policy, stats, &received);
+    print_stages(policy, stats);
+    if let Some(f) = &received.footprint {
+        print_footprint(f);
+    }
+    println!(
+        "  raw identifiers: {} of the {} MAC addresses and plates sent reached the subscriber",
+        received.identifiers_seen,
+        sent.identifiers.len()
+    );
+    if last {
+        print_devices(&received);
+    }
+    println!();
+}
+
+/// A table of what each stream took in and kept, then how much of the payloads was kept.
+fn print_streams(policy: &hubgate_privacy::Policy, stats: &Stats, received: &Received) {
     println!(
         "  {:<12} {:>8} {:>10} {:>10} {:>8} {:>8} {:>10} {:>11}",
         "stream", "msgs in", "bytes in", "malformed", "fields", "records", "bytes", "at the"
@@ -268,6 +293,10 @@ fn print_summary(
         kb(field_bytes),
         kb(bytes_kept),
     );
+}
+
+/// What the privacy stages did, over all streams, and the aggregation if the policy has any.
+fn print_stages(policy: &hubgate_privacy::Policy, stats: &Stats) {
     let total =
         |f: fn(&crate::telemetry::stats::StreamStats) -> &std::sync::atomic::AtomicU64| -> u64 {
             stats
@@ -291,56 +320,54 @@ fn print_summary(
             total(|s| &s.groups_suppressed),
         );
     }
-    if let Some(f) = &received.footprint {
-        let params = |keys: &[&str]| {
-            let mut shown: Vec<String> = keys
-                .iter()
-                .filter_map(|k| {
-                    f.energy_method_parameters
-                        .get(*k)
-                        .map(|v| format!("{k} {v}"))
-                })
-                .collect();
-            shown.retain(|s| !s.is_empty());
-            shown.join(", ")
-        };
+}
+
+/// The gateway's footprint figures, as its `WatchFootprint` call gave them.
+fn print_footprint(f: &v1::Footprint) {
+    let params = |keys: &[&str]| {
+        let mut shown: Vec<String> = keys
+            .iter()
+            .filter_map(|k| {
+                f.energy_method_parameters
+                    .get(*k)
+                    .map(|v| format!("{k} {v}"))
+            })
+            .collect();
+        shown.retain(|s| !s.is_empty());
+        shown.join(", ")
+    };
+    println!(
+        "  footprint (over gRPC; {}: {}): {:.1} J used by the gateway, {:.1} mg CO2e embodied; {} received, {} sent to subscribers, {} avoided by minimisation, {:.3} J of network energy avoided (attributional)",
+        f.energy_method,
+        params(&[
+            "zones",
+            "vcpus",
+            "idle_watts_per_vcpu",
+            "max_watts_per_vcpu"
+        ]),
+        f.energy_joules,
+        f.carbon_embodied_grams * 1000.0,
+        kb(f.mqtt_received_bytes),
+        kb(f.grpc_sent_bytes),
+        kb(f.bytes_avoided),
+        f.network_energy_avoided_joules,
+    );
+}
+
+/// The fields each kind of device sends, beside those the subscriber received of its stream.
+fn print_devices(received: &Received) {
+    println!("\nWhat each device sends, and what the subscriber received:");
+    for (name, _, fields_in) in simulator::DEVICE_KINDS {
+        let out = received.fields.get(*name).map(|f| {
+            let mut f = f.clone();
+            f.sort();
+            f.join(", ")
+        });
+        println!("  {name:<12} in:  {}", fields_in.join(", "));
         println!(
-            "  footprint (over gRPC; {}: {}): {:.1} J used by the gateway, {:.1} mg CO2e embodied; {} received, {} sent to subscribers, {} avoided by minimisation, {:.3} J of network energy avoided (attributional)",
-            f.energy_method,
-            params(&[
-                "zones",
-                "vcpus",
-                "idle_watts_per_vcpu",
-                "max_watts_per_vcpu"
-            ]),
-            f.energy_joules,
-            f.carbon_embodied_grams * 1000.0,
-            kb(f.mqtt_received_bytes),
-            kb(f.grpc_sent_bytes),
-            kb(f.bytes_avoided),
-            f.network_energy_avoided_joules,
+            "  {:<12} out: {}",
+            "",
+            out.unwrap_or_else(|| "(nothing yet)".into())
         );
     }
-    println!(
-        "  raw identifiers: {} of the {} MAC addresses and plates sent reached the subscriber",
-        received.identifiers_seen,
-        sent.identifiers.len()
-    );
-    if last {
-        println!("\nWhat each device sends, and what the subscriber received:");
-        for (name, _, fields_in) in simulator::DEVICE_KINDS {
-            let out = received.fields.get(*name).map(|f| {
-                let mut f = f.clone();
-                f.sort();
-                f.join(", ")
-            });
-            println!("  {name:<12} in:  {}", fields_in.join(", "));
-            println!(
-                "  {:<12} out: {}",
-                "",
-                out.unwrap_or_else(|| "(nothing yet)".into())
-            );
-        }
-    }
-    println!();
 }

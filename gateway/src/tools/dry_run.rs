@@ -24,7 +24,7 @@ use hubgate_privacy::identifiers::{self, Detector, IdKind};
 use hubgate_privacy::noise::SeededRandom;
 use hubgate_privacy::pseudonym::Key;
 use hubgate_privacy::window::{Absorbed, WindowState};
-use hubgate_privacy::{Context, Policy, Value};
+use hubgate_privacy::{Context, Outcome, Policy, Reading, Record, Value};
 
 use crate::decode::{self, Decoder};
 
@@ -59,184 +59,245 @@ fn time(ms: i64) -> String {
     .to_string()
 }
 
-/// Runs the samples from `input` through `policy`, returning the report.
-pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
-    let key = Key::fixed_for_dry_run();
-    let names_detector = Detector::new(IdKind::ALL.to_vec(), Vec::new());
-    let mut decoder = Decoder::default();
-    let mut report = String::new();
-    let mut sum = Summary::default();
-    let _ = writeln!(report, "policy {}\n", policy.hash_hex());
-    let mut windows: Vec<WindowState> = policy
-        .streams()
-        .iter()
-        .map(|_| WindowState::default())
-        .collect();
-    for sample in read_samples(input)? {
-        sum.samples += 1;
-        let (topic, payload) = (sample.topic.as_str(), &sample.payload);
-        let given_received_ms = sample.received_ms;
-        let received_ms = given_received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
-        let _ = write!(report, "sample {}: {topic}", sample.line);
-        let streams: Vec<usize> = policy.route(topic).collect();
-        if streams.is_empty() {
-            sum.unrouted += 1;
-            let _ = writeln!(report, " → no stream takes this topic: dropped\n");
-            continue;
-        }
-        let _ = writeln!(report);
-        let mut once = decode::Once::default();
-        for index in streams {
-            let stream = &policy.streams()[index];
-            let _ = write!(report, "  stream {}: ", stream.name);
-            if identifiers::is_media_payload(payload) {
-                sum.rejected += 1;
-                let _ = writeln!(report, "image or video payload: dropped");
-                continue;
+impl Summary {
+    /// Counts what a stage did to a field, and says it.
+    fn fate(&mut self, fate: &Fate) -> String {
+        match fate {
+            Fate::EventTime => "event time".to_owned(),
+            Fate::Kept => {
+                self.kept += 1;
+                "kept".to_owned()
             }
-            let decoded = match once.get(&mut decoder, stream.format, topic, payload, received_ms) {
-                Ok(d) => d.clone(),
-                Err(e) => {
-                    sum.rejected += 1;
-                    let _ = writeln!(report, "{e}: dropped");
-                    continue;
-                }
-            };
-            let count = decoded.readings().len();
-            for (k, reading) in decoded.readings().iter().enumerate() {
-                if k > 0 {
-                    let _ = write!(report, "  stream {}: ", stream.name);
-                }
-                if count > 1 {
-                    let _ = write!(report, "reading {} of {count}, ", k + 1);
-                }
-                let reading = reading.clone();
-                let names: Vec<String> = reading
-                    .fields
-                    .iter()
-                    .map(|(p, _)| shown(p, &names_detector))
-                    .collect();
-                let _ = writeln!(report, "in: {}", names.join(", "));
-                if reading.unsupported > 0 {
-                    sum.unsupported += u64::from(reading.unsupported);
-                    let _ = writeln!(
-                        report,
-                        "    {} array or null values: dropped",
-                        reading.unsupported
-                    );
-                }
-                let ctx = Context {
-                    received_ms,
-                    key: Some(&key),
-                };
-                let mut fates = Vec::new();
-                let outcome = chain::apply_traced(stream, reading, &ctx, |path, fate| {
-                    fates.push((path.to_owned(), fate))
-                });
-                for (path, fate) in &fates {
-                    let what = match fate {
-                        Fate::EventTime => "event time".to_owned(),
-                        Fate::Kept => {
-                            sum.kept += 1;
-                            "kept".to_owned()
-                        }
-                        Fate::Pseudonymised => {
-                            sum.pseudonymised += 1;
-                            "pseudonymised".to_owned()
-                        }
-                        Fate::Generalised(cell) => {
-                            sum.generalised += 1;
-                            format!("generalised into the cell at '{cell}', not passed")
-                        }
-                        Fate::Undeclared => {
-                            sum.undeclared += 1;
-                            "not declared: dropped".to_owned()
-                        }
-                        Fate::IdentifierDropped(kind) => {
-                            sum.identifiers += 1;
-                            format!("holds an identifier ({}): dropped", kind.name())
-                        }
-                        Fate::IdentifierPseudonymised(kind) => {
-                            sum.identifiers += 1;
-                            sum.pseudonymised += 1;
-                            format!("holds an identifier ({}): pseudonymised", kind.name())
-                        }
-                        Fate::NoKey => "to pseudonymise, no key: dropped".to_owned(),
-                    };
-                    if matches!(fate, Fate::NoKey) {
-                        sum.no_key += 1;
-                    }
-                    let path = shown(path, &names_detector);
-                    let _ = writeln!(report, "    {path:<24} {what}");
-                }
-                match outcome {
-                    Ok(out) => {
-                        sum.cells += u64::from(out.locations_generalised);
-                        let fields: serde_json::Map<String, serde_json::Value> = out
-                            .record
-                            .fields
-                            .iter()
-                            .map(|(p, v)| (p.to_string(), json_value(v)))
-                            .collect();
-                        let at = time(out.record.event_time_ms);
-                        let fields = serde_json::Value::Object(fields);
-                        let Some(spec) = &stream.aggregate else {
-                            sum.records += 1;
-                            let _ = writeln!(report, "  out: {fields} at {at}");
-                            continue;
-                        };
-                        let now = given_received_ms.unwrap_or(out.record.event_time_ms);
-                        let what = match windows[index].absorb(spec, &out.record, now) {
-                            Absorbed::Counted => {
-                                sum.absorbed += 1;
-                                let start = spec.window_start(out.record.event_time_ms);
-                                format!("into the window from {}", time(start))
-                            }
-                            other => {
-                                sum.left_out += 1;
-                                format!("left out of the windows ({other:?})")
-                            }
-                        };
-                        let _ = writeln!(report, "  {what}: {fields} at {at}");
-                    }
-                    Err(rejection) => {
-                        sum.rejected += 1;
-                        let _ = writeln!(report, "  {rejection}: dropped");
-                    }
-                }
+            Fate::Pseudonymised => {
+                self.pseudonymised += 1;
+                "pseudonymised".to_owned()
+            }
+            Fate::Generalised(cell) => {
+                self.generalised += 1;
+                format!("generalised into the cell at '{cell}', not passed")
+            }
+            Fate::Undeclared => {
+                self.undeclared += 1;
+                "not declared: dropped".to_owned()
+            }
+            Fate::IdentifierDropped(kind) => {
+                self.identifiers += 1;
+                format!("holds an identifier ({}): dropped", kind.name())
+            }
+            Fate::IdentifierPseudonymised(kind) => {
+                self.identifiers += 1;
+                self.pseudonymised += 1;
+                format!("holds an identifier ({}): pseudonymised", kind.name())
+            }
+            Fate::NoKey => {
+                self.no_key += 1;
+                "to pseudonymise, no key: dropped".to_owned()
             }
         }
-        let _ = writeln!(report);
     }
-    close_windows(policy, &mut windows, &mut report, &mut sum);
-    let _ = writeln!(
-        report,
-        "summary: {} samples, {} records out, {} into windows, {} unrouted, {} rejected whole\n\
-         fields: {} kept, {} pseudonymised, {} not declared, {} holding identifiers, {} coordinates \
-         generalised into {} cells, {} without a key, {} arrays or nulls",
-        sum.samples,
-        sum.records,
-        sum.absorbed,
-        sum.unrouted,
-        sum.rejected,
-        sum.kept,
-        sum.pseudonymised,
-        sum.undeclared,
-        sum.identifiers,
-        sum.generalised,
-        sum.cells,
-        sum.no_key,
-        sum.unsupported,
-    );
-    if policy.streams().iter().any(|s| s.aggregate.is_some()) {
+
+    /// The report's closing lines; the windows' only if the policy `aggregates`.
+    fn write(&self, report: &mut String, aggregates: bool) {
         let _ = writeln!(
             report,
-            "windows: {} groups released, {} suppressed below the minimum group size, {} windows \
-             refused by the privacy budget, {} readings left out",
-            sum.groups_released, sum.groups_suppressed, sum.windows_refused, sum.left_out,
+            "summary: {} samples, {} records out, {} into windows, {} unrouted, {} rejected whole\n\
+             fields: {} kept, {} pseudonymised, {} not declared, {} holding identifiers, {} coordinates \
+             generalised into {} cells, {} without a key, {} arrays or nulls",
+            self.samples,
+            self.records,
+            self.absorbed,
+            self.unrouted,
+            self.rejected,
+            self.kept,
+            self.pseudonymised,
+            self.undeclared,
+            self.identifiers,
+            self.generalised,
+            self.cells,
+            self.no_key,
+            self.unsupported,
         );
+        if aggregates {
+            let _ = writeln!(
+                report,
+                "windows: {} groups released, {} suppressed below the minimum group size, {} windows \
+                 refused by the privacy budget, {} readings left out",
+                self.groups_released, self.groups_suppressed, self.windows_refused, self.left_out,
+            );
+        }
     }
-    Ok(report)
+}
+
+/// Runs the samples from `input` through `policy`, returning the report.
+pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
+    let mut dry = DryRun {
+        policy,
+        key: Key::fixed_for_dry_run(),
+        names: Detector::new(IdKind::ALL.to_vec(), Vec::new()),
+        decoder: Decoder::default(),
+        windows: policy
+            .streams()
+            .iter()
+            .map(|_| WindowState::default())
+            .collect(),
+        report: String::new(),
+        sum: Summary::default(),
+    };
+    let _ = writeln!(dry.report, "policy {}\n", policy.hash_hex());
+    for sample in read_samples(input)? {
+        dry.sample(&sample);
+    }
+    close_windows(policy, &mut dry.windows, &mut dry.report, &mut dry.sum);
+    let aggregates = policy.streams().iter().any(|s| s.aggregate.is_some());
+    dry.sum.write(&mut dry.report, aggregates);
+    Ok(dry.report)
+}
+
+/// A dry run under way: the policy's state after the samples so far, and the report on them.
+struct DryRun<'p> {
+    policy: &'p Policy,
+    key: Key,
+    /// Finds the field names that hold an identifier, which the report does not echo.
+    names: Detector,
+    decoder: Decoder,
+    /// Per stream, in policy order.
+    windows: Vec<WindowState>,
+    report: String,
+    sum: Summary,
+}
+
+impl DryRun<'_> {
+    /// Reports what each stream the sample routes to does with it.
+    fn sample(&mut self, sample: &Sample) {
+        self.sum.samples += 1;
+        let topic = sample.topic.as_str();
+        let _ = write!(self.report, "sample {}: {topic}", sample.line);
+        let streams: Vec<usize> = self.policy.route(topic).collect();
+        if streams.is_empty() {
+            self.sum.unrouted += 1;
+            let _ = writeln!(self.report, " → no stream takes this topic: dropped\n");
+            return;
+        }
+        let _ = writeln!(self.report);
+        // Each format is decoded once for all the streams that read it.
+        let mut once = decode::Once::default();
+        for index in streams {
+            self.stream(sample, index, &mut once);
+        }
+        let _ = writeln!(self.report);
+    }
+
+    /// Reports what the stream at `index` does with the sample: each reading it decodes to.
+    fn stream(&mut self, sample: &Sample, index: usize, once: &mut decode::Once) {
+        let stream = &self.policy.streams()[index];
+        let received_ms = sample.received_ms.unwrap_or(DEFAULT_RECEIVED_MS);
+        let _ = write!(self.report, "  stream {}: ", stream.name);
+        if identifiers::is_media_payload(&sample.payload) {
+            self.sum.rejected += 1;
+            let _ = writeln!(self.report, "image or video payload: dropped");
+            return;
+        }
+        let decoded = match once.get(
+            &mut self.decoder,
+            stream.format,
+            &sample.topic,
+            &sample.payload,
+            received_ms,
+        ) {
+            Ok(d) => d.clone(),
+            Err(e) => {
+                self.sum.rejected += 1;
+                let _ = writeln!(self.report, "{e}: dropped");
+                return;
+            }
+        };
+        let count = decoded.readings().len();
+        for (k, reading) in decoded.readings().iter().enumerate() {
+            if k > 0 {
+                let _ = write!(self.report, "  stream {}: ", stream.name);
+            }
+            if count > 1 {
+                let _ = write!(self.report, "reading {} of {count}, ", k + 1);
+            }
+            self.reading(sample, index, reading.clone());
+        }
+    }
+
+    /// Reports what the stream at `index` does to each field of a reading, and what comes out.
+    fn reading(&mut self, sample: &Sample, index: usize, reading: Reading) {
+        let stream = &self.policy.streams()[index];
+        let names: Vec<String> = reading
+            .fields
+            .iter()
+            .map(|(p, _)| shown(p, &self.names))
+            .collect();
+        let _ = writeln!(self.report, "in: {}", names.join(", "));
+        if reading.unsupported > 0 {
+            self.sum.unsupported += u64::from(reading.unsupported);
+            let _ = writeln!(
+                self.report,
+                "    {} array or null values: dropped",
+                reading.unsupported
+            );
+        }
+        let ctx = Context {
+            received_ms: sample.received_ms.unwrap_or(DEFAULT_RECEIVED_MS),
+            key: Some(&self.key),
+        };
+        let mut fates = Vec::new();
+        let outcome = chain::apply_traced(stream, reading, &ctx, |path, fate| {
+            fates.push((path.to_owned(), fate))
+        });
+        for (path, fate) in &fates {
+            let what = self.sum.fate(fate);
+            let path = shown(path, &self.names);
+            let _ = writeln!(self.report, "    {path:<24} {what}");
+        }
+        match outcome {
+            Ok(out) => self.record(index, sample.received_ms, &out),
+            Err(rejection) => {
+                self.sum.rejected += 1;
+                let _ = writeln!(self.report, "  {rejection}: dropped");
+            }
+        }
+    }
+
+    /// Reports the record the stream at `index` makes of a reading: out, or into its window when
+    /// the stream aggregates (at the sample's `received` time if given, else on time).
+    fn record(&mut self, index: usize, received_ms: Option<i64>, out: &Outcome) {
+        self.sum.cells += u64::from(out.locations_generalised);
+        let fields = json_fields(&out.record);
+        let at = time(out.record.event_time_ms);
+        let Some(spec) = &self.policy.streams()[index].aggregate else {
+            self.sum.records += 1;
+            let _ = writeln!(self.report, "  out: {fields} at {at}");
+            return;
+        };
+        let now = received_ms.unwrap_or(out.record.event_time_ms);
+        let what = match self.windows[index].absorb(spec, &out.record, now) {
+            Absorbed::Counted => {
+                self.sum.absorbed += 1;
+                let start = spec.window_start(out.record.event_time_ms);
+                format!("into the window from {}", time(start))
+            }
+            other => {
+                self.sum.left_out += 1;
+                format!("left out of the windows ({other:?})")
+            }
+        };
+        let _ = writeln!(self.report, "  {what}: {fields} at {at}");
+    }
+}
+
+/// A record's fields as a JSON object.
+fn json_fields(record: &Record) -> serde_json::Value {
+    serde_json::Value::Object(
+        record
+            .fields
+            .iter()
+            .map(|(p, v)| (p.to_string(), json_value(v)))
+            .collect(),
+    )
 }
 
 /// Closes every window and reports each group, released or suppressed.
@@ -275,15 +336,10 @@ fn close_windows(
         let mut budget = StreamBudget::default();
         let release = state.release(spec, i64::MAX / 4, Some((&mut budget, &mut rng)));
         for record in &release.records {
-            let fields: serde_json::Map<String, serde_json::Value> = record
-                .fields
-                .iter()
-                .map(|(p, v)| (p.to_string(), json_value(v)))
-                .collect();
             let _ = writeln!(
                 report,
                 "  out: {} at {}",
-                serde_json::Value::Object(fields),
+                json_fields(record),
                 time(record.event_time_ms)
             );
         }
@@ -379,15 +435,21 @@ fn shown(path: &str, detector: &Detector) -> String {
 /// Sample line, reading (when its payload gives several) and stream.
 type Slot = (usize, Option<usize>, String);
 
+/// The fields of a slot's record, sorted, or why it has none.
+type Output = Result<Vec<String>, String>;
+
+/// Aggregated stream, window start and group key.
+type Group = (String, i64, String);
+
 /// What one policy does to the samples, in a form two policies can be compared in.
 #[derive(Debug, Default)]
 struct Evaluation {
     /// Per sample line and stream: the fields of the record that leaves (aggregated streams: that
     /// goes into the windows), or why there is none.
     /// Keyed by sample line, reading (when a payload gives several) and stream.
-    outputs: std::collections::BTreeMap<Slot, Result<Vec<String>, String>>,
+    outputs: std::collections::BTreeMap<Slot, Output>,
     /// Per aggregated stream, window start and group key: whether the group is released.
-    groups: std::collections::BTreeMap<(String, i64, String), bool>,
+    groups: std::collections::BTreeMap<Group, bool>,
 }
 
 fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
@@ -482,50 +544,109 @@ pub fn diff(old: &Policy, new: &Policy, input: impl BufRead) -> anyhow::Result<S
         new.hash_hex(),
         samples.len()
     );
-    let (mut passed, mut dropped, mut kept, mut lost, mut changes) = (0, 0, 0, 0, 0);
+    let mut changes = Changes::default();
     let slots: std::collections::BTreeSet<&Slot> =
         before.outputs.keys().chain(after.outputs.keys()).collect();
     for slot in slots {
-        let (line, reading, stream) = slot;
+        changes.output(
+            &mut report,
+            slot,
+            before.outputs.get(slot),
+            after.outputs.get(slot),
+        );
+    }
+    let groups: std::collections::BTreeSet<&Group> =
+        before.groups.keys().chain(after.groups.keys()).collect();
+    for group in groups {
+        let was = before.groups.get(group).copied().unwrap_or(false);
+        let is = after.groups.get(group).copied().unwrap_or(false);
+        changes.group(&mut report, group, was, is);
+    }
+    if changes.lines == 0 {
+        let _ = writeln!(report, "no difference in the output for these samples");
+    }
+    let Changes {
+        passed,
+        dropped,
+        kept,
+        lost,
+        released,
+        suppressed,
+        ..
+    } = changes;
+    let _ = writeln!(
+        report,
+        "\nsummary: {passed} fields newly passed, {dropped} newly dropped; {kept} records newly kept, {lost} no longer kept; {released} groups newly released, {suppressed} newly suppressed"
+    );
+    Ok(report)
+}
+
+/// What changing the policy changes, counted as [`diff`] reports it.
+#[derive(Debug, Default)]
+struct Changes {
+    passed: usize,
+    dropped: usize,
+    kept: usize,
+    lost: usize,
+    released: usize,
+    suppressed: usize,
+    /// Lines reported: outputs and groups that differ.
+    lines: usize,
+}
+
+impl Changes {
+    /// Reports how a slot's output changed, if it did: from `was` under the old policy to `is`
+    /// under the new (`None`: the stream does not take the sample).
+    fn output(
+        &mut self,
+        report: &mut String,
+        (line, reading, stream): &Slot,
+        was: Option<&Output>,
+        is: Option<&Output>,
+    ) {
         let line = match reading {
             Some(k) => format!("{line}, reading {k}"),
             None => line.to_string(),
         };
-        let was = before.outputs.get(slot);
-        let is = after.outputs.get(slot);
-        let describe = |o: Option<&Result<Vec<String>, String>>| match o {
+        let describe = |o: Option<&Output>| match o {
             None => "not taken by the stream".to_owned(),
             Some(Ok(_)) => "kept".to_owned(),
             Some(Err(why)) => format!("dropped ({why})"),
         };
         match (was, is) {
             (Some(Ok(a)), Some(Ok(b))) => {
-                let newly: Vec<&String> = b.iter().filter(|f| !a.contains(f)).collect();
-                let gone: Vec<&String> = a.iter().filter(|f| !b.contains(f)).collect();
+                let newly: Vec<&str> = b
+                    .iter()
+                    .filter(|f| !a.contains(f))
+                    .map(String::as_str)
+                    .collect();
+                let gone: Vec<&str> = a
+                    .iter()
+                    .filter(|f| !b.contains(f))
+                    .map(String::as_str)
+                    .collect();
                 if newly.is_empty() && gone.is_empty() {
-                    continue;
+                    return;
                 }
-                changes += 1;
+                self.lines += 1;
                 let _ = write!(report, "sample {line}, stream {stream}:");
                 if !newly.is_empty() {
-                    passed += newly.len();
-                    let names: Vec<&str> = newly.iter().map(|s| s.as_str()).collect();
-                    let _ = write!(report, " newly passed: {};", names.join(", "));
+                    self.passed += newly.len();
+                    let _ = write!(report, " newly passed: {};", newly.join(", "));
                 }
                 if !gone.is_empty() {
-                    dropped += gone.len();
-                    let names: Vec<&str> = gone.iter().map(|s| s.as_str()).collect();
-                    let _ = write!(report, " newly dropped: {};", names.join(", "));
+                    self.dropped += gone.len();
+                    let _ = write!(report, " newly dropped: {};", gone.join(", "));
                 }
                 report.pop();
                 report.push('\n');
             }
             (a, b) if a.is_some_and(Result::is_ok) != b.is_some_and(Result::is_ok) => {
-                changes += 1;
+                self.lines += 1;
                 if b.is_some_and(Result::is_ok) {
-                    kept += 1;
+                    self.kept += 1;
                 } else {
-                    lost += 1;
+                    self.lost += 1;
                 }
                 let _ = writeln!(
                     report,
@@ -537,21 +658,18 @@ pub fn diff(old: &Policy, new: &Policy, input: impl BufRead) -> anyhow::Result<S
             _ => {}
         }
     }
-    let (mut released, mut suppressed) = (0, 0);
-    let groups: std::collections::BTreeSet<&(String, i64, String)> =
-        before.groups.keys().chain(after.groups.keys()).collect();
-    for group in groups {
-        let was = before.groups.get(group).copied().unwrap_or(false);
-        let is = after.groups.get(group).copied().unwrap_or(false);
+
+    /// Reports a group of a window that is newly released or newly suppressed: released under
+    /// the old policy if `was`, under the new if `is`.
+    fn group(&mut self, report: &mut String, (stream, start, key): &Group, was: bool, is: bool) {
         if was == is {
-            continue;
+            return;
         }
-        changes += 1;
-        let (stream, start, key) = group;
+        self.lines += 1;
         if is {
-            released += 1;
+            self.released += 1;
         } else {
-            suppressed += 1;
+            self.suppressed += 1;
         }
         let _ = writeln!(
             report,
@@ -560,12 +678,4 @@ pub fn diff(old: &Policy, new: &Policy, input: impl BufRead) -> anyhow::Result<S
             if is { "released" } else { "suppressed" }
         );
     }
-    if changes == 0 {
-        let _ = writeln!(report, "no difference in the output for these samples");
-    }
-    let _ = writeln!(
-        report,
-        "\nsummary: {passed} fields newly passed, {dropped} newly dropped; {kept} records newly kept, {lost} no longer kept; {released} groups newly released, {suppressed} newly suppressed"
-    );
-    Ok(report)
 }

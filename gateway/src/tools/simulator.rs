@@ -98,85 +98,97 @@ impl District {
         let rng = &mut self.rng;
         let ts = now_s.floor() as i64;
         match rng.below(10) {
-            0..=2 => {
-                let id = format!("aq-{:02}", rng.below(4) + 1);
-                let topic = format!("city/air/{id}/reading");
-                if rng.below(40) == 0 {
-                    sent.malformed += 1;
-                    // A station whose firmware cuts messages short.
-                    return (
-                        topic,
-                        format!("{{\"station_id\":\"{id}\",\"pm25\":1").into_bytes(),
-                    );
-                }
-                let payload = serde_json::json!({
-                    "station_id": id, "ts": ts,
-                    "pm25": round1(rng.float(3.0, 40.0)), "pm10": round1(rng.float(8.0, 60.0)),
-                    "no2": round1(rng.float(5.0, 80.0)),
-                    "location": {"lat": 52.37 + rng.float(0.0, 0.02), "lon": 4.89 + rng.float(0.0, 0.02), "district": "harbour"},
-                    "firmware": "2.4.1",
-                });
-                (topic, payload.to_string().into_bytes())
-            }
-            3..=5 => {
-                let id = format!("pc-{:02}", rng.below(2) + 1);
-                let mac = format!(
-                    "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                    rng.below(256) & 0xfe,
-                    rng.below(256),
-                    rng.below(256),
-                    rng.below(256),
-                    rng.below(256),
-                    rng.below(256)
-                );
-                sent.identifiers.insert(mac.clone());
-                let channel = [1, 6, 11][rng.below(3) as usize];
-                let payload = serde_json::json!({
-                    "counter_id": id, "ts": ts, "mac": mac, "rssi": -40 - rng.below(50) as i64,
-                    "channel": channel, "probed_ssid": "HomeNetwork",
-                });
-                (
-                    format!("city/footfall/{id}/probe"),
-                    payload.to_string().into_bytes(),
-                )
-            }
-            6..=7 => {
-                let id = format!("pk-{:03}", rng.below(6) + 101);
-                let letters = |rng: &mut Rng| -> String {
-                    (0..2)
-                        .map(|_| (b'A' + rng.below(26) as u8) as char)
-                        .collect()
-                };
-                let plate = format!("{}-{:03}-{}", letters(rng), rng.below(1000), letters(rng));
-                let occupied = rng.below(3) != 0;
-                if occupied {
-                    sent.identifiers.insert(plate.clone());
-                }
-                let payload = serde_json::json!({
-                    "bay_id": id, "ts": ts, "occupied": occupied,
-                    "plate": if occupied { serde_json::Value::from(plate) } else { serde_json::Value::Null },
-                    "vehicle_class": if occupied { "car" } else { "none" },
-                    "location": {"lat": 52.371, "lon": 4.896},
-                });
-                (
-                    format!("city/parking/{id}/status"),
-                    payload.to_string().into_bytes(),
-                )
-            }
-            _ => {
-                let id = format!("nm-{:02}", rng.below(3) + 1);
-                let laeq = round1(rng.float(45.0, 75.0));
-                let payload = serde_json::json!({
-                    "meter_id": id, "ts": ts, "laeq_db": laeq, "lamax_db": round1(laeq + rng.float(3.0, 15.0)),
-                    "spectrum_db": [laeq - 3.0, laeq, laeq - 5.0],
-                });
-                (
-                    format!("city/noise/{id}/level"),
-                    payload.to_string().into_bytes(),
-                )
-            }
+            0..=2 => air_quality(rng, ts, sent),
+            3..=5 => footfall(rng, ts, sent),
+            6..=7 => parking(rng, ts, sent),
+            _ => noise(rng, ts),
         }
     }
+}
+
+/// An air-quality station's reading; one in 40 is malformed.
+fn air_quality(rng: &mut Rng, ts: i64, sent: &mut Sent) -> Message {
+    let id = format!("aq-{:02}", rng.below(4) + 1);
+    let topic = format!("city/air/{id}/reading");
+    if rng.below(40) == 0 {
+        sent.malformed += 1;
+        // A station whose firmware cuts messages short.
+        return (
+            topic,
+            format!("{{\"station_id\":\"{id}\",\"pm25\":1").into_bytes(),
+        );
+    }
+    let payload = serde_json::json!({
+        "station_id": id, "ts": ts,
+        "pm25": round1(rng.float(3.0, 40.0)), "pm10": round1(rng.float(8.0, 60.0)),
+        "no2": round1(rng.float(5.0, 80.0)),
+        "location": {"lat": 52.37 + rng.float(0.0, 0.02), "lon": 4.89 + rng.float(0.0, 0.02), "district": "harbour"},
+        "firmware": "2.4.1",
+    });
+    (topic, payload.to_string().into_bytes())
+}
+
+/// A people counter's probe: the MAC address of a phone it heard.
+fn footfall(rng: &mut Rng, ts: i64, sent: &mut Sent) -> Message {
+    let id = format!("pc-{:02}", rng.below(2) + 1);
+    let mac = format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        rng.below(256) & 0xfe,
+        rng.below(256),
+        rng.below(256),
+        rng.below(256),
+        rng.below(256),
+        rng.below(256)
+    );
+    sent.identifiers.insert(mac.clone());
+    let channel = [1, 6, 11][rng.below(3) as usize];
+    let payload = serde_json::json!({
+        "counter_id": id, "ts": ts, "mac": mac, "rssi": -40 - rng.below(50) as i64,
+        "channel": channel, "probed_ssid": "HomeNetwork",
+    });
+    (
+        format!("city/footfall/{id}/probe"),
+        payload.to_string().into_bytes(),
+    )
+}
+
+/// A parking bay's status, with the plate of the car in it.
+fn parking(rng: &mut Rng, ts: i64, sent: &mut Sent) -> Message {
+    let id = format!("pk-{:03}", rng.below(6) + 101);
+    let letters = |rng: &mut Rng| -> String {
+        (0..2)
+            .map(|_| (b'A' + rng.below(26) as u8) as char)
+            .collect()
+    };
+    let plate = format!("{}-{:03}-{}", letters(rng), rng.below(1000), letters(rng));
+    let occupied = rng.below(3) != 0;
+    if occupied {
+        sent.identifiers.insert(plate.clone());
+    }
+    let payload = serde_json::json!({
+        "bay_id": id, "ts": ts, "occupied": occupied,
+        "plate": if occupied { serde_json::Value::from(plate) } else { serde_json::Value::Null },
+        "vehicle_class": if occupied { "car" } else { "none" },
+        "location": {"lat": 52.371, "lon": 4.896},
+    });
+    (
+        format!("city/parking/{id}/status"),
+        payload.to_string().into_bytes(),
+    )
+}
+
+/// A noise meter's levels.
+fn noise(rng: &mut Rng, ts: i64) -> Message {
+    let id = format!("nm-{:02}", rng.below(3) + 1);
+    let laeq = round1(rng.float(45.0, 75.0));
+    let payload = serde_json::json!({
+        "meter_id": id, "ts": ts, "laeq_db": laeq, "lamax_db": round1(laeq + rng.float(3.0, 15.0)),
+        "spectrum_db": [laeq - 3.0, laeq, laeq - 5.0],
+    });
+    (
+        format!("city/noise/{id}/level"),
+        payload.to_string().into_bytes(),
+    )
 }
 
 fn round1(x: f64) -> f64 {

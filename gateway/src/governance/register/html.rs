@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use qrcode::QrCode;
 use qrcode::render::svg;
 
-use super::{Element, NOT_DECLARED, Register, plain_duration};
+use super::{Element, NOT_DECLARED, Register, StreamEntry, plain_duration};
 
 /// Escapes text for HTML content and attribute values.
 fn esc(s: &str) -> String {
@@ -90,9 +90,35 @@ footer { color: var(--muted); font-size: .9rem; border-top: 1px solid var(--line
 
 /// Renders the register as a page whose QR code and canonical link point to `page_url`.
 pub fn render(register: &Register, page_url: &str) -> String {
-    let or_not = |o: &Option<String>| esc(o.as_deref().unwrap_or(NOT_DECLARED));
-    let place = register.location.as_deref().unwrap_or("this place");
     let mut out = String::with_capacity(16 * 1024);
+    head(&mut out, register, page_url);
+    key_facts(&mut out, register, page_url);
+    accountable(&mut out, register);
+    for s in &register.streams {
+        stream_details(&mut out, s);
+    }
+    let _ = write!(out, "</div>\n</main>\n");
+    let _ = write!(
+        out,
+        "<footer>\n<p>Generated from policy <code>{hash}</code>, loaded {loaded}, by {software}. \
+         The same hash is on every published record and in the hub's audit log.</p>\n\
+         <nav aria-label=\"Other formats\"><a href=\"/transparency.json\">Machine-readable register (JSON)</a> · \
+         <a href=\"/processing-record\">Record of processing activities (GDPR Art. 30)</a></nav>\n</footer>\n</body>\n</html>\n",
+        hash = esc(&register.policy_hash),
+        loaded = esc(&register.loaded_at),
+        software = esc(&register.software),
+    );
+    out
+}
+
+/// A fact the configuration may leave out, escaped.
+fn or_not(o: Option<&str>) -> String {
+    esc(o.unwrap_or(NOT_DECLARED))
+}
+
+/// The document's head and the page's header.
+fn head(out: &mut String, register: &Register, page_url: &str) {
+    let place = register.location.as_deref().unwrap_or("this place");
     let _ = write!(
         out,
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
@@ -112,10 +138,12 @@ pub fn render(register: &Register, page_url: &str) -> String {
          collect, why, what is done to protect your privacy, who receives it and how long it is \
          kept. Run by {}. This notice is generated from the rules the hub is running.</p>\n</header>\n<main>\n",
         esc(place),
-        or_not(&register.accountable.controller),
+        or_not(register.accountable.controller.as_deref()),
     );
+}
 
-    // Layer one: the key facts, with the QR code (this is what a printed sign shows).
+/// Layer one: the key facts, with the QR code (this is what a printed sign shows).
+fn key_facts(out: &mut String, register: &Register, page_url: &str) {
     let _ = write!(
         out,
         "<section class=\"sign\" aria-labelledby=\"key-facts\">\n<h2 id=\"key-facts\">Key facts</h2>\n<ul class=\"facts\">\n"
@@ -136,7 +164,7 @@ pub fn render(register: &Register, page_url: &str) -> String {
     let _ = writeln!(
         out,
         "<li>Questions or objections: {}</li>\n</ul>",
-        or_not(&register.accountable.contact)
+        or_not(register.accountable.contact.as_deref())
     );
     let _ = writeln!(out, "<figure class=\"qr\">");
     if let Some(svg) = qr_svg(page_url) {
@@ -150,100 +178,96 @@ pub fn render(register: &Register, page_url: &str) -> String {
         "<figcaption>Full notice: <a href=\"{url}\">{url}</a></figcaption>\n</figure>\n</section>\n",
         url = esc(page_url)
     );
+}
 
-    // Layer two: the details.
+/// Layer two opens with who is accountable.
+fn accountable(out: &mut String, register: &Register) {
     let _ = write!(
         out,
         "<div class=\"details\">\n<section aria-labelledby=\"accountable\">\n<h2 id=\"accountable\">Who is accountable</h2>\n<dl>\n\
          <dt>Controller</dt><dd>{}</dd>\n<dt>Contact</dt><dd>{}</dd>\n<dt>Data protection officer</dt><dd>{}</dd>\n\
          <dt>Location</dt><dd>{}</dd>\n<dt>Planned end</dt><dd>{}</dd>\n</dl>\n</section>\n",
-        or_not(&register.accountable.controller),
-        or_not(&register.accountable.contact),
-        or_not(&register.accountable.dpo_contact),
-        or_not(&register.location),
+        or_not(register.accountable.controller.as_deref()),
+        or_not(register.accountable.contact.as_deref()),
+        or_not(register.accountable.dpo_contact.as_deref()),
+        or_not(register.location.as_deref()),
         esc(register.end_date.as_deref().unwrap_or("none planned")),
     );
-    for s in &register.streams {
-        let id = format!("stream-{}", s.name);
-        let _ = write!(
-            out,
-            "<section aria-labelledby=\"{id}\">\n<h2 id=\"{id}\">{} <small>({})</small></h2>\n<dl>\n",
-            esc(&s.technology.title),
-            esc(&s.name),
-        );
-        let dd = |out: &mut String, k: &str, v: &str| {
-            let _ = writeln!(out, "<dt>{k}</dt><dd>{v}</dd>");
-        };
-        dd(&mut out, "Technology", &technology_text(&s.technology));
-        dd(&mut out, "Purpose", &esc(&s.purpose));
-        dd(&mut out, "Legal basis", &esc(&s.legal_basis));
-        let principles: Vec<String> = s.principles.iter().map(|p| esc(&p.title)).collect();
-        dd(&mut out, "Guideline principles", &principles.join("; "));
-        dd(
-            &mut out,
-            "Personal data",
-            &format!(
-                "<span class=\"badge\">{}</span> {}",
-                if s.personal_data { "yes" } else { "no" },
-                esc(&s.personal_data_note)
-            ),
-        );
-        dd(&mut out, "Time", &esc(&s.time));
-        let _ = writeln!(out, "</dl>");
-        let _ = write!(
-            out,
-            "<h3>Data collected</h3>\n<table>\n<caption>Fields read from each reading of {name}. {dropped}</caption>\n\
-             <thead><tr><th scope=\"col\">Field</th><th scope=\"col\">What happens to it</th></tr></thead>\n<tbody>\n",
-            name = esc(&s.name),
-            dropped = esc(&s.data_dropped),
-        );
-        for f in &s.data_collected {
-            let _ = writeln!(
-                out,
-                "<tr><th scope=\"row\"><code>{}</code></th><td>{}</td></tr>",
-                esc(&f.field),
-                esc(&f.description)
-            );
-        }
-        let published: Vec<String> = s
-            .data_published
-            .iter()
-            .map(|f| format!("<code>{}</code>", esc(f)))
-            .collect();
-        let _ = write!(
-            out,
-            "</tbody>\n</table>\n<p>Published fields: {}.</p>\n",
-            published.join(", ")
-        );
-        for (heading, elements) in [
-            ("How it is processed", &s.processing),
-            ("Where it is stored", &s.storage),
-            ("Who can see it", &s.access),
-        ] {
-            let _ = write!(out, "<h3>{heading}</h3>\n<ul>\n");
-            for e in elements {
-                let _ = writeln!(out, "<li>{}</li>", element_text(e));
-            }
-            let _ = writeln!(out, "</ul>");
-        }
-        let _ = write!(
-            out,
-            "<h3>How long it is kept</h3>\n<p>{}</p>\n</section>\n",
-            element_text(&s.retention)
-        );
-    }
-    let _ = write!(out, "</div>\n</main>\n");
+}
+
+/// One stream's section of layer two: its facts, the data it collects, and the DTPR elements.
+fn stream_details(out: &mut String, s: &StreamEntry) {
+    let id = format!("stream-{}", s.name);
     let _ = write!(
         out,
-        "<footer>\n<p>Generated from policy <code>{hash}</code>, loaded {loaded}, by {software}. \
-         The same hash is on every published record and in the hub's audit log.</p>\n\
-         <nav aria-label=\"Other formats\"><a href=\"/transparency.json\">Machine-readable register (JSON)</a> · \
-         <a href=\"/processing-record\">Record of processing activities (GDPR Art. 30)</a></nav>\n</footer>\n</body>\n</html>\n",
-        hash = esc(&register.policy_hash),
-        loaded = esc(&register.loaded_at),
-        software = esc(&register.software),
+        "<section aria-labelledby=\"{id}\">\n<h2 id=\"{id}\">{} <small>({})</small></h2>\n<dl>\n",
+        esc(&s.technology.title),
+        esc(&s.name),
     );
-    out
+    let mut dd = |k: &str, v: &str| {
+        let _ = writeln!(out, "<dt>{k}</dt><dd>{v}</dd>");
+    };
+    dd("Technology", &technology_text(&s.technology));
+    dd("Purpose", &esc(&s.purpose));
+    dd("Legal basis", &esc(&s.legal_basis));
+    let principles: Vec<String> = s.principles.iter().map(|p| esc(&p.title)).collect();
+    dd("Guideline principles", &principles.join("; "));
+    dd(
+        "Personal data",
+        &format!(
+            "<span class=\"badge\">{}</span> {}",
+            if s.personal_data { "yes" } else { "no" },
+            esc(&s.personal_data_note)
+        ),
+    );
+    dd("Time", &esc(&s.time));
+    let _ = writeln!(out, "</dl>");
+    data_collected(out, s);
+    for (heading, elements) in [
+        ("How it is processed", &s.processing),
+        ("Where it is stored", &s.storage),
+        ("Who can see it", &s.access),
+    ] {
+        let _ = write!(out, "<h3>{heading}</h3>\n<ul>\n");
+        for e in elements {
+            let _ = writeln!(out, "<li>{}</li>", element_text(e));
+        }
+        let _ = writeln!(out, "</ul>");
+    }
+    let _ = write!(
+        out,
+        "<h3>How long it is kept</h3>\n<p>{}</p>\n</section>\n",
+        element_text(&s.retention)
+    );
+}
+
+/// The table of the fields a stream reads, and the fields it publishes.
+fn data_collected(out: &mut String, s: &StreamEntry) {
+    let _ = write!(
+        out,
+        "<h3>Data collected</h3>\n<table>\n<caption>Fields read from each reading of {name}. {dropped}</caption>\n\
+         <thead><tr><th scope=\"col\">Field</th><th scope=\"col\">What happens to it</th></tr></thead>\n<tbody>\n",
+        name = esc(&s.name),
+        dropped = esc(&s.data_dropped),
+    );
+    for f in &s.data_collected {
+        let _ = writeln!(
+            out,
+            "<tr><th scope=\"row\"><code>{}</code></th><td>{}</td></tr>",
+            esc(&f.field),
+            esc(&f.description)
+        );
+    }
+    let published: Vec<String> = s
+        .data_published
+        .iter()
+        .map(|f| format!("<code>{}</code>", esc(f)))
+        .collect();
+    let _ = write!(
+        out,
+        "</tbody>\n</table>\n<p>Published fields: {}.</p>\n",
+        published.join(", ")
+    );
 }
 
 fn element_text(e: &Element) -> String {

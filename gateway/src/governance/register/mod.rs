@@ -20,13 +20,11 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use hubgate_privacy::Policy;
-use hubgate_privacy::policy::aggregate::MeasureFn;
+use hubgate_privacy::policy::aggregate::{Aggregation, Measure, MeasureFn, Noise};
 use hubgate_privacy::policy::{IdAction, StreamPolicy, Treatment};
 use serde::Serialize;
 
-#[cfg(test)]
-use crate::config::TokenConfig;
-use crate::config::{Config, GrpcConfig, RegisterConfig, UpstreamConfig};
+use crate::config::{Config, GrpcConfig, RegisterConfig, TokenConfig, UpstreamConfig};
 
 /// Version of the register's JSON form.
 pub const REGISTER_VERSION: u32 = 1;
@@ -270,80 +268,79 @@ impl Register {
         );
         let _ = writeln!(out, "- **Planned end**: {}", or_not(&self.end_date));
         for s in &self.streams {
-            let _ = writeln!(out, "\n## Processing activity: {}\n", s.name);
-            let _ = writeln!(out, "| Article 30(1) | |\n|---|---|");
-            let row = |out: &mut String, k: &str, v: &str| {
-                let _ = writeln!(
-                    out,
-                    "| {k} | {} |",
-                    v.replace('|', "\\|").replace('\n', " ")
-                );
-            };
-            row(&mut out, "(b) Purpose", &s.purpose);
-            row(&mut out, "Legal basis (Art. 6)", &s.legal_basis);
-            row(
-                &mut out,
-                "(c) Categories of data subjects",
-                if s.personal_data {
-                    "People whose devices or vehicles the sensors detect in the monitored area"
-                } else {
-                    "None expected: the stream is not designed to process personal data"
-                },
-            );
-            let data: Vec<String> = s
-                .data_collected
-                .iter()
-                .map(|f| format!("{} ({})", f.field, f.treatment))
-                .collect();
-            row(
-                &mut out,
-                "(c) Categories of personal data",
-                &format!(
-                    "{}. Personal data: {} ({}). Read from the payload: {}. {}",
-                    s.technology.title,
-                    if s.personal_data { "yes" } else { "no" },
-                    s.personal_data_note,
-                    data.join(", "),
-                    s.data_dropped
-                ),
-            );
-            let recipients: Vec<String> = s
-                .access
-                .iter()
-                .map(|e| format!("{}: {}", e.title, e.description))
-                .collect();
-            row(
-                &mut out,
-                "(d) Categories of recipients",
-                &recipients.join(" "),
-            );
-            row(
-                &mut out,
-                "(e) Transfers to third countries",
-                "None by the gateway: records stay on the hub unless an upstream hub is named among the recipients",
-            );
-            row(
-                &mut out,
-                "(f) Time limits for erasure",
-                &s.retention.description,
-            );
-            let measures: Vec<String> = s
-                .processing
-                .iter()
-                .chain(&s.storage)
-                .map(|e| format!("{}: {}", e.title, e.description))
-                .collect();
-            row(
-                &mut out,
-                "(g) Technical and organisational security measures",
-                &format!(
-                    "{} Audit: a hash-chained audit log records policy loads, key rotations and destructions, purges and privacy-budget spending.",
-                    measures.join(" ")
-                ),
-            );
+            art30_activity(&mut out, s);
         }
         out
     }
+}
+
+/// Writes one stream's processing activity, a table of the items of Article 30(1).
+fn art30_activity(out: &mut String, s: &StreamEntry) {
+    let _ = writeln!(out, "\n## Processing activity: {}\n", s.name);
+    let _ = writeln!(out, "| Article 30(1) | |\n|---|---|");
+    art30_row(out, "(b) Purpose", &s.purpose);
+    art30_row(out, "Legal basis (Art. 6)", &s.legal_basis);
+    art30_row(
+        out,
+        "(c) Categories of data subjects",
+        if s.personal_data {
+            "People whose devices or vehicles the sensors detect in the monitored area"
+        } else {
+            "None expected: the stream is not designed to process personal data"
+        },
+    );
+    let data: Vec<String> = s
+        .data_collected
+        .iter()
+        .map(|f| format!("{} ({})", f.field, f.treatment))
+        .collect();
+    art30_row(
+        out,
+        "(c) Categories of personal data",
+        &format!(
+            "{}. Personal data: {} ({}). Read from the payload: {}. {}",
+            s.technology.title,
+            if s.personal_data { "yes" } else { "no" },
+            s.personal_data_note,
+            data.join(", "),
+            s.data_dropped
+        ),
+    );
+    let recipients: Vec<String> = s
+        .access
+        .iter()
+        .map(|e| format!("{}: {}", e.title, e.description))
+        .collect();
+    art30_row(out, "(d) Categories of recipients", &recipients.join(" "));
+    art30_row(
+        out,
+        "(e) Transfers to third countries",
+        "None by the gateway: records stay on the hub unless an upstream hub is named among the recipients",
+    );
+    art30_row(out, "(f) Time limits for erasure", &s.retention.description);
+    let measures: Vec<String> = s
+        .processing
+        .iter()
+        .chain(&s.storage)
+        .map(|e| format!("{}: {}", e.title, e.description))
+        .collect();
+    art30_row(
+        out,
+        "(g) Technical and organisational security measures",
+        &format!(
+            "{} Audit: a hash-chained audit log records policy loads, key rotations and destructions, purges and privacy-budget spending.",
+            measures.join(" ")
+        ),
+    );
+}
+
+/// One row of an Article 30 table; the value is kept on one line and cannot end the cell.
+fn art30_row(out: &mut String, k: &str, v: &str) {
+    let _ = writeln!(
+        out,
+        "| {k} | {} |",
+        v.replace('|', "\\|").replace('\n', " ")
+    );
 }
 
 fn stream_entry(
@@ -352,17 +349,51 @@ fn stream_entry(
     upstream: Option<&UpstreamConfig>,
     grpc: &GrpcConfig,
 ) -> StreamEntry {
-    let tokens = &grpc.tokens;
     let technology = technology(s.technology.as_deref());
-    let pseudonymised: Vec<&str> = s
-        .fields
+    let pseudonymised = pseudonymised_fields(s);
+    let (personal_data, personal_data_note) = personal_data(s, &pseudonymised);
+    let forwarded = upstream.filter(|u| {
+        u.streams
+            .as_ref()
+            .is_none_or(|names| names.contains(&s.name))
+    });
+    let sensor_register = sensor_register(s, site, &technology, personal_data);
+    StreamEntry {
+        name: s.name.clone(),
+        technology,
+        purpose: s.purpose.clone(),
+        legal_basis: s.legal_basis.clone(),
+        principles: principles(s),
+        personal_data,
+        personal_data_note,
+        topics: s.topics.iter().map(|t| t.as_str().to_owned()).collect(),
+        data_collected: data_collected(s),
+        data_dropped: "Every other field of a reading is dropped on arrival, unread.".to_owned(),
+        data_published: s.output_fields().into_iter().map(str::to_owned).collect(),
+        time: time_treatment(s),
+        processing: processing(s, &pseudonymised),
+        storage: storage(forwarded),
+        access: access(s, grpc, forwarded.is_some()),
+        retention_seconds: s.retention.as_secs(),
+        retention: retention(s),
+        sensor_register,
+    }
+}
+
+/// The paths of the fields the stream pseudonymises.
+fn pseudonymised_fields(s: &StreamPolicy) -> Vec<&str> {
+    s.fields
         .iter()
         .filter(|(_, t)| *t == Treatment::Pseudonymise)
         .map(|(p, _)| p.as_str())
-        .collect();
+        .collect()
+}
+
+/// Whether the hub processes personal data for the stream, and why the register says so.
+fn personal_data(s: &StreamPolicy, pseudonymised: &[&str]) -> (bool, String) {
     let pseudonymises = !pseudonymised.is_empty() || s.identifiers.action == IdAction::Pseudonymise;
     let personal_data = pseudonymises || s.personal_data == Some(true);
-    let personal_data_note = if !pseudonymises && personal_data {
+    let note = if !pseudonymises && personal_data {
         "the policy declares that the sensors may capture personal data; identifiers found in text are dropped at the hub".to_owned()
     } else if personal_data {
         let mut note = String::from("device or personal identifiers are read at the hub");
@@ -380,48 +411,37 @@ fn stream_entry(
     } else {
         "no field is declared as identifying; identifiers found in text are dropped".to_owned()
     };
+    (personal_data, note)
+}
 
-    let mut data_collected = Vec::new();
-    for (path, treatment) in &s.fields {
-        let (name, description) = match treatment {
-            Treatment::Keep => (
-                "keep",
-                "kept as sent (text is scanned for identifiers)".to_owned(),
-            ),
-            Treatment::Pseudonymise => (
-                "pseudonymise",
-                format!(
-                    "replaced by a keyed pseudonym; the key changes every {} and is then destroyed, so pseudonyms of different periods cannot be linked",
-                    plain_duration(s.key_epoch).trim_start_matches("1 ")
-                ),
-            ),
-            Treatment::H3(cell) => (
-                "h3",
-                format!(
-                    "the position ({}, {}) is generalised to an H3 cell of resolution {} (about {} on average); the coordinates are dropped",
-                    cell.lat,
-                    cell.lon,
-                    cell.resolution,
-                    area(cell.average_area_km2())
-                ),
-            ),
-            Treatment::Grid(grid) => (
-                "grid",
-                format!(
-                    "the position ({}, {}) is generalised to a grid cell of {}° (about {:.1} km north to south); the coordinates are dropped",
-                    grid.lat,
-                    grid.lon,
-                    grid.step,
-                    grid.step * 111.2
-                ),
-            ),
-        };
-        data_collected.push(FieldEntry {
-            field: path.clone(),
-            treatment: name.to_owned(),
-            description,
-        });
-    }
+/// The guideline principles the stream follows, by id and title.
+fn principles(s: &StreamPolicy) -> Vec<PrincipleEntry> {
+    s.principles
+        .iter()
+        .map(|p| PrincipleEntry {
+            id: serde_json::to_value(p)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            title: p.title().to_owned(),
+        })
+        .collect()
+}
+
+/// The payload fields the stream reads, each with its treatment, then its time field.
+fn data_collected(s: &StreamPolicy) -> Vec<FieldEntry> {
+    let mut data_collected: Vec<FieldEntry> = s
+        .fields
+        .iter()
+        .map(|(path, treatment)| {
+            let (name, description) = field_treatment(treatment, s.key_epoch);
+            FieldEntry {
+                field: path.clone(),
+                treatment: name.to_owned(),
+                description,
+            }
+        })
+        .collect();
     if let Some(time) = &s.time_field {
         data_collected.push(FieldEntry {
             field: time.clone(),
@@ -429,8 +449,50 @@ fn stream_entry(
             description: "the reading's time".to_owned(),
         });
     }
+    data_collected
+}
 
-    let time = match (&s.aggregate, s.time_bucket) {
+/// A field treatment's name and what it does to the field; pseudonym keys change every
+/// `key_epoch`.
+fn field_treatment(treatment: &Treatment, key_epoch: Duration) -> (&'static str, String) {
+    match treatment {
+        Treatment::Keep => (
+            "keep",
+            "kept as sent (text is scanned for identifiers)".to_owned(),
+        ),
+        Treatment::Pseudonymise => (
+            "pseudonymise",
+            format!(
+                "replaced by a keyed pseudonym; the key changes every {} and is then destroyed, so pseudonyms of different periods cannot be linked",
+                plain_duration(key_epoch).trim_start_matches("1 ")
+            ),
+        ),
+        Treatment::H3(cell) => (
+            "h3",
+            format!(
+                "the position ({}, {}) is generalised to an H3 cell of resolution {} (about {} on average); the coordinates are dropped",
+                cell.lat,
+                cell.lon,
+                cell.resolution,
+                area(cell.average_area_km2())
+            ),
+        ),
+        Treatment::Grid(grid) => (
+            "grid",
+            format!(
+                "the position ({}, {}) is generalised to a grid cell of {}° (about {:.1} km north to south); the coordinates are dropped",
+                grid.lat,
+                grid.lon,
+                grid.step,
+                grid.step * 111.2
+            ),
+        ),
+    }
+}
+
+/// What happens to the readings' times.
+fn time_treatment(s: &StreamPolicy) -> String {
+    match (&s.aggregate, s.time_bucket) {
         (Some(a), _) => format!(
             "readings are counted in windows of {}; records carry the window's start",
             plain_duration(a.window)
@@ -440,9 +502,33 @@ fn stream_entry(
             plain_duration(bucket)
         ),
         (None, None) => "reading times are kept as sent".to_owned(),
-    };
+    }
+}
 
-    let mut processing = Vec::new();
+/// The DTPR process elements: de-identification, then aggregation and what protects it.
+fn processing(s: &StreamPolicy, pseudonymised: &[&str]) -> Vec<Element> {
+    let mut processing = vec![de_identified(s, pseudonymised)];
+    if let Some(a) = &s.aggregate {
+        processing.push(aggregated(a));
+        if a.min_group_size > 1 {
+            processing.push(Element {
+                dtpr: Some("process__k_anonymity".to_owned()),
+                title: "k-anonymity".to_owned(),
+                description: format!(
+                    "A group is published only when at least {} distinct {} contributed to it in the window; smaller groups are discarded.",
+                    a.min_group_size, a.contributor
+                ),
+            });
+        }
+        if let Some(noise) = &a.noise {
+            processing.push(differential_privacy(a, noise));
+        }
+    }
+    processing
+}
+
+/// `process__de_identified`: each step that removes or coarsens what identifies.
+fn de_identified(s: &StreamPolicy, pseudonymised: &[&str]) -> Element {
     let detected: Vec<&str> = s.identifiers.detect.iter().map(|k| k.name()).collect();
     let mut steps = vec![format!(
         "every field the policy does not declare is dropped on arrival; text values in which a direct identifier is found ({}) are {}",
@@ -470,86 +556,72 @@ fn stream_entry(
     if s.time_bucket.is_some() {
         steps.push("times coarsened".to_owned());
     }
-    processing.push(Element {
+    Element {
         dtpr: Some("process__de_identified".to_owned()),
         title: "De-identified".to_owned(),
         description: format!("{}.", capitalise(&steps.join("; "))),
-    });
-    if let Some(a) = &s.aggregate {
-        let measures: Vec<String> = a
-            .measures
-            .iter()
-            .map(|m| {
-                let what = match m.func {
-                    MeasureFn::Count => "number of readings".to_owned(),
-                    MeasureFn::Contributors => format!("number of distinct {}", a.contributor),
-                    MeasureFn::Distinct => format!(
-                        "number of distinct {}",
-                        m.field.as_deref().unwrap_or_default()
-                    ),
-                    MeasureFn::Sum => format!("sum of {}", m.field.as_deref().unwrap_or_default()),
-                    MeasureFn::Mean => {
-                        format!("mean of {}", m.field.as_deref().unwrap_or_default())
-                    }
-                    MeasureFn::Min => {
-                        format!("minimum of {}", m.field.as_deref().unwrap_or_default())
-                    }
-                    MeasureFn::Max => {
-                        format!("maximum of {}", m.field.as_deref().unwrap_or_default())
-                    }
-                };
-                format!("{} ({what})", m.name)
-            })
-            .collect();
-        processing.push(Element {
-            dtpr: Some("process__aggregated".to_owned()),
-            title: "Aggregated".to_owned(),
-            description: format!(
-                "Readings are combined per {} in windows of {}; only these figures leave the hub: {}. No individual reading or pseudonym is published.",
-                if a.group_by.is_empty() {
-                    "stream".to_owned()
-                } else {
-                    a.group_by.join(" and ")
-                },
-                plain_duration(a.window),
-                measures.join(", ")
-            ),
-        });
-        if a.min_group_size > 1 {
-            processing.push(Element {
-                dtpr: Some("process__k_anonymity".to_owned()),
-                title: "k-anonymity".to_owned(),
-                description: format!(
-                    "A group is published only when at least {} distinct {} contributed to it in the window; smaller groups are discarded.",
-                    a.min_group_size, a.contributor
-                ),
-            });
-        }
-        if let Some(noise) = &a.noise {
-            processing.push(Element {
-                dtpr: Some("process__differential_privacy".to_owned()),
-                title: "Differential privacy".to_owned(),
-                description: format!(
-                    "Random noise (discrete Laplace) is added to every published figure, at ε = {} per window, at most {} per day, with each {} counted at most {} times per window; publication stops for the day when the budget is spent.",
-                    noise.epsilon_micro as f64 / 1e6,
-                    noise.daily_budget_micro as f64 / 1e6,
-                    a.contributor,
-                    noise.max_contributions
-                ),
-            });
-        }
     }
+}
 
+/// `process__aggregated`: the groups, the window and the figures published.
+fn aggregated(a: &Aggregation) -> Element {
+    let measures: Vec<String> = a
+        .measures
+        .iter()
+        .map(|m| format!("{} ({})", m.name, measure_text(a, m)))
+        .collect();
+    Element {
+        dtpr: Some("process__aggregated".to_owned()),
+        title: "Aggregated".to_owned(),
+        description: format!(
+            "Readings are combined per {} in windows of {}; only these figures leave the hub: {}. No individual reading or pseudonym is published.",
+            if a.group_by.is_empty() {
+                "stream".to_owned()
+            } else {
+                a.group_by.join(" and ")
+            },
+            plain_duration(a.window),
+            measures.join(", ")
+        ),
+    }
+}
+
+/// What a measure of an aggregation figures, in words.
+fn measure_text(a: &Aggregation, m: &Measure) -> String {
+    let field = m.field.as_deref().unwrap_or_default();
+    match m.func {
+        MeasureFn::Count => "number of readings".to_owned(),
+        MeasureFn::Contributors => format!("number of distinct {}", a.contributor),
+        MeasureFn::Distinct => format!("number of distinct {field}"),
+        MeasureFn::Sum => format!("sum of {field}"),
+        MeasureFn::Mean => format!("mean of {field}"),
+        MeasureFn::Min => format!("minimum of {field}"),
+        MeasureFn::Max => format!("maximum of {field}"),
+    }
+}
+
+/// `process__differential_privacy`: the noise added and the budget that bounds it.
+fn differential_privacy(a: &Aggregation, noise: &Noise) -> Element {
+    Element {
+        dtpr: Some("process__differential_privacy".to_owned()),
+        title: "Differential privacy".to_owned(),
+        description: format!(
+            "Random noise (discrete Laplace) is added to every published figure, at ε = {} per window, at most {} per day, with each {} counted at most {} times per window; publication stops for the day when the budget is spent.",
+            noise.epsilon_micro as f64 / 1e6,
+            noise.daily_budget_micro as f64 / 1e6,
+            a.contributor,
+            noise.max_contributions
+        ),
+    }
+}
+
+/// Where the published records are kept: on the hub, and at the upstream hub it forwards to.
+fn storage(forwarded: Option<&UpstreamConfig>) -> Vec<Element> {
     let mut storage = vec![Element {
         dtpr: Some("storage__stored_locally".to_owned()),
         title: "Stored locally".to_owned(),
         description: "Only the records left after the steps above are stored, on the hub's own disk, encrypted under per-stream keys (ChaCha20-Poly1305). Raw readings are never stored.".to_owned(),
     }];
-    let forwarded = upstream.filter(|u| {
-        u.streams
-            .as_ref()
-            .is_none_or(|names| names.contains(&s.name))
-    });
     if let Some(up) = forwarded {
         storage.push(Element {
             dtpr: None,
@@ -560,40 +632,23 @@ fn stream_entry(
             ),
         });
     }
+    storage
+}
 
-    let holders: Vec<&str> = tokens
-        .iter()
-        .filter(|t| t.streams.iter().any(|n| n == "*" || *n == s.name))
-        .map(|t| t.name.as_str())
-        .collect();
-    let who = if tokens.is_empty() {
-        "No client authentication is configured: any client that can reach the API's address may subscribe.".to_owned()
-    } else if holders.is_empty() {
-        "No client holds a token for this stream: nobody can subscribe to it.".to_owned()
-    } else {
-        format!(
-            "Only clients holding a token for this stream may subscribe: {}.",
-            holders.join(", ")
-        )
-    };
-    let transport = match &grpc.tls {
-        Some(tls) if tls.client_ca_file.is_some() => {
-            " Connections are encrypted (TLS), and clients must also present a certificate from the hub's client authority."
-        }
-        Some(_) => " Connections are encrypted (TLS).",
-        None => {
-            " The gateway itself does not encrypt the connections (it serves the machine it runs on, or a proxy in front of it that does)."
-        }
-    };
+/// Who receives the stream's records: subscribers of the API, the upstream hub if the records
+/// are `forwarded`, and the hub's operators.
+fn access(s: &StreamPolicy, grpc: &GrpcConfig, forwarded: bool) -> Vec<Element> {
     let mut access = vec![Element {
         dtpr: None,
         title: "Dashboards and services".to_owned(),
         description: format!(
-            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. {who}{transport}",
-            s.output_fields().join(", ")
+            "Applications connected to the hub's gRPC API receive the published fields ({}) of the records, never raw readings. {}{}",
+            s.output_fields().join(", "),
+            who_may_subscribe(s, &grpc.tokens),
+            transport(grpc)
         ),
     }];
-    if forwarded.is_some() {
+    if forwarded {
         access.push(Element {
             dtpr: None,
             title: "Upstream hub".to_owned(),
@@ -605,17 +660,61 @@ fn stream_entry(
         title: "Operators and auditors".to_owned(),
         description: "The hub's operators see counts and figures (metrics, audit log), never raw values or identifiers.".to_owned(),
     });
+    access
+}
 
-    let retention = Element {
+/// Which API clients may subscribe to the stream, by the tokens configured.
+fn who_may_subscribe(s: &StreamPolicy, tokens: &[TokenConfig]) -> String {
+    let holders: Vec<&str> = tokens
+        .iter()
+        .filter(|t| t.streams.iter().any(|n| n == "*" || *n == s.name))
+        .map(|t| t.name.as_str())
+        .collect();
+    if tokens.is_empty() {
+        "No client authentication is configured: any client that can reach the API's address may subscribe.".to_owned()
+    } else if holders.is_empty() {
+        "No client holds a token for this stream: nobody can subscribe to it.".to_owned()
+    } else {
+        format!(
+            "Only clients holding a token for this stream may subscribe: {}.",
+            holders.join(", ")
+        )
+    }
+}
+
+/// How the API's connections are protected, as a sentence following the subscribers'.
+fn transport(grpc: &GrpcConfig) -> &'static str {
+    match &grpc.tls {
+        Some(tls) if tls.client_ca_file.is_some() => {
+            " Connections are encrypted (TLS), and clients must also present a certificate from the hub's client authority."
+        }
+        Some(_) => " Connections are encrypted (TLS).",
+        None => {
+            " The gateway itself does not encrypt the connections (it serves the machine it runs on, or a proxy in front of it that does)."
+        }
+    }
+}
+
+/// `retention__data_retained`: how long the records are kept, and how they are destroyed.
+fn retention(s: &StreamPolicy) -> Element {
+    Element {
         dtpr: Some("retention__data_retained".to_owned()),
         title: "Data retained".to_owned(),
         description: format!(
             "Published records are kept on the hub for {} and then destroyed by erasing their encryption keys (cryptographic erase, NIST SP 800-88). Raw readings are not retained.",
             plain_duration(s.retention)
         ),
-    };
+    }
+}
 
-    let sensor_register = SensorRegisterEntry {
+/// The stream's line in a public sensor register.
+fn sensor_register(
+    s: &StreamPolicy,
+    site: &RegisterConfig,
+    technology: &Element,
+    personal_data: bool,
+) -> SensorRegisterEntry {
+    SensorRegisterEntry {
         sensor_type: technology.title.clone(),
         owner: site
             .controller
@@ -631,37 +730,6 @@ fn stream_entry(
             .end_date
             .clone()
             .unwrap_or_else(|| "none planned".to_owned()),
-    };
-
-    StreamEntry {
-        name: s.name.clone(),
-        technology,
-        purpose: s.purpose.clone(),
-        legal_basis: s.legal_basis.clone(),
-        principles: s
-            .principles
-            .iter()
-            .map(|p| PrincipleEntry {
-                id: serde_json::to_value(p)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                title: p.title().to_owned(),
-            })
-            .collect(),
-        personal_data,
-        personal_data_note,
-        topics: s.topics.iter().map(|t| t.as_str().to_owned()).collect(),
-        data_collected,
-        data_dropped: "Every other field of a reading is dropped on arrival, unread.".to_owned(),
-        data_published: s.output_fields().into_iter().map(str::to_owned).collect(),
-        time,
-        processing,
-        storage,
-        access,
-        retention_seconds: s.retention.as_secs(),
-        retention,
-        sensor_register,
     }
 }
 
