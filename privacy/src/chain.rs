@@ -23,6 +23,7 @@
 use h3o::{LatLng, Resolution};
 
 use crate::identifiers::IdKind;
+use crate::invariants::MAX_EVENT_MS;
 use crate::policy::{GridCell, H3Cell, IdAction, StreamPolicy, Treatment};
 use crate::pseudonym::{Key, pseudonymise};
 use crate::value::{Reading, Record, Text, Value};
@@ -225,7 +226,7 @@ pub fn coarsen(t_ms: i64, bucket_ms: i64) -> i64 {
 }
 
 /// The pseudonym of a value: of a string as it is, of a number or a boolean as its text.
-fn pseudonym_of(key: &Key, value: &Value) -> Text {
+pub(crate) fn pseudonym_of(key: &Key, value: &Value) -> Text {
     match value {
         Value::Str(s) => pseudonymise(key, s),
         Value::Int(i) => pseudonymise(key, &i.to_string()),
@@ -272,21 +273,21 @@ fn h3_cell(reading: &Reading, cell: &H3Cell) -> Option<Result<Text, ()>> {
 /// The grid cell of the reading's coordinates, as `"lat,lon"` of its south-west corner.
 fn grid_cell(reading: &Reading, grid: &GridCell) -> Option<Result<Text, ()>> {
     let coords = coordinates(reading, &grid.lat, &grid.lon)?;
-    Some(coords.map(|(lat, lon)| {
-        // The nudge keeps a coordinate on a cell's edge (52.37 at 0.01) out of the cell below it.
-        let corner = |x: f64| (x / grid.step + 1e-9).floor() * grid.step;
-        let d = grid.decimals();
-        compact_str::format_compact!("{:.d$},{:.d$}", corner(lat), corner(lon))
-    }))
+    Some(coords.map(|(lat, lon)| grid_corner(lat, lon, grid)))
+}
+
+/// The `"lat,lon"` south-west corner of the cell of `grid` that holds a point.
+pub(crate) fn grid_corner(lat: f64, lon: f64, grid: &GridCell) -> Text {
+    // The nudge keeps a coordinate on a cell's edge (52.37 at 0.01) out of the cell below it.
+    let corner = |x: f64| (x / grid.step + 1e-9).floor() * grid.step;
+    let d = grid.decimals();
+    compact_str::format_compact!("{:.d$},{:.d$}", corner(lat), corner(lon))
 }
 
 fn take_field(reading: &mut Reading, path: &str) -> Option<Value> {
     let i = reading.fields.iter().position(|(p, _)| p == path)?;
     Some(reading.fields.remove(i).1)
 }
-
-/// Latest accepted event time: year 9999. Earliest: the Unix epoch.
-const MAX_EVENT_MS: i64 = 253_402_300_799_999;
 
 fn event_time(value: &Value) -> Option<i64> {
     let ms = match value {
@@ -300,52 +301,6 @@ fn event_time(value: &Value) -> Option<i64> {
         _ => return None,
     };
     (0..=MAX_EVENT_MS).contains(&ms).then_some(ms)
-}
-
-/// What [`admit_forwarded`] let through.
-#[derive(Debug, Default, PartialEq)]
-pub struct Admitted {
-    pub fields: Vec<(Text, Value)>,
-    pub fields_dropped: u32,
-    pub identifiers_suppressed: u32,
-}
-
-/// Admits the fields of a record another gateway filtered and forwarded (an upstream hub receiving
-/// a district's records), under this gateway's policy for the stream, fail closed:
-///
-/// - a field the stream does not declare is dropped;
-/// - a field declared `keep` passes unless it holds a direct identifier (then it is dropped: no
-///   key of this gateway ever applies to forwarded values);
-/// - a field declared `pseudonymise` passes only if it already is a pseudonym (lowercase hex of
-///   the pseudonym's length), so a raw value can never slip through under a pseudonym's name;
-/// - a field declared as a location cell passes only as a string (the cell id).
-pub fn admit_forwarded(policy: &StreamPolicy, fields: Vec<(Text, Value)>) -> Admitted {
-    let mut out = Admitted::default();
-    for (path, value) in fields {
-        let pass = match (policy.treatment(&path), &value) {
-            (Some(Treatment::Keep), Value::Str(s)) => {
-                if policy.identifiers.detector.find(s).is_some() {
-                    out.identifiers_suppressed += 1;
-                    false
-                } else {
-                    true
-                }
-            }
-            (Some(Treatment::Keep), _) => true,
-            (Some(Treatment::Pseudonymise), Value::Str(s)) => {
-                s.len() == 2 * crate::pseudonym::PSEUDONYM_BYTES
-                    && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-            }
-            (Some(Treatment::H3(_) | Treatment::Grid(_)), Value::Str(_)) => true,
-            _ => false,
-        };
-        if pass {
-            out.fields.push((path, value));
-        } else {
-            out.fields_dropped += 1;
-        }
-    }
-    out
 }
 
 #[cfg(test)]

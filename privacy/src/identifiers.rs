@@ -9,6 +9,8 @@
 //! loses one field value, a false negative leaks a person's identifier.
 
 use regex::Regex;
+
+use crate::value::Value;
 use serde::{Deserialize, Serialize};
 
 /// Kinds of direct identifier the detectors recognise.
@@ -74,6 +76,14 @@ impl Detector {
 
     fn on(&self, kind: IdKind) -> bool {
         self.kinds.contains(&kind)
+    }
+
+    /// The first kind of identifier found in a value: in a string, anywhere in it.
+    pub fn find_value(&self, value: &Value) -> Option<IdKind> {
+        match value {
+            Value::Str(s) => self.find(s),
+            Value::Int(_) | Value::Float(_) | Value::Bool(_) => None,
+        }
     }
 
     /// The first kind of identifier found anywhere in `s`, if any.

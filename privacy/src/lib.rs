@@ -11,19 +11,26 @@
 //! - [`topic`]: MQTT topic filters, used to route a message to the streams that declare it.
 //! - [`value`]: the internal form of a decoded reading and of a filtered record.
 //! - [`chain`]: the privacy chain a reading goes through, stage by stage.
+//! - [`invariants`]: what every record a stream serves satisfies, whatever path it took.
+//! - [`forwarded`]: records another hub forwarded, admitted under this hub's policy.
 //! - [`window`]: windowed aggregation with a minimum group size, and differential-privacy noise
 //!   ([`noise`]) paid for from a per-day budget ([`budget`]).
 
 pub mod budget;
 pub mod chain;
 pub mod diagnostics;
+pub mod forwarded;
 pub mod identifiers;
+pub mod invariants;
 pub mod noise;
 pub mod policy;
 pub mod pseudonym;
 pub mod topic;
 pub mod value;
 pub mod window;
+
+#[cfg(test)]
+mod testing;
 
 pub use chain::{Context, Outcome, Rejection};
 pub use diagnostics::{Diagnostic, Severity};

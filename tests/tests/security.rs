@@ -172,6 +172,7 @@ async fn clients_get_only_the_streams_and_figures_their_token_allows() {
                 stream: "air".into(),
                 records: Vec::new(),
                 incarnation: "abc".into(),
+                policies: Vec::new(),
             }]),
             Some(north),
         ))
@@ -799,6 +800,7 @@ async fn the_upstream_push_runs_over_mutual_tls() {
                 stream: "noise".into(),
                 records: Vec::new(),
                 incarnation: "abc".into(),
+                policies: Vec::new(),
             }]),
             Some("hg_push_token"),
         ))

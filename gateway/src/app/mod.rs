@@ -255,6 +255,7 @@ fn gateway_service(
             max_subscribers: config.max_subscribers,
             max_push_calls: config.max_push_calls,
             max_streams_per_subscription: config.max_streams_per_subscription,
+            push_without_tokens: config.push_without_tokens,
         },
         grpc::Published {
             register: Arc::clone(register),
@@ -297,6 +298,12 @@ impl Opened {
             &config.store,
             Arc::clone(&audit),
         )?);
+        // The policy's document, for the upstream hub (`hubgate.v1.PushRequest.policies`): kept
+        // as long as the outbox, so records kept under it can be forwarded after a reload.
+        let document = upstream::policy_checkpoint(&policy.hash_hex());
+        if store.checkpoint(&document)?.is_none() {
+            store.save_checkpoint(&document, policy.canonical_json().into_bytes())?;
+        }
         let stats = Arc::new(Stats::new(policy.streams().len()));
         Ok(Self {
             policy,

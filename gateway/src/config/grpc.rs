@@ -27,6 +27,9 @@ pub struct GrpcConfig {
     /// Streams one Subscribe call may follow, at most (each is followed by a task of its own);
     /// more are refused (`RESOURCE_EXHAUSTED`).
     pub max_streams_per_subscription: usize,
+    /// Serve Push when no tokens are configured: anyone who reaches the address could then push
+    /// records into the hub's streams. Off by default; Push then needs a token with `push`.
+    pub push_without_tokens: bool,
     /// Clients' bearer tokens, by digest, with their scopes (see [`crate::sinks::grpc::auth`]). None: the API
     /// is open.
     #[serde(rename = "token")]
@@ -42,6 +45,7 @@ impl Default for GrpcConfig {
             max_subscribers: 256,
             max_push_calls: 256,
             max_streams_per_subscription: 64,
+            push_without_tokens: false,
             tokens: Vec::new(),
         }
     }
@@ -95,6 +99,17 @@ impl GrpcConfig {
                     "grpc.listen {} is not a loopback address: configure [grpc.tls], or, behind a proxy that terminates TLS, set grpc.allow_insecure_remote = true",
                     self.listen
                 ),
+            );
+        }
+        if self.push_without_tokens && !self.tokens.is_empty() {
+            diags.warning(
+                keys.at("push_without_tokens"),
+                "grpc.push_without_tokens has no effect: with tokens, Push needs a token with push = true",
+            );
+        } else if self.push_without_tokens && remote {
+            diags.warning(
+                keys.at("push_without_tokens"),
+                "grpc.push_without_tokens on a non-loopback address: anyone who reaches it can push records into the hub's streams",
             );
         }
         if remote && self.tokens.is_empty() {

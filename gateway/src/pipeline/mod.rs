@@ -70,7 +70,7 @@ use crate::sources::mqtt::Inbound;
 use crate::sources::ratelimit::{DeviceLimit, Limit, Limiter};
 use crate::telemetry::stats::Stats;
 use hubgate_exporters::catalogue;
-use hubgate_privacy::{Context, Policy, Reading, chain, identifiers};
+use hubgate_privacy::{Context, Policy, Reading, chain, identifiers, invariants};
 use metrics::Counter;
 
 use crate::decode::{self, Decoder};
@@ -405,6 +405,13 @@ impl Pipeline {
             windows.dirty = true;
             windows.must_checkpoint |= qos != rumqttc::QoS::AtMostOnce;
             tally.absorbed[absorbed_index(absorbed)] += 1;
+            return;
+        }
+        // The output invariants hold for every record served, the chain's own too: a record
+        // that breaks them is a fault of the chain, and is dropped rather than served.
+        if let Err(broken) = invariants::check(stream, &outcome.record) {
+            tracing::error!(stream = %stream.name, %broken, "a filtered record breaks the stream's output invariants: dropped");
+            tally.dropped_invariant += 1;
             return;
         }
         let mut sizes = (0, 0);

@@ -18,6 +18,8 @@ pub(super) struct Tally {
     pub(super) dropped_decode: u64,
     pub(super) dropped_media: u64,
     pub(super) dropped_bad_time: u64,
+    /// Records that broke the stream's output invariants (see `hubgate_privacy::invariants`).
+    pub(super) dropped_invariant: u64,
     pub(super) fields_dropped: u64,
     pub(super) identifiers_suppressed: u64,
     pub(super) pseudonymised: u64,
@@ -52,6 +54,7 @@ pub(super) struct StreamCounters {
     pub(super) dropped_decode: Counter,
     pub(super) dropped_media: Counter,
     pub(super) dropped_bad_time: Counter,
+    pub(super) dropped_invariant: Counter,
     pub(super) fields_dropped: Counter,
     pub(super) identifiers_suppressed: Counter,
     pub(super) pseudonymised: Counter,
@@ -68,6 +71,7 @@ impl StreamCounters {
             dropped_decode: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "decode"),
             dropped_media: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "media"),
             dropped_bad_time: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "bad_time"),
+            dropped_invariant: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "invariant"),
             fields_dropped: metrics::counter!(catalogue::FIELDS_DROPPED, "stream" => s.clone(), "stage" => "allow_list"),
             identifiers_suppressed: metrics::counter!(catalogue::IDENTIFIERS_SUPPRESSED, "stream" => s.clone()),
             pseudonymised: metrics::counter!(catalogue::FIELDS_PSEUDONYMISED, "stream" => s.clone()),
@@ -134,6 +138,7 @@ impl Pipeline {
                 stat.fetch_add(n, Ordering::Relaxed);
             }
             c.locations_invalid.increment(tally.locations_invalid);
+            c.dropped_invariant.increment(tally.dropped_invariant);
             s.bytes_in.fetch_add(tally.bytes_in, Ordering::Relaxed);
             s.bytes_kept.fetch_add(tally.bytes_kept, Ordering::Relaxed);
             s.field_bytes_kept

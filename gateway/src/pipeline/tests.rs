@@ -87,9 +87,17 @@ retention = "1d"
 v = "keep"
 "#;
 
+/// The hash of a policy an origin announced.
+const ANNOUNCED: &str = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+
 fn push(origin: &str, sequence: u64) -> PushJob {
     let record = v1::Record {
         sequence,
+        policy_hash: ANNOUNCED.to_owned(),
+        event_time: Some(prost_types::Timestamp {
+            seconds: 1_700_000_000,
+            nanos: 0,
+        }),
         fields: [(
             "v".to_owned(),
             v1::Value {
@@ -104,6 +112,7 @@ fn push(origin: &str, sequence: u64) -> PushJob {
         incarnation: "a".to_owned(),
         stream: 0,
         records: vec![record],
+        announced: Arc::new([ANNOUNCED.to_owned()].into()),
         reply: tokio::sync::oneshot::channel().0,
     }
 }

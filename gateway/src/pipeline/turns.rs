@@ -8,6 +8,7 @@ use metrics::Counter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::push::PushRefused;
 use super::{BATCH, Pipeline};
 use crate::sources::mqtt::{Acker, Inbound};
 use crate::sources::push::PushJob;
@@ -25,7 +26,10 @@ pub(super) const TURN_MAX: usize = 8 * BATCH;
 pub(super) struct Owed {
     messages: usize,
     acks: Vec<u16>,
-    replies: Vec<(tokio::sync::oneshot::Sender<u64>, u64)>,
+    replies: Vec<(
+        tokio::sync::oneshot::Sender<Result<u64, tonic::Status>>,
+        u64,
+    )>,
 }
 
 impl Owed {
@@ -49,7 +53,7 @@ impl Owed {
     fn pay(self, acker: &mut Acker) {
         acker.ack(self.acks);
         for (reply, ack) in self.replies {
-            let _ = reply.send(ack);
+            let _ = reply.send(Ok(ack));
         }
     }
 }
@@ -347,7 +351,10 @@ pub(super) async fn take_turns(
             }
             Some(job) = pushed.recv(), if take > 0 => match t.pipeline.accept_push(&job, now_ms()) {
                 Ok(ack) => t.owed.replies.push((job.reply, ack)),
-                Err(err) => tracing::error!(%err, "cannot accept forwarded records"),
+                Err(PushRefused::Invalid(status)) => {
+                    let _ = job.reply.send(Err(status));
+                }
+                Err(PushRefused::Store(err)) => tracing::error!(%err, "cannot accept forwarded records"),
             },
             answer = async { t.in_flight.as_mut().expect("a commit in flight").await }, if t.in_flight.is_some() => {
                 if !t.answered(answer)? {

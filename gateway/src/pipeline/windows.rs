@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hubgate_exporters::catalogue;
-use hubgate_privacy::Record;
 use hubgate_privacy::window::{Release, WindowState};
+use hubgate_privacy::{Record, invariants};
 use metrics::{Counter, Gauge};
 
 use super::{ABSORBED, Pipeline};
@@ -349,11 +349,18 @@ impl Pipeline {
         stats.groups_released.fetch_add(released, Ordering::Relaxed);
     }
 
-    /// Stages the records of the groups a release let out.
+    /// Stages the records of the groups a release let out: those that satisfy the stream's
+    /// output invariants (a group record that does not is a fault, dropped and counted).
     fn stage_released(&mut self, index: usize, stream: &str, records: &[Record], now_ms: i64) {
         let (mut bytes, mut field_bytes) = (0, 0);
         let mut bodies = Bodies::default();
+        let policy = &self.policy.streams()[index];
         for r in records {
+            if let Err(broken) = invariants::check(policy, r) {
+                tracing::error!(stream, %broken, "a released group breaks the stream's output invariants: dropped");
+                self.counters[index].dropped_invariant.increment(1);
+                continue;
+            }
             bodies.push_with(|buf| {
                 let (b, f) = encode_body(stream, &self.policy_hash, r, buf);
                 (bytes, field_bytes) = (bytes + b as u64, field_bytes + f as u64);

@@ -73,6 +73,8 @@ struct Forwarded {
     acked_total: Counter,
     lost: Counter,
     lag: Gauge,
+    /// The policy hashes whose documents the current call announced.
+    announced: std::collections::HashSet<String>,
 }
 
 fn checkpoint_name(stream: &str) -> String {
@@ -82,7 +84,7 @@ fn checkpoint_name(stream: &str) -> String {
 /// Why a call ended.
 #[derive(Debug, thiserror::Error)]
 enum CallError {
-    #[error("the hub refused or broke the call: {}", .0.code())]
+    #[error("the hub refused or broke the call: {}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("the hub closed the call")]
     Closed,
@@ -159,6 +161,7 @@ pub async fn run(
             acked_total: metrics::counter!(catalogue::UPSTREAM_RECORDS_ACKED, "stream" => name.clone()),
             lost: metrics::counter!(catalogue::UPSTREAM_RECORDS_LOST, "stream" => name.clone()),
             lag: metrics::gauge!(catalogue::UPSTREAM_LAG, "stream" => name.clone()),
+            announced: std::collections::HashSet::new(),
             name,
         };
         tasks.spawn(forward(Arc::clone(&shared), stream, shutdown.clone()));
@@ -211,6 +214,7 @@ async fn call(
     shared.connected.increment(1.0);
     let _closed = on_close(&shared.connected);
     s.sent = s.position.acked;
+    s.announced.clear();
     let mut last_save = Instant::now();
     loop {
         if !send_window(shared, s, &tx).await? {
@@ -278,11 +282,13 @@ async fn send_window(
             tracing::error!(stream = %s.name, undecodable, "stored records that do not decode are not sent upstream");
         }
         let count = records.len() as u64;
+        let policies = announce(store, &mut s.announced, &records, &s.name);
         let request = v1::PushRequest {
             origin: config.origin.clone(),
             incarnation: shared.incarnation.clone(),
             stream: s.name.clone(),
             records,
+            policies,
         };
         let bytes = prost::Message::encoded_len(&request) as u64;
         match tx.try_send(request) {
@@ -299,6 +305,38 @@ async fn send_window(
         }
     }
     Ok(true)
+}
+
+/// The canonical documents of the policies `records` carry that the call has not announced yet
+/// (the hub accepts a record only under a policy whose document it was given, or its own). Each
+/// document is kept in the outbox when its policy starts ([`policy_checkpoint`]); a record
+/// whose policy's document is not there is sent without it, and the hub refuses it unless the
+/// policy is its own.
+fn announce(
+    store: &Store,
+    announced: &mut std::collections::HashSet<String>,
+    records: &[v1::Record],
+    stream: &str,
+) -> Vec<String> {
+    let mut documents = Vec::new();
+    for r in records {
+        if announced.contains(&r.policy_hash) {
+            continue;
+        }
+        announced.insert(r.policy_hash.clone());
+        match store.checkpoint(&policy_checkpoint(&r.policy_hash)) {
+            Ok(Some(document)) => documents.push(String::from_utf8_lossy(&document).into_owned()),
+            _ => {
+                tracing::warn!(stream, policy_hash = %r.policy_hash, "the document of a record's policy is not in the outbox: the hub may refuse the record")
+            }
+        }
+    }
+    documents
+}
+
+/// The outbox checkpoint that holds the canonical document of the policy with this hash.
+pub fn policy_checkpoint(hash: &str) -> String {
+    format!("policy/{hash}")
 }
 
 /// Counts a call out of the open-calls gauge when it ends, however it ends.

@@ -10,19 +10,32 @@
 //! committed atomically with the records, so a batch sent again after a crash of either side is
 //! acknowledged and not kept twice, and an origin that starts over with an empty store (a new
 //! incarnation) is not mistaken for one resending.
-//! Fields pass this gateway's policy again, fail closed
-//! ([`hubgate_privacy::chain::admit_forwarded`]).
 //!
-//! Metrics: `hubgate_push_records_total{stream, outcome}` (`kept`, `duplicate`),
+//! A forwarded record is admitted under this gateway's policy again
+//! ([`hubgate_privacy::forwarded::admit`]): fields the stream does not declare are dropped,
+//! identifiers in kept values are dropped or pseudonymised, pseudonyms are pseudonymised again
+//! under this hub's key, cells and times are generalised to this hub's resolution, step and
+//! bucket, and the result must satisfy the stream's output invariants. Its policy hash must be
+//! this hub's, or one whose canonical document the call announced ([`announced`]). A request
+//! with a record that cannot be admitted is refused whole (`INVALID_ARGUMENT`, naming the record
+//! and the field), counted, and nothing of it is kept.
+//!
+//! Metrics: `hubgate_push_records_total{stream, outcome}` (`kept`, `duplicate`, `refused`),
 //! `hubgate_fields_dropped_total{stream, stage="forwarded"}`,
 //! `hubgate_identifiers_suppressed_total{stream}`.
 
+use std::collections::HashSet;
+
 use hubgate_proto::v1;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 use tonic::Status;
 
 /// Most records in one request.
 pub const MAX_BATCH: usize = 4096;
+
+/// Most policies one call may announce.
+pub const MAX_ANNOUNCED: usize = 64;
 
 /// A validated request, for the pipeline.
 #[derive(Debug)]
@@ -33,8 +46,30 @@ pub struct PushJob {
     pub stream: usize,
     /// Records in strictly increasing origin sequence order.
     pub records: Vec<v1::Record>,
-    /// The acknowledged origin sequence, once committed.
-    pub reply: oneshot::Sender<u64>,
+    /// The hashes of the policies the call announced, verified: with this hub's own, the policy
+    /// hashes a record may carry.
+    pub announced: std::sync::Arc<HashSet<String>>,
+    /// The acknowledged origin sequence, once committed; or why the request was refused.
+    pub reply: oneshot::Sender<Result<u64, Status>>,
+}
+
+/// Adds the hashes of the policy documents `request` announces to those the call announced
+/// before (see the `policies` field of `hubgate.v1.PushRequest`): each is the SHA-256 of the
+/// document as sent, so a hash can only name a document the origin holds.
+pub fn announced(announced: &mut HashSet<String>, request: &v1::PushRequest) -> Result<(), Status> {
+    for document in &request.policies {
+        let hash: String = Sha256::digest(document.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        announced.insert(hash);
+    }
+    if announced.len() > MAX_ANNOUNCED {
+        return Err(Status::invalid_argument(format!(
+            "a call may announce at most {MAX_ANNOUNCED} policies"
+        )));
+    }
+    Ok(())
 }
 
 /// The name of the de-duplication checkpoint of an origin store's stream.
@@ -107,6 +142,7 @@ mod tests {
             stream: stream.into(),
             records: sequences.iter().copied().map(record).collect(),
             incarnation: "0f3a".into(),
+            policies: Vec::new(),
         }
     }
 
@@ -151,6 +187,24 @@ mod tests {
         let too_many: Vec<u64> = (1..=MAX_BATCH as u64 + 1).collect();
         assert_eq!(
             code(request("d1", "air_quality", &too_many)),
+            Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn announced_policies_are_known_by_their_sha256() {
+        let mut known = HashSet::new();
+        let mut r = request("d1", "air_quality", &[1]);
+        r.policies = vec!["{\"language_version\":1}".into()];
+        announced(&mut known, &r).unwrap();
+        let hash: String = Sha256::digest(b"{\"language_version\":1}")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(known.contains(&hash) && known.len() == 1);
+        r.policies = (0..MAX_ANNOUNCED).map(|i| i.to_string()).collect();
+        assert_eq!(
+            announced(&mut known, &r).unwrap_err().code(),
             Code::InvalidArgument
         );
     }

@@ -114,6 +114,13 @@ pub struct PushRequest {
     /// kept. 1 to 64 letters and digits.
     #[prost(string, tag = "4")]
     pub incarnation: ::prost::alloc::string::String,
+    /// The canonical policy documents (as `GetPolicy` returns them) of the policies whose hash the
+    /// records carry: in a call's first request, and in any later request whose records carry a
+    /// hash the call has not announced yet. The hub hashes each (SHA-256) and, for the rest of the
+    /// call, accepts records whose policy hash is one of those or its own; any other record is
+    /// refused (INVALID_ARGUMENT). A document is sent once per call.
+    #[prost(string, repeated, tag = "5")]
+    pub policies: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 /// Everything of `stream` the origin sent up to `sequence` (the origin's numbering) is kept.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

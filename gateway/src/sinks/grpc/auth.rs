@@ -104,6 +104,15 @@ pub fn out_of_scope() -> Status {
     refused("scope")
 }
 
+/// A refusal of Push on an API without tokens that does not allow it, counted as out of scope:
+/// without tokens, anyone who reaches the port could push.
+pub fn push_needs_tokens() -> Status {
+    metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "scope").increment(1);
+    Status::permission_denied(
+        "Push needs a token: give origin gateways a [[grpc.token]] with push = true (or, on a trusted network, set grpc.push_without_tokens = true)",
+    )
+}
+
 fn refused(reason: &'static str) -> Status {
     metrics::counter!(catalogue::GRPC_REFUSED, "reason" => reason).increment(1);
     match reason {

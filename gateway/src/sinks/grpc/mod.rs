@@ -72,6 +72,8 @@ pub struct GatewayService {
     pushes: Places,
     /// Streams one Subscribe call may follow, at most.
     max_streams_per_subscription: usize,
+    /// Whether Push is served when no tokens are configured.
+    push_without_tokens: bool,
     published: Published,
     shutdown: CancellationToken,
 }
@@ -95,6 +97,7 @@ impl GatewayService {
             subscribers: Places::new(access.max_subscribers, catalogue::GRPC_SUBSCRIBERS),
             pushes: Places::new(access.max_push_calls, catalogue::GRPC_PUSH_CALLS),
             max_streams_per_subscription: access.max_streams_per_subscription,
+            push_without_tokens: access.push_without_tokens,
             published,
             shutdown,
         }
@@ -185,6 +188,8 @@ pub struct Access {
     pub max_subscribers: usize,
     pub max_push_calls: usize,
     pub max_streams_per_subscription: usize,
+    /// Whether Push is served when no tokens are configured (`grpc.push_without_tokens`).
+    pub push_without_tokens: bool,
 }
 
 /// The running policy's register, and when the policy was loaded (for `GetPolicy`).
@@ -306,6 +311,9 @@ impl Gateway for GatewayService {
         request: Request<tonic::Streaming<v1::PushRequest>>,
     ) -> Result<Response<Self::PushStream>, Status> {
         let grant = self.tokens.check(request.metadata())?;
+        if self.tokens.is_open() && !self.push_without_tokens {
+            return Err(auth::push_needs_tokens());
+        }
         grant.require(Scope::Push)?;
         // An origin's push call (one per forwarded stream) holds one of the `max_push_calls`.
         let guard = self.pushes.take()?;
@@ -318,6 +326,7 @@ impl Gateway for GatewayService {
         );
         tokio::spawn(async move {
             let _guard = guard;
+            let mut announced = std::collections::HashSet::new();
             loop {
                 let request = tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -331,7 +340,9 @@ impl Gateway for GatewayService {
                     send_or_stop(&tx, Err(auth::out_of_scope()), &shutdown).await;
                     return;
                 }
-                let stream = match push::validate(&policy, &request) {
+                let checked = push::validate(&policy, &request)
+                    .and_then(|stream| push::announced(&mut announced, &request).map(|()| stream));
+                let stream = match checked {
                     Ok(stream) => stream,
                     Err(status) => {
                         send_or_stop(&tx, Err(status), &shutdown).await;
@@ -344,6 +355,7 @@ impl Gateway for GatewayService {
                     incarnation: request.incarnation,
                     stream,
                     records: request.records,
+                    announced: Arc::new(announced.clone()),
                     reply,
                 };
                 if pushed.send(job).await.is_err() {
@@ -351,10 +363,11 @@ impl Gateway for GatewayService {
                     return;
                 }
                 let ack = match answer.await {
-                    Ok(sequence) => Ok(v1::PushAck {
+                    Ok(Ok(sequence)) => Ok(v1::PushAck {
                         stream: request.stream,
                         sequence,
                     }),
+                    Ok(Err(refused)) => Err(refused),
                     Err(_) => Err(Status::unavailable("the records could not be kept")),
                 };
                 let failed = ack.is_err();
