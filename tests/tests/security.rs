@@ -438,7 +438,7 @@ async fn subscribers_are_capped() {
         &config(broker.port, "gw-cap", STREAMS).replace(
             "[grpc]\nlisten = \"127.0.0.1:0\"",
             "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 2\nmax_push_calls = 1\n\
-             max_streams_per_subscription = 1",
+             max_streams_per_subscription = 1\npush_without_tokens = true",
         ),
     );
     let mut client = gw.client().await;
