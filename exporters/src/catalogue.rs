@@ -146,15 +146,10 @@ pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
 pub const GRPC_SUBSCRIBERS: &str = "hubgate_grpc_subscribers";
 /// gRPC Push calls (from origin gateways) open now.
 pub const GRPC_PUSH_CALLS: &str = "hubgate_grpc_push_calls";
-/// Readings offered to an aggregated stream's windows. Labels: `stream`, `outcome` (`counted`,
-/// `late`, `early`, `no_contributor`, `no_group_key`, `bounded`, `state_full`).
-pub const AGGREGATE_READINGS: &str = "hubgate_aggregate_readings_total";
-/// Groups of closed windows. Labels: `stream`, `outcome` (`released`, `suppressed_min_group_size`).
+/// Groups of closed windows released as records. Labels: `stream`, `outcome` (`released`).
+/// Nothing about what an aggregated stream takes in is published (readings, suppressed groups,
+/// windows): a single reading of a suppressed group would move it.
 pub const AGGREGATE_GROUPS: &str = "hubgate_aggregate_groups_total";
-/// Windows closed. Label: `stream`.
-pub const AGGREGATE_WINDOWS_CLOSED: &str = "hubgate_aggregate_windows_closed_total";
-/// Groups, contributors and distinct values held by the open windows. Label: `stream`.
-pub const AGGREGATE_STATE_ENTRIES: &str = "hubgate_aggregate_state_entries";
 /// Window releases refused by the privacy-budget ledger. Label: `stream`.
 pub const PRIVACY_BUDGET_REFUSALS: &str = "hubgate_privacy_budget_refusals_total";
 /// Epsilon spent on the current UTC day. Label: `stream`.
@@ -215,17 +210,8 @@ pub fn describe() {
     );
     describe_counter!(FIELDS_PSEUDONYMISED, "values replaced by a keyed pseudonym");
     describe_counter!(
-        AGGREGATE_READINGS,
-        "readings offered to an aggregated stream's windows, by outcome"
-    );
-    describe_counter!(
         AGGREGATE_GROUPS,
-        "groups of closed windows, released or suppressed below the minimum group size"
-    );
-    describe_counter!(AGGREGATE_WINDOWS_CLOSED, "aggregation windows closed");
-    describe_gauge!(
-        AGGREGATE_STATE_ENTRIES,
-        "groups, contributors and distinct values held by open windows"
+        "groups of closed windows released as records"
     );
     describe_counter!(
         PRIVACY_BUDGET_REFUSALS,

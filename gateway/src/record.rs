@@ -78,6 +78,14 @@ pub fn encode_body(
     (buf.len() - start, buf.len() - fields_start)
 }
 
+/// The body of a stored record: its bytes less the sequence the store appended
+/// ([`SEQUENCE_FIELD`], `sequence`), to be staged again under another sequence.
+pub fn without_sequence(bytes: &[u8], sequence: u64) -> &[u8] {
+    use prost::encoding::{encoded_len_varint, key_len};
+    let suffix = key_len(SEQUENCE_FIELD) + encoded_len_varint(sequence);
+    &bytes[..bytes.len().saturating_sub(suffix)]
+}
+
 /// An event time in milliseconds as a protobuf timestamp.
 pub fn event_time(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {

@@ -419,6 +419,25 @@ impl StreamPolicy {
                 .any(|(_, t)| *t == Treatment::Pseudonymise)
     }
 
+    /// Whether the stream processes personal data: it pseudonymises (declared fields, or the
+    /// identifiers it finds), or its policy says its sensors may capture personal data.
+    pub fn processes_personal_data(&self) -> bool {
+        self.needs_key() || self.personal_data == Some(true)
+    }
+
+    /// How long a record of this stream is held before anyone may see it, when it is held: a
+    /// stream that processes personal data, is not aggregated and has a `time_bucket` releases
+    /// each bucket's records only once the bucket has ended, together, in an order unrelated
+    /// to their arrival, so that neither the moment a record appears nor its place among the
+    /// others tells more than its coarsened time. (An aggregated stream releases only at the
+    /// end of its windows.)
+    pub fn release_delay(&self) -> Option<Duration> {
+        if self.aggregate.is_some() || !self.processes_personal_data() {
+            return None;
+        }
+        self.time_bucket
+    }
+
     /// The field names of the records the stream emits.
     pub fn output_fields(&self) -> Vec<&str> {
         match &self.aggregate {
@@ -770,6 +789,17 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             diags.warning(
                 stream.span.clone(),
                 format!("stream '{name}' passes no fields"),
+            );
+        }
+        if (pseudonymises || personal_data == Some(true))
+            && aggregate.is_none()
+            && time_bucket.is_none()
+        {
+            diags.warning(
+                h.name.span(),
+                format!(
+                    "stream '{name}' processes personal data and has no time_bucket: its records leave as they arrive, so their timing tells when each reading was made; set a time_bucket (records are then released at the end of each bucket, in no order of arrival)"
+                ),
             );
         }
 

@@ -406,6 +406,8 @@ pub fn config(mqtt_port: u16, client_id: &str, streams: &str) -> String {
 pub struct Gateway {
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// The transparency notice's own listener, when the configuration gives it one.
+    pub public: Option<SocketAddr>,
     child: Child,
     dir: TempDir,
 }
@@ -460,9 +462,15 @@ impl Gateway {
         };
         let grpc = addr_after("gRPC listening on ");
         let admin = addr_after("admin HTTP listening on ");
+        let public = line
+            .split("transparency notice on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse().ok());
         Self {
             grpc,
             admin,
+            public,
             child,
             dir,
         }

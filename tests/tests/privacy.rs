@@ -20,7 +20,7 @@ legal_basis = "public task"
 principles = ["community_participation"]
 retention = "1d"
 time_field = "ts"
-time_bucket = "5m"
+time_bucket = "2s"
 
 [stream.fields]
 counter_id = "keep"
@@ -78,9 +78,11 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
             } else {
                 "probe".to_owned()
             };
+            // The counter names the device, so that records can be told apart whatever order
+            // they are released in.
             let payload = serde_json::json!({
-                "counter_id": "pc-01", "ts": 1_700_000_123 + i as i64, "mac": mac, "note": note,
-                "lat": 52.3731, "lon": 4.8922, "rssi": -60,
+                "counter_id": format!("pc-{i:02}"), "ts": 1_700_000_123 + i as i64, "mac": mac,
+                "note": note, "lat": 52.3731, "lon": 4.8922, "rssi": -60,
             });
             publisher
                 .publish("city/footfall/pc-01/probe", payload.to_string())
@@ -92,7 +94,7 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
 
     let forbidden: Vec<String> = devices.iter().flat_map(|d| forbidden_forms(*d)).collect();
     let mut pseudonyms: HashMap<String, HashSet<String>> = HashMap::new();
-    for n in 0..sent {
+    for _ in 0..sent {
         let message = tokio::time::timeout(Duration::from_secs(30), stream.next())
             .await
             .expect("record");
@@ -101,10 +103,7 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
         };
         let printed = format!("{record:?}").to_lowercase();
         for f in &forbidden {
-            assert!(
-                !printed.contains(&f.to_lowercase()),
-                "record {n} carries {f}"
-            );
+            assert!(!printed.contains(&f.to_lowercase()), "a record carries {f}");
         }
         let f = fields(&record);
         assert!(
@@ -113,11 +112,11 @@ async fn no_mac_address_nor_an_unkeyed_hash_of_one_reaches_a_subscriber() {
         );
         assert_eq!(f["cell"].len(), 15, "an H3 cell index: {f:?}");
         assert_eq!(
-            record.event_time.unwrap().seconds % 300,
+            record.event_time.unwrap().seconds % 2,
             0,
-            "time coarsened to 5 minutes"
+            "time coarsened to 2 s"
         );
-        let device = (n % devices.len() as u64) as usize;
+        let device: usize = f["counter_id"][3..].parse().unwrap();
         pseudonyms
             .entry(f["mac"].clone())
             .or_default()
@@ -240,18 +239,16 @@ async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
         gw.metric(name, &[("stream", "footfall"), ("outcome", outcome)])
     };
     assert_eq!(metric("hubgate_aggregate_groups_total", "released"), 2.0);
-    assert_eq!(
-        metric(
-            "hubgate_aggregate_groups_total",
-            "suppressed_min_group_size"
-        ),
-        1.0
-    );
-    assert_eq!(metric("hubgate_aggregate_readings_total", "late"), 1.0);
-    assert_eq!(
-        metric("hubgate_aggregate_readings_total", "counted"),
-        (sent - 1) as f64
-    );
+    // What the windows took in, the suppressed group and the late reading are not published.
+    let page = gw.metrics();
+    for hidden in [
+        "hubgate_aggregate_readings_total",
+        "suppressed_min_group_size",
+        "hubgate_aggregate_state_entries",
+        "hubgate_stream_messages_total{stream=\"footfall\"}",
+    ] {
+        assert!(!page.contains(hidden), "{hidden} is published");
+    }
 }
 
 fn footfall_noisy() -> String {
@@ -339,4 +336,168 @@ async fn a_restart_does_not_reset_a_spent_privacy_budget() {
         (1, 2),
         "{streams:?}"
     );
+}
+
+const PROBES: &str = r#"
+[[stream]]
+name = "probes"
+topics = ["city/probes/+/seen"]
+purpose = "How busy public spaces are"
+legal_basis = "public task"
+principles = ["community_participation"]
+retention = "1d"
+time_bucket = "3s"
+
+[stream.fields]
+n = "keep"
+mac = "pseudonymise"
+"#;
+
+/// Records of a personal-data stream with a time bucket reach a live subscriber only once their
+/// bucket has ended, all of the bucket together, in an order unrelated to their publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn personal_data_is_released_after_its_bucket_in_no_order_of_arrival() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-held", PROBES));
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let request = subscribe_request(&["probes"], Position::Live(v1::Live {}));
+    let mut stream = client.subscribe(request).await.unwrap().into_inner();
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    // Start early in a bucket, so that all readings fall in one.
+    while now_ms() % 3_000 > 500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bucket_end = now_ms() - now_ms() % 3_000 + 3_000;
+    let mut publisher = Publisher::connect(broker.port, "pub-held");
+    let sent = 40u64;
+    for n in 0..sent {
+        let payload = serde_json::json!({"n": n, "mac": format!("3c:22:fb:00:00:{n:02x}")});
+        publisher
+            .publish("city/probes/p1/seen", payload.to_string())
+            .await;
+    }
+    publisher.wait_acked(sent).await;
+    assert!(now_ms() < bucket_end, "published within one bucket");
+    let mut order = Vec::new();
+    while order.len() < sent as usize {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the bucket's records")
+            .unwrap()
+            .unwrap();
+        let arrived = now_ms();
+        let Some(Event::Record(record)) = message.event else {
+            continue;
+        };
+        assert!(
+            arrived >= bucket_end,
+            "a record came {} ms before its bucket ended",
+            bucket_end - arrived
+        );
+        assert!(
+            arrived < bucket_end + 2_000,
+            "released {} ms late",
+            arrived - bucket_end
+        );
+        order.push(fields(&record)["n"].parse::<u64>().unwrap());
+    }
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..sent).collect::<Vec<_>>());
+    assert_ne!(order, sorted, "released in the order they were published");
+    // How far the order is from the publication order: most records are displaced.
+    let in_place = order
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| *i as u64 == **n)
+        .count();
+    assert!(
+        in_place < 10,
+        "{in_place} records of 40 in their place: {order:?}"
+    );
+}
+
+const TOKEN: &str = "hg_dashboard_token";
+
+/// One reading of a group that k suppresses moves nothing a dashboard or a reader of the public
+/// notice can see: no page of the public listener, no per-stream counter of the aggregated
+/// stream, and no footprint for a token without the footprint scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suppressed_reading_moves_no_counter_anyone_outside_can_read() {
+    let broker = Mosquitto::start();
+    let streams =
+        hubgate_tests::footfall_aggregated("", "2s", "1s", 5, "devices = \"contributors\"\n");
+    let cfg = config(broker.port, "gw-quiet", &streams)
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:0\"\npublic_listen = \"127.0.0.1:0\"",
+        )
+        .replace(
+            "[grpc]\nlisten = \"127.0.0.1:0\"",
+            &format!(
+                "[grpc]\nlisten = \"127.0.0.1:0\"\n[[grpc.token]]\nname = \"dashboard\"\nsha256 = \"{}\"\nstreams = [\"*\"]\npolicy = true\n",
+                hubgate::sinks::grpc::auth::digest_hex(TOKEN)
+            ),
+        );
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let public = gw.public.expect("the public listener's address");
+    let pages = || {
+        [
+            "/transparency",
+            "/transparency.json",
+            "/processing-record",
+            "/metrics",
+        ]
+        .map(|path| hubgate_tests::http_get(public, path))
+    };
+    let footfall_lines = || -> Vec<String> {
+        let mut lines: Vec<String> = gw
+            .metrics()
+            .lines()
+            .filter(|l| l.contains("stream=\"footfall\""))
+            .map(str::to_owned)
+            .collect();
+        lines.sort_unstable();
+        lines
+    };
+    let (public_before, lines_before) = (pages(), footfall_lines());
+    assert_eq!(
+        public_before[3].0, 404,
+        "the public listener serves no metrics"
+    );
+    assert_eq!(public_before[0].0, 200);
+
+    // One device, heard once: a group below k, in a window that closes within 3 s.
+    let mut publisher = Publisher::connect(broker.port, "pub-quiet");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let payload = serde_json::json!({"counter_id": "pc-09", "ts": now, "mac": "3c:22:fb:09:09:09"});
+    publisher
+        .publish("city/footfall/pc-09/probe", payload.to_string())
+        .await;
+    publisher.wait_acked(1).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    assert_eq!(pages(), public_before, "a public page changed");
+    assert_eq!(
+        footfall_lines(),
+        lines_before,
+        "a counter of the stream moved"
+    );
+    let mut client = gw.client().await;
+    let mut request = tonic::Request::new(v1::WatchFootprintRequest {});
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let refused = client.watch_footprint(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 }

@@ -182,6 +182,10 @@ fn reload(path: &Path, running: &Config) -> Result<Config, Rejected> {
         ("grpc.listen", config.grpc.listen != running.grpc.listen),
         ("admin.listen", config.admin.listen != running.admin.listen),
         (
+            "admin.public_listen",
+            config.admin.public_listen != running.admin.public_listen,
+        ),
+        (
             "store.data_dir",
             config.store.data_dir != running.store.data_dir,
         ),

@@ -35,6 +35,8 @@ use crate::telemetry::stats::Stats;
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The transparency notice's own address, when it has one (`admin.public_listen`).
+    pub public_addr: Option<SocketAddr>,
     pub policy: Arc<Policy>,
     pub stats: Arc<Stats>,
     pub mqtt_connected: watch::Receiver<bool>,
@@ -83,6 +85,8 @@ impl Running {
 pub struct Process {
     grpc: std::net::TcpListener,
     admin: std::net::TcpListener,
+    /// The transparency notice's own listener, when it has one.
+    public: Option<std::net::TcpListener>,
     footprint: Arc<footprint::Ledger>,
 }
 
@@ -92,8 +96,17 @@ impl Process {
         Ok(Self {
             grpc: grpc::bind(config.grpc.listen)?,
             admin: admin::bind(config.admin.listen)?,
+            public: config.admin.public_listen.map(admin::bind).transpose()?,
             footprint: Arc::new(footprint::Ledger::new()),
         })
+    }
+
+    /// The transparency notice's own address, when it has one.
+    pub fn public_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        self.public
+            .as_ref()
+            .map(|l| l.local_addr().context("public listener address"))
+            .transpose()
     }
 
     pub fn grpc_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -201,6 +214,7 @@ pub async fn start_in(
     Ok(Running {
         grpc_addr,
         admin_addr,
+        public_addr: process.public_addr()?,
         policy,
         stats,
         mqtt_connected: connected,
@@ -225,9 +239,14 @@ fn serve_listeners(
 ) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::from_std(process.grpc.try_clone()?)?;
     let admin_listener = tokio::net::TcpListener::from_std(process.admin.try_clone()?)?;
+    let public_listener = match &process.public {
+        Some(l) => Some(tokio::net::TcpListener::from_std(l.try_clone()?)?),
+        None => None,
+    };
     tasks.spawn(grpc::serve(grpc_listener, service, tls, shutdown.clone()));
     tasks.spawn(admin::serve(
         admin_listener,
+        public_listener,
         connected,
         register,
         shutdown.clone(),
@@ -289,12 +308,14 @@ impl Opened {
         record_start(&audit, &policy, why);
         let outbox = outbox::open(config.store.engine, data_dir)
             .with_context(|| format!("cannot open the outbox in {}", data_dir.display()))?;
-        let store = Arc::new(Store::open(
+        let held = pipeline::held_streams(&policy);
+        let store = Arc::new(Store::open_holding(
             outbox,
             policy
                 .streams()
                 .iter()
                 .map(|s| (s.name.as_str(), s.retention)),
+            &held,
             &config.store,
             Arc::clone(&audit),
         )?);

@@ -149,7 +149,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     let whole = 0..source.len().min(1);
     let (mqtt, mqtt_keys) = sections.take::<MqttConfig>("mqtt", whole.clone(), &mut diags);
     let (grpc, grpc_keys) = sections.take::<GrpcConfig>("grpc", 0..0, &mut diags);
-    let (admin, _) = sections.take::<AdminConfig>("admin", 0..0, &mut diags);
+    let (admin, admin_keys) = sections.take::<AdminConfig>("admin", 0..0, &mut diags);
     let (store, store_keys) = sections.take::<StoreConfig>("store", whole.clone(), &mut diags);
     let (upstream, upstream_keys) = sections.take::<UpstreamConfig>("upstream", 0..0, &mut diags);
     let (nats, nats_keys) = sections.take::<NatsConfig>("nats", 0..0, &mut diags);
@@ -176,6 +176,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
     }
     let policy = policy::compile(sections.streams.unwrap_or_default(), &mut diags);
     mqtt.check(&mqtt_keys, &mut diags);
+    admin.check(&admin_keys, &mut diags);
     store.check(&store_keys, &mut diags);
     grpc.check(&grpc_keys, policy.as_ref(), &mut diags);
     if let Some(up) = &upstream {

@@ -44,21 +44,25 @@
 //! `hubgate_stream_messages_total{stream}`, `hubgate_messages_dropped_total{stream, reason}`,
 //! `hubgate_fields_dropped_total{stream, stage}`, `hubgate_identifiers_suppressed_total{stream}`,
 //! `hubgate_fields_pseudonymised_total{stream}`, `hubgate_locations_generalised_total{stream, outcome}`,
-//! `hubgate_records_kept_total{stream}`; for aggregated streams
-//! `hubgate_aggregate_readings_total{stream, outcome}`, `hubgate_aggregate_groups_total{stream, outcome}`,
-//! `hubgate_aggregate_windows_closed_total{stream}`, `hubgate_aggregate_state_entries{stream}`,
+//! `hubgate_records_kept_total{stream}`. An aggregated stream publishes none of these per-stream
+//! counts of what it takes in (a single reading of a group that k or noise suppresses would move
+//! them), only what its releases show: `hubgate_records_kept_total{stream}`,
+//! `hubgate_aggregate_groups_total{stream, outcome="released"}`,
 //! `hubgate_privacy_budget_refusals_total{stream}` and
-//! `hubgate_privacy_budget_spent_today_epsilon{stream}`.
+//! `hubgate_privacy_budget_spent_today_epsilon{stream}`; and the drops of whole messages
+//! (`hubgate_messages_dropped_total`), which a reading that passes never moves.
 
 pub mod budget;
+mod hold;
 pub mod pseudonym_keys;
 mod push;
 mod tally;
 mod turns;
 mod windows;
 
-use tally::{ABSORBED, StreamCounters, Tally, absorbed_index};
+use tally::{StreamCounters, Tally, absorbed_index};
 
+pub use hold::held_streams;
 pub use turns::{Spacing, run};
 use windows::{Windows, resume_windows};
 
@@ -119,6 +123,13 @@ pub struct Pipeline {
     decoder: Decoder,
     /// The streams that take the message being routed (kept to reuse its allocation).
     routes: Vec<usize>,
+    /// Per stream, where its records are staged: the stream itself, or its hold log while it
+    /// holds them back (see [`hold`]).
+    stage_to: Vec<usize>,
+    /// The hold logs, and how far each is released.
+    held: Vec<hold::Held>,
+    /// Most bytes of one lane of a release ([`hold::LANE_BYTES`]; smaller in tests).
+    lane_bytes: u64,
 }
 
 impl Pipeline {
@@ -135,7 +146,7 @@ impl Pipeline {
         let counters = policy
             .streams()
             .iter()
-            .map(|s| StreamCounters::new(&s.name))
+            .map(|s| StreamCounters::new(&s.name, s.aggregate.is_some()))
             .collect();
         let tallies = policy.streams().iter().map(|_| Tally::default()).collect();
         let policy_for_keys = Arc::clone(&policy);
@@ -146,7 +157,20 @@ impl Pipeline {
                 None => None,
             });
         }
+        let stage_to = policy
+            .streams()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match (s.release_delay(), store.hold_of(i)) {
+                (Some(_), Some(hold)) => hold,
+                _ => i,
+            })
+            .collect();
+        let held = hold::open_holds(&policy, &store)?;
         Ok(Self {
+            stage_to,
+            held,
+            lane_bytes: hold::LANE_BYTES,
             decoder: Decoder::default(),
             routes: Vec::new(),
             topic_limiter: None,
@@ -198,6 +222,7 @@ impl Pipeline {
                 self.commit_failures[turns::failure_reason(err)].increment(1);
                 self.pending = turn;
                 self.marks_in_turn = marks;
+                self.holds_not_taken();
             }
         }
         result
@@ -217,12 +242,14 @@ impl Pipeline {
     /// of a process is a whole state.
     pub fn take_turn(&mut self, now_ms: i64) -> Pending {
         self.stage_window_checkpoints(now_ms);
+        self.holds_taken();
         self.marks_in_turn = false;
         std::mem::take(&mut self.pending)
     }
 
     /// A turn taken with [`Pipeline::take_turn`] was committed.
     pub fn committed(&mut self) {
+        self.holds_committed();
         // When no turn still to be committed holds a mark, the cache can start over from the
         // store: bounded however many origins and incarnations push.
         if !self.marks_in_turn && self.push_marks.len() >= push::MAX_CACHED_PUSH_MARKS {
@@ -244,6 +271,16 @@ impl Pipeline {
     /// Whether any stream aggregates (then [`Pipeline::release`] must run on a timer).
     pub fn aggregates(&self) -> bool {
         self.windows.iter().any(Option::is_some)
+    }
+
+    /// What the clock alone makes due: pseudonymisation keys whose epoch ended, windows that
+    /// close, held records whose bucket ended. Runs twice a second.
+    pub fn tick(&mut self, now_ms: i64) {
+        self.keys.rotate_due(now_ms);
+        if self.aggregates() {
+            self.release(now_ms);
+        }
+        self.release_held(now_ms);
     }
 
     /// Limits each MQTT topic to `limit`; messages over it are dropped before decoding.

@@ -56,12 +56,24 @@ impl PseudonymKeys {
         Self { streams, audit }
     }
 
+    /// Makes every stream's key for the epoch that contains `now_ms`, rotating those whose epoch
+    /// changed: on the clock, so that when a key changes says nothing of when readings came.
+    pub fn rotate_due(&mut self, now_ms: i64) {
+        for index in 0..self.streams.len() {
+            let _ = self.key(index, now_ms);
+        }
+    }
+
     /// The key of stream `index` for the epoch that contains `now_ms`, rotating if the epoch
     /// changed. `None` for streams that do not pseudonymise, or if no random key could be made
     /// (then the chain drops what it would have pseudonymised).
+    ///
+    /// Rotations and destructions are audited at the epoch's start, not at `now_ms`: the first
+    /// reading of an epoch, which may be what rotates the key, leaves no trace of its time.
     pub fn key(&mut self, index: usize, now_ms: i64) -> Option<&Key> {
         let stream = self.streams.get_mut(index)?.as_mut()?;
         let epoch = now_ms.div_euclid(stream.epoch_ms);
+        let epoch_start = epoch.saturating_mul(stream.epoch_ms);
         if stream.current.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let fresh = random_key();
             // Dropping the old key zeroises it.
@@ -72,7 +84,7 @@ impl PseudonymKeys {
                 tracing::info!(stream = %stream.name, epoch = old_epoch, "pseudonymisation key destroyed");
                 if let Some(audit) = &self.audit {
                     audit.record(
-                        now_ms,
+                        epoch_start,
                         "pseudonym_key_destroyed",
                         serde_json::json!({ "stream": stream.name, "epoch": old_epoch }),
                     );
@@ -85,7 +97,7 @@ impl PseudonymKeys {
                     tracing::info!(stream = %stream.name, epoch, "new pseudonymisation key");
                     if let Some(audit) = &self.audit {
                         audit.record(
-                            now_ms,
+                            epoch_start,
                             "pseudonym_key_rotated",
                             serde_json::json!({ "stream": stream.name, "epoch": epoch }),
                         );

@@ -68,8 +68,12 @@ impl Pipeline {
         let last = fresh.last().map_or(mark, |r| r.sequence);
         let kept = intake.records.len() as u64;
         if kept > 0 {
-            self.store
-                .stage(&mut self.pending, job.stream, intake.records, now_ms);
+            self.store.stage(
+                &mut self.pending,
+                self.stage_to[job.stream],
+                intake.records,
+                now_ms,
+            );
             self.pending
                 .checkpoint(mark_name.clone(), last.to_be_bytes().to_vec());
             self.push_marks.insert(mark_name, last);

@@ -28,24 +28,19 @@ pub(super) struct Tally {
     pub(super) bytes_kept: u64,
     pub(super) field_bytes_kept: u64,
     /// Per [`Absorbed`] outcome, indexed by [`absorbed_index`].
-    pub(super) absorbed: [u64; ABSORBED.len()],
+    /// Aggregated streams: readings counted in a window, late, and left out otherwise.
+    pub(super) absorbed: [u64; 3],
     /// The records kept, encoded (see [`crate::store::Bodies`]).
     pub(super) records: Bodies,
 }
 
-/// Every outcome of offering a record to the windows, with its metric label.
-pub(super) const ABSORBED: [(Absorbed, &str); 7] = [
-    (Absorbed::Counted, "counted"),
-    (Absorbed::Late, "late"),
-    (Absorbed::Early, "early"),
-    (Absorbed::NoContributor, "no_contributor"),
-    (Absorbed::NoGroupKey, "no_group_key"),
-    (Absorbed::Bounded, "bounded"),
-    (Absorbed::Full, "state_full"),
-];
-
+/// Where an outcome of offering a record to the windows is tallied: counted, late, or left out.
 pub(super) fn absorbed_index(a: Absorbed) -> usize {
-    ABSORBED.iter().position(|(x, _)| *x == a).unwrap_or(0)
+    match a {
+        Absorbed::Counted => 0,
+        Absorbed::Late => 1,
+        _ => 2,
+    }
 }
 
 #[derive(Debug)]
@@ -64,19 +59,27 @@ pub(super) struct StreamCounters {
 }
 
 impl StreamCounters {
-    pub(super) fn new(stream: &str) -> Self {
+    /// The counters of a stream; for an aggregated one (`aggregated`), those of what it takes in
+    /// are not registered (see [`super::windows::WindowCounters`]).
+    pub(super) fn new(stream: &str, aggregated: bool) -> Self {
         let s = stream.to_owned();
+        // Not even registered for an aggregated stream: a series at 0 is still a series.
+        macro_rules! taken_in {
+            ($($args:tt)*) => {
+                if aggregated { Counter::noop() } else { metrics::counter!($($args)*) }
+            };
+        }
         Self {
-            messages: metrics::counter!(catalogue::STREAM_MESSAGES, "stream" => s.clone()),
+            messages: taken_in!(catalogue::STREAM_MESSAGES, "stream" => s.clone()),
             dropped_decode: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "decode"),
             dropped_media: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "media"),
             dropped_bad_time: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "bad_time"),
             dropped_invariant: metrics::counter!(catalogue::MESSAGES_DROPPED, "stream" => s.clone(), "reason" => "invariant"),
-            fields_dropped: metrics::counter!(catalogue::FIELDS_DROPPED, "stream" => s.clone(), "stage" => "allow_list"),
-            identifiers_suppressed: metrics::counter!(catalogue::IDENTIFIERS_SUPPRESSED, "stream" => s.clone()),
-            pseudonymised: metrics::counter!(catalogue::FIELDS_PSEUDONYMISED, "stream" => s.clone()),
-            locations_generalised: metrics::counter!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "cell"),
-            locations_invalid: metrics::counter!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "invalid"),
+            fields_dropped: taken_in!(catalogue::FIELDS_DROPPED, "stream" => s.clone(), "stage" => "allow_list"),
+            identifiers_suppressed: taken_in!(catalogue::IDENTIFIERS_SUPPRESSED, "stream" => s.clone()),
+            pseudonymised: taken_in!(catalogue::FIELDS_PSEUDONYMISED, "stream" => s.clone()),
+            locations_generalised: taken_in!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "cell"),
+            locations_invalid: taken_in!(catalogue::LOCATIONS_GENERALISED, "stream" => s.clone(), "outcome" => "invalid"),
             kept: metrics::counter!(catalogue::RECORDS_KEPT, "stream" => s),
         }
     }
@@ -89,30 +92,26 @@ impl Pipeline {
             if tally.messages == 0 {
                 continue;
             }
-            if let Some(windows) = &self.windows[index] {
+            // What an aggregated stream takes in is never published (see `WindowCounters`):
+            // the in-process stats that `hubgate demo` reads have it.
+            if self.windows[index].is_some() {
                 let s = &self.stats.streams[index];
-                for (i, n) in tally.absorbed.iter().enumerate() {
-                    windows.counters.absorbed[i].increment(*n);
-                }
-                let counted = tally.absorbed[absorbed_index(Absorbed::Counted)];
-                let late = tally.absorbed[absorbed_index(Absorbed::Late)];
-                let all: u64 = tally.absorbed.iter().sum();
+                let [counted, late, left_out] = tally.absorbed;
                 s.readings_aggregated.fetch_add(counted, Ordering::Relaxed);
                 s.dropped_late.fetch_add(late, Ordering::Relaxed);
-                s.dropped_aggregate
-                    .fetch_add(all - counted - late, Ordering::Relaxed);
+                s.dropped_aggregate.fetch_add(left_out, Ordering::Relaxed);
             }
             let mut records = std::mem::take(&mut tally.records);
             let kept = records.len() as u64;
             if kept > 0 {
                 self.store
-                    .stage_encoded(&mut self.pending, index, &records, now_ms);
+                    .stage_encoded(&mut self.pending, self.stage_to[index], &records, now_ms);
                 records.clear();
             }
             let (c, s) = (&self.counters[index], &self.stats.streams[index]);
-            // The same figures go to the metrics and to the stats `hubgate demo` reads.
+            // Messages dropped whole are published for every stream: a reading that passes never
+            // moves them.
             for (counter, stat, n) in [
-                (&c.messages, &s.messages, tally.messages),
                 (&c.dropped_decode, &s.dropped_decode, tally.dropped_decode),
                 (&c.dropped_media, &s.dropped_media, tally.dropped_media),
                 (
@@ -120,6 +119,15 @@ impl Pipeline {
                     &s.dropped_bad_time,
                     tally.dropped_bad_time,
                 ),
+            ] {
+                counter.increment(n);
+                stat.fetch_add(n, Ordering::Relaxed);
+            }
+            c.dropped_invariant.increment(tally.dropped_invariant);
+            // The same figures go to the metrics (an aggregated stream's counters of what it
+            // takes in are not registered) and to the stats `hubgate demo` reads.
+            for (counter, stat, n) in [
+                (&c.messages, &s.messages, tally.messages),
                 (&c.fields_dropped, &s.fields_dropped, tally.fields_dropped),
                 (
                     &c.identifiers_suppressed,
@@ -138,7 +146,6 @@ impl Pipeline {
                 stat.fetch_add(n, Ordering::Relaxed);
             }
             c.locations_invalid.increment(tally.locations_invalid);
-            c.dropped_invariant.increment(tally.dropped_invariant);
             s.bytes_in.fetch_add(tally.bytes_in, Ordering::Relaxed);
             s.bytes_kept.fetch_add(tally.bytes_kept, Ordering::Relaxed);
             s.field_bytes_kept

@@ -312,7 +312,6 @@ pub(super) async fn take_turns(
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let aggregates = pipeline.aggregates();
     let turn_bytes = pipeline.store.max_bytes() / 4;
     let mut t = Turns {
         pipeline,
@@ -361,7 +360,7 @@ pub(super) async fn take_turns(
                     return Ok(());
                 }
             }
-            _ = tick.tick(), if aggregates => t.pipeline.release(now_ms()),
+            _ = tick.tick() => t.pipeline.tick(now_ms()),
             // At once when the interval has run.
             () = tokio::time::sleep_until(next_commit.unwrap_or(now)), if due => {}
             () = tokio::time::sleep(Duration::from_millis(5)), if acks_waiting => continue,

@@ -10,20 +10,19 @@ use hubgate_privacy::window::{Release, WindowState};
 use hubgate_privacy::{Record, invariants};
 use metrics::{Counter, Gauge};
 
-use super::{ABSORBED, Pipeline};
+use super::Pipeline;
 use crate::record::encode_body;
 use crate::store::{Bodies, Store};
 use crate::telemetry::clock::now_ms;
 
-/// Counters of an aggregated stream.
+/// Counters of an aggregated stream: only what its releases show anyway. What the windows take
+/// in (readings counted, late or bounded, groups suppressed below k, windows that held any
+/// reading, the state's size) is never published: one reading of a group that k or the noise
+/// suppresses would move such a counter, and tell that the group exists.
 #[derive(Debug)]
 pub(super) struct WindowCounters {
-    pub(super) absorbed: Vec<Counter>,
     pub(super) released: Counter,
-    pub(super) suppressed: Counter,
-    pub(super) windows: Counter,
     pub(super) refusals: Counter,
-    pub(super) entries: Gauge,
     pub(super) spent_today: Gauge,
 }
 
@@ -31,15 +30,8 @@ impl WindowCounters {
     pub(super) fn new(stream: &str) -> Self {
         let s = stream.to_owned();
         Self {
-            absorbed: ABSORBED
-                .iter()
-                .map(|(_, label)| metrics::counter!(catalogue::AGGREGATE_READINGS, "stream" => s.clone(), "outcome" => *label))
-                .collect(),
             released: metrics::counter!(catalogue::AGGREGATE_GROUPS, "stream" => s.clone(), "outcome" => "released"),
-            suppressed: metrics::counter!(catalogue::AGGREGATE_GROUPS, "stream" => s.clone(), "outcome" => "suppressed_min_group_size"),
-            windows: metrics::counter!(catalogue::AGGREGATE_WINDOWS_CLOSED, "stream" => s.clone()),
             refusals: metrics::counter!(catalogue::PRIVACY_BUDGET_REFUSALS, "stream" => s.clone()),
-            entries: metrics::gauge!(catalogue::AGGREGATE_STATE_ENTRIES, "stream" => s.clone()),
             spent_today: metrics::gauge!(catalogue::PRIVACY_BUDGET_SPENT_TODAY, "stream" => s),
         }
     }
@@ -201,7 +193,6 @@ pub(super) fn resume_windows(
         }
     }
     let counters = WindowCounters::new(&stream.name);
-    counters.entries.set(state.entries() as f64);
     Ok(Windows {
         state,
         counters,
@@ -264,7 +255,6 @@ impl Pipeline {
             let mut release = windows.state.release(spec, now_ms, dp);
             windows.dirty |= release.windows > 0;
             windows.must_checkpoint |= release.windows > 0;
-            windows.counters.entries.set(windows.state.entries() as f64);
             if release.windows == 0 {
                 continue;
             }
@@ -336,8 +326,6 @@ impl Pipeline {
         };
         let (c, stats) = (&w.counters, &self.stats.streams[index]);
         let released = release.records.len() as u64;
-        c.windows.increment(u64::from(release.windows));
-        c.suppressed.increment(u64::from(release.groups_suppressed));
         c.refusals.increment(u64::from(release.windows_refused));
         c.released.increment(released);
         stats

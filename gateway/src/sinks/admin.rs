@@ -1,7 +1,11 @@
-//! The admin HTTP endpoint: `/metrics` (Prometheus text format), `/healthz` (the process is up),
-//! `/readyz` (the MQTT connection is up), and the transparency register of the running policy
-//! (see [`crate::governance::register`]): `/transparency` (the HTML notice), `/transparency.json` and
-//! `/processing-record` (GDPR Art. 30, Markdown).
+//! The admin HTTP endpoints. The operator's: `/metrics` (Prometheus text format), `/healthz` (the
+//! process is up), `/readyz` (the MQTT connection is up). The public's: the transparency register
+//! of the running policy (see [`crate::governance::register`]): `/transparency` (the HTML notice),
+//! `/transparency.json` and `/processing-record` (GDPR Art. 30, Markdown).
+//!
+//! With `admin.public_listen`, the notice is served on a listener of its own, which serves nothing
+//! else: whoever is meant to read the notice cannot read the operator's counters, which show
+//! traffic as it comes. Without it, both are served on `admin.listen`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,16 +20,38 @@ use tokio_util::sync::CancellationToken;
 
 use crate::governance::register::{Register, html};
 
-/// Serves the admin endpoint on `listener` until `shutdown`.
+/// Serves the operator's endpoints on `listener`, and the notice on `public` (or on `listener`
+/// too when there is no public listener), until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    public: Option<TcpListener>,
     mqtt_connected: watch::Receiver<bool>,
     register: Arc<Register>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let operator = operator(mqtt_connected);
+    let Some(public) = public else {
+        let app = operator.merge(notice(register));
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await?;
+        return Ok(());
+    };
+    let operator = axum::serve(listener, operator)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let notice = axum::serve(public, notice(register))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .into_future();
+    tokio::try_join!(operator, notice)?;
+    Ok(())
+}
+
+/// The transparency notice's routes.
+fn notice(register: Arc<Register>) -> Router {
     let json = Arc::new(register.to_json());
     let record = Arc::new(register.to_art30());
-    let app = Router::new()
+    Router::new()
         .route(
             "/transparency",
             get(move |headers: HeaderMap| {
@@ -63,6 +89,11 @@ pub async fn serve(
                 }
             }),
         )
+}
+
+/// The operator's routes: telemetry and health.
+fn operator(mqtt_connected: watch::Receiver<bool>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
@@ -80,11 +111,7 @@ pub async fn serve(
                     }
                 }
             }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
-    Ok(())
+        )
 }
 
 /// The page's own address, for its QR code: the configured public address, else the address the

@@ -177,13 +177,42 @@ struct StreamLog {
     key_period: Duration,
     /// Sequence of the newest committed record (0 before the first).
     tip: watch::Sender<u64>,
+    /// A hold log: its records up to this sequence have been released, and are purged.
+    released: AtomicU64,
     purged_retention: Counter,
     purged_capacity: Counter,
     damaged: Counter,
     keys_destroyed: Counter,
 }
 
+/// The outbox name of a stream's hold log. A control character keeps it apart from every
+/// stream name a policy can declare.
+fn hold_name(stream: &str) -> String {
+    format!("\u{2}hold/{stream}")
+}
+
 impl StreamLog {
+    fn open(outbox: &dyn Outbox, name: &str, retention: Duration) -> Result<Self, OutboxError> {
+        let next = outbox.next_sequence(name)?;
+        let counter = |reason: &'static str| metrics::counter!(catalogue::RECORDS_PURGED, "stream" => name.to_owned(), "reason" => reason);
+        Ok(StreamLog {
+            name: name.to_owned(),
+            tail: Mutex::new(Tail {
+                records: VecDeque::new(),
+                next,
+            }),
+            staged: AtomicU64::new(next),
+            retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            key_period: crate::outbox::data_keys::rotation(retention),
+            tip: watch::channel(next - 1).0,
+            released: AtomicU64::new(0),
+            purged_retention: counter("retention"),
+            purged_capacity: counter("capacity"),
+            damaged: metrics::counter!(catalogue::OUTBOX_RECORDS_DAMAGED, "stream" => name.to_owned()),
+            keys_destroyed: metrics::counter!(catalogue::OUTBOX_KEYS_DESTROYED, "stream" => name.to_owned()),
+        })
+    }
+
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -210,12 +239,15 @@ impl StreamLog {
     }
 }
 
-/// Per-stream logs of filtered records. Streams are addressed by their index in the policy.
+/// Per-stream logs of filtered records. Streams are addressed by their index in the policy; the
+/// hold logs of held streams come after them (see [`Store::hold_of`]).
 pub struct Store {
     outbox: Arc<dyn Outbox>,
     audit: Arc<AuditLog>,
     purge_lock: Mutex<()>,
     streams: Vec<StreamLog>,
+    /// Per stream in the policy, the index of its hold log, if it has one.
+    holds: Vec<Option<usize>>,
     max_bytes: u64,
     on_full: OnFull,
     memory_records: usize,
@@ -243,31 +275,40 @@ impl Store {
         config: &StoreConfig,
         audit: Arc<AuditLog>,
     ) -> Result<Self, OutboxError> {
+        Self::open_holding(outbox, streams, &[], config, audit)
+    }
+
+    /// [`Store::open`], with a hold log for each stream of `held` (by index): records the
+    /// pipeline keeps there until their release (see [`Store::hold_of`]). A stream that is no
+    /// longer held keeps its hold log until what it holds has been released.
+    pub fn open_holding<'a>(
+        outbox: Arc<dyn Outbox>,
+        streams: impl IntoIterator<Item = (&'a str, Duration)>,
+        held: &[usize],
+        config: &StoreConfig,
+        audit: Arc<AuditLog>,
+    ) -> Result<Self, OutboxError> {
         let mut logs = Vec::new();
+        let mut retentions = Vec::new();
         for (name, retention) in streams {
-            let next = outbox.next_sequence(name)?;
-            let counter = |reason: &'static str| metrics::counter!(catalogue::RECORDS_PURGED, "stream" => name.to_owned(), "reason" => reason);
-            logs.push(StreamLog {
-                name: name.to_owned(),
-                tail: Mutex::new(Tail {
-                    records: VecDeque::new(),
-                    next,
-                }),
-                staged: AtomicU64::new(next),
-                retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-                key_period: crate::outbox::data_keys::rotation(retention),
-                tip: watch::channel(next - 1).0,
-                purged_retention: counter("retention"),
-                purged_capacity: counter("capacity"),
-                damaged: metrics::counter!(catalogue::OUTBOX_RECORDS_DAMAGED, "stream" => name.to_owned()),
-                keys_destroyed: metrics::counter!(catalogue::OUTBOX_KEYS_DESTROYED, "stream" => name.to_owned()),
-            });
+            logs.push(StreamLog::open(&*outbox, name, retention)?);
+            retentions.push(retention);
+        }
+        let stored = outbox.streams()?;
+        let mut holds = vec![None; logs.len()];
+        for (index, hold) in holds.iter_mut().enumerate() {
+            let name = hold_name(&logs[index].name);
+            if held.contains(&index) || stored.contains(&name) {
+                *hold = Some(logs.len());
+                logs.push(StreamLog::open(&*outbox, &name, retentions[index])?);
+            }
         }
         let store = Self {
             outbox,
             audit,
             purge_lock: Mutex::new(()),
             streams: logs,
+            holds,
             max_bytes: config.max_bytes,
             on_full: config.on_full,
             memory_records: config.memory_records_per_stream.max(1),
@@ -302,6 +343,21 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// The hold log of stream `index`, if it has one: where the pipeline keeps the stream's
+    /// records until their release. A hold log is read and written like a stream (by its
+    /// index), but no reader outside the pipeline ever sees it.
+    pub fn hold_of(&self, index: usize) -> Option<usize> {
+        self.holds.get(index).copied().flatten()
+    }
+
+    /// The records of hold log `hold` up to `through` have been released (durably): they are
+    /// purged from it on the next purge tick.
+    pub fn released(&self, hold: usize, through: u64) {
+        self.stream(hold)
+            .released
+            .fetch_max(through, Ordering::Relaxed);
     }
 
     /// The most bytes of records the outbox holds (`store.max_bytes`).
@@ -519,11 +575,13 @@ impl Store {
         );
     }
 
-    /// Removes every record older than its stream's retention limit, from disk and memory.
+    /// Removes every record older than its stream's retention limit, and what hold logs have
+    /// released, from disk and memory.
     pub fn purge_expired_all(&self, now_ms: i64) {
         for s in &self.streams {
             let _one_purge_at_a_time = self.purging();
             let cutoff = s.cutoff(now_ms);
+            self.purge_released(s, now_ms);
             match self
                 .outbox
                 .purge_while(&s.name, &mut |b| b.kept_ms < cutoff)
@@ -537,6 +595,31 @@ impl Store {
                 }
             }
             s.forget(0, now_ms);
+        }
+    }
+
+    /// Removes from a hold log the batches it has released whole. Not a purge of records (they
+    /// live on in their stream), so not audited as one; the data keys it destroys are.
+    fn purge_released(&self, s: &StreamLog, now_ms: i64) {
+        let released = s.released.load(Ordering::Relaxed);
+        if released == 0 {
+            return;
+        }
+        let purge = &mut |b: &crate::outbox::BatchInfo| b.first + b.count.max(1) - 1 <= released;
+        match self.outbox.purge_while(&s.name, purge) {
+            Ok(purged) => {
+                s.forget(released, now_ms);
+                self.bytes_held.set(self.outbox.record_bytes() as f64);
+                for first in &purged.keys_destroyed {
+                    s.keys_destroyed.increment(1);
+                    self.audit.record(
+                        now_ms,
+                        "outbox_key_destroyed",
+                        serde_json::json!({ "stream": s.name, "first_sequence": first }),
+                    );
+                }
+            }
+            Err(err) => tracing::error!(stream = %s.name, %err, "cannot purge released records"),
         }
     }
 

@@ -394,9 +394,13 @@ async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     crate::app::lifecycle::serve(config, config_path, |gateway| {
         // One line on stdout that says where everything is (scripts and tests read it).
         println!(
-            "hubgate: gRPC listening on {}, admin HTTP listening on {}{}",
+            "hubgate: gRPC listening on {}, admin HTTP listening on {}{}{}",
             gateway.grpc_addr,
             gateway.admin_addr,
+            gateway
+                .public_addr
+                .map(|p| format!(", transparency notice on http://{p}/transparency"))
+                .unwrap_or_default(),
             broker
                 .map(|b| format!(", embedded MQTT broker on {b}"))
                 .unwrap_or_default()
@@ -413,10 +417,14 @@ fn embedded_default() -> anyhow::Result<(Config, Option<std::net::SocketAddr>)> 
     config.mqtt.host = addr.ip().to_string();
     config.mqtt.port = addr.port();
     // Without a config file there is nothing to edit: take a free port when a default one is taken.
-    for (what, listen) in [
+    let mut listens = vec![
         ("gRPC", &mut config.grpc.listen),
         ("admin HTTP", &mut config.admin.listen),
-    ] {
+    ];
+    if let Some(public) = &mut config.admin.public_listen {
+        listens.push(("the transparency notice", public));
+    }
+    for (what, listen) in listens {
         if std::net::TcpListener::bind(*listen).is_err() {
             tracing::warn!(
                 "port {} is taken; {what} listens on a free port instead (printed below)",

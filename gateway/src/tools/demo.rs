@@ -126,6 +126,7 @@ fn demo_config(broker: SocketAddr, data: &DemoData) -> anyhow::Result<config::Co
     config.mqtt.client_id = format!("hubgate-demo-{}", std::process::id());
     config.grpc.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     config.admin.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.public_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.store.data_dir = data.0.clone();
     Ok(config)
 }

@@ -268,9 +268,22 @@ impl DryRun<'_> {
         self.sum.cells += u64::from(out.locations_generalised);
         let fields = json_fields(&out.record);
         let at = time(out.record.event_time_ms);
-        let Some(spec) = &self.policy.streams()[index].aggregate else {
+        let stream = &self.policy.streams()[index];
+        let Some(spec) = &stream.aggregate else {
             self.sum.records += 1;
-            let _ = writeln!(self.report, "  out: {fields} at {at}");
+            let release = match stream.release_delay() {
+                // Held until its bucket has ended: visible no earlier than the bucket's end.
+                Some(bucket) => format!(
+                    ", released no earlier than its bucket's end, {}",
+                    time(
+                        out.record
+                            .event_time_ms
+                            .saturating_add(i64::try_from(bucket.as_millis()).unwrap_or(0))
+                    )
+                ),
+                None => String::new(),
+            };
+            let _ = writeln!(self.report, "  out: {fields} at {at}{release}");
             return;
         };
         let now = received_ms.unwrap_or(out.record.event_time_ms);

@@ -221,6 +221,7 @@ fn stream_details(out: &mut String, s: &StreamEntry) {
         ),
     );
     dd("Time", &esc(&s.time));
+    dd("Release", &esc(&s.release));
     let _ = writeln!(out, "</dl>");
     data_collected(out, s);
     for (heading, elements) in [

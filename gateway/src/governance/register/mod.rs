@@ -115,6 +115,11 @@ pub struct StreamEntry {
     /// The fields of the records that leave the hub.
     pub data_published: Vec<String>,
     pub time: String,
+    /// When records become visible to anyone outside the hub.
+    pub release: String,
+    /// How long records are held before they are released, at most (seconds); none when they
+    /// leave as they are kept.
+    pub release_delay_seconds: Option<u64>,
     pub processing: Vec<Element>,
     pub storage: Vec<Element>,
     pub access: Vec<Element>,
@@ -218,6 +223,7 @@ impl Register {
             let _ = writeln!(out, "  {}", s.data_dropped);
             let _ = writeln!(out, "Published fields: {}", s.data_published.join(", "));
             let _ = writeln!(out, "Time: {}", s.time);
+            let _ = writeln!(out, "Release: {}", s.release);
             for (heading, elements) in [
                 ("Processing", &s.processing),
                 ("Storage", &s.storage),
@@ -371,6 +377,8 @@ fn stream_entry(
         data_dropped: "Every other field of a reading is dropped on arrival, unread.".to_owned(),
         data_published: s.output_fields().into_iter().map(str::to_owned).collect(),
         time: time_treatment(s),
+        release: release(s),
+        release_delay_seconds: s.release_delay().map(|d| d.as_secs()),
         processing: processing(s, &pseudonymised),
         storage: storage(forwarded),
         access: access(s, grpc, forwarded.is_some()),
@@ -491,6 +499,21 @@ fn field_treatment(treatment: &Treatment, key_epoch: Duration) -> (&'static str,
 }
 
 /// What happens to the readings' times.
+/// When records become visible outside the hub.
+fn release(s: &StreamPolicy) -> String {
+    match (&s.aggregate, s.release_delay()) {
+        (Some(a), _) => format!(
+            "only at the end of each window of {}, one record per group that passes",
+            plain_duration(a.window)
+        ),
+        (None, Some(bucket)) => format!(
+            "held until the end of each {} and released together, in an order unrelated to arrival, so that neither when a record appears nor its place tells more than its rounded time",
+            plain_duration(bucket)
+        ),
+        (None, None) => "as soon as they are stored".to_owned(),
+    }
+}
+
 fn time_treatment(s: &StreamPolicy) -> String {
     match (&s.aggregate, s.time_bucket) {
         (Some(a), _) => format!(
