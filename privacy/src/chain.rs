@@ -15,8 +15,10 @@
 //!    field, or a value the decoder could not represent, is dropped and counted.
 //! 5. **Pseudonymisation** (pseudonymisation): `pseudonymise` fields are replaced by their keyed
 //!    pseudonym under the stream's current key. Without a key they are dropped.
-//! 6. **Identifier suppression** (suppression): every string that passes as `keep` is scanned for
-//!    direct identifiers; a value holding one is dropped or pseudonymised, as the stream says.
+//! 6. **Identifier suppression** (suppression): every value that passes as `keep`, string or
+//!    number, is scanned for direct identifiers ([`crate::identifiers`], on the folded text); a
+//!    value holding one is dropped, or replaced by the pseudonym of the identifier found, as the
+//!    stream says.
 //!
 //! The chain never reads a clock or a random source: time and the key come in through [`Context`].
 
@@ -25,7 +27,7 @@ use h3o::{LatLng, Resolution};
 use crate::identifiers::IdKind;
 use crate::invariants::MAX_EVENT_MS;
 use crate::policy::{GridCell, H3Cell, IdAction, StreamPolicy, Treatment};
-use crate::pseudonym::{Key, pseudonymise};
+use crate::pseudonym::{Key, pseudonymise_canonical, pseudonymise_value};
 use crate::value::{Reading, Record, Text, Value};
 use compact_str::ToCompactString as _;
 
@@ -149,25 +151,27 @@ fn stages<const TRACE: bool>(
     for (path, value) in reading.fields {
         match policy.treatment(&path) {
             Some(Treatment::Keep) => {
-                let found = match &value {
-                    Value::Str(s) => policy.identifiers.detector.find(s),
-                    _ => None,
-                };
-                let Some(kind) = found else {
+                let found = policy
+                    .identifiers
+                    .detector
+                    .identify_value(&value, Some(ctx.received_ms));
+                let Some(found) = found else {
                     trace(&path, Fate::Kept);
                     fields.push((path, value));
                     continue;
                 };
                 out.identifiers_suppressed += 1;
-                out.last_identifier = Some(kind);
-                // Dropped, unless the stream pseudonymises hits and has a key.
+                out.last_identifier = Some(found.kind);
+                // Dropped, unless the stream pseudonymises hits and has a key: then the value is
+                // the pseudonym of the identifier found in it, in its canonical form.
                 match (policy.identifiers.action, ctx.key) {
                     (IdAction::Pseudonymise, Some(key)) => {
-                        trace(&path, Fate::IdentifierPseudonymised(kind));
-                        fields.push((path, Value::Str(pseudonym_of(key, &value))));
+                        trace(&path, Fate::IdentifierPseudonymised(found.kind));
+                        let pseudonym = pseudonymise_canonical(key, &found.canonical);
+                        fields.push((path, Value::Str(pseudonym.into())));
                         out.pseudonymised += 1;
                     }
-                    _ => trace(&path, Fate::IdentifierDropped(kind)),
+                    _ => trace(&path, Fate::IdentifierDropped(found.kind)),
                 }
             }
             Some(Treatment::Pseudonymise) => match ctx.key {
@@ -225,15 +229,9 @@ pub fn coarsen(t_ms: i64, bucket_ms: i64) -> i64 {
     }
 }
 
-/// The pseudonym of a value: of a string as it is, of a number or a boolean as its text.
+/// The pseudonym of a value: of its canonical form ([`crate::identifiers::canonical`]).
 pub(crate) fn pseudonym_of(key: &Key, value: &Value) -> Text {
-    match value {
-        Value::Str(s) => pseudonymise(key, s),
-        Value::Int(i) => pseudonymise(key, &i.to_string()),
-        Value::Float(f) => pseudonymise(key, &f.to_string()),
-        Value::Bool(b) => pseudonymise(key, &b.to_string()),
-    }
-    .into()
+    pseudonymise_value(key, value).into()
 }
 
 /// The reading's coordinates at these paths: `None` when both are absent, `Err` when invalid.

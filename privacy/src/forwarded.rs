@@ -24,7 +24,7 @@ use h3o::Resolution;
 use crate::chain::{coarsen, grid_corner};
 use crate::invariants::{self, MAX_EVENT_MS, Violation, is_pseudonym, parse_cell, parse_grid};
 use crate::policy::{IdAction, StreamPolicy, Treatment};
-use crate::pseudonym::{Key, pseudonymise};
+use crate::pseudonym::{Key, pseudonymise, pseudonymise_canonical};
 use crate::value::{Record, Text, Value};
 
 /// What [`admit`] did to a forwarded record.
@@ -40,12 +40,13 @@ pub struct Admitted {
     pub pseudonymised: u32,
 }
 
-/// Admits a forwarded record under `stream`'s policy with this hub's current `key` (see the
-/// module's description), or refuses it.
+/// Admits a forwarded record under `stream`'s policy with this hub's current `key` at this hub's
+/// `now_ms` (see the module's description), or refuses it.
 pub fn admit(
     stream: &StreamPolicy,
     record: Record,
     key: Option<&Key>,
+    now_ms: i64,
 ) -> Result<Admitted, Violation> {
     if !(0..=MAX_EVENT_MS).contains(&record.event_time_ms) {
         return Err(Violation::TimeOutOfRange);
@@ -66,7 +67,7 @@ pub fn admit(
         }
         let admitted = match stream.treatment(path) {
             None => None,
-            Some(Treatment::Keep) => keep(stream, value, key, &mut out),
+            Some(Treatment::Keep) => keep(stream, value, key, now_ms, &mut out),
             Some(Treatment::Pseudonymise) => match value {
                 Value::Str(s) if is_pseudonym(s) => key.map(|key| {
                     out.pseudonymised += 1;
@@ -109,7 +110,7 @@ pub fn admit(
             None => out.fields_dropped += 1,
         }
     }
-    invariants::check(stream, &out.record)?;
+    invariants::check(stream, &out.record, now_ms)?;
     Ok(out)
 }
 
@@ -119,16 +120,23 @@ fn keep(
     stream: &StreamPolicy,
     value: &Value,
     key: Option<&Key>,
+    now_ms: i64,
     out: &mut Admitted,
 ) -> Option<Value> {
-    if stream.identifiers.detector.find_value(value).is_none() {
+    let Some(found) = stream
+        .identifiers
+        .detector
+        .identify_value(value, Some(now_ms))
+    else {
         return Some(value.clone());
-    }
+    };
     out.identifiers_suppressed += 1;
     match (stream.identifiers.action, key) {
         (IdAction::Pseudonymise, Some(key)) => {
             out.pseudonymised += 1;
-            Some(Value::Str(crate::chain::pseudonym_of(key, value)))
+            Some(Value::Str(
+                pseudonymise_canonical(key, &found.canonical).into(),
+            ))
         }
         _ => None,
     }

@@ -103,13 +103,14 @@ impl fmt::Display for Violation {
 impl std::error::Error for Violation {}
 
 /// Checks `record` against the output invariants of `stream` (see the module's description).
-pub fn check(stream: &StreamPolicy, record: &Record) -> Result<(), Violation> {
+/// `now_ms` is when it is checked: a kept number within a year of it may be a time.
+pub fn check(stream: &StreamPolicy, record: &Record, now_ms: i64) -> Result<(), Violation> {
     check_time(stream, record.event_time_ms)?;
     for (i, (path, value)) in record.fields.iter().enumerate() {
         if record.fields[..i].iter().any(|(p, _)| p == path) {
             return Err(Violation::Repeated(path.to_string()));
         }
-        check_field(stream, path, value)?;
+        check_field(stream, path, value, now_ms)?;
     }
     Ok(())
 }
@@ -131,7 +132,12 @@ fn check_time(stream: &StreamPolicy, t_ms: i64) -> Result<(), Violation> {
     Ok(())
 }
 
-fn check_field(stream: &StreamPolicy, path: &Text, value: &Value) -> Result<(), Violation> {
+fn check_field(
+    stream: &StreamPolicy,
+    path: &Text,
+    value: &Value,
+    now_ms: i64,
+) -> Result<(), Violation> {
     if let Some(a) = &stream.aggregate {
         if a.measures.iter().any(|m| m.name == path.as_str()) {
             return match value {
@@ -149,7 +155,7 @@ fn check_field(stream: &StreamPolicy, path: &Text, value: &Value) -> Result<(), 
     };
     let ok = match (treatment, value) {
         (Treatment::Keep, value) => {
-            if let Some(kind) = stream.identifiers.detector.find_value(value) {
+            if let Some(kind) = stream.identifiers.detector.find_value(value, now_ms) {
                 return Err(Violation::Identifier {
                     path: path.to_string(),
                     kind,

@@ -6,7 +6,8 @@
 //! - [`diagnostics`]: errors and warnings with line and column, for `hubgate check`.
 //! - [`policy`]: the policy language (one TOML `[[stream]]` table per stream), its validation and
 //!   the compiled [`policy::Policy`] with its content hash.
-//! - [`identifiers`]: detectors for direct identifiers in string values.
+//! - [`normalise`]: the one normaliser of text, shared by the detectors and pseudonymisation.
+//! - [`identifiers`]: detectors for direct identifiers in kept strings and numbers.
 //! - [`pseudonym`]: keyed pseudonyms (HMAC-SHA256 under a per-epoch, per-stream key).
 //! - [`topic`]: MQTT topic filters, used to route a message to the streams that declare it.
 //! - [`value`]: the internal form of a decoded reading and of a filtered record.
@@ -23,6 +24,7 @@ pub mod forwarded;
 pub mod identifiers;
 pub mod invariants;
 pub mod noise;
+pub mod normalise;
 pub mod policy;
 pub mod pseudonym;
 pub mod topic;

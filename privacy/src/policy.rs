@@ -571,9 +571,11 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
     let errors_before = diags.0.len();
     let mut names = HashSet::new();
     let mut streams = Vec::new();
+    let mut name_spans = Vec::new();
     for stream in raw {
         let h = stream.header;
         let name = h.name.get_ref().clone();
+        name_spans.push(h.name.span());
         if !valid_stream_name(&name) {
             diags.error(
                 h.name.span(),
@@ -821,10 +823,82 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             aggregate,
         });
     }
+    if streams.len() == name_spans.len() {
+        overlapping_aggregates(&mut streams, &name_spans, diags);
+    }
     let has_new_errors = diags.0[errors_before..]
         .iter()
         .any(|d| d.severity == crate::diagnostics::Severity::Error);
     (!has_new_errors).then(|| Policy::new(streams))
+}
+
+/// Aggregated streams that take readings of the same topics (their filters overlap) let a group
+/// one suppresses be derived from the other's (a total less the visible cells). Without noise
+/// that is refused, unless both accept exact counts (then warned); with noise, they pay from one
+/// shared budget, the smallest of their daily budgets, so that the epsilon spent on one
+/// population of devices in a day stays bounded.
+fn overlapping_aggregates(
+    streams: &mut [StreamPolicy],
+    name_spans: &[std::ops::Range<usize>],
+    diags: &mut Diagnostics,
+) {
+    let n = streams.len();
+    let overlap = |a: &StreamPolicy, b: &StreamPolicy| {
+        a.topics
+            .iter()
+            .any(|x| b.topics.iter().any(|y| x.overlaps(y)))
+    };
+    // The budget pool of each noisy stream: the first stream it overlaps with, transitively.
+    let mut pool: Vec<usize> = (0..n).collect();
+    for j in 0..n {
+        for i in 0..j {
+            let (a, b) = (&streams[i], &streams[j]);
+            let (Some(x), Some(y)) = (&a.aggregate, &b.aggregate) else {
+                continue;
+            };
+            if !overlap(a, b) {
+                continue;
+            }
+            match (&x.noise, &y.noise) {
+                (Some(_), Some(_)) => {
+                    let root = pool[i];
+                    let old = pool[j];
+                    for p in pool.iter_mut() {
+                        if *p == old {
+                            *p = root;
+                        }
+                    }
+                }
+                _ => {
+                    let message = format!(
+                        "streams '{}' and '{}' aggregate readings of the same topics and not both with noise: a group one suppresses can be derived from the other's (differencing)",
+                        a.name, b.name
+                    );
+                    if x.accept_exact_counts && y.accept_exact_counts {
+                        diags.warning(name_spans[j].clone(), message);
+                    } else {
+                        diags.error(
+                            name_spans[j].clone(),
+                            format!("{message}; add [stream.aggregate.noise] to both, or set accept_exact_counts = true in both"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    for i in 0..n {
+        let root = pool[i];
+        let cap = (0..n)
+            .filter(|&j| pool[j] == root)
+            .filter_map(|j| streams[j].aggregate.as_ref()?.noise.as_ref())
+            .map(|noise| noise.daily_budget_micro)
+            .min();
+        let root_name = streams[root].name.clone();
+        if let Some(noise) = streams[i].aggregate.as_mut().and_then(|a| a.noise.as_mut()) {
+            noise.budget_pool = root_name;
+            noise.pool_budget_micro = cap.unwrap_or(noise.daily_budget_micro);
+        }
+    }
 }
 
 fn compile_identifiers(raw: Option<RawIdentifiers>, diags: &mut Diagnostics) -> IdentifierPolicy {
@@ -852,7 +926,7 @@ fn compile_identifiers(raw: Option<RawIdentifiers>, diags: &mut Diagnostics) -> 
     };
     let mut plates = Vec::new();
     for pattern in &raw.plate_patterns {
-        match regex::Regex::new(pattern.get_ref()) {
+        match crate::identifiers::plate_pattern(pattern.get_ref()) {
             Ok(re) => plates.push(re),
             Err(err) => diags.error(pattern.span(), format!("invalid plate pattern: {err}")),
         }

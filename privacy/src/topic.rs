@@ -57,6 +57,19 @@ impl TopicFilter {
     ///
     /// As the standard requires, filters starting with a wildcard do not match topics starting with
     /// `$` (broker-internal topics such as `$SYS/...`).
+    /// Whether some topic matches both this filter and `other`.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        let (mut a, mut b) = (self.0.split('/'), other.0.split('/'));
+        loop {
+            match (a.next(), b.next()) {
+                (Some("#"), _) | (_, Some("#")) => return true,
+                (None, None) => return true,
+                (Some(x), Some(y)) if x == y || x == "+" || y == "+" => {}
+                _ => return false,
+            }
+        }
+    }
+
     pub fn matches(&self, topic: &str) -> bool {
         let (filter, name) = (self.0.as_bytes(), topic.as_bytes());
         if name.first() == Some(&b'$') && matches!(filter.first(), Some(b'+' | b'#')) {

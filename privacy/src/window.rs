@@ -39,9 +39,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::budget::{Refusal, StreamBudget};
+use crate::budget::{PoolBudget, Refusal};
 use crate::noise::{RandomSource, discrete_laplace};
-use crate::policy::aggregate::{Aggregation, MeasureFn};
+use crate::policy::aggregate::{Aggregation, MICRO, MeasureFn, Noise};
 use crate::value::{Record, Text, Value};
 
 mod wire;
@@ -179,6 +179,23 @@ pub struct Release {
     pub epsilon_spent_micro: u64,
     /// Time range `[first window start, last window end)` of the windows closed.
     pub range_ms: Option<(i64, i64)>,
+}
+
+/// What a stream with noise releases with: the ledger of its budget pool, its name there (its
+/// clock), and a random source.
+pub struct Noising<'a> {
+    pub pool: &'a mut PoolBudget,
+    pub stream: &'a str,
+    pub random: &'a mut dyn RandomSource,
+}
+
+impl std::fmt::Debug for Noising<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Noising")
+            .field("pool", &self.pool)
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The open windows of one aggregated stream.
@@ -422,15 +439,28 @@ impl WindowState {
 
     /// Closes every window whose end plus the allowed lateness is at or before `now_ms`.
     ///
-    /// Streams with noise need `dp`: the stream's budget and a random source.
+    /// Streams with noise need `noising`: without it they release nothing. Each window on the
+    /// stream's clock is paid for as it closes, held readings or not; a window the ledger refuses
+    /// releases nothing.
     pub fn release(
         &mut self,
         spec: &Aggregation,
         now_ms: i64,
-        mut dp: Option<(&mut StreamBudget, &mut dyn RandomSource)>,
+        noising: Option<Noising<'_>>,
     ) -> Release {
         let (window_ms, lateness_ms) = (spec.window_ms(), spec.lateness_ms());
         let mut out = Release::default();
+        let (budget, mut source) = match noising {
+            Some(n) => (Some((n.pool, n.stream)), Some(n.random)),
+            None => (None, None),
+        };
+        let last_closable =
+            spec.window_start(now_ms.saturating_sub(lateness_ms).saturating_sub(window_ms));
+        // With noise, the windows paid for now (or refused), by start.
+        let mut paid = BTreeMap::new();
+        if let (Some(noise), Some((pool, stream))) = (&spec.noise, budget) {
+            paid = self.pay_on_the_clock(spec, noise, pool, stream, last_closable, &mut out);
+        }
         while let Some(entry) = self.windows.first_entry() {
             let start = *entry.key();
             let end = start.saturating_add(window_ms);
@@ -442,45 +472,22 @@ impl WindowState {
             self.closed_before_ms = self.closed_before_ms.max(end);
             out.windows += 1;
             let first = out.range_ms.map_or(start, |(s, _)| s);
-            out.range_ms = Some((first, end));
-
-            let k = u64::from(spec.min_group_size);
-            let (released, suppressed): (Vec<_>, Vec<_>) = window
-                .groups
-                .into_iter()
-                .partition(|(_, g)| g.contributors() >= k);
-            out.groups_suppressed += suppressed.len() as u32;
-            if released.is_empty() {
+            out.range_ms = Some((
+                first.min(start),
+                end.max(out.range_ms.map_or(end, |(_, e)| e)),
+            ));
+            let generations = self.generations(spec, start);
+            if spec.noise.is_some() && (paid.get(&start) != Some(&true) || source.is_none()) {
+                // Noise is required but the window was not paid for, or there is no source.
+                out.groups_suppressed += window.groups.len() as u32;
                 continue;
             }
-            let mut rng: Option<&mut dyn RandomSource> = None;
-            if let Some(noise) = &spec.noise {
-                let Some((budget, source)) = dp.as_mut() else {
-                    // Noise is required but no source was given: release nothing.
-                    out.windows_refused += 1;
-                    continue;
-                };
-                match budget.charge(start, noise.epsilon_micro, noise.daily_budget_micro) {
-                    Ok(()) => out.epsilon_spent_micro += noise.epsilon_micro,
-                    Err(refusal) => {
-                        out.windows_refused += 1;
-                        out.last_refusal = Some(refusal);
-                        continue;
-                    }
-                }
-                rng = Some(&mut **source);
-            }
-            let generations = self.generations(spec, start);
-            for (key, group) in released {
-                out.records.push(group_record(
-                    spec,
-                    start,
-                    key,
-                    &group,
-                    generations,
-                    rng.as_deref_mut(),
-                ));
-            }
+            let rng = if spec.noise.is_some() {
+                source.as_deref_mut()
+            } else {
+                None
+            };
+            release_groups(spec, start, window, generations, rng, &mut out);
         }
         if out.windows > 0 {
             // A closed window is gone from the state: what changed in it is no longer a change.
@@ -497,6 +504,196 @@ impl WindowState {
         self.rekeys_ms.retain(|t| *t >= oldest_relevant);
         out
     }
+
+    /// Settles every window of the stream's clock from the one after the last settled through
+    /// `last_closable` (at most [`MAX_WINDOWS_PAID`] of them, the latest): whether each was paid.
+    fn pay_on_the_clock(
+        &self,
+        spec: &Aggregation,
+        noise: &Noise,
+        pool: &mut PoolBudget,
+        stream: &str,
+        last_closable: i64,
+        out: &mut Release,
+    ) -> BTreeMap<i64, bool> {
+        let window_ms = spec.window_ms();
+        let oldest_held = self.windows.keys().next().copied().unwrap_or(last_closable);
+        let mut start = pool
+            .settled_through(stream)
+            .map_or(oldest_held.min(last_closable), |c| {
+                c.saturating_add(window_ms)
+            })
+            .max(last_closable.saturating_sub(window_ms.saturating_mul(MAX_WINDOWS_PAID - 1)));
+        let mut paid = BTreeMap::new();
+        while start <= last_closable {
+            match pool.charge(stream, start, noise.epsilon_micro, noise.pool_budget_micro) {
+                Ok(()) => {
+                    out.epsilon_spent_micro += noise.epsilon_micro;
+                    paid.insert(start, true);
+                }
+                Err(refusal) => {
+                    if refusal != Refusal::AlreadyCharged {
+                        out.windows_refused += 1;
+                        out.last_refusal = Some(refusal);
+                    }
+                    paid.insert(start, false);
+                }
+            }
+            let end = start.saturating_add(window_ms);
+            let first = out.range_ms.map_or(start, |(s, _)| s);
+            out.range_ms = Some((first, end));
+            start = end;
+        }
+        paid
+    }
+}
+
+/// Most windows paid for in one release: after a long stop, only the latest are (older ones
+/// hold no readings of this process).
+const MAX_WINDOWS_PAID: i64 = 10_000;
+
+/// Releases the groups of a closed window: those with at least k contributors and, with noise
+/// (`rng`), whose noisy number of contributors reaches the release threshold ([`Selection`]).
+fn release_groups<R: RandomSource + ?Sized>(
+    spec: &Aggregation,
+    start: i64,
+    window: Window,
+    generations: u64,
+    mut rng: Option<&mut R>,
+    out: &mut Release,
+) {
+    let k = u64::from(spec.min_group_size);
+    for (key, group) in window.groups {
+        let contributors = match (&spec.noise, rng.as_deref_mut()) {
+            (Some(noise), Some(rng)) => {
+                let selection = Selection::new(spec, noise, generations);
+                let mut rng = rng;
+                let noisy = i64::try_from(group.contributors())
+                    .unwrap_or(i64::MAX)
+                    .saturating_add(discrete_laplace(
+                        &mut rng,
+                        selection.sensitivity,
+                        selection.epsilon_micro,
+                    ));
+                if !selection.releases(group.contributors(), noisy) {
+                    out.groups_suppressed += 1;
+                    continue;
+                }
+                noisy
+            }
+            _ => {
+                if group.contributors() < k {
+                    out.groups_suppressed += 1;
+                    continue;
+                }
+                i64::try_from(group.contributors()).unwrap_or(i64::MAX)
+            }
+        };
+        out.records.push(group_record(
+            spec,
+            start,
+            key,
+            &group,
+            contributors,
+            generations,
+            rng.as_deref_mut(),
+        ));
+    }
+}
+
+/// How a window's groups are selected under noise: a group is released when it has at least k
+/// contributors and its noisy number of contributors, drawn with the selection's sensitivity and
+/// epsilon share, reaches the release threshold.
+///
+/// The exact test keeps the output invariant (no released group has fewer than k contributors);
+/// the threshold keeps the decision differentially private across it: a group of exactly k
+/// contributors, which one contributor less would suppress for certain, is released with
+/// probability at most the per-group delta. Above k, one contributor more or less changes the
+/// probability of release by a factor of at most `e^(epsilon / sensitivity)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Selection {
+    /// Groups one contributor can be in: `max_contributions` per key generation.
+    pub sensitivity: u64,
+    /// The selection's share of the window's epsilon, in millionths.
+    pub epsilon_micro: u64,
+    /// The stream's delta, for all the groups one contributor can be in.
+    pub delta: f64,
+    /// The least number of contributors of a released group.
+    pub k: u64,
+}
+
+impl Selection {
+    pub fn new(spec: &Aggregation, noise: &Noise, generations: u64) -> Self {
+        Self {
+            sensitivity: (u64::from(noise.max_contributions) * generations).max(1),
+            epsilon_micro: epsilon_share(spec, noise),
+            delta: noise.delta,
+            k: u64::from(spec.min_group_size).max(1),
+        }
+    }
+
+    /// The delta of one group: one contributor can be in `sensitivity` groups, so each gets
+    /// `1 - (1 - delta)^(1 / sensitivity)`, as in Google's differential-privacy library's
+    /// partition selection.
+    pub fn group_delta(&self) -> f64 {
+        -((-self.delta).ln_1p() / self.sensitivity as f64).exp_m1()
+    }
+
+    /// `alpha = exp(-epsilon / sensitivity)`: P(Z = z) is proportional to `alpha^|z|`.
+    fn alpha(&self) -> f64 {
+        (-(self.epsilon_micro as f64 / MICRO) / self.sensitivity as f64).exp()
+    }
+
+    /// The release threshold on the noisy count: `k + z` for the least `z >= 0` with
+    /// P(Z >= z) at most the group's delta, so that a group of k contributors is released with
+    /// at most that probability.
+    pub fn threshold(&self) -> i64 {
+        let alpha = self.alpha();
+        // P(Z >= z) = alpha^z / (1 + alpha) for z >= 1.
+        let z = ((self.group_delta() * (1.0 + alpha)).ln() / alpha.ln())
+            .ceil()
+            .max(0.0);
+        let k = i64::try_from(self.k).unwrap_or(i64::MAX);
+        if z.is_finite() {
+            k.saturating_add(z as i64)
+        } else {
+            i64::MAX
+        }
+    }
+
+    /// Whether a group of `contributors` whose noisy count is `noisy` is released.
+    pub fn releases(&self, contributors: u64, noisy: i64) -> bool {
+        contributors >= self.k && noisy >= self.threshold()
+    }
+
+    /// The probability that a group of `n` contributors is released: 0 below k, else
+    /// P(n + Z >= threshold) for discrete Laplace `Z`. For statements and tests.
+    pub fn release_probability(&self, n: u64) -> f64 {
+        if n < self.k {
+            return 0.0;
+        }
+        let alpha = self.alpha();
+        let z = self.threshold() - i64::try_from(n).unwrap_or(i64::MAX);
+        if z <= 0 {
+            // P(Z >= z) = 1 - P(Z <= z - 1) = 1 - alpha^(1 - z) / (1 + alpha).
+            1.0 - alpha.powi(i32::try_from(1 - z).unwrap_or(i32::MAX)) / (1.0 + alpha)
+        } else {
+            alpha.powi(i32::try_from(z).unwrap_or(i32::MAX)) / (1.0 + alpha)
+        }
+    }
+}
+
+/// Each noisy quantity's share of the window's epsilon, in millionths: the selection (whose noisy
+/// count is also the `contributors` measure) and every other measure's quantities share it
+/// equally.
+fn epsilon_share(spec: &Aggregation, noise: &Noise) -> u64 {
+    let quantities: u32 = 1 + spec
+        .measures
+        .iter()
+        .filter(|m| m.func != MeasureFn::Contributors)
+        .filter_map(|m| m.func.noisy_quantities())
+        .sum::<u32>();
+    (noise.epsilon_micro / u64::from(quantities.max(1))).max(1)
 }
 
 fn window_entries(window: &Window) -> u64 {
@@ -515,12 +712,15 @@ fn window_entries(window: &Window) -> u64 {
 }
 
 /// The record for one released group, noised when `rng` is given. Each contributor may have given
-/// `max_contributions` readings in each of `generations` key generations.
+/// `max_contributions` readings in each of `generations` key generations. `contributors` is the
+/// group's number of contributors as released: exact without noise, the selection's noisy count
+/// with it (the group was released on it, so it is not drawn again).
 fn group_record<R: RandomSource + ?Sized>(
     spec: &Aggregation,
     start: i64,
     key: Vec<KeyValue>,
     group: &Group,
+    contributors: i64,
     generations: u64,
     mut rng: Option<&mut R>,
 ) -> Record {
@@ -532,13 +732,8 @@ fn group_record<R: RandomSource + ?Sized>(
         .collect();
     // Under noise: each quantity gets an equal share of the window's epsilon.
     let share = spec.noise.as_ref().map(|n| {
-        let quantities: u32 = spec
-            .measures
-            .iter()
-            .filter_map(|m| m.func.noisy_quantities())
-            .sum();
         let m = u64::from(n.max_contributions) * generations;
-        ((n.epsilon_micro / u64::from(quantities.max(1))).max(1), m)
+        (epsilon_share(spec, n), m)
     });
     let mut noisy = |exact: u64, sensitivity: u64| -> i64 {
         let exact = i64::try_from(exact).unwrap_or(i64::MAX);
@@ -555,7 +750,7 @@ fn group_record<R: RandomSource + ?Sized>(
             .map_or(1, |(lo, hi)| lo.abs().max(hi.abs()).ceil() as u64);
         let value = match measure.func {
             MeasureFn::Count => Value::Int(noisy(group.readings, 1).max(0)),
-            MeasureFn::Contributors => Value::Int(noisy(group.contributors(), 1).max(0)),
+            MeasureFn::Contributors => Value::Int(contributors.max(0)),
             MeasureFn::Distinct => Value::Int(noisy(acc.distinct.len() as u64, 1).max(0)),
             MeasureFn::Sum if share.is_some() => {
                 // The exact sum of rounded, clamped values is an integer.

@@ -97,6 +97,7 @@ allowed_lateness = "2s"
 group_by = ["counter_id"]
 contributor = "mac"
 min_group_size = 5
+accept_exact_counts = true
 
 [stream.aggregate.measures]
 readings = "count"

@@ -251,19 +251,21 @@ async fn an_aggregated_stream_releases_no_group_below_k_and_no_device() {
     }
 }
 
+/// Windows of 2 s, each paid for on the clock at epsilon 2, twelve a day: the day's budget lasts
+/// 24 s. A group is released when it has 3 devices and its noisy count reaches 10.
 fn footfall_noisy() -> String {
     hubgate_tests::footfall_aggregated(
         "",
         "2s",
         "1s",
         3,
-        "devices = \"contributors\"\n\n[stream.aggregate.noise]\nepsilon = 1.0\ndaily_budget = 2.0\n",
+        "devices = \"contributors\"\n\n[stream.aggregate.noise]\nepsilon = 2.0\ndaily_budget = 24.0\n",
     )
 }
 
-/// Publishes 6 devices heard by one counter, all at event time `ts`.
+/// Publishes 20 devices heard by one counter, all at event time `ts`.
 async fn publish_window(publisher: &mut Publisher, ts: i64, sent: &mut u64) {
-    for d in 0..6u8 {
+    for d in 0..20u8 {
         let payload = serde_json::json!({
             "counter_id": "pc-01", "ts": ts, "mac": format!("3c:22:fb:00:{d:02x}:{:02x}", ts % 256),
         });
@@ -274,6 +276,9 @@ async fn publish_window(publisher: &mut Publisher, ts: i64, sent: &mut u64) {
     }
 }
 
+/// A noisy stream pays for every window of its clock as it closes, readings or not, into a ledger
+/// on disk: a restart resumes the day's spending where it stood, and once the day's budget is
+/// spent nothing more is released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_does_not_reset_a_spent_privacy_budget() {
     let broker = Mosquitto::start();
@@ -288,39 +293,47 @@ async fn a_restart_does_not_reset_a_spent_privacy_budget() {
             .unwrap()
             .as_secs() as i64
     };
-    // Three windows of one UTC day: not across midnight.
-    while (now() + 10) / 86_400 != now() / 86_400 {
+    // The whole test in one UTC day: not across midnight.
+    while (now() + 90) / 86_400 != now() / 86_400 {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let mut publisher = Publisher::connect(broker.port, "pub-budget");
     let mut sent = 0;
-
-    // First run: two windows, each paid for (epsilon 1 each, budget 2 a day).
-    let gw = Gateway::start(gateway_bin!(), &cfg);
-    gw.wait_ready();
-    let t = now();
-    publish_window(&mut publisher, t, &mut sent).await;
-    publish_window(&mut publisher, t + 2, &mut sent).await;
-    publisher.wait_acked(sent).await;
     let released = [("stream", "footfall"), ("outcome", "released")];
     let footfall = [("stream", "footfall")];
-    hubgate_tests::wait_for("two windows released", Duration::from_secs(20), || {
-        gw.metric("hubgate_aggregate_groups_total", &released) == 2.0
-    });
-    assert_eq!(
-        gw.metric("hubgate_privacy_budget_spent_today_epsilon", &footfall),
-        2.0
-    );
-    assert!(gw.stop().success());
-    assert!(data.path().join("privacy-budget.json").exists());
 
-    // Second run, same data directory: the day's budget is spent, the next window is refused.
+    // First run: a window of readings is released; the clock has paid for a few windows.
     let gw = Gateway::start(gateway_bin!(), &cfg);
     gw.wait_ready();
     publish_window(&mut publisher, now(), &mut sent).await;
     publisher.wait_acked(sent).await;
-    hubgate_tests::wait_for("the window refused", Duration::from_secs(20), || {
-        gw.metric("hubgate_privacy_budget_refusals_total", &footfall) == 1.0
+    hubgate_tests::wait_for("the window released", Duration::from_secs(20), || {
+        gw.metric("hubgate_aggregate_groups_total", &released) == 1.0
+    });
+    assert!(gw.stop().success());
+    let spent: f64 = budget_spent(&data);
+    assert!((2.0..24.0).contains(&spent), "{spent}");
+
+    // Second run, same data directory: the spending goes on from where it stood.
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    hubgate_tests::wait_for("the clock paid again", Duration::from_secs(20), || {
+        gw.metric("hubgate_privacy_budget_spent_today_epsilon", &footfall) > 0.0
+    });
+    assert!(gw.metric("hubgate_privacy_budget_spent_today_epsilon", &footfall) >= spent + 2.0);
+    hubgate_tests::wait_for("the day's budget spent", Duration::from_secs(40), || {
+        gw.metric("hubgate_privacy_budget_refusals_total", &footfall) >= 1.0
+    });
+    assert_eq!(
+        gw.metric("hubgate_privacy_budget_spent_today_epsilon", &footfall),
+        24.0
+    );
+    // A window of readings now is refused with every window after it.
+    let refused = gw.metric("hubgate_privacy_budget_refusals_total", &footfall);
+    publish_window(&mut publisher, now(), &mut sent).await;
+    publisher.wait_acked(sent).await;
+    hubgate_tests::wait_for("later windows refused", Duration::from_secs(20), || {
+        gw.metric("hubgate_privacy_budget_refusals_total", &footfall) >= refused + 3.0
     });
     assert_eq!(gw.metric("hubgate_aggregate_groups_total", &released), 0.0);
     let mut client = gw.client().await;
@@ -330,12 +343,28 @@ async fn a_restart_does_not_reset_a_spent_privacy_budget() {
         .unwrap()
         .into_inner()
         .streams;
-    // The outbox kept the first run's two groups; nothing was added.
+    // The outbox kept the first run's group; nothing was added.
     assert_eq!(
         (streams[0].oldest_sequence, streams[0].last_sequence),
-        (1, 2),
+        (1, 1),
         "{streams:?}"
     );
+}
+
+/// Epsilon spent today by the pool `footfall`, from the ledger file.
+fn budget_spent(data: &tempfile::TempDir) -> f64 {
+    let ledger: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.path().join("privacy-budget.json")).expect("the ledger is written"),
+    )
+    .expect("the ledger is JSON");
+    let spent = &ledger["streams"]["footfall"]["spent"];
+    spent
+        .as_object()
+        .expect("spending by day")
+        .values()
+        .map(|v| v.as_f64().expect("micro-epsilon"))
+        .sum::<f64>()
+        / 1e6
 }
 
 const PROBES: &str = r#"

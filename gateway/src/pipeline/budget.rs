@@ -1,7 +1,7 @@
 //! The privacy-budget ledger on disk, and the random source for differential-privacy noise.
 //!
 //! The ledger ([`hubgate_privacy::budget::Ledger`]) is written to `<data_dir>/privacy-budget.json`
-//! after every release that spent epsilon and before the released records are kept, so a crash or
+//! after every release that settled a window (paid for or refused) and before the released records are kept, so a crash or
 //! a restart can never hand a stream its budget back: at worst a window is paid for and not
 //! released. The file is replaced atomically (write, fsync, rename, fsync the directory). A ledger
 //! file that cannot be read stops the gateway at start rather than starting from zero.
@@ -30,7 +30,7 @@ impl BudgetFile {
         fs::create_dir_all(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
         let path = dir.join(LEDGER_FILE);
-        let ledger = match fs::read(&path) {
+        let mut ledger: Ledger = match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
                 format!(
                     "the privacy-budget ledger {} is damaged; refusing to start with a fresh budget",
@@ -42,6 +42,7 @@ impl BudgetFile {
                 return Err(err).with_context(|| format!("reading {}", path.display()));
             }
         };
+        ledger.upgrade();
         Ok(Self { path, ledger })
     }
 
@@ -112,16 +113,20 @@ mod tests {
         let day = 20_000 * 86_400_000;
         let mut file = BudgetFile::open(dir.path()).unwrap();
         file.ledger
-            .stream("footfall")
-            .charge(day, 3_000_000, 4_000_000)
+            .pool("footfall")
+            .charge("footfall", day, 3_000_000, 4_000_000)
             .unwrap();
         file.save().unwrap();
         drop(file);
 
         let mut reopened = BudgetFile::open(dir.path()).unwrap();
-        let budget = reopened.ledger.stream("footfall");
+        let budget = reopened.ledger.pool("footfall");
         assert_eq!(budget.spent_on_day_of(day), 3_000_000);
-        assert!(budget.charge(day + 60_000, 3_000_000, 4_000_000).is_err());
+        assert!(
+            budget
+                .charge("footfall", day + 60_000, 3_000_000, 4_000_000)
+                .is_err()
+        );
     }
 
     #[test]

@@ -446,7 +446,7 @@ impl Pipeline {
         }
         // The output invariants hold for every record served, the chain's own too: a record
         // that breaks them is a fault of the chain, and is dropped rather than served.
-        if let Err(broken) = invariants::check(stream, &outcome.record) {
+        if let Err(broken) = invariants::check(stream, &outcome.record, now_ms) {
             tracing::error!(stream = %stream.name, %broken, "a filtered record breaks the stream's output invariants: dropped");
             tally.dropped_invariant += 1;
             return;

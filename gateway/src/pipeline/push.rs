@@ -124,7 +124,7 @@ impl Pipeline {
                 fields_dropped,
                 identifiers_suppressed,
                 pseudonymised,
-            } = forwarded::admit(stream, as_record(r), key).map_err(refused)?;
+            } = forwarded::admit(stream, as_record(r), key, now_ms).map_err(refused)?;
             intake.dropped += u64::from(fields_dropped);
             intake.identifiers += u64::from(identifiers_suppressed);
             intake.pseudonymised += u64::from(pseudonymised);

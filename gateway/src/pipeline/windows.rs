@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use hubgate_exporters::catalogue;
-use hubgate_privacy::window::{Release, WindowState};
+use hubgate_privacy::window::{Noising, Release, WindowState};
 use hubgate_privacy::{Record, invariants};
 use metrics::{Counter, Gauge};
 
@@ -245,17 +245,20 @@ impl Pipeline {
             else {
                 continue;
             };
-            let dp = match (&spec.noise, self.budget.as_mut()) {
-                (Some(_), Some(file)) => Some((
-                    file.ledger.stream(&stream.name),
-                    &mut self.rng as &mut dyn hubgate_privacy::noise::RandomSource,
-                )),
+            let noising = match (&spec.noise, self.budget.as_mut()) {
+                (Some(noise), Some(file)) => Some(Noising {
+                    pool: file.ledger.pool(&noise.budget_pool),
+                    stream: &stream.name,
+                    random: &mut self.rng,
+                }),
                 _ => None,
             };
-            let mut release = windows.state.release(spec, now_ms, dp);
+            let mut release = windows.state.release(spec, now_ms, noising);
             windows.dirty |= release.windows > 0;
             windows.must_checkpoint |= release.windows > 0;
-            if release.windows == 0 {
+            // With noise, windows are paid for on the clock, held readings or not.
+            let paid_or_refused = release.epsilon_spent_micro > 0 || release.windows_refused > 0;
+            if release.windows == 0 && !paid_or_refused {
                 continue;
             }
             if !self.pay_for(index, &stream.name, &release, now_ms) {
@@ -273,13 +276,19 @@ impl Pipeline {
     /// the window's groups are not released.
     fn pay_for(&mut self, index: usize, stream: &str, release: &Release, now_ms: i64) -> bool {
         let mut paid = true;
-        if release.epsilon_spent_micro > 0
+        let pool = self.policy.streams()[index]
+            .aggregate
+            .as_ref()
+            .and_then(|a| a.noise.as_ref())
+            .map_or_else(|| stream.to_owned(), |n| n.budget_pool.clone());
+        let settled = release.epsilon_spent_micro > 0 || release.windows_refused > 0;
+        if settled
             && let Some(file) = &mut self.budget
             && let Some(w) = &self.windows[index]
         {
             let c = &w.counters;
             c.spent_today.set(
-                file.ledger.stream(stream).spent_on_day_of(now_ms) as f64
+                file.ledger.pool(&pool).spent_on_day_of(now_ms) as f64
                     / hubgate_privacy::policy::aggregate::MICRO,
             );
             if let Err(err) = file.save() {
@@ -289,15 +298,16 @@ impl Pipeline {
                     .windows_refused
                     .fetch_add(1, Ordering::Relaxed);
                 paid = false;
-            } else {
+            } else if release.epsilon_spent_micro > 0 {
                 let (from_ms, to_ms) = release.range_ms.unwrap_or_default();
                 self.audit.record(
                     now_ms,
                     "privacy_budget_spent",
                     serde_json::json!({
                         "stream": stream,
+                        "budget_pool": pool,
                         "epsilon_micro": release.epsilon_spent_micro,
-                        "spent_today_micro": file.ledger.stream(stream).spent_on_day_of(now_ms),
+                        "spent_today_micro": file.ledger.pool(&pool).spent_on_day_of(now_ms),
                         "windows_from_ms": from_ms,
                         "windows_to_ms": to_ms,
                     }),
@@ -344,7 +354,7 @@ impl Pipeline {
         let mut bodies = Bodies::default();
         let policy = &self.policy.streams()[index];
         for r in records {
-            if let Err(broken) = invariants::check(policy, r) {
+            if let Err(broken) = invariants::check(policy, r, now_ms) {
                 tracing::error!(stream, %broken, "a released group breaks the stream's output invariants: dropped");
                 self.counters[index].dropped_invariant.increment(1);
                 continue;

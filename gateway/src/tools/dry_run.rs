@@ -18,12 +18,12 @@
 use std::fmt::Write as _;
 use std::io::BufRead;
 
-use hubgate_privacy::budget::StreamBudget;
+use hubgate_privacy::budget::PoolBudget;
 use hubgate_privacy::chain::{self, Fate};
 use hubgate_privacy::identifiers::{self, Detector, IdKind};
 use hubgate_privacy::noise::SeededRandom;
 use hubgate_privacy::pseudonym::Key;
-use hubgate_privacy::window::{Absorbed, WindowState};
+use hubgate_privacy::window::{Absorbed, Noising, Selection, WindowState};
 use hubgate_privacy::{Context, Outcome, Policy, Reading, Record, Value};
 
 use crate::decode::{self, Decoder};
@@ -333,12 +333,23 @@ fn close_windows(
             "windows of stream {} (k = {}):",
             stream.name, spec.min_group_size
         );
+        let k = u64::from(spec.min_group_size);
+        let selection = spec
+            .noise
+            .as_ref()
+            .map(|noise| Selection::new(spec, noise, 1));
+        let mut last_start = i64::MIN;
         for (start, key, contributors) in state.groups() {
+            last_start = last_start.max(start);
             let key = group_label(spec, &key);
-            let fate = if contributors >= spec.min_group_size as usize {
-                "released"
-            } else {
-                "suppressed"
+            let fate = match selection {
+                Some(selection) if contributors as u64 >= k => format!(
+                    "released if its noisy count reaches {}, with probability {:.3}",
+                    selection.threshold(),
+                    selection.release_probability(contributors as u64)
+                ),
+                None if contributors as u64 >= k => "released".to_owned(),
+                _ => "suppressed".to_owned(),
             };
             let _ = writeln!(
                 report,
@@ -346,8 +357,16 @@ fn close_windows(
                 time(start),
             );
         }
-        let mut budget = StreamBudget::default();
-        let release = state.release(spec, i64::MAX / 4, Some((&mut budget, &mut rng)));
+        let mut pool = PoolBudget::default();
+        let closed = last_start
+            .saturating_add(spec.window_ms())
+            .saturating_add(spec.lateness_ms());
+        let noising = Noising {
+            pool: &mut pool,
+            stream: &stream.name,
+            random: &mut rng,
+        };
+        let release = state.release(spec, closed, Some(noising));
         for record in &release.records {
             let _ = writeln!(
                 report,
@@ -436,11 +455,11 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
     Ok(samples)
 }
 
-/// A field path as the report shows it: a path that holds an identifier (a SenML name that is a
-/// device's MAC address, say) is not echoed.
+/// A field path as the report shows it: a path that holds an identifier in any spelling the
+/// detectors know (a SenML name that is a device's MAC address, say) is not echoed.
 fn shown(path: &str, detector: &Detector) -> String {
-    match detector.find(path) {
-        Some(kind) => format!("<a name holding an identifier ({})>", kind.name()),
+    match detector.identify(path, None) {
+        Some(found) => format!("<a name holding an identifier ({})>", found.kind.name()),
         None => path.to_owned(),
     }
 }

@@ -22,6 +22,9 @@ fn cell_at(lat: f64, lon: f64, resolution: u8) -> String {
         .to_string()
 }
 
+/// 2026-12-07.
+const NOW: i64 = 1_796_601_600_000;
+
 const PSEUDONYM: &str = "0123456789abcdef0123456789abcdef";
 
 #[test]
@@ -43,6 +46,7 @@ fn forwarded_records_are_filtered_again_and_generalised_to_this_hubs_policy() {
             ],
         ),
         Some(&key),
+        NOW,
     )
     .unwrap();
     let r = &out.record;
@@ -72,7 +76,7 @@ fn forwarded_records_are_filtered_again_and_generalised_to_this_hubs_policy() {
     assert_eq!(mac.as_str(), pseudonymise(&key, PSEUDONYM));
     assert_eq!(field("undeclared"), None);
     assert_eq!((out.fields_dropped, out.pseudonymised), (1, 1));
-    assert_eq!(check(&stream, r), Ok(()));
+    assert_eq!(check(&stream, r, NOW), Ok(()));
 }
 
 /// What the origin cannot make fit refuses the record, with the field it is about.
@@ -125,7 +129,11 @@ fn values_that_cannot_fit_the_policy_refuse_the_record() {
         ),
     ];
     for (r, want) in cases {
-        assert_eq!(admit(&stream, r.clone(), Some(&key)), Err(want), "{r:?}");
+        assert_eq!(
+            admit(&stream, r.clone(), Some(&key), NOW),
+            Err(want),
+            "{r:?}"
+        );
     }
 }
 
@@ -140,14 +148,14 @@ fn identifiers_in_kept_fields_are_dropped_or_pseudonymised_as_the_stream_says() 
         ],
     );
     let dropping = stream_with("", EVERY_TREATMENT);
-    let out = admit(&dropping, r.clone(), Some(&key)).unwrap();
+    let out = admit(&dropping, r.clone(), Some(&key), NOW).unwrap();
     assert_eq!(out.record.fields, vec![("counter_id".into(), s("pc"))]);
     assert_eq!((out.fields_dropped, out.identifiers_suppressed), (1, 1));
     let pseudonymising = stream_with(
         "[stream.identifiers]\naction = \"pseudonymise\"",
         EVERY_TREATMENT,
     );
-    let out = admit(&pseudonymising, r, Some(&key)).unwrap();
+    let out = admit(&pseudonymising, r, Some(&key), NOW).unwrap();
     let Value::Str(note) = &out.record.fields[0].1 else {
         panic!()
     };
@@ -209,8 +217,8 @@ proptest! {
             event_time_ms,
             fields: fields.into_iter().map(|(p, v)| (p.into(), v)).collect(),
         };
-        if let Ok(out) = admit(&stream, sent.clone(), Some(&key)) {
-            prop_assert_eq!(check(&stream, &out.record), Ok(()), "{:?}", out.record);
+        if let Ok(out) = admit(&stream, sent.clone(), Some(&key), NOW) {
+            prop_assert_eq!(check(&stream, &out.record, NOW), Ok(()), "{:?}", out.record);
             for (path, value) in &out.record.fields {
                 if path == "mac" {
                     let came = sent.fields.iter().find(|(p, _)| p == path).map(|(_, v)| v);

@@ -18,7 +18,13 @@
 //! epsilon = 0.5                  # spent by each window's release
 //! daily_budget = 12.0            # per stream and UTC day; releases over it are refused
 //! max_contributions = 1          # per contributor and window; the rest is not counted
+//! delta = 1e-6                   # chance that a group of one contributor is released
 //! ```
+//!
+//! Without noise, counts are exact: two windows (or two streams over the same readings) that
+//! differ by one person tell that person's part. `accept_exact_counts = true` says the city
+//! accepts that; `hubgate check` warns otherwise, and refuses two streams without noise that
+//! aggregate readings of the same topics unless both accept it.
 
 use std::time::Duration;
 
@@ -106,6 +112,8 @@ pub struct RawNoise {
     pub daily_budget: Spanned<f64>,
     #[serde(default)]
     pub max_contributions: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub delta: Option<Spanned<f64>>,
 }
 
 /// The `[stream.aggregate]` table, less its measures, as written.
@@ -124,6 +132,8 @@ pub struct RawAggregateHeader {
     pub max_state_entries: Option<Spanned<u64>>,
     #[serde(default)]
     pub noise: Option<RawNoise>,
+    #[serde(default)]
+    pub accept_exact_counts: Option<Spanned<bool>>,
 }
 
 /// The `[stream.aggregate]` table as written.
@@ -147,7 +157,7 @@ pub struct Measure {
 }
 
 /// Differential-privacy parameters of an aggregated stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Noise {
     /// Epsilon spent by each window's release, in millionths.
     pub epsilon_micro: u64,
@@ -155,7 +165,19 @@ pub struct Noise {
     pub daily_budget_micro: u64,
     /// Readings counted per contributor and window; the rest are left out.
     pub max_contributions: u32,
+    /// The chance that a group with a single contributor is released at all: what the release
+    /// threshold is chosen from (see [`crate::window`]).
+    pub delta: f64,
+    /// The budget the stream pays from: its own name, or, when other streams with noise
+    /// aggregate readings of the same topics, the name of the first of them, whose ledger they
+    /// all share (see [`crate::policy::compile`]).
+    pub budget_pool: String,
+    /// The daily budget of that pool: the smallest of its streams', in millionths.
+    pub pool_budget_micro: u64,
 }
+
+/// δ when the policy does not say.
+pub const DEFAULT_DELTA: f64 = 1e-6;
 
 /// Windowed aggregation of a stream.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -171,6 +193,8 @@ pub struct Aggregation {
     pub measures: Vec<Measure>,
     pub noise: Option<Noise>,
     pub max_state_entries: u64,
+    /// The city accepts that exact counts can be differenced (no noise).
+    pub accept_exact_counts: bool,
 }
 
 impl Aggregation {
@@ -425,10 +449,26 @@ pub fn compile(
                 );
                 ok = false;
             }
+            let delta = n.delta.as_ref().map_or(DEFAULT_DELTA, |d| *d.get_ref());
+            if let Some(d) = &n.delta {
+                if !(delta.is_finite() && delta > 0.0 && delta < 0.01) {
+                    diags.error(d.span(), "delta must be above 0 and below 0.01");
+                    ok = false;
+                } else if delta > 1e-4 {
+                    diags.warning(
+                        d.span(),
+                        "a delta above 1e-4 releases groups of a single person too often",
+                    );
+                }
+            }
+            let daily_budget_micro = (budget * MICRO).round().max(0.0) as u64;
             Some(Noise {
                 epsilon_micro: (eps * MICRO).round().max(1.0) as u64,
-                daily_budget_micro: (budget * MICRO).round().max(0.0) as u64,
+                daily_budget_micro,
                 max_contributions,
+                delta,
+                budget_pool: String::new(),
+                pool_budget_micro: daily_budget_micro,
             })
         }
     };
@@ -534,6 +574,13 @@ pub fn compile(
             bounds,
         });
     }
+    let accept_exact_counts = h.accept_exact_counts.as_ref().is_some_and(|a| *a.get_ref());
+    if noise.is_none() && !accept_exact_counts {
+        diags.warning(
+            raw.span.clone(),
+            "the counts are exact: two windows that differ by one person tell that person's part; add [stream.aggregate.noise], or set accept_exact_counts = true",
+        );
+    }
     if !ok {
         return None;
     }
@@ -546,6 +593,7 @@ pub fn compile(
         measures,
         noise,
         max_state_entries,
+        accept_exact_counts,
     })
 }
 
@@ -594,6 +642,15 @@ mean_rssi = { fn = "mean", field = "rssi", min = -100, max = 0 }
     #[test]
     fn an_aggregate_compiles_with_defaults() {
         let (policy, diags) = from_toml(BASE).unwrap();
+        // Exact counts of a stream of personal data are said to be exact, and not refused.
+        let warnings: Vec<_> = diags.0.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(warnings.len(), 1, "{diags:?}");
+        assert!(warnings[0].contains("counts are exact"), "{warnings:?}");
+        let accepted = BASE.replace(
+            "contributor = \"mac\"",
+            "contributor = \"mac\"\naccept_exact_counts = true",
+        );
+        let (_, diags) = from_toml(&accepted).unwrap();
         assert!(diags.0.is_empty(), "{diags:?}");
         let s = &policy.streams()[0];
         let a = s.aggregate.as_ref().unwrap();

@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::*;
-use crate::budget::StreamBudget;
+use crate::budget::PoolBudget;
 use crate::noise::SeededRandom;
 use crate::policy::{StreamPolicy, from_toml};
 
@@ -65,10 +65,21 @@ readings = "count"
 devices = "contributors"
 
 [stream.aggregate.noise]
-epsilon = 1.0
-daily_budget = 2.0
+epsilon = 5.0
+daily_budget = 10.0
 max_contributions = 2
 "#;
+
+/// Devices per group enough to clear NOISY's release threshold (15) all but surely.
+const CROWD: i64 = 40;
+
+fn noising<'a>(pool: &'a mut PoolBudget, random: &'a mut SeededRandom) -> Option<Noising<'a>> {
+    Some(Noising {
+        pool,
+        stream: "footfall",
+        random,
+    })
+}
 
 fn reading(t: i64, counter: &str, mac: &str, rssi: i64, zone: &str) -> Record {
     Record {
@@ -390,18 +401,18 @@ fn changes_applied_to_the_last_whole_state_give_the_state() {
 fn noise_is_paid_for_once_and_refused_over_the_budget() {
     let p = policy(NOISY);
     let spec = agg(&p);
-    let mut budget = StreamBudget::default();
+    let mut budget = PoolBudget::default();
     let mut rng = SeededRandom::new(7);
     let mut state = WindowState::default();
     // Three windows, each with a releasable group; the budget pays for two.
     for w in 0..3 {
-        for d in 0..10 {
+        for d in 0..CROWD {
             let r = reading(T0 + w * MIN, "c-1", &format!("m-{d}"), -50, "n");
             assert_eq!(state.absorb(spec, &r, T0 + w * MIN), Absorbed::Counted);
         }
     }
     let checkpoint = state.clone();
-    let release = state.release(spec, T0 + 3 * MIN, Some((&mut budget, &mut rng)));
+    let release = state.release(spec, T0 + 3 * MIN, noising(&mut budget, &mut rng));
     assert_eq!(release.windows, 3);
     assert_eq!(release.records.len(), 2);
     assert_eq!(release.windows_refused, 1);
@@ -409,26 +420,34 @@ fn noise_is_paid_for_once_and_refused_over_the_budget() {
         release.last_refusal,
         Some(Refusal::OverBudget { .. })
     ));
-    assert_eq!(release.epsilon_spent_micro, 2_000_000);
-    assert_eq!(budget.spent_on_day_of(T0), 2_000_000);
+    assert_eq!(release.epsilon_spent_micro, 10_000_000);
+    assert_eq!(budget.spent_on_day_of(T0), 10_000_000);
 
     // A crash before the records were kept, and a restart from the checkpoint: the windows
-    // already paid for are not released again with fresh noise.
+    // already settled are not released again with fresh noise, nor paid for again.
     let mut state = checkpoint;
-    let again = state.release(spec, T0 + 3 * MIN, Some((&mut budget, &mut rng)));
+    let again = state.release(spec, T0 + 3 * MIN, noising(&mut budget, &mut rng));
     assert!(again.records.is_empty());
-    assert_eq!(again.windows_refused, 3);
+    assert_eq!((again.windows, again.groups_suppressed), (3, 3));
+    assert_eq!((again.windows_refused, again.epsilon_spent_micro), (0, 0));
+
+    // The clock goes on without readings: every window that closes is refused while the day's
+    // budget is spent, each once.
+    let later = state.release(spec, T0 + 10 * MIN, noising(&mut budget, &mut rng));
+    assert_eq!(later.windows_refused, 7);
     assert_eq!(
-        again.last_refusal,
+        later.last_refusal,
         Some(Refusal::OverBudget {
-            spent_micro: 2_000_000,
-            cap_micro: 2_000_000
+            spent_micro: 10_000_000,
+            cap_micro: 10_000_000
         })
     );
+    let same = state.release(spec, T0 + 10 * MIN, noising(&mut budget, &mut rng));
+    assert_eq!((same.windows_refused, same.last_refusal), (0, None));
 
     // Without a random source, a noisy stream releases nothing.
     let mut state = WindowState::default();
-    for d in 0..10 {
+    for d in 0..CROWD {
         state.absorb(
             spec,
             &reading(T0 + 5 * MIN, "c-1", &format!("m-{d}"), -50, "n"),
@@ -438,28 +457,60 @@ fn noise_is_paid_for_once_and_refused_over_the_budget() {
     assert!(state.release(spec, T0 + 6 * MIN, None).records.is_empty());
 }
 
+/// What a noisy stream spends depends on its clock alone: empty windows cost what full ones do.
+#[test]
+fn every_window_on_the_clock_is_paid_for_readings_or_not() {
+    let p = policy(&NOISY.replace("daily_budget = 10.0", "daily_budget = 1000.0"));
+    let spec = agg(&p);
+    let spent = |with_readings: bool| {
+        let mut budget = PoolBudget::default();
+        let mut rng = SeededRandom::new(5);
+        let mut state = WindowState::default();
+        let mut spent = Vec::new();
+        for minute in 1..=6 {
+            let now = T0 + minute * MIN;
+            if with_readings && minute % 2 == 0 {
+                for d in 0..CROWD {
+                    let r = reading(now, "c-1", &format!("m-{d}"), -50, "n");
+                    assert_eq!(state.absorb(spec, &r, now), Absorbed::Counted);
+                }
+            }
+            // Releases at uneven times: two windows may close at once.
+            if minute != 3 {
+                let release = state.release(spec, now, noising(&mut budget, &mut rng));
+                spent.push((release.epsilon_spent_micro, release.range_ms));
+            }
+        }
+        (spent, budget.spent_on_day_of(T0))
+    };
+    let (with, total) = spent(true);
+    assert_eq!((with.clone(), total), spent(false));
+    assert_eq!(total, 6 * 5_000_000);
+    assert_eq!(with[2].0, 10_000_000, "{with:?}");
+}
+
 #[test]
 fn a_released_window_is_not_released_twice() {
     let p = policy(NOISY);
     let spec = agg(&p);
-    let mut budget = StreamBudget::default();
+    let mut budget = PoolBudget::default();
     let mut rng = SeededRandom::new(1);
     let mut state = WindowState::default();
-    for d in 0..10 {
+    for d in 0..CROWD {
         state.absorb(spec, &reading(T0, "c-1", &format!("m-{d}"), -50, "n"), T0);
     }
     let checkpoint = state.clone();
     assert_eq!(
         state
-            .release(spec, T0 + MIN, Some((&mut budget, &mut rng)))
+            .release(spec, T0 + MIN, noising(&mut budget, &mut rng))
             .records
             .len(),
         1
     );
     let mut state = checkpoint;
-    let again = state.release(spec, T0 + MIN, Some((&mut budget, &mut rng)));
+    let again = state.release(spec, T0 + MIN, noising(&mut budget, &mut rng));
     assert!(again.records.is_empty());
-    assert_eq!(again.last_refusal, Some(Refusal::AlreadyCharged));
+    assert_eq!((again.groups_suppressed, again.epsilon_spent_micro), (1, 0));
 }
 
 #[test]
@@ -547,18 +598,18 @@ fn noise_sensitivity_counts_the_key_generations_a_window_can_see() {
 
 #[test]
 fn noisy_counts_scatter_around_the_true_count() {
-    let p = policy(&NOISY.replace("daily_budget = 2.0", "daily_budget = 100000.0"));
+    let p = policy(&NOISY.replace("daily_budget = 10.0", "daily_budget = 100000.0"));
     let spec = agg(&p);
-    let mut budget = StreamBudget::default();
+    let mut budget = PoolBudget::default();
     let mut rng = SeededRandom::new(42);
     let mut values = Vec::new();
     for w in 0..2000 {
         let mut state = WindowState::default();
         let t = T0 + w * MIN;
-        for d in 0..20 {
+        for d in 0..CROWD {
             state.absorb(spec, &reading(t, "c-1", &format!("m-{d}"), -50, "n"), t);
         }
-        let release = state.release(spec, t + MIN, Some((&mut budget, &mut rng)));
+        let release = state.release(spec, t + MIN, noising(&mut budget, &mut rng));
         let Value::Int(n) = get(&release.records[0], "devices") else {
             panic!()
         };
@@ -567,9 +618,77 @@ fn noisy_counts_scatter_around_the_true_count() {
     let distinct: BTreeSet<i64> = values.iter().copied().collect();
     assert!(distinct.len() > 5, "noise must vary: {distinct:?}");
     let mean = values.iter().sum::<i64>() as f64 / values.len() as f64;
-    // Each of the two measures gets epsilon 0.5 with sensitivity 2 (scale 4): sd about 5.6,
-    // so the mean of 2000 draws is within 0.5 of 20 with overwhelming probability.
-    assert!((mean - 20.0).abs() < 0.5, "{mean}");
+    // Each of the two quantities gets epsilon 2.5 with sensitivity 2: sd about 1.1, so the mean
+    // of 2000 draws is within 0.5 of the true count with overwhelming probability.
+    assert!((mean - CROWD as f64).abs() < 0.5, "{mean}");
+}
+
+/// The release decision under noise: a group of k contributors, which one contributor less
+/// would suppress for certain, is released with probability at most the per-group delta; above
+/// k, one contributor more multiplies the probability of release by at most
+/// e^(epsilon / sensitivity); and the threshold is the least that keeps the first bound. Checked
+/// from the formula, and the formula against draws of the noise the gateway uses.
+#[test]
+fn the_release_decision_is_differentially_private() {
+    for (epsilon_micro, sensitivity, delta) in [
+        (500_000, 1, 1e-5),
+        (2_500_000, 2, 1e-6),
+        (100_000, 3, 1e-6),
+        (1_000_000, 1, 1e-9),
+        (8_000_000, 1, 1e-3),
+    ] {
+        for k in [1u64, 3, 10] {
+            let s = Selection {
+                sensitivity,
+                epsilon_micro,
+                delta,
+                k,
+            };
+            let group_delta = s.group_delta();
+            assert!(group_delta <= delta && group_delta >= delta / sensitivity as f64 * 0.999);
+            let ratio = (epsilon_micro as f64 / 1e6 / sensitivity as f64).exp();
+            let t = s.threshold();
+            assert!(t >= k as i64);
+            let p = |n: u64| s.release_probability(n);
+            assert_eq!(p(k - 1), 0.0);
+            assert!(p(k) <= group_delta * (1.0 + 1e-9), "{s:?} t={t}");
+            if t > k as i64 {
+                let lower = Selection { k: k - 1, ..s };
+                // The same noise against t - 1 would release a group of k too often.
+                assert_eq!(lower.threshold(), t - 1);
+                assert!(lower.release_probability(k) > group_delta, "{s:?} t={t}");
+            }
+            for n in k + 1..(t as u64 + 30) {
+                assert!(p(n) <= ratio * p(n - 1) + group_delta, "{s:?} n={n} t={t}");
+                assert!(p(n) >= p(n - 1));
+            }
+        }
+        // The formula against 100 000 draws near the threshold.
+        let s = Selection {
+            sensitivity,
+            epsilon_micro,
+            delta,
+            k: 1,
+        };
+        let t = s.threshold();
+        let mut rng = SeededRandom::new(epsilon_micro ^ sensitivity);
+        let draws: Vec<i64> = (0..100_000)
+            .map(|_| discrete_laplace(&mut rng, sensitivity, epsilon_micro))
+            .collect();
+        for n in [t - 3, t - 1, t, t + 2].into_iter().filter(|n| *n >= 1) {
+            let released = draws
+                .iter()
+                .filter(|z| s.releases(n as u64, n + **z))
+                .count() as f64
+                / 1e5;
+            let expected = s.release_probability(n as u64);
+            let sd = (expected * (1.0 - expected) / 1e5).sqrt();
+            assert!(
+                (released - expected).abs() <= 5.0 * sd + 1e-4,
+                "{s:?} n={n}: {released} drawn, {expected} expected"
+            );
+        }
+    }
 }
 
 fn arb_reading() -> impl Strategy<Value = (i64, u8, u8, i64)> {
@@ -630,14 +749,14 @@ proptest! {
         rekeys in prop::collection::vec(0..6 * MIN, 0..4),
     ) {
         let base = if noisy {
-            NOISY.replace("daily_budget = 2.0", "daily_budget = 1000.0")
+            NOISY.replace("daily_budget = 10.0", "daily_budget = 10000.0")
         } else {
             PLAIN.to_owned()
         };
         let p = policy(&base.replace("min_group_size = 3", &format!("min_group_size = {k}")));
         let spec = agg(&p);
         let mut state = WindowState::default();
-        let mut budget = StreamBudget::default();
+        let mut budget = PoolBudget::default();
         let mut rng = SeededRandom::new(3);
         // The true contributors of each (window, counter), computed independently.
         let mut truth: BTreeMap<(i64, String), BTreeSet<u8>> = BTreeMap::new();
@@ -654,7 +773,7 @@ proptest! {
             let now = T0 + i as i64 * (6 * MIN) / 300;
             while let Some(at) = next.peek().copied().filter(|at| T0 + at <= now) {
                 next.next();
-                released.extend(state.release(spec, T0 + at, Some((&mut budget, &mut rng))).records);
+                released.extend(state.release(spec, T0 + at, noising(&mut budget, &mut rng)).records);
             }
             while next_rekey.next_if(|at| T0 + at <= now).is_some() {
                 state.rekey(now);
@@ -670,7 +789,7 @@ proptest! {
                     .insert(*contributor);
             }
         }
-        released.extend(state.release(spec, T0 + 100 * MIN, Some((&mut budget, &mut rng))).records);
+        released.extend(state.release(spec, T0 + 100 * MIN, noising(&mut budget, &mut rng)).records);
         for r in &released {
             let Value::Str(counter) = get(r, "counter_id") else { panic!() };
             let n = truth.get(&(r.event_time_ms, counter.to_string())).map_or(0, BTreeSet::len);

@@ -22,6 +22,7 @@ use std::time::Duration;
 use hubgate_privacy::Policy;
 use hubgate_privacy::policy::aggregate::{Aggregation, Measure, MeasureFn, Noise};
 use hubgate_privacy::policy::{IdAction, StreamPolicy, Treatment};
+use hubgate_privacy::window::Selection;
 use serde::Serialize;
 
 use crate::config::{Config, GrpcConfig, RegisterConfig, TokenConfig, UpstreamConfig};
@@ -503,8 +504,16 @@ fn field_treatment(treatment: &Treatment, key_epoch: Duration) -> (&'static str,
 fn release(s: &StreamPolicy) -> String {
     match (&s.aggregate, s.release_delay()) {
         (Some(a), _) => format!(
-            "only at the end of each window of {}, one record per group that passes",
-            plain_duration(a.window)
+            "only at the end of each window of {}{}, one record per group that passes",
+            plain_duration(a.window),
+            if a.allowed_lateness.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    " and its allowed lateness of {}",
+                    plain_duration(a.allowed_lateness)
+                )
+            }
         ),
         (None, Some(bucket)) => format!(
             "held until the end of each {} and released together, in an order unrelated to arrival, so that neither when a record appears nor its place tells more than its rounded time",
@@ -533,18 +542,11 @@ fn processing(s: &StreamPolicy, pseudonymised: &[&str]) -> Vec<Element> {
     let mut processing = vec![de_identified(s, pseudonymised)];
     if let Some(a) = &s.aggregate {
         processing.push(aggregated(a));
-        if a.min_group_size > 1 {
-            processing.push(Element {
-                dtpr: Some("process__k_anonymity".to_owned()),
-                title: "k-anonymity".to_owned(),
-                description: format!(
-                    "A group is published only when at least {} distinct {} contributed to it in the window; smaller groups are discarded.",
-                    a.min_group_size, a.contributor
-                ),
-            });
+        if a.min_group_size > 1 || a.noise.is_some() {
+            processing.push(k_anonymity(a));
         }
         if let Some(noise) = &a.noise {
-            processing.push(differential_privacy(a, noise));
+            processing.push(differential_privacy(s, a, noise));
         }
     }
     processing
@@ -623,17 +625,52 @@ fn measure_text(a: &Aggregation, m: &Measure) -> String {
     }
 }
 
+/// `process__k_anonymity`: the least group published and, under noise, the release threshold.
+fn k_anonymity(a: &Aggregation) -> Element {
+    let description = match &a.noise {
+        None => format!(
+            "A group is published only when at least {} distinct {} contributed to it in the window; smaller groups are discarded.",
+            a.min_group_size, a.contributor
+        ),
+        Some(noise) => {
+            let selection = Selection::new(a, noise, 1);
+            format!(
+                "A group is published only when at least {k} distinct {c} contributed to it in the window and its noisy count of them reaches {t} (more in a window the key change falls in); other groups are discarded. A group of exactly {k} is published with probability at most {d:e}, so whether a group appears does not reveal whether one {c} was in it.",
+                k = a.min_group_size,
+                c = a.contributor,
+                t = selection.threshold(),
+                d = selection.group_delta(),
+            )
+        }
+    };
+    Element {
+        dtpr: Some("process__k_anonymity".to_owned()),
+        title: "k-anonymity".to_owned(),
+        description,
+    }
+}
+
 /// `process__differential_privacy`: the noise added and the budget that bounds it.
-fn differential_privacy(a: &Aggregation, noise: &Noise) -> Element {
+fn differential_privacy(s: &StreamPolicy, a: &Aggregation, noise: &Noise) -> Element {
+    let pool = if noise.budget_pool == s.name {
+        String::new()
+    } else {
+        format!(
+            ", shared with every stream of the budget pool '{}' (streams that count the same readings)",
+            noise.budget_pool
+        )
+    };
     Element {
         dtpr: Some("process__differential_privacy".to_owned()),
         title: "Differential privacy".to_owned(),
         description: format!(
-            "Random noise (discrete Laplace) is added to every published figure, at ε = {} per window, at most {} per day, with each {} counted at most {} times per window; publication stops for the day when the budget is spent.",
+            "Random noise (discrete Laplace) is added to every published figure: (ε = {}, δ = {:e})-differential privacy per window of {} for each {}, which is counted at most {} times per window and key period; every window is paid for as it closes, at most {} per UTC day{pool}; publication stops for the day when the budget is spent.",
             noise.epsilon_micro as f64 / 1e6,
-            noise.daily_budget_micro as f64 / 1e6,
+            noise.delta,
+            plain_duration(a.window),
             a.contributor,
-            noise.max_contributions
+            noise.max_contributions,
+            noise.daily_budget_micro as f64 / 1e6,
         ),
     }
 }

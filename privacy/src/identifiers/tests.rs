@@ -1,0 +1,282 @@
+use proptest::prelude::*;
+
+use super::*;
+
+/// 2026-12-07, for the times near now that are not identifiers.
+const NOW: i64 = 1_796_601_600_000;
+
+fn all() -> Detector {
+    let plate = plate_pattern(r"\b[A-Z]{2}-[0-9]{3}-[A-Z]{2}\b").unwrap();
+    Detector::new(IdKind::ALL.to_vec(), vec![plate])
+}
+
+#[test]
+fn finds_each_kind() {
+    let d = all();
+    let cases = [
+        ("3c:22:fb:12:34:56", IdKind::Mac),
+        ("probe from 3C-22-FB-12-34-56.", IdKind::Mac),
+        ("3c22.fb12.3456", IdKind::Mac),
+        ("mac=3c22fb123456", IdKind::Mac),
+        ("00:11:22:ff:fe:33:44:55", IdKind::Eui64),
+        ("imei 490154203237518", IdKind::Imei),
+        ("204081234567890", IdKind::Imsi),
+        ("ana.silva@example.org", IdKind::Email),
+        ("call +31 20 555 0123", IdKind::Phone),
+        ("+442071838750", IdKind::Phone),
+        ("(020) 555 0123", IdKind::Phone),
+        ("0612345678", IdKind::Phone),
+        ("AB-123-CD", IdKind::Plate),
+        ("data:image/png;base64,iVBORw0KGgo=", IdKind::Media),
+        ("/9j/4AAQSkZJRgABAQ", IdKind::Media),
+    ];
+    for (text, kind) in cases {
+        assert_eq!(d.find(text, NOW), Some(kind), "{text}");
+    }
+}
+
+/// The spellings an attack on an earlier detector got through, each found.
+#[test]
+fn finds_the_spellings_that_once_passed() {
+    let d = all();
+    for text in [
+        "3c 22 fb 12 34 56",
+        "3c_22_fb_12_34_56",
+        "3c.22.fb.12.34.56",
+        "3c:22-fb.12_34 56",
+        "3c22-fb12-3456",
+        "3c22 fb12 3456",
+        "MAC3C22FB123456",
+        "3c22fb123456abc",
+        "0x3c22fb123456",
+        "3c%3A22%3Afb%3A12%3A34%3A56",
+        "3c%253A22%253Afb%253A12%253A34%253A56",
+        "M2M6MjI6ZmI6MTI6MzQ6NTY=",
+        "PCL7EjRW",
+        "3с:22:fb:12:34:56",
+        "3c:2\u{200b}2:fb:12:34:56",
+        "３ｃ：２２：ｆｂ：１２：３４：５６",
+        "49-015420-323751-8",
+        "490154 203237 518",
+        "ana.silva@exämple.org",
+        "ana.silva (at) example (dot) org",
+        "ana.silva [at] example.org",
+        "ana at example dot org",
+        "212-555-0123",
+        "(212) 555-0123",
+        "212.555.0123",
+        "06-12345678",
+        "AB 123 CD",
+        "ab123cd",
+        "AB.123.CD",
+    ] {
+        assert!(d.find(text, NOW).is_some(), "{text:?} passed");
+    }
+}
+
+#[test]
+fn leaves_ordinary_values_alone() {
+    let d = all();
+    for text in [
+        "north",
+        "aq-03",
+        "2024-03-01T12:00:00Z",
+        "2024-03-01 12:00:00",
+        "12:00:00",
+        "0.123456789",
+        "52.3702165",
+        "4.89522",
+        "52.3702, 4.8952",
+        "firmware 2.4.1",
+        "12345",
+        "a@b",
+        "pm25 high",
+        "car",
+        "Category",
+        "moderate",
+        "temperature",
+        "1796601600",
+        "1796601600000",
+        "urn:ngsi-ld:AirQualityObserved:RZ:Obsv4567",
+        "Calle Acacias 4, Madrid",
+    ] {
+        assert_eq!(d.find(text, NOW), None, "{text}");
+    }
+}
+
+/// Numbers are scanned too: an IMEI, an IMSI, a phone number or a MAC written as a JSON number is
+/// an identifier; a time near now, a count or a measurement is not.
+#[test]
+fn numbers_that_are_identifiers() {
+    let d = all();
+    let mac = i64::from_str_radix("3c22fb123456", 16).unwrap();
+    for n in [
+        490_154_203_237_518i64,
+        204_081_234_567_890,
+        31_205_550_123,
+        612_345_678,
+        mac,
+    ] {
+        assert!(d.find_value(&Value::Int(n), NOW).is_some(), "{n}");
+        assert!(
+            d.find_value(&Value::Float(n as f64), NOW).is_some(),
+            "{n}.0"
+        );
+    }
+    for n in [0i64, 1_440, 65, -3, 9_999_999, NOW / 1000, NOW, NOW * 1000] {
+        assert_eq!(d.find_value(&Value::Int(n), NOW), None, "{n}");
+    }
+    assert_eq!(d.find_value(&Value::Float(52.370_216_5), NOW), None);
+    assert_eq!(d.find_value(&Value::Bool(true), NOW), None);
+}
+
+/// Every spelling of one MAC has one canonical form, so one pseudonym.
+#[test]
+fn spellings_of_a_mac_share_one_canonical_form() {
+    let mac = i64::from_str_radix("3c22fb123456", 16).unwrap();
+    let spellings = [
+        Value::Str("3C:22:FB:12:34:56".into()),
+        Value::Str("3c-22-fb-12-34-56".into()),
+        Value::Str("3c22.fb12.3456".into()),
+        Value::Str("0x3c22fb123456".into()),
+        Value::Str("3c%3A22%3Afb%3A12%3A34%3A56".into()),
+        Value::Str("3с:22:fb:12:34:56".into()),
+        Value::Str("PCL7EjRW".into()),
+        Value::Str("seen 3c 22 fb 12 34 56 at gate".into()),
+        Value::Int(mac),
+    ];
+    for v in &spellings {
+        assert_eq!(canonical(v), "3c22fb123456", "{v:?}");
+    }
+}
+
+#[test]
+fn turned_off_detectors_do_not_fire() {
+    let d = Detector::new(vec![IdKind::Email], Vec::new());
+    assert_eq!(d.find("3c:22:fb:12:34:56", NOW), None);
+    assert_eq!(d.find("x@example.org", NOW), Some(IdKind::Email));
+}
+
+#[test]
+fn luhn_checks_imei() {
+    assert!(luhn(b"490154203237518"));
+    assert!(!luhn(b"490154203237519"));
+}
+
+#[test]
+fn plate_patterns_match_any_case_and_spacing() {
+    let re = plate_pattern(r"\b[A-Z]{2}-[0-9]{3}-[A-Z]{2}\b").unwrap();
+    for plate in [
+        "AB-123-CD",
+        "AB 123 CD",
+        "AB123CD",
+        "ab-123-cd",
+        "Ab.123_cD",
+    ] {
+        assert!(re.is_match(plate), "{plate}");
+    }
+    assert!(!re.is_match("AB-1234-CD"));
+    assert!(plate_pattern("[A-Z").is_err());
+}
+
+#[test]
+fn media_payloads_are_recognised_by_magic_bytes() {
+    assert!(is_media_payload(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0]));
+    assert!(is_media_payload(b"\x89PNG\r\n\x1a\nrest"));
+    assert!(is_media_payload(b"\0\0\0\x18ftypmp42"));
+    assert!(!is_media_payload(b"{\"pm25\": 3}"));
+}
+
+/// How one MAC may be written: its octets in either case, grouped in twos, threes, fours or
+/// sixes or not at all, with separators of any kind (mixed or not), after `0x` or not, percent-
+/// or base64-encoded, with a zero-width character or a look-alike letter, in full-width forms.
+fn spelling(octets: [u8; 6]) -> impl Strategy<Value = String> {
+    let hex: String = octets.iter().map(|o| format!("{o:02x}")).collect();
+    let separators = prop::collection::vec(
+        prop_oneof![Just(":"), Just("-"), Just("."), Just("_"), Just(" ")],
+        7,
+    );
+    (
+        separators,
+        prop_oneof![Just(2usize), Just(3), Just(4), Just(6), Just(12)],
+        any::<bool>(),
+        0u8..8,
+    )
+        .prop_map(move |(seps, size, upper, encoding)| {
+            let hex = if upper {
+                hex.to_uppercase()
+            } else {
+                hex.clone()
+            };
+            let chunks: Vec<&str> = hex
+                .as_bytes()
+                .chunks(size)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            let mut grouped = String::new();
+            for (i, c) in chunks.iter().enumerate() {
+                if i > 0 {
+                    grouped.push_str(seps[i]);
+                }
+                grouped.push_str(c);
+            }
+            match encoding {
+                0 => format!("0x{}", hex),
+                1 => grouped.replace(':', "%3A").replace(' ', "%20"),
+                2 => {
+                    use base64::Engine as _;
+                    base64::engine::general_purpose::STANDARD.encode(grouped.as_bytes())
+                }
+                3 => {
+                    let mut s = grouped.clone();
+                    s.insert(2, '\u{200b}');
+                    s
+                }
+                4 => grouped
+                    .chars()
+                    .map(|c| match c {
+                        '0'..='9' => char::from_u32(u32::from(c) - 0x30 + 0xFF10).unwrap_or(c),
+                        _ => c,
+                    })
+                    .collect(),
+                5 => grouped.replace('c', "\u{0441}").replace('a', "\u{0430}"),
+                _ => grouped,
+            }
+        })
+}
+
+proptest! {
+    /// Invariant: every spelling of a MAC is found, alone or with text around it, and every
+    /// spelling has the MAC's one canonical form (so one pseudonym).
+    #[test]
+    fn every_spelling_of_a_mac_is_found_with_one_canonical_form(
+        (octets, spelled) in any::<[u8; 6]>().prop_flat_map(|o| (Just(o), spelling(o))),
+        before in prop_oneof![Just(""), Just("seen "), Just("mac="), Just("id:")],
+        after in prop_oneof![Just(""), Just(" at gate"), Just(";")],
+    ) {
+        let d = all();
+        let text = format!("{before}{spelled}{after}");
+        prop_assert!(d.find(&text, NOW).is_some(), "{:?} passed", text);
+        let want: String = octets.iter().map(|o| format!("{o:02x}")).collect();
+        let n = u64::from_str_radix(&want, 16).unwrap();
+        // A MAC of the size of a 48-bit number, or all digits, may read as a number: its
+        // canonical form is then the same whichever way it was written.
+        let number = canonical(&Value::Int(n as i64));
+        let got = canonical(&Value::Str(text.as_str().into()));
+        prop_assert!(got == want || got == number, "{:?} gave {} for {}", text, got, want);
+    }
+
+    /// Invariant: an IMEI or IMSI with any separators, or as a number, is found.
+    #[test]
+    fn imei_and_imsi_in_any_grouping_are_found(
+        digits in "[1-9][0-9]{14}",
+        sep in prop_oneof![Just(""), Just(" "), Just("-"), Just(".")],
+        cut in 2usize..13,
+    ) {
+        let d = all();
+        let spelled = format!("{}{sep}{}", &digits[..cut], &digits[cut..]);
+        prop_assert!(d.find(&spelled, NOW).is_some(), "{}", spelled);
+        let n: i64 = digits.parse().unwrap();
+        prop_assert!(d.find_value(&Value::Int(n), NOW).is_some(), "{}", n);
+    }
+}
