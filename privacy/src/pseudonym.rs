@@ -42,11 +42,6 @@ impl Key {
             mac,
         }
     }
-
-    /// The all-zero key, for dry runs and tests only: deterministic, and never used to serve data.
-    pub fn fixed_for_dry_run() -> Self {
-        Self::new([0; 32])
-    }
 }
 
 impl std::fmt::Debug for Key {

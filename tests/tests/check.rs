@@ -148,6 +148,16 @@ fn dry_run_explains_every_field_and_is_deterministic() {
         .collect();
     assert_eq!(pseudonyms.len(), 2, "{text}");
     assert_eq!(pseudonyms[0], pseudonyms[1]);
+    // Shown by a label, made under a key of that run alone: no one can recompute them from a
+    // guessed address, neither under a well-known key nor under another run's.
+    assert_eq!(pseudonyms[0], "pseudonym-1", "{text}");
+    for mac in ["3C:22:FB:12:34:56", "3c:22:fb:12:34:56"] {
+        let zero_key = hubgate_privacy::pseudonym::pseudonymise(
+            &hubgate_privacy::pseudonym::Key::new([0; 32]),
+            mac,
+        );
+        assert!(!text.contains(&zero_key[..12]), "{text}");
+    }
     for expected in [
         "location.lat             generalised into the cell at 'cell', not passed",
         "firmware                 not declared: dropped",
@@ -268,9 +278,11 @@ fn dry_run_against_the_running_policy_shows_only_what_a_change_changes() {
     let dir = tempfile::tempdir().unwrap();
     let new = dir.path().join("new.toml");
     let source = std::fs::read_to_string(&old).unwrap();
-    // The change: air quality now passes the firmware version, and footfall releases groups of
-    // any size.
-    let changed = source
+    // The change: air quality now passes the firmware version, and footfall releases exact
+    // counts of groups of any size.
+    let noise = source.find("[stream.aggregate.noise]").unwrap();
+    let noise_end = noise + source[noise..].find("\n\n").unwrap();
+    let changed = format!("{}{}", &source[..noise], &source[noise_end..])
         .replacen("pm25 = \"keep\"", "pm25 = \"keep\"\nfirmware = \"keep\"", 1)
         .replace("min_group_size = 10 ", "min_group_size = 1 ");
     assert_ne!(changed, source);

@@ -11,9 +11,10 @@
 //! `received` time is taken to arrive on time. After the last sample every window is closed, and
 //! the report lists each group with its contributors, released or suppressed below k.
 //!
-//! Deterministic: a fixed pseudonymisation key (never used to serve data), a fixed receive time
-//! unless a sample gives one, and a fixed noise seed, so the same samples always give the same
-//! output.
+//! Pseudonyms are made under a fresh random key for each run, so no one can recompute them from a
+//! guessed identifier, and are shown as labels (`pseudonym-1`, …) numbered in order of first
+//! appearance: one identifier has one label throughout the run. With a fixed receive time unless a
+//! sample gives one, and a fixed noise seed, the same samples always give the same output.
 
 use std::fmt::Write as _;
 use std::io::BufRead;
@@ -128,11 +129,60 @@ impl Summary {
     }
 }
 
+/// A pseudonymisation key of this run alone, from the operating system's CSPRNG.
+fn fresh_key() -> anyhow::Result<Key> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("no random key for the dry run's pseudonyms: {e}"))?;
+    Ok(Key::new(bytes))
+}
+
+/// The labels pseudonyms are shown under: `pseudonym-N`, N in order of first appearance.
+#[derive(Debug, Default)]
+struct Masks {
+    labels: std::collections::HashMap<String, String>,
+}
+
+impl Masks {
+    /// Gives the pseudonym `value` a label, if it has none yet.
+    fn learn(&mut self, value: &Value) {
+        if let Value::Str(s) = value {
+            let next = self.labels.len() + 1;
+            self.labels
+                .entry(s.to_string())
+                .or_insert_with(|| format!("pseudonym-{next}"));
+        }
+    }
+
+    /// A value as the report shows it: a pseudonym by its label.
+    fn show(&self, value: &Value) -> serde_json::Value {
+        match value {
+            Value::Str(s) => match self.labels.get(s.as_str()) {
+                Some(label) => label.as_str().into(),
+                None => s.as_str().into(),
+            },
+            other => json_value(other),
+        }
+    }
+
+    /// Learns the pseudonyms a chain put in `record`: the fields whose fate says so.
+    fn learn_from(&mut self, record: &Record, fates: &[(String, Fate)]) {
+        for (path, fate) in fates {
+            if matches!(fate, Fate::Pseudonymised | Fate::IdentifierPseudonymised(_))
+                && let Some((_, value)) = record.fields.iter().find(|(p, _)| p.as_str() == path)
+            {
+                self.learn(value);
+            }
+        }
+    }
+}
+
 /// Runs the samples from `input` through `policy`, returning the report.
 pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     let mut dry = DryRun {
         policy,
-        key: Key::fixed_for_dry_run(),
+        key: fresh_key()?,
+        masks: Masks::default(),
         names: Detector::new(IdKind::ALL.to_vec(), Vec::new()),
         decoder: Decoder::default(),
         windows: policy
@@ -147,7 +197,13 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     for sample in read_samples(input)? {
         dry.sample(&sample);
     }
-    close_windows(policy, &mut dry.windows, &mut dry.report, &mut dry.sum);
+    close_windows(
+        policy,
+        &mut dry.windows,
+        &dry.masks,
+        &mut dry.report,
+        &mut dry.sum,
+    );
     let aggregates = policy.streams().iter().any(|s| s.aggregate.is_some());
     dry.sum.write(&mut dry.report, aggregates);
     Ok(dry.report)
@@ -157,6 +213,7 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
 struct DryRun<'p> {
     policy: &'p Policy,
     key: Key,
+    masks: Masks,
     /// Finds the field names that hold an identifier, which the report does not echo.
     names: Detector,
     decoder: Decoder,
@@ -254,7 +311,10 @@ impl DryRun<'_> {
             let _ = writeln!(self.report, "    {path:<24} {what}");
         }
         match outcome {
-            Ok(out) => self.record(index, sample.received_ms, &out),
+            Ok(out) => {
+                self.masks.learn_from(&out.record, &fates);
+                self.record(index, sample.received_ms, &out);
+            }
             Err(rejection) => {
                 self.sum.rejected += 1;
                 let _ = writeln!(self.report, "  {rejection}: dropped");
@@ -266,7 +326,7 @@ impl DryRun<'_> {
     /// the stream aggregates (at the sample's `received` time if given, else on time).
     fn record(&mut self, index: usize, received_ms: Option<i64>, out: &Outcome) {
         self.sum.cells += u64::from(out.locations_generalised);
-        let fields = json_fields(&out.record);
+        let fields = json_fields(&out.record, &self.masks);
         let at = time(out.record.event_time_ms);
         let stream = &self.policy.streams()[index];
         let Some(spec) = &stream.aggregate else {
@@ -302,13 +362,13 @@ impl DryRun<'_> {
     }
 }
 
-/// A record's fields as a JSON object.
-fn json_fields(record: &Record) -> serde_json::Value {
+/// A record's fields as a JSON object, pseudonyms by their labels.
+fn json_fields(record: &Record, masks: &Masks) -> serde_json::Value {
     serde_json::Value::Object(
         record
             .fields
             .iter()
-            .map(|(p, v)| (p.to_string(), json_value(v)))
+            .map(|(p, v)| (p.to_string(), masks.show(v)))
             .collect(),
     )
 }
@@ -317,6 +377,7 @@ fn json_fields(record: &Record) -> serde_json::Value {
 fn close_windows(
     policy: &Policy,
     windows: &mut [WindowState],
+    masks: &Masks,
     report: &mut String,
     sum: &mut Summary,
 ) {
@@ -341,7 +402,7 @@ fn close_windows(
         let mut last_start = i64::MIN;
         for (start, key, contributors) in state.groups() {
             last_start = last_start.max(start);
-            let key = group_label(spec, &key);
+            let key = group_label(spec, &key, masks);
             let fate = match selection {
                 Some(selection) if contributors as u64 >= k => format!(
                     "released if its noisy count reaches {}, with probability {:.3}",
@@ -371,7 +432,7 @@ fn close_windows(
             let _ = writeln!(
                 report,
                 "  out: {} at {}",
-                json_fields(record),
+                json_fields(record, masks),
                 time(record.event_time_ms)
             );
         }
@@ -388,12 +449,17 @@ fn close_windows(
     }
 }
 
-/// A group's key as `name="value", …` (the values of the declared group-by fields).
-fn group_label(spec: &hubgate_privacy::policy::aggregate::Aggregation, key: &[Value]) -> String {
+/// A group's key as `name="value", …` (the values of the declared group-by fields, pseudonyms
+/// by their labels).
+fn group_label(
+    spec: &hubgate_privacy::policy::aggregate::Aggregation,
+    key: &[Value],
+    masks: &Masks,
+) -> String {
     spec.group_by
         .iter()
         .zip(key)
-        .map(|(name, v)| format!("{name}={}", json_value(v)))
+        .map(|(name, v)| format!("{name}={}", masks.show(v)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -484,8 +550,8 @@ struct Evaluation {
     groups: std::collections::BTreeMap<Group, bool>,
 }
 
-fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
-    let key = Key::fixed_for_dry_run();
+/// What `policy` does to `samples`, pseudonymising under `key`; `masks` learns the pseudonyms.
+fn evaluate(policy: &Policy, samples: &[Sample], key: &Key, masks: &mut Masks) -> Evaluation {
     let mut decoder = Decoder::default();
     let mut eval = Evaluation::default();
     let mut windows: Vec<WindowState> = policy
@@ -523,10 +589,14 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
                 let reading = reading.clone();
                 let ctx = Context {
                     received_ms,
-                    key: Some(&key),
+                    key: Some(key),
                 };
-                match chain::apply_traced(stream, reading, &ctx, |_, _| {}) {
+                let mut fates = Vec::new();
+                match chain::apply_traced(stream, reading, &ctx, |path, fate| {
+                    fates.push((path.to_owned(), fate));
+                }) {
                     Ok(out) => {
+                        masks.learn_from(&out.record, &fates);
                         let mut fields: Vec<String> = out
                             .record
                             .fields
@@ -551,10 +621,16 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
         let Some(spec) = &stream.aggregate else {
             continue;
         };
+        // Under noise, a group counts as released when it is more likely to be than not.
+        let selection = spec.noise.as_ref().map(|n| Selection::new(spec, n, 1));
         for (start, key, contributors) in state.groups() {
+            let released = match selection {
+                Some(selection) => selection.release_probability(contributors as u64) >= 0.5,
+                None => contributors >= spec.min_group_size as usize,
+            };
             eval.groups.insert(
-                (stream.name.clone(), start, group_label(spec, &key)),
-                contributors >= spec.min_group_size as usize,
+                (stream.name.clone(), start, group_label(spec, &key, masks)),
+                released,
             );
         }
     }
@@ -567,7 +643,11 @@ fn evaluate(policy: &Policy, samples: &[Sample]) -> Evaluation {
 /// (group keys are values of the declared group-by fields, as a released record carries them).
 pub fn diff(old: &Policy, new: &Policy, input: impl BufRead) -> anyhow::Result<String> {
     let samples = read_samples(input)?;
-    let (before, after) = (evaluate(old, &samples), evaluate(new, &samples));
+    // One key and one set of labels for both policies: a pseudonym keeps its label across them.
+    let key = fresh_key()?;
+    let mut masks = Masks::default();
+    let before = evaluate(old, &samples, &key, &mut masks);
+    let after = evaluate(new, &samples, &key, &mut masks);
     let mut report = String::new();
     let _ = writeln!(
         report,

@@ -87,7 +87,7 @@ impl Rng {
 }
 
 /// One message: topic and payload.
-type Message = (String, Vec<u8>);
+pub type Message = (String, Vec<u8>);
 
 struct District {
     rng: Rng,
@@ -193,6 +193,18 @@ fn noise(rng: &mut Rng, ts: i64) -> Message {
 
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
+}
+
+/// `count` messages of the district's traffic at `now_s` (Unix seconds), without a broker: for
+/// measurements over realistic payloads. `sent` learns the identifiers they carry.
+pub fn messages(seed: u64, count: usize, now_s: f64, sent: &mut Sent) -> Vec<Message> {
+    let mut district = District { rng: Rng(seed | 1) };
+    (0..count)
+        .map(|_| {
+            sent.messages += 1;
+            district.message(now_s, sent)
+        })
+        .collect()
 }
 
 /// Publishes the district's traffic to the broker at `broker`, about `rate` messages a second,

@@ -114,7 +114,8 @@ fn numbers_that_are_identifiers() {
         490_154_203_237_518i64,
         204_081_234_567_890,
         31_205_550_123,
-        612_345_678,
+        3_545_123_456,
+        4_915_123_456_789,
         mac,
     ] {
         assert!(d.find_value(&Value::Int(n), NOW).is_some(), "{n}");
@@ -123,7 +124,22 @@ fn numbers_that_are_identifiers() {
             "{n}.0"
         );
     }
-    for n in [0i64, 1_440, 65, -3, 9_999_999, NOW / 1000, NOW, NOW * 1000] {
+    // Counts, codes, and times in any unit from 2005 on, past ones included (replayed samples).
+    for n in [
+        0i64,
+        1_440,
+        65,
+        -3,
+        9_999_999,
+        28_079_004,
+        123_456_789,
+        NOW / 1000,
+        NOW,
+        NOW * 1000,
+        1_451_606_400,
+        1_704_067_200_000,
+        1_704_067_200_000_000,
+    ] {
         assert_eq!(d.find_value(&Value::Int(n), NOW), None, "{n}");
     }
     assert_eq!(d.find_value(&Value::Float(52.370_216_5), NOW), None);
@@ -278,5 +294,78 @@ proptest! {
         prop_assert!(d.find(&spelled, NOW).is_some(), "{}", spelled);
         let n: i64 = digits.parse().unwrap();
         prop_assert!(d.find_value(&Value::Int(n), NOW).is_some(), "{}", n);
+    }
+}
+
+/// Words run together are not taken for bytes in base64, whatever their length; random bytes in
+/// base64 still are.
+#[test]
+fn camel_case_words_are_not_base64_identifiers() {
+    let d = Detector::new(IdKind::ALL.to_vec(), Vec::new());
+    for word in [
+        "HomeNetwork",
+        "DeviceId",
+        "TrafficFlow",
+        "parkingSpot",
+        "GuestWiFi",
+        "SensorId12",
+        "OffStreetParking",
+        "Category",
+    ] {
+        assert_eq!(d.identify(word, None), None, "{word}");
+    }
+    // 3c:22:fb:12:34:56 and 00:24:be:ff:fe:80:4f:f1 as bytes in base64.
+    for (token, kind) in [("PCL7EjRW", IdKind::Mac), ("ACS+//6AT/E", IdKind::Eui64)] {
+        assert_eq!(
+            d.identify(token, None).map(|f| f.kind),
+            Some(kind),
+            "{token}"
+        );
+    }
+}
+
+/// A sensor reading as a payload writes it: a measurement, a coordinate pair, a time in ISO 8601
+/// (an instant, with an offset, or an interval), a firmware version, a count or code below ten
+/// digits, or a time since the epoch in any unit from 2005 on.
+fn sensor_value() -> impl Strategy<Value = Value> {
+    let instant = (
+        2005i64..2030,
+        1i64..=12,
+        1i64..=28,
+        0i64..24,
+        0i64..60,
+        0i64..60,
+        0u16..1000,
+    )
+        .prop_map(|(y, mo, d, h, mi, s, ms)| {
+            format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}")
+        });
+    prop_oneof![
+        (-1e6f64..1e6, 0usize..7).prop_map(|(x, p)| Value::Str(format!("{x:.p$}").into())),
+        (-1e9f64..1e9).prop_map(Value::Float),
+        any::<f64>()
+            .prop_filter("a negative number", |x| *x < 0.0)
+            .prop_map(Value::Float),
+        (-90f64..90.0, -180f64..180.0)
+            .prop_map(|(a, b)| Value::Str(format!("{a:.6},{b:.6}").into())),
+        (
+            instant.clone(),
+            prop_oneof![Just("Z"), Just("+01:00"), Just("-05:30"), Just("")]
+        )
+            .prop_map(|(t, z)| Value::Str(format!("{t}{z}").into())),
+        (instant.clone(), instant).prop_map(|(a, b)| Value::Str(format!("{a}Z/{b}Z").into())),
+        (0u8..20, 0u8..50, 0u16..300)
+            .prop_map(|(a, b, c)| Value::Str(format!("v{a}.{b}.{c}").into())),
+        (-999_999_999i64..1_000_000_000).prop_map(Value::Int),
+        (1_104_537_600i64..1_796_601_600, 0usize..4)
+            .prop_map(|(s, unit)| Value::Int(s * 1000i64.pow(unit as u32))),
+    ]
+}
+
+proptest! {
+    /// Invariant: no sensor value is taken for an identifier.
+    #[test]
+    fn sensor_values_are_not_identifiers(value in sensor_value()) {
+        prop_assert_eq!(all().identify_value(&value, Some(NOW)), None, "{:?}", value);
     }
 }

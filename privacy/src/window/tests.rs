@@ -691,6 +691,89 @@ fn the_release_decision_is_differentially_private() {
     }
 }
 
+/// The release decision as the windows make it, measured: groups of k - 1, k, and around the
+/// threshold, in 400 windows of 50 groups of each size. Groups below k never leave; groups of k
+/// leave at most with the group delta; around the threshold, the measured rates match the formula
+/// and one contributor more multiplies them by at most e^epsilon. Prints the figures:
+/// `cargo test -p hubgate-privacy --release release_rates_measured -- --nocapture`.
+#[test]
+fn release_rates_measured_through_the_windows_match_the_guarantee() {
+    let p = policy(
+        r#"
+[stream.aggregate]
+window = "1m"
+group_by = ["counter_id"]
+contributor = "mac"
+min_group_size = 3
+
+[stream.aggregate.measures]
+devices = "contributors"
+
+[stream.aggregate.noise]
+epsilon = 1.0
+delta = 1e-3
+daily_budget = 1000.0
+max_contributions = 1
+"#,
+    );
+    let spec = agg(&p);
+    let noise = spec.noise.as_ref().unwrap();
+    let selection = Selection::new(spec, noise, 1);
+    let t = selection.threshold();
+    assert_eq!(t, 10);
+    let sizes = [2, 3, t - 1, t, t + 1];
+    let (windows, per_window) = (400, 50);
+    let mut released = BTreeMap::new();
+    let mut budget = PoolBudget::default();
+    let mut rng = SeededRandom::new(11);
+    for w in 0..windows {
+        let start = T0 + w * MIN;
+        let mut state = WindowState::default();
+        for size in sizes {
+            for g in 0..per_window {
+                for d in 0..size {
+                    let (counter, mac) = (format!("{size}-{g}"), format!("m-{size}-{g}-{d}"));
+                    let r = reading(start, &counter, &mac, -50, "n");
+                    assert_eq!(state.absorb(spec, &r, start), Absorbed::Counted);
+                }
+            }
+        }
+        for r in state
+            .release(spec, start + MIN, noising(&mut budget, &mut rng))
+            .records
+        {
+            let Value::Str(counter) = get(&r, "counter_id") else {
+                panic!()
+            };
+            let size: i64 = counter.split('-').next().unwrap().parse().unwrap();
+            *released.entry(size).or_insert(0u64) += 1;
+        }
+    }
+    let trials = (windows * per_window) as f64;
+    let rate = |size: i64| released.get(&size).copied().unwrap_or(0) as f64 / trials;
+    let group_delta = selection.group_delta();
+    for size in sizes {
+        let expected = selection.release_probability(size as u64);
+        let sd = (expected * (1.0 - expected) / trials).sqrt();
+        eprintln!(
+            "contributors {size:>2}: released {:.5} of {trials} groups, formula {expected:.5}",
+            rate(size)
+        );
+        assert!((rate(size) - expected).abs() <= 5.0 * sd, "size {size}");
+    }
+    assert_eq!(rate(2), 0.0);
+    assert!(rate(3) <= group_delta + 5.0 * (group_delta / trials).sqrt());
+    let e = (noise.epsilon_micro as f64 / 1e6).exp();
+    for size in [t, t + 1] {
+        let ratio = rate(size) / rate(size - 1);
+        eprintln!(
+            "rate({size}) / rate({}) = {ratio:.3} (e^epsilon = {e:.3})",
+            size - 1
+        );
+        assert!(ratio <= e * 1.1, "{ratio}");
+    }
+}
+
 fn arb_reading() -> impl Strategy<Value = (i64, u8, u8, i64)> {
     // (offset in ms over five windows, counter, contributor, rssi)
     (0..5 * MIN, 0u8..6, 0u8..12, -100i64..0)
