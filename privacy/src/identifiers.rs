@@ -33,8 +33,6 @@
 //! The detectors are deliberately eager (when unsure, treat it as an identifier): a false positive
 //! loses one field value, a false negative leaks a person's identifier.
 
-use std::borrow::Cow;
-
 use regex::Regex;
 
 use crate::normalise::{self, fold, is_separator};
@@ -155,19 +153,58 @@ impl Detector {
                 canonical: String::new(),
             });
         }
+        if let Some(found) = self.plain_hex_id(s) {
+            return Some(found);
+        }
         let t = fold(s);
         self.scan(&t, now_ms, true)
+    }
+
+    /// The usual spellings of a MAC or an EUI-64 as a whole value (`3c:22:fb:12:34:56`,
+    /// `3C-22-FB-12-34-56`, `3c22fb123456`), recognised without the full scan, which finds them
+    /// too, with the same canonical form.
+    fn plain_hex_id(&self, s: &str) -> Option<Found> {
+        let b = s.as_bytes();
+        let (kind, hex) = match b.len() {
+            12 | 17 => (IdKind::Mac, 12),
+            16 | 23 => (IdKind::Eui64, 16),
+            _ => return None,
+        };
+        if !self.on(kind) {
+            return None;
+        }
+        let grouped = b.len() != hex;
+        let separator = b.get(2).copied().filter(|_| grouped);
+        let ok = b.iter().enumerate().all(|(i, c)| {
+            if grouped && i % 3 == 2 {
+                Some(*c) == separator && matches!(c, b':' | b'-')
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+        ok.then(|| Found {
+            kind,
+            canonical: b
+                .iter()
+                .filter(|c| c.is_ascii_hexdigit())
+                .map(|c| char::from(c.to_ascii_lowercase()))
+                .collect(),
+        })
     }
 
     /// Scans folded text; `base64` says whether base64 tokens are decoded and scanned too (once:
     /// what they decode to is not decoded again).
     fn scan(&self, t: &str, now_ms: Option<i64>, base64: bool) -> Option<Found> {
-        if self.on(IdKind::Email)
+        let shape = Shape::of(t);
+        if shape.dot
+            && self.on(IdKind::Email)
             && let Some(found) = email(t)
         {
             return Some(found);
         }
-        if let Some(found) = self.hex_and_digits(t, now_ms) {
+        if shape.hex_run
+            && let Some(found) = self.hex_and_digits(t, now_ms)
+        {
             return Some(found);
         }
         if self.on(IdKind::Plate)
@@ -175,7 +212,7 @@ impl Detector {
         {
             return Some(found);
         }
-        if base64 {
+        if base64 && shape.base64_token {
             return self.base64(t, now_ms);
         }
         None
@@ -198,16 +235,14 @@ impl Detector {
     /// Hex identifiers and numbers in runs of hex digits, separators, `+` and brackets.
     fn hex_and_digits(&self, t: &str, now_ms: Option<i64>) -> Option<Found> {
         let chars: Vec<char> = t.chars().collect();
-        let in_run =
-            |c: char| c.is_ascii_hexdigit() || is_separator(c) || matches!(c, '+' | '(' | ')');
         let mut i = 0;
         while i < chars.len() {
-            if !in_run(chars[i]) || is_separator(chars[i]) {
+            if !in_hex_run(chars[i]) || is_separator(chars[i]) {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i < chars.len() && in_run(chars[i]) {
+            while i < chars.len() && in_hex_run(chars[i]) {
                 i += 1;
             }
             // The run without the separators it ends with.
@@ -225,7 +260,14 @@ impl Detector {
                 glued_after: end == i && chars.get(i).is_some_and(|c| c.is_alphanumeric()),
                 hex_prefix,
             };
-            if let Some(found) = self.run(&chars[start..end], ends, now_ms) {
+            // No identifier has fewer than 8 digits: a shorter run is a word or a reading.
+            let digits = chars[start..end]
+                .iter()
+                .filter(|c| c.is_ascii_hexdigit())
+                .count();
+            if digits >= 8
+                && let Some(found) = self.run(&chars[start..end], ends, now_ms)
+            {
                 return Some(found);
             }
         }
@@ -434,6 +476,54 @@ pub fn canonical(value: &Value) -> String {
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),
         Value::Bool(b) => b.to_string(),
+    }
+}
+
+/// Whether `c` belongs to a run of hex digits, separators, `+` and brackets.
+fn in_hex_run(c: char) -> bool {
+    c.is_ascii_hexdigit() || is_separator(c) || matches!(c, '+' | '(' | ')')
+}
+
+/// Where in a folded text identifiers can be, from one pass over it: the detectors that cannot
+/// find anything are not run.
+#[derive(Debug, Default)]
+struct Shape {
+    /// A `.` or a spelled-out "dot": an e-mail domain needs one.
+    dot: bool,
+    /// A run of hex digits and separators holding 8 digits or more: no MAC, EUI-64, IMEI, IMSI or
+    /// phone number has fewer.
+    hex_run: bool,
+    /// A token of 8 base64 characters or more: 6 bytes or more encoded.
+    base64_token: bool,
+}
+
+impl Shape {
+    fn of(t: &str) -> Self {
+        let mut shape = Self::default();
+        let (mut hex, mut token) = (0usize, 0usize);
+        let mut last_two = [0u8; 2];
+        for c in t.chars() {
+            let lower = if c.is_ascii() {
+                c.to_ascii_lowercase() as u8
+            } else {
+                0
+            };
+            shape.dot |= c == '.' || (lower == b't' && last_two == *b"do");
+            last_two = [last_two[1], lower];
+            hex = if in_hex_run(c) {
+                hex + usize::from(c.is_ascii_hexdigit())
+            } else {
+                0
+            };
+            shape.hex_run |= hex >= 8;
+            token = if c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '-' | '_') {
+                token + 1
+            } else {
+                0
+            };
+            shape.base64_token |= token >= 8;
+        }
+        shape
     }
 }
 
@@ -716,12 +806,11 @@ pub fn luhn(digits: &[u8]) -> bool {
 /// An e-mail address in folded text, with an "at" or "dot" spelled out (`ana (at) example (dot)
 /// org`, `ana at example dot org`) read as `@` and `.`; domains may be international.
 fn email(t: &str) -> Option<Found> {
-    let lower = t.to_lowercase();
-    let text = if lower.contains("at") || lower.contains("dot") {
-        Cow::Owned(spelled_out(&lower))
-    } else {
-        Cow::Borrowed(lower.as_str())
-    };
+    let at = SPELLED_AT.replace_all(t, "@");
+    if !at.contains('@') {
+        return None;
+    }
+    let text = SPELLED_DOT.replace_all(&at, ".");
     let chars: Vec<char> = text.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         if c != '@' || i == 0 {
@@ -751,29 +840,22 @@ fn email(t: &str) -> Option<Found> {
             let local: String = chars[start..i].iter().collect();
             return Some(Found {
                 kind: IdKind::Email,
-                canonical: format!("{local}@{domain}"),
+                canonical: format!("{local}@{domain}").to_lowercase(),
             });
         }
     }
     None
 }
 
-/// `at` and `dot` spelled out in brackets, or as words between spaces, as `@` and `.`.
-fn spelled_out(t: &str) -> String {
-    let mut out = t.to_owned();
-    for (word, sign) in [("at", "@"), ("dot", ".")] {
-        for (open, close) in [("(", ")"), ("[", "]"), ("{", "}"), ("<", ">")] {
-            for pad in ["", " "] {
-                let spelled = format!("{open}{pad}{word}{pad}{close}");
-                out = out
-                    .replace(&format!(" {spelled} "), sign)
-                    .replace(&spelled, sign);
-            }
-        }
-        out = out.replace(&format!(" {word} "), sign);
-    }
-    out
-}
+/// `at` spelled out in brackets (`(at)`, `[ at ]`, `{at}`, `<at>`), or as a word between spaces.
+static SPELLED_AT: std::sync::LazyLock<Regex> = std::sync::LazyLock::new(|| {
+    Regex::new(r"(?i) ?[(\[{<] ?at ?[)\]}>] ?| at ").expect("a valid pattern")
+});
+
+/// `dot` spelled out in the same ways.
+static SPELLED_DOT: std::sync::LazyLock<Regex> = std::sync::LazyLock::new(|| {
+    Regex::new(r"(?i) ?[(\[{<] ?dot ?[)\]}>] ?| dot ").expect("a valid pattern")
+});
 
 /// A plate pattern as the detector matches it: in any case, and with any separators (or none)
 /// where the pattern has a space, `-`, `.`, `_` or `\s` between its parts, so that `AB-123-CD`,

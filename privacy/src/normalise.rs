@@ -47,6 +47,9 @@ pub fn fold(s: &str) -> Cow<'_, str> {
             out.push(c);
         } else if let Some(d) = digit_value(c) {
             out.push(char::from(b'0' + d));
+        } else if c == '\u{3002}' {
+            // The ideographic full stop, which IDNA reads as a domain's dot.
+            out.push('.');
         } else if let Some(a) = ascii_lookalike(c) {
             out.push(a);
         } else {

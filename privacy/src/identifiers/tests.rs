@@ -369,3 +369,22 @@ proptest! {
         prop_assert_eq!(all().identify_value(&value, Some(NOW)), None, "{:?}", value);
     }
 }
+
+proptest! {
+    /// The shortcut for the usual spellings of a MAC or an EUI-64 gives what the full scan gives.
+    #[test]
+    fn usual_hex_spellings_are_found_as_the_full_scan_finds_them(
+        bytes in prop::collection::vec(any::<u8>(), 6..=8),
+        separator in prop::sample::select(vec!["", ":", "-"]),
+        upper in any::<bool>(),
+    ) {
+        let d = all();
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut s = hex.join(separator);
+        if upper {
+            s = s.to_ascii_uppercase();
+        }
+        let full = d.scan(&fold(&s), None, true);
+        prop_assert_eq!(d.plain_hex_id(&s), if bytes.len() == 7 { None } else { full });
+    }
+}

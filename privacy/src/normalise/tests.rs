@@ -14,6 +14,8 @@ fn fold_takes_spellings_to_plain_text() {
         ("\u{0663}\u{0664}", "34"),
         ("\u{0967}\u{0968}", "12"),
         ("3\u{0441}:22", "3c:22"),
+        ("ana@example\u{3002}org", "ana@example.org"),
+        ("ana@example\u{ff61}org", "ana@example.org"),
         ("\u{0430}\u{0435}", "ae"),
         ("Ärzte", "Ärzte"),
         ("北京", "北京"),

@@ -652,11 +652,12 @@ fn k_anonymity(a: &Aggregation) -> Element {
 
 /// `process__differential_privacy`: the noise added and the budget that bounds it.
 fn differential_privacy(s: &StreamPolicy, a: &Aggregation, noise: &Noise) -> Element {
-    let pool = if noise.budget_pool == s.name {
+    let pool = if noise.budget_pool == s.name && noise.pool_budget_micro == noise.daily_budget_micro
+    {
         String::new()
     } else {
         format!(
-            ", shared with every stream of the budget pool '{}' (streams that count the same readings)",
+            ", for every stream of the budget pool '{}' together (streams that count the same readings)",
             noise.budget_pool
         )
     };
@@ -670,7 +671,7 @@ fn differential_privacy(s: &StreamPolicy, a: &Aggregation, noise: &Noise) -> Ele
             plain_duration(a.window),
             a.contributor,
             noise.max_contributions,
-            noise.daily_budget_micro as f64 / 1e6,
+            noise.pool_budget_micro as f64 / 1e6,
         ),
     }
 }
