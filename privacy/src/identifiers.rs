@@ -108,13 +108,18 @@ pub struct Detector {
 const TIME_SLACK_MS: i64 = 366 * 86_400_000;
 
 /// Most characters of a base64 token scanned for an identifier it encodes.
-const BASE64_MAX: usize = 256;
+const BASE64_MAX: usize = 4096;
 
 impl Detector {
     /// Detectors of `kinds`, with `plates` as the stream's plate patterns (see
     /// [`plate_pattern`] for how a pattern is matched).
     pub fn new(kinds: Vec<IdKind>, plates: Vec<Regex>) -> Self {
         Self { kinds, plates }
+    }
+
+    /// The stream's plate patterns, as the detector matches them.
+    pub fn plates(&self) -> &[Regex] {
+        &self.plates
     }
 
     fn on(&self, kind: IdKind) -> bool {
@@ -127,16 +132,19 @@ impl Detector {
         self.identify_value(value, Some(now_ms)).map(|f| f.kind)
     }
 
-    /// [`Detector::find_value`], with the identifier's canonical form. Without `now_ms`, times
-    /// up to 2100 are times. No negative number is an identifier.
+    /// [`Detector::find_value`], with the identifier's canonical form. Without `now_ms`, no
+    /// number is taken for a time. An integer is read without its sign; a negative decimal number
+    /// is a measurement.
     pub fn identify_value(&self, value: &Value, now_ms: Option<i64>) -> Option<Found> {
         match value {
             Value::Str(s) => self.identify(s, now_ms),
-            Value::Int(i) if *i > 0 => self.number(i.unsigned_abs(), now_ms),
-            Value::Float(f) if *f > 0.0 && f.fract() == 0.0 && *f < 9.0e15 => {
-                self.number(*f as u64, now_ms)
+            // Fewer than 10 digits are never an identifier: not even written out.
+            Value::Int(i) if i.unsigned_abs() < 1_000_000_000 => None,
+            Value::Int(i) => self.number(&i.unsigned_abs().to_string(), now_ms),
+            Value::Float(f) if *f >= 1e9 && f.fract() == 0.0 && *f < 1.8e19 => {
+                self.number(&(*f as u64).to_string(), now_ms)
             }
-            Value::Int(_) | Value::Float(_) | Value::Bool(_) => None,
+            Value::Float(_) | Value::Bool(_) => None,
         }
     }
 
@@ -184,11 +192,12 @@ impl Detector {
         });
         ok.then(|| Found {
             kind,
-            canonical: b
-                .iter()
-                .filter(|c| c.is_ascii_hexdigit())
-                .map(|c| char::from(c.to_ascii_lowercase()))
-                .collect(),
+            canonical: hex_canonical(
+                &b.iter()
+                    .filter(|c| c.is_ascii_hexdigit())
+                    .map(|c| char::from(*c))
+                    .collect::<String>(),
+            ),
         })
     }
 
@@ -234,7 +243,8 @@ impl Detector {
 
     /// Hex identifiers and numbers in runs of hex digits, separators, `+` and brackets.
     fn hex_and_digits(&self, t: &str, now_ms: Option<i64>) -> Option<Found> {
-        let chars: Vec<char> = t.chars().collect();
+        let mut chars: Vec<char> = t.chars().collect();
+        digit_lookalikes(&mut chars);
         let mut i = 0;
         while i < chars.len() {
             if !in_hex_run(chars[i]) || is_separator(chars[i]) {
@@ -254,7 +264,7 @@ impl Detector {
             let hex_prefix = start >= 2
                 && matches!(chars[start - 1], 'x' | 'X')
                 && chars[start - 2] == '0'
-                && (start == 2 || !chars[start - 3].is_alphanumeric());
+                && (start == 2 || !chars[start - 3].is_ascii_digit());
             let ends = Ends {
                 glued_before: start > 0 && chars[start - 1].is_alphanumeric() && !hex_prefix,
                 glued_after: end == i && chars.get(i).is_some_and(|c| c.is_alphanumeric()),
@@ -292,6 +302,12 @@ impl Detector {
             let hex_id = (12..=16).contains(&hex.len()) && (letters || ends.hex_prefix)
                 || alone && (hex.len() == 12 || hex.len() == 16);
             if hex_id {
+                // Letters glued to 13 to 15 hex digits are a label's, not the identifier's.
+                let hex = match hex.len() {
+                    13..=15 if ends.glued_before => &hex[hex.len() - 12..],
+                    13..=15 if ends.glued_after => &hex[..12],
+                    _ => hex.as_str(),
+                };
                 let kind = if hex.len() == 16 {
                     IdKind::Eui64
                 } else {
@@ -300,7 +316,7 @@ impl Detector {
                 if self.on(kind) {
                     return Some(Found {
                         kind,
-                        canonical: hex.to_ascii_lowercase(),
+                        canonical: hex_canonical(hex),
                     });
                 }
             }
@@ -309,7 +325,10 @@ impl Detector {
     }
 
     /// Groups of one size (2, 3, 4 or 6 hex digits), each separated from the next by one
-    /// separator, that make 12 digits (a MAC) or 16 (an EUI-64).
+    /// separator, that make 12 digits (a MAC) or 16 (an EUI-64). The first group may carry hex
+    /// letters glued before it (`mac3c:22:…`), the last hex letters glued after it. Groups of
+    /// digits only are not an identifier when they read as a decimal number, a list of numbers,
+    /// or a date and a time.
     fn grouped_hex(&self, groups: &[Group]) -> Option<Found> {
         for (kind, digits) in [(IdKind::Eui64, 16), (IdKind::Mac, 12)] {
             if !self.on(kind) {
@@ -320,18 +339,23 @@ impl Detector {
                 if digits % size != 0 || n < 2 {
                     continue;
                 }
-                for window in groups.windows(n) {
-                    let joined = window[1..].iter().all(|g| g.after_one_separator);
-                    // Two groups of digits around a point or a comma are a decimal number.
-                    let decimal = n == 2
-                        && matches!(window[1].separator, Some('.' | ','))
-                        && window
-                            .iter()
-                            .all(|g| g.text.bytes().all(|b| b.is_ascii_digit()));
-                    if joined && !decimal && window.iter().all(|g| g.text.len() == size) {
-                        let canonical: String =
-                            window.iter().map(|g| g.text.to_ascii_lowercase()).collect();
-                        return Some(Found { kind, canonical });
+                for (i, window) in groups.windows(n).enumerate() {
+                    // Digits joined to more digits are part of a longer number (an IMEI in
+                    // groups of 2, 6, 6 and 1), not a MAC.
+                    let digits = |g: &Group| g.text.bytes().all(|b| b.is_ascii_digit());
+                    let longer = window.iter().all(digits)
+                        && (i > 0 && window[0].after_one_separator && digits(&groups[i - 1])
+                            || groups
+                                .get(i + n)
+                                .is_some_and(|g| g.after_one_separator && digits(g)));
+                    if longer {
+                        continue;
+                    }
+                    if let Some(hex) = grouped(window, size) {
+                        return Some(Found {
+                            kind,
+                            canonical: hex_canonical(&hex),
+                        });
                     }
                 }
             }
@@ -351,10 +375,13 @@ impl Detector {
         for number in digit_numbers(run, groups) {
             let digits = number.digits.len();
             let found = if number.groups == 1 {
-                // A bare run of digits glued to letters is part of a word or a code.
+                // A bare run of digits glued to letters is part of a word or a code, unless it is
+                // long enough to be an identifier with a label (`imei356938035643809`,
+                // `tel0612345678`).
                 let glued = number.first == 0 && ends.glued_before
                     || number.last + 1 == groups.len() && ends.glued_after;
-                if glued && !number.plus {
+                let labelled = digits >= 12 || number.digits.starts_with('0') && digits >= 9;
+                if glued && !number.plus && !labelled {
                     continue;
                 }
                 let international = number.plus && (8..=15).contains(&digits);
@@ -362,13 +389,11 @@ impl Detector {
                 if international || national {
                     self.number_found(IdKind::Phone, &number.digits)
                 } else {
-                    number
-                        .digits
-                        .parse::<u64>()
-                        .ok()
-                        .and_then(|n| self.number(n, now_ms))
+                    self.number(&number.digits, now_ms)
                 }
-            } else if (14..=16).contains(&digits) && number.one_kind {
+            } else if (14..=16).contains(&digits)
+                && (number.one_kind || digits == 15 && luhn(number.digits.as_bytes()))
+            {
                 let kind = imei_or_imsi(&number.digits);
                 self.number_found(kind, &number.digits)
             } else if (number.plus || number.trunk) && (8..=15).contains(&digits)
@@ -395,13 +420,13 @@ impl Detector {
     /// A number that is an identifier: 10 or more digits (a phone number with its country code,
     /// a MAC as a 48-bit value, an IMEI or an IMSI), not a time ([`is_time`]). Shorter numbers
     /// are counters, codes and readings as often as national phone numbers.
-    fn number(&self, n: u64, now_ms: Option<i64>) -> Option<Found> {
-        if n < 1_000_000_000 || is_time(n, now_ms) {
+    fn number(&self, digits: &str, now_ms: Option<i64>) -> Option<Found> {
+        let n = digits.parse::<u64>().ok()?;
+        if n < 1_000_000_000 || is_time(n, digits.len(), now_ms) {
             return None;
         }
-        let digits = n.to_string();
         let kind = match digits.len() {
-            14..=16 => imei_or_imsi(&digits),
+            14..=16 => imei_or_imsi(digits),
             _ if (1 << 40..1 << 48).contains(&n) => IdKind::Mac,
             _ => IdKind::Phone,
         };
@@ -415,7 +440,7 @@ impl Detector {
         };
         Some(Found {
             kind,
-            canonical: canonical_digits(&digits),
+            canonical: canonical_digits(digits),
         })
     }
 
@@ -424,30 +449,52 @@ impl Detector {
     fn base64(&self, t: &str, now_ms: Option<i64>) -> Option<Found> {
         let tokens = t.split(|c: char| !(c.is_ascii_alphanumeric() || "+/-_".contains(c)));
         for token in tokens.filter(|t| (8..=BASE64_MAX).contains(&t.len())) {
-            let Some(bytes) = normalise::decode_base64(token) else {
-                continue;
-            };
-            if let Ok(text) = std::str::from_utf8(&bytes)
-                && text.chars().all(|c| !c.is_control() || c.is_whitespace())
-            {
-                if let Some(found) = self.scan(&fold(text), now_ms, false) {
+            // A word or words run together are not decoded. A label glued before the encoding
+            // (`mac` in `macPCL7EjRW`) shifts it by up to three characters.
+            for skip in 0..=3.min(token.len() - 8) {
+                let token = &token[skip..];
+                if !may_be_base64(token) {
+                    continue;
+                }
+                let Some(bytes) = normalise::decode_base64(token) else {
+                    continue;
+                };
+                if let Some(found) = self.decoded(&bytes, looks_random(token), now_ms) {
                     return Some(found);
                 }
-                continue;
-            }
-            let kind = match bytes.len() {
-                6 => IdKind::Mac,
-                8 => IdKind::Eui64,
-                _ => continue,
-            };
-            if self.on(kind) && looks_random(token) {
-                return Some(Found {
-                    kind,
-                    canonical: bytes.iter().map(|b| format!("{b:02x}")).collect(),
-                });
             }
         }
         None
+    }
+
+    /// What base64 decoded to: text is scanned (once: not decoded again); other bytes are a MAC
+    /// or an EUI-64 when there are 6 or 8 of them and their encoding looks `random`, and are
+    /// scanned as text where they are text.
+    fn decoded(&self, bytes: &[u8], random: bool, now_ms: Option<i64>) -> Option<Found> {
+        if let Ok(text) = std::str::from_utf8(bytes)
+            && text.chars().all(|c| !c.is_control() || c.is_whitespace())
+        {
+            return self.scan(&fold(text), now_ms, false);
+        }
+        let kind = match bytes.len() {
+            6 if random => Some(IdKind::Mac),
+            8 if random => Some(IdKind::Eui64),
+            _ => None,
+        };
+        if let Some(kind) = kind.filter(|k| self.on(*k)) {
+            return Some(Found {
+                kind,
+                canonical: hex_canonical(
+                    &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                ),
+            });
+        }
+        // Text with a control character or a byte that is not UTF-8 in it: the text around.
+        let text: String = String::from_utf8_lossy(bytes)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        self.scan(&fold(&text), now_ms, false)
     }
 }
 
@@ -468,14 +515,38 @@ static EVERY_KIND: std::sync::LazyLock<Detector> = std::sync::LazyLock::new(|| {
 /// ([`normalise::plain`]); a number without an identifier, its digits. It does not depend on the
 /// time: no number is taken for a time here.
 pub fn canonical(value: &Value) -> String {
-    if let Some(found) = EVERY_KIND.identify_value(value, None) {
-        return found.canonical;
-    }
     match value {
-        Value::Str(s) => normalise::plain(s),
+        Value::Str(s) => match EVERY_KIND.identify(s, None) {
+            Some(found) => found.canonical,
+            None => normalise::plain(s),
+        },
+        Value::Int(i) if *i > 0 => canonical_number(i.unsigned_abs()),
+        Value::Float(f) if *f > 0.0 && f.fract() == 0.0 && *f < 1.8e19 => {
+            canonical_number(*f as u64)
+        }
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),
         Value::Bool(b) => b.to_string(),
+    }
+}
+
+/// Letters that look like digits, `O` like `0` and `I` or `l` like `1`, read as the digits
+/// where they stand between digits or separators, next to a digit (`3c:22:fb:I2`).
+fn digit_lookalikes(chars: &mut [char]) {
+    let digitish = |c: char| c.is_ascii_digit() || is_separator(c);
+    for i in 1..chars.len().saturating_sub(1) {
+        let digit = match chars[i] {
+            'O' | 'o' => '0',
+            'I' | 'l' => '1',
+            _ => continue,
+        };
+        let (before, after) = (chars[i - 1], chars[i + 1]);
+        if digitish(before)
+            && digitish(after)
+            && (before.is_ascii_digit() || after.is_ascii_digit())
+        {
+            chars[i] = digit;
+        }
     }
 }
 
@@ -497,30 +568,59 @@ struct Shape {
     base64_token: bool,
 }
 
+/// Per ASCII byte, what [`Shape::of`] needs to know of it (bytes of other characters have none
+/// of these).
+const HEX: u8 = 1;
+const RUN: u8 = 2;
+const LOOKALIKE: u8 = 4;
+const BASE64: u8 = 8;
+const BYTE_CLASSES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 128 {
+        let c = b as u8 as char;
+        let mut class = 0;
+        if c.is_ascii_hexdigit() {
+            class |= HEX | RUN;
+        }
+        if matches!(
+            c,
+            ':' | '-' | '.' | '_' | ' ' | '\t' | '/' | '|' | ',' | ';' | '+' | '(' | ')'
+        ) {
+            class |= RUN;
+        }
+        if matches!(c, 'O' | 'o' | 'I' | 'l') {
+            class |= LOOKALIKE;
+        }
+        if c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '-' | '_') {
+            class |= BASE64;
+        }
+        table[b] = class;
+        b += 1;
+    }
+    table
+};
+
 impl Shape {
     fn of(t: &str) -> Self {
         let mut shape = Self::default();
         let (mut hex, mut token) = (0usize, 0usize);
         let mut last_two = [0u8; 2];
-        for c in t.chars() {
-            let lower = if c.is_ascii() {
-                c.to_ascii_lowercase() as u8
-            } else {
-                0
-            };
-            shape.dot |= c == '.' || (lower == b't' && last_two == *b"do");
+        // Bytes, not characters: a character beyond ASCII is neither a digit, a separator nor
+        // base64, and each of its bytes is read as such.
+        for &b in t.as_bytes() {
+            let class = BYTE_CLASSES[usize::from(b)];
+            let lower = b.to_ascii_lowercase();
+            shape.dot |= b == b'.' || (lower == b't' && last_two == *b"do");
             last_two = [last_two[1], lower];
-            hex = if in_hex_run(c) {
-                hex + usize::from(c.is_ascii_hexdigit())
+            // Letters that may stand for digits ([`digit_lookalikes`]) count as digits here.
+            hex = if class & (RUN | LOOKALIKE) != 0 {
+                hex + usize::from(class & (HEX | LOOKALIKE) != 0)
             } else {
                 0
             };
             shape.hex_run |= hex >= 8;
-            token = if c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '-' | '_') {
-                token + 1
-            } else {
-                0
-            };
+            token = if class & BASE64 != 0 { token + 1 } else { 0 };
             shape.base64_token |= token >= 8;
         }
         shape
@@ -552,11 +652,16 @@ struct Group {
 fn groups(run: &[char]) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
     let mut current = String::new();
-    let mut between = 0usize;
-    let mut other = false;
+    // Between the group being read and the one before: spaces, other separators, and whether
+    // anything else (a `+`, a bracket) came.
+    let (mut spaces, mut marks, mut other) = (0usize, 0usize, false);
     let mut separator = None;
     let mut previous = None;
     let mut plus = false;
+    let joined = |spaces: usize, marks: usize, other: bool| {
+        // One separator, perhaps with spaces around it (`3c: 22`, `06 - 1234`), or one space.
+        !other && (marks == 1 && spaces <= 2 || marks == 0 && spaces == 1)
+    };
     for &c in run {
         if c.is_ascii_hexdigit() {
             if current.is_empty() {
@@ -569,27 +674,28 @@ fn groups(run: &[char]) -> Vec<Group> {
         if !current.is_empty() {
             out.push(Group {
                 text: std::mem::take(&mut current),
-                after_one_separator: between == 1 && !other,
+                after_one_separator: joined(spaces, marks, other),
                 separator,
                 after_plus: plus,
             });
-            between = 0;
-            other = false;
+            (spaces, marks, other) = (0, 0, false);
             separator = None;
         }
-        if is_separator(c) {
-            between += 1;
+        if matches!(c, ' ' | '\t') {
+            spaces += 1;
+            separator = separator.or(Some(' '));
+        } else if is_separator(c) {
+            marks += 1;
             separator = Some(c);
         } else {
             other = true;
-            between += 2;
         }
         previous = Some(c);
     }
     if !current.is_empty() {
         out.push(Group {
             text: current,
-            after_one_separator: between == 1 && !other,
+            after_one_separator: joined(spaces, marks, other),
             separator,
             after_plus: plus,
         });
@@ -638,7 +744,9 @@ fn digit_numbers(run: &[char], groups: &[Group]) -> Vec<Number> {
         while j < groups.len()
             && digits_only(&groups[j])
             && (groups[j].after_one_separator || bracketed)
-            && groups[j].separator != Some(':')
+            && !groups[j]
+                .separator
+                .is_some_and(|c| c == ':' || normalise::is_list_separator(c))
             && !is_date(groups, j)
         {
             j += 1;
@@ -647,7 +755,10 @@ fn digit_numbers(run: &[char], groups: &[Group]) -> Vec<Number> {
         let digits: String = parts.iter().map(|g| g.text.as_str()).collect();
         let separators: Vec<Option<char>> = parts[1..].iter().map(|g| g.separator).collect();
         let one_kind = separators.windows(2).all(|w| w[0] == w[1]);
-        let decimal = parts.len() == 2 && separators == [Some('.')] && digits.len() < 14;
+        let decimal = parts.len() == 2
+            && separators == [Some('.')]
+            && digits.len() < 14
+            && !groups[i].after_plus;
         if !decimal {
             out.push(Number {
                 groups: parts.len(),
@@ -667,7 +778,8 @@ fn digit_numbers(run: &[char], groups: &[Group]) -> Vec<Number> {
 }
 
 /// Whether the groups from `i` write a calendar date, `2016-03-15`, `2016/03/15`, `15.03.2016`,
-/// `15/03/2016` or `15-03-2016`: one separator kind, a year from 1900 to 2199, a month and a day.
+/// `15/03/2016`, `15-03-2016` or `15-03-16`: one separator kind, a year from 1900 to 2199 (or of
+/// two digits, last), a month and a day.
 /// A date is neither a number nor part of one.
 fn is_date(groups: &[Group], i: usize) -> bool {
     let Some(g) = groups.get(i..i + 3) else {
@@ -694,8 +806,14 @@ fn is_date(groups: &[Group], i: usize) -> bool {
     let day_month = |d: u32, m: u32, k: usize| {
         (1..=31).contains(&d) && (1..=12).contains(&m) && g[k].text.len() <= 2
     };
+    // A year of two digits (`01-12-26`) only where the date ends there: `06-12-34-56-78` is a
+    // phone number.
+    let ends = groups
+        .get(i + 3)
+        .is_none_or(|next| !next.after_one_separator || next.separator != separator);
+    let short_year = g[2].text.len() == 2 && ends;
     (year(0, a) && day_month(c, b, 1) && g[2].text.len() <= 2)
-        || (year(2, c) && day_month(a, b, 0) && g[1].text.len() <= 2)
+        || ((year(2, c) || short_year) && day_month(a, b, 0) && g[1].text.len() <= 2)
 }
 
 /// IMEI when the 15 digits pass the Luhn check (or there are 14 or 16 of them), else IMSI.
@@ -707,32 +825,107 @@ fn imei_or_imsi(digits: &str) -> IdKind {
     }
 }
 
-/// The canonical form of a number's digits: 12 hex digits when it is a 48-bit value of a MAC's
-/// size (so a MAC written as a number and in hex are one), else its digits with an international
-/// prefix `00` dropped.
-fn canonical_digits(digits: &str) -> String {
-    if !digits.starts_with('0')
-        && let Ok(n) = digits.parse::<u64>()
-        && (1 << 40..1 << 48).contains(&n)
-    {
-        return format!("{n:012x}");
+/// The hex digits of `window`'s groups, if they write one identifier in groups of `size`.
+fn grouped(window: &[Group], size: usize) -> Option<String> {
+    let last = window.len() - 1;
+    let letters = |t: &str| t.bytes().all(|b| b.is_ascii_alphabetic());
+    let mut hex = String::with_capacity(size * window.len());
+    for (k, g) in window.iter().enumerate() {
+        let t = g.text.as_str();
+        let part = if t.len() == size {
+            t
+        } else if k == 0 && t.len() > size && letters(&t[..t.len() - size]) {
+            &t[t.len() - size..]
+        } else if k == last && k > 0 && t.len() > size && letters(&t[size..]) {
+            &t[..size]
+        } else {
+            return None;
+        };
+        if k > 0 && !g.after_one_separator {
+            return None;
+        }
+        hex.push_str(part);
     }
-    digits.strip_prefix("00").unwrap_or(digits).to_owned()
+    if hex.bytes().all(|b| b.is_ascii_digit()) {
+        let separators: Vec<Option<char>> = window[1..].iter().map(|g| g.separator).collect();
+        let decimal = window.len() == 2 && matches!(separators[0], Some('.' | ','));
+        let list = separators
+            .iter()
+            .any(|c| c.is_some_and(normalise::is_list_separator));
+        // `01-12-26 12:34:56`: a date, a space, a time.
+        let value = |k: usize| window[k].text.parse::<u32>().unwrap_or(99);
+        let date_time = window.len() == 6
+            && separators[2] == Some(' ')
+            && separators[3..] == [Some(':'), Some(':')]
+            && value(3) <= 23
+            && value(4) <= 59
+            && value(5) <= 59;
+        if decimal || list || date_time {
+            return None;
+        }
+    }
+    Some(hex)
 }
 
-/// Whether `n` reads as a time from 2005 to a year after `now_ms` (or 2100 without it), in
-/// seconds, milliseconds, microseconds or nanoseconds since the Unix epoch. No phone number with
-/// its country code does: those of 10 to 12 digits read as times before 2005 or after 2100 in
-/// every unit, and country codes do not begin with the digits of a 13-digit time.
-fn is_time(n: u64, now_ms: Option<i64>) -> bool {
+/// The canonical form of a MAC or an EUI-64 from its hex digits: that of the number they write
+/// ([`canonical_number`]), so that the value written in hex, as a number or in base64 is one.
+fn hex_canonical(hex: &str) -> String {
+    u64::from_str_radix(hex, 16).map_or_else(|_| hex.to_ascii_lowercase(), canonical_number)
+}
+
+/// The canonical form of a number: 12 hex digits when it is a 48-bit value of the size most MACs
+/// have, its decimal digits otherwise. A MAC and an EUI-64 have the form of their value too, so
+/// every spelling of one value is one.
+fn canonical_number(n: u64) -> String {
+    if (1 << 40..1 << 48).contains(&n) {
+        format!("{n:012x}")
+    } else {
+        n.to_string()
+    }
+}
+
+/// The canonical form of a number's digits: after an international prefix `00` is dropped, that
+/// of the number they write ([`canonical_number`]), unless they begin with a trunk `0`, which is
+/// kept.
+fn canonical_digits(digits: &str) -> String {
+    let digits = digits.strip_prefix("00").unwrap_or(digits);
+    match digits.parse::<u64>() {
+        Ok(n) if !digits.starts_with('0') => canonical_number(n),
+        _ => digits.to_owned(),
+    }
+}
+
+/// Whether `n` reads as a time from 2005 to a year after `now_ms`, in seconds, milliseconds,
+/// microseconds or nanoseconds since the Unix epoch; without a clock, no number is a time. No
+/// phone number with its country code reads as such a time: those of 10 to 12 digits read as
+/// times before 2005 or after 2100 in every unit, and country codes do not begin with the
+/// digits of a 13-digit time.
+fn is_time(n: u64, written: usize, now_ms: Option<i64>) -> bool {
     /// 2005-01-01T00:00:00Z.
     const EARLIEST_MS: i128 = 1_104_537_600_000;
-    /// 2100-01-01T00:00:00Z.
-    const LATEST_MS: i128 = 4_102_444_800_000;
-    let latest = now_ms.map_or(LATEST_MS, |now| i128::from(now) + i128::from(TIME_SLACK_MS));
+    let Some(now) = now_ms else {
+        return false;
+    };
+    let latest = i128::from(now) + i128::from(TIME_SLACK_MS);
     let plausible = |ms: i128| (EARLIEST_MS..=latest).contains(&ms);
+    // A time is written without leading zeros: as many digits as its unit's times have.
     let n = i128::from(n);
-    plausible(n * 1000) || plausible(n) || plausible(n / 1000) || plausible(n / 1_000_000)
+    [(1000, 1, 10), (1, 1, 13), (1, 1000, 16), (1, 1_000_000, 19)]
+        .into_iter()
+        .any(|(mul, div, len)| written == len && plausible(n * mul / div))
+}
+
+/// Whether a token may be base64 worth decoding: not one kind of character only (`ABCDEFGH`,
+/// `temperature`), and not words run together ([`camel_words`]).
+fn may_be_base64(token: &str) -> bool {
+    let b = token.as_bytes();
+    let kinds = [
+        b.iter().any(u8::is_ascii_uppercase),
+        b.iter().any(u8::is_ascii_lowercase),
+        b.iter().any(u8::is_ascii_digit),
+        b.iter().any(|c| !c.is_ascii_alphanumeric()),
+    ];
+    kinds.iter().filter(|k| **k).count() >= 2 && !camel_words(token)
 }
 
 /// Whether a base64 token looks like encoded bytes rather than a word or a code: it holds `+`
@@ -833,9 +1026,13 @@ fn email(t: &str) -> Option<Found> {
         let domain: String = chars[i + 1..end].iter().collect();
         let domain = domain.trim_end_matches(['.', '-']);
         let labels: Vec<&str> = domain.split('.').collect();
-        let tld_ok = labels
-            .last()
-            .is_some_and(|tld| tld.chars().count() >= 2 && tld.chars().all(char::is_alphabetic));
+        // A top-level domain of letters, or in punycode (`xn--p1ai`).
+        let tld_ok = labels.last().is_some_and(|tld| {
+            tld.chars().count() >= 2 && tld.chars().all(char::is_alphabetic)
+                || tld.len() > 4
+                    && tld.starts_with("xn--")
+                    && tld.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
         if labels.len() >= 2 && labels.iter().all(|l| !l.is_empty()) && tld_ok {
             let local: String = chars[start..i].iter().collect();
             return Some(Found {
@@ -847,34 +1044,51 @@ fn email(t: &str) -> Option<Found> {
     None
 }
 
-/// `at` spelled out in brackets (`(at)`, `[ at ]`, `{at}`, `<at>`), or as a word between spaces.
+/// `@` or `at` in brackets (`(at)`, `[ at ]`, `{@}`, `<at>`), `at` as a word between spaces, and
+/// `@` with spaces around it.
 static SPELLED_AT: std::sync::LazyLock<Regex> = std::sync::LazyLock::new(|| {
-    Regex::new(r"(?i) ?[(\[{<] ?at ?[)\]}>] ?| at ").expect("a valid pattern")
+    Regex::new(r"(?i) *[(\[{<] *(?:at|@) *[)\]}>] *| +at +| *@ *").expect("a valid pattern")
 });
 
-/// `dot` spelled out in the same ways.
+/// `.` or `dot` in brackets, `dot` as a word between spaces, and `.` with spaces on both sides.
 static SPELLED_DOT: std::sync::LazyLock<Regex> = std::sync::LazyLock::new(|| {
-    Regex::new(r"(?i) ?[(\[{<] ?dot ?[)\]}>] ?| dot ").expect("a valid pattern")
+    Regex::new(r"(?i) *[(\[{<] *(?:dot|\.) *[)\]}>] *| +dot +| +\. +").expect("a valid pattern")
 });
 
 /// A plate pattern as the detector matches it: in any case, and with any separators (or none)
-/// where the pattern has a space, `-`, `.`, `_` or `\s` between its parts, so that `AB-123-CD`,
+/// where the pattern has a space, `-`, `.`, `_`, `/` or `\s`, or nothing, between its parts, so
+/// that `AB-123-CD`,
 /// `ab 123 cd` and `AB123CD` all match `[A-Z]{2}-[0-9]{3}-[A-Z]{2}`.
 pub fn plate_pattern(pattern: &str) -> Result<Regex, regex::Error> {
     use regex_syntax::ast::{self, Ast};
     let mut ast = ast::parse::Parser::new()
         .parse(pattern)
         .map_err(|e| regex::Error::Syntax(e.to_string()))?;
-    fn loosen(ast: &mut Ast) {
-        let separator = match ast {
-            Ast::Literal(l) => matches!(l.c, ' ' | '-' | '.' | '_' | '\u{00B7}'),
+    /// `[\s\-._·/|]*`: any separators, or none.
+    fn loose() -> Option<Ast> {
+        ast::parse::Parser::new().parse(r"[\s\-._·/|]*").ok()
+    }
+    fn is_separator(ast: &Ast) -> bool {
+        match ast {
+            Ast::Literal(l) => matches!(l.c, ' ' | '-' | '.' | '_' | '/' | '\u{00B7}'),
             Ast::ClassPerl(c) => c.kind == ast::ClassPerlKind::Space && !c.negated,
             _ => false,
-        };
-        if separator {
-            // `[\s\-._·]*`, any separators or none.
-            if let Ok(loose) = ast::parse::Parser::new().parse(r"[\s\-._·]*") {
-                *ast = loose;
+        }
+    }
+    /// Whether `ast` matches the letters or digits of a plate (not a separator or an anchor).
+    fn is_part(ast: &Ast) -> bool {
+        match ast {
+            Ast::Literal(l) => l.c.is_alphanumeric(),
+            Ast::ClassBracketed(_) | Ast::ClassUnicode(_) | Ast::Group(_) => true,
+            Ast::ClassPerl(c) => c.kind != ast::ClassPerlKind::Space,
+            Ast::Repetition(r) => is_part(&r.ast),
+            _ => false,
+        }
+    }
+    fn loosen(ast: &mut Ast) {
+        if is_separator(ast) {
+            if let Some(l) = loose() {
+                *ast = l;
             }
             return;
         }
@@ -882,7 +1096,20 @@ pub fn plate_pattern(pattern: &str) -> Result<Regex, regex::Error> {
             Ast::Repetition(r) => loosen(&mut r.ast),
             Ast::Group(g) => loosen(&mut g.ast),
             Ast::Alternation(a) => a.asts.iter_mut().for_each(loosen),
-            Ast::Concat(c) => c.asts.iter_mut().for_each(loosen),
+            Ast::Concat(c) => {
+                // Separators where the pattern has none, between its parts: a pattern written
+                // `[A-Z]{2}[0-9]{3}` matches `AB 123` too.
+                let mut parts: Vec<Ast> = Vec::with_capacity(2 * c.asts.len());
+                for mut part in c.asts.drain(..) {
+                    let between = parts.last().is_some_and(is_part) && is_part(&part);
+                    loosen(&mut part);
+                    if between && let Some(l) = loose() {
+                        parts.push(l);
+                    }
+                    parts.push(part);
+                }
+                c.asts = parts;
+            }
             _ => {}
         }
     }

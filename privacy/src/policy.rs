@@ -853,12 +853,40 @@ fn overlapping_aggregates(
     for j in 0..n {
         for i in 0..j {
             let (a, b) = (&streams[i], &streams[j]);
-            let (Some(x), Some(y)) = (&a.aggregate, &b.aggregate) else {
-                continue;
-            };
             if !overlap(a, b) {
                 continue;
             }
+            let (x, y) = match (&a.aggregate, &b.aggregate) {
+                (Some(x), Some(y)) => (x, y),
+                (None, None) => continue,
+                (Some(agg), None) | (None, Some(agg)) => {
+                    // Readings published one by one undo the counts of the same readings.
+                    let (raw, aggregated) = if a.aggregate.is_none() {
+                        (a, b)
+                    } else {
+                        (b, a)
+                    };
+                    let message = format!(
+                        "stream '{}' publishes readings of the topics stream '{}' aggregates: its records undo the aggregate's minimum group size{}",
+                        raw.name,
+                        aggregated.name,
+                        if agg.noise.is_some() {
+                            " and noise"
+                        } else {
+                            ""
+                        }
+                    );
+                    if agg.noise.is_none() && agg.accept_exact_counts {
+                        diags.warning(name_spans[j].clone(), message);
+                    } else {
+                        diags.error(
+                            name_spans[j].clone(),
+                            format!("{message}; give the streams topics that do not overlap"),
+                        );
+                    }
+                    continue;
+                }
+            };
             match (&x.noise, &y.noise) {
                 (Some(_), Some(_)) => {
                     let root = pool[i];
@@ -869,18 +897,22 @@ fn overlapping_aggregates(
                         }
                     }
                 }
-                _ => {
+                (noise_x, noise_y) => {
                     let message = format!(
                         "streams '{}' and '{}' aggregate readings of the same topics and not both with noise: a group one suppresses can be derived from the other's (differencing)",
                         a.name, b.name
                     );
-                    if x.accept_exact_counts && y.accept_exact_counts {
+                    // Exact counts beside noisy ones undo the noise: never accepted.
+                    let exact_both = noise_x.is_none() && noise_y.is_none();
+                    if exact_both && x.accept_exact_counts && y.accept_exact_counts {
                         diags.warning(name_spans[j].clone(), message);
                     } else {
-                        diags.error(
-                            name_spans[j].clone(),
-                            format!("{message}; add [stream.aggregate.noise] to both, or set accept_exact_counts = true in both"),
-                        );
+                        let fix = if exact_both {
+                            "add [stream.aggregate.noise] to both, or set accept_exact_counts = true in both"
+                        } else {
+                            "add [stream.aggregate.noise] to both"
+                        };
+                        diags.error(name_spans[j].clone(), format!("{message}; {fix}"));
                     }
                 }
             }

@@ -170,10 +170,16 @@ mod tests {
     fn canonical_forms() {
         for (id, want) in [
             ("3C:22:FB:12:34:56", "3c22fb123456"),
-            ("00-1b-63-ff-fe-84-88-b4", "001b63fffe8488b4"),
+            // An EUI-64, and a MAC beginning 00: the decimal digits of their value, as when they
+            // are written as numbers.
+            ("00-1b-63-ff-fe-84-88-b4", "7709775509096628"),
+            ("00:17:88:01:02:03", "101066015235"),
             ("3c22.fb12.3456", "3c22fb123456"),
-            ("  AB-1234-CD ", "ab-1234-cd"),
-            ("Ärzte", "ärzte"),
+            ("  AB-1234-CD ", "ab1234cd"),
+            ("ab 1234 cd", "ab1234cd"),
+            ("Ärzte", "arzte"),
+            ("+49 151 12345678", "04786386804e"),
+            ("0049 151 12345678", "04786386804e"),
             ("", ""),
         ] {
             assert_eq!(

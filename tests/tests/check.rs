@@ -169,7 +169,7 @@ fn dry_run_explains_every_field_and_is_deterministic() {
         "left out of the windows (Bounded)",
         "summary: 7 samples, 3 records out, 1 into windows, 1 unrouted, 1 rejected whole",
         "into the window from 2024-01-01T00:00:00.000Z",
-        "[counter_id=\"pc-01\"]: 1 contributor(s): suppressed",
+        "[counter_id=\"pc-01\"]: fewer than 10 contributors: suppressed",
         "windows: 0 groups released, 1 suppressed below the minimum group size",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
@@ -442,4 +442,38 @@ fn run_reads_its_worker_threads_from_the_environment_and_refuses_zero() {
         stderr.contains("invalid value '0' for '--worker-threads"),
         "{stderr}"
     );
+}
+
+/// `hubgate dry-run` echoes no identifier from a sample's topic, and says only on which side of
+/// k a group's number of contributors is.
+#[test]
+fn dry_run_masks_identifiers_in_topics_and_hides_exact_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples.jsonl");
+    std::fs::write(
+        &samples,
+        "{\"topic\": \"city/footfall/3C-22-FB-12-34-56/probe\", \"payload\": {\"counter_id\": \"pc-01\", \"mac\": \"3c:22:fb:12:34:56\", \"rssi\": -60, \"ts\": 1704067200}}\n\
+         {\"topic\": \"city/footfall/pc-01/probe\", \"payload\": {\"counter_id\": \"pc-01\", \"mac\": \"3c:22:fb:12:34:57\", \"rssi\": -61, \"ts\": 1704067201}}\n",
+    )
+    .unwrap();
+    let out = Command::new(gateway_bin!())
+        .arg("dry-run")
+        .arg("--config")
+        .arg(hubgate_tests::repo().join("deploy/hubgate.toml"))
+        .arg("--input")
+        .arg(&samples)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(!text.to_lowercase().contains("3c-22-fb"), "{text}");
+    assert!(
+        text.contains("sample 1: city/footfall/<a name holding an identifier (mac)>/probe"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fewer than 10 contributors: suppressed"),
+        "{text}"
+    );
+    assert!(!text.contains("2 contributor"), "{text}");
 }

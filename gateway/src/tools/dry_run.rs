@@ -183,7 +183,14 @@ pub fn run(policy: &Policy, input: impl BufRead) -> anyhow::Result<String> {
         policy,
         key: fresh_key()?,
         masks: Masks::default(),
-        names: Detector::new(IdKind::ALL.to_vec(), Vec::new()),
+        names: Detector::new(
+            IdKind::ALL.to_vec(),
+            policy
+                .streams()
+                .iter()
+                .flat_map(|s| s.identifiers.detector.plates().iter().cloned())
+                .collect(),
+        ),
         decoder: Decoder::default(),
         windows: policy
             .streams()
@@ -228,7 +235,12 @@ impl DryRun<'_> {
     fn sample(&mut self, sample: &Sample) {
         self.sum.samples += 1;
         let topic = sample.topic.as_str();
-        let _ = write!(self.report, "sample {}: {topic}", sample.line);
+        let _ = write!(
+            self.report,
+            "sample {}: {}",
+            sample.line,
+            masked_topic(topic, &self.names)
+        );
         let streams: Vec<usize> = self.policy.route(topic).collect();
         if streams.is_empty() {
             self.sum.unrouted += 1;
@@ -403,20 +415,18 @@ fn close_windows(
         for (start, key, contributors) in state.groups() {
             last_start = last_start.max(start);
             let key = group_label(spec, &key, masks);
+            // The number of contributors is not shown: only which side of k it is on.
             let fate = match selection {
-                Some(selection) if contributors as u64 >= k => format!(
-                    "released if its noisy count reaches {}, with probability {:.3}",
+                _ if (contributors as u64) < k => {
+                    format!("fewer than {k} contributors: suppressed")
+                }
+                Some(selection) => format!(
+                    "at least {k} contributors: released if its noisy count reaches {}",
                     selection.threshold(),
-                    selection.release_probability(contributors as u64)
                 ),
-                None if contributors as u64 >= k => "released".to_owned(),
-                _ => "suppressed".to_owned(),
+                None => format!("at least {k} contributors: released"),
             };
-            let _ = writeln!(
-                report,
-                "  {} [{key}]: {contributors} contributor(s): {fate}",
-                time(start),
-            );
+            let _ = writeln!(report, "  {} [{key}]: {fate}", time(start));
         }
         let mut pool = PoolBudget::default();
         let closed = last_start
@@ -519,6 +529,15 @@ fn read_samples(input: impl BufRead) -> anyhow::Result<Vec<Sample>> {
         });
     }
     Ok(samples)
+}
+
+/// A topic as the report shows it: a level that holds an identifier is not echoed.
+fn masked_topic(topic: &str, detector: &Detector) -> String {
+    topic
+        .split('/')
+        .map(|level| shown(level, detector))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// A field path as the report shows it: a path that holds an identifier in any spelling the

@@ -17,7 +17,21 @@ fn fold_takes_spellings_to_plain_text() {
         ("ana@example\u{3002}org", "ana@example.org"),
         ("ana@example\u{ff61}org", "ana@example.org"),
         ("\u{0430}\u{0435}", "ae"),
-        ("Ärzte", "Ärzte"),
+        ("Ärzte", "Arzte"),
+        ("3c&#58;22&#x3A;fb&colon;12", "3c:22:fb:12"),
+        ("ana&commat;example&period;org", "ana@example.org"),
+        ("\\x33\\x63\\u003a22\\u{3a}fb", "3c:22:fb"),
+        ("3c\u{ff05}3A22", "3c:22"),
+        ("3c%3\u{200b}A22", "3c:22"),
+        ("3c%25253A22", "3c:22"),
+        (
+            "3c\u{2014}22\u{2013}fb\u{2022}12\u{30fb}34",
+            "3c-22-fb.12.34",
+        ),
+        ("3\u{0107}:2\u{0332}2", "3c:22"),
+        ("100%", "100%"),
+        ("&amp;", "&"),
+        ("a & b \\ c", "a & b \\ c"),
         ("北京", "北京"),
     ] {
         assert_eq!(fold(text), want, "{text:?}");

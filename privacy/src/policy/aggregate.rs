@@ -736,4 +736,97 @@ mean_rssi = { fn = "mean", field = "rssi", min = -100, max = 0 }
             "{d:#?}"
         );
     }
+
+    /// A second stream over the same readings: BASE's stream under another name, topics and
+    /// aggregate tail (`noise`, `accept`), or a stream that publishes readings (`raw`).
+    fn second(name: &str, topic: &str, tail: &str) -> String {
+        BASE.replace("name = \"footfall\"", &format!("name = \"{name}\""))
+            .replace("city/footfall/+/probe", topic)
+            + tail
+    }
+
+    const NOISE: &str = "\n[stream.aggregate.noise]\nepsilon = 0.5\ndaily_budget = 48.0\n";
+    const ACCEPT: &str = "contributor = \"mac\"\naccept_exact_counts = true";
+
+    fn errors_and_warnings(src: &str) -> (Vec<String>, Vec<String>) {
+        let d = diagnostics(src);
+        let of = |severity: Severity| {
+            d.iter()
+                .filter(|(s, _, m)| *s == severity && m.contains("same topics"))
+                .map(|(_, _, m)| m.clone())
+                .collect::<Vec<_>>()
+        };
+        (of(Severity::Error), of(Severity::Warning))
+    }
+
+    /// Two aggregates over the same readings: exact counts beside each other are refused unless
+    /// both accept them; exact counts beside noisy ones always; noisy ones share one budget.
+    #[test]
+    fn overlapping_aggregates_are_refused_or_share_a_budget() {
+        let exact = BASE.to_owned() + &second("cells", "city/+/+/probe", "");
+        let (errors, _) = errors_and_warnings(&exact);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("differencing"), "{errors:?}");
+
+        let accepted = BASE.replace("contributor = \"mac\"", ACCEPT)
+            + &second("cells", "city/#", "").replace("contributor = \"mac\"", ACCEPT);
+        let (errors, warnings) = errors_and_warnings(&accepted);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+
+        let mixed = BASE.replace("contributor = \"mac\"", ACCEPT)
+            + &second("cells", "city/footfall/#", NOISE).replace("contributor = \"mac\"", ACCEPT);
+        let (errors, _) = errors_and_warnings(&mixed);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+
+        let noisy = BASE.to_owned()
+            + NOISE
+            + &second(
+                "cells",
+                "city/footfall/pc-01/probe",
+                &NOISE.replace("48.0", "24.0"),
+            );
+        let (errors, warnings) = errors_and_warnings(&noisy);
+        assert!(
+            errors.is_empty() && warnings.is_empty(),
+            "{errors:?} {warnings:?}"
+        );
+        let (policy, _) = from_toml(&noisy).unwrap();
+        for stream in policy.streams() {
+            let noise = stream.aggregate.as_ref().unwrap().noise.as_ref().unwrap();
+            assert_eq!(noise.budget_pool, "footfall");
+            assert_eq!(noise.pool_budget_micro, 24_000_000);
+        }
+
+        // Topics that share no message: nothing to say.
+        let apart = BASE.to_owned() + &second("parking", "city/parking/+/probe", "");
+        assert_eq!(errors_and_warnings(&apart), (vec![], vec![]));
+    }
+
+    /// A stream that publishes readings of the topics an aggregate counts undoes it.
+    #[test]
+    fn a_stream_of_readings_over_an_aggregate_s_topics_is_refused() {
+        let raw = |topic: &str| {
+            format!(
+                "\n[[stream]]\nname = \"raw\"\ntopics = [\"{topic}\"]\npurpose = \"p\"\nlegal_basis = \"l\"\nprinciples = [\"community_participation\"]\nretention = \"1d\"\n\n[stream.fields]\nrssi = \"keep\"\n"
+            )
+        };
+        let d = diagnostics(&(BASE.to_owned() + NOISE + &raw("city/#")));
+        assert!(
+            d.iter().any(|(s, _, m)| *s == Severity::Error
+                && m.contains("publishes readings of the topics stream 'footfall' aggregates")),
+            "{d:#?}"
+        );
+        let accepted =
+            BASE.replace("contributor = \"mac\"", ACCEPT) + &raw("city/footfall/+/probe");
+        let d = diagnostics(&accepted);
+        assert!(
+            d.iter()
+                .any(|(s, _, m)| *s == Severity::Warning && m.contains("undo")),
+            "{d:#?}"
+        );
+        assert!(!d.iter().any(|(s, _, _)| *s == Severity::Error), "{d:#?}");
+        let d = diagnostics(&(BASE.to_owned() + &raw("city/air/+/reading")));
+        assert!(!d.iter().any(|(_, _, m)| m.contains("undo")), "{d:#?}");
+    }
 }
