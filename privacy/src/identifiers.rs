@@ -6,26 +6,35 @@
 //! suppressed: the field is dropped or its value replaced by a pseudonym, as the stream's policy
 //! says.
 //!
-//! Detection runs on the folded text ([`crate::normalise::fold`]): percent-decoded, invisible
-//! characters removed, NFKC, digits of every script and look-alike letters made ASCII. On it:
-//! - **hex identifiers**: groups of hex digits separated by `:`, `-`, `.`, `_`, spaces or `/`
-//!   (mixed or not), of one size (2, 3, 4 or 6) making 12 digits (a MAC) or 16 (an EUI-64);
-//!   and 12 to 16 hex digits in one run that holds a letter, also glued to other letters or
-//!   after `0x`;
-//! - **numbers**: digits grouped with spaces, dashes, dots, slashes or brackets: 14 to 16 digits
-//!   (an IMEI, with Luhn, or an IMSI), `+` or a leading trunk `0` and 8 to 15 digits, three or more
-//!   groups of 2 to 4 digits (a national phone number), and any bare run of 8 or more digits
-//!   that is not a time near now (a phone number, an IMEI, or a MAC written as a number);
-//! - **e-mail addresses**, with international domains and an "at" or "dot" spelled out in
-//!   brackets or between spaces;
+//! Detection runs on the folded text ([`crate::normalise::fold`]): escapes decoded, invisible
+//! characters and combining marks removed, NFKC, digits of every script and look-alike letters
+//! made ASCII. A first pass over it says which detectors can find anything. On it:
+//! - **hex identifiers**: groups of hex digits separated by `:`, `-`, `.`, `_`, `/`, `|`, spaces
+//!   or tabs (mixed or not, one separator between groups with spaces around it allowed; `,` and
+//!   `;` only where a group holds a letter), of one size (2, 3, 4 or 6) making 12 digits (a MAC)
+//!   or 16 (an EUI-64), the first and last group perhaps glued to a label's hex letters; and 12 to
+//!   16 hex digits in one run that holds a letter, also glued to other letters or after `0x`.
+//!   `O`, `I` and `l` between digits are read as digits. Digits only are not a MAC when they read
+//!   as a decimal number, a list of numbers, a date and a time, or part of a longer number;
+//! - **numbers**: digits grouped with spaces, dashes, dots, slashes or brackets (calendar dates
+//!   neither are numbers nor join them): 14 to 16 digits (an IMEI, with Luhn, or an IMSI; mixed
+//!   separators when the Luhn check passes), `+` or a leading trunk `0` and 8 to 15 digits, three
+//!   or more groups of 2 to 4 digits (a national phone number), and any bare run of 10 or more
+//!   digits that is not a time (2005 to a year ahead, in any unit): a phone number with its
+//!   country code, an IMEI, or a MAC written as a number. Digits glued to letters are a word's, unless there are 12 or more,
+//!   or 9 or more after a trunk `0` (`imei356…`, `tel0612…`);
+//! - **e-mail addresses**, with international or punycode domains, and `@` or `.` spelled out
+//!   ("at", "dot"), in brackets, or with spaces around;
 //! - **licence plates**: the stream's patterns, matched in any case and with any spacing or
 //!   separators between their parts (see [`plate_pattern`]);
-//! - **base64**: a token that decodes to text is scanned as text; one that decodes to 6 or 8
-//!   bytes and looks random is a MAC or an EUI-64.
+//! - **base64**: a token that may be base64 (not a word, not one kind of character), also after a
+//!   glued label of up to three characters, that decodes to text is scanned as text; one that
+//!   decodes to 6 or 8 bytes and looks random is a MAC or an EUI-64.
 //!
-//! JSON numbers are scanned by the same number rule ([`Detector::find_value`]): an integer of 8
-//! or more digits (or a float with no fraction) is an identifier unless it is a time within a
-//! year of now in seconds, milliseconds, microseconds or nanoseconds.
+//! JSON numbers are scanned by the same number rule ([`Detector::find_value`]): an integer of 10
+//! or more digits (without its sign), or a float with no fraction, is an identifier unless it is
+//! a time. National phone numbers of 8 or 9 digits written as bare numbers are not found: as many
+//! counters and codes have that many digits.
 //!
 //! Each identifier found has a canonical form ([`Found::canonical`]): every spelling of it gives
 //! the same, so that it gets one pseudonym.
