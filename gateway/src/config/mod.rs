@@ -48,6 +48,7 @@ pub use mqtt::{DeviceLimit, Limit, MqttConfig, MqttTlsConfig};
 pub use nats::{NatsConfig, NatsPayload};
 pub use register::RegisterConfig;
 pub use store::{Engine, OnFull, StoreConfig};
+pub use units::redacted;
 pub use upstream::{UpstreamConfig, valid_origin};
 
 /// The embedded default configuration: a small district's policy, used by `hubgate run` without a
@@ -145,6 +146,7 @@ pub fn parse(source: &str) -> Result<(Config, Vec<Diagnostic>), Rejected> {
         diagnostics: d.into_sorted(),
     })?;
     let mut diags = Diagnostics::default();
+    units::refuse_credentials(&doc, &mut diags);
     let mut sections = Sections::of(doc, &mut diags);
     let whole = 0..source.len().min(1);
     let (mqtt, mqtt_keys) = sections.take::<MqttConfig>("mqtt", whole.clone(), &mut diags);

@@ -104,7 +104,7 @@ impl NatsConfig {
                 keys.at("url"),
                 format!(
                     "nats.url '{}' must be tls://host:port (or nats:// on a trusted network)",
-                    self.url
+                    super::units::redacted(&self.url)
                 ),
             );
         }
@@ -125,12 +125,6 @@ impl NatsConfig {
         }
         if !(1..=16_384).contains(&self.window) {
             diags.error(keys.at("window"), "nats.window must be between 1 and 16384");
-        }
-        if self.url.contains('@') {
-            diags.error(
-                keys.at("url"),
-                "nats.url must not hold credentials: put the token in nats.token_file",
-            );
         }
         if self.duplicate_window < Duration::from_secs(1) {
             diags.error(

@@ -40,7 +40,10 @@ impl RegisterConfig {
         {
             diags.error(
                 keys.at("public_url"),
-                format!("register.public_url '{url}' must be an http:// or https:// address"),
+                format!(
+                    "register.public_url '{}' must be an http:// or https:// address",
+                    super::units::redacted(url)
+                ),
             );
         }
         if let Some(date) = &self.end_date

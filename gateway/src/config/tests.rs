@@ -205,6 +205,15 @@ fn upstream_settings_are_checked() {
     assert!(e.iter().any(|m| m.contains("upstream.origin")));
     assert!(e.iter().any(|m| m.contains("'weather'")));
     assert!(e.iter().any(|m| m.contains("upstream.batch")));
+    // Credentials in the endpoint would be printed by `explain`, the register and the log.
+    let e = errors(&with(
+        "endpoint = \"http://user:s3cret@hub:50051\"\norigin = \"district-1\"\nstreams = [\"noise\"]",
+    ));
+    assert!(
+        e.iter().any(|m| m.contains("must not hold credentials")),
+        "{e:?}"
+    );
+    assert!(e.iter().all(|m| !m.contains("s3cret")), "{e:?}");
 }
 
 #[test]
@@ -230,6 +239,24 @@ fn register_settings_are_checked() {
     assert!(
         messages.iter().any(|m| m.contains("end_date '31/12/2030'")),
         "{messages:?}"
+    );
+    // Every published string is scanned for URLs with credentials.
+    let src = DEFAULT_CONFIG.replace(
+        "contact = \"privacy@example.city\"",
+        "contact = \"see https://ops:s3cret@city.example/contact\"",
+    );
+    let err = parse(&src).unwrap_err();
+    assert!(
+        err.diagnostics.iter().any(|d| d
+            .message
+            .contains("register.contact must not hold credentials")),
+        "{:?}",
+        err.diagnostics
+    );
+    assert!(
+        err.diagnostics
+            .iter()
+            .all(|d| !d.message.contains("s3cret"))
     );
     // Without a controller: a warning, not an error.
     let src = DEFAULT_CONFIG.replace("controller = ", "# controller = ");

@@ -77,7 +77,7 @@ impl UpstreamConfig {
                 keys.at("endpoint"),
                 format!(
                     "upstream.endpoint '{}' must be https://host:port (or http:// on a trusted network)",
-                    self.endpoint
+                    super::units::redacted(&self.endpoint)
                 ),
             );
         }

@@ -166,7 +166,7 @@ pub async fn run(
         };
         tasks.spawn(forward(Arc::clone(&shared), stream, shutdown.clone()));
     }
-    tracing::info!(endpoint = %shared.config.endpoint, streams = tasks.len(), "forwarding to the upstream hub");
+    tracing::info!(endpoint = %crate::config::redacted(&shared.config.endpoint), streams = tasks.len(), "forwarding to the upstream hub");
     while tasks.join_next().await.is_some() {}
     Ok(())
 }

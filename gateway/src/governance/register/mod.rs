@@ -689,7 +689,8 @@ fn storage(forwarded: Option<&UpstreamConfig>) -> Vec<Element> {
             title: "Forwarded to an upstream hub".to_owned(),
             description: format!(
                 "The published records are sent to the hub at {} (as origin '{}'), which keeps them under its own policy.",
-                up.endpoint, up.origin
+                crate::config::redacted(&up.endpoint),
+                up.origin
             ),
         });
     }
