@@ -420,11 +420,31 @@ impl Gateway {
 
     /// [`Gateway::start`], with these environment variables set for the gateway.
     pub fn start_with_env(bin: &Path, config_text: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(bin, config_text, env, None)
+    }
+
+    /// [`Gateway::start`] from a shell whose file mode mask is `umask` (for example 0o022).
+    pub fn start_with_umask(bin: &Path, config_text: &str, umask: u32) -> Self {
+        Self::launch(bin, config_text, &[], Some(umask))
+    }
+
+    fn launch(bin: &Path, config_text: &str, env: &[(&str, &str)], umask: Option<u32>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("hubgate.toml");
         std::fs::write(&config_path, config_text).expect("write config");
         let stderr = std::fs::File::create(dir.path().join("stderr.log")).expect("log file");
-        let mut child = Command::new(bin)
+        let mut command = match umask {
+            Some(mask) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                    .arg(bin);
+                shell
+            }
+            None => Command::new(bin),
+        };
+        let mut child = command
             // Relative paths in the config (the data directory) land in the test's own directory.
             .current_dir(dir.path())
             .arg("run")

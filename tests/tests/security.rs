@@ -290,6 +290,85 @@ fn an_upstream_token_file_readable_by_others_stops_the_start() {
     assert!(!stderr.contains("hg_secret_push_token"));
 }
 
+/// Under the common umask 022, everything the gateway writes in its data directory is private
+/// to its user, on either engine; a data directory others can enter stops the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let broker = Mosquitto::start();
+    for engine in ["redb", "sled"] {
+        let text = format!(
+            "[store]\nengine = \"{engine}\"\n{}",
+            config(broker.port, &format!("gw-private-{engine}"), STREAMS)
+        );
+        let gw = Gateway::start_with_umask(gateway_bin!(), &text, 0o022);
+        gw.wait_ready();
+        let mut publisher = Publisher::connect(broker.port, &format!("pub-private-{engine}"));
+        for n in 0..20 {
+            publisher
+                .publish(
+                    "city/noise/m1",
+                    format!("{{\"meter_id\": \"m1\", \"laeq_db\": {n}}}"),
+                )
+                .await;
+        }
+        publisher.wait_acked(20).await;
+        let mut stream = live_noise(&gw).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.next()).await;
+        let data = gw.dir().join("hubgate-data");
+        let mut pending = vec![data.clone()];
+        let mut seen = Vec::new();
+        while let Some(path) = pending.pop() {
+            let meta = std::fs::metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            seen.push(path.strip_prefix(&data).unwrap().display().to_string());
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{engine}: {} is {mode:o}", path.display());
+                pending.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                assert_eq!(mode, 0o600, "{engine}: {} is {mode:o}", path.display());
+            }
+        }
+        for file in ["audit.jsonl", "outbox/keys", "lock"] {
+            assert!(
+                seen.iter().any(|s| s == file),
+                "{engine}: no {file} in {seen:?}"
+            );
+        }
+        gw.stop();
+    }
+    // A data directory made by hand, open to others: refused, and the message says how to fix it.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = dir.path().join("hubgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[store]\ndata_dir = {data:?}\n{}",
+            config(broker.port, "gw-open-dir", STREAMS)
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(gateway_bin!())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is open to group or others (mode 755)") && stderr.contains("chmod 700"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "nothing written"
+    );
+}
+
 /// A flood of hostile payloads on one topic (oversized, malformed, deeply nested, not UTF-8)
 /// leaves another topic's stream flowing with no loss, every rejection counted, and the
 /// gateway's memory bounded.

@@ -357,12 +357,34 @@ fn publish_policy_info(policy: &Policy, why: &Start) {
 
 /// Creates the data directory and locks it: one gateway per data directory, since a second one
 /// would corrupt the keys and the audit chain. The lock is held while the returned file is.
+///
+/// Everything in the data directory is private to the gateway's user: the process's file mode
+/// mask becomes 077 (whatever the shell's umask), so the outbox engines' files are 0600 too, and a
+/// data directory that group or others can enter is refused.
 fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
-    std::fs::create_dir_all(data_dir)
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let mode = std::fs::metadata(data_dir)
+        .with_context(|| format!("cannot read the data directory {}", data_dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "the data directory {} is open to group or others (mode {:o}): it holds pseudonymisation keys, \
+             the outbox and the audit log; make it private with chmod 700",
+            data_dir.display(),
+            mode & 0o777
+        );
+    }
     let lock_path = data_dir.join("lock");
     let data_lock = std::fs::OpenOptions::new()
         .create(true)
+        .mode(0o600)
         .truncate(false)
         .write(true)
         .open(&lock_path)

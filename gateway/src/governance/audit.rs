@@ -37,6 +37,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -153,6 +154,7 @@ impl AuditLog {
             .read(true)
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(path)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
@@ -321,6 +323,7 @@ impl AuditLog {
             .read(true)
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(&self.path)
         {
             Ok(file) => file,

@@ -34,6 +34,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -100,6 +101,7 @@ impl DataKeys {
             .read(true)
             .write(true)
             .create(true)
+            .mode(0o600)
             .truncate(false)
             .open(path)?;
         let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);

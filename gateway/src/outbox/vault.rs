@@ -30,7 +30,8 @@ pub(super) fn checkpoint_series(name: &str) -> String {
 
 impl Vault {
     pub(super) fn open(dir: &Path) -> Result<Self, OutboxError> {
-        std::fs::create_dir_all(dir)?;
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)?;
         Ok(Self {
             keys: Mutex::new(DataKeys::open(&dir.join("keys"))?),
             counters: Mutex::new(std::collections::HashMap::new()),

@@ -25,6 +25,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 const MAGIC: [u8; 4] = *b"HGWL";
@@ -62,6 +63,7 @@ impl Wal {
             .read(true)
             .write(true)
             .create(true)
+            .mode(0o600)
             .truncate(false)
             .open(path)?;
         let len = file.metadata()?.len();

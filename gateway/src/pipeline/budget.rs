@@ -8,6 +8,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -27,7 +28,10 @@ pub struct BudgetFile {
 impl BudgetFile {
     /// Opens the ledger in `dir`, creating the directory; a missing file is an empty ledger.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
-        fs::create_dir_all(dir)
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
         let path = dir.join(LEDGER_FILE);
         let mut ledger: Ledger = match fs::read(&path) {
@@ -51,7 +55,12 @@ impl BudgetFile {
         let bytes = serde_json::to_vec_pretty(&self.ledger)?;
         let tmp = self.path.with_extension("json.tmp");
         {
-            let mut file = File::create(&tmp)?;
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
         }
