@@ -677,11 +677,16 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn connect(port: u16, client_id: &str) -> Self {
+        Self::connect_sized(port, client_id, 1 << 20)
+    }
+
+    /// [`Publisher::connect`], sending packets of up to `max_packet` bytes.
+    pub fn connect_sized(port: u16, client_id: &str, max_packet: usize) -> Self {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options
             .set_clean_session(false)
             .set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(max_packet, max_packet);
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, acks) = tokio::sync::watch::channel(0);
         let driver = tokio::spawn(async move {

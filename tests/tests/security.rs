@@ -369,6 +369,70 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     );
 }
 
+/// A message larger than the gateway can read, from a broker that does not limit packet sizes
+/// (mosquitto's default), is acknowledged unread and counted: the messages behind it arrive,
+/// and the gateway does not reconnect in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_to_read_does_not_stop_ingest() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &config(broker.port, "gw-too-large", STREAMS),
+    );
+    gw.wait_ready();
+    let mut publisher = Publisher::connect_sized(broker.port, "pub-too-large", 32 << 20);
+    publisher
+        .publish("city/noise/m-7", vec![b'x'; 17 << 20])
+        .await;
+    for n in 0..20 {
+        publisher
+            .publish(
+                "city/noise/m-7",
+                format!("{{\"meter_id\": \"m-7\", \"laeq_db\": {n}}}"),
+            )
+            .await;
+    }
+    publisher.wait_acked(21).await;
+    let mut stream = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(
+            &["noise"],
+            Position::Oldest(v1::Oldest {}),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kept = std::collections::BTreeSet::new();
+    while kept.len() < 20 {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
+        let Ok(Some(Ok(message))) = next else {
+            panic!("{} of 20 kept; log:\n{}", kept.len(), gw.log());
+        };
+        if let Some(Event::Record(r)) = message.event {
+            kept.insert(hubgate_tests::fields(&r)["laeq_db"].clone());
+        }
+    }
+    assert_eq!(gw.metric("hubgate_mqtt_messages_oversized_total", &[]), 1.0);
+    let errors = gw.metric("hubgate_mqtt_connection_errors_total", &[]);
+    assert!(errors <= 2.0, "{errors} connection errors");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        gw.metric("hubgate_mqtt_connection_errors_total", &[]),
+        errors,
+        "no reconnect loop"
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("acknowledged unread") && log.contains("city/noise/+"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("m-7"),
+        "the topic's device level is not logged"
+    );
+}
+
 /// A flood of hostile payloads on one topic (oversized, malformed, deeply nested, not UTF-8)
 /// leaves another topic's stream flowing with no loss, every rejection counted, and the
 /// gateway's memory bounded.

@@ -3,7 +3,9 @@
 //! file that cannot be used stops the start with a clear error. A file that holds a secret must
 //! not be readable by group or others.
 
-use rumqttc::TlsConfiguration;
+use rumqttc::tokio_rustls::rustls;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::config::{Config, MqttConfig, NatsConfig, TlsConfig, UpstreamConfig};
@@ -69,11 +71,10 @@ pub fn mqtt_login(config: &MqttConfig) -> anyhow::Result<Login> {
                 (Some(cert), Some(key)) => Some((read(cert)?, read_private(key)?)),
                 _ => None,
             };
-            Some(TlsConfiguration::Simple {
-                ca: read(&tls.ca_file)?,
-                alpn: None,
+            Some(std::sync::Arc::new(mqtt_tls(
+                &read(&tls.ca_file)?,
                 client_auth,
-            })
+            )?))
         }
     };
     Ok(Login { password, tls })
@@ -170,6 +171,38 @@ pub fn grpc_server_tls(config: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
         .tls_config(tls.clone())
         .map_err(|e| anyhow::anyhow!("[grpc.tls] cannot be used: {e}"))?;
     Ok(tls)
+}
+
+/// The TLS client configuration for the broker: its CA, and the gateway's certificate and key
+/// (PEM) when the broker wants clients to show one.
+fn mqtt_tls(
+    ca: &[u8],
+    client_auth: Option<(Vec<u8>, Vec<u8>)>,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.map_err(|e| anyhow::anyhow!("[mqtt.tls] ca_file: {e}"))?)?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("[mqtt.tls] ca_file holds no certificate");
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    Ok(match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(&cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("[mqtt.tls] cert_file: {e}"))?;
+            if chain.is_empty() {
+                anyhow::bail!("[mqtt.tls] cert_file holds no certificate");
+            }
+            let key = PrivateKeyDer::from_pem_slice(&key)
+                .map_err(|e| anyhow::anyhow!("[mqtt.tls] key_file: {e}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| anyhow::anyhow!("[mqtt.tls] cert_file and key_file: {e}"))?
+        }
+    })
 }
 
 /// Reads a private file (a key) whole. It must not be readable by group or others.

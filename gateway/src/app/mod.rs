@@ -462,6 +462,7 @@ fn spawn_ingest(
     )?;
     let (connected_tx, connected_rx) = watch::channel(false);
     let (queue_tx, queue_rx) = mpsc::channel(mqtt.queue_capacity);
+    let session = login.session(mqtt);
     let (client, eventloop) = ingest::connect(mqtt, login);
     let subscriptions = policy
         .subscriptions()
@@ -490,7 +491,9 @@ fn spawn_ingest(
     let link = ingest::Link {
         subscriptions,
         max_payload: mqtt.max_packet_bytes,
+        read_limit: mqtt.read_limit(),
         backoff_max: mqtt.reconnect_backoff_max,
+        session,
     };
     let stop = shutdown.clone();
     tasks.spawn(async move {

@@ -21,8 +21,12 @@ pub struct MqttConfig {
     pub keep_alive: Duration,
     /// Largest message payload accepted; larger messages are dropped on arrival and counted
     /// (`hubgate_mqtt_messages_oversized_total`). Packets beyond the read limit
-    /// ([`crate::sources::mqtt::read_limit`]) cannot be read at all: cap the broker's packet size below it.
+    /// ([`MqttConfig::read_limit`]) cannot be read at all: cap the broker's packet size below it.
     pub max_packet_bytes: usize,
+    /// The packet size limit set at the broker (mosquitto's `max_packet_size`), as the operator
+    /// declares it. A packet over the gateway's read limit costs a reconnect and a second
+    /// connection that skips it, so `check` warns unless the broker refuses such packets first.
+    pub broker_max_packet_bytes: Option<usize>,
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.
     pub queue_capacity: usize,
@@ -55,6 +59,7 @@ impl Default for MqttConfig {
             client_id: "hubgate".into(),
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 256 * 1024,
+            broker_max_packet_bytes: None,
             queue_capacity: 4096,
             rate_limit: None,
             device_rate_limit: None,
@@ -118,6 +123,14 @@ impl DeviceLimit {
 }
 
 impl MqttConfig {
+    /// The largest packet the client reads: 16 MiB, or twice `max_packet_bytes` if that is more.
+    /// A larger packet breaks the connection and is skipped unread by a second connection
+    /// ([`crate::sources::oversized`]); messages between `max_packet_bytes` and this are read,
+    /// dropped and counted.
+    pub fn read_limit(&self) -> usize {
+        (16 << 20).max(self.max_packet_bytes.saturating_mul(2))
+    }
+
     pub(super) fn check(&self, keys: &Keys, diags: &mut Diagnostics) {
         if self.client_id.is_empty() {
             diags.error(
@@ -174,6 +187,25 @@ impl MqttConfig {
                 keys.at("queue_capacity"),
                 "mqtt.queue_capacity must be at least 1",
             );
+        }
+        let read_limit = self.read_limit();
+        match self.broker_max_packet_bytes {
+            None => diags.warning(
+                keys.at("max_packet_bytes"),
+                format!(
+                    "the broker's packet size limit is not declared: make the broker refuse packets \
+                     over {read_limit} bytes (mosquitto: max_packet_size), which the gateway cannot read, \
+                     and declare it as mqtt.broker_max_packet_bytes"
+                ),
+            ),
+            Some(limit) if limit > read_limit => diags.warning(
+                keys.at("broker_max_packet_bytes"),
+                format!(
+                    "mqtt.broker_max_packet_bytes ({limit}) is above what the gateway reads \
+                     ({read_limit} bytes): each larger message costs a reconnect and is dropped unread"
+                ),
+            ),
+            Some(_) => {}
         }
         if self.max_packet_bytes < 1024 {
             diags.error(

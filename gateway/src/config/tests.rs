@@ -217,6 +217,30 @@ fn upstream_settings_are_checked() {
 }
 
 #[test]
+fn the_broker_packet_limit_is_asked_for() {
+    let src = DEFAULT_CONFIG.replace("broker_max_packet_bytes = 262144", "");
+    let (_, warnings) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.message.contains("packet size limit is not declared")
+                && w.message.contains("16777216")),
+        "{warnings:?}"
+    );
+    let src = DEFAULT_CONFIG.replace(
+        "broker_max_packet_bytes = 262144",
+        "broker_max_packet_bytes = 268435455",
+    );
+    let (_, warnings) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.message.contains("above what the gateway reads")),
+        "{warnings:?}"
+    );
+}
+
+#[test]
 fn register_settings_are_checked() {
     let src = format!(
         "[register]\npublic_url = \"example.city/t\"\nend_date = \"31/12/2030\"\n{}",

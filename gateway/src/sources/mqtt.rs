@@ -12,7 +12,10 @@
 //!   milliseconds of latency at every load), a maximum packet size from the config (rumqttc's
 //!   default is 10 KiB), and a request channel large enough that acks rarely wait.
 //! - After a connection loss the loop reconnects with exponential backoff (100 ms doubling up to
-//!   `reconnect_backoff_max`) and subscribes again on every CONNACK.
+//!   `reconnect_backoff_max`) and subscribes again on every CONNACK. The backoff starts again only
+//!   after a connection held for 10 s, so a link that drops right after CONNACK is not hammered.
+//! - A packet over the read limit breaks the connection; [`super::oversized`] then acknowledges it
+//!   unread, so one message cannot wedge the session.
 //! - Bounded: when the pipeline's queue is full this task stops reading from the socket, so the
 //!   broker holds messages (backpressure) and the gateway's memory does not grow.
 //!
@@ -23,7 +26,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hubgate_exporters::catalogue;
 use metrics::{Counter, Gauge};
@@ -35,6 +38,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MqttConfig;
+use crate::sources::oversized::{self, Session};
+use rumqttc::tokio_rustls::rustls::ClientConfig;
 
 /// The longest a write of acknowledgements may take before the connection counts as lost (as
 /// rumqttc's own flushes, with the connection timeout of [`connect`]).
@@ -42,14 +47,6 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First wait before reconnecting.
 const BACKOFF_START: Duration = Duration::from_millis(100);
-
-/// The largest packet the client can read: 16 MiB, or twice `max_packet_bytes` if that is more.
-/// A larger packet breaks the connection, and the broker would deliver it again on every
-/// reconnect, so the broker's own limit (mosquitto's `max_packet_size`) must be below this.
-/// Messages between `max_packet_bytes` and this are read, dropped and counted.
-pub fn read_limit(config: &MqttConfig) -> usize {
-    (16 << 20).max(config.max_packet_bytes.saturating_mul(2))
-}
 
 /// A message from the broker, for the pipeline.
 #[derive(Debug)]
@@ -214,10 +211,34 @@ async fn write_acks(
 }
 
 /// How the gateway logs in to the broker: the password and the TLS settings, read from their files.
-#[derive(Debug, Default)]
+#[derive(Default, Clone)]
 pub struct Login {
     pub password: Option<String>,
-    pub tls: Option<TlsConfiguration>,
+    pub tls: Option<Arc<ClientConfig>>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Login {
+    /// The gateway's session at the broker `config` names, for [`super::oversized::skip`].
+    pub fn session(&self, config: &MqttConfig) -> Session {
+        Session {
+            host: config.host.clone(),
+            port: config.port,
+            client_id: config.client_id.clone(),
+            username: config.username.clone(),
+            password: self.password.clone(),
+            tls: self.tls.clone(),
+            keep_alive: config.keep_alive,
+        }
+    }
 }
 
 /// Creates the client and its event loop, with hubgate's settings and `login`.
@@ -227,13 +248,13 @@ pub fn connect(config: &MqttConfig, login: Login) -> (AsyncClient, EventLoop) {
         options.set_credentials(user.clone(), login.password.unwrap_or_default());
     }
     if let Some(tls) = login.tls {
-        options.set_transport(Transport::tls_with_config(tls));
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     }
     options
         .set_keep_alive(config.keep_alive)
         .set_clean_session(false)
         .set_manual_acks(true)
-        .set_max_packet_size(read_limit(config), config.max_packet_bytes);
+        .set_max_packet_size(config.read_limit(), config.max_packet_bytes);
     // Room for one ack per queued message and per message in flight, plus control requests.
     let capacity = config.queue_capacity + 1024;
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
@@ -263,7 +284,11 @@ pub struct Link {
     pub subscriptions: Vec<String>,
     /// Payloads larger than this are emptied on arrival and counted.
     pub max_payload: usize,
+    /// Packets larger than this cannot be read ([`MqttConfig::read_limit`]): they are skipped unread.
+    pub read_limit: usize,
     pub backoff_max: Duration,
+    /// The session, for skipping a packet over the read limit.
+    pub session: Session,
 }
 
 /// The connection's state and metrics, for the event loop of [`run`].
@@ -277,6 +302,8 @@ struct Connection {
     awaiting: Gauge,
     connected: watch::Sender<bool>,
     backoff: Duration,
+    /// When the broker last accepted the connection.
+    since: Option<Instant>,
 }
 
 impl Connection {
@@ -292,6 +319,7 @@ impl Connection {
             awaiting,
             connected,
             backoff: BACKOFF_START,
+            since: None,
         }
     }
 
@@ -347,13 +375,61 @@ impl Connection {
             session_present = ack.session_present,
             "connected to MQTT broker"
         );
-        self.backoff = BACKOFF_START;
+        // The backoff starts again only once a connection has held (see `wait`): a link that
+        // drops right after CONNACK, every time, must not be retried at full speed.
+        self.since = Some(Instant::now());
         self.up.set(1.0);
         self.connected.send_replace(true);
         if client.try_subscribe_many(filters.to_vec()).is_err() {
             tracing::error!("could not queue the MQTT subscription request");
         }
     }
+}
+
+impl Connection {
+    /// The wait before the next connection attempt, and the one after it.
+    fn wait(&mut self, max: Duration) -> Duration {
+        if self.since.take().is_some_and(|t| t.elapsed() >= STABLE) {
+            self.backoff = BACKOFF_START;
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(max.max(BACKOFF_START));
+        wait
+    }
+
+    /// The connection failed on a packet larger than the read limit: acknowledge it unread.
+    async fn skip_oversized(&mut self, link: &Link) {
+        match oversized::skip(&link.session, link.read_limit, &link.subscriptions).await {
+            Ok(skipped) => {
+                for (bytes, filter) in skipped.messages {
+                    self.oversized.increment(1);
+                    tracing::warn!(
+                        bytes,
+                        subscription = filter.as_deref().unwrap_or("(none)"),
+                        limit = link.read_limit,
+                        "a message larger than the client can read was acknowledged unread and dropped; \
+                         limit the broker's packet size (mosquitto: max_packet_size)"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not skip a message larger than the client can read");
+            }
+        }
+    }
+}
+
+/// A connection that lasted this long was not broken by what the broker sent first.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// Whether the connection failed on a packet larger than the client reads.
+fn too_large(err: &ConnectionError) -> bool {
+    matches!(
+        err,
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(_)
+        ))
+    )
 }
 
 /// Logs the subscriptions the broker refused.
@@ -431,12 +507,18 @@ pub async fn run(
             Ok(_) => {}
             Err(err) => {
                 conn.lost(&acks);
-                tracing::warn!(error = %describe(&err), retry_in = ?conn.backoff, "MQTT connection lost");
+                let wait = conn.wait(link.backoff_max);
+                tracing::warn!(error = %describe(&err), retry_in = ?wait, "MQTT connection lost");
+                if too_large(&err) {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = conn.skip_oversized(&link) => {}
+                    }
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(conn.backoff) => {}
+                    () = tokio::time::sleep(wait) => {}
                 }
-                conn.backoff = (conn.backoff * 2).min(link.backoff_max.max(BACKOFF_START));
             }
         }
     }
