@@ -234,6 +234,34 @@ fn tokens_and_remote_listening_are_checked_in_the_config() {
             "missing {expected:?} in:\n{report}"
         );
     }
+    // Accepted, with warnings: tokens in the clear, and the unauthenticated admin port open.
+    let text = config(1883, "gw-check", STREAMS)
+        .replace(
+            "[grpc]\nlisten = \"127.0.0.1:0\"",
+            "[grpc]\nlisten = \"0.0.0.0:0\"\nallow_insecure_remote = true",
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"0.0.0.0:0\"",
+        )
+        + &token_entry("north", "hg_north", "streams = [\"air\"]");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(gateway_bin!())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    for expected in [
+        "bearer tokens over plaintext",
+        "admin.listen 0.0.0.0:0 is not a loopback address",
+    ] {
+        assert!(
+            report.contains(expected),
+            "missing {expected:?} in:\n{report}"
+        );
+    }
     // `hubgate token new` prints a token and the entry that holds only its digest.
     let out = std::process::Command::new(gateway_bin!())
         .args([
@@ -257,6 +285,115 @@ fn tokens_and_remote_listening_are_checked_in_the_config() {
     )));
     assert!(entry.contains("streams = [\"air\"]") && entry.contains("footprint = true"));
     assert!(!entry.contains(&token));
+}
+
+fn audit_events(gw: &Gateway) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(gw.dir().join("hubgate-data/audit.jsonl"))
+        .expect("the audit log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an audit entry"))
+        .collect()
+}
+
+/// Tokens granted, changed and revoked by a reload are each an audit entry; the start lists
+/// every grant; a revoked token is refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_grants_and_revocations_are_audited() {
+    let broker = Mosquitto::start();
+    let base = config(broker.port, "gw-grants", STREAMS);
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &(base.clone() + &token_entry("north", "hg_north", "streams = [\"air\"]")),
+    );
+    gw.wait_ready();
+    let start = audit_events(&gw)
+        .into_iter()
+        .find(|e| e["event"] == "start")
+        .expect("the start is audited");
+    assert_eq!(start["data"]["tokens"][0]["name"], "north");
+    assert_eq!(start["data"]["tokens"][0]["streams"][0], "air");
+    let prefix = start["data"]["tokens"][0]["sha256_prefix"]
+        .as_str()
+        .unwrap();
+    assert_eq!(prefix.len(), 16);
+    assert!(
+        !start.to_string().contains("hg_north"),
+        "no token in the log"
+    );
+
+    // north gets `noise` too, south is new.
+    std::fs::write(
+        gw.config_path(),
+        base.clone()
+            + &token_entry("north", "hg_north", "streams = [\"air\", \"noise\"]")
+            + &token_entry("south", "hg_south", "footprint = true"),
+    )
+    .unwrap();
+    gw.hangup();
+    hubgate_tests::wait_for("the grants", Duration::from_secs(15), || {
+        audit_events(&gw)
+            .iter()
+            .any(|e| e["event"] == "token_granted")
+    });
+    let events = audit_events(&gw);
+    let granted: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "token_granted")
+        .collect();
+    assert_eq!(granted.len(), 1);
+    assert_eq!(granted[0]["data"]["name"], "south");
+    assert_eq!(granted[0]["data"]["footprint"], true);
+    let changed: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "token_changed")
+        .collect();
+    assert_eq!(changed.len(), 1);
+    assert_eq!(
+        changed[0]["data"]["before"]["streams"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(changed[0]["data"]["after"]["streams"][1], "noise");
+
+    // north is revoked.
+    std::fs::write(
+        gw.config_path(),
+        base + &token_entry("south", "hg_south", "footprint = true"),
+    )
+    .unwrap();
+    gw.hangup();
+    hubgate_tests::wait_for("the revocation", Duration::from_secs(15), || {
+        audit_events(&gw)
+            .iter()
+            .any(|e| e["event"] == "token_revoked")
+    });
+    let events = audit_events(&gw);
+    let revoked = events
+        .iter()
+        .find(|e| e["event"] == "token_revoked")
+        .unwrap();
+    assert_eq!(revoked["data"]["name"], "north");
+    assert_eq!(revoked["data"]["sha256_prefix"], prefix);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["event"] == "token_granted")
+            .count(),
+        1
+    );
+    gw.wait_ready();
+    let refused = gw
+        .client()
+        .await
+        .subscribe(with(
+            subscribe_request(&["air"], Position::Live(v1::Live {})),
+            Some("hg_north"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
 }
 
 #[test]

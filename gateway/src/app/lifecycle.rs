@@ -64,6 +64,7 @@ pub async fn serve(
         };
         why = Start::Reload {
             previous_policy_hash: running_hash,
+            previous_tokens: config.grpc.tokens.clone(),
         };
         previous = Some(std::mem::replace(&mut config, next));
     }

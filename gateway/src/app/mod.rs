@@ -129,8 +129,12 @@ pub fn install_crypto_provider() {
 pub enum Start {
     /// The process started.
     Fresh,
-    /// The configuration was reloaded (SIGHUP); the policy it replaced.
-    Reload { previous_policy_hash: String },
+    /// The configuration was reloaded (SIGHUP); the policy it replaced, and the gRPC tokens the
+    /// replaced configuration granted.
+    Reload {
+        previous_policy_hash: String,
+        previous_tokens: Vec<crate::config::TokenConfig>,
+    },
     /// A reloaded configuration could not start, and the previous one runs again.
     Revert {
         failed_policy_hash: String,
@@ -305,7 +309,7 @@ impl Opened {
             audit::AuditLog::open_with(&audit_path, config.audit.retention)
                 .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
         );
-        record_start(&audit, &policy, why);
+        record_start(&audit, &policy, &config.grpc.tokens, why);
         let outbox = outbox::open(config.store.engine, data_dir)
             .with_context(|| format!("cannot open the outbox in {}", data_dir.display()))?;
         let held = pipeline::held_streams(&policy);
@@ -343,6 +347,7 @@ fn publish_policy_info(policy: &Policy, why: &Start) {
         Start::Fresh => None,
         Start::Reload {
             previous_policy_hash,
+            ..
         } => Some(previous_policy_hash),
         Start::Revert {
             failed_policy_hash, ..
@@ -399,19 +404,34 @@ fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     Ok(data_lock)
 }
 
-/// The audit entry of a start: `start`, `policy_reloaded` or `policy_reload_failed`.
-fn record_start(audit: &audit::AuditLog, policy: &Policy, why: &Start) {
+/// The audit entry of a start: `start`, `policy_reloaded` or `policy_reload_failed`; and on a
+/// reload, one entry per gRPC token granted, revoked or changed (`token_granted`,
+/// `token_revoked`, `token_changed`). A start lists every grant.
+fn record_start(
+    audit: &audit::AuditLog,
+    policy: &Policy,
+    tokens: &[crate::config::TokenConfig],
+    why: &Start,
+) {
+    let now = crate::telemetry::clock::now_ms();
     let mut entry = serde_json::json!({
         "policy_hash": policy.hash_hex(),
         "version": env!("CARGO_PKG_VERSION"),
         "streams": policy.streams().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
     });
     let event = match why {
-        Start::Fresh => "start",
+        Start::Fresh => {
+            entry["tokens"] = tokens.iter().map(grant).collect();
+            "start"
+        }
         Start::Reload {
             previous_policy_hash,
+            previous_tokens,
         } => {
             entry["previous_policy_hash"] = previous_policy_hash.as_str().into();
+            for (event, data) in token_changes(previous_tokens, tokens) {
+                audit.record(now, event, data);
+            }
             "policy_reloaded"
         }
         Start::Revert {
@@ -423,7 +443,48 @@ fn record_start(audit: &audit::AuditLog, policy: &Policy, why: &Start) {
             "policy_reload_failed"
         }
     };
-    audit.record(crate::telemetry::clock::now_ms(), event, entry);
+    audit.record(now, event, entry);
+}
+
+/// What a token grants, for the audit log: its holder's name, the first 16 hex digits of its
+/// digest (which tell tokens apart without helping anyone forge one) and its scopes.
+fn grant(token: &crate::config::TokenConfig) -> serde_json::Value {
+    serde_json::json!({
+        "name": token.name,
+        "sha256_prefix": token.sha256.get(..16).unwrap_or_default(),
+        "streams": token.streams,
+        "policy": token.policy,
+        "footprint": token.footprint,
+        "push": token.push,
+        "origins": token.origins,
+    })
+}
+
+/// The audit entries for the tokens a reload granted, revoked or changed (by digest).
+fn token_changes(
+    before: &[crate::config::TokenConfig],
+    after: &[crate::config::TokenConfig],
+) -> Vec<(&'static str, serde_json::Value)> {
+    let find = |list: &[crate::config::TokenConfig], digest: &str| {
+        list.iter().find(|t| t.sha256 == digest).map(grant)
+    };
+    let mut changes = Vec::new();
+    for token in after {
+        match find(before, &token.sha256) {
+            None => changes.push(("token_granted", grant(token))),
+            Some(old) if old != grant(token) => changes.push((
+                "token_changed",
+                serde_json::json!({ "before": old, "after": grant(token) }),
+            )),
+            Some(_) => {}
+        }
+    }
+    for token in before {
+        if find(after, &token.sha256).is_none() {
+            changes.push(("token_revoked", grant(token)));
+        }
+    }
+    changes
 }
 
 /// The privacy-budget ledger, when a stream adds noise.

@@ -64,10 +64,10 @@ pub struct TlsConfig {
 }
 
 /// One client's token: `[[grpc.token]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
-    /// Who holds it (for the operator; never logged).
+    /// Who holds it: for the operator and the audit log's grants, never in the request logs.
     pub name: String,
     /// SHA-256 of the token, lowercase hex (`hubgate token new` prints it).
     pub sha256: String,
@@ -99,6 +99,13 @@ impl GrpcConfig {
                     "grpc.listen {} is not a loopback address: configure [grpc.tls], or, behind a proxy that terminates TLS, set grpc.allow_insecure_remote = true",
                     self.listen
                 ),
+            );
+        }
+        if remote && self.tls.is_none() && !self.tokens.is_empty() {
+            diags.warning(
+                keys.at("allow_insecure_remote"),
+                "bearer tokens over plaintext: with grpc.allow_insecure_remote and no [grpc.tls], every token \
+                 crosses the network in the clear unless the proxy in front terminates TLS on the same host",
             );
         }
         if self.push_without_tokens && !self.tokens.is_empty() {

@@ -29,7 +29,8 @@
 //! identifier. A write that fails is logged and counted (`hubgate_audit_write_errors_total`); the
 //! gateway goes on, since stopping would lose more than the entry.
 //!
-//! Recorded now: `start` (policy hash, version), `policy_reloaded` (both hashes),
+//! Recorded now: `start` (policy hash, version, the gRPC tokens' grants: holder, digest prefix,
+//! scopes), `policy_reloaded` (both hashes), `token_granted`, `token_changed`, `token_revoked`,
 //! `policy_rejected` (the running hash, the number of errors and the first with its line and
 //! column), `policy_reload_failed` (the hash that could not start, and why), `purge` (stream, reason, records, sequence and time range), `outbox_key_destroyed`,
 //! `pseudonym_key_rotated`, `pseudonym_key_destroyed`, `privacy_budget_spent`,
