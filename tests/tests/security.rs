@@ -772,6 +772,59 @@ async fn subscribers_are_capped() {
     client.subscribe(live()).await.unwrap();
 }
 
+/// One token opening every call it can leaves the other tokens their reserved places; each
+/// token is held to its own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_cannot_starve_the_others() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(
+        gateway_bin!(),
+        &(config(broker.port, "gw-fair", STREAMS).replace(
+            "[grpc]\nlisten = \"127.0.0.1:0\"",
+            "[grpc]\nlisten = \"127.0.0.1:0\"\nmax_subscribers = 8",
+        ) + &token_entry("hog", "hg_hog", "streams = [\"*\"]\nmax_calls = 100")
+            + &token_entry("dash", "hg_dash", "streams = [\"air\"]\nfootprint = true")),
+    );
+    let mut client = gw.client().await;
+    let live = |token| {
+        with(
+            subscribe_request(&["air"], Position::Live(v1::Live {})),
+            Some(token),
+        )
+    };
+    let mut hogged = Vec::new();
+    let refused = loop {
+        match client.subscribe(live("hg_hog")).await {
+            Ok(call) => hogged.push(call.into_inner()),
+            Err(status) => break status,
+        }
+        assert!(hogged.len() <= 8, "more calls than places");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // 8 places, 2 of them reserved for the other token (8 / (2 × 2 tokens)).
+    assert_eq!(hogged.len(), 6);
+    let _dash = client.subscribe(live("hg_dash")).await.unwrap();
+    let _watch = client
+        .watch_footprint(with(v1::WatchFootprintRequest {}, Some("hg_dash")))
+        .await
+        .unwrap();
+    // dash is at its own limit (a quarter of the places), and the hub is full.
+    let over = client.subscribe(live("hg_dash")).await.unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted);
+    assert!(
+        over.message().contains("holds its 2 open calls"),
+        "{over:?}"
+    );
+    assert_eq!(
+        gw.metric("hubgate_grpc_refused_total", &[("reason", "token")]),
+        1.0
+    );
+    assert_eq!(
+        gw.metric("hubgate_grpc_refused_total", &[("reason", "capacity")]),
+        1.0
+    );
+}
+
 /// With `mqtt.rate_limit`, a device flooding its topic is held to its rate, the excess counted,
 /// while another device's readings all pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,6 +87,10 @@ pub struct TokenConfig {
     /// when empty.
     #[serde(default)]
     pub origins: Vec<String>,
+    /// Long-lived calls of each kind (Subscribe and WatchFootprint; Push) it may hold open at
+    /// once. By default a quarter of `grpc.max_subscribers` (or `grpc.max_push_calls`); other
+    /// tokens' reserved places stay out of its reach whatever this says.
+    pub max_calls: Option<usize>,
 }
 
 impl GrpcConfig {
@@ -205,6 +209,15 @@ impl TokenConfig {
                 at("push"),
                 format!(
                     "grpc.token '{}' may push records as any origin: name its origins",
+                    self.name
+                ),
+            );
+        }
+        if self.max_calls == Some(0) {
+            diags.error(
+                at("max_calls"),
+                format!(
+                    "grpc.token '{}': max_calls must be at least 1 (remove the token to revoke it)",
                     self.name
                 ),
             );

@@ -1025,6 +1025,7 @@ mod tests {
                     footprint: false,
                     push: false,
                     origins: Vec::new(),
+                    max_calls: None,
                 }],
                 tls: Some(crate::config::TlsConfig {
                     cert_file: "hub.crt".into(),

@@ -14,7 +14,8 @@
 //! token covers. `GetPolicy` (its own scope) returns the whole policy and register, every stream
 //! included, as the public `/transparency` page does. Refusals are counted in
 //! `hubgate_grpc_refused_total{reason}` (`missing`, `unknown`, `scope`, `capacity` for calls
-//! over `grpc.max_subscribers` or `grpc.max_push_calls`, `streams` for subscriptions over
+//! over `grpc.max_subscribers` or `grpc.max_push_calls`, `token` for calls over a token's own
+//! limit (see [`super::places`]), `streams` for subscriptions over
 //! `grpc.max_streams_per_subscription`); no token and no token name appears in a label or a
 //! log line.
 
@@ -28,6 +29,10 @@ use hubgate_exporters::catalogue;
 #[derive(Debug, Clone)]
 pub struct Token {
     pub name: String,
+    /// Its place in the configuration's list.
+    index: usize,
+    /// Long-lived calls of each kind it may hold open at once; `None`: the default.
+    max_calls: Option<usize>,
     digest: [u8; 32],
     /// `None`: every stream.
     streams: Option<Vec<String>>,
@@ -55,6 +60,30 @@ pub enum Scope {
 }
 
 impl Grant {
+    /// The token's place in the configuration's list; `None` without tokens.
+    pub fn index(&self) -> Option<usize> {
+        match self {
+            Grant::Open => None,
+            Grant::Token(t) => Some(t.index),
+        }
+    }
+
+    /// The long-lived calls the token may hold open at once, if it says.
+    pub fn max_calls(&self) -> Option<usize> {
+        match self {
+            Grant::Open => None,
+            Grant::Token(t) => t.max_calls,
+        }
+    }
+
+    /// Whether the call may subscribe to some stream or watch the footprint.
+    pub fn reads_anything(&self) -> bool {
+        match self {
+            Grant::Open => true,
+            Grant::Token(t) => t.footprint || t.streams.as_ref().is_none_or(|s| !s.is_empty()),
+        }
+    }
+
     /// Whether the call may read (or push to) `stream`.
     pub fn stream(&self, stream: &str) -> bool {
         match self {
@@ -132,7 +161,8 @@ impl Tokens {
     pub fn new(configured: &[TokenConfig]) -> Self {
         let tokens = configured
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(index, t)| {
                 let mut digest = [0u8; 32];
                 for (i, byte) in digest.iter_mut().enumerate() {
                     *byte = t
@@ -143,6 +173,8 @@ impl Tokens {
                 }
                 std::sync::Arc::new(Token {
                     name: t.name.clone(),
+                    index,
+                    max_calls: t.max_calls,
                     digest,
                     streams: (!t.streams.iter().any(|s| s == "*")).then(|| t.streams.clone()),
                     policy: t.policy,
@@ -153,6 +185,14 @@ impl Tokens {
             })
             .collect();
         Self { tokens }
+    }
+
+    /// The grant of each configured token, in order.
+    pub fn list(&self) -> Vec<Grant> {
+        self.tokens
+            .iter()
+            .map(|t| Grant::Token(std::sync::Arc::clone(t)))
+            .collect()
     }
 
     /// Whether the API is open (no token configured).
@@ -229,6 +269,7 @@ mod tests {
             footprint: false,
             push: false,
             origins: Vec::new(),
+            max_calls: None,
         }
     }
 

@@ -22,12 +22,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use bytes::{BufMut, Bytes};
 use hubgate_exporters::catalogue;
 use hubgate_privacy::Policy;
 pub mod auth;
+pub mod places;
 
 use hubgate_proto::v1::gateway_server::{Gateway, GatewayServer};
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
@@ -48,6 +49,7 @@ use crate::governance::register::Register;
 use crate::sources::push::{self, PushJob};
 use crate::store::Store;
 use auth::{Scope, Tokens};
+use places::{Kind, Place, Places};
 
 /// Records read from the store per turn of a follower.
 const READ_BATCH: usize = 256;
@@ -93,9 +95,19 @@ impl GatewayService {
             store,
             pushed,
             footprint,
+            subscribers: Places::new(
+                access.max_subscribers,
+                catalogue::GRPC_SUBSCRIBERS,
+                &access.tokens,
+                Kind::Reading,
+            ),
+            pushes: Places::new(
+                access.max_push_calls,
+                catalogue::GRPC_PUSH_CALLS,
+                &access.tokens,
+                Kind::Pushing,
+            ),
             tokens: access.tokens,
-            subscribers: Places::new(access.max_subscribers, catalogue::GRPC_SUBSCRIBERS),
-            pushes: Places::new(access.max_push_calls, catalogue::GRPC_PUSH_CALLS),
             max_streams_per_subscription: access.max_streams_per_subscription,
             push_without_tokens: access.push_without_tokens,
             published,
@@ -153,7 +165,7 @@ impl GatewayService {
             .start
             .and_then(|s| s.position)
             .unwrap_or(Position::Live(v1::Live {}));
-        let guard = Arc::new(self.subscribers.take()?);
+        let guard = Arc::new(self.subscribers.take(&grant)?);
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         for index in indexes {
             let name = &self.policy.streams()[index].name;
@@ -199,49 +211,6 @@ pub struct Published {
     pub loaded_at: std::time::SystemTime,
 }
 
-/// A bounded number of places for long-lived calls of one kind, with a gauge of those open.
-#[derive(Debug, Clone)]
-struct Places {
-    open: Arc<AtomicUsize>,
-    max: usize,
-    gauge: &'static str,
-}
-
-impl Places {
-    fn new(max: usize, gauge: &'static str) -> Self {
-        Self {
-            open: Arc::new(AtomicUsize::new(0)),
-            max,
-            gauge,
-        }
-    }
-
-    /// A place, held until the guard is dropped (when the call's last task ends), or
-    /// `RESOURCE_EXHAUSTED` (counted) when all are taken.
-    fn take(&self) -> Result<Place, Status> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            metrics::counter!(catalogue::GRPC_REFUSED, "reason" => "capacity").increment(1);
-            return Err(Status::resource_exhausted(
-                "too many open calls; try again later",
-            ));
-        }
-        metrics::gauge!(self.gauge).increment(1.0);
-        Ok(Place(self.clone()))
-    }
-}
-
-/// One place taken from [`Places`].
-#[derive(Debug)]
-struct Place(Places);
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(self.0.gauge).decrement(1.0);
-    }
-}
-
 /// The events of one Subscribe call.
 type Events = ReceiverStream<Result<Outgoing, Status>>;
 
@@ -282,11 +251,10 @@ impl Gateway for GatewayService {
         &self,
         request: Request<v1::WatchFootprintRequest>,
     ) -> Result<Response<Self::WatchFootprintStream>, Status> {
-        self.tokens
-            .check(request.metadata())?
-            .require(Scope::Footprint)?;
+        let grant = self.tokens.check(request.metadata())?;
+        grant.require(Scope::Footprint)?;
         // A watcher holds one of the `max_subscribers` places, as a subscriber does.
-        let guard = self.subscribers.take()?;
+        let guard = self.subscribers.take(&grant)?;
         let (tx, rx) = mpsc::channel(4);
         let (mut figures, shutdown) = (self.footprint.clone(), self.shutdown.clone());
         tokio::spawn(async move {
@@ -316,7 +284,7 @@ impl Gateway for GatewayService {
         }
         grant.require(Scope::Push)?;
         // An origin's push call (one per forwarded stream) holds one of the `max_push_calls`.
-        let guard = self.pushes.take()?;
+        let guard = self.pushes.take(&grant)?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let (policy, pushed, shutdown) = (
