@@ -825,6 +825,77 @@ async fn one_token_cannot_starve_the_others() {
     );
 }
 
+/// Connections that send nothing, half an HTTP request, or only the HTTP/2 preface are closed
+/// by the gateway instead of being held forever; a working client on the same listeners is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_half_open_connections_are_closed() {
+    use std::io::{Read as _, Write as _};
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-idle", STREAMS));
+    let cases: [(&str, std::net::SocketAddr, &[u8]); 4] = [
+        (
+            "admin, half a request",
+            gw.admin,
+            b"GET /metrics HTTP/1.1\r\nHost: hub\r\n",
+        ),
+        ("admin, nothing", gw.admin, b""),
+        ("gRPC, nothing", gw.grpc, b""),
+        (
+            "gRPC, only the preface",
+            gw.grpc,
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ),
+    ];
+    let waits: Vec<_> = cases
+        .into_iter()
+        .map(|(what, addr, sent)| {
+            std::thread::spawn(move || {
+                let mut stream = std::net::TcpStream::connect(addr).unwrap();
+                stream.write_all(sent).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(90)))
+                    .unwrap();
+                let started = std::time::Instant::now();
+                let mut buf = [0u8; 4096];
+                // The server may say something first (HTTP/2 settings); then it must close.
+                loop {
+                    match stream.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                        Err(e) => panic!("{what}: still open after {:?} ({e})", started.elapsed()),
+                    }
+                }
+                (what, started.elapsed())
+            })
+        })
+        .collect();
+    // Meanwhile the listeners serve others.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = hubgate_tests::http_get(gw.admin, "/healthz");
+    assert_eq!(status, 200);
+    let mut stream = live_noise(&gw).await;
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.next()).await;
+    for wait in waits {
+        let (what, elapsed) = wait.join().unwrap();
+        assert!(
+            elapsed <= Duration::from_secs(60),
+            "{what}: closed after {elapsed:?}"
+        );
+        eprintln!("{what}: closed after {elapsed:?}");
+    }
+    // The subscriber that has been quiet as long is still served: it answers the pings.
+    let publisher = Publisher::connect(broker.port, "pub-idle");
+    publisher
+        .publish("city/noise/m1", r#"{"meter_id": "m1", "laeq_db": 61}"#)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+    assert!(
+        matches!(next, Ok(Some(Ok(_)))),
+        "the quiet subscriber was cut: {next:?}"
+    );
+}
+
 /// With `mqtt.rate_limit`, a device flooding its topic is held to its rate, the excess counted,
 /// while another device's readings all pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::governance::register::{Register, html};
+use crate::sinks::guarded::{Bounds, GuardedListener};
 
 /// Serves the operator's endpoints on `listener`, and the notice on `public` (or on `listener`
 /// too when there is no public listener), until `shutdown`.
@@ -30,6 +31,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let operator = operator(mqtt_connected);
+    let listener = GuardedListener::new(listener, BOUNDS);
     let Some(public) = public else {
         let app = operator.merge(notice(register));
         axum::serve(listener, app)
@@ -40,12 +42,19 @@ pub async fn serve(
     let operator = axum::serve(listener, operator)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .into_future();
-    let notice = axum::serve(public, notice(register))
+    let notice = axum::serve(GuardedListener::new(public, BOUNDS), notice(register))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .into_future();
     tokio::try_join!(operator, notice)?;
     Ok(())
 }
+
+/// Each admin listener holds at most 64 connections, and closes one that sends nothing for 10 s
+/// (half a request, or nothing at all): a scrape or a page view sends its request at once.
+const BOUNDS: Bounds = Bounds {
+    max_connections: 64,
+    idle: std::time::Duration::from_secs(10),
+};
 
 /// The transparency notice's routes.
 fn notice(register: Arc<Register>) -> Router {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod grpc;
+pub mod guarded;
 pub mod nats;
 pub mod ngsi_ld;
 pub mod position;

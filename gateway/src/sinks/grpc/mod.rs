@@ -36,7 +36,7 @@ use prost::Message as _;
 use std::pin::Pin;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -46,6 +46,7 @@ use tonic::transport::ServerTlsConfig;
 use tonic::{Request, Response, Status};
 
 use crate::governance::register::Register;
+use crate::sinks::guarded::{Bounds, Guarded, GuardedListener};
 use crate::sources::push::{self, PushJob};
 use crate::store::Store;
 use auth::{Scope, Tokens};
@@ -610,27 +611,22 @@ pub async fn serve(
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hubgate_proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let mut builder = tonic::transport::Server::builder();
+    // Every connection is pinged; one that does not answer is closed, as is one that sends
+    // nothing at all (see `guarded_incoming`).
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder
-            .tls_config(tls)
+            .tls_config(tls.timeout(HANDSHAKE_TIMEOUT))
             .map_err(|e| anyhow::anyhow!("[grpc.tls] cannot be used: {e}"))?;
     }
+    let incoming = guarded_incoming(listener, shutdown.clone());
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(Served::new(service))
-        .serve_with_incoming_shutdown(
-            // Records go out as soon as they are written, not when Nagle's algorithm lets them
-            // (which held small writes for tens of milliseconds).
-            tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |accepted| {
-                if let Ok(stream) = &accepted {
-                    let _ = stream.set_nodelay(true);
-                }
-                accepted
-            }),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     // Calls end on the shutdown; a connection that still lingers is cut after a grace period,
     // so that a stop or a reload never waits on a client.
     let grace = async {
@@ -643,6 +639,46 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// The gRPC listener's connections, each bounded ([`crate::sinks::guarded`]): at most
+/// [`MAX_CONNECTIONS`] at once, each closed when it sends nothing for [`IDLE`] (a healthy client
+/// answers the keepalive pings well within it). Records go out as soon as they are written, not
+/// when Nagle's algorithm lets them (which held small writes for tens of milliseconds).
+fn guarded_incoming(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> ReceiverStream<std::io::Result<Guarded>> {
+    let listener = GuardedListener::new(
+        listener,
+        Bounds {
+            max_connections: MAX_CONNECTIONS,
+            idle: IDLE,
+        },
+    );
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        loop {
+            let (connection, _) = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            if tx.send(Ok(connection)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Connections the gRPC listener holds at once; each multiplexes any number of calls.
+const MAX_CONNECTIONS: usize = 1024;
+/// How often an open connection is pinged, and how long its answer may take.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a connection may send nothing (not even a ping's answer) before it is closed.
+const IDLE: std::time::Duration = std::time::Duration::from_secs(45);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long open gRPC connections may take to close after a stop or reload.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
