@@ -266,3 +266,31 @@ async fn without_tokens_push_is_refused_unless_the_configuration_allows_it() {
     let ack = response.into_inner().next().await.unwrap().unwrap();
     assert_eq!(ack.sequence, 1);
 }
+
+/// A request over the hub's message size limit is answered with the size error, not with a
+/// call that ends without an ack; the call after it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_over_the_size_limit_is_told_so() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &hub_config(broker.port));
+    let own = gw
+        .client()
+        .await
+        .get_policy(with(v1::GetPolicyRequest {}, READER))
+        .await
+        .unwrap()
+        .into_inner()
+        .policy_hash;
+    let note = "n".repeat(2048);
+    let big: Vec<v1::Record> = (1..=3000)
+        .map(|s| record(s, &own, &[("note", note.as_str())]))
+        .collect();
+    let refused = push(&gw, request("a1", big, Vec::new())).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("too large"), "{refused:?}");
+    let small = vec![record(1, &own, &[("note", "ok")])];
+    assert_eq!(
+        push(&gw, request("a1", small, Vec::new())).await.unwrap(),
+        1
+    );
+}

@@ -109,7 +109,7 @@ pub struct Pipeline {
     pending: Pending,
     commit_failures: [Counter; 2],
     /// Highest origin sequence kept, by de-duplication checkpoint name (see [`crate::sources::push`]).
-    push_marks: std::collections::HashMap<String, u64>,
+    push_marks: std::collections::HashMap<String, crate::sources::push::Marks>,
     /// The turn being taken stages a push mark: the cache must not forget it before it is
     /// committed.
     marks_in_turn: bool,

@@ -12,7 +12,7 @@ use tonic::Status;
 
 use super::Pipeline;
 use crate::record::{from_proto_value, to_proto_value};
-use crate::sources::push::PushJob;
+use crate::sources::push::{Marks, PushJob};
 
 /// De-duplication marks of pushing origins held in memory, at most; the rest are read from their
 /// checkpoints in the store when next needed.
@@ -43,13 +43,25 @@ impl Pipeline {
     /// is refused whole, and nothing of it is staged.
     pub fn accept_push(&mut self, job: &PushJob, now_ms: i64) -> Result<u64, PushRefused> {
         let stream = &self.policy.streams()[job.stream];
-        let mark_name =
-            crate::sources::push::mark_name(&job.origin, &job.incarnation, &stream.name);
-        let mark = match self.push_marks.get(&mark_name) {
-            Some(mark) => *mark,
+        let marks_name = crate::sources::push::marks_name(&job.origin, &stream.name);
+        let mut marks = match self.push_marks.get(&marks_name) {
+            Some(marks) => marks.clone(),
             None => self
                 .store
-                .checkpoint(&mark_name)
+                .checkpoint(&marks_name)
+                .map_err(|e| PushRefused::Store(e.into()))?
+                .map(|b| Marks::decode(&b))
+                .unwrap_or_default(),
+        };
+        let mark = match marks.get(&job.incarnation) {
+            Some(mark) => mark,
+            None => self
+                .store
+                .checkpoint(&crate::sources::push::legacy_mark_name(
+                    &job.origin,
+                    &job.incarnation,
+                    &stream.name,
+                ))
                 .map_err(|e| PushRefused::Store(e.into()))?
                 .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
                 .map_or(0, u64::from_be_bytes),
@@ -74,9 +86,9 @@ impl Pipeline {
                 intake.records,
                 now_ms,
             );
-            self.pending
-                .checkpoint(mark_name.clone(), last.to_be_bytes().to_vec());
-            self.push_marks.insert(mark_name, last);
+            marks.set(&job.incarnation, last);
+            self.pending.checkpoint(marks_name.clone(), marks.encode());
+            self.push_marks.insert(marks_name, marks);
             self.marks_in_turn = true;
         }
         metrics::counter!(catalogue::PUSH_RECORDS, "stream" => name.clone(), "outcome" => "kept")

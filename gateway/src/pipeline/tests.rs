@@ -602,10 +602,49 @@ fn push_marks_in_memory_are_bounded_and_reread_from_the_store() {
     let kept = store.next_sequence(0);
     assert_eq!(kept, origins as u64 + 1);
     // The first origin's mark left memory long ago; its batch sent again is not kept twice.
-    assert!(!pipeline.push_marks.contains_key("push/o0/a/s"));
+    assert!(!pipeline.push_marks.contains_key("push/o0/s"));
     assert_eq!(pipeline.accept_push(&push("o0", 1), 0).unwrap(), 1);
     pipeline.commit(0).unwrap();
     assert_eq!(store.next_sequence(0), kept);
+}
+
+/// An origin that invents incarnations adds one mark, holding its latest few incarnations;
+/// marks of one incarnation written by earlier versions are still honoured.
+#[test]
+fn push_marks_hold_the_latest_incarnations_of_an_origin() {
+    use crate::sources::push::{MAX_INCARNATIONS, Marks};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut pipeline, store) = pipeline_for(POLICY, dir.path());
+    for i in 0..100 {
+        let mut job = push("o", 1);
+        job.incarnation = format!("i{i}");
+        assert_eq!(pipeline.accept_push(&job, 0).unwrap(), 1);
+        pipeline.commit(0).unwrap();
+        assert_eq!(
+            store.checkpoint(&format!("push/o/i{i}/s")).unwrap(),
+            None,
+            "no mark per incarnation"
+        );
+    }
+    let marks = Marks::decode(&store.checkpoint("push/o/s").unwrap().unwrap());
+    assert_eq!(marks.len(), MAX_INCARNATIONS);
+    assert_eq!(marks.get("i99"), Some(1));
+    assert_eq!(marks.get("i0"), None);
+    // The latest incarnation sending its batch again: acknowledged, not kept twice.
+    let kept = store.next_sequence(0);
+    let mut again = push("o", 1);
+    again.incarnation = "i99".into();
+    assert_eq!(pipeline.accept_push(&again, 0).unwrap(), 1);
+    pipeline.commit(0).unwrap();
+    assert_eq!(store.next_sequence(0), kept);
+    // A mark in the earlier layout (one checkpoint per incarnation).
+    pipeline
+        .pending
+        .checkpoint("push/old/a/s".into(), 7u64.to_be_bytes().to_vec());
+    pipeline.commit(0).unwrap();
+    assert_eq!(pipeline.accept_push(&push("old", 7), 0).unwrap(), 7);
+    pipeline.commit(0).unwrap();
+    assert_eq!(store.next_sequence(0), kept, "sequence 7 was kept before");
 }
 
 const HELD: &str = r#"

@@ -5,11 +5,14 @@
 //! committed like the gateway's own, in the same turns and with the same durability. The answer
 //! (the acknowledged origin sequence) goes back only after the commit.
 //!
-//! De-duplication is by (origin, incarnation, stream, origin sequence): per origin store and
-//! stream, the highest origin sequence kept is a checkpoint (`push/<origin>/<incarnation>/<stream>`)
-//! committed atomically with the records, so a batch sent again after a crash of either side is
-//! acknowledged and not kept twice, and an origin that starts over with an empty store (a new
-//! incarnation) is not mistaken for one resending.
+//! De-duplication is by (origin, incarnation, stream, origin sequence): per origin and stream, one
+//! checkpoint (`push/<origin>/<stream>`) holds the highest origin sequence kept of each of the
+//! origin's latest [`MAX_INCARNATIONS`] incarnations, committed atomically with the records, so a
+//! batch sent again after a crash of either side is acknowledged and not kept twice, and an origin
+//! that starts over with an empty store (a new incarnation) is not mistaken for one resending. An
+//! incarnation older than the latest few is dead (its store is gone): its mark is let go, so a
+//! caller that invents incarnations adds nothing that lasts. Marks written by earlier versions, one
+//! checkpoint per incarnation (`push/<origin>/<incarnation>/<stream>`), are still read.
 //!
 //! A forwarded record is admitted under this gateway's policy again
 //! ([`hubgate_privacy::forwarded::admit`]): fields the stream does not declare are dropped,
@@ -72,9 +75,55 @@ pub fn announced(announced: &mut HashSet<String>, request: &v1::PushRequest) -> 
     Ok(())
 }
 
-/// The name of the de-duplication checkpoint of an origin store's stream.
-pub fn mark_name(origin: &str, incarnation: &str, stream: &str) -> String {
+/// Incarnations of one origin whose de-duplication marks are kept, per stream.
+pub const MAX_INCARNATIONS: usize = 4;
+
+/// The name of the de-duplication checkpoint of an origin's stream.
+pub fn marks_name(origin: &str, stream: &str) -> String {
+    format!("push/{origin}/{stream}")
+}
+
+/// The name an earlier version gave the mark of one incarnation's stream (read, never written).
+pub fn legacy_mark_name(origin: &str, incarnation: &str, stream: &str) -> String {
     format!("push/{origin}/{incarnation}/{stream}")
+}
+
+/// The highest origin sequence kept of each of an origin's latest incarnations, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Marks(Vec<(String, u64)>);
+
+impl Marks {
+    /// From a checkpoint's bytes; damaged bytes are no marks (the store checks its integrity).
+    pub fn decode(bytes: &[u8]) -> Self {
+        serde_json::from_slice(bytes).unwrap_or_default()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn get(&self, incarnation: &str) -> Option<u64> {
+        self.0
+            .iter()
+            .find(|(i, _)| i == incarnation)
+            .map(|&(_, seq)| seq)
+    }
+
+    /// Records `sequence` for `incarnation`, now the newest; the oldest beyond
+    /// [`MAX_INCARNATIONS`] is let go.
+    pub fn set(&mut self, incarnation: &str, sequence: u64) {
+        self.0.retain(|(i, _)| i != incarnation);
+        self.0.insert(0, (incarnation.to_owned(), sequence));
+        self.0.truncate(MAX_INCARNATIONS);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 /// Whether `incarnation` is usable: 1 to 64 ASCII letters and digits.
@@ -189,6 +238,24 @@ mod tests {
             code(request("d1", "air_quality", &too_many)),
             Code::InvalidArgument
         );
+    }
+
+    #[test]
+    fn marks_keep_the_latest_incarnations_only() {
+        let mut marks = Marks::default();
+        for (i, incarnation) in ["a", "b", "c", "d", "e"].iter().enumerate() {
+            marks.set(incarnation, i as u64 + 1);
+        }
+        assert_eq!(marks.len(), MAX_INCARNATIONS);
+        assert_eq!(marks.get("a"), None);
+        assert_eq!(marks.get("e"), Some(5));
+        // Pushing again under an older incarnation makes it the newest.
+        marks.set("b", 9);
+        marks.set("f", 1);
+        assert_eq!(marks.get("b"), Some(9));
+        assert_eq!(marks.get("c"), None);
+        assert_eq!(Marks::decode(&marks.encode()), marks);
+        assert!(Marks::decode(b"damaged").is_empty());
     }
 
     #[test]

@@ -301,8 +301,14 @@ impl Gateway for GatewayService {
                     () = shutdown.cancelled() => return,
                     next = inbound.message() => match next {
                         Ok(Some(request)) => request,
-                        // The origin closed the call, or it broke: nothing to answer.
-                        Ok(None) | Err(_) => return,
+                        // The origin closed the call: nothing to answer.
+                        Ok(None) => return,
+                        // A request that cannot be read (over the size limit, malformed): the
+                        // origin is told why, rather than seeing the call end without an ack.
+                        Err(status) => {
+                            send_or_stop(&tx, Err(status), &shutdown).await;
+                            return;
+                        }
                     },
                 };
                 if !grant.stream(&request.stream) || !grant.origin(&request.origin) {
