@@ -896,6 +896,81 @@ async fn idle_and_half_open_connections_are_closed() {
     );
 }
 
+/// A flood of the largest payloads the gateway takes, at QoS 0 (which the broker does not hold
+/// back for acknowledgements), beside a good stream: memory stays bounded by the byte budget of
+/// the queue (`mqtt.queue_bytes`), not by its count of messages, and the good stream loses
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_the_largest_payloads_keeps_memory_bounded() {
+    const FLOOD: usize = 400;
+    const GOOD: usize = 40;
+    let broker = Mosquitto::start();
+    let text = config(broker.port, "gw-bytes", STREAMS).replace(
+        "[mqtt]\n",
+        "[mqtt]\nmax_packet_bytes = 262144\nbroker_max_packet_bytes = 1048576\n",
+    );
+    let gw = Gateway::start(gateway_bin!(), &text);
+    gw.wait_ready();
+    let before = gw.rss_kib();
+    let pad = "x".repeat(262_144 - 64);
+    let flood = Publisher::connect_sized(broker.port, "pub-flood-bytes", 1 << 20);
+    let flooding = tokio::spawn(async move {
+        for n in 0..FLOOD {
+            // A kept field: scanned for identifiers and stored, the slowest path.
+            let payload = format!("{{\"station_id\": \"{pad}\", \"pm25\": {n}}}");
+            flood
+                .client
+                .publish(
+                    "city/air/s9/reading",
+                    rumqttc::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .unwrap();
+        }
+        flood
+    });
+    let mut good = Publisher::connect(broker.port, "pub-good-bytes");
+    for n in 0..GOOD {
+        good.publish(
+            "city/noise/m1",
+            format!("{{\"meter_id\": \"m1\", \"laeq_db\": {n}}}"),
+        )
+        .await;
+    }
+    good.wait_acked(GOOD as u64).await;
+    let _flood = flooding.await.unwrap();
+    let mut stream = gw
+        .client()
+        .await
+        .subscribe(subscribe_request(
+            &["noise"],
+            Position::Oldest(v1::Oldest {}),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut kept = 0;
+    while kept < GOOD {
+        let next = tokio::time::timeout(Duration::from_secs(60), stream.next()).await;
+        let Ok(Some(Ok(message))) = next else {
+            panic!("{kept} of {GOOD} good readings kept");
+        };
+        if let Some(Event::Record(_)) = message.event {
+            kept += 1;
+        }
+    }
+    hubgate_tests::wait_for("the flood to be taken in", Duration::from_secs(60), || {
+        gw.metric("hubgate_mqtt_messages_received_total", &[]) >= FLOOD as f64 * 0.5
+    });
+    let peak = gw.peak_rss_kib();
+    eprintln!(
+        "flood of {FLOOD} × 256 KiB at QoS 0: resident memory {before} KiB before, peak {peak} KiB"
+    );
+    assert!(peak <= 64 * 1024, "peak resident memory {peak} KiB");
+}
+
 /// With `mqtt.rate_limit`, a device flooding its topic is held to its rate, the excess counted,
 /// while another device's readings all pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

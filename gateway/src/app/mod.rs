@@ -540,7 +540,8 @@ fn spawn_ingest(
         pipeline.limit_devices(device);
     }
     let acks = AckQueue::default();
-    let acker = Acker::new(client.clone(), acks.clone());
+    let budget = ingest::ByteBudget::new(usize::try_from(mqtt.queue_bytes).unwrap_or(usize::MAX));
+    let acker = Acker::new(client.clone(), acks.clone(), budget.clone());
     let spacing = pipeline::Spacing {
         interval: store.commit_interval,
         max: store.commit_interval_max,
@@ -555,6 +556,7 @@ fn spawn_ingest(
         read_limit: mqtt.read_limit(),
         backoff_max: mqtt.reconnect_backoff_max,
         session,
+        budget,
     };
     let stop = shutdown.clone();
     tasks.spawn(async move {

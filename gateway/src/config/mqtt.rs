@@ -6,7 +6,7 @@ use hubgate_privacy::diagnostics::Diagnostics;
 use serde::Deserialize;
 
 use super::keys::Keys;
-use super::units::duration;
+use super::units::{byte_size, duration};
 
 /// Connection to the MQTT broker.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,6 +30,11 @@ pub struct MqttConfig {
     /// Messages waiting between the MQTT connection and the privacy chain. When full, the gateway
     /// stops reading from the broker (backpressure) instead of buffering more.
     pub queue_capacity: usize,
+    /// Payload bytes in flight between the connection and the end of the privacy chain, at
+    /// most (the queue and the turn being processed); when spent, the gateway stops reading
+    /// from the broker. Bounds memory whatever the payload sizes.
+    #[serde(deserialize_with = "byte_size")]
+    pub queue_bytes: u64,
     /// Messages per second each topic may send (and its burst); more are dropped and counted.
     /// Off when absent.
     pub rate_limit: Option<Limit>,
@@ -61,6 +66,7 @@ impl Default for MqttConfig {
             max_packet_bytes: 256 * 1024,
             broker_max_packet_bytes: None,
             queue_capacity: 4096,
+            queue_bytes: 2 << 20,
             rate_limit: None,
             device_rate_limit: None,
             tls: None,
@@ -206,6 +212,17 @@ impl MqttConfig {
                 ),
             ),
             Some(_) => {}
+        }
+        if self.queue_bytes < 64 << 10 || self.queue_bytes > 4 << 30 {
+            diags.error(
+                keys.at("queue_bytes"),
+                "mqtt.queue_bytes must be between 64KiB and 4GiB",
+            );
+        } else if self.queue_bytes < self.max_packet_bytes as u64 {
+            diags.warning(
+                keys.at("queue_bytes"),
+                "mqtt.queue_bytes is below mqtt.max_packet_bytes: a message that large is taken in only when nothing else is in flight",
+            );
         }
         if self.max_packet_bytes < 1024 {
             diags.error(

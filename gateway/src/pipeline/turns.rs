@@ -19,6 +19,10 @@ use crate::telemetry::clock::now_ms;
 /// records, it takes no more: the rest wait in the queue for the next (when the queue is full, the
 /// MQTT connection stops reading).
 pub(super) const TURN_MAX: usize = 8 * BATCH;
+/// Most record bytes one turn stages, so that a turn (and the one being committed) stays small
+/// in memory whatever the records' sizes; at the usual few hundred bytes a record, a turn of
+/// [`TURN_MAX`] messages holds about a megabyte.
+pub(super) const TURN_BYTES: u64 = 2 << 20;
 
 /// What a turn owes once it is durable: the packet ids of its QoS 1 messages in the order they
 /// arrived, and the replies to the forwarded records it kept.
@@ -195,7 +199,7 @@ struct Turns<'p> {
     last_commit: Option<tokio::time::Instant>,
     /// The time from the start of the last commit to the start of the next.
     commit_interval: Duration,
-    /// Most record bytes a turn takes: a quarter of `store.max_bytes`.
+    /// Most record bytes a turn takes: a quarter of `store.max_bytes`, at most [`TURN_BYTES`].
     turn_bytes: u64,
 }
 
@@ -212,6 +216,7 @@ impl Turns<'_> {
     /// Processes the batch taken and adds its messages to what the turn owes.
     fn process_batch(&mut self) {
         self.pipeline.process(&self.batch, now_ms());
+        self.acker.processed(&self.batch);
         self.owed.take(&mut self.batch);
     }
 
@@ -312,7 +317,7 @@ pub(super) async fn take_turns(
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let turn_bytes = pipeline.store.max_bytes() / 4;
+    let turn_bytes = (pipeline.store.max_bytes() / 4).min(TURN_BYTES);
     let mut t = Turns {
         pipeline,
         committer,

@@ -71,6 +71,48 @@ pub struct Inbound {
 pub struct Acker {
     wake: Wake,
     queue: AckQueue,
+    /// The payload bytes in flight, given back as the pipeline is done with each message.
+    budget: Option<ByteBudget>,
+}
+
+/// The payload bytes in flight between the broker and the end of the privacy chain: what the
+/// queue holds and what the turn is processing. The connection takes a message's bytes before
+/// it queues it, and waits (stops reading from the broker) while the budget is spent; the
+/// pipeline gives them back once it has processed the message. So memory is bounded in bytes
+/// whatever the payload sizes, as the queue bounds it in messages.
+#[derive(Debug, Clone)]
+pub struct ByteBudget {
+    bytes: Arc<tokio::sync::Semaphore>,
+    max: usize,
+}
+
+impl ByteBudget {
+    pub fn new(max: usize) -> Self {
+        let max = max.clamp(1, u32::MAX as usize);
+        Self {
+            bytes: Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// What `inbound` holds of the budget: its topic and payload, at most the whole budget.
+    fn charge(&self, inbound: &Inbound) -> usize {
+        (inbound.publish.topic.len() + inbound.publish.payload.len()).min(self.max)
+    }
+
+    /// Takes `inbound`'s bytes, waiting until they are free.
+    async fn take(&self, inbound: &Inbound) {
+        let n = u32::try_from(self.charge(inbound)).unwrap_or(u32::MAX);
+        if let Ok(permit) = self.bytes.acquire_many(n).await {
+            permit.forget();
+        }
+    }
+
+    /// Gives back the bytes of messages the pipeline is done with.
+    fn give_back(&self, done: &[Inbound]) {
+        let n: usize = done.iter().map(|i| self.charge(i)).sum();
+        self.bytes.add_permits(n);
+    }
 }
 
 /// How the [`Acker`] wakes the connection with the first ack of a commit.
@@ -131,10 +173,18 @@ impl AckQueue {
 }
 
 impl Acker {
-    pub fn new(client: AsyncClient, queue: AckQueue) -> Self {
+    pub fn new(client: AsyncClient, queue: AckQueue, budget: ByteBudget) -> Self {
         Self {
             wake: Wake::Client(client),
             queue,
+            budget: Some(budget),
+        }
+    }
+
+    /// The pipeline is done with these messages: their bytes return to the budget.
+    pub fn processed(&self, done: &[Inbound]) {
+        if let Some(budget) = &self.budget {
+            budget.give_back(done);
         }
     }
 
@@ -146,6 +196,7 @@ impl Acker {
         let acker = Self {
             wake: Wake::Noted(Arc::clone(&woke)),
             queue,
+            budget: None,
         };
         (acker, woke)
     }
@@ -289,6 +340,8 @@ pub struct Link {
     pub backoff_max: Duration,
     /// The session, for skipping a packet over the read limit.
     pub session: Session,
+    /// The payload bytes in flight (shared with the pipeline's [`Acker`]).
+    pub budget: ByteBudget,
 }
 
 /// The connection's state and metrics, for the event loop of [`run`].
@@ -355,6 +408,11 @@ impl Connection {
         if oversized {
             self.oversized.increment(1);
             drop(std::mem::take(&mut publish.payload));
+        } else if bytes >= COPY_OUT_BYTES {
+            // The payload is a slice of the client's read buffer and would keep all of it (room
+            // for several packets) alive while it waits in the queue: a copy lets it go, so the
+            // byte budget counts what is really held.
+            publish.payload = bytes::Bytes::copy_from_slice(&publish.payload);
         }
         Inbound {
             publish,
@@ -418,6 +476,9 @@ impl Connection {
         }
     }
 }
+
+/// Payloads at least this large are copied out of the client's read buffer on arrival.
+const COPY_OUT_BYTES: usize = 4096;
 
 /// A connection that lasted this long was not broken by what the broker sent first.
 const STABLE: Duration = Duration::from_secs(10);
@@ -497,7 +558,12 @@ pub async fn run(
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let inbound = conn.inbound(publish, link.max_payload);
-                // Waits while the pipeline is busy: that is the backpressure.
+                // Waits while the pipeline is busy, in bytes or in messages: that is the
+                // backpressure.
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = link.budget.take(&inbound) => {}
+                }
                 if queue.send(inbound).await.is_err() {
                     break;
                 }

@@ -162,8 +162,33 @@ pub enum CommitError {
 #[derive(Debug)]
 struct Tail {
     records: VecDeque<Stored>,
+    /// The encoded bytes of `records`.
+    bytes: usize,
     /// Sequence of the next record committed: everything below is in the outbox.
     next: u64,
+}
+
+/// Encoded record bytes a stream's tail holds in memory at most (besides its newest record),
+/// whatever `store.memory_records_per_stream` allows: large records are read from the outbox.
+const TAIL_BYTES: usize = 1 << 20;
+
+impl Tail {
+    fn pop_front(&mut self) {
+        if let Some(r) = self.records.pop_front() {
+            self.bytes -= r.bytes.len();
+        }
+    }
+
+    /// Adds committed records, then lets the oldest go beyond `max_records` or [`TAIL_BYTES`].
+    fn extend(&mut self, records: Vec<Stored>, max_records: usize) {
+        self.bytes += records.iter().map(|r| r.bytes.len()).sum::<usize>();
+        self.records.extend(records);
+        while self.records.len() > max_records
+            || (self.bytes > TAIL_BYTES && self.records.len() > 1)
+        {
+            self.pop_front();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -199,6 +224,7 @@ impl StreamLog {
             name: name.to_owned(),
             tail: Mutex::new(Tail {
                 records: VecDeque::new(),
+                bytes: 0,
                 next,
             }),
             staged: AtomicU64::new(next),
@@ -234,7 +260,7 @@ impl StreamLog {
             .front()
             .is_some_and(|r| r.sequence <= purged_through || r.kept_ms < cutoff)
         {
-            tail.records.pop_front();
+            tail.pop_front();
         }
     }
 }
@@ -463,9 +489,7 @@ impl Store {
             if let Some(last) = records.last() {
                 tail.next = last.sequence + 1;
             }
-            tail.records.extend(records);
-            let over = tail.records.len().saturating_sub(self.memory_records);
-            tail.records.drain(..over);
+            tail.extend(records, self.memory_records);
             let tip = tail.next - 1;
             drop(tail);
             s.tip.send_replace(tip);
