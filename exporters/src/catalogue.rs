@@ -137,8 +137,12 @@ pub const INTENSITY_MISSING_SECONDS: &str = "hubgate_grid_intensity_missing_seco
 pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
+/// Starts at which the audit log did not hold the entry its anchor names (cut or rewritten).
+pub const AUDIT_ANCHOR_MISMATCHES: &str = "hubgate_audit_anchor_mismatches_total";
+/// Sequence of the audit log's last entry (its head, also anchored in the outbox).
+pub const AUDIT_HEAD_SEQ: &str = "hubgate_audit_head_seq";
 /// gRPC calls refused for want of a valid token, of scope, or of room. Label: `reason`
-/// (`missing`, `unknown`, `scope`, `capacity`, `streams`).
+/// (`missing`, `unknown`, `scope`, `capacity`, `token`, `streams`).
 pub const GRPC_REFUSED: &str = "hubgate_grpc_refused_total";
 /// Records sent to gRPC subscribers. Label: `stream`.
 pub const GRPC_RECORDS_SENT: &str = "hubgate_grpc_records_sent_total";
@@ -372,11 +376,19 @@ pub fn describe() {
     );
     describe_counter!(
         GRPC_REFUSED,
-        "gRPC calls refused: no token, an unknown token, out of the token's scope, no room (capacity), or too many streams in one subscription"
+        "gRPC calls refused: no token, an unknown token, out of the token's scope, no room (capacity), the token's own limit of open calls (token), or too many streams in one subscription"
     );
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "audit log entries that could not be written"
+    );
+    describe_counter!(
+        AUDIT_ANCHOR_MISMATCHES,
+        "starts at which the audit log did not hold the entry its anchor names (cut or rewritten)"
+    );
+    describe_gauge!(
+        AUDIT_HEAD_SEQ,
+        "sequence of the audit log's last entry (its head, anchored in the outbox)"
     );
     describe_counter!(GRPC_RECORDS_SENT, "records sent to gRPC subscribers");
     describe_gauge!(

@@ -396,6 +396,93 @@ async fn token_grants_and_revocations_are_audited() {
     assert_eq!(refused.code(), Code::Unauthenticated);
 }
 
+/// The head `GetPolicy` reports, as `hubgate audit verify --head` takes it.
+async fn audit_head(gw: &Gateway) -> String {
+    let policy = gw
+        .client()
+        .await
+        .get_policy(v1::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(policy.audit_head_hash.len(), 64);
+    format!("{}:{}", policy.audit_head_seq, policy.audit_head_hash)
+}
+
+fn audit_verify(log: &std::path::Path, head: &str) -> (bool, String) {
+    let out = std::process::Command::new(gateway_bin!())
+        .args(["audit", "verify", "--head", head])
+        .arg(log)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// An audit log whose tail was cut is caught at the next start, against the head anchored in
+/// the outbox; a head noted from `GetPolicy` shows a chain rewritten whole to `audit verify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_or_rewritten_audit_log_is_caught() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = data.join("audit.jsonl");
+    let text = format!(
+        "[store]\ndata_dir = {data:?}\n{}",
+        config(broker.port, "gw-anchor", STREAMS)
+    );
+    for _ in 0..2 {
+        let gw = Gateway::start(gateway_bin!(), &text);
+        gw.wait_ready();
+        assert!(gw.stop().success());
+    }
+    // The last entry cut: the chain still verifies on its own, but the start says what is missing.
+    let entries = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = entries.lines().collect();
+    assert!(lines.len() >= 2);
+    std::fs::write(&log, lines[..lines.len() - 1].join("\n") + "\n").unwrap();
+    let gw = Gateway::start(gateway_bin!(), &text);
+    gw.wait_ready();
+    assert!(
+        gw.log()
+            .contains("the audit log does not hold the entry its anchor names"),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.metric("hubgate_audit_anchor_mismatches_total", &[]), 1.0);
+    let head = audit_head(&gw).await;
+    assert!(gw.stop().success());
+    let after = std::fs::read_to_string(&log).unwrap();
+    assert!(after.contains("\"event\":\"audit_chain_broken\""));
+    // An intact log holds the head noted from GetPolicy.
+    let (ok, report) = audit_verify(&log, &head);
+    assert!(ok && report.contains("holds the head's hash"), "{report}");
+    // Rewritten whole with fresh hashes, one entry per line as before: verifies on its own,
+    // but not against the head.
+    std::fs::remove_file(&log).unwrap();
+    let forged = hubgate::governance::audit::AuditLog::open(&log).unwrap();
+    for line in after.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        forged.record(
+            entry["time_ms"].as_i64().unwrap(),
+            entry["event"].as_str().unwrap(),
+            serde_json::json!({}),
+        );
+    }
+    drop(forged);
+    let (ok, report) = audit_verify(&log, &head);
+    assert!(
+        !ok && report.contains("the chain was rewritten"),
+        "{report}"
+    );
+    // Cut before the head: the log ends too early.
+    std::fs::write(&log, "").unwrap();
+    let (ok, report) = audit_verify(&log, &head);
+    assert!(!ok && report.contains("the log was cut"), "{report}");
+}
+
 #[test]
 fn an_upstream_token_file_readable_by_others_stops_the_start() {
     let dir = tempfile::tempdir().unwrap();

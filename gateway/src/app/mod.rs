@@ -195,7 +195,7 @@ pub async fn start_in(
         (&policy, &store, &register),
         push_tx,
         process.footprint.watch(),
-        loaded_at,
+        (loaded_at, Arc::clone(&audit)),
         &shutdown,
     );
     serve_listeners(
@@ -213,6 +213,11 @@ pub async fn start_in(
         shutdown.clone(),
     ));
     tasks.spawn(purge_every_tick(Arc::clone(&store), shutdown.clone()));
+    tasks.spawn(anchor_audit(
+        Arc::clone(&audit),
+        Arc::clone(&store),
+        shutdown.clone(),
+    ));
     let (grpc_addr, admin_addr) = (process.grpc_addr()?, process.admin_addr()?);
     tracing::info!(%grpc_addr, %admin_addr, policy_hash = %policy.hash_hex(), streams = policy.streams().len(), "hubgate started");
     Ok(Running {
@@ -265,7 +270,7 @@ fn gateway_service(
     (policy, store, register): (&Arc<Policy>, &Arc<Store>, &Arc<register::Register>),
     push: mpsc::Sender<crate::sources::push::PushJob>,
     footprint: watch::Receiver<hubgate_proto::v1::Footprint>,
-    loaded_at: std::time::SystemTime,
+    (loaded_at, audit): (std::time::SystemTime, Arc<audit::AuditLog>),
     shutdown: &CancellationToken,
 ) -> grpc::GatewayService {
     grpc::GatewayService::new(
@@ -283,6 +288,7 @@ fn gateway_service(
         grpc::Published {
             register: Arc::clone(register),
             loaded_at,
+            audit,
         },
         shutdown.clone(),
     )
@@ -329,6 +335,7 @@ impl Opened {
         if store.checkpoint(&document)?.is_none() {
             store.save_checkpoint(&document, policy.canonical_json().into_bytes())?;
         }
+        anchor_check(&audit, &store)?;
         let stats = Arc::new(Stats::new(policy.streams().len()));
         Ok(Self {
             policy,
@@ -337,6 +344,55 @@ impl Opened {
             store,
             stats,
         })
+    }
+}
+
+/// The outbox checkpoint that anchors the audit log's head (see [`audit`]). A control character
+/// keeps it apart from every stream and window name.
+const AUDIT_ANCHOR: &str = "\u{3}audit-head";
+
+/// Checks the audit log against the head anchored in the outbox (a cut or rewritten log is
+/// recorded, logged and counted), then anchors the head it has now.
+fn anchor_check(audit: &audit::AuditLog, store: &Store) -> anyhow::Result<()> {
+    if let Some(anchored) = store
+        .checkpoint(AUDIT_ANCHOR)?
+        .and_then(|b| audit::Head::decode(&b))
+    {
+        audit.check_anchor(&anchored, crate::telemetry::clock::now_ms());
+    }
+    let head = audit.head();
+    metrics::gauge!(catalogue::AUDIT_HEAD_SEQ).set(head.seq as f64);
+    store.save_checkpoint(AUDIT_ANCHOR, head.encode())?;
+    Ok(())
+}
+
+/// Keeps the anchor of the audit log's head up to date: within a second of each entry, and once
+/// more when the gateway stops.
+async fn anchor_audit(
+    audit: Arc<audit::AuditLog>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut anchored = audit.head();
+    loop {
+        let stopping = tokio::select! {
+            () = shutdown.cancelled() => true,
+            () = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        let head = audit.head();
+        if head != anchored {
+            metrics::gauge!(catalogue::AUDIT_HEAD_SEQ).set(head.seq as f64);
+            let (store, bytes) = (Arc::clone(&store), head.encode());
+            match tokio::task::spawn_blocking(move || store.save_checkpoint(AUDIT_ANCHOR, bytes))
+                .await
+            {
+                Ok(Ok(())) => anchored = head,
+                _ => tracing::warn!("cannot anchor the audit log's head in the outbox; will retry"),
+            }
+        }
+        if stopping {
+            return Ok(());
+        }
     }
 }
 

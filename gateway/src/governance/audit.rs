@@ -25,6 +25,25 @@
 //! hashes, so a removal is itself on the record. `hubgate audit verify audit-*.jsonl
 //! audit.jsonl` checks the files in order and that each continues the one before.
 //!
+//! **Anchoring.** The chain alone cannot show entries cut off its end, an emptied or deleted
+//! file, or a chain rewritten from the start with fresh hashes (they are unkeyed). So the head of
+//! the chain (the last entry's sequence and hash) is also kept outside the log: in the outbox,
+//! as a checkpoint the gateway updates within a second of each entry and when it stops. At start
+//! the gateway looks for the anchored entry in the log; when the log ends before it or holds
+//! another hash there, the log was cut or rewritten: an `audit_chain_broken` entry records what
+//! was anchored and what was found, the error is logged and counted
+//! (`hubgate_audit_anchor_mismatches_total`), and the gateway goes on with the log it has. For an
+//! auditor the head is also a witness to keep: `GetPolicy` returns it (`audit_head_seq`,
+//! `audit_head_hash`) and `hubgate_audit_head_seq` shows its sequence, and `hubgate audit verify
+//! --head SEQ:HASH` checks that the files still hold that entry with that hash, so a chain
+//! rewritten whole no longer matches a head noted before.
+//!
+//! Threat model: someone who can edit the log but not the outbox is caught at the next start;
+//! someone who can edit both (the whole data directory, with its keys) can rewrite both
+//! consistently, and is caught only by a head kept elsewhere (an auditor's note, a scraped
+//! metric, a dashboard's `GetPolicy`). Entries written less than a second before a crash may not
+//! be anchored yet.
+//!
 //! Entries name streams, sequence ranges, times, counts and hashes, never a value or an
 //! identifier. A write that fails is logged and counted (`hubgate_audit_write_errors_total`); the
 //! gateway goes on, since stopping would lose more than the entry.
@@ -34,7 +53,7 @@
 //! `policy_rejected` (the running hash, the number of errors and the first with its line and
 //! column), `policy_reload_failed` (the hash that could not start, and why), `purge` (stream, reason, records, sequence and time range), `outbox_key_destroyed`,
 //! `pseudonym_key_rotated`, `pseudonym_key_destroyed`, `privacy_budget_spent`,
-//! `privacy_budget_refused`, `audit_tail_cut`, `audit_segment_start`.
+//! `privacy_budget_refused`, `audit_tail_cut`, `audit_segment_start`, `audit_chain_broken`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -221,6 +240,67 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The head of the chain: the last entry's sequence and hash (0 and the genesis before any).
+    pub fn head(&self) -> Head {
+        let tail = self.tail.lock().unwrap_or_else(PoisonError::into_inner);
+        Head {
+            seq: tail.next_seq - 1,
+            hash: tail.prev.clone(),
+        }
+    }
+
+    /// The hash of entry `seq`, from the current file or a closed segment; `None` when no file
+    /// holds it.
+    pub fn hash_of(&self, seq: u64) -> io::Result<Option<String>> {
+        let mut files: Vec<PathBuf> = Self::segments(self.dir())?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        files.push(self.path.clone());
+        for path in files.iter().rev() {
+            if let Some(hash) = hash_in(path, seq)? {
+                return Ok(Some(hash));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Checks the chain against `anchored`, the head kept outside the log (see the module's
+    /// documentation). A log that ends before it, or holds another hash there, was cut or
+    /// rewritten: that is recorded as `audit_chain_broken`, logged and counted, and `false` is
+    /// returned.
+    pub fn check_anchor(&self, anchored: &Head, now_ms: i64) -> bool {
+        let head = self.head();
+        let found = if head.seq < anchored.seq {
+            None
+        } else if head.seq == anchored.seq {
+            Some(head.hash.clone())
+        } else {
+            self.hash_of(anchored.seq).ok().flatten()
+        };
+        if found.as_deref() == Some(anchored.hash.as_str()) {
+            return true;
+        }
+        metrics::counter!(catalogue::AUDIT_ANCHOR_MISMATCHES).increment(1);
+        tracing::error!(
+            anchored_seq = anchored.seq,
+            head_seq = head.seq,
+            "the audit log does not hold the entry its anchor names: it was cut or rewritten"
+        );
+        self.record(
+            now_ms,
+            "audit_chain_broken",
+            serde_json::json!({
+                "anchored_seq": anchored.seq,
+                "anchored_hash": anchored.hash,
+                "found_hash_at_anchored_seq": found,
+                "head_seq_found": head.seq,
+                "head_hash_found": head.hash,
+            }),
+        );
+        false
+    }
+
     /// Appends an entry and syncs it. `data` must hold no value or identifier from a reading.
     /// Closes the current segment first when it has grown old (see the module's documentation).
     pub fn record(&self, time_ms: i64, event: &str, data: serde_json::Value) {
@@ -376,6 +456,63 @@ impl AuditLog {
         self.append(tail, time_ms, "audit_segment_start", data);
         Ok(())
     }
+}
+
+/// The head of the chain: its last entry's sequence and hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Head {
+    /// `SEQ:HASH`, as `hubgate audit verify --head` takes it.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (seq, hash) = text.split_once(':')?;
+        let hash = hash.trim();
+        let seq = seq.trim().parse().ok()?;
+        (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then(|| Head {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The hash of entry `seq` in any of `files`, if one holds it.
+pub fn hash_in_files(files: &[PathBuf], seq: u64) -> io::Result<Option<String>> {
+    for path in files {
+        if let Some(hash) = hash_in(path, seq)? {
+            return Ok(Some(hash));
+        }
+    }
+    Ok(None)
+}
+
+/// The hash of entry `seq` in the file at `path`, if it holds it.
+fn hash_in(path: &Path, seq: u64) -> io::Result<Option<String>> {
+    let reader = match File::open(path) {
+        Ok(file) => BufReader::new(file),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    for line in reader.split(b'\n') {
+        let line = line?;
+        let Ok(entry) = serde_json::from_slice::<Entry>(&line) else {
+            continue;
+        };
+        if entry.seq == seq {
+            return Ok(split_hash(&line).map(|(_, h)| h.to_owned()));
+        }
+    }
+    Ok(None)
 }
 
 /// What [`verify`] found.
@@ -541,6 +678,66 @@ mod tests {
             );
         }
         path
+    }
+
+    /// The anchor catches what the chain alone cannot: a cut tail, an emptied or deleted file,
+    /// a chain rewritten whole; and lets an intact log (or one that went on) pass.
+    #[test]
+    fn the_anchor_catches_cut_emptied_deleted_and_rewritten_logs() {
+        let broken = |log: &AuditLog| {
+            let text = std::fs::read_to_string(&log.path).unwrap();
+            text.contains("\"event\":\"audit_chain_broken\"")
+        };
+        // Intact, and gone on after the anchor: passes.
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_with(dir.path(), 5);
+        let log = AuditLog::open(&path).unwrap();
+        let anchored = log.head();
+        assert_eq!(anchored.seq, 5);
+        assert!(log.check_anchor(&anchored, 0));
+        log.record(1, "start", json!({}));
+        assert_eq!(
+            log.hash_of(5).unwrap().as_deref(),
+            Some(anchored.hash.as_str())
+        );
+        assert!(log.check_anchor(&anchored, 0));
+        assert!(!broken(&log));
+        drop(log);
+        // The last two lines cut.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let kept: Vec<&str> = text.lines().take(4).collect();
+        std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+        assert!(matches!(verify(&path).unwrap(), Verdict::Intact { .. }));
+        let log = AuditLog::open(&path).unwrap();
+        assert!(!log.check_anchor(&anchored, 0));
+        assert!(broken(&log));
+        drop(log);
+        // Emptied, and deleted.
+        for damage in [
+            |p: &Path| std::fs::write(p, b"").unwrap(),
+            |p: &Path| std::fs::remove_file(p).unwrap(),
+        ] {
+            damage(&path);
+            let log = AuditLog::open(&path).unwrap();
+            assert!(!log.check_anchor(&anchored, 0));
+            assert!(broken(&log));
+        }
+        // Rewritten whole with fresh hashes, as long as before: every entry verifies, but not
+        // the anchored one.
+        std::fs::remove_file(&path).unwrap();
+        let forged = AuditLog::open(&path).unwrap();
+        for i in 0..5 {
+            forged.record(i, "purge", json!({"stream": "noise", "records": 0}));
+        }
+        assert!(matches!(verify(&path).unwrap(), Verdict::Intact { .. }));
+        assert_eq!(forged.head().seq, anchored.seq);
+        assert!(!forged.check_anchor(&anchored, 0));
+        let head = Head::parse(&format!("{}:{}", anchored.seq, anchored.hash)).unwrap();
+        assert_eq!(head, anchored);
+        assert_ne!(
+            hash_in_files(std::slice::from_ref(&path), head.seq).unwrap(),
+            Some(head.hash)
+        );
     }
 
     #[test]

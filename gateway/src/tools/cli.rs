@@ -126,7 +126,17 @@ enum AuditAction {
     Verify {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// A head noted earlier, `SEQ:HASH` (from `GetPolicy`'s `audit_head_seq` and
+        /// `audit_head_hash`, or from this command's output): the files must still hold entry
+        /// SEQ with that hash, or the log was cut or rewritten since.
+        #[arg(long, value_parser = parse_head)]
+        head: Option<crate::governance::audit::Head>,
     },
+}
+
+fn parse_head(text: &str) -> Result<crate::governance::audit::Head, String> {
+    crate::governance::audit::Head::parse(text)
+        .ok_or_else(|| "expected SEQ:HASH, the hash 64 hex digits".to_owned())
 }
 
 /// Entry point of the `hubgate` binary.
@@ -147,8 +157,8 @@ pub fn main() -> ExitCode {
         Command::Explain { config, format } => explain(config.as_deref(), format),
         Command::Token { action } => token(action),
         Command::Audit {
-            action: AuditAction::Verify { files },
-        } => return audit_verify(&files),
+            action: AuditAction::Verify { files, head },
+        } => return audit_verify(&files, head.as_ref()),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
             runtime(None).and_then(|rt| rt.block_on(crate::tools::demo::run(seconds, rate)))
@@ -163,7 +173,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn audit_verify(files: &[PathBuf]) -> ExitCode {
+fn audit_verify(files: &[PathBuf], head: Option<&crate::governance::audit::Head>) -> ExitCode {
     let verdicts = match crate::governance::audit::verify_files(files) {
         Ok(verdicts) => verdicts,
         Err(err) => {
@@ -190,6 +200,31 @@ fn audit_verify(files: &[PathBuf]) -> ExitCode {
             crate::governance::audit::Verdict::Broken { line, reason } => {
                 println!("{}:{line}: broken: {reason}", file.display());
                 intact = false;
+            }
+        }
+    }
+    if let Some(head) = head {
+        match crate::governance::audit::hash_in_files(files, head.seq) {
+            Ok(Some(hash)) if hash == head.hash => {
+                println!("entry {} holds the head's hash {}", head.seq, head.hash);
+            }
+            Ok(Some(hash)) => {
+                println!(
+                    "entry {} has hash {hash}, not the head's {}: the chain was rewritten",
+                    head.seq, head.hash
+                );
+                intact = false;
+            }
+            Ok(None) => {
+                println!(
+                    "the files end before entry {}, the head noted: the log was cut",
+                    head.seq
+                );
+                intact = false;
+            }
+            Err(err) => {
+                eprintln!("hubgate: error: cannot read the audit log: {err}");
+                return ExitCode::FAILURE;
             }
         }
     }

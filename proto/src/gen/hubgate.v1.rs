@@ -16,6 +16,13 @@ pub struct GetPolicyResponse {
     /// can check that the hash names this policy.
     #[prost(string, tag = "4")]
     pub policy_json: ::prost::alloc::string::String,
+    /// The head of the audit log's hash chain (its last entry's sequence and hash) at the time of
+    /// the call: a witness for auditors, who can later check that the log still holds this entry
+    /// with this hash (`hubgate audit verify --head SEQ:HASH`), so that a rewritten chain shows.
+    #[prost(uint64, tag = "5")]
+    pub audit_head_seq: u64,
+    #[prost(string, tag = "6")]
+    pub audit_head_hash: ::prost::alloc::string::String,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct GetFootprintRequest {}

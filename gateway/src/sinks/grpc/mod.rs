@@ -205,11 +205,13 @@ pub struct Access {
     pub push_without_tokens: bool,
 }
 
-/// The running policy's register, and when the policy was loaded (for `GetPolicy`).
+/// The running policy's register, when the policy was loaded, and the audit log whose head
+/// `GetPolicy` shows.
 #[derive(Debug, Clone)]
 pub struct Published {
     pub register: Arc<Register>,
     pub loaded_at: std::time::SystemTime,
+    pub audit: Arc<crate::governance::audit::AuditLog>,
 }
 
 /// The events of one Subscribe call.
@@ -230,11 +232,14 @@ impl Gateway for GatewayService {
         self.tokens
             .check(request.metadata())?
             .require(Scope::Policy)?;
+        let head = self.published.audit.head();
         Ok(Response::new(v1::GetPolicyResponse {
             policy_hash: self.policy.hash_hex(),
             loaded_at: Some(self.published.loaded_at.into()),
             register_json: self.published.register.to_json(),
             policy_json: self.policy.canonical_json(),
+            audit_head_seq: head.seq,
+            audit_head_hash: head.hash,
         }))
     }
 
