@@ -129,7 +129,7 @@ async fn crash_test(engine: &str) {
     eprintln!("crash test on {engine}: seed {seed} (HUBGATE_CRASH_SEED={seed} replays it)");
     let mut moments = Moments(seed);
     let broker = Mosquitto::start();
-    let data = tempfile::tempdir().expect("temp dir");
+    let data = hubgate_tests::private_dir();
     let cfg = durable_config(
         broker.port,
         "gw-crash",
@@ -209,7 +209,7 @@ fn footfall_windowed() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_windows_survive_a_sigkill() {
     let broker = Mosquitto::start();
-    let data = tempfile::tempdir().unwrap();
+    let data = hubgate_tests::private_dir();
     let cfg = durable_config(
         broker.port,
         "gw-window",
@@ -320,7 +320,7 @@ async fn open_windows_survive_a_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_purges_records_from_disk_and_replay() {
     let broker = Mosquitto::start();
-    let data = tempfile::tempdir().unwrap();
+    let data = hubgate_tests::private_dir();
     let cfg = durable_config(
         broker.port,
         "gw-retention",
@@ -435,7 +435,7 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
     const CAP: f64 = 256.0 * 1024.0;
     let broker = Mosquitto::start();
     for (policy, retention) in [("drop_oldest", "1d"), ("stop_acking", "2s")] {
-        let data = tempfile::tempdir().unwrap();
+        let data = hubgate_tests::private_dir();
         let cfg = durable_config(
             broker.port,
             &format!("gw-full-{policy}"),
@@ -521,7 +521,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
     const N: u64 = 9000;
     let broker = Mosquitto::start();
     let hub_port = hubgate_tests::free_port();
-    let hub_data = tempfile::tempdir().unwrap();
+    let hub_data = hubgate_tests::private_dir();
     let hub_cfg = durable_config(
         broker.port,
         "gw-hub",
@@ -540,7 +540,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
         hubgate::sinks::grpc::auth::digest_hex("hg_district_1_push_token"),
         hubgate::sinks::grpc::auth::digest_hex(READER_TOKEN)
     );
-    let origin_data = tempfile::tempdir().unwrap();
+    let origin_data = hubgate_tests::private_dir();
     let token_file = origin_data.path().join("upstream.token");
     std::fs::write(&token_file, "hg_district_1_push_token\n").unwrap();
     std::fs::set_permissions(
@@ -640,7 +640,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
     // The origin starts over with an empty data directory, under the same name: its new records
     // (sequences from 1 again) reach the hub, not taken for the ones it already has.
     origin.kill();
-    let fresh_data = tempfile::tempdir().unwrap();
+    let fresh_data = hubgate_tests::private_dir();
     let fresh_cfg = origin_cfg.replace(
         &format!("{:?}", origin_data.path()),
         &format!("{:?}", fresh_data.path()),
@@ -665,7 +665,7 @@ async fn an_upstream_outage_loses_nothing_and_the_backlog_drains() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_gateway_per_data_directory() {
     let broker = Mosquitto::start();
-    let data = tempfile::tempdir().unwrap();
+    let data = hubgate_tests::private_dir();
     let cfg = durable_config(
         broker.port,
         "gw-lock",

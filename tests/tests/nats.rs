@@ -66,7 +66,7 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     const N: u64 = 3000;
     let broker = Mosquitto::start();
     let mut nats = NatsServer::not_started();
-    let data = tempfile::tempdir().unwrap();
+    let data = hubgate_tests::private_dir();
     let cfg = config(broker.port, "gw-nats", &sequence_stream("1d")).replace(
         "[grpc]",
         &format!(

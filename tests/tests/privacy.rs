@@ -282,7 +282,7 @@ async fn publish_window(publisher: &mut Publisher, ts: i64, sent: &mut u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_does_not_reset_a_spent_privacy_budget() {
     let broker = Mosquitto::start();
-    let data = tempfile::tempdir().unwrap();
+    let data = hubgate_tests::private_dir();
     let cfg = config(broker.port, "gw-budget", &footfall_noisy()).replace(
         "[grpc]",
         &format!("[store]\ndata_dir = {:?}\n\n[grpc]", data.path()),

@@ -583,7 +583,7 @@ async fn the_data_directory_is_private_whatever_the_umask() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("is open to group or others (mode 755)") && stderr.contains("chmod 700"),
+        stderr.contains("is open to others (mode 755)") && stderr.contains("chmod 700"),
         "{stderr}"
     );
     assert_eq!(

@@ -420,8 +420,8 @@ fn publish_policy_info(policy: &Policy, why: &Start) {
 /// would corrupt the keys and the audit chain. The lock is held while the returned file is.
 ///
 /// Everything in the data directory is private to the gateway's user: the process's file mode
-/// mask becomes 077 (whatever the shell's umask), so the outbox engines' files are 0600 too, and a
-/// data directory that group or others can enter is refused.
+/// mask becomes 077 (whatever the shell's umask), so the outbox engines' files are 0600 too; a
+/// data directory that others can enter is refused, and one its group can enter is a warning.
 fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
@@ -434,12 +434,19 @@ fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("cannot read the data directory {}", data_dir.display()))?
         .permissions()
         .mode();
-    if mode & 0o077 != 0 {
+    if mode & 0o007 != 0 {
         anyhow::bail!(
-            "the data directory {} is open to group or others (mode {:o}): it holds pseudonymisation keys, \
+            "the data directory {} is open to others (mode {:o}): it holds pseudonymisation keys, \
              the outbox and the audit log; make it private with chmod 700",
             data_dir.display(),
             mode & 0o777
+        );
+    }
+    if mode & 0o070 != 0 {
+        tracing::warn!(
+            dir = %data_dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data directory is open to its group: make it private with chmod 700 unless the group is the gateway's alone"
         );
     }
     let lock_path = data_dir.join("lock");
