@@ -137,6 +137,9 @@ pub const INTENSITY_MISSING_SECONDS: &str = "hubgate_grid_intensity_missing_seco
 pub const CARBON_INFO: &str = "hubgate_carbon_info";
 /// Audit log entries that could not be written.
 pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
+/// Reconnects at which the broker had no session for the gateway although it had one before:
+/// what the broker held for the gateway (QoS 1 messages not yet delivered) may be lost.
+pub const MQTT_SESSIONS_LOST: &str = "hubgate_mqtt_sessions_lost_total";
 /// Starts at which the audit log did not hold the entry its anchor names (cut or rewritten).
 pub const AUDIT_ANCHOR_MISMATCHES: &str = "hubgate_audit_anchor_mismatches_total";
 /// Sequence of the audit log's last entry (its head, also anchored in the outbox).
@@ -381,6 +384,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "audit log entries that could not be written"
+    );
+    describe_counter!(
+        MQTT_SESSIONS_LOST,
+        "reconnects at which the broker had lost the gateway's session (messages it held may be lost)"
     );
     describe_counter!(
         AUDIT_ANCHOR_MISMATCHES,

@@ -34,6 +34,15 @@ pub fn repo() -> &'static Path {
         .expect("workspace root")
 }
 
+/// A temporary directory only its owner can enter (0700), as a gateway's data directory must be:
+/// the gateway refuses one that others can read.
+pub fn private_dir() -> TempDir {
+    tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .expect("temp dir")
+}
+
 /// A free TCP port on loopback (the OS picks it; it is released before use).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -232,6 +241,15 @@ impl Mosquitto {
     /// same port.
     pub fn restart(&mut self) {
         self.stop();
+        self.spawn();
+    }
+
+    /// Stops the broker and starts it again with its persistence file deleted: every session
+    /// and queued message is gone, as when the broker's disk was lost.
+    pub fn restart_forgetting(&mut self) {
+        self.stop();
+        let data = self.dir.path().join("data");
+        let _ = std::fs::remove_dir_all(&data);
         self.spawn();
     }
 

@@ -509,6 +509,43 @@ async fn a_broker_restart_loses_no_qos1_message() {
     );
 }
 
+/// A broker that comes back without the gateway's session (its persistence lost) is a warning
+/// and a count, not just a line at INFO; one that kept it is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_broker_session_is_warned_and_counted() {
+    let mut broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-session", NOISE));
+    gw.wait_ready();
+    let reconnected = |gw: &Gateway, errors: f64| {
+        hubgate_tests::wait_for("the reconnection", Duration::from_secs(20), || {
+            gw.metric("hubgate_mqtt_connection_errors_total", &[]) >= errors
+                && gw.metric("hubgate_mqtt_connected", &[]) == 1.0
+        });
+    };
+    broker.restart();
+    reconnected(&gw, 1.0);
+    assert_eq!(gw.metric("hubgate_mqtt_sessions_lost_total", &[]), 0.0);
+    broker.restart_forgetting();
+    reconnected(&gw, 2.0);
+    hubgate_tests::wait_for("the loss to be counted", Duration::from_secs(10), || {
+        gw.metric("hubgate_mqtt_sessions_lost_total", &[]) == 1.0
+    });
+    assert!(
+        gw.log()
+            .contains("the broker had lost the gateway's session"),
+        "{}",
+        gw.log()
+    );
+    // Subscribed again: readings flow.
+    let mut stream = noise_from_oldest(&gw).await;
+    let publisher = Publisher::connect(broker.port, "pub-session");
+    publisher.publish("city/noise/m-1", r#"{"laeq": 7}"#).await;
+    assert_eq!(
+        laeq_numbers(&take_records(&mut stream, 1).await),
+        [7].into()
+    );
+}
+
 /// Every message the gateway kept is acknowledged to the broker, the last burst as promptly as
 /// the rest even when nothing follows it: after a SIGKILL and a restart under the same client id,
 /// the broker delivers none of them again, only what was published since.

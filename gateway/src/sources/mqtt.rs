@@ -100,6 +100,15 @@ impl ByteBudget {
         (inbound.publish.topic.len() + inbound.publish.payload.len()).min(self.max)
     }
 
+    /// Takes `inbound`'s bytes if they are free now.
+    fn try_take(&self, inbound: &Inbound) -> bool {
+        let n = u32::try_from(self.charge(inbound)).unwrap_or(u32::MAX);
+        self.bytes
+            .try_acquire_many(n)
+            .map(tokio::sync::SemaphorePermit::forget)
+            .is_ok()
+    }
+
     /// Takes `inbound`'s bytes, waiting until they are free.
     async fn take(&self, inbound: &Inbound) {
         let n = u32::try_from(self.charge(inbound)).unwrap_or(u32::MAX);
@@ -357,6 +366,10 @@ struct Connection {
     backoff: Duration,
     /// When the broker last accepted the connection.
     since: Option<Instant>,
+    /// Whether the broker has accepted a connection of this process before: from then on it
+    /// holds the gateway's session, and a CONNACK without it means the session was lost.
+    had_session: bool,
+    sessions_lost: Counter,
 }
 
 impl Connection {
@@ -373,6 +386,8 @@ impl Connection {
             connected,
             backoff: BACKOFF_START,
             since: None,
+            had_session: false,
+            sessions_lost: metrics::counter!(catalogue::MQTT_SESSIONS_LOST),
         }
     }
 
@@ -433,6 +448,14 @@ impl Connection {
             session_present = ack.session_present,
             "connected to MQTT broker"
         );
+        if self.had_session && !ack.session_present {
+            self.sessions_lost.increment(1);
+            tracing::warn!(
+                "the broker had lost the gateway's session: QoS 1 messages it held for the gateway \
+                 may be lost (check the broker's persistence); subscribing again"
+            );
+        }
+        self.had_session = true;
         // The backoff starts again only once a connection has held (see `wait`): a link that
         // drops right after CONNACK, every time, must not be retried at full speed.
         self.since = Some(Instant::now());
@@ -560,9 +583,11 @@ pub async fn run(
                 let inbound = conn.inbound(publish, link.max_payload);
                 // Waits while the pipeline is busy, in bytes or in messages: that is the
                 // backpressure.
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = link.budget.take(&inbound) => {}
+                if !link.budget.try_take(&inbound) {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = link.budget.take(&inbound) => {}
+                    }
                 }
                 if queue.send(inbound).await.is_err() {
                     break;
