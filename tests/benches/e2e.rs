@@ -5,7 +5,11 @@
 //! cargo bench -p hubgate-tests --bench e2e -- --soak 600   # and a 10-minute soak at 50,000/s
 //! cargo bench -p hubgate-tests --bench e2e -- --phase 20 --devices 10000 --connections 2
 //! cargo bench -p hubgate-tests --bench e2e -- --extra-config store.toml   # e.g. [store] tuning
+//! cargo bench -p hubgate-tests --bench e2e -- --gateway /path/to/hubgate-e2e-gateway  # A/B
 //! ```
+//!
+//! `--gateway` runs another build of `hubgate-e2e-gateway` (for example one of an earlier
+//! commit) under the same harness, to compare two builds on one machine.
 //!
 //! Needs `mosquitto` on PATH. Prints one table.
 
@@ -15,6 +19,7 @@ use hubgate_tests::bench::{self, Settings};
 
 fn main() {
     let mut settings = Settings::default();
+    let mut gateway = std::path::PathBuf::from(env!("CARGO_BIN_EXE_hubgate-e2e-gateway"));
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut number = |name: &str| -> u64 {
@@ -32,6 +37,7 @@ fn main() {
                 settings.extra_config = std::fs::read_to_string(&path)
                     .unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
             }
+            "--gateway" => gateway = args.next().expect("--gateway wants a path").into(),
             "--broker-inflight" => settings.broker_inflight = number("--broker-inflight") as u32,
             "--rates" => {
                 settings.rates = args
@@ -49,7 +55,6 @@ fn main() {
             _ => {}
         }
     }
-    let gateway = std::path::Path::new(env!("CARGO_BIN_EXE_hubgate-e2e-gateway"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,6 +64,7 @@ fn main() {
         "hubgate end-to-end benchmark: phases of {:?}, {} devices, {} connections, rates {:?}",
         settings.phase, settings.devices, settings.connections, settings.rates
     );
-    let figures = runtime.block_on(bench::run(gateway, &settings));
+    eprintln!("gateway: {}", gateway.display());
+    let figures = runtime.block_on(bench::run(&gateway, &settings));
     println!("{}", figures.table(&settings));
 }

@@ -78,12 +78,12 @@ impl SledOutbox {
 
     /// Overwrites a stored batch value (tests of damage detection).
     #[cfg(test)]
-    pub(super) fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
+    pub(crate) fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
         self.tree.insert(record_key(stream, first), value).unwrap();
     }
 
     #[cfg(test)]
-    pub(super) fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
+    pub(crate) fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
         self.tree
             .get(record_key(stream, first))
             .unwrap()

@@ -443,7 +443,9 @@ impl Follower {
                     return;
                 }
             }
-            let caught_up = batch.records.len() < READ_BATCH;
+            // Caught up means at the stream's tip: a short read (a damaged or expired batch
+            // skipped) is not the end, and the follower reads on at once.
+            let progressed = batch.next > self.cursor || batch.gap.is_some();
             let count = batch.records.len() as u64;
             let mut bytes = 0;
             for stored in batch.records {
@@ -458,11 +460,21 @@ impl Follower {
                 .grpc_sent
                 .fetch_add(bytes, Ordering::Relaxed);
             self.cursor = batch.next;
-            if caught_up {
+            let at_tip = self.cursor >= self.store.next_sequence(self.index);
+            if at_tip || !progressed {
+                // At the tip: until the stream grows. Stuck (the outbox could not be read):
+                // until it grows or a second has passed, then try again.
+                let retry = async {
+                    if at_tip {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                };
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = self.tx.closed() => return,
                     changed = tip.changed() => if changed.is_err() { return },
+                    () = retry => {}
                 }
             }
         }
@@ -708,6 +720,84 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replay that meets a damaged batch reports it as a Gap and goes on to the records after
+    /// it, without waiting for a new record to arrive.
+    #[tokio::test]
+    async fn replay_goes_on_past_a_damaged_batch() {
+        use crate::config::StoreConfig;
+        use crate::outbox::SledOutbox;
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(SledOutbox::open(dir.path()).unwrap());
+        let audit = Arc::new(
+            crate::governance::audit::AuditLog::open(&dir.path().join("audit.jsonl")).unwrap(),
+        );
+        let config = StoreConfig {
+            memory_records_per_stream: 1,
+            ..StoreConfig::default()
+        };
+        let store = Arc::new(
+            Store::open(
+                Arc::clone(&outbox) as Arc<dyn crate::outbox::Outbox>,
+                [("s", std::time::Duration::from_secs(3600))],
+                &config,
+                audit,
+            )
+            .unwrap(),
+        );
+        let now = crate::telemetry::clock::now_ms();
+        for batch in 0..3 {
+            let mut pending = crate::store::Pending::default();
+            let records = (0..3).map(|i| v1::Record {
+                stream: "s".into(),
+                fields: [(
+                    "n".to_owned(),
+                    v1::Value {
+                        kind: Some(v1::value::Kind::IntValue(batch * 3 + i)),
+                    },
+                )]
+                .into(),
+                ..v1::Record::default()
+            });
+            store.stage(&mut pending, 0, records, now);
+            store.commit(&mut pending, now).unwrap();
+        }
+        let mut value = outbox.raw_get("s", 4);
+        let middle = value.len() / 2;
+        value[middle] ^= 0x10;
+        outbox.raw_insert("s", 4, &value);
+        let (tx, mut rx) = mpsc::channel(16);
+        let places = Places::new(1, "test_places", &Tokens::default(), Kind::Reading);
+        let shutdown = CancellationToken::new();
+        let follower = Follower {
+            name: "s".into(),
+            shutdown: shutdown.clone(),
+            store,
+            index: 0,
+            cursor: 1,
+            tx,
+            sent: metrics::counter!("test_sent"),
+            sent_bytes: metrics::counter!("test_sent_bytes"),
+            _guard: Arc::new(places.take(&auth::Grant::Open).unwrap()),
+        };
+        tokio::spawn(follower.run(shutdown.clone()));
+        let mut seen = Vec::new();
+        while seen.len() < 7 {
+            let event = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("replay stalled after {seen:?}"))
+                .unwrap()
+                .unwrap();
+            seen.push(match event {
+                Outgoing::Record(bytes) => {
+                    format!("{}", v1::Record::decode(bytes).unwrap().sequence)
+                }
+                Outgoing::Gap(gap) => format!("gap {}-{}", gap.first_sequence, gap.last_sequence),
+            });
+        }
+        assert_eq!(seen, ["1", "2", "3", "gap 4-6", "7", "8", "9"]);
+        shutdown.cancel();
+    }
 
     /// What Subscribe writes is a `SubscribeResponse`, and the same one the generated service's
     /// `subscribe` gives, for a record as the store holds it and for a gap.
