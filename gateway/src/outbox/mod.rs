@@ -64,6 +64,7 @@ use std::time::Duration;
 
 pub mod data_keys;
 mod format;
+pub mod high_water;
 mod on_sled;
 mod vault;
 
@@ -219,6 +220,9 @@ pub trait Outbox: Send + Sync + 'static {
     fn record_bytes(&self) -> u64;
     /// Every stream ever written.
     fn streams(&self) -> Result<Vec<String>, OutboxError>;
+    /// The streams' next sequences as last made visible, kept apart from the data (see
+    /// [`high_water`]).
+    fn high_water(&self) -> &high_water::HighWater;
 }
 
 /// The stream names of next-sequence keys.

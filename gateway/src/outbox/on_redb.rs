@@ -647,6 +647,10 @@ fn start_folder(
 }
 
 impl Outbox for RedbOutbox {
+    fn high_water(&self) -> &super::high_water::HighWater {
+        &self.vault.high_water
+    }
+
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
         let mut log = self.shared.lock_log();
         let mut keys = self.vault.lock();

@@ -93,6 +93,10 @@ impl SledOutbox {
 }
 
 impl Outbox for SledOutbox {
+    fn high_water(&self) -> &super::high_water::HighWater {
+        &self.vault.high_water
+    }
+
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
         let mut keys = self.vault.lock();
         let mut batch = sled::Batch::default();

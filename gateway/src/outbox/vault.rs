@@ -16,6 +16,8 @@ pub(super) struct Vault {
     keys: Mutex<DataKeys>,
     /// Per checkpoint name, the counter of its next version (locked only with `keys`).
     counters: Mutex<std::collections::HashMap<String, u64>>,
+    /// The streams' next sequences, kept apart from the engine's data.
+    pub(super) high_water: super::high_water::HighWater,
 }
 
 /// How long one key seals a checkpoint's versions before the next key starts; older keys are
@@ -35,6 +37,7 @@ impl Vault {
         Ok(Self {
             keys: Mutex::new(DataKeys::open(&dir.join("keys"))?),
             counters: Mutex::new(std::collections::HashMap::new()),
+            high_water: super::high_water::HighWater::open(dir),
         })
     }
 

@@ -217,8 +217,40 @@ fn hold_name(stream: &str) -> String {
 }
 
 impl StreamLog {
-    fn open(outbox: &dyn Outbox, name: &str, retention: Duration) -> Result<Self, OutboxError> {
-        let next = outbox.next_sequence(name)?;
+    /// The log of stream `name`, from the sequence its last run reached: the engine's, or the
+    /// one noted apart from the data when that is higher (the newest data was damaged: its
+    /// records are lost, which is logged, counted and audited, and readers get a Gap).
+    fn open(
+        outbox: &dyn Outbox,
+        name: &str,
+        retention: Duration,
+        audit: &AuditLog,
+    ) -> Result<Self, OutboxError> {
+        let stored = outbox.next_sequence(name)?;
+        let next = match outbox.high_water().next(name) {
+            Some(noted) if noted > stored => {
+                tracing::error!(
+                    stream = name,
+                    first = stored,
+                    last = noted - 1,
+                    "the outbox's newest records of the stream are damaged or missing: they are lost, and numbering goes on after them"
+                );
+                metrics::counter!(catalogue::OUTBOX_RECORDS_DAMAGED, "stream" => name.to_owned())
+                    .increment(noted - stored);
+                audit.record(
+                    now_ms(),
+                    "outbox_records_lost",
+                    serde_json::json!({
+                        "stream": name,
+                        "first_sequence": stored,
+                        "last_sequence": noted - 1,
+                        "reason": "damaged or missing newest data",
+                    }),
+                );
+                noted
+            }
+            _ => stored,
+        };
         let counter = |reason: &'static str| metrics::counter!(catalogue::RECORDS_PURGED, "stream" => name.to_owned(), "reason" => reason);
         Ok(StreamLog {
             name: name.to_owned(),
@@ -317,7 +349,7 @@ impl Store {
         let mut logs = Vec::new();
         let mut retentions = Vec::new();
         for (name, retention) in streams {
-            logs.push(StreamLog::open(&*outbox, name, retention)?);
+            logs.push(StreamLog::open(&*outbox, name, retention, &audit)?);
             retentions.push(retention);
         }
         let stored = outbox.streams()?;
@@ -326,7 +358,7 @@ impl Store {
             let name = hold_name(&logs[index].name);
             if held.contains(&index) || stored.contains(&name) {
                 *hold = Some(logs.len());
-                logs.push(StreamLog::open(&*outbox, &name, retentions[index])?);
+                logs.push(StreamLog::open(&*outbox, &name, retentions[index], &audit)?);
             }
         }
         let store = Self {
@@ -483,6 +515,15 @@ impl Store {
         crate::telemetry::stats::TRAFFIC
             .outbox_written
             .fetch_add(need, Ordering::Relaxed);
+        // Before any record is shown, its stream's next sequence is noted apart from the data:
+        // damage to the newest data can then never make a number be handed out twice.
+        let marks = pending.records.iter().filter_map(|(index, records)| {
+            let last = records.last()?;
+            Some((self.stream(*index).name.clone(), last.sequence + 1))
+        });
+        if let Err(err) = self.outbox.high_water().note(marks) {
+            tracing::error!(%err, "cannot note the streams' next sequences apart from the outbox");
+        }
         for (index, records) in std::mem::take(&mut pending.records) {
             let s = self.stream(index);
             let mut tail = s.tail();

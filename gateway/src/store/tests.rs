@@ -294,3 +294,42 @@ fn a_full_outbox_drops_the_oldest_or_refuses() {
     assert_eq!(b.gap, Some((1, 10)));
     assert_eq!(seqs(&b), (11..=40).collect::<Vec<_>>());
 }
+
+/// When the engine's newest data is lost (as damage to its log would lose it), numbering goes
+/// on from the sequence noted apart from the data: no number is handed out twice, readers get a
+/// Gap for what is lost, and the loss is audited.
+#[test]
+fn lost_newest_data_never_makes_a_sequence_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1, u64::MAX, OnFull::DropOldest);
+    let now = now_ms();
+    {
+        let store = open(dir.path(), &cfg);
+        append(&store, 0..3, now);
+        assert_eq!(
+            store.outbox.high_water().next("s"),
+            Some(4),
+            "noted before the records are shown"
+        );
+    }
+    // Records 4 to 9 were shown, then the engine lost them.
+    SledOutbox::open(dir.path())
+        .unwrap()
+        .high_water()
+        .note([("s".to_owned(), 10)])
+        .unwrap();
+    let store = open(dir.path(), &cfg);
+    assert_eq!(store.next_sequence(0), 10);
+    append(&store, 3..5, now);
+    let old = store.read(0, 1, 100, now);
+    assert_eq!(seqs(&old), [1, 2, 3]);
+    let after = store.read(0, old.next, 100, now);
+    assert_eq!(after.gap, Some((4, 9)));
+    assert_eq!(seqs(&after), [10, 11]);
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"event\":\"outbox_records_lost\""),
+        "{audit}"
+    );
+    assert!(audit.contains("\"first_sequence\":4") && audit.contains("\"last_sequence\":9"));
+}
