@@ -140,6 +140,8 @@ pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// Reconnects at which the broker had no session for the gateway although it had one before:
 /// what the broker held for the gateway (QoS 1 messages not yet delivered) may be lost.
 pub const MQTT_SESSIONS_LOST: &str = "hubgate_mqtt_sessions_lost_total";
+/// 1 while outbox commits are failing (a full disk, an I/O error), else 0.
+pub const OUTBOX_FAILING: &str = "hubgate_outbox_failing";
 /// Starts at which the audit log did not hold the entry its anchor names (cut or rewritten).
 pub const AUDIT_ANCHOR_MISMATCHES: &str = "hubgate_audit_anchor_mismatches_total";
 /// Sequence of the audit log's last entry (its head, also anchored in the outbox).
@@ -384,6 +386,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "audit log entries that could not be written"
+    );
+    describe_gauge!(
+        OUTBOX_FAILING,
+        "1 while outbox commits are failing (a full disk, an I/O error): messages stay unacknowledged"
     );
     describe_counter!(
         MQTT_SESSIONS_LOST,

@@ -462,9 +462,14 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
         let awaiting = || gw.metric("hubgate_mqtt_messages_awaiting_ack", &[]);
         let mut rss_peak = 0;
         let mut awaiting_peak: f64 = 0.0;
+        let mut not_ready = String::new();
         wait_for("every message kept", Duration::from_secs(60), || {
             rss_peak = rss_peak.max(gw.rss_kib());
             awaiting_peak = awaiting_peak.max(awaiting());
+            let (status, body) = hubgate_tests::http_get(gw.admin, "/readyz");
+            if status == 503 && body.contains("outbox commits are failing") {
+                not_ready = body;
+            }
             assert!(gw.metric("hubgate_outbox_bytes", &[]) <= CAP);
             gw.metric("hubgate_records_kept_total", &kept) == N as f64
         });
@@ -501,6 +506,14 @@ async fn a_full_outbox_applies_its_policy_with_flat_memory() {
                 // While the full outbox took nothing, what had arrived waited for its ack.
                 assert!(awaiting_peak > 0.0);
                 assert_eq!(purged("capacity"), 0.0);
+                // Not ready, with the reason, while commits failed; ready again after, and the
+                // episode is audited from start to end.
+                assert!(not_ready.contains("full"), "{not_ready:?}");
+                assert_eq!(hubgate_tests::http_get(gw.admin, "/readyz").0, 200);
+                assert_eq!(gw.metric("hubgate_outbox_failing", &[]), 0.0);
+                let audit = std::fs::read_to_string(data.path().join("audit.jsonl")).unwrap();
+                assert!(audit.contains("\"event\":\"outbox_commits_failing\""));
+                assert!(audit.contains("\"event\":\"outbox_commits_recovered\""));
             }
         }
         eprintln!(

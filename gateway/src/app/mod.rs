@@ -202,7 +202,7 @@ pub async fn start_in(
         &mut tasks,
         process,
         (service, files.grpc_tls),
-        (connected.clone(), Arc::clone(&register)),
+        (connected.clone(), store.failing(), Arc::clone(&register)),
         &shutdown,
     )?;
     tasks.spawn(footprint::run(
@@ -243,7 +243,11 @@ fn serve_listeners(
         grpc::GatewayService,
         Option<tonic::transport::ServerTlsConfig>,
     ),
-    (connected, register): (watch::Receiver<bool>, Arc<register::Register>),
+    (connected, failing, register): (
+        watch::Receiver<bool>,
+        watch::Receiver<Option<String>>,
+        Arc<register::Register>,
+    ),
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let grpc_listener = tokio::net::TcpListener::from_std(process.grpc.try_clone()?)?;
@@ -256,7 +260,7 @@ fn serve_listeners(
     tasks.spawn(admin::serve(
         admin_listener,
         public_listener,
-        connected,
+        (connected, failing),
         register,
         shutdown.clone(),
     ));

@@ -395,6 +395,7 @@ pub(super) fn commit_until_done(
 ) -> bool {
     let mut wait = Duration::from_millis(10);
     let mut attempts = 0u32;
+    let since = now_ms();
     loop {
         match store.commit(pending, now_ms()) {
             Ok(()) => {
@@ -403,11 +404,13 @@ pub(super) fn commit_until_done(
                         failures = attempts,
                         "outbox commit succeeded after retrying"
                     );
+                    store.commits_recovered(attempts, since);
                 }
                 return true;
             }
             Err(err) => {
                 failures[failure_reason(&err)].increment(1);
+                store.commits_failing(&err.to_string());
                 // Logged on the first failure, then every 30th, so a long outage does not flood.
                 if attempts.is_multiple_of(30) {
                     tracing::warn!(%err, failures = attempts, "outbox commit failed: retrying; messages stay unacknowledged");

@@ -1,5 +1,6 @@
 //! The admin HTTP endpoints. The operator's: `/metrics` (Prometheus text format), `/healthz` (the
-//! process is up), `/readyz` (the MQTT connection is up). The public's: the transparency register
+//! process is up), `/readyz` (the MQTT connection is up and outbox commits succeed; else 503 with
+//! the reason). The public's: the transparency register
 //! of the running policy (see [`crate::governance::register`]): `/transparency` (the HTML notice),
 //! `/transparency.json` and `/processing-record` (GDPR Art. 30, Markdown).
 //!
@@ -26,11 +27,11 @@ use crate::sinks::guarded::{Bounds, GuardedListener};
 pub async fn serve(
     listener: TcpListener,
     public: Option<TcpListener>,
-    mqtt_connected: watch::Receiver<bool>,
+    (mqtt_connected, outbox_failing): (watch::Receiver<bool>, watch::Receiver<Option<String>>),
     register: Arc<Register>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let operator = operator(mqtt_connected);
+    let operator = operator(mqtt_connected, outbox_failing);
     let listener = GuardedListener::new(listener, BOUNDS);
     let Some(public) = public else {
         let app = operator.merge(notice(register));
@@ -101,7 +102,10 @@ fn notice(register: Arc<Register>) -> Router {
 }
 
 /// The operator's routes: telemetry and health.
-fn operator(mqtt_connected: watch::Receiver<bool>) -> Router {
+fn operator(
+    mqtt_connected: watch::Receiver<bool>,
+    outbox_failing: watch::Receiver<Option<String>>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -109,14 +113,20 @@ fn operator(mqtt_connected: watch::Receiver<bool>) -> Router {
             "/readyz",
             get(move || {
                 let connected = *mqtt_connected.borrow();
+                let failing = outbox_failing.borrow().clone();
                 async move {
-                    if connected {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (
+                    match (connected, failing) {
+                        (_, Some(reason)) => (
                             StatusCode::SERVICE_UNAVAILABLE,
-                            "not connected to the MQTT broker\n",
-                        )
+                            format!(
+                                "outbox commits are failing ({reason}); messages stay unacknowledged until they succeed\n"
+                            ),
+                        ),
+                        (false, None) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not connected to the MQTT broker\n".to_owned(),
+                        ),
+                        (true, None) => (StatusCode::OK, "ready\n".to_owned()),
                     }
                 }
             }),

@@ -312,6 +312,8 @@ pub struct Store {
     bytes_held: Gauge,
     bytes_written: Counter,
     commits: Counter,
+    /// Why commits are failing now (`None` while they succeed), for `/readyz`.
+    failing: watch::Sender<Option<String>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -373,6 +375,7 @@ impl Store {
             bytes_held: metrics::gauge!(catalogue::OUTBOX_BYTES),
             bytes_written: metrics::counter!(catalogue::OUTBOX_WRITTEN_BYTES),
             commits: metrics::counter!(catalogue::OUTBOX_COMMITS),
+            failing: watch::channel(None).0,
         };
         store.bytes_held.set(store.outbox.record_bytes() as f64);
         // Keys left by a crash, or by purges that stopped short of destroying them.
@@ -774,6 +777,42 @@ impl Store {
         } else {
             Some(self.read(index, from, max, now_ms()))
         }
+    }
+
+    /// Commits are failing (a full disk, an I/O error): `/readyz` says so with `reason`, the gauge
+    /// `hubgate_outbox_failing` is 1, and the start of the episode is audited.
+    pub fn commits_failing(&self, reason: &str) {
+        let started = self.failing.send_if_modified(|now| {
+            let first = now.is_none();
+            *now = Some(reason.to_owned());
+            first
+        });
+        if started {
+            metrics::gauge!(catalogue::OUTBOX_FAILING).set(1.0);
+            self.audit.record(
+                now_ms(),
+                "outbox_commits_failing",
+                serde_json::json!({ "reason": reason }),
+            );
+        }
+    }
+
+    /// Commits succeed again after `failures` failed attempts since `since_ms`: the episode
+    /// ends, and is audited.
+    pub fn commits_recovered(&self, failures: u32, since_ms: i64) {
+        if self.failing.send_replace(None).is_some() {
+            metrics::gauge!(catalogue::OUTBOX_FAILING).set(0.0);
+            self.audit.record(
+                now_ms(),
+                "outbox_commits_recovered",
+                serde_json::json!({ "failed_attempts": failures, "since_ms": since_ms }),
+            );
+        }
+    }
+
+    /// Why commits are failing now, if they are (see [`Store::commits_failing`]).
+    pub fn failing(&self) -> watch::Receiver<Option<String>> {
+        self.failing.subscribe()
     }
 
     /// Stores a named checkpoint on its own, durably (for state outside the pipeline's turns).
