@@ -97,6 +97,8 @@ pub enum OutboxError {
     Log(std::io::Error),
     #[error("a batch of {0} records is larger than the outbox can hold in one value")]
     TooLarge(usize),
+    #[error("the sled database in {dir} cannot be opened: {why}")]
+    Damaged { dir: String, why: String },
 }
 
 /// Records appended to one stream, with sequences `first, first + 1, …`.

@@ -28,28 +28,51 @@ impl SledOutbox {
     /// sled locks its directory; a database closed a moment ago can still hold the lock while its
     /// background flusher stops, so a locked directory is retried for up to two seconds. Opening
     /// reads every batch header once, to learn the bytes held.
+    ///
+    /// A snapshot sled left half-written (`snap.*.generating`: killed while the disk was full) is
+    /// removed first, with a warning: sled renames a snapshot once it is complete, so such a file
+    /// holds nothing the database needs, but sled would refuse to start on it. Damaged files that
+    /// make sled panic while opening become an error naming the directory, not a crash.
     pub fn open(dir: &Path) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
+        let sled_dir = dir.join("sled");
+        remove_unfinished_snapshots(&sled_dir);
         let config = sled::Config::new()
-            .path(dir.join("sled"))
+            .path(&sled_dir)
             .cache_capacity(16 * 1024 * 1024);
-        let mut attempts = 0;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(err))
-                    if attempts < 40 && err.to_string().contains("could not acquire lock") =>
-                {
-                    attempts += 1;
-                    std::thread::sleep(Duration::from_millis(50));
+        let damaged = |why: String| OutboxError::Damaged {
+            dir: sled_dir.display().to_string(),
+            why,
+        };
+        // Nothing opened here is used after a panic: it is dropped, and the error returned.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || -> Result<_, OutboxError> {
+                let db = open_retrying(&config)?;
+                let tree = db.open_tree("outbox")?;
+                let mut bytes = 0;
+                for item in tree.scan_prefix(b"r") {
+                    bytes += item?.1.len() as u64;
                 }
-                other => break other?,
+                Ok((db, tree, bytes))
+            },
+        ));
+        let (db, tree, bytes) = match opened {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(OutboxError::Sled(sled::Error::Corruption { .. }))) => {
+                return Err(damaged(
+                    "sled reports corruption in its files".into(),
+                ));
+            }
+            Ok(Err(err)) => return Err(err),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "sled panicked".to_owned());
+                return Err(damaged(format!("sled panicked while reading it: {why}")));
             }
         };
-        let tree = db.open_tree("outbox")?;
-        let mut bytes = 0;
-        for item in tree.scan_prefix(b"r") {
-            bytes += item?.1.len() as u64;
-        }
         Ok(Self {
             db,
             tree,
@@ -89,6 +112,45 @@ impl SledOutbox {
             .unwrap()
             .unwrap()
             .to_vec()
+    }
+}
+
+/// sled's open, retried for up to two seconds while a database closed a moment ago still holds
+/// the directory's lock.
+fn open_retrying(config: &sled::Config) -> Result<sled::Db, OutboxError> {
+    let mut attempts = 0;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(err))
+                if attempts < 40 && err.to_string().contains("could not acquire lock") =>
+            {
+                attempts += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Removes the snapshots sled began and did not finish (`snap.*.generating`) from `sled_dir`.
+fn remove_unfinished_snapshots(sled_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(sled_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::warn!(
+                    file = %path.display(),
+                    "removed a snapshot sled began and did not finish (it holds nothing the database needs)"
+                ),
+                Err(err) => {
+                    tracing::error!(file = %path.display(), %err, "cannot remove an unfinished sled snapshot")
+                }
+            }
+        }
     }
 }
 
