@@ -82,6 +82,13 @@ fn every_shipped_config_passes_the_check() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches(": ok:").count(), files.len(), "{text}");
+    // The space the outbox needs: the deployment's 2 GiB cap, its 8 MiB log and the overhead.
+    assert!(
+        text.contains(
+            "hubgate.toml: the outbox needs up to 2568 MiB on the volume of /var/lib/hubgate"
+        ),
+        "{text}"
+    );
 }
 
 /// The text of `key` in the ConfigMap of a manifest: the block under `  key: |`, dedented.

@@ -706,3 +706,32 @@ async fn one_gateway_per_data_directory() {
     assert_eq!(audit.matches("\"event\":\"start\"").count(), 1, "{audit}");
     assert_eq!(first.metric("hubgate_mqtt_connected", &[]), 1.0);
 }
+
+/// With `store.log_bytes`, redb's write-ahead log fits a small volume, and commits larger than
+/// half of it still lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_write_ahead_log_loses_nothing() {
+    const N: u64 = 3000;
+    let broker = Mosquitto::start();
+    let data = hubgate_tests::private_dir();
+    let cfg = durable_config(
+        broker.port,
+        "gw-small-log",
+        data.path(),
+        "engine = \"redb\"\nlog_bytes = \"512KiB\"",
+        &sequence_stream("1d"),
+    );
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let log = data.path().join("outbox/outbox.log");
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 512 << 10);
+    let mut publisher = Publisher::connect(broker.port, "pub-small-log");
+    publisher.publish_numbers("test/seq", N).await;
+    let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
+        s.numbers.len() as u64 == N
+    })
+    .await;
+    assert_eq!(seen.numbers.len() as u64, N);
+    assert!(seen.gaps.is_empty());
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 512 << 10);
+}

@@ -320,7 +320,7 @@ impl Opened {
                 .with_context(|| format!("cannot open the audit log {}", audit_path.display()))?,
         );
         record_start(&audit, &policy, &config.grpc.tokens, why);
-        let outbox = outbox::open(config.store.engine, data_dir)
+        let outbox = outbox::open(config.store.engine, data_dir, config.store.log_bytes)
             .with_context(|| format!("cannot open the outbox in {}", data_dir.display()))?;
         let held = pipeline::held_streams(&policy);
         let store = Arc::new(Store::open_holding(

@@ -27,6 +27,11 @@ pub struct StoreConfig {
     /// Newest records held in memory per stream, so live subscribers do not read the disk; one
     /// further behind than this reads from it.
     pub memory_records_per_stream: usize,
+    /// Size of redb's write-ahead log, `<data_dir>/outbox/outbox.log`, allocated whole at the
+    /// first start (default "8MiB"; from "512KiB" to "1GiB"). Smaller suits a small volume;
+    /// a commit larger than half of it is written to redb directly, at redb's cost.
+    #[serde(deserialize_with = "byte_size")]
+    pub log_bytes: u64,
     /// The outbox's storage engine: `redb` (`<data_dir>/outbox/outbox.redb` and its write-ahead
     /// log `outbox.log`, in builds with the `redb` feature, the default) or `sled`
     /// (`<data_dir>/outbox/sled/`).
@@ -69,6 +74,7 @@ impl Default for StoreConfig {
         Self {
             data_dir: "hubgate-data".into(),
             max_bytes: 1 << 30,
+            log_bytes: 8 << 20,
             on_full: OnFull::DropOldest,
             memory_records_per_stream: 512,
             engine: if cfg!(feature = "redb") {
@@ -92,11 +98,29 @@ const DEFAULT_COMMIT_INTERVAL_MAX: Duration = Duration::from_millis(5);
 const MAX_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl StoreConfig {
+    /// Disk space the outbox may take, at most: the records' cap, redb's log when that is the
+    /// engine, and room for the engine's own overhead (a quarter of the cap, at least 1 MiB) and
+    /// the key file. `check` reports it.
+    pub fn space_needed(&self) -> u64 {
+        let log = if self.engine == Engine::Redb {
+            self.log_bytes
+        } else {
+            0
+        };
+        self.max_bytes + log + (self.max_bytes / 4).max(1 << 20)
+    }
+
     pub(super) fn check(&self, keys: &Keys, diags: &mut Diagnostics) {
         if self.memory_records_per_stream == 0 {
             diags.error(
                 keys.at("memory_records_per_stream"),
                 "store.memory_records_per_stream must be at least 1",
+            );
+        }
+        if !(512 << 10..=1 << 30).contains(&self.log_bytes) {
+            diags.error(
+                keys.at("log_bytes"),
+                "store.log_bytes must be between 512KiB and 1GiB",
             );
         }
         if self.max_bytes < 1 << 16 {

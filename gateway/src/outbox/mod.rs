@@ -239,12 +239,15 @@ fn stream_names<K: AsRef<[u8]>>(
 pub fn open(
     engine: crate::config::Engine,
     data_dir: &Path,
+    log_bytes: u64,
 ) -> Result<std::sync::Arc<dyn Outbox>, OutboxError> {
     let dir = data_dir.join("outbox");
     match engine {
         crate::config::Engine::Sled => Ok(std::sync::Arc::new(SledOutbox::open(&dir)?)),
         #[cfg(feature = "redb")]
-        crate::config::Engine::Redb => Ok(std::sync::Arc::new(RedbOutbox::open(&dir)?)),
+        crate::config::Engine::Redb => {
+            Ok(std::sync::Arc::new(RedbOutbox::open_with(&dir, log_bytes)?))
+        }
         #[cfg(not(feature = "redb"))]
         crate::config::Engine::Redb => Err(OutboxError::NotBuilt("redb")),
     }

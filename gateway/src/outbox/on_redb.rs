@@ -41,8 +41,8 @@ const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
 
 /// Key of the id of the last log entry folded into redb (u64 BE).
 const FOLDED_KEY: &[u8] = b"w";
-/// Size of the log file: two halves of 4 MiB, room for a whole window checkpoint and for what
-/// comes while the other half is folded.
+/// Size of the log file by default (`store.log_bytes`): two halves of 4 MiB, room for a whole
+/// window checkpoint and for what comes while the other half is folded.
 const LOG_BYTES: u64 = 8 << 20;
 /// Bytes appended to the log's active half at which a commit starts a fold. A fold writes them
 /// with redb's fixed cost once; what waits is also held in memory.
@@ -400,6 +400,12 @@ impl RedbOutbox {
     /// repaired by redb on open, and what the log holds past the last fold is folded. Opening
     /// reads every batch once, to learn the bytes held.
     pub fn open(dir: &Path) -> Result<Self, OutboxError> {
+        Self::open_with(dir, LOG_BYTES)
+    }
+
+    /// [`RedbOutbox::open`] with a write-ahead log of `log_bytes` (a larger existing log keeps
+    /// its size).
+    pub fn open_with(dir: &Path, log_bytes: u64) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
         // redb's page cache. Records are written once and read back only by readers behind the
         // store's memory tail (a subscriber replaying, an exporter catching up), so a small cache
@@ -413,7 +419,7 @@ impl RedbOutbox {
         let folded = folded_id(&tx.open_table(TABLE).map_err(db_error)?)?;
         tx.commit().map_err(db_error)?;
         let (mut wal, entries) =
-            Wal::open(&dir.join("outbox.log"), LOG_BYTES, folded).map_err(OutboxError::Log)?;
+            Wal::open(&dir.join("outbox.log"), log_bytes, folded).map_err(OutboxError::Log)?;
         let inserts = entries
             .iter()
             .flatten()

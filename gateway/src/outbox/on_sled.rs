@@ -59,9 +59,7 @@ impl SledOutbox {
         let (db, tree, bytes) = match opened {
             Ok(Ok(opened)) => opened,
             Ok(Err(OutboxError::Sled(sled::Error::Corruption { .. }))) => {
-                return Err(damaged(
-                    "sled reports corruption in its files".into(),
-                ));
+                return Err(damaged("sled reports corruption in its files".into()));
             }
             Ok(Err(err)) => return Err(err),
             Err(panic) => {

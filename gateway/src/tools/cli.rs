@@ -379,6 +379,11 @@ fn check(files: &[PathBuf]) -> ExitCode {
                 let streams = config.policy.streams().len();
                 // The files the config names, read as the gateway would at start.
                 let files = crate::app::check_files(&config);
+                println!(
+                    "{name}: the outbox needs up to {} MiB on the volume of {}",
+                    config.store.space_needed().div_ceil(1 << 20),
+                    config.store.data_dir.display()
+                );
                 match files {
                     Ok(_) => (warnings, Ok((config.policy.hash_hex(), streams))),
                     Err(err) => {
