@@ -140,6 +140,8 @@ pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// Reconnects at which the broker had no session for the gateway although it had one before:
 /// what the broker held for the gateway (QoS 1 messages not yet delivered) may be lost.
 pub const MQTT_SESSIONS_LOST: &str = "hubgate_mqtt_sessions_lost_total";
+/// Times the outbox's redb was closed and opened again after an I/O error (a full disk).
+pub const OUTBOX_REOPENS: &str = "hubgate_outbox_reopens_total";
 /// 1 while outbox commits are failing (a full disk, an I/O error), else 0.
 pub const OUTBOX_FAILING: &str = "hubgate_outbox_failing";
 /// Starts at which the audit log did not hold the entry its anchor names (cut or rewritten).
@@ -386,6 +388,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "audit log entries that could not be written"
+    );
+    describe_counter!(
+        OUTBOX_REOPENS,
+        "times the outbox's redb was closed and opened again after an I/O error (a full disk)"
     );
     describe_gauge!(
         OUTBOX_FAILING,

@@ -735,3 +735,113 @@ async fn a_small_write_ahead_log_loses_nothing() {
     assert!(seen.gaps.is_empty());
     assert_eq!(std::fs::metadata(&log).unwrap().len(), 512 << 10);
 }
+
+/// A small filesystem mounted for one test, unmounted when dropped.
+struct SmallVolume(tempfile::TempDir);
+
+impl SmallVolume {
+    /// A tmpfs of `size` (e.g. "24m"), or `None` when this process may not mount (not root).
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|out| out.status.success());
+        mounted.then_some(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A full disk: commits fail, `/readyz` says why, nothing more is acknowledged; once space is
+/// freed the gateway goes on by itself (redb reopened), and every message is kept. Needs to mount
+/// a small filesystem, so it runs as root (as `.ci/run` does) and says it skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_recovered_without_a_restart() {
+    const N: u64 = 60_000;
+    let Some(volume) = SmallVolume::mount("32m") else {
+        eprintln!(
+            "SKIPPED a_full_disk_is_recovered_without_a_restart: mounting a tmpfs needs root"
+        );
+        return;
+    };
+    let broker = Mosquitto::start();
+    let data = volume.path().join("data");
+    let cfg = durable_config(
+        broker.port,
+        "gw-full-disk",
+        &data,
+        "engine = \"redb\"\nlog_bytes = \"1MiB\"\nmax_bytes = \"64MiB\"",
+        &sequence_stream("1d"),
+    );
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-full-disk");
+    publisher.publish_numbers("test/seq", N / 3).await;
+    // Fill the volume to the last byte.
+    let filler = volume.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+    }
+    let more = tokio::spawn(async move {
+        publisher.publish_numbers("test/seq", N).await;
+        publisher
+    });
+    let mut reason = String::new();
+    wait_for(
+        "commits to fail on the full disk",
+        Duration::from_secs(30),
+        || {
+            let (status, body) = hubgate_tests::http_get(gw.admin, "/readyz");
+            reason = body;
+            status == 503 && reason.contains("outbox commits are failing")
+        },
+    );
+    eprintln!("full disk: /readyz said {reason:?}");
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("the gateway to go on", Duration::from_secs(60), || {
+        hubgate_tests::http_get(gw.admin, "/readyz").0 == 200
+    });
+    let _publisher = more.await.unwrap();
+    let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
+        s.numbers.len() as u64 == N
+    })
+    .await;
+    let missing: Vec<u64> = (1..=N).filter(|n| !seen.numbers.contains_key(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} numbers, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        gw.metric(
+            "hubgate_outbox_commit_failures_total",
+            &[("reason", "error")]
+        ) > 0.0
+    );
+    assert_eq!(gw.metric("hubgate_outbox_failing", &[]), 0.0);
+    drop(gw);
+}

@@ -137,7 +137,11 @@ impl Waiting {
 /// What the outbox shares with its fold thread.
 #[derive(Debug)]
 struct Shared {
-    db: Database,
+    /// redb, reopened after an I/O error (redb answers every later call with `PreviousIo` until
+    /// it is): `None` while it cannot be.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// The database's file, to reopen it.
+    path: std::path::PathBuf,
     /// Taken by writers (commits, purges) before the data keys.
     log: Mutex<Log>,
     /// Signalled when a fold ends.
@@ -223,7 +227,71 @@ fn folded_id(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result
         .map_or(0, u64::from_be_bytes))
 }
 
+/// redb with hubgate's settings. Its page cache: records are written once and read back only by
+/// readers behind the store's memory tail (a subscriber replaying, an exporter catching up), so
+/// a small cache costs neither appends nor replays, while a large one stays resident
+/// (BENCHMARKS.md, "Micro-benchmarks" and "Figures from the code's comments").
+fn open_db(path: &Path) -> Result<Database, OutboxError> {
+    Database::builder()
+        .set_cache_size(2 * 1024 * 1024)
+        .create(path)
+        .map_err(db_error)
+}
+
+/// Whether `err` leaves redb unusable until it is reopened: an I/O error (a full disk) during a
+/// write poisons the database.
+fn poisons(err: &OutboxError) -> bool {
+    matches!(err, OutboxError::Redb(e) if matches!(**e, redb::Error::PreviousIo | redb::Error::Io(_)))
+}
+
 impl Shared {
+    /// The database, or an error when it could not be reopened after an I/O error.
+    fn db(&self) -> Result<Arc<Database>, OutboxError> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                OutboxError::Log(std::io::Error::other(
+                    "redb is closed after an I/O error and could not be reopened yet",
+                ))
+            })
+    }
+
+    /// After `err`: when it poisoned redb, closes it and opens it again, so that the next write
+    /// can succeed once the cause (a full disk) is gone. Readers holding the old handle keep it
+    /// until they finish; should the reopen fail meanwhile, the next failure tries again.
+    fn recover_from(&self, err: &OutboxError) {
+        if !poisons(err) {
+            return;
+        }
+        let mut db = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        drop(db.take());
+        match open_db(&self.path) {
+            Ok(reopened) => {
+                tracing::warn!(file = %self.path.display(), "reopened the outbox's redb after an I/O error");
+                metrics::counter!(catalogue::OUTBOX_REOPENS).increment(1);
+                *db = Some(Arc::new(reopened));
+            }
+            Err(err) => {
+                tracing::warn!(%err, file = %self.path.display(), "cannot reopen the outbox's redb yet");
+            }
+        }
+    }
+
+    /// [`write`] to the database, reopening it after an error that poisoned it.
+    fn write_db<'v>(
+        &self,
+        inserts: impl Iterator<Item = (&'v [u8], &'v [u8])>,
+        last: u64,
+    ) -> Result<(), OutboxError> {
+        let written = self.db().and_then(|db| write(&db, inserts, last));
+        if let Err(err) = &written {
+            self.recover_from(err);
+        }
+        written
+    }
+
     /// A failure the tests inject at `fault`, if one is due.
     #[cfg(test)]
     fn injected(&self, fault: Fault) -> std::io::Result<()> {
@@ -251,7 +319,7 @@ impl Shared {
         last: u64,
     ) -> Result<(), OutboxError> {
         let written = (self.injected(Fault::RedbWrite).map_err(OutboxError::Log))
-            .and_then(|()| write(&self.db, inserts, last))
+            .and_then(|()| self.write_db(inserts, last))
             .and_then(|()| {
                 self.injected(Fault::RedbWriteLanded)
                     .map_err(OutboxError::Log)
@@ -407,14 +475,8 @@ impl RedbOutbox {
     /// its size).
     pub fn open_with(dir: &Path, log_bytes: u64) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
-        // redb's page cache. Records are written once and read back only by readers behind the
-        // store's memory tail (a subscriber replaying, an exporter catching up), so a small cache
-        // costs neither appends nor replays, while a large one stays resident (BENCHMARKS.md,
-        // "Micro-benchmarks" and "Figures from the code's comments").
-        let db = Database::builder()
-            .set_cache_size(2 * 1024 * 1024)
-            .create(dir.join("outbox.redb"))
-            .map_err(db_error)?;
+        let path = dir.join("outbox.redb");
+        let db = open_db(&path)?;
         let tx = db.begin_write().map_err(db_error)?;
         let folded = folded_id(&tx.open_table(TABLE).map_err(db_error)?)?;
         tx.commit().map_err(db_error)?;
@@ -427,7 +489,8 @@ impl RedbOutbox {
         write(&db, inserts, wal.last_id())?;
         wal.reset();
         let shared = Shared {
-            db,
+            db: std::sync::RwLock::new(Some(Arc::new(db))),
+            path,
             log: Mutex::new(Log {
                 wal,
                 active_bytes: 0,
@@ -443,7 +506,7 @@ impl RedbOutbox {
         };
         shared
             .record_bytes
-            .store(record_bytes(&shared.db)?, Ordering::Relaxed);
+            .store(record_bytes(&*shared.db()?)?, Ordering::Relaxed);
         let shared = Arc::new(shared);
         let (folds, jobs) = mpsc::channel::<Fold>();
         let folder = start_folder(Arc::clone(&shared), jobs).map_err(OutboxError::Log)?;
@@ -467,7 +530,7 @@ impl RedbOutbox {
         let batches = (waiting.inserts.range(lo..=hi))
             .map(|(k, (_, v))| (seq_of(k), Arc::clone(v)))
             .collect();
-        let tx = self.shared.db.begin_read().map_err(db_error)?;
+        let tx = self.shared.db()?.begin_read().map_err(db_error)?;
         Ok((batches, tx))
     }
 
@@ -483,7 +546,7 @@ impl RedbOutbox {
         if let Some(value) = self.waiting_value(key) {
             return Ok(Some(value.to_vec()));
         }
-        let tx = self.shared.db.begin_read().map_err(db_error)?;
+        let tx = self.shared.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
         let value = table.get(key).map_err(db_error)?;
         Ok(value.map(|v| v.value().to_vec()))
@@ -572,7 +635,7 @@ impl RedbOutbox {
     #[cfg(test)]
     pub(super) fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
         self.fold();
-        let tx = self.shared.db.begin_write().unwrap();
+        let tx = self.shared.db().unwrap().begin_write().unwrap();
         tx.open_table(TABLE)
             .unwrap()
             .insert(record_key(stream, first).as_slice(), value)
@@ -588,7 +651,7 @@ impl RedbOutbox {
     #[cfg(test)]
     pub(super) fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
         self.fold();
-        let tx = self.shared.db.begin_read().unwrap();
+        let tx = self.shared.db().unwrap().begin_read().unwrap();
         let table = tx.open_table(TABLE).unwrap();
         let value = table
             .get(record_key(stream, first).as_slice())
@@ -772,16 +835,22 @@ impl Outbox for RedbOutbox {
             if waits {
                 log = self.shared.write_through(log, &[], false)?;
             }
-            let tx = self.shared.db.begin_write().map_err(db_error)?;
-            {
-                let mut table = tx.open_table(TABLE).map_err(db_error)?;
-                for first in firsts {
-                    table
-                        .remove(record_key(stream, first).as_slice())
-                        .map_err(db_error)?;
+            let removed = (|| {
+                let tx = self.shared.db()?.begin_write().map_err(db_error)?;
+                {
+                    let mut table = tx.open_table(TABLE).map_err(db_error)?;
+                    for &first in &firsts {
+                        table
+                            .remove(record_key(stream, first).as_slice())
+                            .map_err(db_error)?;
+                    }
                 }
+                tx.commit().map_err(db_error)
+            })();
+            if let Err(err) = &removed {
+                self.shared.recover_from(err);
             }
-            tx.commit().map_err(db_error)?;
+            removed?;
             sub_bytes(&self.shared.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
@@ -813,7 +882,7 @@ impl Outbox for RedbOutbox {
             .range(b"n".to_vec()..b"o".to_vec())
             .map(|(k, _)| k.clone())
             .collect();
-        let tx = self.shared.db.begin_read().map_err(db_error)?;
+        let tx = self.shared.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
         for item in table.range(&b"n"[..]..&b"o"[..]).map_err(db_error)? {
             names.insert(item.map_err(db_error)?.0.value().to_vec());

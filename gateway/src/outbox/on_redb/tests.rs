@@ -303,7 +303,7 @@ fn failed_appends_folds_and_write_throughs_lose_nothing() {
 
 /// `stream`'s batch values as redb holds them.
 fn in_redb(outbox: &RedbOutbox, stream: &str) -> Vec<(u64, Vec<u8>)> {
-    let tx = outbox.shared.db.begin_read().unwrap();
+    let tx = outbox.shared.db().unwrap().begin_read().unwrap();
     let table = tx.open_table(TABLE).unwrap();
     let (lo, hi) = (record_key(stream, 0), record_key(stream, u64::MAX));
     let range = table.range(lo.as_slice()..=hi.as_slice()).unwrap();
