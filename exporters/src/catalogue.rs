@@ -140,6 +140,9 @@ pub const AUDIT_WRITE_ERRORS: &str = "hubgate_audit_write_errors_total";
 /// Reconnects at which the broker had no session for the gateway although it had one before:
 /// what the broker held for the gateway (QoS 1 messages not yet delivered) may be lost.
 pub const MQTT_SESSIONS_LOST: &str = "hubgate_mqtt_sessions_lost_total";
+/// Outbox log entries found torn or damaged at start (not replayed; the store's sequence marks
+/// tell what that loses).
+pub const OUTBOX_LOG_DAMAGED: &str = "hubgate_outbox_log_entries_damaged_total";
 /// Times the outbox's redb was closed and opened again after an I/O error (a full disk).
 pub const OUTBOX_REOPENS: &str = "hubgate_outbox_reopens_total";
 /// 1 while outbox commits are failing (a full disk, an I/O error), else 0.
@@ -388,6 +391,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_WRITE_ERRORS,
         "audit log entries that could not be written"
+    );
+    describe_counter!(
+        OUTBOX_LOG_DAMAGED,
+        "outbox log entries found torn or damaged at start, and not replayed"
     );
     describe_counter!(
         OUTBOX_REOPENS,

@@ -90,7 +90,19 @@ impl Wal {
         let mut found: Vec<(u64, Vec<Insert>)> = Vec::new();
         for start in [0, half as usize] {
             let end = (start + half as usize).min(bytes.len());
-            found.extend(read_chain(&bytes[start..end]));
+            let (entries, stopped) = read_chain(&bytes[start..end]);
+            found.extend(entries);
+            if let Some((offset, id)) = stopped {
+                // A write the process did not finish, or damage: either way nothing from here on
+                // in this half is replayed (the store's sequence marks tell what that loses).
+                tracing::warn!(
+                    file = %path.display(),
+                    offset = start + offset,
+                    entry = id,
+                    "an outbox log entry is torn or damaged: it and what follows it in its half are not replayed"
+                );
+                metrics::counter!(hubgate_exporters::catalogue::OUTBOX_LOG_DAMAGED).increment(1);
+            }
         }
         // New entries take ids past every one in the file, so that none can be mistaken for
         // one of them.
@@ -209,7 +221,10 @@ fn crc(header: &[u8], payload: &[u8]) -> u32 {
 
 /// The entries of one half, `(id, inserts)`, from its start while they are whole and their ids
 /// follow on.
-fn read_chain(bytes: &[u8]) -> Vec<(u64, Vec<Insert>)> {
+/// The chain of whole entries from the start of `bytes`; and where it stopped at an entry that
+/// began (its magic is there, with the id expected next) but is not whole or not intact: its
+/// offset and id.
+fn read_chain(bytes: &[u8]) -> (Vec<(u64, Vec<Insert>)>, Option<(usize, u64)>) {
     let mut entries = Vec::new();
     let mut at = 0;
     let mut expected: Option<u64> = None;
@@ -218,22 +233,24 @@ fn read_chain(bytes: &[u8]) -> Vec<(u64, Vec<Insert>)> {
             break;
         }
         let id = u64::from_le_bytes(header[4..12].try_into().unwrap_or_default());
-        let length = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default()) as usize;
-        let stored = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
-        let Some(payload) = bytes.get(at + ENTRY_HEADER..at + ENTRY_HEADER + length) else {
-            break;
-        };
-        if expected.is_some_and(|e| e != id) || crc(&header[4..16], payload) != stored {
+        if expected.is_some_and(|e| e != id) {
+            // An entry left from an earlier use of the half.
             break;
         }
-        let Some(inserts) = parse_payload(payload) else {
-            break;
+        let length = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default()) as usize;
+        let stored = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
+        let inserts = bytes
+            .get(at + ENTRY_HEADER..at + ENTRY_HEADER + length)
+            .filter(|payload| crc(&header[4..16], payload) == stored)
+            .and_then(parse_payload);
+        let Some(inserts) = inserts else {
+            return (entries, Some((at, id)));
         };
         entries.push((id, inserts));
         at += ENTRY_HEADER + length;
         expected = Some(id + 1);
     }
-    entries
+    (entries, None)
 }
 
 fn parse_payload(mut payload: &[u8]) -> Option<Vec<Insert>> {
@@ -261,6 +278,33 @@ mod tests {
     }
 
     const CAPACITY: u64 = 64 * 1024;
+
+    /// A damaged entry ends the chain, and says where it is; stale bytes after the chain's end do
+    /// not.
+    #[test]
+    fn a_damaged_entry_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let (mut wal, _) = Wal::open(&path, CAPACITY, 0).unwrap();
+        for tag in 1..=3 {
+            wal.append(&inserts(tag, 2)).unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let half = &bytes[..(CAPACITY / 2) as usize];
+        let (entries, stopped) = read_chain(half);
+        assert_eq!((entries.len(), stopped), (3, None));
+        let second = ENTRY_HEADER + entries_len(&inserts(1, 2));
+        let mut damaged = half.to_vec();
+        damaged[second + ENTRY_HEADER + 5] ^= 0x01;
+        let (entries, stopped) = read_chain(&damaged);
+        assert_eq!(entries.len(), 1);
+        assert_eq!(stopped, Some((second, 2)));
+    }
+
+    /// The bytes of one entry's payload.
+    fn entries_len(inserts: &[Insert]) -> usize {
+        inserts.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum()
+    }
 
     #[test]
     fn entries_are_read_back_after_the_folded_id_and_a_torn_one_ends_the_log() {
