@@ -221,10 +221,13 @@ fn crc(header: &[u8], payload: &[u8]) -> u32 {
 
 /// The entries of one half, `(id, inserts)`, from its start while they are whole and their ids
 /// follow on.
+/// An entry read back: its id and inserts.
+type Entry = (u64, Vec<Insert>);
+
 /// The chain of whole entries from the start of `bytes`; and where it stopped at an entry that
 /// began (its magic is there, with the id expected next) but is not whole or not intact: its
 /// offset and id.
-fn read_chain(bytes: &[u8]) -> (Vec<(u64, Vec<Insert>)>, Option<(usize, u64)>) {
+fn read_chain(bytes: &[u8]) -> (Vec<Entry>, Option<(usize, u64)>) {
     let mut entries = Vec::new();
     let mut at = 0;
     let mut expected: Option<u64> = None;
