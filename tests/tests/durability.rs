@@ -742,7 +742,7 @@ struct SmallVolume(tempfile::TempDir);
 impl SmallVolume {
     /// A tmpfs of `size` (e.g. "24m"), or `None` when this process may not mount (not root).
     fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temp dir");
         let mounted = std::process::Command::new("mount")
             .args([
                 "-t",

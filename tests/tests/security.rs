@@ -403,7 +403,7 @@ async fn audit_head(gw: &Gateway) -> String {
         .await
         .get_policy(v1::GetPolicyRequest {})
         .await
-        .unwrap()
+        .expect("GetPolicy")
         .into_inner();
     assert_eq!(policy.audit_head_hash.len(), 64);
     format!("{}:{}", policy.audit_head_seq, policy.audit_head_hash)
@@ -414,7 +414,7 @@ fn audit_verify(log: &std::path::Path, head: &str) -> (bool, String) {
         .args(["audit", "verify", "--head", head])
         .arg(log)
         .output()
-        .unwrap();
+        .expect("hubgate audit verify");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
