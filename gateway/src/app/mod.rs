@@ -212,12 +212,7 @@ pub async fn start_in(
         Arc::clone(&process.footprint),
         shutdown.clone(),
     ));
-    tasks.spawn(purge_every_tick(Arc::clone(&store), shutdown.clone()));
-    tasks.spawn(anchor_audit(
-        Arc::clone(&audit),
-        Arc::clone(&store),
-        shutdown.clone(),
-    ));
+    spawn_housekeeping(&mut tasks, &store, &audit, &shutdown);
     let (grpc_addr, admin_addr) = (process.grpc_addr()?, process.admin_addr()?);
     tracing::info!(%grpc_addr, %admin_addr, policy_hash = %policy.hash_hex(), streams = policy.streams().len(), "hubgate started");
     Ok(Running {
@@ -233,6 +228,21 @@ pub async fn start_in(
         store: Arc::downgrade(&store),
         _data_lock: data_lock,
     })
+}
+
+/// Spawns what keeps the store in order: purges on every tick, and the audit log's anchor.
+fn spawn_housekeeping(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    store: &Arc<Store>,
+    audit: &Arc<audit::AuditLog>,
+    shutdown: &CancellationToken,
+) {
+    tasks.spawn(purge_every_tick(Arc::clone(store), shutdown.clone()));
+    tasks.spawn(anchor_audit(
+        Arc::clone(audit),
+        Arc::clone(store),
+        shutdown.clone(),
+    ));
 }
 
 /// Serves the gRPC API and the admin HTTP endpoints on the process's listeners.

@@ -137,6 +137,40 @@ impl MqttConfig {
         (16 << 20).max(self.max_packet_bytes.saturating_mul(2))
     }
 
+    /// The broker's packet limit as declared, and the queue's byte budget.
+    fn check_sizes(&self, keys: &Keys, diags: &mut Diagnostics) {
+        let read_limit = self.read_limit();
+        match self.broker_max_packet_bytes {
+            None => diags.warning(
+                keys.at("max_packet_bytes"),
+                format!(
+                    "the broker's packet size limit is not declared: make the broker refuse packets \
+                     over {read_limit} bytes (mosquitto: max_packet_size), which the gateway cannot read, \
+                     and declare it as mqtt.broker_max_packet_bytes"
+                ),
+            ),
+            Some(limit) if limit > read_limit => diags.warning(
+                keys.at("broker_max_packet_bytes"),
+                format!(
+                    "mqtt.broker_max_packet_bytes ({limit}) is above what the gateway reads \
+                     ({read_limit} bytes): each larger message costs a reconnect and is dropped unread"
+                ),
+            ),
+            Some(_) => {}
+        }
+        if self.queue_bytes < 64 << 10 || self.queue_bytes > 4 << 30 {
+            diags.error(
+                keys.at("queue_bytes"),
+                "mqtt.queue_bytes must be between 64KiB and 4GiB",
+            );
+        } else if self.queue_bytes < self.max_packet_bytes as u64 {
+            diags.warning(
+                keys.at("queue_bytes"),
+                "mqtt.queue_bytes is below mqtt.max_packet_bytes: a message that large is taken in only when nothing else is in flight",
+            );
+        }
+    }
+
     pub(super) fn check(&self, keys: &Keys, diags: &mut Diagnostics) {
         if self.client_id.is_empty() {
             diags.error(
@@ -194,36 +228,7 @@ impl MqttConfig {
                 "mqtt.queue_capacity must be at least 1",
             );
         }
-        let read_limit = self.read_limit();
-        match self.broker_max_packet_bytes {
-            None => diags.warning(
-                keys.at("max_packet_bytes"),
-                format!(
-                    "the broker's packet size limit is not declared: make the broker refuse packets \
-                     over {read_limit} bytes (mosquitto: max_packet_size), which the gateway cannot read, \
-                     and declare it as mqtt.broker_max_packet_bytes"
-                ),
-            ),
-            Some(limit) if limit > read_limit => diags.warning(
-                keys.at("broker_max_packet_bytes"),
-                format!(
-                    "mqtt.broker_max_packet_bytes ({limit}) is above what the gateway reads \
-                     ({read_limit} bytes): each larger message costs a reconnect and is dropped unread"
-                ),
-            ),
-            Some(_) => {}
-        }
-        if self.queue_bytes < 64 << 10 || self.queue_bytes > 4 << 30 {
-            diags.error(
-                keys.at("queue_bytes"),
-                "mqtt.queue_bytes must be between 64KiB and 4GiB",
-            );
-        } else if self.queue_bytes < self.max_packet_bytes as u64 {
-            diags.warning(
-                keys.at("queue_bytes"),
-                "mqtt.queue_bytes is below mqtt.max_packet_bytes: a message that large is taken in only when nothing else is in flight",
-            );
-        }
+        self.check_sizes(keys, diags);
         if self.max_packet_bytes < 1024 {
             diags.error(
                 keys.at("max_packet_bytes"),

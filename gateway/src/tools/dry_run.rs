@@ -636,11 +636,17 @@ fn evaluate(policy: &Policy, samples: &[Sample], key: &Key, masks: &mut Masks) -
             }
         }
     }
-    for (stream, state) in policy.streams().iter().zip(&windows) {
+    release_groups(policy, &windows, masks, &mut eval);
+    eval
+}
+
+/// Whether each window group of `windows` is released: under noise, when it is more likely to be
+/// than not; else when it has k contributors.
+fn release_groups(policy: &Policy, windows: &[WindowState], masks: &Masks, eval: &mut Evaluation) {
+    for (stream, state) in policy.streams().iter().zip(windows) {
         let Some(spec) = &stream.aggregate else {
             continue;
         };
-        // Under noise, a group counts as released when it is more likely to be than not.
         let selection = spec.noise.as_ref().map(|n| Selection::new(spec, n, 1));
         for (start, key, contributors) in state.groups() {
             let released = match selection {
@@ -653,7 +659,6 @@ fn evaluate(policy: &Policy, samples: &[Sample], key: &Key, masks: &mut Masks) -
             );
         }
     }
-    eval
 }
 
 /// `hubgate dry-run --against OLD`: what changing from `old` to `new` changes in the output for
