@@ -53,10 +53,6 @@ impl TopicFilter {
         &self.0
     }
 
-    /// Whether a topic name (no wildcards) matches this filter.
-    ///
-    /// As the standard requires, filters starting with a wildcard do not match topics starting with
-    /// `$` (broker-internal topics such as `$SYS/...`).
     /// Whether some topic matches both this filter and `other`.
     pub fn overlaps(&self, other: &TopicFilter) -> bool {
         let (mut a, mut b) = (self.0.split('/'), other.0.split('/'));
@@ -70,6 +66,10 @@ impl TopicFilter {
         }
     }
 
+    /// Whether a topic name (no wildcards) matches this filter.
+    ///
+    /// As the standard requires, filters starting with a wildcard do not match topics starting with
+    /// `$` (broker-internal topics such as `$SYS/...`).
     pub fn matches(&self, topic: &str) -> bool {
         let (filter, name) = (self.0.as_bytes(), topic.as_bytes());
         if name.first() == Some(&b'$') && matches!(filter.first(), Some(b'+' | b'#')) {

@@ -34,6 +34,17 @@ pub fn repo() -> &'static Path {
         .expect("workspace root")
 }
 
+/// Runs `bin run --config config`, which must refuse to start; its standard error.
+pub fn refused_start(bin: &Path, config: &Path) -> String {
+    let out = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .expect("run the gateway");
+    assert!(!out.status.success(), "the gateway started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A temporary directory only its owner can enter (0700), as a gateway's data directory must be:
 /// the gateway refuses one that others can read.
 pub fn private_dir() -> TempDir {
@@ -528,6 +539,15 @@ impl Gateway {
     /// The configuration file the gateway was started with.
     pub fn config_path(&self) -> std::path::PathBuf {
         self.dir.path().join("hubgate.toml")
+    }
+
+    /// The entries of the audit log in the default data directory (`hubgate-data`), parsed.
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("hubgate-data/audit.jsonl"))
+            .expect("the audit log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("an audit entry"))
+            .collect()
     }
 
     /// The gateway's log so far (stderr).

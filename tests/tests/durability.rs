@@ -690,13 +690,7 @@ async fn one_gateway_per_data_directory() {
     first.wait_ready();
     let config_path = data.path().join("second.toml");
     std::fs::write(&config_path, cfg.replace("gw-lock", "gw-lock-2")).unwrap();
-    let second = std::process::Command::new(gateway_bin!())
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .output()
-        .unwrap();
-    assert!(!second.status.success());
-    let err = String::from_utf8_lossy(&second.stderr);
+    let err = hubgate_tests::refused_start(gateway_bin!(), &config_path);
     assert!(
         err.contains("another hubgate is running with the data directory"),
         "{err}"

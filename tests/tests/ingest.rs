@@ -887,13 +887,7 @@ fn a_broken_intensity_file_is_refused_at_start_with_its_line_and_column() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(gateway_bin!())
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = hubgate_tests::refused_start(gateway_bin!(), &config_path);
     let expected = format!("{}:3:25: `high` is not a number", intensity.display());
     assert!(
         stderr.contains(&expected),

@@ -287,14 +287,6 @@ fn tokens_and_remote_listening_are_checked_in_the_config() {
     assert!(!entry.contains(&token));
 }
 
-fn audit_events(gw: &Gateway) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(gw.dir().join("hubgate-data/audit.jsonl"))
-        .expect("the audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("an audit entry"))
-        .collect()
-}
-
 /// Tokens granted, changed and revoked by a reload are each an audit entry; the start lists
 /// every grant; a revoked token is refused at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,7 +298,8 @@ async fn token_grants_and_revocations_are_audited() {
         &(base.clone() + &token_entry("north", "hg_north", "streams = [\"air\"]")),
     );
     gw.wait_ready();
-    let start = audit_events(&gw)
+    let start = gw
+        .audit_events()
         .into_iter()
         .find(|e| e["event"] == "start")
         .expect("the start is audited");
@@ -331,11 +324,11 @@ async fn token_grants_and_revocations_are_audited() {
     .unwrap();
     gw.hangup();
     hubgate_tests::wait_for("the grants", Duration::from_secs(15), || {
-        audit_events(&gw)
+        gw.audit_events()
             .iter()
             .any(|e| e["event"] == "token_granted")
     });
-    let events = audit_events(&gw);
+    let events = gw.audit_events();
     let granted: Vec<_> = events
         .iter()
         .filter(|e| e["event"] == "token_granted")
@@ -365,11 +358,11 @@ async fn token_grants_and_revocations_are_audited() {
     .unwrap();
     gw.hangup();
     hubgate_tests::wait_for("the revocation", Duration::from_secs(15), || {
-        audit_events(&gw)
+        gw.audit_events()
             .iter()
             .any(|e| e["event"] == "token_revoked")
     });
-    let events = audit_events(&gw);
+    let events = gw.audit_events();
     let revoked = events
         .iter()
         .find(|e| e["event"] == "token_revoked")
@@ -500,13 +493,7 @@ fn an_upstream_token_file_readable_by_others_stops_the_start() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(gateway_bin!())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = hubgate_tests::refused_start(gateway_bin!(), &path);
     assert!(
         stderr.contains("is readable by others (mode 644)") && stderr.contains("chmod 600"),
         "{stderr}"
@@ -575,13 +562,7 @@ async fn the_data_directory_is_private_whatever_the_umask() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(gateway_bin!())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = hubgate_tests::refused_start(gateway_bin!(), &path);
     assert!(
         stderr.contains("is open to others (mode 755)") && stderr.contains("chmod 700"),
         "{stderr}"

@@ -238,14 +238,6 @@ fn served_hash(gw: &Gateway) -> Option<String> {
         .and_then(|v| v["policy_hash"].as_str().map(str::to_owned))
 }
 
-fn audit_events(gw: &Gateway) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(gw.dir().join("hubgate-data/audit.jsonl"))
-        .expect("the audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("an audit entry"))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_valid_policy_and_keeps_the_running_one_when_the_new_one_has_errors() {
     use hubgate_proto::v1::start_position::Position;
@@ -360,12 +352,12 @@ async fn sighup_reloads_a_valid_policy_and_keeps_the_running_one_when_the_new_on
     .unwrap();
     gw.hangup();
     hubgate_tests::wait_for("the rejection", Duration::from_secs(10), || {
-        audit_events(&gw)
+        gw.audit_events()
             .iter()
             .any(|e| e["event"] == "policy_rejected")
     });
     assert_eq!(served_hash(&gw).as_deref(), Some(hash_b.as_str()));
-    let events = audit_events(&gw);
+    let events = gw.audit_events();
     let reloaded = events
         .iter()
         .find(|e| e["event"] == "policy_reloaded")
@@ -399,13 +391,14 @@ async fn sighup_reloads_a_valid_policy_and_keeps_the_running_one_when_the_new_on
     .unwrap();
     gw.hangup();
     hubgate_tests::wait_for("the second rejection", Duration::from_secs(10), || {
-        audit_events(&gw)
+        gw.audit_events()
             .iter()
             .filter(|e| e["event"] == "policy_rejected")
             .count()
             == 2
     });
-    let second = audit_events(&gw)
+    let second = gw
+        .audit_events()
         .into_iter()
         .filter(|e| e["event"] == "policy_rejected")
         .nth(1)

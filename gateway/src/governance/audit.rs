@@ -257,12 +257,7 @@ impl AuditLog {
             .map(|(_, p)| p)
             .collect();
         files.push(self.path.clone());
-        for path in files.iter().rev() {
-            if let Some(hash) = hash_in(path, seq)? {
-                return Ok(Some(hash));
-            }
-        }
-        Ok(None)
+        hash_in_files(&files, seq)
     }
 
     /// Checks the chain against `anchored`, the head kept outside the log (see the module's

@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use hubgate_privacy::topic::TopicFilter;
 use rumqttc::tokio_rustls::TlsConnector;
 use rumqttc::tokio_rustls::rustls::ClientConfig;
 use rumqttc::tokio_rustls::rustls::pki_types::ServerName;
@@ -110,7 +111,7 @@ pub async fn skip(session: &Session, limit: usize, filters: &[String]) -> std::i
                 stream.write_all(&[0x40, 0x02, pkid[0], pkid[1]]).await?;
             }
             let topic = String::from_utf8_lossy(&topic);
-            let filter = filters.iter().find(|f| matches(f, &topic)).cloned();
+            let filter = subscription_of(filters, &topic).cloned();
             skipped.messages.push((len, filter));
         }
     }
@@ -192,22 +193,15 @@ fn put_str(out: &mut Vec<u8>, s: &[u8]) {
     out.extend_from_slice(&s[..usize::from(len)]);
 }
 
-/// Whether `topic` matches the subscription `filter` (`+`, `#`, and `$share/<group>/`).
-fn matches(filter: &str, topic: &str) -> bool {
-    let filter = match filter.strip_prefix("$share/") {
-        Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
-        None => filter,
-    };
-    let mut topic_levels = topic.split('/');
-    for level in filter.split('/') {
-        match (level, topic_levels.next()) {
-            ("#", _) => return true,
-            ("+", Some(_)) => {}
-            (level, Some(t)) if level == t => {}
-            _ => return false,
-        }
-    }
-    topic_levels.next().is_none()
+/// The first of `filters` (subscriptions, perhaps `$share/<group>/…`) that `topic` matches.
+fn subscription_of<'a>(filters: &'a [String], topic: &str) -> Option<&'a String> {
+    filters.iter().find(|subscription| {
+        let filter = match subscription.strip_prefix("$share/") {
+            Some(rest) => rest.split_once('/').map_or("", |(_, f)| f),
+            None => subscription.as_str(),
+        };
+        TopicFilter::new(filter).is_ok_and(|f| f.matches(topic))
+    })
 }
 
 #[cfg(test)]
@@ -215,12 +209,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filters_match_as_the_broker_matches_them() {
-        assert!(matches("city/air/+/reading", "city/air/s1/reading"));
-        assert!(!matches("city/air/+/reading", "city/air/s1/reading/x"));
-        assert!(matches("city/#", "city/air/s1"));
-        assert!(matches("$share/hubs/city/+", "city/noise"));
-        assert!(!matches("city/+", "town/noise"));
+    fn a_topic_is_named_by_the_subscription_it_matches() {
+        let filters = [
+            "city/air/+/reading".to_owned(),
+            "$share/hubs/city/+".to_owned(),
+        ];
+        assert_eq!(
+            subscription_of(&filters, "city/air/s1/reading"),
+            Some(&filters[0])
+        );
+        assert_eq!(subscription_of(&filters, "city/noise"), Some(&filters[1]));
+        assert_eq!(subscription_of(&filters, "city/air/s1/reading/x"), None);
+        assert_eq!(subscription_of(&filters, "town/noise"), None);
     }
 
     #[test]
