@@ -2,7 +2,7 @@
 //! separate process, a real MQTT publisher and a real gRPC client.
 //!
 //! Each test starts its own broker and gateway in its own temporary directory, so tests are
-//! isolated and can run in parallel. They need `mosquitto` on PATH (`.ci/run` installs it).
+//! isolated and can run in parallel. They need `mosquitto` on PATH (`cargo xtask test` installs it).
 
 pub mod bench;
 pub mod load;

@@ -75,13 +75,14 @@ fn every_shipped_config_passes_the_check() {
         })
         .collect();
     let out = Command::new(gateway_bin!())
-        .arg("check")
+        .args(["check", "--environment"])
         .args(&files)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches(": ok:").count(), files.len(), "{text}");
+    assert!(!text.contains("not checked"), "{text}");
     // The space the outbox needs: the deployment's 2 GiB cap, its 8 MiB log and the overhead.
     assert!(
         text.contains(
@@ -89,6 +90,115 @@ fn every_shipped_config_passes_the_check() {
         ),
         "{text}"
     );
+}
+
+/// The README's `check`, `dry-run` and `explain` commands, run as the README gives them from a
+/// checkout (as `cargo run -- …` would run them), succeed: `check` validates the configuration
+/// and its policy without the hub's files and names what it left out.
+#[test]
+fn the_readmes_commands_work_on_a_checkout() {
+    let repo = hubgate_tests::repo();
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    let mut ran = Vec::new();
+    for line in readme.lines() {
+        let Some(command) = line.strip_prefix("cargo run -- ") else {
+            continue;
+        };
+        let args: Vec<&str> = command
+            .split('#')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        if !["check", "dry-run", "explain"].contains(&args[0]) {
+            continue;
+        }
+        // Commands that name a file of the reader's own (new.toml) are examples, not runnable.
+        let named = args[1..].iter().filter(|a| !a.starts_with('-'));
+        if !named.clone().all(|a| repo.join(a).exists()) {
+            continue;
+        }
+        let out = Command::new(gateway_bin!())
+            .args(&args)
+            .current_dir(repo)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "`{command}` failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if args[0] == "check" {
+            assert!(text.contains(": ok: "), "{text}");
+            assert!(
+                text.contains("not checked without --environment (run it on the hub): the files mqtt.password_file (/etc/hubgate/mqtt-password)"),
+                "{text}"
+            );
+        }
+        ran.push(args[0]);
+    }
+    ran.sort_unstable();
+    ran.dedup();
+    assert_eq!(ran, ["check", "dry-run", "explain"]);
+}
+
+/// `check --environment` on a machine that lacks what the configuration names: the missing
+/// file, a data directory others can enter are errors; an address in use is a warning. Without
+/// `--environment`, the same configuration passes and names what was not checked.
+#[test]
+fn check_environment_reports_what_the_hub_lacks() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = format!(
+        "[mqtt]\nhost = \"127.0.0.1\"\nclient_id = \"env\"\nusername = \"hub\"\npassword_file = \"{missing}\"\n\n\
+         [grpc]\nlisten = \"{busy}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [store]\ndata_dir = \"{data}\"\n\n\
+         [[stream]]\nname = \"noise\"\ntopics = [\"city/noise/+\"]\npurpose = \"Map noise\"\n\
+         legal_basis = \"legal obligation\"\nprinciples = [\"human_rights_equity_inclusion\"]\n\
+         technology = \"tech__sound_level_meter\"\nretention = \"1d\"\n[stream.fields]\nlaeq_db = \"keep\"\n",
+        missing = dir.path().join("absent-password").display(),
+        busy = busy.local_addr().unwrap(),
+        data = data.display(),
+    );
+    let path = dir.path().join("hub.toml");
+    std::fs::write(&path, text).unwrap();
+
+    let out = Command::new(gateway_bin!())
+        .args(["check", "--environment"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("absent-password: No such file"), "{text}");
+    assert!(text.contains("is open to others (mode 755)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "warning: grpc.listen {} is in use",
+            busy.local_addr().unwrap()
+        )),
+        "{text}"
+    );
+    assert!(text.contains(": rejected: 2 errors, "), "{text}");
+
+    let out = Command::new(gateway_bin!())
+        .arg("check")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("the files mqtt.password_file ("), "{text}");
+    assert!(
+        text.contains(&format!("the data directory {}", data.display())),
+        "{text}"
+    );
+    assert!(text.contains(": ok: 1 streams"), "{text}");
 }
 
 /// The text of `key` in the ConfigMap of a manifest: the block under `  key: |`, dedented.

@@ -2,9 +2,9 @@
 //! (grpcio, its code generated from `proto/`) reads a stream from the oldest record, and is
 //! refused without a valid token.
 //!
-//! The Python client needs grpcio and grpcio-tools: `.ci/run` installs them
-//! (`examples/python/requirements.txt`) in a virtualenv and names its interpreter in
-//! `HUBGATE_PYTHON`.
+//! The Python client needs grpcio and grpcio-tools: `cargo xtask test` installs them
+//! (`examples/python/requirements.txt`) in a virtualenv, `target/test-python`, and names its
+//! interpreter in `HUBGATE_PYTHON`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -32,11 +32,10 @@ fn python() -> PathBuf {
     if let Some(python) = std::env::var_os("HUBGATE_PYTHON") {
         return PathBuf::from(python);
     }
-    let venv = hubgate_tests::repo().join("target/ci-python/bin/python");
+    let venv = hubgate_tests::repo().join("target/test-python/bin/python");
     assert!(
         venv.exists(),
-        "this test needs Python with grpcio: run .ci/run, or\n  python3 -m venv target/ci-python && \
-         target/ci-python/bin/pip install --require-hashes -r examples/python/requirements.txt"
+        "this test needs Python with grpcio: run the tests with `cargo xtask test`, which installs it"
     );
     venv
 }

@@ -41,7 +41,7 @@ fn footfall() -> String {
         )
 }
 
-/// Debian's Chromium, which `.ci/run` installs.
+/// Debian's Chromium, which `cargo xtask test` installs.
 fn chromium() -> PathBuf {
     for candidate in ["chromium", "chromium-browser"] {
         if let Ok(out) = Command::new("which").arg(candidate).output()
@@ -50,7 +50,9 @@ fn chromium() -> PathBuf {
             return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         }
     }
-    panic!("this test needs a headless Chromium: apt-get install chromium (.ci/run does)");
+    panic!(
+        "this test needs a headless Chromium: apt-get install chromium (`cargo xtask test` does)"
+    );
 }
 
 /// Runs headless Chromium on `url` with `args` (its own profile in `profile`), within a minute.

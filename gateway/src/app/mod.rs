@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 pub use tokio_util::sync::CancellationToken;
 
+pub mod environment;
 pub mod files;
 pub mod lifecycle;
 
@@ -448,20 +449,8 @@ fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
         .with_context(|| format!("cannot read the data directory {}", data_dir.display()))?
         .permissions()
         .mode();
-    if mode & 0o007 != 0 {
-        anyhow::bail!(
-            "the data directory {} is open to others (mode {:o}): it holds pseudonymisation keys, \
-             the outbox and the audit log; make it private with chmod 700",
-            data_dir.display(),
-            mode & 0o777
-        );
-    }
-    if mode & 0o070 != 0 {
-        tracing::warn!(
-            dir = %data_dir.display(),
-            mode = format!("{:o}", mode & 0o777),
-            "the data directory is open to its group: make it private with chmod 700 unless the group is the gateway's alone"
-        );
+    if let Some(warning) = environment::openness(data_dir, mode)? {
+        tracing::warn!("{warning}");
     }
     let lock_path = data_dir.join("lock");
     let data_lock = std::fs::OpenOptions::new()

@@ -34,10 +34,16 @@ enum Command {
               value_parser = clap::value_parser!(u16).range(1..=1024))]
         worker_threads: u16,
     },
-    /// Validate configuration files; print every error and warning with its line and column.
+    /// Validate configuration files and their policies; print every error and warning with its
+    /// line and column. Works anywhere: what needs the hub itself (the files a configuration
+    /// names, the data directory, the listen addresses) is checked with `--environment`.
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also check this machine as the hub: the files the configuration names (readable,
+        /// parseable, secrets private), the data directory and the listen addresses.
+        #[arg(long)]
+        environment: bool,
     },
     /// Show what the policy does to sample messages, field by field (deterministic).
     DryRun {
@@ -144,7 +150,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Check { files } => return check(&files),
+        Command::Check { files, environment } => return check(&files, environment),
         Command::Run {
             config,
             worker_threads,
@@ -362,7 +368,7 @@ fn dry_run(config_path: &Path, input: &Path, against: Option<&Path>) -> anyhow::
     Ok(())
 }
 
-fn check(files: &[PathBuf]) -> ExitCode {
+fn check(files: &[PathBuf], environment: bool) -> ExitCode {
     let mut failed = false;
     for path in files {
         let source = match std::fs::read_to_string(path) {
@@ -374,25 +380,22 @@ fn check(files: &[PathBuf]) -> ExitCode {
             }
         };
         let name = path.display().to_string();
-        let (diagnostics, outcome) = match config::parse(&source) {
+        let (diagnostics, machine_warnings, outcome) = match config::parse(&source) {
             Ok((config, warnings)) => {
-                let streams = config.policy.streams().len();
-                // The files the config names, read as the gateway would at start.
-                let files = crate::app::check_files(&config);
                 println!(
                     "{name}: the outbox needs up to {} MiB on the volume of {}",
                     config.store.space_needed().div_ceil(1 << 20),
                     config.store.data_dir.display()
                 );
-                match files {
-                    Ok(_) => (warnings, Ok((config.policy.hash_hex(), streams))),
-                    Err(err) => {
-                        println!("{name}: error: {err:#}");
-                        (warnings, Err(1))
-                    }
-                }
+                let (machine_errors, machine_warnings) = check_machine(&name, &config, environment);
+                let outcome = if machine_errors == 0 {
+                    Ok((config.policy.hash_hex(), config.policy.streams().len()))
+                } else {
+                    Err(machine_errors)
+                };
+                (warnings, machine_warnings, outcome)
             }
-            Err(rejected) => (rejected.diagnostics, Err(0)),
+            Err(rejected) => (rejected.diagnostics, 0, Err(0)),
         };
         for d in &diagnostics {
             println!("{}", d.render(&name, &source));
@@ -401,13 +404,13 @@ fn check(files: &[PathBuf]) -> ExitCode {
             .iter()
             .filter(|d| d.severity == Severity::Error)
             .count();
-        let warnings = diagnostics.len() - errors;
+        let warnings = diagnostics.len() - errors + machine_warnings;
         match outcome {
             Ok((hash, streams)) => {
                 println!("{name}: ok: {streams} streams, policy {hash}, {warnings} warnings");
             }
-            Err(file_errors) => {
-                let errors = errors + file_errors;
+            Err(machine_errors) => {
+                let errors = errors + machine_errors;
                 println!("{name}: rejected: {errors} errors, {warnings} warnings");
                 failed = true;
             }
@@ -418,6 +421,34 @@ fn check(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// `check`'s part about the hub: with `environment`, the files, data directory and addresses
+/// checked and each finding printed; without, a line naming what was left out. Returns the
+/// errors and warnings found.
+fn check_machine(name: &str, config: &Config, environment: bool) -> (usize, usize) {
+    use crate::app::environment::{self, Finding};
+    if !environment {
+        println!(
+            "{name}: not checked without --environment (run it on the hub): {}",
+            environment::not_checked(config)
+        );
+        return (0, 0);
+    }
+    let (mut errors, mut warnings) = (0, 0);
+    for finding in environment::check(config) {
+        match finding {
+            Finding::Error(text) => {
+                println!("{name}: error: {text}");
+                errors += 1;
+            }
+            Finding::Warning(text) => {
+                println!("{name}: warning: {text}");
+                warnings += 1;
+            }
+        }
+    }
+    (errors, warnings)
 }
 
 async fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
