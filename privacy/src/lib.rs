@@ -23,6 +23,7 @@ pub mod diagnostics;
 pub mod forwarded;
 pub mod identifiers;
 pub mod invariants;
+pub mod lorawan;
 pub mod noise;
 pub mod normalise;
 pub mod policy;

@@ -63,6 +63,23 @@ pub enum PayloadFormat {
     Ngsi,
     /// Sparkplug B (Eclipse Sparkplug) protobuf payloads on the `spBv1.0` topic namespace.
     SparkplugB,
+    /// LoRaWAN uplink events of ChirpStack v4, in JSON (see [`crate::lorawan`]).
+    Chirpstack,
+    /// LoRaWAN uplink messages of The Things Stack v3 (see [`crate::lorawan`]).
+    Ttn,
+}
+
+impl PayloadFormat {
+    /// Whether the format is a LoRaWAN network server's, with the fields of [`crate::lorawan`].
+    pub fn is_lorawan(self) -> bool {
+        matches!(self, PayloadFormat::Chirpstack | PayloadFormat::Ttn)
+    }
+
+    /// The event time's field when the stream declares none: the network server's time for
+    /// LoRaWAN uplinks.
+    pub fn default_time_field(self) -> Option<&'static str> {
+        self.is_lorawan().then_some(crate::lorawan::TIME)
+    }
 }
 
 /// The principles of the UN-Habitat International Guidelines on People-Centred Smart Cities that a
@@ -664,12 +681,16 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
             }
         };
 
-        let time_field = h.time_field.as_ref().map(|t| {
-            if !valid_field_path(t.get_ref()) {
-                diags.error(t.span(), format!("invalid field path '{}'", t.get_ref()));
-            }
-            t.get_ref().clone()
-        });
+        let time_field = h
+            .time_field
+            .as_ref()
+            .map(|t| {
+                if !valid_field_path(t.get_ref()) {
+                    diags.error(t.span(), format!("invalid field path '{}'", t.get_ref()));
+                }
+                t.get_ref().clone()
+            })
+            .or_else(|| h.format.default_time_field().map(String::from));
 
         let time_bucket = h
             .time_bucket
@@ -760,6 +781,12 @@ pub fn compile(raw: Vec<RawStream>, diags: &mut Diagnostics) -> Option<Policy> {
                         );
                     }
                 }
+            }
+            if h.format.is_lorawan()
+                && let Some(protected) = crate::lorawan::protected(p)
+                && !protected.allows(treatment)
+            {
+                diags.error(path.span(), protected.explain(p));
             }
             if *treatment == Treatment::Keep {
                 let leaf = p.rsplit('.').next().unwrap_or(p).to_ascii_lowercase();
@@ -1047,6 +1074,62 @@ pm25 = "keep"
         );
         assert_eq!(policy.route("city/noise/m-1").count(), 0);
         assert_eq!(policy.hash_hex().len(), 64);
+    }
+
+    /// LoRaWAN streams: the device's identity may be pseudonymised, never kept; the frame
+    /// counter never passes; positions only as cells; the event time is the network server's.
+    #[test]
+    fn lorawan_identity_counter_and_positions_are_protected() {
+        let stream = |fields: &str| {
+            format!(
+                "[[stream]]\nname = \"bins\"\ntopics = [\"application/+/device/+/event/up\"]\n\
+                 format = \"chirpstack\"\npurpose = \"Bins\"\nlegal_basis = \"public task\"\n\
+                 principles = [\"sustainability_resilience\"]\ntechnology = \"tech__waste\"\n\
+                 retention = \"1d\"\n\n[stream.fields]\nfill = \"keep\"\n{fields}"
+            )
+        };
+        let (policy, _) = from_toml(&stream(
+            "\"lorawan.dev_eui\" = \"pseudonymise\"\n\
+             cell = { h3 = { resolution = 7, lat = \"lorawan.gateway.lat\", lon = \"lorawan.gateway.lon\" } }\n\
+             \"lorawan.rssi\" = \"keep\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            policy.streams()[0].time_field.as_deref(),
+            Some(crate::lorawan::TIME)
+        );
+        for (line, why) in [
+            (
+                "\"lorawan.dev_eui\" = \"keep\"",
+                "identifies the LoRaWAN device",
+            ),
+            (
+                "\"lorawan.device_name\" = \"keep\"",
+                "identifies the LoRaWAN device",
+            ),
+            (
+                "\"lorawan.f_cnt\" = \"keep\"",
+                "links the device's messages",
+            ),
+            (
+                "\"lorawan.f_cnt\" = \"pseudonymise\"",
+                "links the device's messages",
+            ),
+            ("\"lorawan.gateway.lat\" = \"keep\"", "locates the device"),
+            (
+                "\"lorawan.location.lon\" = \"pseudonymise\"",
+                "locates the device",
+            ),
+        ] {
+            let src = stream(&format!("{line}\n"));
+            let errors = errors(&src);
+            assert_eq!(errors.len(), 1, "{line}: {errors:?}");
+            assert_eq!(errors[0].0, 13, "{line}: reported at its key");
+            assert!(errors[0].2.contains(why), "{line}: {errors:?}");
+        }
+        // The same names in a JSON stream are the payload's own.
+        let json = stream("\"lorawan.dev_eui\" = \"keep\"\n").replace("chirpstack", "json");
+        assert!(from_toml(&json).is_ok());
     }
 
     #[test]

@@ -365,6 +365,53 @@ fn dry_run_of_the_ngsi_example() {
     }
 }
 
+/// The LoRaWAN example: the network servers' documented uplinks decode; the DevEUI and device id
+/// leave only as pseudonyms, one per device; positions only as cells; the radio metadata only
+/// where declared; the event time is the network server's; the wrong server's payload is refused.
+#[test]
+fn dry_run_of_the_lorawan_example() {
+    let text = dry_run_example("lorawan");
+    for raw in [
+        "0101010101010101",
+        "0004A30B001C0530",
+        "00189440",
+        "Test device",
+        "\"dev1\"",
+        "52.3731",
+        "37.9715",
+        "0016c001f153a14c",
+    ] {
+        assert!(!text.contains(raw), "{raw} appears in:\n{text}");
+    }
+    let outputs = records_out(&text);
+    assert_eq!(outputs.len(), 4, "{text}");
+    assert!(
+        outputs[1].starts_with("{\"area\":\"881969c9b3fffff\",\"fillLevel\":73,\"lorawan.dev_eui\":\"pseudonym-1\",\"temperature\":18.5} at 2022-07-18T09:45:00.000Z"),
+        "{text}"
+    );
+    assert!(
+        outputs[0].contains("\"lorawan.dev_eui\":\"pseudonym-1\""),
+        "{text}"
+    );
+    assert!(
+        outputs[2].starts_with("{\"area\":\"37.97,23.72\",\"lorawan.device_id\":\"pseudonym-2\",\"lorawan.rssi\":-35,\"luminosity\":0.64,\"temperature\":1.0} at 2020-02-12T15:15:00.000Z"),
+        "{text}"
+    );
+    assert!(
+        outputs[3].contains("\"lorawan.device_id\":\"pseudonym-2\""),
+        "{text}"
+    );
+    for expected in [
+        "lorawan.f_cnt            not declared: dropped",
+        "lorawan.gateway.lat      generalised into the cell at 'area', not passed",
+        "lorawan.time             event time",
+        "payload is not a LoRaWAN uplink event of the declared network server",
+        "summary: 5 samples, 4 records out, 0 into windows, 0 unrouted, 1 rejected whole",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+}
+
 /// The Sparkplug B example: the birth names the metrics, data by alias is read under the names,
 /// a metric kept in the birth only as an e-mail never passes, and a node whose birth was never
 /// seen gives no level.

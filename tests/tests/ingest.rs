@@ -941,3 +941,111 @@ async fn commits_are_at_least_the_commit_interval_apart() {
         0.0
     );
 }
+
+const LORAWAN: &str = r#"
+[[stream]]
+name = "bins"
+topics = ["application/+/device/+/event/up"]
+format = "chirpstack"
+purpose = "Plan waste collection rounds from bin fill levels"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+
+[stream.fields]
+temperature = "keep"
+"lorawan.dev_eui" = "pseudonymise"
+cell = { h3 = { resolution = 7, lat = "lorawan.gateway.lat", lon = "lorawan.gateway.lon" } }
+
+[[stream]]
+name = "meters"
+topics = ["v3/+/devices/+/up"]
+format = "ttn"
+purpose = "Map indoor climate in public buildings"
+legal_basis = "public task"
+principles = ["sustainability_resilience"]
+retention = "1d"
+
+[stream.fields]
+temperature = "keep"
+luminosity = "keep"
+"lorawan.device_id" = "pseudonymise"
+area = { grid = { step = 0.01, lat = "lorawan.location.lat", lon = "lorawan.location.lon" } }
+"#;
+
+/// A network server's documented example (tests/data/lorawan) as JSON.
+fn lorawan_example(name: &str) -> serde_json::Value {
+    let path = hubgate_tests::repo().join("tests/data/lorawan").join(name);
+    serde_json::from_slice(&std::fs::read(&path).expect("the example")).expect("JSON")
+}
+
+/// LoRaWAN uplinks of ChirpStack and The Things Stack, through mosquitto: the decoded payload's
+/// fields pass as declared, the device's identity only as a pseudonym (one per device), positions
+/// only as cells, the radio metadata not at all, and the event time is the network server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lorawan_uplinks_from_both_network_servers() {
+    let broker = Mosquitto::start();
+    let gw = Gateway::start(gateway_bin!(), &config(broker.port, "gw-lorawan", LORAWAN));
+    gw.wait_ready();
+    let mut client = gw.client().await;
+    let mut records = client
+        .subscribe(from(&["bins", "meters"], Position::Live(v1::Live {})))
+        .await
+        .expect("subscribe")
+        .into_inner();
+
+    let mut chirpstack = lorawan_example("chirpstack-v4-up.json");
+    chirpstack["object"] = serde_json::json!({"temperature": 21.5});
+    chirpstack["fCnt"] = serde_json::json!(7);
+    chirpstack["rxInfo"][0]["location"] =
+        serde_json::json!({"latitude": 52.3731, "longitude": 4.8926});
+    let mut later = chirpstack.clone();
+    later["time"] = serde_json::json!("2022-07-18T11:49:15.000+02:00");
+    later["object"] = serde_json::json!({"temperature": 22.0});
+    let ttn = lorawan_example("ttn-v3-up.json");
+    let publisher = Publisher::connect(broker.port, "pub-lorawan");
+    let chirpstack_topic =
+        "application/17c82e96-be03-4f38-aef3-f83d48582d97/device/0101010101010101/event/up";
+    for event in [&chirpstack, &later] {
+        publisher
+            .publish(chirpstack_topic, serde_json::to_vec(event).expect("JSON"))
+            .await;
+    }
+    publisher
+        .publish(
+            "v3/app1@tenant1/devices/dev1/up",
+            serde_json::to_vec(&ttn).expect("JSON"),
+        )
+        .await;
+    let got = take_records(&mut records, 3).await;
+
+    let bins: Vec<_> = got.iter().filter(|r| r.stream == "bins").collect();
+    assert_eq!(bins.len(), 2, "{got:?}");
+    let seconds: Vec<i64> = bins.iter().map(|r| r.event_time.unwrap().seconds).collect();
+    // The network server's times, 2022-07-18T09:34:15.775Z and 09:49:15Z.
+    assert_eq!(seconds, [1_658_136_855, 1_658_137_755]);
+    let (a, b) = (fields(bins[0]), fields(bins[1]));
+    let mut names: Vec<&str> = a.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["cell", "lorawan.dev_eui", "temperature"]);
+    assert_eq!(a["temperature"], "21.5");
+    assert_ne!(a["lorawan.dev_eui"], "0101010101010101");
+    assert_eq!(
+        a["lorawan.dev_eui"], b["lorawan.dev_eui"],
+        "one device, one pseudonym"
+    );
+    assert!(!a["cell"].contains("52.37"), "{a:?}");
+
+    let meters: Vec<_> = got.iter().filter(|r| r.stream == "meters").collect();
+    let m = fields(meters[0]);
+    let mut names: Vec<&str> = m.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["area", "lorawan.device_id", "luminosity", "temperature"]
+    );
+    assert_ne!(m["lorawan.device_id"], "dev1");
+    assert_eq!(m["area"], "37.97,23.72");
+    // uplink_message.received_at, the network server's: 2020-02-12T15:15:45.789585559Z.
+    assert_eq!(meters[0].event_time.unwrap().seconds, 1_581_520_545);
+}

@@ -12,7 +12,8 @@
 //! SenML (`format = "senml_json"` or `"senml_cbor"`): see [`senml`]; one pack can give several
 //! readings. FIWARE NGSI entities (`format = "ngsi"`, key-values or normalised): see [`ngsi`].
 //! Sparkplug B (`format = "sparkplug_b"`): see [`sparkplug`]; it is the one format with state
-//! (the aliases births declare), held by a [`Decoder`].
+//! (the aliases births declare), held by a [`Decoder`]. LoRaWAN uplinks from ChirpStack
+//! (`format = "chirpstack"`) and The Things Stack (`format = "ttn"`): see [`lorawan`].
 //!
 //! Decoders are pure functions over bytes and the time of receipt; they never log what they read.
 
@@ -23,6 +24,7 @@ use hubgate_privacy::{Reading, Text, Value};
 use serde::Deserializer as _;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
+pub mod lorawan;
 pub mod ngsi;
 pub mod senml;
 pub mod sparkplug;
@@ -60,6 +62,10 @@ pub enum DecodeError {
     NotSparkplug,
     #[error("payload is not a Sparkplug B protobuf")]
     Protobuf,
+    #[error(
+        "payload is not a LoRaWAN uplink event of the declared network server (no device identity)"
+    )]
+    NotAnUplink,
 }
 
 /// What one payload decoded into: one reading, or several from a SenML pack.
@@ -111,7 +117,7 @@ impl Iterator for Readings<'_> {
 /// One message decoded at most once per format, however many streams of that format take it:
 /// Sparkplug B births are taken in once, and the work is not repeated.
 #[derive(Debug, Default)]
-pub struct Once([Option<Result<Decoded, DecodeError>>; 5]);
+pub struct Once([Option<Result<Decoded, DecodeError>>; 7]);
 
 impl Once {
     pub fn get(
@@ -157,6 +163,8 @@ impl Once {
             PayloadFormat::SenmlCbor => 2,
             PayloadFormat::Ngsi => 3,
             PayloadFormat::SparkplugB => 4,
+            PayloadFormat::Chirpstack => 5,
+            PayloadFormat::Ttn => 6,
         }
     }
 }
@@ -183,6 +191,12 @@ impl Decoder {
             PayloadFormat::SenmlCbor => senml::cbor(payload, received_ms).map(Decoded::Many),
             PayloadFormat::Ngsi => ngsi::entity(payload).map(Decoded::One),
             PayloadFormat::SparkplugB => self.sparkplug.decode(topic, payload).map(Decoded::Many),
+            PayloadFormat::Chirpstack => {
+                lorawan::uplink(lorawan::Server::ChirpStack, payload).map(Decoded::One)
+            }
+            PayloadFormat::Ttn => {
+                lorawan::uplink(lorawan::Server::TheThingsStack, payload).map(Decoded::One)
+            }
         }
     }
 }

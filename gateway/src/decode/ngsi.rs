@@ -97,7 +97,7 @@ fn push_point(out: &mut Reading, name: &str, (lat, lon): (f64, f64)) {
 }
 
 /// A plain JSON value at `path`, flattened as the JSON decoder does.
-fn flatten(out: &mut Reading, path: &str, value: &Json) {
+pub(super) fn flatten(out: &mut Reading, path: &str, value: &Json) {
     let scalar = match value {
         Json::Bool(b) => Value::Bool(*b),
         Json::Number(n) => match (n.as_i64(), n.as_f64()) {
