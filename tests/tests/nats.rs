@@ -12,7 +12,8 @@ use hubgate_tests::{
 use prost::Message as _;
 use tokio_stream::StreamExt as _;
 
-/// How many messages the JetStream stream `HUBGATE` holds.
+/// How many messages the JetStream stream `HUBGATE` holds: records, and each gateway's privacy
+/// notice.
 async fn stream_messages(url: &str) -> u64 {
     let client = async_nats::connect(url).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(client);
@@ -22,14 +23,31 @@ async fn stream_messages(url: &str) -> u64 {
     }
 }
 
-/// Every message in the JetStream stream `HUBGATE`: per published number, how many times it is
-/// stored; and the de-duplication ids.
+/// The latest message on `subject` in the JetStream stream `HUBGATE`, as JSON.
+async fn latest_json(url: &str, subject: &str) -> serde_json::Value {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    let js = async_nats::jetstream::new(client);
+    let message = js
+        .get_stream("HUBGATE")
+        .await
+        .expect("the stream")
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .unwrap_or_else(|e| panic!("no message on {subject}: {e}"));
+    serde_json::from_slice(&message.payload).expect("JSON")
+}
+
+/// Every record in the JetStream stream `HUBGATE` (subject `city.district1.seq`): per published
+/// number, how many times it is stored; and the de-duplication ids.
 async fn stored(url: &str, expected: usize) -> (BTreeMap<u64, u32>, Vec<String>) {
     let client = async_nats::connect(url).await.expect("connect to NATS");
     let js = async_nats::jetstream::new(client);
     let stream = js.get_stream("HUBGATE").await.expect("the stream exists");
     let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            filter_subject: "city.district1.seq".to_owned(),
+            ..Default::default()
+        })
         .await
         .expect("a consumer");
     let mut messages = consumer.messages().await.expect("messages");
@@ -110,7 +128,8 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     let gateway = Gateway::start(gateway_bin!(), &cfg);
     publisher.publish_numbers("test/seq", N).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while stream_messages(&nats.url()).await < N {
+    // The records, and the privacy notice, stored once although three gateways published it.
+    while stream_messages(&nats.url()).await < N + 1 {
         assert!(
             std::time::Instant::now() < deadline,
             "the backlog was not published"
@@ -122,9 +141,12 @@ async fn records_reach_jetstream_once_through_outages_and_a_gateway_kill() {
     });
     assert_eq!(
         stream_messages(&nats.url()).await,
-        N,
-        "every record stored once"
+        N + 1,
+        "every record stored once, and the notice"
     );
+    let notice = latest_json(&nats.url(), "city.district1.privacy-notice").await;
+    assert_eq!(notice[0]["type"], "PrivacyObject");
+    assert_eq!(notice[0]["name"], "seq");
 
     let (numbers, ids) = stored(&nats.url(), N as usize).await;
     let missing: Vec<u64> = (1..=N).filter(|n| !numbers.contains_key(n)).collect();
@@ -210,9 +232,9 @@ cell = { h3 = { resolution = 8, lat = "location.lat", lon = "location.lon" } }
         .get_stream("HUBGATE")
         .await
         .unwrap()
-        .get_raw_message(1)
+        .get_last_raw_message_by_subject("hubgate.air_quality")
         .await
-        .expect("the first message");
+        .expect("the record's message");
     assert_eq!(message.subject.as_str(), "hubgate.air_quality");
     assert_eq!(
         message
@@ -243,6 +265,12 @@ cell = { h3 = { resolution = 8, lat = "location.lat", lon = "location.lon" } }
         "{e}"
     );
     let text = e.to_string();
+    // The privacy notice beside the records: the stream's PrivacyObject.
+    let notice = latest_json(&nats.url(), "hubgate.privacy-notice").await;
+    assert_eq!(
+        notice[0]["id"],
+        "urn:ngsi-ld:PrivacyObject:gw-ngsi-ld:air_quality"
+    );
     for absent in [
         "40.42",
         "-3.71",
@@ -286,7 +314,7 @@ async fn districts_share_one_jetstream_stream() {
     }
     publisher.wait_acked(20).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while stream_messages(&nats.url()).await < 20 {
+    while stream_messages(&nats.url()).await < 22 {
         assert!(
             std::time::Instant::now() < deadline,
             "not every record arrived"
@@ -306,7 +334,11 @@ async fn districts_share_one_jetstream_stream() {
     subjects.sort();
     assert_eq!(subjects, ["city.district1.>", "city.district2.>"]);
     assert_eq!(
-        info.state.messages, 20,
-        "ten records from each district, once"
+        info.state.messages, 22,
+        "ten records from each district, once, and each district's privacy notice"
     );
+    for d in 1..=2 {
+        let notice = latest_json(&nats.url(), &format!("city.district{d}.privacy-notice")).await;
+        assert_eq!(notice[0]["type"], "PrivacyObject", "{notice}");
+    }
 }

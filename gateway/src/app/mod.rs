@@ -186,7 +186,7 @@ pub async fn start_in(
     spawn_exporters(
         &mut tasks,
         (config.upstream, files.upstream),
-        (config.nats, files.nats),
+        (config.nats, files.nats, register.to_ngsi_ld()),
         &policy,
         &store,
         &shutdown,
@@ -632,12 +632,12 @@ fn spawn_ingest(
     Ok(connected_rx)
 }
 
-/// Spawns the exporters that are configured (NATS, upstream), with one incarnation for all of
-/// them, made with the outbox.
+/// Spawns the exporters that are configured (NATS, with the privacy notice to publish beside the
+/// records; upstream), with one incarnation for all of them, made with the outbox.
 fn spawn_exporters(
     tasks: &mut JoinSet<anyhow::Result<()>>,
     upstream: (Option<crate::config::UpstreamConfig>, upstream::Credentials),
-    nats: (Option<crate::config::NatsConfig>, nats::Credentials),
+    nats: (Option<crate::config::NatsConfig>, nats::Credentials, String),
     policy: &Arc<Policy>,
     store: &Arc<Store>,
     shutdown: &CancellationToken,
@@ -646,13 +646,14 @@ fn spawn_exporters(
         return Ok(());
     }
     let incarnation = upstream::incarnation(store)?;
-    if let (Some(config), credentials) = nats {
+    if let (Some(config), credentials, notice) = nats {
         tasks.spawn(nats::run(
             config,
             credentials,
             incarnation.clone(),
             Arc::clone(policy),
             Arc::clone(store),
+            notice,
             shutdown.clone(),
         ));
     }

@@ -2,7 +2,8 @@
 //! process is up), `/readyz` (the MQTT connection is up and outbox commits succeed; else 503 with
 //! the reason). The public's: the transparency register
 //! of the running policy (see [`crate::governance::register`]): `/transparency` (the HTML notice),
-//! `/transparency.json` and `/processing-record` (GDPR Art. 30, Markdown).
+//! `/transparency.json`, `/transparency.ngsi-ld.json` (Smart Data Models `PrivacyObject`
+//! entities) and `/processing-record` (GDPR Art. 30, Markdown).
 //!
 //! With `admin.public_listen`, the notice is served on a listener of its own, which serves nothing
 //! else: whoever is meant to read the notice cannot read the operator's counters, which show
@@ -61,6 +62,7 @@ const BOUNDS: Bounds = Bounds {
 fn notice(register: Arc<Register>) -> Router {
     let json = Arc::new(register.to_json());
     let record = Arc::new(register.to_art30());
+    let ngsi_ld = Arc::new(register.to_ngsi_ld());
     Router::new()
         .route(
             "/transparency",
@@ -83,6 +85,18 @@ fn notice(register: Arc<Register>) -> Router {
                     (
                         [(header::CONTENT_TYPE, "application/json")],
                         json.as_str().to_owned(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/transparency.ngsi-ld.json",
+            get(move || {
+                let ngsi_ld = Arc::clone(&ngsi_ld);
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/ld+json")],
+                        ngsi_ld.as_str().to_owned(),
                     )
                 }
             }),

@@ -8,6 +8,13 @@
 //! - `Hubgate-Stream`, `Hubgate-Sequence`, `Hubgate-Type` (`hubgate.v1.Record` or `ngsi-ld`) and
 //!   `Content-Type`.
 //!
+//! The privacy notice goes beside the records: the register's Smart Data Models `PrivacyObject`
+//! entities ([`crate::governance::register::ngsi_ld`]), one JSON array, on
+//! `<subject_prefix>.privacy-notice` (no stream can have that name), with `Hubgate-Type:
+//! ngsi-ld-privacy-notice` and `Nats-Msg-Id: <incarnation>-privacy-notice-<policy hash>`, at each start and
+//! reload, retried until JetStream stores it. A platform reads the latest message on that subject
+//! to know what the hub's policy does to the records it publishes.
+//!
 //! Delivery is at least once, from the outbox. For each stream the exporter publishes records in
 //! sequence order, with at most `window` awaiting their acknowledgement (JetStream acknowledges
 //! a message once it is stored), and moves its position to each record acknowledged in turn. The
@@ -111,6 +118,7 @@ pub async fn run(
     incarnation: String,
     policy: Arc<Policy>,
     store: Arc<Store>,
+    notice: String,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let connected = metrics::gauge!(catalogue::NATS_CONNECTED);
@@ -143,6 +151,16 @@ pub async fn run(
     let config = Arc::new(config);
     let incarnation: Arc<str> = incarnation.into();
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(publish_notice(
+        js.clone(),
+        format!("{}.{NOTICE_SUBJECT}", config.subject_prefix),
+        (
+            notice,
+            format!("{incarnation}-{NOTICE_SUBJECT}-{}", policy.hash_hex()),
+        ),
+        errors.clone(),
+        shutdown.clone(),
+    ));
     for index in chosen {
         let s = &policy.streams()[index];
         let position = Position::load(&store, checkpoint_name(&s.name))?;
@@ -157,7 +175,7 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    tracing::info!(url = %config.url, jetstream = %config.jetstream, streams = tasks.len(), "publishing to NATS JetStream");
+    tracing::info!(url = %config.url, jetstream = %config.jetstream, streams = tasks.len() - 1, "publishing to NATS JetStream");
     while let Some(joined) = tasks.join_next().await {
         if let Err(err) = joined {
             tracing::error!(%err, "a NATS publishing task failed");
@@ -165,6 +183,49 @@ pub async fn run(
     }
     connected.set(0.0);
     Ok(())
+}
+
+/// The last token of the privacy notice's subject; not a stream name, which has no '-'.
+pub const NOTICE_SUBJECT: &str = "privacy-notice";
+
+/// Publishes the privacy `notice` on `subject` under the de-duplication `id` (the gateway's
+/// incarnation and the policy's hash: stored once per gateway and policy), retrying with backoff
+/// until JetStream stores it or `shutdown`.
+async fn publish_notice(
+    js: jetstream::Context,
+    subject: String,
+    (notice, id): (String, String),
+    errors: Counter,
+    shutdown: CancellationToken,
+) {
+    let payload = bytes::Bytes::from(notice);
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        headers.insert("Hubgate-Type", "ngsi-ld-privacy-notice");
+        headers.insert("Content-Type", "application/ld+json");
+        let stored = async {
+            js.publish_with_headers(subject.clone(), headers, payload.clone())
+                .await?
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let err = tokio::select! {
+            () = shutdown.cancelled() => return,
+            outcome = stored => match outcome {
+                Ok(_) => return,
+                Err(err) => err,
+            },
+        };
+        errors.increment(1);
+        tracing::warn!(%err, "the privacy notice could not be published to NATS; retrying");
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// Connects, and makes sure the JetStream stream exists, before anything is published; once

@@ -65,8 +65,9 @@ enum Command {
         /// Configuration file; the embedded default without it.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// text (readable), json (as /transparency.json), art30 (GDPR Art. 30 record, Markdown)
-        /// or html (the /transparency page).
+        /// text (readable), json (as /transparency.json), art30 (GDPR Art. 30 record, Markdown),
+        /// html (the /transparency page) or ngsi-ld (Smart Data Models PrivacyObject entities, as
+        /// /transparency.ngsi-ld.json).
         #[arg(long, short, value_enum, default_value_t = ExplainFormat::Text)]
         format: ExplainFormat,
     },
@@ -98,6 +99,7 @@ enum ExplainFormat {
     Json,
     Art30,
     Html,
+    NgsiLd,
 }
 
 #[derive(Debug, Subcommand)]
@@ -334,6 +336,7 @@ fn explain(config_path: Option<&Path>, format: ExplainFormat) -> anyhow::Result<
         ExplainFormat::Text => print!("{}", register.to_text()),
         ExplainFormat::Json => println!("{}", register.to_json()),
         ExplainFormat::Art30 => print!("{}", register.to_art30()),
+        ExplainFormat::NgsiLd => println!("{}", register.to_ngsi_ld()),
         ExplainFormat::Html => {
             let url = register
                 .public_url

@@ -9,12 +9,15 @@
 //! `retention__data_retained`), and the fields of public sensor registers such as Amsterdam's
 //! (type, owner, location, purpose, personal data, end date).
 //!
-//! One [`Register`] renders four ways: JSON (`/transparency.json`, and `GetPolicy` over gRPC), an
-//! HTML page (`/transparency`, see [`html`]), plain text (`hubgate explain`), and a record of
+//! One [`Register`] renders five ways: JSON (`/transparency.json`, and `GetPolicy` over gRPC), an
+//! HTML page (`/transparency`, see [`html`]), plain text (`hubgate explain`), a record of
 //! processing activities after GDPR Article 30 (`/processing-record`, `hubgate explain --format
-//! art30`). Every rendering carries the policy's hash.
+//! art30`), and Smart Data Models `PrivacyObject` entities for FIWARE and OASC MIMs platforms
+//! (`/transparency.ngsi-ld.json`, `hubgate explain --format ngsi-ld`, see [`ngsi_ld`]). Every
+//! rendering carries the policy's hash.
 
 pub mod html;
+pub mod ngsi_ld;
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -25,7 +28,7 @@ use hubgate_privacy::policy::{IdAction, StreamPolicy, Treatment};
 use hubgate_privacy::window::Selection;
 use serde::Serialize;
 
-use crate::config::{Config, GrpcConfig, RegisterConfig, TokenConfig, UpstreamConfig};
+use crate::config::{Config, GrpcConfig, NatsConfig, RegisterConfig, TokenConfig, UpstreamConfig};
 
 /// Version of the register's JSON form.
 pub const REGISTER_VERSION: u32 = 1;
@@ -39,6 +42,8 @@ pub struct Register {
     pub register_version: u32,
     /// Content hash of the compiled policy (as in every record and in the audit log).
     pub policy_hash: String,
+    /// The hub's name: its MQTT client id, which is unique per gateway.
+    pub hub: String,
     /// When the policy was loaded, RFC 3339 UTC.
     pub loaded_at: String,
     pub software: String,
@@ -124,9 +129,24 @@ pub struct StreamEntry {
     pub processing: Vec<Element>,
     pub storage: Vec<Element>,
     pub access: Vec<Element>,
+    /// Who receives the published records, as URIs: `urn:ngsi-ld:User:<token name>` for each API
+    /// client that may subscribe (`urn:ngsi-ld:User:any-api-client` when the API asks for no
+    /// token), and the addresses of the upstream hub and the NATS server that records are sent to.
+    pub recipients: Vec<String>,
     pub retention: Element,
     pub retention_seconds: u64,
     pub sensor_register: SensorRegisterEntry,
+}
+
+/// What the register says of the hub's configuration, beside the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Deployment<'a> {
+    /// The hub's name (its MQTT client id).
+    pub hub: &'a str,
+    pub site: &'a RegisterConfig,
+    pub upstream: Option<&'a UpstreamConfig>,
+    pub nats: Option<&'a NatsConfig>,
+    pub grpc: &'a GrpcConfig,
 }
 
 impl Register {
@@ -134,25 +154,25 @@ impl Register {
     pub fn new(config: &Config, loaded_at: &str) -> Self {
         Self::build(
             &config.policy,
-            &config.register,
-            config.upstream.as_ref(),
-            &config.grpc,
+            Deployment {
+                hub: &config.mqtt.client_id,
+                site: &config.register,
+                upstream: config.upstream.as_ref(),
+                nats: config.nats.as_ref(),
+                grpc: &config.grpc,
+            },
             loaded_at,
         )
     }
 
-    /// The register of `policy` on a hub run as `site` says, forwarding to `upstream`, serving
-    /// its API as `grpc` says (TLS, client tokens).
-    pub fn build(
-        policy: &Policy,
-        site: &RegisterConfig,
-        upstream: Option<&UpstreamConfig>,
-        grpc: &GrpcConfig,
-        loaded_at: &str,
-    ) -> Self {
+    /// The register of `policy` on a hub deployed as `deployment` says: the site, the upstream
+    /// hub and NATS server records go to, the API's TLS and client tokens.
+    pub fn build(policy: &Policy, deployment: Deployment<'_>, loaded_at: &str) -> Self {
+        let site = deployment.site;
         Self {
             register_version: REGISTER_VERSION,
             policy_hash: policy.hash_hex(),
+            hub: deployment.hub.to_owned(),
             loaded_at: loaded_at.to_owned(),
             software: format!("hubgate {}", env!("CARGO_PKG_VERSION")),
             accountable: Accountable {
@@ -166,7 +186,7 @@ impl Register {
             streams: policy
                 .streams()
                 .iter()
-                .map(|s| stream_entry(s, site, upstream, grpc))
+                .map(|s| stream_entry(s, deployment))
                 .collect(),
         }
     }
@@ -350,21 +370,21 @@ fn art30_row(out: &mut String, k: &str, v: &str) {
     );
 }
 
-fn stream_entry(
-    s: &StreamPolicy,
-    site: &RegisterConfig,
-    upstream: Option<&UpstreamConfig>,
-    grpc: &GrpcConfig,
-) -> StreamEntry {
+fn stream_entry(s: &StreamPolicy, d: Deployment<'_>) -> StreamEntry {
     let technology = technology(s.technology.as_deref());
     let pseudonymised = pseudonymised_fields(s);
     let (personal_data, personal_data_note) = personal_data(s, &pseudonymised);
-    let forwarded = upstream.filter(|u| {
+    let forwarded = d.upstream.filter(|u| {
         u.streams
             .as_ref()
             .is_none_or(|names| names.contains(&s.name))
     });
-    let sensor_register = sensor_register(s, site, &technology, personal_data);
+    let exported = d.nats.filter(|n| {
+        n.streams
+            .as_ref()
+            .is_none_or(|names| names.contains(&s.name))
+    });
+    let sensor_register = sensor_register(s, d.site, &technology, personal_data);
     StreamEntry {
         name: s.name.clone(),
         technology,
@@ -382,11 +402,48 @@ fn stream_entry(
         release_delay_seconds: s.release_delay().map(|d| d.as_secs()),
         processing: processing(s, &pseudonymised),
         storage: storage(forwarded),
-        access: access(s, grpc, forwarded.is_some()),
+        access: access(s, d.grpc, forwarded.is_some(), exported),
+        recipients: recipients(s, d.grpc, forwarded, exported),
         retention_seconds: s.retention.as_secs(),
         retention: retention(s),
         sensor_register,
     }
+}
+
+/// The URIs of who receives the stream's records: each API client that may subscribe, by its
+/// token's name; the upstream hub and the NATS server, by address (without credentials).
+fn recipients(
+    s: &StreamPolicy,
+    grpc: &GrpcConfig,
+    forwarded: Option<&UpstreamConfig>,
+    exported: Option<&NatsConfig>,
+) -> Vec<String> {
+    let mut out: Vec<String> = if grpc.tokens.is_empty() {
+        vec!["urn:ngsi-ld:User:any-api-client".to_owned()]
+    } else {
+        grpc.tokens
+            .iter()
+            .filter(|t| t.streams.iter().any(|n| n == "*" || *n == s.name))
+            .map(|t| format!("urn:ngsi-ld:User:{}", urn_part(&t.name)))
+            .collect()
+    };
+    out.extend(forwarded.map(|up| crate::config::redacted(&up.endpoint)));
+    out.extend(exported.map(|n| crate::config::redacted(&n.url)));
+    out
+}
+
+/// `name` as a URN's specific part: characters outside letters, digits and `-._~` are
+/// percent-encoded.
+pub(crate) fn urn_part(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
 }
 
 /// The paths of the fields the stream pseudonymises.
@@ -699,7 +756,12 @@ fn storage(forwarded: Option<&UpstreamConfig>) -> Vec<Element> {
 
 /// Who receives the stream's records: subscribers of the API, the upstream hub if the records
 /// are `forwarded`, and the hub's operators.
-fn access(s: &StreamPolicy, grpc: &GrpcConfig, forwarded: bool) -> Vec<Element> {
+fn access(
+    s: &StreamPolicy,
+    grpc: &GrpcConfig,
+    forwarded: bool,
+    exported: Option<&NatsConfig>,
+) -> Vec<Element> {
     let mut access = vec![Element {
         dtpr: None,
         title: "Dashboards and services".to_owned(),
@@ -715,6 +777,19 @@ fn access(s: &StreamPolicy, grpc: &GrpcConfig, forwarded: bool) -> Vec<Element> 
             dtpr: None,
             title: "Upstream hub".to_owned(),
             description: "The operator of the upstream hub named under storage.".to_owned(),
+        });
+    }
+    if let Some(nats) = exported {
+        access.push(Element {
+            dtpr: None,
+            title: "City data platform (NATS)".to_owned(),
+            description: format!(
+                "The published records are sent to the NATS server at {} (JetStream stream '{}', subject '{}.{}'), where the platform's own access rules decide who reads them.",
+                crate::config::redacted(&nats.url),
+                nats.jetstream,
+                nats.subject_prefix,
+                s.name
+            ),
         });
     }
     access.push(Element {
@@ -1012,27 +1087,32 @@ mod tests {
             cert_file: None,
             key_file: None,
         };
+        let grpc = GrpcConfig {
+            tokens: vec![TokenConfig {
+                name: "north-dashboard".to_owned(),
+                sha256: "0".repeat(64),
+                streams: vec!["air_quality".to_owned()],
+                policy: false,
+                footprint: false,
+                push: false,
+                origins: Vec::new(),
+                max_calls: None,
+            }],
+            tls: Some(crate::config::TlsConfig {
+                cert_file: "hub.crt".into(),
+                key_file: "hub.key".into(),
+                client_ca_file: Some("clients.crt".into()),
+            }),
+            ..GrpcConfig::default()
+        };
         let register = Register::build(
             &config.policy,
-            &site,
-            Some(&upstream),
-            &GrpcConfig {
-                tokens: vec![TokenConfig {
-                    name: "north-dashboard".to_owned(),
-                    sha256: "0".repeat(64),
-                    streams: vec!["air_quality".to_owned()],
-                    policy: false,
-                    footprint: false,
-                    push: false,
-                    origins: Vec::new(),
-                    max_calls: None,
-                }],
-                tls: Some(crate::config::TlsConfig {
-                    cert_file: "hub.crt".into(),
-                    key_file: "hub.key".into(),
-                    client_ca_file: Some("clients.crt".into()),
-                }),
-                ..GrpcConfig::default()
+            Deployment {
+                hub: "north-1",
+                site: &site,
+                upstream: Some(&upstream),
+                nats: None,
+                grpc: &grpc,
             },
             "2026-11-25T09:00:00Z",
         );
