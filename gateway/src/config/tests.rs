@@ -64,7 +64,7 @@ fn commit_interval_is_a_duration_of_at_most_a_second() {
     let src = format!("[store]\ncommit_interval = \"10ms\"\n{DEFAULT_CONFIG}");
     let (config, _) = parse(&src).unwrap_or_else(|r| panic!("{:?}", r.diagnostics));
     assert_eq!(config.store.commit_interval, Duration::from_millis(10));
-    assert_eq!(config.store.commit_interval_max, Duration::from_millis(5));
+    assert_eq!(config.store.commit_interval_max, Duration::from_millis(10));
     let src = format!("[store]\ncommit_interval_max = \"2s\"\n{DEFAULT_CONFIG}");
     let err = parse(&src).unwrap_err();
     assert!(
