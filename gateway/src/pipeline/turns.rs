@@ -185,54 +185,6 @@ impl RecentRate {
     }
 }
 
-#[cfg(test)]
-mod spacing_tests {
-    use super::*;
-
-    #[test]
-    fn commits_wait_for_a_few_messages_at_low_rates_and_grow_under_load() {
-        let spacing = Spacing {
-            interval: Duration::from_millis(1),
-            max: Duration::from_millis(10),
-        };
-        let ms = |rate: f64| spacing.at(rate).as_secs_f64() * 1e3;
-        // At 1,000 a second, 8 messages take 8 ms; at 200 a second the wait stops at 10 ms; at
-        // 100 a second a commit would hold one message however long it waited: no wait.
-        assert!((ms(1_000.0) - 8.0).abs() < 1e-9);
-        assert!((ms(200.0) - 10.0).abs() < 1e-9);
-        assert!((ms(100.0) - 1.0).abs() < 1e-9);
-        // At 4,000 a second 8 messages take 2 ms; at 10,000 the interval's 1 ms.
-        assert!((ms(4_000.0) - 2.0).abs() < 1e-9);
-        assert!((ms(10_000.0) - 1.0).abs() < 1e-9);
-        // Under load: 1 ms per 20,000 a second.
-        assert!((ms(50_000.0) - 2.5).abs() < 1e-9);
-        assert!((ms(1e9) - 10.0).abs() < 1e-9);
-        // Before any rate is known, and never below the interval.
-        assert!((ms(0.0) - 1.0).abs() < 1e-9);
-    }
-
-    #[test]
-    fn the_recent_rate_follows_a_steady_rate_and_smooths_a_burst() {
-        let mut recent = RecentRate::default();
-        let mut rate = 0.0;
-        // 100 a second, one at a time, then three at once 2 ms after the last.
-        for _ in 0..50 {
-            rate = recent.add(1, 0.01);
-        }
-        assert!((rate - 100.0).abs() < 1e-6, "{rate}");
-        let burst = recent.add(3, 0.002);
-        assert!(
-            burst < 200.0,
-            "a burst alone does not make 200 a second: {burst}"
-        );
-        // A steady 1,000 a second, 8 at a time, is reached within half a second.
-        for _ in 0..60 {
-            rate = recent.add(8, 0.008);
-        }
-        assert!((rate - 1_000.0).abs() < 20.0, "{rate}");
-    }
-}
-
 /// Runs the pipeline until the queue closes or `shutdown`. `pushed` brings records other gateways
 /// forward (see [`crate::sources::push`]). Fails only if the commit thread dies.
 ///
@@ -519,5 +471,53 @@ pub(super) fn commit_until_done(
             std::thread::sleep(Duration::from_millis(10).min(wait));
         }
         wait = (wait * 2).min(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod spacing_tests {
+    use super::*;
+
+    #[test]
+    fn commits_wait_for_a_few_messages_at_low_rates_and_grow_under_load() {
+        let spacing = Spacing {
+            interval: Duration::from_millis(1),
+            max: Duration::from_millis(10),
+        };
+        let ms = |rate: f64| spacing.at(rate).as_secs_f64() * 1e3;
+        // At 1,000 a second, 8 messages take 8 ms; at 200 a second the wait stops at 10 ms; at
+        // 100 a second a commit would hold one message however long it waited: no wait.
+        assert!((ms(1_000.0) - 8.0).abs() < 1e-9);
+        assert!((ms(200.0) - 10.0).abs() < 1e-9);
+        assert!((ms(100.0) - 1.0).abs() < 1e-9);
+        // At 4,000 a second 8 messages take 2 ms; at 10,000 the interval's 1 ms.
+        assert!((ms(4_000.0) - 2.0).abs() < 1e-9);
+        assert!((ms(10_000.0) - 1.0).abs() < 1e-9);
+        // Under load: 1 ms per 20,000 a second.
+        assert!((ms(50_000.0) - 2.5).abs() < 1e-9);
+        assert!((ms(1e9) - 10.0).abs() < 1e-9);
+        // Before any rate is known, and never below the interval.
+        assert!((ms(0.0) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_recent_rate_follows_a_steady_rate_and_smooths_a_burst() {
+        let mut recent = RecentRate::default();
+        let mut rate = 0.0;
+        // 100 a second, one at a time, then three at once 2 ms after the last.
+        for _ in 0..50 {
+            rate = recent.add(1, 0.01);
+        }
+        assert!((rate - 100.0).abs() < 1e-6, "{rate}");
+        let burst = recent.add(3, 0.002);
+        assert!(
+            burst < 200.0,
+            "a burst alone does not make 200 a second: {burst}"
+        );
+        // A steady 1,000 a second, 8 at a time, is reached within half a second.
+        for _ in 0..60 {
+            rate = recent.add(8, 0.008);
+        }
+        assert!((rate - 1_000.0).abs() < 20.0, "{rate}");
     }
 }
