@@ -407,6 +407,7 @@ impl Detector {
                 self.number_found(kind, &number.digits)
             } else if (number.plus || number.trunk) && (8..=15).contains(&digits)
                 || number.phone_like && (9..=12).contains(&digits)
+                || number.four_pairs
             {
                 self.number_found(IdKind::Phone, &number.digits)
             } else {
@@ -729,6 +730,9 @@ struct Number {
     /// Three or more groups of 2 to 4 digits, one kind of separator (or brackets): a national
     /// phone number.
     phone_like: bool,
+    /// Four pairs of digits with one separator, not `.`: the 8-digit national numbers of the
+    /// Nordic countries (`12 34 56 78`), which have no trunk prefix.
+    four_pairs: bool,
 }
 
 /// The numbers of a run: maximal sequences of all-digit groups, each joined to the next by one
@@ -778,6 +782,10 @@ fn digit_numbers(run: &[char], groups: &[Group]) -> Vec<Number> {
                 one_kind,
                 phone_like: (parts.len() >= 3 && one_kind || bracketed)
                     && parts.iter().all(|p| (2..=4).contains(&p.text.len())),
+                four_pairs: parts.len() == 4
+                    && one_kind
+                    && separators[0] != Some('.')
+                    && parts.iter().all(|p| p.text.len() == 2),
                 digits,
             });
         }

@@ -66,6 +66,8 @@ fn finds_the_spellings_that_once_passed() {
         "(212) 555-0123",
         "212.555.0123",
         "06-12345678",
+        "22 33 44 55",
+        "call 41-23-45-67",
         "AB 123 CD",
         "ab123cd",
         "AB.123.CD",
@@ -99,6 +101,9 @@ fn leaves_ordinary_values_alone() {
         "1796601600000",
         "urn:ngsi-ld:AirQualityObserved:RZ:Obsv4567",
         "Calle Acacias 4, Madrid",
+        "10.12.01.23",
+        "12 34 56",
+        "2024-12-07 10 20",
     ] {
         assert_eq!(d.find(text, NOW), None, "{text}");
     }
