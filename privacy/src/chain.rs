@@ -291,14 +291,35 @@ fn event_time(value: &Value) -> Option<i64> {
     let ms = match value {
         Value::Int(secs) => secs.checked_mul(1000)?,
         Value::Float(secs) if secs.is_finite() => (secs * 1000.0).round() as i64,
-        Value::Str(s) => {
-            let t = humantime::parse_rfc3339(s).ok()?;
-            let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
-            i64::try_from(d.as_millis()).ok()?
-        }
+        Value::Str(s) => rfc3339_ms(s)?,
         _ => return None,
     };
     (0..=MAX_EVENT_MS).contains(&ms).then_some(ms)
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 time with `Z` or a `±hh:mm` offset
+/// (`2022-07-18T11:34:15.775+02:00`), fractions beyond the millisecond dropped.
+pub fn rfc3339_ms(s: &str) -> Option<i64> {
+    let (base, offset_secs) = if let Some(base) = s.strip_suffix(['Z', 'z']) {
+        (base, 0)
+    } else {
+        let at = s.len().checked_sub(6)?;
+        let (base, offset) = (s.get(..at)?, s.get(at..)?);
+        let sign = match offset.as_bytes().first()? {
+            b'+' => 1,
+            b'-' => -1,
+            _ => return None,
+        };
+        let (h, m) = offset[1..].split_once(':')?;
+        let (h, m) = (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?);
+        if h > 23 || m > 59 {
+            return None;
+        }
+        (base, sign * (h * 3600 + m * 60))
+    };
+    let utc = humantime::parse_rfc3339(&format!("{base}Z")).ok()?;
+    let ms = i64::try_from(utc.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()?;
+    ms.checked_sub(offset_secs * 1000)
 }
 
 #[cfg(test)]

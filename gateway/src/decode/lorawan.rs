@@ -229,28 +229,9 @@ fn time(out: &mut Reading, value: Option<&Json>) {
 }
 
 /// Seconds since the Unix epoch of an RFC 3339 time with `Z` or a `±hh:mm` offset, to the
-/// millisecond.
+/// millisecond, as the chain reads a `time_field`.
 fn rfc3339_secs(s: &str) -> Option<f64> {
-    let (base, offset_secs) = if let Some(base) = s.strip_suffix(['Z', 'z']) {
-        (base, 0)
-    } else {
-        let at = s.len().checked_sub(6)?;
-        let (base, offset) = (s.get(..at)?, s.get(at..)?);
-        let sign = match offset.as_bytes().first()? {
-            b'+' => 1,
-            b'-' => -1,
-            _ => return None,
-        };
-        let (h, m) = offset[1..].split_once(':')?;
-        let (h, m) = (h.parse::<i64>().ok()?, m.parse::<i64>().ok()?);
-        if h > 23 || m > 59 {
-            return None;
-        }
-        (base, sign * (h * 3600 + m * 60))
-    };
-    let utc = humantime::parse_rfc3339(&format!("{base}Z")).ok()?;
-    let ms = i64::try_from(utc.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()?;
-    Some((ms - offset_secs * 1000) as f64 / 1000.0)
+    hubgate_privacy::chain::rfc3339_ms(s).map(|ms| ms as f64 / 1000.0)
 }
 
 /// The decoded payload's members, as fields of their own names.

@@ -77,42 +77,28 @@ fn notice(register: Arc<Register>) -> Router {
                 }
             }),
         )
-        .route(
-            "/transparency.json",
-            get(move || {
-                let json = Arc::clone(&json);
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "application/json")],
-                        json.as_str().to_owned(),
-                    )
-                }
-            }),
-        )
+        .route("/transparency.json", fixed(json, "application/json"))
         .route(
             "/transparency.ngsi-ld.json",
-            get(move || {
-                let ngsi_ld = Arc::clone(&ngsi_ld);
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "application/ld+json")],
-                        ngsi_ld.as_str().to_owned(),
-                    )
-                }
-            }),
+            fixed(ngsi_ld, "application/ld+json"),
         )
         .route(
             "/processing-record",
-            get(move || {
-                let record = Arc::clone(&record);
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "text/markdown; charset=utf-8")],
-                        record.as_str().to_owned(),
-                    )
-                }
-            }),
+            fixed(record, "text/markdown; charset=utf-8"),
         )
+}
+
+/// A route that answers with `body`, made once, as `content_type`.
+fn fixed(body: Arc<String>, content_type: &'static str) -> axum::routing::MethodRouter {
+    get(move || {
+        let body = Arc::clone(&body);
+        async move {
+            (
+                [(header::CONTENT_TYPE, content_type)],
+                body.as_str().to_owned(),
+            )
+        }
+    })
 }
 
 /// The operator's routes: telemetry and health.

@@ -83,11 +83,23 @@ fn event_time_comes_from_the_declared_field() {
         1_709_294_400_000
     );
 
+    // Any offset: the same instant.
+    for offset in ["2024-03-01T14:00:00+02:00", "2024-03-01T07:30:00.000-04:30"] {
+        let r = reading(&[("ts", s(offset))]);
+        assert_eq!(
+            apply(&policy, r, &CTX).unwrap().record.event_time_ms,
+            1_709_294_400_000,
+            "{offset}"
+        );
+    }
+
     let r = reading(&[("ts", Value::Float(1.5))]);
     assert_eq!(apply(&policy, r, &CTX).unwrap().record.event_time_ms, 1500);
 
     for bad in [
         s("yesterday"),
+        s("2024-03-01T12:00:00+25:00"),
+        s("2024-03-01T12:00:00+0200"),
         Value::Bool(true),
         Value::Int(-5),
         Value::Int(i64::MAX),

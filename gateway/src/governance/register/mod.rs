@@ -423,7 +423,7 @@ fn recipients(
     } else {
         grpc.tokens
             .iter()
-            .filter(|t| t.streams.iter().any(|n| n == "*" || *n == s.name))
+            .filter(|t| may_subscribe(t, s))
             .map(|t| format!("urn:ngsi-ld:User:{}", urn_part(&t.name)))
             .collect()
     };
@@ -435,15 +435,17 @@ fn recipients(
 /// `name` as a URN's specific part: characters outside letters, digits and `-._~` are
 /// percent-encoded.
 pub(crate) fn urn_part(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for b in name.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
+    const KEPT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(name, KEPT).to_string()
+}
+
+/// Whether the client holding `token` may subscribe to `s`.
+fn may_subscribe(token: &TokenConfig, s: &StreamPolicy) -> bool {
+    token.streams.iter().any(|n| n == "*" || *n == s.name)
 }
 
 /// The paths of the fields the stream pseudonymises.
@@ -804,7 +806,7 @@ fn access(
 fn who_may_subscribe(s: &StreamPolicy, tokens: &[TokenConfig]) -> String {
     let holders: Vec<&str> = tokens
         .iter()
-        .filter(|t| t.streams.iter().any(|n| n == "*" || *n == s.name))
+        .filter(|t| may_subscribe(t, s))
         .map(|t| t.name.as_str())
         .collect();
     if tokens.is_empty() {

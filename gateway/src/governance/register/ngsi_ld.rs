@@ -107,6 +107,12 @@ mod tests {
         assert_eq!(iso_duration(61), "PT61S");
     }
 
+    #[test]
+    fn names_in_urns_are_percent_encoded() {
+        assert_eq!(super::super::urn_part("north-1.hub_a~b"), "north-1.hub_a~b");
+        assert_eq!(super::super::urn_part("Ana's dash/1"), "Ana%27s%20dash%2F1");
+    }
+
     /// One entity per stream, each saying what the register says of it.
     #[test]
     fn one_privacy_object_per_stream() {
