@@ -5,6 +5,7 @@
 //! isolated and can run in parallel. They need `mosquitto` on PATH (`cargo xtask test` installs it).
 
 pub mod bench;
+pub mod durable;
 pub mod load;
 
 use std::collections::HashMap;
@@ -449,15 +450,30 @@ impl Gateway {
 
     /// [`Gateway::start`], with these environment variables set for the gateway.
     pub fn start_with_env(bin: &Path, config_text: &str, env: &[(&str, &str)]) -> Self {
-        Self::launch(bin, config_text, env, None)
+        Self::launch(bin, config_text, env, None).unwrap_or_else(|log| {
+            panic!("the gateway did not start; its log:\n{log}");
+        })
+    }
+
+    /// Starts the gateway as [`Gateway::start`] does; `Err` with its log when it exits (refuses
+    /// to start) instead.
+    pub fn try_start(bin: &Path, config_text: &str) -> Result<Self, String> {
+        Self::launch(bin, config_text, &[], None)
     }
 
     /// [`Gateway::start`] from a shell whose file mode mask is `umask` (for example 0o022).
     pub fn start_with_umask(bin: &Path, config_text: &str, umask: u32) -> Self {
-        Self::launch(bin, config_text, &[], Some(umask))
+        Self::launch(bin, config_text, &[], Some(umask)).unwrap_or_else(|log| {
+            panic!("the gateway did not start; its log:\n{log}");
+        })
     }
 
-    fn launch(bin: &Path, config_text: &str, env: &[(&str, &str)], umask: Option<u32>) -> Self {
+    fn launch(
+        bin: &Path,
+        config_text: &str,
+        env: &[(&str, &str)],
+        umask: Option<u32>,
+    ) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("hubgate.toml");
         std::fs::write(&config_path, config_text).expect("write config");
@@ -492,13 +508,11 @@ impl Gateway {
                 let _ = tx.send(line);
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                let log =
-                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
-                panic!("the gateway did not start; its log:\n{log}")
-            });
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default());
+        };
         let addr_after = |label: &str| -> SocketAddr {
             let rest = line
                 .split(label)
@@ -516,13 +530,13 @@ impl Gateway {
             .nth(1)
             .and_then(|rest| rest.split('/').next())
             .and_then(|a| a.parse().ok());
-        Self {
+        Ok(Self {
             grpc,
             admin,
             public,
             child,
             dir,
-        }
+        })
     }
 
     /// The gateway's working directory: its data directory is `hubgate-data` in it, unless the

@@ -1,72 +1,16 @@
 //! End to end: the durable outbox under process kills, retention and a full disk budget. Real
 //! mosquitto, the gateway as its own process (killed with SIGKILL), a real gRPC client.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hubgate_proto::v1::{self, start_position::Position, subscribe_response::Event};
+use hubgate_tests::durable::{READER_TOKEN, durable_config, replay};
 use hubgate_tests::{
-    Gateway, Mosquitto, Publisher, config, fields, gateway_bin, sequence_stream, subscribe_request,
+    Gateway, Mosquitto, Publisher, fields, gateway_bin, sequence_stream, subscribe_request,
     wait_for,
 };
 use tokio_stream::StreamExt;
-
-/// A configuration whose state lives in `data` (so it outlives each gateway process), with a
-/// `[store]` section of `store` lines.
-fn durable_config(port: u16, client_id: &str, data: &Path, store: &str, streams: &str) -> String {
-    config(port, client_id, streams).replace(
-        "[grpc]",
-        &format!("[store]\ndata_dir = {:?}\n{store}\n\n[grpc]", data),
-    )
-}
-
-/// What a subscriber reading one stream from the oldest record saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// How many times each published number arrived.
-    numbers: BTreeMap<u64, u32>,
-    sequences: Vec<u64>,
-    gaps: Vec<(u64, u64)>,
-}
-
-/// The token [`replay`] presents (gateways without tokens ignore it).
-const READER_TOKEN: &str = "hg_test_reader_token";
-
-/// Reads `stream` from the oldest record until `done` holds for what was seen, or nothing new
-/// arrives for `quiet`.
-async fn replay(gw: &Gateway, stream: &str, quiet: Duration, done: impl Fn(&Seen) -> bool) -> Seen {
-    let mut client = gw.client().await;
-    let mut request = tonic::Request::new(subscribe_request(
-        &[stream],
-        Position::Oldest(v1::Oldest {}),
-    ));
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {READER_TOKEN}").parse().expect("header"),
-    );
-    let mut events = client
-        .subscribe(request)
-        .await
-        .expect("subscribe")
-        .into_inner();
-    let mut seen = Seen::default();
-    while !done(&seen) {
-        let Ok(Some(message)) = tokio::time::timeout(quiet, events.next()).await else {
-            break;
-        };
-        match message.expect("no error").event {
-            Some(Event::Record(r)) => {
-                let n: u64 = fields(&r)["n"].parse().expect("n is a number");
-                *seen.numbers.entry(n).or_default() += 1;
-                seen.sequences.push(r.sequence);
-            }
-            Some(Event::Gap(g)) => seen.gaps.push((g.first_sequence, g.last_sequence)),
-            None => {}
-        }
-    }
-    seen
-}
 
 /// Whether any file under `dir` holds `needle`.
 fn disk_holds(dir: &Path, needle: &[u8]) -> bool {
@@ -728,114 +672,4 @@ async fn a_small_write_ahead_log_loses_nothing() {
     assert_eq!(seen.numbers.len() as u64, N);
     assert!(seen.gaps.is_empty());
     assert_eq!(std::fs::metadata(&log).unwrap().len(), 512 << 10);
-}
-
-/// A small filesystem mounted for one test, unmounted when dropped.
-struct SmallVolume(tempfile::TempDir);
-
-impl SmallVolume {
-    /// A tmpfs of `size` (e.g. "24m"), or `None` when this process may not mount (not root).
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mounted = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .output()
-            .is_ok_and(|out| out.status.success());
-        mounted.then_some(Self(dir))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for SmallVolume {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.0.path())
-            .status();
-    }
-}
-
-/// A full disk: commits fail, `/readyz` says why, nothing more is acknowledged; once space is
-/// freed the gateway goes on by itself (redb reopened), and every message is kept. Needs to mount
-/// a small filesystem, so it runs as root (as `.ci/run` does) and says it skipped otherwise.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_is_recovered_without_a_restart() {
-    const N: u64 = 60_000;
-    let Some(volume) = SmallVolume::mount("32m") else {
-        eprintln!(
-            "SKIPPED a_full_disk_is_recovered_without_a_restart: mounting a tmpfs needs root"
-        );
-        return;
-    };
-    let broker = Mosquitto::start();
-    let data = volume.path().join("data");
-    let cfg = durable_config(
-        broker.port,
-        "gw-full-disk",
-        &data,
-        "engine = \"redb\"\nlog_bytes = \"1MiB\"\nmax_bytes = \"64MiB\"",
-        &sequence_stream("1d"),
-    );
-    let gw = Gateway::start(gateway_bin!(), &cfg);
-    gw.wait_ready();
-    let mut publisher = Publisher::connect(broker.port, "pub-full-disk");
-    publisher.publish_numbers("test/seq", N / 3).await;
-    // Fill the volume to the last byte.
-    let filler = volume.path().join("filler");
-    {
-        use std::io::Write as _;
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 1 << 16];
-        while file.write_all(&chunk).is_ok() {}
-        let _ = file.sync_all();
-    }
-    let more = tokio::spawn(async move {
-        publisher.publish_numbers("test/seq", N).await;
-        publisher
-    });
-    let mut reason = String::new();
-    wait_for(
-        "commits to fail on the full disk",
-        Duration::from_secs(30),
-        || {
-            let (status, body) = hubgate_tests::http_get(gw.admin, "/readyz");
-            reason = body;
-            status == 503 && reason.contains("outbox commits are failing")
-        },
-    );
-    eprintln!("full disk: /readyz said {reason:?}");
-    std::fs::remove_file(&filler).unwrap();
-    wait_for("the gateway to go on", Duration::from_secs(60), || {
-        hubgate_tests::http_get(gw.admin, "/readyz").0 == 200
-    });
-    let _publisher = more.await.unwrap();
-    let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
-        s.numbers.len() as u64 == N
-    })
-    .await;
-    let missing: Vec<u64> = (1..=N).filter(|n| !seen.numbers.contains_key(n)).collect();
-    assert!(
-        missing.is_empty(),
-        "lost {} numbers, first {:?}",
-        missing.len(),
-        &missing[..missing.len().min(10)]
-    );
-    assert!(
-        gw.metric(
-            "hubgate_outbox_commit_failures_total",
-            &[("reason", "error")]
-        ) > 0.0
-    );
-    assert_eq!(gw.metric("hubgate_outbox_failing", &[]), 0.0);
-    drop(gw);
 }

@@ -437,7 +437,7 @@ fn publish_policy_info(policy: &Policy, why: &Start) {
 /// Everything in the data directory is private to the gateway's user: the process's file mode
 /// mask becomes 077 (whatever the shell's umask), so the outbox engines' files are 0600 too; a
 /// data directory that others can enter is refused, and one its group can enter is a warning.
-fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+pub(crate) fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
     rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o077));
     std::fs::DirBuilder::new()

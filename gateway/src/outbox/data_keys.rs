@@ -82,6 +82,8 @@ pub struct DataKeys {
     streams: HashMap<u64, Vec<DataKey>>,
     /// Slots in use.
     used: Vec<bool>,
+    /// Slots whose checksum failed when the file was opened.
+    damaged: Vec<usize>,
 }
 
 impl std::fmt::Debug for DataKeys {
@@ -111,6 +113,7 @@ impl DataKeys {
             file,
             streams: HashMap::new(),
             used: Vec::new(),
+            damaged: Vec::new(),
         };
         for (slot, raw) in bytes.chunks_exact(SLOT).enumerate() {
             keys.used.push(false);
@@ -124,6 +127,7 @@ impl DataKeys {
                     "a damaged outbox key slot is kept aside: what it sealed cannot be read"
                 );
                 keys.used[slot] = true;
+                keys.damaged.push(slot);
                 continue;
             }
             let word =
@@ -254,6 +258,14 @@ impl DataKeys {
         buf.extend_from_slice(&tag);
         Ok(())
     }
+
+    /// Slots found damaged when the file was opened (a slot is 64 bytes).
+    pub fn damaged_slots(&self) -> &[usize] {
+        &self.damaged
+    }
+
+    /// Bytes of one slot of the key file.
+    pub const SLOT_BYTES: usize = SLOT;
 
     /// Whether a key that can open record `sequence` of `stream` is held.
     pub fn holds(&self, stream: &str, sequence: u64) -> bool {

@@ -351,7 +351,12 @@ pub(super) fn decode_batch(keys: &DataKeys, stream: &str, first: u64, value: &[u
         return Decoded::Damaged;
     }
     if !keys.holds(stream, first) {
-        return Decoded::Shredded;
+        // A key destroyed by a purge, unless a damaged slot of the key file may have held it.
+        return if keys.damaged_slots().is_empty() {
+            Decoded::Shredded
+        } else {
+            Decoded::Damaged
+        };
     }
     let count = count_of(value);
     let kept_ms = kept_of(value);

@@ -23,6 +23,8 @@ use std::sync::{Mutex, PoisonError};
 pub struct HighWater {
     paths: [PathBuf; 2],
     state: Mutex<State>,
+    /// The files that held bytes but no valid marks when opened.
+    damaged: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -37,10 +39,25 @@ impl HighWater {
     /// Opens the marks in `dir`: the newer valid one of the two files (none when neither is).
     pub fn open(dir: &Path) -> Self {
         let paths = [dir.join("sequences.a"), dir.join("sequences.b")];
-        let best = paths
-            .iter()
-            .filter_map(|p| std::fs::read(p).ok().and_then(|b| decode(&b)))
-            .max_by_key(|(generation, _)| *generation);
+        let mut damaged = Vec::new();
+        let mut best: Option<(u64, BTreeMap<String, u64>)> = None;
+        for path in &paths {
+            let Ok(bytes) = std::fs::read(path) else {
+                continue;
+            };
+            match decode(&bytes) {
+                Some(marks) if best.as_ref().is_none_or(|b| b.0 < marks.0) => best = Some(marks),
+                Some(_) => {}
+                None if bytes.is_empty() => {}
+                None => {
+                    tracing::warn!(file = %path.display(), "the outbox's sequence marks in this file are damaged: the other file's are used");
+                    damaged.push(
+                        path.file_name()
+                            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+                    );
+                }
+            }
+        }
         let state = best
             .map(|(generation, next)| State {
                 generation,
@@ -51,7 +68,13 @@ impl HighWater {
         Self {
             paths,
             state: Mutex::new(state),
+            damaged,
         }
+    }
+
+    /// The files (names) that held bytes but no valid marks when opened.
+    pub fn damaged_files(&self) -> &[String] {
+        &self.damaged
     }
 
     /// The next sequence of `stream` noted last, if any.

@@ -97,8 +97,34 @@ pub enum OutboxError {
     Log(std::io::Error),
     #[error("a batch of {0} records is larger than the outbox can hold in one value")]
     TooLarge(usize),
-    #[error("the sled database in {dir} cannot be opened: {why}")]
-    Damaged { dir: String, why: String },
+    #[error("sled cannot open its files ({files}): {why}")]
+    Damaged { files: String, why: String },
+    #[error("the storage engine panicked: {0}")]
+    Panicked(String),
+    #[error("{file}: {source}")]
+    InFile {
+        file: String,
+        source: Box<OutboxError>,
+    },
+}
+
+impl OutboxError {
+    /// `err`, said of `file`.
+    pub fn in_file(file: &Path, err: OutboxError) -> Self {
+        Self::InFile {
+            file: file.display().to_string(),
+            source: Box::new(err),
+        }
+    }
+}
+
+/// The message of a panic caught with `catch_unwind`.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// Records appended to one stream, with sequences `first, first + 1, …`.
@@ -198,6 +224,37 @@ impl Purged {
     }
 }
 
+/// Damage an outbox found in one of its files when it was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// The file, relative to the outbox's directory.
+    pub file: String,
+    /// Where in the file.
+    pub at: String,
+    /// What it means.
+    pub what: String,
+    /// Whether records were lost with it (otherwise it cost nothing, or the loss is found
+    /// again by [`Outbox::survey`]).
+    pub lost: bool,
+}
+
+/// A range of a stream's sequences the outbox cannot serve, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    pub first: u64,
+    pub last: u64,
+    pub why: &'static str,
+}
+
+/// What a look over every batch of a stream found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Survey {
+    pub batches: u64,
+    /// Records whose batches are intact (and, looked at deeply, authentic).
+    pub records: u64,
+    pub damaged: Vec<Damage>,
+}
+
 /// The operations the gateway needs from durable storage.
 pub trait Outbox: Send + Sync + 'static {
     /// Applies `commit` atomically and makes it durable before returning.
@@ -222,12 +279,21 @@ pub trait Outbox: Send + Sync + 'static {
     fn record_bytes(&self) -> u64;
     /// Every stream ever written.
     fn streams(&self) -> Result<Vec<String>, OutboxError>;
+    /// The names of the checkpoints stored.
+    fn checkpoint_names(&self) -> Result<Vec<String>, OutboxError>;
     /// The streams' next sequences as last made visible, kept apart from the data (see
     /// [`high_water`]).
     fn high_water(&self) -> &high_water::HighWater;
+    /// Looks at every batch of `stream`: a checksum that fails, a range no batch holds before the
+    /// stream's next sequence; `deep` also opens each batch (authenticates it under its key).
+    fn survey(&self, stream: &str, deep: bool) -> Result<Survey, OutboxError>;
+    /// Damage found in the outbox's files when it was opened (its log, key file, sequence marks).
+    fn findings(&self) -> Vec<Finding>;
+    /// The engine's data file, relative to the outbox's directory.
+    fn data_file(&self) -> &'static str;
 }
 
-/// The stream names of next-sequence keys.
+/// The names in keys of one kind (next-sequence keys: streams; checkpoint keys: checkpoints).
 fn stream_names<K: AsRef<[u8]>>(
     keys: impl Iterator<Item = Result<K, OutboxError>>,
 ) -> Result<Vec<String>, OutboxError> {
@@ -300,6 +366,70 @@ fn read_batches<V: AsRef<[u8]>>(
         if last >= from {
             out.damaged.push((first.max(from), last));
         }
+    }
+    Ok(out)
+}
+
+/// [`Outbox::survey`] over a stream's batches in order, before its next sequence `next`.
+fn survey_batches<V: AsRef<[u8]>>(
+    vault: &Vault,
+    stream: &str,
+    batches: impl Iterator<Item = Entry<V>>,
+    next: u64,
+    deep: bool,
+) -> Result<Survey, OutboxError> {
+    let mut out = Survey::default();
+    let mut expected: Option<u64> = None;
+    let mut batches = batches.peekable();
+    while let Some(item) = batches.next() {
+        let (first, value) = item?;
+        let value = value.as_ref();
+        if let Some(e) = expected.filter(|&e| first > e) {
+            out.damaged.push(Damage {
+                first: e,
+                last: first - 1,
+                why: "missing: no batch holds these sequences",
+            });
+        }
+        out.batches += 1;
+        let next_first = match batches.peek() {
+            Some(Ok((n, _))) => *n,
+            _ => next,
+        };
+        let batch = info(first, value, || next_first);
+        let last = first + batch.count.max(1) - 1;
+        let why = if batch.damaged {
+            Some("the batch fails its checksum")
+        } else if deep {
+            match decode(&vault.lock(), stream, first, value) {
+                Decoded::Records(records) => {
+                    out.records += records.len() as u64;
+                    None
+                }
+                Decoded::Shredded => None,
+                Decoded::Damaged => Some("the batch cannot be opened: it or its data key is damaged"),
+            }
+        } else {
+            if vault.lock().holds(stream, first) {
+                out.records += batch.count;
+            }
+            None
+        };
+        if let Some(why) = why {
+            match out.damaged.last_mut() {
+                // Consecutive batches lost for one reason are one range.
+                Some(d) if d.why == why && d.last + 1 == first => d.last = last,
+                _ => out.damaged.push(Damage { first, last, why }),
+            }
+        }
+        expected = Some(expected.map_or(last + 1, |e| e.max(last + 1)));
+    }
+    if let Some(e) = expected.filter(|&e| e < next) {
+        out.damaged.push(Damage {
+            first: e,
+            last: next - 1,
+            why: "missing: no batch holds these sequences",
+        });
     }
     Ok(out)
 }

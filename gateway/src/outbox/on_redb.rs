@@ -33,8 +33,8 @@ use super::format::{Packed, batches, encode, named_key, pack, record_key, seq_of
 use super::vault::Vault;
 use super::wal::{Insert, Wal};
 use super::{
-    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, first_batch, purge_batches,
-    read_batches, shred, stream_names, sub_bytes,
+    BatchInfo, Commit, Entry, Finding, Outbox, OutboxError, Purged, ReadBatch, Survey, first_batch,
+    purge_batches, read_batches, shred, stream_names, sub_bytes, survey_batches,
 };
 
 const TABLE: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("outbox");
@@ -193,6 +193,8 @@ struct Fold {
 pub struct RedbOutbox {
     shared: Arc<Shared>,
     vault: Vault,
+    /// Damage found in the log when it was opened.
+    log_findings: Vec<Finding>,
     folds: Option<mpsc::Sender<Fold>>,
     folder: Option<std::thread::JoinHandle<()>>,
 }
@@ -225,6 +227,35 @@ fn folded_id(table: &impl ReadableTable<&'static [u8], &'static [u8]>) -> Result
     Ok(value
         .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
         .map_or(0, u64::from_be_bytes))
+}
+
+/// What the log's recovery lost, as findings: an entry that is not intact is the last write of a
+/// killed process unless entries after it were replayed, which makes it damage and a loss.
+fn log_findings(recovery: &super::wal::Recovery) -> Vec<Finding> {
+    let lost = !recovery.missing.is_empty();
+    let mut findings: Vec<Finding> = recovery
+        .damaged
+        .iter()
+        .map(|offset| Finding {
+            file: "outbox.log".into(),
+            at: format!("offset {offset}"),
+            what: if lost {
+                "a log entry that is not intact".into()
+            } else {
+                "the last log entry is not intact: a write a killed process did not finish, never acknowledged".into()
+            },
+            lost: false,
+        })
+        .collect();
+    if lost {
+        findings.push(Finding {
+            file: "outbox.log".into(),
+            at: format!("entries {:?}", recovery.missing),
+            what: "damaged log entries, before others that were replayed: the records they held are lost".into(),
+            lost: true,
+        });
+    }
+    findings
 }
 
 /// redb with hubgate's settings. Its page cache: records are written once and read back only by
@@ -476,18 +507,32 @@ impl RedbOutbox {
     pub fn open_with(dir: &Path, log_bytes: u64) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
         let path = dir.join("outbox.redb");
-        let db = open_db(&path)?;
-        let tx = db.begin_write().map_err(db_error)?;
-        let folded = folded_id(&tx.open_table(TABLE).map_err(db_error)?)?;
-        tx.commit().map_err(db_error)?;
-        let (mut wal, entries) =
-            Wal::open(&dir.join("outbox.log"), log_bytes, folded).map_err(OutboxError::Log)?;
-        let inserts = entries
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()));
-        write(&db, inserts, wal.last_id())?;
-        wal.reset();
+        let log_path = dir.join("outbox.log");
+        let in_db = |err| OutboxError::in_file(&path, err);
+        // redb asserts on some damage it finds in its pages: that becomes an error naming the
+        // file, not a crash. Nothing opened here is used after a panic.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let db = open_db(&path).map_err(in_db)?;
+            let folded = (|| {
+                let tx = db.begin_write().map_err(db_error)?;
+                let folded = folded_id(&tx.open_table(TABLE).map_err(db_error)?)?;
+                tx.commit().map_err(db_error)?;
+                Ok(folded)
+            })()
+            .map_err(in_db)?;
+            let (mut wal, entries, recovery) = Wal::open(&log_path, log_bytes, folded)
+                .map_err(|err| OutboxError::in_file(&log_path, OutboxError::Log(err)))?;
+            let inserts = entries
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()));
+            write(&db, inserts, wal.last_id()).map_err(in_db)?;
+            wal.reset();
+            Ok::<_, OutboxError>((db, wal, recovery))
+        }));
+        let (db, wal, recovery) = opened.map_err(|panic| {
+            OutboxError::in_file(&path, OutboxError::Panicked(super::panic_text(&*panic)))
+        })??;
         let shared = Shared {
             db: std::sync::RwLock::new(Some(Arc::new(db))),
             path,
@@ -513,6 +558,7 @@ impl RedbOutbox {
         Ok(Self {
             shared,
             vault,
+            log_findings: log_findings(&recovery),
             folds: Some(folds),
             folder: Some(folder),
         })
@@ -720,6 +766,23 @@ impl Outbox for RedbOutbox {
         &self.vault.high_water
     }
 
+    fn survey(&self, stream: &str, deep: bool) -> Result<Survey, OutboxError> {
+        let next = self.next_sequence(stream)?;
+        self.with_batches(stream, 0, |batches| {
+            survey_batches(&self.vault, stream, batches, next, deep)
+        })?
+    }
+
+    fn findings(&self) -> Vec<Finding> {
+        let mut findings = self.vault.findings();
+        findings.extend(self.log_findings.iter().cloned());
+        findings
+    }
+
+    fn data_file(&self) -> &'static str {
+        "outbox.redb"
+    }
+
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
         let mut log = self.shared.lock_log();
         let mut keys = self.vault.lock();
@@ -875,16 +938,28 @@ impl Outbox for RedbOutbox {
     }
 
     fn streams(&self) -> Result<Vec<String>, OutboxError> {
+        self.names(b'n')
+    }
+
+    fn checkpoint_names(&self) -> Result<Vec<String>, OutboxError> {
+        self.names(b'c')
+    }
+}
+
+impl RedbOutbox {
+    /// The names of the keys of `kind` ('n': streams, 'c': checkpoints).
+    fn names(&self, kind: u8) -> Result<Vec<String>, OutboxError> {
+        let (lo, hi) = ([kind], [kind + 1]);
         let mut names: BTreeSet<Vec<u8>> = self
             .shared
             .lock_waiting()
             .inserts
-            .range(b"n".to_vec()..b"o".to_vec())
+            .range(lo.to_vec()..hi.to_vec())
             .map(|(k, _)| k.clone())
             .collect();
         let tx = self.shared.db()?.begin_read().map_err(db_error)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
-        for item in table.range(&b"n"[..]..&b"o"[..]).map_err(db_error)? {
+        for item in table.range(&lo[..]..&hi[..]).map_err(db_error)? {
             names.insert(item.map_err(db_error)?.0.value().to_vec());
         }
         stream_names(names.into_iter().map(Ok))

@@ -7,8 +7,8 @@ use std::time::Duration;
 use super::format::{batches, encode, named_key, record_key, seq_of};
 use super::vault::Vault;
 use super::{
-    BatchInfo, Commit, Entry, Outbox, OutboxError, Purged, ReadBatch, first_batch, purge_batches,
-    read_batches, shred, stream_names, sub_bytes,
+    BatchInfo, Commit, Entry, Finding, Outbox, OutboxError, Purged, ReadBatch, Survey, first_batch,
+    purge_batches, read_batches, shred, stream_names, sub_bytes, survey_batches,
 };
 
 /// The outbox on sled.
@@ -19,6 +19,8 @@ pub struct SledOutbox {
     pub(super) vault: Vault,
     /// Bytes of record batches held (see [`Outbox::record_bytes`]).
     record_bytes: AtomicU64,
+    /// What was damaged when it opened (a snapshot set aside).
+    findings: Vec<Finding>,
 }
 
 impl SledOutbox {
@@ -31,51 +33,51 @@ impl SledOutbox {
     ///
     /// A snapshot sled left half-written (`snap.*.generating`: killed while the disk was full) is
     /// removed first, with a warning: sled renames a snapshot once it is complete, so such a file
-    /// holds nothing the database needs, but sled would refuse to start on it. Damaged files that
-    /// make sled panic while opening become an error naming the directory, not a crash.
+    /// holds nothing the database needs, but sled would refuse to start on it. A snapshot sled
+    /// cannot open with is set aside, and the database read from sled's log instead. Damage that
+    /// stops the open, or makes sled panic, is an error naming the file, not a crash.
     pub fn open(dir: &Path) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
         let sled_dir = dir.join("sled");
         remove_unfinished_snapshots(&sled_dir);
-        let config = sled::Config::new()
-            .path(&sled_dir)
-            .cache_capacity(16 * 1024 * 1024);
-        let damaged = |why: String| OutboxError::Damaged {
-            dir: sled_dir.display().to_string(),
-            why,
-        };
-        // Nothing opened here is used after a panic: it is dropped, and the error returned.
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
-            || -> Result<_, OutboxError> {
-                let db = open_retrying(&config)?;
-                let tree = db.open_tree("outbox")?;
-                let mut bytes = 0;
-                for item in tree.scan_prefix(b"r") {
-                    bytes += item?.1.len() as u64;
+        let conf = restore_damaged_conf(&sled_dir)?;
+        let (db, tree, bytes, mut findings) = match open_tree(&sled_dir) {
+            Ok((db, tree, bytes)) => (db, tree, bytes, Vec::new()),
+            Err(first) => {
+                // sled's snapshot only speeds up its start: without it, sled reads its whole log.
+                // A damaged snapshot is moved aside and the database opened from the log.
+                let snapshots = move_snapshots_aside(&sled_dir, dir);
+                if snapshots.is_empty() {
+                    return Err(first.name(&sled_dir, &[]));
                 }
-                Ok((db, tree, bytes))
-            },
-        ));
-        let (db, tree, bytes) = match opened {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(OutboxError::Sled(sled::Error::Corruption { .. }))) => {
-                return Err(damaged("sled reports corruption in its files".into()));
-            }
-            Ok(Err(err)) => return Err(err),
-            Err(panic) => {
-                let why = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "sled panicked".to_owned());
-                return Err(damaged(format!("sled panicked while reading it: {why}")));
+                match open_tree(&sled_dir) {
+                    Ok((db, tree, bytes)) => {
+                        let findings = snapshots.iter().map(|(name, aside)| {
+                            tracing::warn!(file = %sled_dir.join(name).display(), moved_to = %aside.display(), "sled could not open with this snapshot; it is moved aside and the database was read from its log");
+                            Finding {
+                                file: format!("sled/{name}"),
+                                at: "the whole file".into(),
+                                what: format!("a snapshot sled could not open with ({}); moved to {} and the database read from its log", first.why, aside.display()),
+                                lost: false,
+                            }
+                        }).collect();
+                        (db, tree, bytes, findings)
+                    }
+                    Err(_) => {
+                        put_snapshots_back(&sled_dir, &snapshots);
+                        let names: Vec<String> = snapshots.into_iter().map(|(n, _)| n).collect();
+                        return Err(first.name(&sled_dir, &names));
+                    }
+                }
             }
         };
+        findings.extend(conf);
         Ok(Self {
             db,
             tree,
             vault,
             record_bytes: AtomicU64::new(bytes),
+            findings,
         })
     }
 
@@ -110,6 +112,171 @@ impl SledOutbox {
             .unwrap()
             .unwrap()
             .to_vec()
+    }
+}
+
+/// Why sled could not open a directory, and the file it points at when it says.
+struct OpenFailure {
+    /// The file sled named (by its log offset, or as its configuration), relative to its
+    /// directory.
+    file: Option<String>,
+    why: String,
+    /// An error that is not about the files' contents (permissions, a lock, the disk).
+    other: Option<OutboxError>,
+}
+
+impl OpenFailure {
+    /// The error, naming the file: the one sled named, or else its log and the snapshots tried.
+    fn name(self, sled_dir: &Path, snapshots: &[String]) -> OutboxError {
+        if let Some(other) = self.other {
+            return other;
+        }
+        let file = |name: &str| sled_dir.join(name).display().to_string();
+        let files = match self.file {
+            Some(name) => file(&name),
+            None => std::iter::once("db")
+                .chain(snapshots.iter().map(String::as_str))
+                .map(file)
+                .collect::<Vec<_>>()
+                .join(" or "),
+        };
+        OutboxError::Damaged {
+            files,
+            why: self.why,
+        }
+    }
+}
+
+/// sled's settings, the same for every hubgate outbox.
+fn sled_config(sled_dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(sled_dir)
+        .cache_capacity(16 * 1024 * 1024)
+}
+
+/// sled's configuration file (`conf`: its storage settings, then their CRC-32) when it fails its
+/// checksum: sled would read it anyway, and fail on its log or read the log wrongly. hubgate opens
+/// every outbox with the same settings, so the file is written again as a new database of those
+/// settings has it; the damaged one is kept beside it as `conf.damaged`.
+fn restore_damaged_conf(sled_dir: &Path) -> Result<Option<Finding>, OutboxError> {
+    let path = sled_dir.join("conf");
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(None);
+    };
+    let intact = |b: &[u8]| {
+        b.len() > 8 && crc32fast::hash(&b[..b.len() - 4]).to_le_bytes() == b[b.len() - 4..]
+    };
+    if intact(&bytes) {
+        return Ok(None);
+    }
+    let fresh = sled_dir.with_file_name("sled-conf-template");
+    let _ = std::fs::remove_dir_all(&fresh);
+    drop(sled_config(&fresh).open()?);
+    let good = std::fs::read(fresh.join("conf"));
+    let _ = std::fs::remove_dir_all(&fresh);
+    let good = good?;
+    if !intact(&good) {
+        return Err(OutboxError::Damaged {
+            files: path.display().to_string(),
+            why: "the configuration file fails its checksum, and cannot be made again".into(),
+        });
+    }
+    std::fs::rename(&path, sled_dir.join("conf.damaged"))?;
+    std::fs::write(&path, good)?;
+    tracing::warn!(file = %path.display(), "sled's configuration file failed its checksum: written again with hubgate's settings (the damaged one is conf.damaged)");
+    Ok(Some(Finding {
+        file: "sled/conf".into(),
+        at: "the whole file".into(),
+        what: "sled's configuration file failed its checksum: written again with hubgate's fixed settings; the damaged one is kept as conf.damaged".into(),
+        lost: false,
+    }))
+}
+
+/// Opens sled in `sled_dir` and its tree, reading every batch header once to learn the bytes
+/// held. A panic inside sled (it asserts on some damage) becomes a failure.
+fn open_tree(sled_dir: &Path) -> Result<(sled::Db, sled::Tree, u64), OpenFailure> {
+    let config = sled_config(sled_dir);
+    // Nothing opened here is used after a panic: it is dropped, and the error returned.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+        || -> Result<_, OutboxError> {
+            let db = open_retrying(&config)?;
+            let tree = db.open_tree("outbox")?;
+            let mut bytes = 0;
+            for item in tree.scan_prefix(b"r") {
+                bytes += item?.1.len() as u64;
+            }
+            Ok((db, tree, bytes))
+        },
+    ));
+    let failure = |file: Option<&str>, why: String| OpenFailure {
+        file: file.map(str::to_owned),
+        why,
+        other: None,
+    };
+    match opened {
+        Ok(Ok(opened)) => Ok(opened),
+        Ok(Err(OutboxError::Sled(sled::Error::Corruption { at, .. }))) => {
+            // sled's disk pointers are not public; their Debug form says where.
+            let at = format!("{at:?}");
+            Err(if at.contains("Blob") {
+                failure(
+                    Some("blobs"),
+                    format!("sled reads corrupted data in a blob ({at})"),
+                )
+            } else if let Some(offset) = at
+                .strip_prefix("Some(Inline(")
+                .and_then(|r| r.strip_suffix("))"))
+            {
+                failure(
+                    Some("db"),
+                    format!("sled reads corrupted data at offset {offset}"),
+                )
+            } else {
+                failure(None, "sled reports corruption in its files".into())
+            })
+        }
+        Ok(Err(OutboxError::Sled(sled::Error::Unsupported(why)))) => Err(failure(
+            Some("conf"),
+            format!("sled cannot use its configuration file: {why}"),
+        )),
+        Ok(Err(other)) => Err(OpenFailure {
+            file: None,
+            why: other.to_string(),
+            other: Some(other),
+        }),
+        Err(panic) => Err(failure(
+            None,
+            format!(
+                "sled panicked while reading it: {}",
+                super::panic_text(&*panic)
+            ),
+        )),
+    }
+}
+
+/// Moves sled's snapshots (`snap.*`) out of `sled_dir` into `outbox_dir`, each renamed
+/// `sled-snapshot-set-aside.<name>`; returns each file's name and where it went.
+fn move_snapshots_aside(sled_dir: &Path, outbox_dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(sled_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let aside = outbox_dir.join(format!("sled-snapshot-set-aside.{name}"));
+            (name.starts_with("snap.") && std::fs::rename(entry.path(), &aside).is_ok())
+                .then_some((name, aside))
+        })
+        .collect()
+}
+
+/// Undoes [`move_snapshots_aside`].
+fn put_snapshots_back(sled_dir: &Path, snapshots: &[(String, std::path::PathBuf)]) {
+    for (name, aside) in snapshots {
+        if let Err(err) = std::fs::rename(aside, sled_dir.join(name)) {
+            tracing::error!(file = %aside.display(), %err, "cannot put a sled snapshot back");
+        }
     }
 }
 
@@ -155,6 +322,27 @@ fn remove_unfinished_snapshots(sled_dir: &Path) {
 impl Outbox for SledOutbox {
     fn high_water(&self) -> &super::high_water::HighWater {
         &self.vault.high_water
+    }
+
+    fn survey(&self, stream: &str, deep: bool) -> Result<Survey, OutboxError> {
+        let next = self.next_sequence(stream)?;
+        survey_batches(
+            &self.vault,
+            stream,
+            self.batches_from(stream, 0)?,
+            next,
+            deep,
+        )
+    }
+
+    fn findings(&self) -> Vec<Finding> {
+        let mut findings = self.vault.findings();
+        findings.extend(self.findings.iter().cloned());
+        findings
+    }
+
+    fn data_file(&self) -> &'static str {
+        "sled/db"
     }
 
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
@@ -240,5 +428,9 @@ impl Outbox for SledOutbox {
 
     fn streams(&self) -> Result<Vec<String>, OutboxError> {
         stream_names(self.tree.scan_prefix(b"n").map(|item| Ok(item?.0)))
+    }
+
+    fn checkpoint_names(&self) -> Result<Vec<String>, OutboxError> {
+        stream_names(self.tree.scan_prefix(b"c").map(|item| Ok(item?.0)))
     }
 }

@@ -41,6 +41,34 @@ impl Vault {
         })
     }
 
+    /// Damage found in the key file and the sequence marks when they were opened.
+    pub(super) fn findings(&self) -> Vec<super::Finding> {
+        let mut findings: Vec<super::Finding> = self
+            .lock()
+            .damaged_slots()
+            .iter()
+            .map(|slot| super::Finding {
+                file: "keys".into(),
+                at: format!("slot {slot} (offset {})", slot * DataKeys::SLOT_BYTES),
+                what: "a data key slot that fails its checksum: the records it sealed, if any, cannot be read (a key torn by a crash sealed none)".into(),
+                lost: false,
+            })
+            .collect();
+        findings.extend(
+            self.high_water
+                .damaged_files()
+                .iter()
+                .map(|file| super::Finding {
+                    file: file.clone(),
+                    at: "the whole file".into(),
+                    what: "sequence marks that fail their checksum: the other file's are used"
+                        .into(),
+                    lost: false,
+                }),
+        );
+        findings
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, DataKeys> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -51,14 +51,14 @@ pub(super) struct Wal {
 
 impl Wal {
     /// Opens the log at `path`, creating it `capacity` bytes long (written with zeros, and made
-    /// durable with its directory entry) if it is missing or shorter. Returns the log, and the
-    /// inserts of each entry found past `folded`, in order: the caller folds them, then calls
-    /// [`Wal::reset`].
+    /// durable with its directory entry) if it is missing or shorter. Returns the log, the
+    /// inserts of each entry found past `folded`, in order of id (the caller folds them, then
+    /// calls [`Wal::reset`]), and what was damaged.
     pub(super) fn open(
         path: &Path,
         capacity: u64,
         folded: u64,
-    ) -> io::Result<(Self, Vec<Vec<Insert>>)> {
+    ) -> io::Result<(Self, Vec<Vec<Insert>>, Recovery)> {
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -87,43 +87,26 @@ impl Wal {
         let half = capacity.max(len) / 2;
         let mut bytes = Vec::with_capacity((half * 2) as usize);
         file.read_to_end(&mut bytes)?;
-        let mut found: Vec<(u64, Vec<Insert>)> = Vec::new();
-        for start in [0, half as usize] {
-            let end = (start + half as usize).min(bytes.len());
-            let (entries, stopped) = read_chain(&bytes[start..end]);
-            found.extend(entries);
-            if let Some((offset, id)) = stopped {
-                // A write the process did not finish, or damage: either way nothing from here on
-                // in this half is replayed (the store's sequence marks tell what that loses).
-                tracing::warn!(
-                    file = %path.display(),
-                    offset = start + offset,
-                    entry = id,
-                    "an outbox log entry is torn or damaged: it and what follows it in its half are not replayed"
-                );
-                metrics::counter!(hubgate_exporters::catalogue::OUTBOX_LOG_DAMAGED).increment(1);
-            }
+        let mut recovered = recover(&bytes, half as usize, folded);
+        for &offset in &recovered.damaged {
+            // A write the process did not finish (its last entry, after a kill), or damage: what
+            // a damaged entry held is lost, and the outbox reports the sequences it misses.
+            tracing::warn!(
+                file = %path.display(),
+                offset,
+                "an outbox log entry is torn or damaged: it is not replayed"
+            );
+            metrics::counter!(hubgate_exporters::catalogue::OUTBOX_LOG_DAMAGED).increment(1);
         }
-        // New entries take ids past every one in the file, so that none can be mistaken for
-        // one of them.
-        let last_seen = found.iter().map(|(id, _)| *id).max().unwrap_or(0);
-        found.retain(|(id, _)| *id > folded);
-        found.sort_by_key(|(id, _)| *id);
-        let mut entries = Vec::new();
-        let mut left = found.len();
-        for (id, inserts) in found {
-            if id != folded + 1 + entries.len() as u64 {
-                break;
-            }
-            entries.push(inserts);
-            left -= 1;
-        }
-        if left > 0 {
+        if !recovered.missing.is_empty() {
             tracing::error!(
-                entries = left,
-                "the outbox log holds entries after a missing one: they are not applied"
+                file = %path.display(),
+                entries = ?recovered.missing,
+                "outbox log entries are damaged: what they held is lost; the entries after them are replayed"
             );
         }
+        let last_seen = recovered.last_seen;
+        let entries = std::mem::take(&mut recovered.entries);
         let wal = Self {
             file,
             half,
@@ -131,7 +114,7 @@ impl Wal {
             end: 0,
             next_id: folded.max(last_seen) + 1,
         };
-        Ok((wal, entries))
+        Ok((wal, entries, recovered.report()))
     }
 
     /// Appends one entry holding `inserts` to the active half and makes it durable; returns its
@@ -219,41 +202,105 @@ fn crc(header: &[u8], payload: &[u8]) -> u32 {
     hasher.finalize()
 }
 
-/// The entries of one half, `(id, inserts)`, from its start while they are whole and their ids
-/// follow on.
 /// An entry read back: its id and inserts.
 type Entry = (u64, Vec<Insert>);
 
-/// The chain of whole entries from the start of `bytes`; and where it stopped at an entry that
-/// began (its magic is there, with the id expected next) but is not whole or not intact: its
-/// offset and id.
-fn read_chain(bytes: &[u8]) -> (Vec<Entry>, Option<(usize, u64)>) {
-    let mut entries = Vec::new();
-    let mut at = 0;
-    let mut expected: Option<u64> = None;
-    while let Some(header) = bytes.get(at..at + ENTRY_HEADER) {
-        if header[..4] != MAGIC {
-            break;
+/// What recovery found in the log.
+#[derive(Debug, Default)]
+struct Recovered {
+    /// The entries past the folded id, in order of id.
+    entries: Vec<Vec<Insert>>,
+    /// Offsets where an entry began (its magic is there) but is not whole or not intact.
+    damaged: Vec<u64>,
+    /// Ids past the folded one that no intact entry has, below the highest that one has: damaged
+    /// entries whose successors were written.
+    missing: Vec<u64>,
+    /// The highest id of an intact entry in the file.
+    last_seen: u64,
+}
+
+/// What the log's recovery lost, for a report ([`super::Finding`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(super) struct Recovery {
+    /// Offsets of entries that began but are not intact: the last one after a kill, or damage.
+    pub(super) damaged: Vec<u64>,
+    /// Entries lost before others that were replayed: damage, not a torn write.
+    pub(super) missing: Vec<u64>,
+}
+
+impl Recovered {
+    fn report(&self) -> Recovery {
+        Recovery {
+            damaged: self.damaged.clone(),
+            missing: self.missing.clone(),
         }
-        let id = u64::from_le_bytes(header[4..12].try_into().unwrap_or_default());
-        if expected.is_some_and(|e| e != id) {
-            // An entry left from an earlier use of the half.
-            break;
-        }
-        let length = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default()) as usize;
-        let stored = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default());
-        let inserts = bytes
-            .get(at + ENTRY_HEADER..at + ENTRY_HEADER + length)
-            .filter(|payload| crc(&header[4..16], payload) == stored)
-            .and_then(parse_payload);
-        let Some(inserts) = inserts else {
-            return (entries, Some((at, id)));
-        };
-        entries.push((id, inserts));
-        at += ENTRY_HEADER + length;
-        expected = Some(id + 1);
     }
-    (entries, None)
+}
+
+/// Every intact entry of the log with an id past `folded`, in order of id; a damaged entry does
+/// not hide the ones after it. Each half is read as a chain from its start; where an entry that
+/// began is not intact, the rest of the half is searched for the next intact one. An intact
+/// entry left from an earlier use of a half has an id no higher than `folded` (a half is reused
+/// only once its entries are in redb), so every intact entry past `folded` is one to replay.
+fn recover(bytes: &[u8], half: usize, folded: u64) -> Recovered {
+    let mut found: Vec<Entry> = Vec::new();
+    let mut out = Recovered::default();
+    for start in [0, half] {
+        let end = (start + half).min(bytes.len());
+        let region = &bytes[start.min(end)..end];
+        let mut at = 0;
+        while let Some(header) = region.get(at..at + ENTRY_HEADER) {
+            if let Some((entry, len)) = entry_at(region, at) {
+                found.push(entry);
+                at += len;
+                continue;
+            }
+            if header.iter().all(|b| *b == 0) {
+                // Never written.
+                break;
+            }
+            // Not an intact entry: damage, the last write of a process that was killed, or
+            // what an earlier use of the half left. Damage if an entry to replay follows.
+            let began = header[..4] == MAGIC;
+            let next = (at + 1..region.len().saturating_sub(ENTRY_HEADER))
+                .filter(|&i| region[i..i + 4] == MAGIC)
+                .find(|&i| entry_at(region, i).is_some_and(|((id, _), _)| id > folded));
+            if next.is_some() || began {
+                out.damaged.push((start + at) as u64);
+            }
+            match next {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+    }
+    out.last_seen = found.iter().map(|(id, _)| *id).max().unwrap_or(0);
+    found.retain(|(id, _)| *id > folded);
+    found.sort_by_key(|(id, _)| *id);
+    found.dedup_by_key(|(id, _)| *id);
+    let mut expected = folded + 1;
+    for (id, inserts) in found {
+        out.missing.extend(expected..id);
+        expected = id + 1;
+        out.entries.push(inserts);
+    }
+    out
+}
+
+/// The intact entry at `at`, and its length: magic, a payload within `bytes`, its CRC.
+fn entry_at(bytes: &[u8], at: usize) -> Option<(Entry, usize)> {
+    let header = bytes.get(at..at + ENTRY_HEADER)?;
+    if header[..4] != MAGIC {
+        return None;
+    }
+    let id = u64::from_le_bytes(header[4..12].try_into().ok()?);
+    let length = u32::from_le_bytes(header[12..16].try_into().ok()?) as usize;
+    let stored = u32::from_le_bytes(header[16..20].try_into().ok()?);
+    let payload = bytes.get(at + ENTRY_HEADER..at + ENTRY_HEADER + length)?;
+    if crc(&header[4..16], payload) != stored {
+        return None;
+    }
+    Some(((id, parse_payload(payload)?), ENTRY_HEADER + length))
 }
 
 fn parse_payload(mut payload: &[u8]) -> Option<Vec<Insert>> {
@@ -282,26 +329,42 @@ mod tests {
 
     const CAPACITY: u64 = 64 * 1024;
 
-    /// A damaged entry ends the chain, and says where it is; stale bytes after the chain's end do
-    /// not.
+    /// A damaged entry is located, and does not hide the entries after it, whether the damage is
+    /// in its payload, its length or its magic; stale bytes after the chain's end are not damage.
     #[test]
-    fn a_damaged_entry_is_located() {
+    fn a_damaged_entry_is_located_and_the_entries_after_it_are_replayed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, CAPACITY, 0).unwrap();
+        let (mut wal, _, _) = Wal::open(&path, CAPACITY, 0).unwrap();
         for tag in 1..=3 {
             wal.append(&inserts(tag, 2)).unwrap();
         }
         let bytes = std::fs::read(&path).unwrap();
-        let half = &bytes[..(CAPACITY / 2) as usize];
-        let (entries, stopped) = read_chain(half);
-        assert_eq!((entries.len(), stopped), (3, None));
+        let half = (CAPACITY / 2) as usize;
+        let clean = recover(&bytes, half, 0);
+        assert_eq!(clean.entries.len(), 3);
+        assert!(clean.damaged.is_empty() && clean.missing.is_empty());
         let second = ENTRY_HEADER + entries_len(&inserts(1, 2));
-        let mut damaged = half.to_vec();
-        damaged[second + ENTRY_HEADER + 5] ^= 0x01;
-        let (entries, stopped) = read_chain(&damaged);
-        assert_eq!(entries.len(), 1);
-        assert_eq!(stopped, Some((second, 2)));
+        for flipped in [second + ENTRY_HEADER + 5, second + 13, second + 1] {
+            let mut damaged = bytes.clone();
+            damaged[flipped] ^= 0x01;
+            let found = recover(&damaged, half, 0);
+            assert_eq!(
+                found.entries,
+                vec![inserts(1, 2), inserts(3, 2)],
+                "flip at {flipped}"
+            );
+            assert_eq!(found.damaged, vec![second as u64]);
+            assert_eq!(found.missing, vec![2]);
+            assert_eq!(found.last_seen, 3);
+        }
+        // Damage to the last entry: it is lost, and nothing says more than that it is torn.
+        let third = second * 2;
+        let mut damaged = bytes.clone();
+        damaged[third + ENTRY_HEADER] ^= 0x01;
+        let found = recover(&damaged, half, 0);
+        assert_eq!(found.entries, vec![inserts(1, 2), inserts(2, 2)]);
+        assert_eq!((found.damaged, found.missing), (vec![third as u64], vec![]));
     }
 
     /// The bytes of one entry's payload.
@@ -313,7 +376,7 @@ mod tests {
     fn entries_are_read_back_after_the_folded_id_and_a_torn_one_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, found) = Wal::open(&path, CAPACITY, 0).unwrap();
+        let (mut wal, found, _) = Wal::open(&path, CAPACITY, 0).unwrap();
         assert!(found.is_empty());
         assert_eq!(std::fs::metadata(&path).unwrap().len(), CAPACITY);
         for tag in 1..=3 {
@@ -323,17 +386,17 @@ mod tests {
             );
         }
         assert_eq!(wal.last_id(), 3);
-        let (_, found) = Wal::open(&path, CAPACITY, 0).unwrap();
+        let (_, found, _) = Wal::open(&path, CAPACITY, 0).unwrap();
         assert_eq!(found, vec![inserts(1, 1), inserts(2, 2), inserts(3, 3)]);
         // Entries up to the folded id are not returned.
-        let (reopened, found) = Wal::open(&path, CAPACITY, 1).unwrap();
+        let (reopened, found, _) = Wal::open(&path, CAPACITY, 1).unwrap();
         assert_eq!(found, vec![inserts(2, 2), inserts(3, 3)]);
         assert_eq!(reopened.last_id(), 3);
 
         // A torn last entry: the ones before it survive.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.write_all_at(&[0xff; 8], wal.position() - 8).unwrap();
-        let (_, found) = Wal::open(&path, CAPACITY, 0).unwrap();
+        let (_, found, _) = Wal::open(&path, CAPACITY, 0).unwrap();
         assert_eq!(found, vec![inserts(1, 1), inserts(2, 2)]);
     }
 
@@ -341,7 +404,7 @@ mod tests {
     fn the_halves_take_turns_and_entries_left_from_before_a_fold_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, CAPACITY, 0).unwrap();
+        let (mut wal, _, _) = Wal::open(&path, CAPACITY, 0).unwrap();
         for tag in 1..=4 {
             wal.append(&inserts(tag, 3)).unwrap().unwrap();
         }
@@ -350,24 +413,23 @@ mod tests {
         wal.append(&inserts(5, 1)).unwrap().unwrap();
         wal.append(&inserts(6, 1)).unwrap().unwrap();
         // A crash before the fold ends: all six, in order.
-        let (_, found) = Wal::open(&path, CAPACITY, 0).unwrap();
+        let (_, found, _) = Wal::open(&path, CAPACITY, 0).unwrap();
         let all: Vec<_> = (1..=6)
             .map(|t| inserts(t, if t <= 4 { 3 } else { 1 }))
             .collect();
         assert_eq!(found, all);
         // After it: 5 and 6.
-        let (_, found) = Wal::open(&path, CAPACITY, 4).unwrap();
+        let (_, found, _) = Wal::open(&path, CAPACITY, 4).unwrap();
         assert_eq!(found, all[4..]);
         // The first half is reused once 5 and 6 are folded; entry 7 overwrites entry 1, and
         // entries 2-4 after it are older and end its chain.
         wal.switch();
         wal.append(&inserts(7, 1)).unwrap().unwrap();
-        let (reopened, found) = Wal::open(&path, CAPACITY, 6).unwrap();
+        let (reopened, found, _) = Wal::open(&path, CAPACITY, 6).unwrap();
         assert_eq!(found, vec![inserts(7, 1)]);
         assert_eq!(reopened.last_id(), 7);
-        // Entries after a gap are not returned, and new ones take ids past every one seen.
-        let (reopened, found) = Wal::open(&path, CAPACITY, 2).unwrap();
-        assert!(found.is_empty());
+        // New ones take ids past every one seen.
+        let (reopened, _, _) = Wal::open(&path, CAPACITY, 6).unwrap();
         assert_eq!(reopened.last_id(), 7);
     }
 
@@ -375,7 +437,7 @@ mod tests {
     fn an_entry_that_does_not_fit_is_refused_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wal");
-        let (mut wal, _) = Wal::open(&path, 8192, 0).unwrap();
+        let (mut wal, _, _) = Wal::open(&path, 8192, 0).unwrap();
         assert!(wal.append(&inserts(1, 10)).unwrap().is_some());
         let before = std::fs::read(&path).unwrap();
         let large = [(vec![1], vec![0; 4000])];

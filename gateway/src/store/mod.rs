@@ -207,6 +207,8 @@ struct StreamLog {
     purged_retention: Counter,
     purged_capacity: Counter,
     damaged: Counter,
+    /// Ranges of sequences known to be damaged (found at start, or by a read), counted once.
+    known_damage: Mutex<Vec<(u64, u64)>>,
     keys_destroyed: Counter,
 }
 
@@ -267,12 +269,38 @@ impl StreamLog {
             purged_retention: counter("retention"),
             purged_capacity: counter("capacity"),
             damaged: metrics::counter!(catalogue::OUTBOX_RECORDS_DAMAGED, "stream" => name.to_owned()),
+            known_damage: Mutex::new(Vec::new()),
             keys_destroyed: metrics::counter!(catalogue::OUTBOX_KEYS_DESTROYED, "stream" => name.to_owned()),
         })
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Notes damaged sequences `first..=last`; returns how many were not known damaged before
+    /// (what to count).
+    fn note_damage(&self, first: u64, last: u64) -> u64 {
+        let mut known = self
+            .known_damage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut covered = 0;
+        let mut from = first;
+        known.sort_unstable();
+        for &(a, b) in known.iter() {
+            if b < from || a > last {
+                continue;
+            }
+            let (lo, hi) = (a.max(from), b.min(last));
+            covered += hi - lo + 1;
+            from = hi.saturating_add(1);
+        }
+        let new = (last - first + 1) - covered;
+        if new > 0 {
+            known.push((first, last));
+        }
+        new
     }
 
     /// Records kept before this are purged: one key period and one purge tick (1 s) before their
@@ -378,6 +406,7 @@ impl Store {
             failing: watch::channel(None).0,
         };
         store.bytes_held.set(store.outbox.record_bytes() as f64);
+        store.report_damage()?;
         // Keys left by a crash, or by purges that stopped short of destroying them.
         for s in &store.streams {
             let swept = store.outbox.purge_while(&s.name, &mut |_| false)?;
@@ -404,6 +433,47 @@ impl Store {
             );
         }
         Ok(store)
+    }
+
+    /// Reports the damage the outbox finds at start: in its files as it opened them, and in every
+    /// stream's batches (a checksum that fails, sequences no batch holds). Each is logged with the
+    /// file, where it is and what it held, counted, and audited; readers get a Gap for it.
+    fn report_damage(&self) -> Result<(), OutboxError> {
+        for finding in self.outbox.findings() {
+            tracing::error!(file = %finding.file, at = %finding.at, "outbox damage found at start: {}", finding.what);
+            self.audit.record(
+                now_ms(),
+                "outbox_damage_found",
+                serde_json::json!({ "file": finding.file, "at": finding.at, "what": finding.what }),
+            );
+        }
+        let file = self.outbox.data_file();
+        for s in &self.streams {
+            for damage in self.outbox.survey(&s.name, false)?.damaged {
+                let records = s.note_damage(damage.first, damage.last);
+                s.damaged.increment(records);
+                tracing::error!(
+                    file,
+                    stream = %s.name,
+                    first = damage.first,
+                    last = damage.last,
+                    "outbox damage found at start: {}; these records are lost, and readers get a Gap",
+                    damage.why
+                );
+                self.audit.record(
+                    now_ms(),
+                    "outbox_records_lost",
+                    serde_json::json!({
+                        "stream": s.name,
+                        "file": file,
+                        "first_sequence": damage.first,
+                        "last_sequence": damage.last,
+                        "reason": damage.why,
+                    }),
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The hold log of stream `index`, if it has one: where the pipeline keeps the stream's
@@ -736,9 +806,12 @@ impl Store {
                 };
             }
         };
-        for (first, last) in &read.damaged {
-            tracing::error!(stream = %s.name, first, last, "damaged outbox batch: its records are lost");
-            s.damaged.increment(last - first + 1);
+        for &(first, last) in &read.damaged {
+            let new = s.note_damage(first, last);
+            if new > 0 {
+                tracing::error!(stream = %s.name, first, last, "damaged outbox batch: its records are lost");
+                s.damaged.increment(new);
+            }
         }
         let mut fresh = Fresh::new(cutoff, max);
         for r in read.records {

@@ -81,6 +81,11 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// Look at the outbox of a stopped gateway, or copy what is readable out of a damaged one.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
     /// Run a simulated district through the gateway and show what the policy keeps.
     #[cfg(feature = "embedded-broker")]
     Demo {
@@ -142,6 +147,28 @@ enum AuditAction {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum OutboxAction {
+    /// Read every batch, key slot and log entry of the outbox in a data directory, and report
+    /// what is damaged: the file, where, and the sequences lost. Exits 0 when nothing was lost, 1
+    /// when records were, 2 when the outbox cannot be opened. Reads a copy: the directory is left
+    /// as it was.
+    Verify {
+        /// The gateway's data directory (`store.data_dir`).
+        data_dir: PathBuf,
+    },
+    /// Copy what is readable of the outbox in a data directory into a new data directory, with
+    /// the directory's other files; sequences that could not be read stay holes, served as Gaps,
+    /// and numbering goes on after the highest ever handed out.
+    Salvage {
+        /// The damaged gateway's data directory.
+        data_dir: PathBuf,
+        /// The new data directory (must not exist, or be empty).
+        #[arg(long)]
+        into: PathBuf,
+    },
+}
+
 fn parse_head(text: &str) -> Result<crate::governance::audit::Head, String> {
     crate::governance::audit::Head::parse(text)
         .ok_or_else(|| "expected SEQ:HASH, the hash 64 hex digits".to_owned())
@@ -167,6 +194,7 @@ pub fn main() -> ExitCode {
         Command::Audit {
             action: AuditAction::Verify { files, head },
         } => return audit_verify(&files, head.as_ref()),
+        Command::Outbox { action } => return outbox(action),
         #[cfg(feature = "embedded-broker")]
         Command::Demo { seconds, rate } => {
             runtime(None).and_then(|rt| rt.block_on(crate::tools::demo::run(seconds, rate)))
@@ -177,6 +205,38 @@ pub fn main() -> ExitCode {
         Err(err) => {
             eprintln!("hubgate: error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn outbox(action: OutboxAction) -> ExitCode {
+    use crate::tools::outbox_repair;
+    let (result, done) = match &action {
+        OutboxAction::Verify { data_dir } => (outbox_repair::verify(data_dir), None),
+        OutboxAction::Salvage { data_dir, into } => {
+            (outbox_repair::salvage(data_dir, into), Some(into))
+        }
+    };
+    match result {
+        Ok(report) => {
+            print!("{}", report.text());
+            if let Some(into) = done {
+                println!(
+                    "salvaged into {}: what is listed as lost above is a hole there, served as a Gap",
+                    into.display()
+                );
+            }
+            if report.lost() {
+                println!("records were lost");
+                ExitCode::from(1)
+            } else {
+                println!("nothing was lost");
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("hubgate: error: {err:#}");
+            ExitCode::from(2)
         }
     }
 }

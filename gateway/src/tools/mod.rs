@@ -7,4 +7,5 @@ pub mod cli;
 #[cfg(feature = "embedded-broker")]
 pub mod demo;
 pub mod dry_run;
+pub mod outbox_repair;
 pub mod simulator;

@@ -1,0 +1,285 @@
+//! `hubgate outbox verify` and `hubgate outbox salvage`: the outbox of a stopped gateway, read
+//! offline.
+//!
+//! Both read a working copy of the outbox made inside the data directory (opening an outbox
+//! replays its write-ahead log into the engine, and the directory looked at stays as it was);
+//! the copy's key file is overwritten with zeros before it is removed, so that no copy of a data
+//! key outlives the key's destruction in the original. Both take the data directory's lock: a
+//! running gateway's outbox is not read.
+//!
+//! - `verify` opens the copy as the gateway would, then reads every batch of every stream and
+//!   authenticates it under its key: what is damaged, where, and which sequences it held.
+//! - `salvage` copies what is readable into a new data directory: every record under its own
+//!   sequence (sealed again under new keys), every checkpoint, each stream's next sequence (so no
+//!   sequence is handed out twice), and the data directory's other files as they are. What could
+//!   not be read stays a hole that the new outbox reports at start and serves as a Gap.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::config::Engine;
+use crate::outbox::{self, Append, Commit, Damage, Finding, Outbox};
+
+/// What a look at an outbox found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub engine: Option<Engine>,
+    pub findings: Vec<Finding>,
+    /// Per stream: records readable, and the ranges that are not.
+    pub streams: Vec<(String, u64, Vec<Damage>)>,
+}
+
+impl Report {
+    /// Whether records were lost: a damaged range, or a finding that lost some.
+    pub fn lost(&self) -> bool {
+        self.findings.iter().any(|f| f.lost) || self.streams.iter().any(|s| !s.2.is_empty())
+    }
+
+    /// The report as text, a line per finding and per stream.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for f in &self.findings {
+            out.push_str(&format!("outbox/{}: {}: {}\n", f.file, f.at, f.what));
+        }
+        for (stream, records, damaged) in &self.streams {
+            out.push_str(&format!("stream {stream:?}: {records} records readable"));
+            if damaged.is_empty() {
+                out.push('\n');
+            }
+            for d in damaged {
+                out.push_str(&format!(
+                    "\n  sequences {}-{} ({} records) lost: {}",
+                    d.first,
+                    d.last,
+                    d.last - d.first + 1,
+                    d.why
+                ));
+            }
+            if !damaged.is_empty() {
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// The engine whose files `data_dir/outbox` holds.
+fn engine_of(data_dir: &Path) -> anyhow::Result<Engine> {
+    let dir = data_dir.join("outbox");
+    if dir.join("outbox.redb").exists() {
+        Ok(Engine::Redb)
+    } else if dir.join("sled").exists() {
+        Ok(Engine::Sled)
+    } else {
+        anyhow::bail!(
+            "{} holds no outbox (neither outbox.redb nor sled/)",
+            dir.display()
+        )
+    }
+}
+
+/// A working copy of a data directory's outbox, inside it; zeroed and removed when dropped.
+struct WorkingCopy {
+    /// The data directory the copy's outbox is in.
+    data_dir: PathBuf,
+}
+
+impl WorkingCopy {
+    fn make(data_dir: &Path) -> anyhow::Result<Self> {
+        let copy = data_dir.join(format!("outbox-verify.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&copy);
+        copy_tree(&data_dir.join("outbox"), &copy.join("outbox"))
+            .with_context(|| format!("cannot copy the outbox to {}", copy.display()))?;
+        Ok(Self { data_dir: copy })
+    }
+}
+
+impl Drop for WorkingCopy {
+    fn drop(&mut self) {
+        let keys = self.data_dir.join("outbox/keys");
+        if let Ok(len) = std::fs::metadata(&keys).map(|m| m.len()) {
+            let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            let _ = std::fs::write(&keys, zeros).and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&keys)?
+                    .sync_all()
+            });
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Copies the tree `from` into `to` (directories 0700, files as they are).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The data directory's lock, as the gateway takes it.
+fn lock(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    anyhow::ensure!(
+        data_dir.join("outbox").is_dir(),
+        "{} holds no outbox",
+        data_dir.display()
+    );
+    crate::app::lock_data_dir(data_dir)
+}
+
+/// Opens the outbox in `copy` and looks at all of it; `deep` authenticates every batch.
+fn look(outbox: &dyn Outbox, engine: Engine) -> anyhow::Result<Report> {
+    let mut report = Report {
+        engine: Some(engine),
+        findings: outbox.findings(),
+        streams: Vec::new(),
+    };
+    for stream in outbox.streams()? {
+        let survey = outbox.survey(&stream, true)?;
+        let mut damaged = survey.damaged;
+        let stored = outbox.next_sequence(&stream)?;
+        if let Some(noted) = outbox.high_water().next(&stream).filter(|&n| n > stored) {
+            damaged.push(Damage {
+                first: stored,
+                last: noted - 1,
+                why: "the newest records: damaged or missing (the sequence marks noted them)",
+            });
+        }
+        report.streams.push((stream, survey.records, damaged));
+    }
+    Ok(report)
+}
+
+/// `hubgate outbox verify DATA_DIR`: the report, or an error when the outbox cannot be opened.
+pub fn verify(data_dir: &Path) -> anyhow::Result<Report> {
+    let _lock = lock(data_dir)?;
+    let engine = engine_of(data_dir)?;
+    let copy = WorkingCopy::make(data_dir)?;
+    let outbox = open(engine, &copy.data_dir)?;
+    look(&*outbox, engine)
+}
+
+fn open(engine: Engine, data_dir: &Path) -> anyhow::Result<Arc<dyn Outbox>> {
+    let log = data_dir.join("outbox/outbox.log");
+    let log_bytes = std::fs::metadata(&log).map_or(8 << 20, |m| m.len());
+    outbox::open(engine, data_dir, log_bytes.max(512 << 10))
+        .map_err(|err| anyhow::anyhow!("the outbox cannot be opened: {err}"))
+}
+
+/// How long one data key seals in the salvaged outbox: the shortest any stream uses, since the
+/// streams' retention is not known here (the keys of the new outbox rotate at least as often as
+/// the old ones did).
+const SALVAGE_KEY_PERIOD: Duration = Duration::from_secs(1);
+
+/// Records copied per read.
+const CHUNK: usize = 4096;
+
+/// `hubgate outbox salvage DATA_DIR --into NEW`: copies what is readable into the new data
+/// directory `into` (which must not exist, or be empty); returns what was lost.
+pub fn salvage(data_dir: &Path, into: &Path) -> anyhow::Result<Report> {
+    let _lock = lock(data_dir)?;
+    let engine = engine_of(data_dir)?;
+    if into.exists() {
+        anyhow::ensure!(
+            std::fs::read_dir(into)?.next().is_none(),
+            "{} is not empty: salvage writes a new data directory",
+            into.display()
+        );
+    }
+    let copy = WorkingCopy::make(data_dir)?;
+    let from = open(engine, &copy.data_dir)?;
+    let report = look(&*from, engine)?;
+    let _new_lock = crate::app::lock_data_dir(into)?;
+    for entry in std::fs::read_dir(data_dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name == "outbox" || name == "lock" || name.starts_with("outbox-verify.") {
+            continue;
+        }
+        let target = into.join(&*name);
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    let to = open(engine, into)?;
+    for stream in from.streams()? {
+        copy_stream(&*from, &*to, &stream)?;
+        let next = from
+            .next_sequence(&stream)?
+            .max(from.high_water().next(&stream).unwrap_or(0));
+        to.high_water().note([(stream.clone(), next)])?;
+    }
+    for name in from.checkpoint_names()? {
+        if let Some(bytes) = from.checkpoint(&name)? {
+            to.commit(&Commit {
+                appends: Vec::new(),
+                checkpoints: vec![(name, bytes)],
+            })?;
+        }
+    }
+    Ok(report)
+}
+
+/// Copies the readable records of `stream`, each under its own sequence, in runs of consecutive
+/// sequences kept at the same time.
+fn copy_stream(from: &dyn Outbox, to: &dyn Outbox, stream: &str) -> anyhow::Result<()> {
+    let end = from.next_sequence(stream)?;
+    let mut next = from.oldest(stream)?.map_or(end, |b| b.first);
+    while next < end {
+        let read = from.read(stream, next, CHUNK)?;
+        let skipped = read.damaged.iter().map(|d| d.1 + 1).max();
+        let Some(last) = read.records.last().map(|r| r.sequence) else {
+            match skipped {
+                Some(after) if after > next => {
+                    next = after;
+                    continue;
+                }
+                _ => break,
+            }
+        };
+        let mut run: Option<Append> = None;
+        for record in read.records {
+            let continues = run.as_ref().is_some_and(|a| {
+                a.first + a.records.len() as u64 == record.sequence && a.kept_ms == record.kept_ms
+            });
+            if !continues && let Some(done) = run.take() {
+                to.commit(&Commit {
+                    appends: vec![done],
+                    checkpoints: Vec::new(),
+                })?;
+            }
+            run.get_or_insert_with(|| Append {
+                stream: stream.to_owned(),
+                first: record.sequence,
+                kept_ms: record.kept_ms,
+                key_period: SALVAGE_KEY_PERIOD,
+                records: Vec::new(),
+            })
+            .records
+            .push(bytes::Bytes::from(record.bytes));
+        }
+        if let Some(done) = run {
+            to.commit(&Commit {
+                appends: vec![done],
+                checkpoints: Vec::new(),
+            })?;
+        }
+        next = last + 1;
+    }
+    Ok(())
+}

@@ -1,0 +1,485 @@
+//! End to end: the outbox under faults. A full disk freed again without a restart, and one byte
+//! flipped at a random offset in each of the outbox's files, on both engines: the gateway either
+//! serves every record it serves correctly, with a Gap for whatever it cannot, or refuses to
+//! start naming the file; it never truncates silently and never hands out a sequence twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hubgate_tests::durable::{durable_config, replay};
+use hubgate_tests::{Gateway, Mosquitto, Publisher, gateway_bin, sequence_stream, wait_for};
+
+/// A small filesystem mounted for one test, unmounted when dropped.
+struct SmallVolume(tempfile::TempDir);
+
+impl SmallVolume {
+    /// A tmpfs of `size` (e.g. "24m"), or `None` when this process may not mount (not root).
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|out| out.status.success());
+        mounted.then_some(Self(dir))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// A full disk: commits fail, `/readyz` says why, nothing more is acknowledged; once space is
+/// freed the gateway goes on by itself (redb reopened), and every message is kept. Needs to mount
+/// a small filesystem, so it runs as root (as `.ci/run` does) and says it skipped otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_recovered_without_a_restart() {
+    const N: u64 = 60_000;
+    let Some(volume) = SmallVolume::mount("32m") else {
+        eprintln!(
+            "SKIPPED a_full_disk_is_recovered_without_a_restart: mounting a tmpfs needs root"
+        );
+        return;
+    };
+    let broker = Mosquitto::start();
+    let data = volume.path().join("data");
+    let cfg = durable_config(
+        broker.port,
+        "gw-full-disk",
+        &data,
+        "engine = \"redb\"\nlog_bytes = \"1MiB\"\nmax_bytes = \"64MiB\"",
+        &sequence_stream("1d"),
+    );
+    let gw = Gateway::start(gateway_bin!(), &cfg);
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, "pub-full-disk");
+    publisher.publish_numbers("test/seq", N / 3).await;
+    // Fill the volume to the last byte.
+    let filler = volume.path().join("filler");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+    }
+    let more = tokio::spawn(async move {
+        publisher.publish_numbers("test/seq", N).await;
+        publisher
+    });
+    let mut reason = String::new();
+    wait_for(
+        "commits to fail on the full disk",
+        Duration::from_secs(30),
+        || {
+            let (status, body) = hubgate_tests::http_get(gw.admin, "/readyz");
+            reason = body;
+            status == 503 && reason.contains("outbox commits are failing")
+        },
+    );
+    eprintln!("full disk: /readyz said {reason:?}");
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("the gateway to go on", Duration::from_secs(60), || {
+        hubgate_tests::http_get(gw.admin, "/readyz").0 == 200
+    });
+    let _publisher = more.await.unwrap();
+    let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
+        s.numbers.len() as u64 == N
+    })
+    .await;
+    let missing: Vec<u64> = (1..=N).filter(|n| !seen.numbers.contains_key(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} numbers, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert!(
+        gw.metric(
+            "hubgate_outbox_commit_failures_total",
+            &[("reason", "error")]
+        ) > 0.0
+    );
+    assert_eq!(gw.metric("hubgate_outbox_failing", &[]), 0.0);
+    drop(gw);
+}
+
+/// A small xorshift generator: offsets vary from run to run, and the seed is printed so a failing
+/// run can be replayed (`HUBGATE_FLIP_SEED`).
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Self {
+        let seed = std::env::var("HUBGATE_FLIP_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+                    | 1
+            });
+        eprintln!("byte flips: HUBGATE_FLIP_SEED={seed}");
+        Self(seed)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n.max(1) as u64) as usize
+    }
+}
+
+/// Every file under `dir` that holds at least one byte, relative to `dir`, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(at) = todo.pop() {
+        for entry in std::fs::read_dir(&at).expect("read a directory").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if entry.metadata().is_ok_and(|m| m.len() > 0) {
+                out.push(path.strip_prefix(dir).expect("under dir").to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Copies the directory tree `from` to `to` (created 0700).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("make a directory");
+    std::fs::set_permissions(to, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
+    for entry in std::fs::read_dir(from).expect("read a directory").flatten() {
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
+}
+
+/// Flips one byte of `file`: half the time one of its non-zero bytes (where data is), else any.
+/// Returns the offset.
+fn flip_one_byte(file: &Path, rng: &mut Rng) -> usize {
+    let mut bytes = std::fs::read(file).expect("read the file");
+    let data: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] != 0).collect();
+    let offset = if !data.is_empty() && rng.below(2) == 0 {
+        data[rng.below(data.len())]
+    } else {
+        rng.below(bytes.len())
+    };
+    bytes[offset] ^= 1 + rng.below(255) as u8;
+    std::fs::write(file, bytes).expect("write the file");
+    offset
+}
+
+/// What one damaged copy of the data directory did.
+#[derive(Debug, Default)]
+struct Outcomes {
+    refused: u32,
+    served_all: u32,
+    served_with_gaps: u32,
+}
+
+/// Checks a gateway started on a damaged copy: each record it serves is the one stored under
+/// that sequence, every sequence up to `last` is served or inside a Gap, none twice, a Gap is
+/// counted as damage, and new records get sequences after `last`. Returns whether there were gaps.
+async fn check_served(
+    gw: &Gateway,
+    truth: &BTreeMap<u64, u64>,
+    publisher: &mut Publisher,
+    next_number: &mut u64,
+    case: &str,
+) -> bool {
+    let last = *truth.keys().last().expect("records stored");
+    gw.wait_ready();
+    let seen = replay(gw, "seq", Duration::from_secs(5), |s| s.reached() >= last).await;
+    let mut sorted = seen.sequences.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        seen.sequences.len(),
+        "{case}: a sequence served twice"
+    );
+    for (sequence, n) in &seen.by_sequence {
+        assert_eq!(
+            truth.get(sequence),
+            Some(n),
+            "{case}: sequence {sequence} is not what was stored"
+        );
+    }
+    let covered = |s: u64| {
+        seen.by_sequence.contains_key(&s) || seen.gaps.iter().any(|g| g.0 <= s && s <= g.1)
+    };
+    let uncovered: Vec<u64> = (1..=last).filter(|s| !covered(*s)).collect();
+    assert!(
+        uncovered.is_empty(),
+        "{case}: {} sequences neither served nor in a Gap (silent truncation), first {:?}; gaps {:?}\n{}",
+        uncovered.len(),
+        &uncovered[..uncovered.len().min(5)],
+        seen.gaps,
+        gw.log()
+    );
+    let lost = !seen.gaps.is_empty();
+    if lost {
+        assert!(
+            gw.metrics()
+                .contains("hubgate_outbox_records_damaged_total{"),
+            "{case}: records lost without being counted as damaged; gaps {:?}",
+            seen.gaps
+        );
+    }
+    // New records continue the numbering: no sequence handed out before comes again.
+    let from = *next_number;
+    for n in from..from + 3 {
+        publisher
+            .publish("test/seq", format!("{{\"n\": {n}}}"))
+            .await;
+    }
+    *next_number += 3;
+    let seen = replay(gw, "seq", Duration::from_secs(10), |s| {
+        (from..from + 3).all(|n| s.numbers.contains_key(&n))
+    })
+    .await;
+    for (sequence, n) in &seen.by_sequence {
+        if *n >= from {
+            assert!(
+                *sequence > last,
+                "{case}: new record {n} got sequence {sequence}, not after {last}"
+            );
+        }
+    }
+    assert!(
+        (from..from + 3).all(|n| seen.numbers.contains_key(&n)),
+        "{case}: new records were not served"
+    );
+    lost
+}
+
+/// One byte flipped at a random offset in each file of the outbox, 6 times a file (or
+/// `HUBGATE_FLIPS`), each
+/// on a fresh copy of a data directory left by a SIGKILL (so redb's log holds entries not yet
+/// folded).
+async fn byte_flips(engine: &str) {
+    const N: u64 = 2_000;
+    let flips: usize = std::env::var("HUBGATE_FLIPS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6);
+    let mut rng = Rng::seeded();
+    let broker = Mosquitto::start();
+    let home = hubgate_tests::private_dir();
+    let pristine = home.path().join("pristine");
+    let client = format!("gw-flips-{engine}");
+    let store = format!("engine = {engine:?}");
+    let config =
+        |data: &Path| durable_config(broker.port, &client, data, &store, &sequence_stream("1d"));
+    let gw = Gateway::start(gateway_bin!(), &config(&pristine));
+    gw.wait_ready();
+    let mut publisher = Publisher::connect(broker.port, &format!("pub-flips-{engine}"));
+    publisher.publish_numbers("test/seq", N).await;
+    let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
+        s.numbers.len() as u64 == N
+    })
+    .await;
+    assert_eq!(seen.numbers.len() as u64, N);
+    let truth = seen.by_sequence;
+    gw.kill();
+    let mut next_number = N + 1;
+    let mut outcomes = Outcomes::default();
+    for (index, file) in files_under(&pristine.join("outbox"))
+        .into_iter()
+        .enumerate()
+    {
+        for round in 0..flips {
+            let data = home.path().join(format!("case-{index}-{round}"));
+            copy_tree(&pristine, &data);
+            let offset = flip_one_byte(&data.join("outbox").join(&file), &mut rng);
+            let case = format!(
+                "{engine}: a byte flipped in {} at offset {offset}",
+                file.display()
+            );
+            match Gateway::try_start(gateway_bin!(), &config(&data)) {
+                Err(log) => {
+                    let name = Path::new("outbox").join(&file);
+                    let why = log
+                        .lines()
+                        .find(|l| l.starts_with("hubgate: error:"))
+                        .unwrap_or_default();
+                    assert!(
+                        why.contains(&*name.to_string_lossy()),
+                        "{case}: the gateway refused to start without naming the file:\n{log}"
+                    );
+                    eprintln!("{case}: refused: {why}");
+                    if std::env::var("HUBGATE_FLIP_LOGS").is_ok() {
+                        eprintln!("{log}");
+                    }
+                    outcomes.refused += 1;
+                }
+                Ok(gw) => {
+                    if check_served(&gw, &truth, &mut publisher, &mut next_number, &case).await {
+                        outcomes.served_with_gaps += 1;
+                    } else {
+                        outcomes.served_all += 1;
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir_all(&data);
+        }
+    }
+    eprintln!("byte flips on {engine}: {outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_flips_in_a_redb_outbox_give_gaps_or_a_refusal_naming_the_file() {
+    byte_flips("redb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_flips_in_a_sled_outbox_give_gaps_or_a_refusal_naming_the_file() {
+    byte_flips("sled").await;
+}
+
+/// Runs `hubgate outbox ARGS`; its exit code and standard output.
+fn outbox_tool(args: &[&std::ffi::OsStr]) -> (i32, String) {
+    let out = std::process::Command::new(gateway_bin!())
+        .arg("outbox")
+        .args(args)
+        .output()
+        .expect("run hubgate outbox");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    files_under(dir)
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(dir.join(&f)).expect("read a file");
+            (f, bytes)
+        })
+        .collect()
+}
+
+/// `hubgate outbox verify` finds nothing in an intact outbox and names a damaged key slot and
+/// the sequences it lost, leaving the directory as it was; `salvage` makes a data directory on
+/// which a gateway serves the lost records as a Gap and numbers new ones after every sequence
+/// handed out; an outbox that cannot be opened is exit code 2, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_salvage_a_damaged_outbox() {
+    const N: u64 = 300;
+    for engine in ["redb", "sled"] {
+        let broker = Mosquitto::start();
+        let home = hubgate_tests::private_dir();
+        let data = home.path().join("data");
+        let client = format!("gw-salvage-{engine}");
+        let store = format!("engine = {engine:?}");
+        let config = |data: &Path| {
+            durable_config(broker.port, &client, data, &store, &sequence_stream("1d"))
+        };
+        let gw = Gateway::start(gateway_bin!(), &config(&data));
+        gw.wait_ready();
+        let mut publisher = Publisher::connect(broker.port, &format!("pub-salvage-{engine}"));
+        publisher.publish_numbers("test/seq", N).await;
+        let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
+            s.numbers.len() as u64 == N
+        })
+        .await;
+        let last = *seen.by_sequence.keys().last().expect("records");
+        gw.kill();
+
+        let (code, report) = outbox_tool(&["verify".as_ref(), data.as_os_str()]);
+        assert_eq!(code, 0, "{engine}: an intact outbox: {report}");
+        assert!(
+            report.contains(&format!("{last} records readable")),
+            "{report}"
+        );
+
+        // One byte of each data key held (64-byte slots, the key in the last 32 bytes).
+        let keys = data.join("outbox/keys");
+        let mut bytes = std::fs::read(&keys).unwrap();
+        for slot in bytes.chunks_exact_mut(64).filter(|s| s[0] == 1) {
+            slot[40] ^= 0x20;
+        }
+        std::fs::write(&keys, bytes).unwrap();
+        let before = snapshot(&data);
+        let (code, report) = outbox_tool(&["verify".as_ref(), data.as_os_str()]);
+        assert_eq!(code, 1, "{engine}: {report}");
+        assert!(report.contains("outbox/keys: slot "), "{report}");
+        assert!(
+            report.contains(&format!("sequences 1-{last} ({last} records) lost")),
+            "{report}"
+        );
+        assert_eq!(
+            snapshot(&data),
+            before,
+            "{engine}: verify changed the directory"
+        );
+
+        let salvaged = home.path().join("salvaged");
+        let (code, report) = outbox_tool(&[
+            "salvage".as_ref(),
+            data.as_os_str(),
+            "--into".as_ref(),
+            salvaged.as_os_str(),
+        ]);
+        assert_eq!(code, 1, "{engine}: {report}");
+        assert!(report.contains("salvaged into"), "{report}");
+        let gw = Gateway::start(gateway_bin!(), &config(&salvaged));
+        gw.wait_ready();
+        let seen = replay(&gw, "seq", Duration::from_secs(5), |s| s.reached() >= last).await;
+        assert!(seen.by_sequence.is_empty(), "{engine}: {seen:?}");
+        assert_eq!(seen.gaps, vec![(1, last)], "{engine}");
+        publisher.publish("test/seq", "{\"n\": 100000}").await;
+        let seen = replay(&gw, "seq", Duration::from_secs(10), |s| {
+            s.numbers.contains_key(&100_000)
+        })
+        .await;
+        let new = seen.by_sequence.iter().find(|(_, n)| **n == 100_000);
+        assert!(
+            new.is_some_and(|(sequence, _)| *sequence > last),
+            "{engine}: a new record after salvage: {seen:?}"
+        );
+        drop(gw);
+    }
+    // An outbox redb cannot open: exit code 2, naming the file.
+    let home = hubgate_tests::private_dir();
+    let data = home.path().join("data");
+    for dir in [&data, &data.join("outbox")] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+    }
+    std::fs::write(data.join("outbox/outbox.redb"), vec![0x5a; 64 << 10]).unwrap();
+    let (code, report) = outbox_tool(&["verify".as_ref(), data.as_os_str()]);
+    assert_eq!(code, 2, "{report}");
+    assert!(report.contains("outbox/outbox.redb"), "{report}");
+}
