@@ -407,7 +407,9 @@ fn survey_batches<V: AsRef<[u8]>>(
                     None
                 }
                 Decoded::Shredded => None,
-                Decoded::Damaged => Some("the batch cannot be opened: it or its data key is damaged"),
+                Decoded::Damaged => {
+                    Some("the batch cannot be opened: it or its data key is damaged")
+                }
             }
         } else {
             if vault.lock().holds(stream, first) {

@@ -14,8 +14,10 @@ use super::{
 /// The outbox on sled.
 #[derive(Debug)]
 pub struct SledOutbox {
-    db: sled::Db,
-    tree: sled::Tree,
+    /// sled and its tree; closed and opened again after an I/O error (`None` while it cannot be).
+    open: std::sync::RwLock<Option<(sled::Db, sled::Tree)>>,
+    /// sled's directory.
+    sled_dir: std::path::PathBuf,
     pub(super) vault: Vault,
     /// Bytes of record batches held (see [`Outbox::record_bytes`]).
     record_bytes: AtomicU64,
@@ -39,46 +41,75 @@ impl SledOutbox {
     pub fn open(dir: &Path) -> Result<Self, OutboxError> {
         let vault = Vault::open(dir)?;
         let sled_dir = dir.join("sled");
-        remove_unfinished_snapshots(&sled_dir);
-        let conf = restore_damaged_conf(&sled_dir)?;
-        let (db, tree, bytes, mut findings) = match open_tree(&sled_dir) {
-            Ok((db, tree, bytes)) => (db, tree, bytes, Vec::new()),
-            Err(first) => {
-                // sled's snapshot only speeds up its start: without it, sled reads its whole log.
-                // A damaged snapshot is moved aside and the database opened from the log.
-                let snapshots = move_snapshots_aside(&sled_dir, dir);
-                if snapshots.is_empty() {
-                    return Err(first.name(&sled_dir, &[]));
-                }
-                match open_tree(&sled_dir) {
-                    Ok((db, tree, bytes)) => {
-                        let findings = snapshots.iter().map(|(name, aside)| {
-                            tracing::warn!(file = %sled_dir.join(name).display(), moved_to = %aside.display(), "sled could not open with this snapshot; it is moved aside and the database was read from its log");
-                            Finding {
-                                file: format!("sled/{name}"),
-                                at: "the whole file".into(),
-                                what: format!("a snapshot sled could not open with ({}); moved to {} and the database read from its log", first.why, aside.display()),
-                                lost: false,
-                            }
-                        }).collect();
-                        (db, tree, bytes, findings)
-                    }
-                    Err(_) => {
-                        put_snapshots_back(&sled_dir, &snapshots);
-                        let names: Vec<String> = snapshots.into_iter().map(|(n, _)| n).collect();
-                        return Err(first.name(&sled_dir, &names));
-                    }
-                }
-            }
-        };
-        findings.extend(conf);
+        let (db, tree, bytes, findings) = open_recovering(&sled_dir)?;
         Ok(Self {
-            db,
-            tree,
+            open: std::sync::RwLock::new(Some((db, tree))),
+            sled_dir,
             vault,
             record_bytes: AtomicU64::new(bytes),
             findings,
         })
+    }
+
+    /// sled and its tree (handles: cheap to clone).
+    fn handles(&self) -> Result<(sled::Db, sled::Tree), OutboxError> {
+        self.open
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                OutboxError::Log(std::io::Error::other(
+                    "sled is closed after an I/O error and could not be reopened yet",
+                ))
+            })
+    }
+
+    fn tree(&self) -> Result<sled::Tree, OutboxError> {
+        Ok(self.handles()?.1)
+    }
+
+    /// Applies `batch` to the tree and makes it durable. After an I/O error (a full disk) sled
+    /// answers every later write with it: sled is closed and opened again, so that the next
+    /// attempt can succeed once the cause is gone. Should sled not open yet, the next attempt
+    /// tries again.
+    fn apply_durably(&self, batch: sled::Batch) -> Result<(), OutboxError> {
+        let (db, tree) = match self.handles() {
+            Ok(handles) => handles,
+            Err(err) => {
+                self.reopen();
+                return Err(err);
+            }
+        };
+        let applied = tree.apply_batch(batch).and_then(|()| db.flush().map(drop));
+        drop((db, tree));
+        let Err(err) = applied else {
+            return Ok(());
+        };
+        if matches!(err, sled::Error::Io(_)) {
+            self.reopen();
+        }
+        Err(err.into())
+    }
+
+    /// Closes sled and opens it again (see [`SledOutbox::apply_durably`]): sled's lock is free
+    /// once readers holding its handles finish.
+    fn reopen(&self) {
+        let mut open = self
+            .open
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(open.take());
+        match open_recovering(&self.sled_dir) {
+            Ok((db, tree, bytes, _)) => {
+                tracing::warn!(dir = %self.sled_dir.display(), "reopened the outbox's sled after an I/O error");
+                metrics::counter!(hubgate_exporters::catalogue::OUTBOX_REOPENS).increment(1);
+                self.record_bytes.store(bytes, Ordering::Relaxed);
+                *open = Some((db, tree));
+            }
+            Err(err) => {
+                tracing::warn!(dir = %self.sled_dir.display(), %err, "cannot reopen the outbox's sled yet");
+            }
+        }
     }
 
     /// The batches of `stream` from the one holding sequence `from` on.
@@ -87,14 +118,13 @@ impl SledOutbox {
         stream: &str,
         from: u64,
     ) -> Result<impl Iterator<Item = Entry<sled::IVec>>, OutboxError> {
-        let start = self
-            .tree
+        let tree = self.tree()?;
+        let start = tree
             .range(record_key(stream, 0)..=record_key(stream, from))
             .next_back()
             .transpose()?
             .map_or(from, |(k, _)| seq_of(&k));
-        Ok(self
-            .tree
+        Ok(tree
             .range(record_key(stream, start)..=record_key(stream, u64::MAX))
             .map(|item| Ok(item.map(|(k, v)| (seq_of(&k), v))?)))
     }
@@ -102,17 +132,66 @@ impl SledOutbox {
     /// Overwrites a stored batch value (tests of damage detection).
     #[cfg(test)]
     pub(crate) fn raw_insert(&self, stream: &str, first: u64, value: &[u8]) {
-        self.tree.insert(record_key(stream, first), value).unwrap();
+        self.tree()
+            .unwrap()
+            .insert(record_key(stream, first), value)
+            .unwrap();
     }
 
     #[cfg(test)]
     pub(crate) fn raw_get(&self, stream: &str, first: u64) -> Vec<u8> {
-        self.tree
+        self.tree()
+            .unwrap()
             .get(record_key(stream, first))
             .unwrap()
             .unwrap()
             .to_vec()
     }
+}
+
+/// Opens sled in `sled_dir` as [`SledOutbox::open`] says: an unfinished snapshot removed, a
+/// damaged configuration file written again, a snapshot sled cannot open with set aside (in the
+/// outbox's directory). Returns the handles, the bytes of record batches held, and what was
+/// damaged.
+#[allow(clippy::type_complexity)]
+fn open_recovering(
+    sled_dir: &Path,
+) -> Result<(sled::Db, sled::Tree, u64, Vec<Finding>), OutboxError> {
+    let dir = sled_dir.parent().unwrap_or(sled_dir);
+    remove_unfinished_snapshots(sled_dir);
+    let conf = restore_damaged_conf(sled_dir)?;
+    let (db, tree, bytes, mut findings) = match open_tree(sled_dir) {
+        Ok((db, tree, bytes)) => (db, tree, bytes, Vec::new()),
+        Err(first) => {
+            // sled's snapshot only speeds up its start: without it, sled reads its whole log.
+            // A damaged snapshot is moved aside and the database opened from the log.
+            let snapshots = move_snapshots_aside(sled_dir, dir);
+            if snapshots.is_empty() {
+                return Err(first.name(sled_dir, &[]));
+            }
+            match open_tree(sled_dir) {
+                Ok((db, tree, bytes)) => {
+                    let findings = snapshots.iter().map(|(name, aside)| {
+                        tracing::warn!(file = %sled_dir.join(name).display(), moved_to = %aside.display(), "sled could not open with this snapshot; it is moved aside and the database was read from its log");
+                        Finding {
+                            file: format!("sled/{name}"),
+                            at: "the whole file".into(),
+                            what: format!("a snapshot sled could not open with ({}); moved to {} and the database read from its log", first.why, aside.display()),
+                            lost: false,
+                        }
+                    }).collect();
+                    (db, tree, bytes, findings)
+                }
+                Err(_) => {
+                    put_snapshots_back(sled_dir, &snapshots);
+                    let names: Vec<String> = snapshots.into_iter().map(|(n, _)| n).collect();
+                    return Err(first.name(sled_dir, &names));
+                }
+            }
+        }
+    };
+    findings.extend(conf);
+    Ok((db, tree, bytes, findings))
 }
 
 /// Why sled could not open a directory, and the file it points at when it says.
@@ -362,13 +441,12 @@ impl Outbox for SledOutbox {
         for (name, bytes) in &commit.checkpoints {
             let key = named_key(b'c', name);
             let (counter, value) = self.vault.seal_checkpoint(&mut keys, name, bytes, || {
-                Ok(self.tree.get(&key)?.map(|v| v.to_vec()))
+                Ok(self.tree()?.get(&key)?.map(|v| v.to_vec()))
             })?;
             batch.insert(key, value);
             written.push((name.as_str(), counter));
         }
-        self.tree.apply_batch(batch)?;
-        self.db.flush()?;
+        self.apply_durably(batch)?;
         Vault::checkpoints_committed(&mut keys, &written)?;
         drop(keys);
         self.record_bytes.fetch_add(added, Ordering::Relaxed);
@@ -401,8 +479,7 @@ impl Outbox for SledOutbox {
             for first in firsts {
                 removals.remove(record_key(stream, first));
             }
-            self.tree.apply_batch(removals)?;
-            self.db.flush()?;
+            self.apply_durably(removals)?;
             sub_bytes(&self.record_bytes, purged.bytes);
         }
         shred(self, &self.vault, stream, &mut purged)?;
@@ -411,14 +488,14 @@ impl Outbox for SledOutbox {
 
     fn next_sequence(&self, stream: &str) -> Result<u64, OutboxError> {
         Ok(self
-            .tree
+            .tree()?
             .get(named_key(b'n', stream))?
             .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
             .map_or(1, u64::from_be_bytes))
     }
 
     fn checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, OutboxError> {
-        let value = self.tree.get(named_key(b'c', name))?;
+        let value = self.tree()?.get(named_key(b'c', name))?;
         Ok(value.and_then(|v| self.vault.open_checkpoint(name, &v)))
     }
 
@@ -427,10 +504,10 @@ impl Outbox for SledOutbox {
     }
 
     fn streams(&self) -> Result<Vec<String>, OutboxError> {
-        stream_names(self.tree.scan_prefix(b"n").map(|item| Ok(item?.0)))
+        stream_names(self.tree()?.scan_prefix(b"n").map(|item| Ok(item?.0)))
     }
 
     fn checkpoint_names(&self) -> Result<Vec<String>, OutboxError> {
-        stream_names(self.tree.scan_prefix(b"c").map(|item| Ok(item?.0)))
+        stream_names(self.tree()?.scan_prefix(b"c").map(|item| Ok(item?.0)))
     }
 }
