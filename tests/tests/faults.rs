@@ -1,5 +1,6 @@
-//! End to end: the outbox under faults. A full disk freed again without a restart, and one byte
-//! flipped at a random offset in each of the outbox's files, on both engines: the gateway either
+//! End to end: the outbox under faults. A full disk freed again without a restart, and each of
+//! the outbox's files damaged at random offsets (a byte flipped, a page zeroed, the file cut
+//! short), on both engines: the gateway either
 //! serves every record it serves correctly, with a Gap for whatever it cannot, or refuses to
 //! start naming the file; it never truncates silently and never hands out a sequence twice.
 
@@ -156,7 +157,7 @@ impl Rng {
                     .map_or(1, |d| d.as_nanos() as u64)
                     | 1
             });
-        eprintln!("byte flips: HUBGATE_FLIP_SEED={seed}");
+        eprintln!("damage: HUBGATE_FLIP_SEED={seed}");
         Self(seed)
     }
 
@@ -201,19 +202,36 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
-/// Flips one byte of `file`: half the time one of its non-zero bytes (where data is), else any.
-/// Returns the offset.
-fn flip_one_byte(file: &Path, rng: &mut Rng) -> usize {
+/// Damages `file` in one of three ways, by `round`: one byte flipped (half the time one of its
+/// non-zero bytes, where data is, else any), a 4 KiB page written with zeros, or the file cut
+/// short. Returns what was done.
+fn damage(file: &Path, round: usize, rng: &mut Rng) -> String {
     let mut bytes = std::fs::read(file).expect("read the file");
-    let data: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] != 0).collect();
-    let offset = if !data.is_empty() && rng.below(2) == 0 {
-        data[rng.below(data.len())]
-    } else {
-        rng.below(bytes.len())
+    let what = match round % 3 {
+        0 => {
+            let data: Vec<usize> = (0..bytes.len()).filter(|&i| bytes[i] != 0).collect();
+            let offset = if !data.is_empty() && rng.below(2) == 0 {
+                data[rng.below(data.len())]
+            } else {
+                rng.below(bytes.len())
+            };
+            bytes[offset] ^= 1 + rng.below(255) as u8;
+            format!("a byte flipped at offset {offset}")
+        }
+        1 => {
+            let page = rng.below(bytes.len().div_ceil(4096)) * 4096;
+            let end = (page + 4096).min(bytes.len());
+            bytes[page..end].fill(0);
+            format!("the page at offset {page} zeroed")
+        }
+        _ => {
+            let len = rng.below(bytes.len());
+            bytes.truncate(len);
+            format!("cut to {len} bytes")
+        }
     };
-    bytes[offset] ^= 1 + rng.below(255) as u8;
     std::fs::write(file, bytes).expect("write the file");
-    offset
+    what
 }
 
 /// What one damaged copy of the data directory did.
@@ -300,11 +318,10 @@ async fn check_served(
     lost
 }
 
-/// One byte flipped at a random offset in each file of the outbox, 6 times a file (or
-/// `HUBGATE_FLIPS`), each
-/// on a fresh copy of a data directory left by a SIGKILL (so redb's log holds entries not yet
-/// folded).
-async fn byte_flips(engine: &str) {
+/// Each file of the outbox damaged 6 times (or `HUBGATE_FLIPS`): a byte flipped, a page zeroed or
+/// the file cut short, at random offsets, each on a fresh copy of a data directory left by a
+/// SIGKILL (redb's log holds entries not yet folded) or by a clean stop.
+async fn damaged_copies(engine: &str) {
     let _turn = ONE_AT_A_TIME.lock().await;
     const N: u64 = 2_000;
     let flips: usize = std::env::var("HUBGATE_FLIPS")
@@ -330,59 +347,59 @@ async fn byte_flips(engine: &str) {
     assert_eq!(seen.numbers.len() as u64, N);
     let truth = seen.by_sequence;
     gw.kill();
+    // The same records after a clean stop (redb's log folded, sled flushed).
+    let stopped = home.path().join("stopped");
+    copy_tree(&pristine, &stopped);
+    let gw = Gateway::start(gateway_bin!(), &config(&stopped));
+    gw.wait_ready();
+    gw.stop();
     let mut next_number = N + 1;
     let mut outcomes = Outcomes::default();
-    for (index, file) in files_under(&pristine.join("outbox"))
-        .into_iter()
-        .enumerate()
-    {
-        for round in 0..flips {
-            let data = home.path().join(format!("case-{index}-{round}"));
-            copy_tree(&pristine, &data);
-            let offset = flip_one_byte(&data.join("outbox").join(&file), &mut rng);
-            let case = format!(
-                "{engine}: a byte flipped in {} at offset {offset}",
-                file.display()
-            );
-            match Gateway::try_start(gateway_bin!(), &config(&data)) {
-                Err(log) => {
-                    let name = Path::new("outbox").join(&file);
-                    let why = log
-                        .lines()
-                        .find(|l| l.starts_with("hubgate: error:"))
-                        .unwrap_or_default();
-                    assert!(
-                        why.contains(&*name.to_string_lossy()),
-                        "{case}: the gateway refused to start without naming the file:\n{log}"
-                    );
-                    eprintln!("{case}: refused: {why}");
-                    if std::env::var("HUBGATE_FLIP_LOGS").is_ok() {
-                        eprintln!("{log}");
+    for (left, after) in [(&pristine, "a SIGKILL"), (&stopped, "a clean stop")] {
+        for (index, file) in files_under(&left.join("outbox")).into_iter().enumerate() {
+            for round in 0..flips {
+                let data = home.path().join(format!("case-{index}-{round}"));
+                copy_tree(left, &data);
+                let what = damage(&data.join("outbox").join(&file), round, &mut rng);
+                let case = format!("{engine}, after {after}: {} {what}", file.display());
+                match Gateway::try_start(gateway_bin!(), &config(&data)) {
+                    Err(log) => {
+                        let name = Path::new("outbox").join(&file);
+                        let why = log
+                            .lines()
+                            .find(|l| l.starts_with("hubgate: error:"))
+                            .unwrap_or_default();
+                        assert!(
+                            why.contains(&*name.to_string_lossy()),
+                            "{case}: the gateway refused to start without naming the file:\n{log}"
+                        );
+                        eprintln!("{case}: refused: {why}");
+                        outcomes.refused += 1;
                     }
-                    outcomes.refused += 1;
-                }
-                Ok(gw) => {
-                    if check_served(&gw, &truth, &mut publisher, &mut next_number, &case).await {
-                        outcomes.served_with_gaps += 1;
-                    } else {
-                        outcomes.served_all += 1;
+                    Ok(gw) => {
+                        if check_served(&gw, &truth, &mut publisher, &mut next_number, &case).await
+                        {
+                            outcomes.served_with_gaps += 1;
+                        } else {
+                            outcomes.served_all += 1;
+                        }
                     }
                 }
+                let _ = std::fs::remove_dir_all(&data);
             }
-            let _ = std::fs::remove_dir_all(&data);
         }
     }
-    eprintln!("byte flips on {engine}: {outcomes:?}");
+    eprintln!("damaged copies on {engine}: {outcomes:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn byte_flips_in_a_redb_outbox_give_gaps_or_a_refusal_naming_the_file() {
-    byte_flips("redb").await;
+async fn damage_to_a_redb_outbox_gives_gaps_or_a_refusal_naming_the_file() {
+    damaged_copies("redb").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn byte_flips_in_a_sled_outbox_give_gaps_or_a_refusal_naming_the_file() {
-    byte_flips("sled").await;
+async fn damage_to_a_sled_outbox_gives_gaps_or_a_refusal_naming_the_file() {
+    damaged_copies("sled").await;
 }
 
 /// Runs `hubgate outbox ARGS`; its exit code and standard output.

@@ -101,11 +101,8 @@ pub enum OutboxError {
     Damaged { files: String, why: String },
     #[error("the storage engine panicked: {0}")]
     Panicked(String),
-    #[error("{file}: {source}")]
-    InFile {
-        file: String,
-        source: Box<OutboxError>,
-    },
+    #[error("{file}: {err}")]
+    InFile { file: String, err: Box<OutboxError> },
 }
 
 impl OutboxError {
@@ -113,7 +110,7 @@ impl OutboxError {
     pub fn in_file(file: &Path, err: OutboxError) -> Self {
         Self::InFile {
             file: file.display().to_string(),
-            source: Box::new(err),
+            err: Box::new(err),
         }
     }
 }
@@ -284,8 +281,10 @@ pub trait Outbox: Send + Sync + 'static {
     /// The streams' next sequences as last made visible, kept apart from the data (see
     /// [`high_water`]).
     fn high_water(&self) -> &high_water::HighWater;
-    /// Looks at every batch of `stream`: a checksum that fails, a range no batch holds before the
-    /// stream's next sequence; `deep` also opens each batch (authenticates it under its key).
+    /// Looks at every batch of `stream`: a checksum that fails, a data key missing, a range no
+    /// batch holds before the stream's next sequence; `deep` also opens each batch
+    /// (authenticates it under its key). For a start or an offline look: a purge running
+    /// meanwhile would be taken for damage.
     fn survey(&self, stream: &str, deep: bool) -> Result<Survey, OutboxError>;
     /// Damage found in the outbox's files when it was opened (its log, key file, sequence marks).
     fn findings(&self) -> Vec<Finding>;
@@ -398,23 +397,24 @@ fn survey_batches<V: AsRef<[u8]>>(
         };
         let batch = info(first, value, || next_first);
         let last = first + batch.count.max(1) - 1;
+        // A purge removes batches before it destroys their keys, so a batch held without its key
+        // (no purge runs meanwhile) lost the key to damage: a slot torn, zeroed or cut off.
         let why = if batch.damaged {
             Some("the batch fails its checksum")
+        } else if !vault.lock().holds(stream, first) {
+            Some("the batch's data key is missing from the key file")
         } else if deep {
             match decode(&vault.lock(), stream, first, value) {
                 Decoded::Records(records) => {
                     out.records += records.len() as u64;
                     None
                 }
-                Decoded::Shredded => None,
-                Decoded::Damaged => {
+                Decoded::Shredded | Decoded::Damaged => {
                     Some("the batch cannot be opened: it or its data key is damaged")
                 }
             }
         } else {
-            if vault.lock().holds(stream, first) {
-                out.records += batch.count;
-            }
+            out.records += batch.count;
             None
         };
         if let Some(why) = why {

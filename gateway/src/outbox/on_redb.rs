@@ -618,6 +618,25 @@ impl RedbOutbox {
         from: u64,
         f: impl FnOnce(&mut dyn Iterator<Item = Entry<Vec<u8>>>) -> T,
     ) -> Result<T, OutboxError> {
+        // redb asserts on some damage it meets in a page (a page zeroed on disk): the read
+        // fails with an error naming the file, and the gateway goes on.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.with_batches_unguarded(stream, from, f)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(OutboxError::in_file(
+                &self.shared.path,
+                OutboxError::Panicked(super::panic_text(&*panic)),
+            ))
+        })
+    }
+
+    fn with_batches_unguarded<T>(
+        &self,
+        stream: &str,
+        from: u64,
+        f: impl FnOnce(&mut dyn Iterator<Item = Entry<Vec<u8>>>) -> T,
+    ) -> Result<T, OutboxError> {
         // A batch being folded is in both (packed, under its first part's key, in redb).
         let (waiting, tx) = self.waiting_batches(stream)?;
         let table = tx.open_table(TABLE).map_err(db_error)?;
