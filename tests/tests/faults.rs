@@ -242,11 +242,13 @@ struct Outcomes {
     served_with_gaps: u32,
 }
 
-/// Checks a gateway started on a damaged copy: each record it serves is the one stored under
-/// that sequence, every sequence up to `last` is served or inside a Gap, none twice, a Gap is
-/// counted as damage, and new records get sequences after `last`. Returns whether there were gaps.
+/// Checks a gateway started on a damaged copy of a data directory (`data`): each record it serves
+/// is the one stored under that sequence, every sequence up to `last` is served or inside a Gap,
+/// none twice, a Gap is counted as damage and audited, and new records get sequences after
+/// `last`. Returns whether there were gaps.
 async fn check_served(
     gw: &Gateway,
+    data: &Path,
     truth: &BTreeMap<u64, u64>,
     publisher: &mut Publisher,
     next_number: &mut u64,
@@ -288,6 +290,12 @@ async fn check_served(
             gw.metrics()
                 .contains("hubgate_outbox_records_damaged_total{"),
             "{case}: records lost without being counted as damaged; gaps {:?}",
+            seen.gaps
+        );
+        let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap_or_default();
+        assert!(
+            audit.contains("\"outbox_records_lost\"") || audit.contains("\"outbox_damage_found\""),
+            "{case}: records lost without an audit entry; gaps {:?}",
             seen.gaps
         );
     }
@@ -377,7 +385,8 @@ async fn damaged_copies(engine: &str) {
                         outcomes.refused += 1;
                     }
                     Ok(gw) => {
-                        if check_served(&gw, &truth, &mut publisher, &mut next_number, &case).await
+                        if check_served(&gw, &data, &truth, &mut publisher, &mut next_number, &case)
+                            .await
                         {
                             outcomes.served_with_gaps += 1;
                         } else {
