@@ -112,6 +112,17 @@ impl SledOutbox {
         }
     }
 
+    /// Runs the read `f`: a panic inside sled (it asserts on some damage it meets) becomes an
+    /// error naming sled's log, and the gateway goes on.
+    fn guarded<T>(&self, f: impl FnOnce() -> Result<T, OutboxError>) -> Result<T, OutboxError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            Err(OutboxError::in_file(
+                &self.sled_dir.join("db"),
+                OutboxError::Panicked(super::panic_text(&*panic)),
+            ))
+        })
+    }
+
     /// The batches of `stream` from the one holding sequence `from` on.
     fn batches_from(
         &self,
@@ -404,14 +415,16 @@ impl Outbox for SledOutbox {
     }
 
     fn survey(&self, stream: &str, deep: bool) -> Result<Survey, OutboxError> {
-        let next = self.next_sequence(stream)?;
-        survey_batches(
-            &self.vault,
-            stream,
-            self.batches_from(stream, 0)?,
-            next,
-            deep,
-        )
+        self.guarded(|| {
+            let next = self.next_sequence(stream)?;
+            survey_batches(
+                &self.vault,
+                stream,
+                self.batches_from(stream, 0)?,
+                next,
+                deep,
+            )
+        })
     }
 
     fn findings(&self) -> Vec<Finding> {
@@ -454,15 +467,19 @@ impl Outbox for SledOutbox {
     }
 
     fn read(&self, stream: &str, from: u64, max: usize) -> Result<ReadBatch, OutboxError> {
-        let batches = self.batches_from(stream, from)?;
-        read_batches(&self.vault, stream, batches, from, max, &|| {
-            self.next_sequence(stream)
+        self.guarded(|| {
+            let batches = self.batches_from(stream, from)?;
+            read_batches(&self.vault, stream, batches, from, max, &|| {
+                self.next_sequence(stream)
+            })
         })
     }
 
     fn oldest(&self, stream: &str) -> Result<Option<BatchInfo>, OutboxError> {
-        first_batch(self.batches_from(stream, 0)?, &|| {
-            self.next_sequence(stream).unwrap_or(0)
+        self.guarded(|| {
+            first_batch(self.batches_from(stream, 0)?, &|| {
+                self.next_sequence(stream).unwrap_or(0)
+            })
         })
     }
 

@@ -147,7 +147,18 @@ fn look(outbox: &dyn Outbox, engine: Engine) -> anyhow::Result<Report> {
         streams: Vec::new(),
     };
     for stream in outbox.streams()? {
-        let survey = outbox.survey(&stream, true)?;
+        let survey = match outbox.survey(&stream, true) {
+            Ok(survey) => survey,
+            Err(err) => {
+                report.findings.push(Finding {
+                    file: outbox.data_file().into(),
+                    at: format!("stream {stream:?}"),
+                    what: format!("the stream cannot be read through: {err}"),
+                    lost: true,
+                });
+                continue;
+            }
+        };
         let mut damaged = survey.damaged;
         let stored = outbox.next_sequence(&stream)?;
         if let Some(noted) = outbox.high_water().next(&stream).filter(|&n| n > stored) {
@@ -235,13 +246,39 @@ pub fn salvage(data_dir: &Path, into: &Path) -> anyhow::Result<Report> {
     Ok(report)
 }
 
+/// The first sequence after `at` (before `end`) from which `stream` can be read again, tried
+/// at growing distances (1, 2, 4, …): damage the engine cannot read through is skipped.
+fn readable_after(outbox: &dyn Outbox, stream: &str, at: u64, end: u64) -> Option<u64> {
+    let mut step = 1;
+    while at + step < end {
+        if outbox.read(stream, at + step, 1).is_ok() {
+            return Some(at + step);
+        }
+        step *= 2;
+    }
+    None
+}
+
 /// Copies the readable records of `stream`, each under its own sequence, in runs of consecutive
 /// sequences kept at the same time.
 fn copy_stream(from: &dyn Outbox, to: &dyn Outbox, stream: &str) -> anyhow::Result<()> {
     let end = from.next_sequence(stream)?;
     let mut next = from.oldest(stream)?.map_or(end, |b| b.first);
     while next < end {
-        let read = from.read(stream, next, CHUNK)?;
+        let read = match from.read(stream, next, CHUNK) {
+            Ok(read) => read,
+            Err(err) => match readable_after(from, stream, next, end) {
+                Some(after) => {
+                    tracing::error!(stream, first = next, last = after - 1, %err, "cannot read these sequences: they are left out");
+                    next = after;
+                    continue;
+                }
+                None => {
+                    tracing::error!(stream, first = next, %err, "cannot read the stream from here on: the rest is left out");
+                    break;
+                }
+            },
+        };
         let skipped = read.damaged.iter().map(|d| d.1 + 1).max();
         let Some(last) = read.records.last().map(|r| r.sequence) else {
             match skipped {
