@@ -96,7 +96,7 @@ impl std::fmt::Debug for DataKeys {
 
 impl DataKeys {
     /// Opens (or creates) the key file. A slot whose checksum fails (torn by a crash while its key
-    /// was made, or damaged) is kept aside: never used and never reused, and logged, since the
+    /// was made, or damaged) is logged, listed in [`DataKeys::damaged_slots`] and erased, since the
     /// records it may have sealed can no longer be read.
     pub fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
@@ -122,11 +122,13 @@ impl DataKeys {
             }
             let crc = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
             if crc32fast::hash(&raw[8..]) != crc {
+                // Torn by a crash while its key was made (it sealed nothing), or damaged: what
+                // it sealed cannot be read either way. The slot is erased, so that it is
+                // reported once; batches left without their key are reported at start.
                 tracing::error!(
                     slot,
-                    "a damaged outbox key slot is kept aside: what it sealed cannot be read"
+                    "a damaged outbox key slot is erased: what it sealed cannot be read"
                 );
-                keys.used[slot] = true;
                 keys.damaged.push(slot);
                 continue;
             }
@@ -145,6 +147,9 @@ impl DataKeys {
         }
         for list in keys.streams.values_mut() {
             list.sort_by_key(|k| k.first);
+        }
+        for slot in keys.damaged.clone() {
+            keys.erase(slot)?;
         }
         Ok(keys)
     }
@@ -430,7 +435,7 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_slot_is_kept_aside() {
+    fn a_damaged_slot_is_reported_once_and_erased() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         let sealed = {
@@ -440,13 +445,13 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[40] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let mut keys = DataKeys::open(&path).unwrap();
+        let keys = DataKeys::open(&path).unwrap();
+        assert_eq!(keys.damaged_slots(), &[0]);
         assert_eq!(keys.unseal("s", 1, &sealed), None);
-        // The slot is neither erased nor reused: a new key takes a slot of its own.
-        keys.seal("s", 2, 0, HOUR, b"y").unwrap();
-        let after = std::fs::read(&path).unwrap();
-        assert_eq!(after.len(), 2 * SLOT);
-        assert_eq!(after[..SLOT], bytes[..SLOT]);
+        assert!(!keys.holds("s", 1));
+        // Erased in place: no bytes of the damaged key are left, and the next open finds nothing.
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; SLOT]);
+        assert!(DataKeys::open(&path).unwrap().damaged_slots().is_empty());
     }
 
     #[test]

@@ -351,12 +351,8 @@ pub(super) fn decode_batch(keys: &DataKeys, stream: &str, first: u64, value: &[u
         return Decoded::Damaged;
     }
     if !keys.holds(stream, first) {
-        // A key destroyed by a purge, unless a damaged slot of the key file may have held it.
-        return if keys.damaged_slots().is_empty() {
-            Decoded::Shredded
-        } else {
-            Decoded::Damaged
-        };
+        // A key destroyed by a purge (or lost to damage, which the outbox reports at start).
+        return Decoded::Shredded;
     }
     let count = count_of(value);
     let kept_ms = kept_of(value);

@@ -72,6 +72,21 @@ impl HighWater {
         }
     }
 
+    /// Every stream with a mark.
+    pub fn streams(&self) -> Vec<String> {
+        self.lock().next.keys().cloned().collect()
+    }
+
+    /// Makes the marks written so far durable (the gateway does not wait for this: see above).
+    pub fn sync(&self) -> std::io::Result<()> {
+        if let Some(files) = &self.lock().files {
+            for file in files {
+                file.sync_data()?;
+            }
+        }
+        Ok(())
+    }
+
     /// The files (names) that held bytes but no valid marks when opened.
     pub fn damaged_files(&self) -> &[String] {
         &self.damaged

@@ -23,6 +23,8 @@ pub struct SledOutbox {
     record_bytes: AtomicU64,
     /// What was damaged when it opened (a snapshot set aside).
     findings: Vec<Finding>,
+    /// A write failed with an I/O error: sled is to be opened again before the next one.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl SledOutbox {
@@ -48,6 +50,7 @@ impl SledOutbox {
             vault,
             record_bytes: AtomicU64::new(bytes),
             findings,
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -69,42 +72,49 @@ impl SledOutbox {
     }
 
     /// Applies `batch` to the tree and makes it durable. After an I/O error (a full disk) sled
-    /// answers every later write with it: sled is closed and opened again, so that the next
-    /// attempt can succeed once the cause is gone. Should sled not open yet, the next attempt
-    /// tries again.
+    /// answers every later write with it, so it is marked to be closed and opened again before the
+    /// next write ([`SledOutbox::reopen_if_failed`]), which can then succeed once the cause is
+    /// gone.
     fn apply_durably(&self, batch: sled::Batch) -> Result<(), OutboxError> {
-        let (db, tree) = match self.handles() {
-            Ok(handles) => handles,
-            Err(err) => {
-                self.reopen();
-                return Err(err);
-            }
-        };
+        let (db, tree) = self.handles()?;
         let applied = tree.apply_batch(batch).and_then(|()| db.flush().map(drop));
         drop((db, tree));
         let Err(err) = applied else {
             return Ok(());
         };
         if matches!(err, sled::Error::Io(_)) {
-            self.reopen();
+            self.failed.store(true, Ordering::Relaxed);
         }
         Err(err.into())
     }
 
-    /// Closes sled and opens it again (see [`SledOutbox::apply_durably`]): sled's lock is free
-    /// once readers holding its handles finish.
-    fn reopen(&self) {
-        let mut open = self
+    /// Closes sled and opens it again when a write failed with an I/O error, with the recovery of
+    /// a start ([`open_recovering`]). Called before a write, with no lock of the outbox held:
+    /// readers finish with the old handles (sled's lock is free once they do) and meanwhile get
+    /// an error, not a wait. Should sled not open yet, the next write tries again.
+    fn reopen_if_failed(&self) {
+        if !self.failed.load(Ordering::Relaxed) {
+            return;
+        }
+        let old = self
             .open
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        drop(open.take());
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        drop(old);
         match open_recovering(&self.sled_dir) {
-            Ok((db, tree, bytes, _)) => {
+            Ok((db, tree, bytes, findings)) => {
                 tracing::warn!(dir = %self.sled_dir.display(), "reopened the outbox's sled after an I/O error");
+                for finding in findings {
+                    tracing::warn!(file = %finding.file, "{}", finding.what);
+                }
                 metrics::counter!(hubgate_exporters::catalogue::OUTBOX_REOPENS).increment(1);
                 self.record_bytes.store(bytes, Ordering::Relaxed);
-                *open = Some((db, tree));
+                *self
+                    .open
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((db, tree));
+                self.failed.store(false, Ordering::Relaxed);
             }
             Err(err) => {
                 tracing::warn!(dir = %self.sled_dir.display(), %err, "cannot reopen the outbox's sled yet");
@@ -173,6 +183,7 @@ fn open_recovering(
     let conf = restore_damaged_conf(sled_dir)?;
     let (db, tree, bytes, mut findings) = match open_tree(sled_dir) {
         Ok((db, tree, bytes)) => (db, tree, bytes, Vec::new()),
+        Err(first) if first.other.is_some() => return Err(first.name(sled_dir, &[])),
         Err(first) => {
             // sled's snapshot only speeds up its start: without it, sled reads its whole log.
             // A damaged snapshot is moved aside and the database opened from the log.
@@ -438,6 +449,7 @@ impl Outbox for SledOutbox {
     }
 
     fn commit(&self, commit: &Commit) -> Result<(), OutboxError> {
+        self.reopen_if_failed();
         let mut keys = self.vault.lock();
         let mut batch = sled::Batch::default();
         let mut added = 0;
@@ -488,6 +500,7 @@ impl Outbox for SledOutbox {
         stream: &str,
         purge: &mut dyn FnMut(&BatchInfo) -> bool,
     ) -> Result<Purged, OutboxError> {
+        self.reopen_if_failed();
         let (mut purged, firsts) = purge_batches(self.batches_from(stream, 0)?, purge, &|| {
             self.next_sequence(stream).unwrap_or(0)
         })?;

@@ -50,7 +50,7 @@ impl Vault {
             .map(|slot| super::Finding {
                 file: "keys".into(),
                 at: format!("slot {slot} (offset {})", slot * DataKeys::SLOT_BYTES),
-                what: "a data key slot that fails its checksum: the records it sealed, if any, cannot be read (a key torn by a crash sealed none)".into(),
+                what: "a data key slot that fails its checksum, now erased: the records it sealed, if any, cannot be read (a key torn by a crash sealed none)".into(),
                 lost: false,
             })
             .collect();

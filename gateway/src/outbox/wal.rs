@@ -255,12 +255,9 @@ fn recover(bytes: &[u8], half: usize, folded: u64) -> Recovered {
                 at += len;
                 continue;
             }
-            if header.iter().all(|b| *b == 0) {
-                // Never written.
-                break;
-            }
-            // Not an intact entry: damage, the last write of a process that was killed, or
-            // what an earlier use of the half left. Damage if an entry to replay follows.
+            // Not an intact entry: never written (zeros), damage (a flipped byte, a zeroed page),
+            // the last write of a process that was killed, or what an earlier use of the half
+            // left. Damage if an entry to replay follows.
             let began = header[..4] == MAGIC;
             let next = (at + 1..region.len().saturating_sub(ENTRY_HEADER))
                 .filter(|&i| region[i..i + 4] == MAGIC)
@@ -358,6 +355,15 @@ mod tests {
             assert_eq!(found.missing, vec![2]);
             assert_eq!(found.last_seen, 3);
         }
+        // A zeroed page that starts where an entry does.
+        let mut zeroed = bytes.clone();
+        zeroed[second..second + ENTRY_HEADER].fill(0);
+        let found = recover(&zeroed, half, 0);
+        assert_eq!(found.entries, vec![inserts(1, 2), inserts(3, 2)]);
+        assert_eq!(
+            (found.damaged, found.missing),
+            (vec![second as u64], vec![2])
+        );
         // Damage to the last entry: it is lost, and nothing says more than that it is torn.
         let third = second * 2;
         let mut damaged = bytes.clone();

@@ -285,22 +285,7 @@ impl StreamLog {
             .known_damage
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let mut covered = 0;
-        let mut from = first;
-        known.sort_unstable();
-        for &(a, b) in known.iter() {
-            if b < from || a > last {
-                continue;
-            }
-            let (lo, hi) = (a.max(from), b.min(last));
-            covered += hi - lo + 1;
-            from = hi.saturating_add(1);
-        }
-        let new = (last - first + 1) - covered;
-        if new > 0 {
-            known.push((first, last));
-        }
-        new
+        newly_damaged(&mut known, first, last)
     }
 
     /// Records kept before this are purged: one key period and one purge tick (1 s) before their
@@ -323,6 +308,27 @@ impl StreamLog {
             tail.pop_front();
         }
     }
+}
+
+/// Notes damaged sequences `first..=last` among those `known` damaged; returns how many were not
+/// known before.
+fn newly_damaged(known: &mut Vec<(u64, u64)>, first: u64, last: u64) -> u64 {
+    let mut covered = 0;
+    let mut from = first;
+    known.sort_unstable();
+    for &(a, b) in known.iter() {
+        let (lo, hi) = (a.max(from), b.min(last));
+        if lo > hi {
+            continue;
+        }
+        covered += hi - lo + 1;
+        from = hi.saturating_add(1);
+    }
+    let new = (last - first + 1) - covered;
+    if new > 0 {
+        known.push((first, last));
+    }
+    new
 }
 
 /// Per-stream logs of filtered records. Streams are addressed by their index in the policy; the

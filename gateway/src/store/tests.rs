@@ -333,3 +333,16 @@ fn lost_newest_data_never_makes_a_sequence_repeat() {
     );
     assert!(audit.contains("\"first_sequence\":4") && audit.contains("\"last_sequence\":9"));
 }
+
+/// Damaged ranges are counted once however they overlap what was found before.
+#[test]
+fn damaged_ranges_are_counted_once() {
+    let mut known = Vec::new();
+    assert_eq!(newly_damaged(&mut known, 1, 5), 5);
+    assert_eq!(newly_damaged(&mut known, 3, 10), 5);
+    assert_eq!(newly_damaged(&mut known, 1, 5), 0);
+    assert_eq!(newly_damaged(&mut known, 2, 9), 0);
+    assert_eq!(newly_damaged(&mut known, 8, 12), 2);
+    assert_eq!(newly_damaged(&mut known, 20, 20), 1);
+    assert_eq!(newly_damaged(&mut known, 1, 20), 7);
+}

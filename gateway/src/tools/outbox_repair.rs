@@ -89,8 +89,8 @@ struct WorkingCopy {
 
 impl WorkingCopy {
     fn make(data_dir: &Path) -> anyhow::Result<Self> {
+        remove_stale_copies(data_dir);
         let copy = data_dir.join(format!("outbox-verify.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&copy);
         copy_tree(&data_dir.join("outbox"), &copy.join("outbox"))
             .with_context(|| format!("cannot copy the outbox to {}", copy.display()))?;
         Ok(Self { data_dir: copy })
@@ -99,22 +99,44 @@ impl WorkingCopy {
 
 impl Drop for WorkingCopy {
     fn drop(&mut self) {
-        let keys = self.data_dir.join("outbox/keys");
-        if let Ok(len) = std::fs::metadata(&keys).map(|m| m.len()) {
-            let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
-            let _ = std::fs::write(&keys, zeros).and_then(|()| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&keys)?
-                    .sync_all()
-            });
-        }
-        let _ = std::fs::remove_dir_all(&self.data_dir);
+        erase(&self.data_dir);
     }
 }
 
-/// Copies the tree `from` into `to` (directories 0700, files as they are).
+/// Overwrites the key file of a working copy in place with zeros, synced, then removes the copy.
+fn erase(copy: &Path) {
+    let keys = copy.join("outbox/keys");
+    if let Ok(file) = std::fs::OpenOptions::new().write(true).open(&keys) {
+        let len = file.metadata().map_or(0, |m| m.len());
+        let zeros = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        let _ = std::os::unix::fs::FileExt::write_all_at(&file, &zeros, 0);
+        let _ = file.sync_data();
+    }
+    let _ = std::fs::remove_dir_all(copy);
+}
+
+/// Removes the working copies a tool that was killed left behind (under the data directory's
+/// lock, which the caller holds).
+fn remove_stale_copies(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("outbox-verify.")
+        {
+            erase(&entry.path());
+        }
+    }
+}
+
+/// Copies the tree `from` into `to` (directories 0700, files 0600). Files are read and written,
+/// not cloned: a file system that shares blocks between copies (a reflink) would keep a data
+/// key's bytes once the original erases it in place.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
         .create(to)?;
     for entry in std::fs::read_dir(from)? {
@@ -123,7 +145,15 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         if entry.file_type()?.is_dir() {
             copy_tree(&entry.path(), &target)?;
         } else {
-            std::fs::copy(entry.path(), &target)?;
+            let bytes = zeroize::Zeroizing::new(std::fs::read(entry.path())?);
+            std::io::Write::write_all(
+                &mut std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&target)?,
+                &bytes,
+            )?;
         }
     }
     Ok(())
@@ -228,56 +258,96 @@ pub fn salvage(data_dir: &Path, into: &Path) -> anyhow::Result<Report> {
         }
     }
     let to = open(engine, into)?;
-    for stream in from.streams()? {
-        copy_stream(&*from, &*to, &stream)?;
+    let mut report = report;
+    let mut streams = from.streams()?;
+    for noted in from.high_water().streams() {
+        if !streams.contains(&noted) {
+            streams.push(noted);
+        }
+    }
+    for stream in streams {
+        let skipped = copy_stream(&*from, &*to, &stream)?;
+        if !skipped.is_empty() {
+            let known = report.streams.iter_mut().find(|s| s.0 == stream);
+            match known {
+                Some(entry) => entry.2.extend(skipped),
+                None => report.streams.push((stream.clone(), 0, skipped)),
+            }
+        }
         let next = from
             .next_sequence(&stream)?
             .max(from.high_water().next(&stream).unwrap_or(0));
         to.high_water().note([(stream.clone(), next)])?;
     }
+    to.high_water().sync()?;
     for name in from.checkpoint_names()? {
-        if let Some(bytes) = from.checkpoint(&name)? {
-            to.commit(&Commit {
+        match from.checkpoint(&name) {
+            Ok(Some(bytes)) => to.commit(&Commit {
                 appends: Vec::new(),
                 checkpoints: vec![(name, bytes)],
-            })?;
+            })?,
+            Ok(None) | Err(_) => report.findings.push(Finding {
+                file: from.data_file().into(),
+                at: format!("checkpoint {name:?}"),
+                what: "a checkpoint that cannot be read: left out".into(),
+                lost: true,
+            }),
         }
     }
     Ok(report)
 }
 
-/// The first sequence after `at` (before `end`) from which `stream` can be read again, tried
-/// at growing distances (1, 2, 4, …): damage the engine cannot read through is skipped.
+/// The lowest sequence after `at` (before `end`) from which `stream` can be read again: tried at
+/// growing distances (1, 2, 4, …), then narrowed down between the last that failed and the first
+/// that did not. Damage the engine cannot read through is skipped, and no more.
 fn readable_after(outbox: &dyn Outbox, stream: &str, at: u64, end: u64) -> Option<u64> {
-    let mut step = 1;
-    while at + step < end {
-        if outbox.read(stream, at + step, 1).is_ok() {
-            return Some(at + step);
+    let readable = |s: u64| outbox.read(stream, s, 1).is_ok();
+    let (mut failed, mut step) = (at, 1);
+    let mut found = loop {
+        let probe = at.checked_add(step).filter(|&p| p < end)?;
+        if readable(probe) {
+            break probe;
         }
+        failed = probe;
         step *= 2;
+    };
+    while found - failed > 1 {
+        let mid = failed + (found - failed) / 2;
+        if readable(mid) {
+            found = mid;
+        } else {
+            failed = mid;
+        }
     }
-    None
+    Some(found)
 }
 
 /// Copies the readable records of `stream`, each under its own sequence, in runs of consecutive
-/// sequences kept at the same time.
-fn copy_stream(from: &dyn Outbox, to: &dyn Outbox, stream: &str) -> anyhow::Result<()> {
+/// sequences kept at the same time. Returns the ranges the engine could not read through.
+fn copy_stream(from: &dyn Outbox, to: &dyn Outbox, stream: &str) -> anyhow::Result<Vec<Damage>> {
+    let mut skipped = Vec::new();
     let end = from.next_sequence(stream)?;
     let mut next = from.oldest(stream)?.map_or(end, |b| b.first);
     while next < end {
         let read = match from.read(stream, next, CHUNK) {
             Ok(read) => read,
-            Err(err) => match readable_after(from, stream, next, end) {
-                Some(after) => {
-                    tracing::error!(stream, first = next, last = after - 1, %err, "cannot read these sequences: they are left out");
-                    next = after;
-                    continue;
+            Err(err) => {
+                let after = readable_after(from, stream, next, end);
+                let last = after.unwrap_or(end) - 1;
+                tracing::error!(stream, first = next, last, %err, "cannot read these sequences: they are left out");
+                skipped.push(Damage {
+                    first: next,
+                    last,
+                    why: "the engine cannot read through these sequences",
+                });
+                match after {
+                    Some(after) => {
+                        next = after;
+                        continue;
+                    }
+                    None => break,
                 }
-                None => {
-                    tracing::error!(stream, first = next, %err, "cannot read the stream from here on: the rest is left out");
-                    break;
-                }
-            },
+            }
         };
         let skipped = read.damaged.iter().map(|d| d.1 + 1).max();
         let Some(last) = read.records.last().map(|r| r.sequence) else {
@@ -318,5 +388,5 @@ fn copy_stream(from: &dyn Outbox, to: &dyn Outbox, stream: &str) -> anyhow::Resu
         }
         next = last + 1;
     }
-    Ok(())
+    Ok(skipped)
 }
