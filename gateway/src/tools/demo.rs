@@ -29,6 +29,9 @@ struct Received {
     identifiers_seen: u64,
     /// The gateway's latest footprint, from its WatchFootprint call.
     footprint: Option<v1::Footprint>,
+    /// Bytes of the gRPC messages the subscriber received, and of the field data in them.
+    bytes_out: u64,
+    field_bytes_out: u64,
 }
 
 /// The demo's data directory, removed when the demo ends.
@@ -156,13 +159,16 @@ async fn subscribe(
             () = shutdown.cancelled() => return Ok(()),
             m = stream.message() => m?,
         };
-        let Some(v1::SubscribeResponse {
-            event: Some(Event::Record(record)),
-        }) = message
-        else {
-            if message.is_none() {
-                return Ok(());
-            }
+        let Some(message) = message else {
+            return Ok(());
+        };
+        let (wire, field_bytes) = received_bytes(&message);
+        {
+            let mut r = received.lock().unwrap_or_else(PoisonError::into_inner);
+            r.bytes_out += wire;
+            r.field_bytes_out += field_bytes;
+        }
+        let Some(Event::Record(record)) = message.event else {
             continue;
         };
         let leaked = {
@@ -182,6 +188,23 @@ async fn subscribe(
             }
         }
     }
+}
+
+/// Bytes of one message as a subscriber receives it (the message and gRPC's 5-byte prefix;
+/// HTTP/2's framing not counted), and of the field data in it: the record's `fields`, encoded
+/// alone, as the pipeline counts the field data it keeps.
+fn received_bytes(message: &v1::SubscribeResponse) -> (u64, u64) {
+    use prost::Message as _;
+    let wire = 5 + message.encoded_len() as u64;
+    let fields = match &message.event {
+        Some(Event::Record(r)) => v1::Record {
+            fields: r.fields.clone(),
+            ..v1::Record::default()
+        }
+        .encoded_len() as u64,
+        _ => 0,
+    };
+    (wire, fields)
 }
 
 /// Keeps the gateway's latest footprint figures, as a dashboard would.
@@ -294,6 +317,14 @@ fn print_streams(policy: &hubgate_privacy::Policy, stats: &Stats, received: &Rec
         kb(field_bytes),
         kb(bytes_kept),
     );
+    if received.field_bytes_out > 0 {
+        println!(
+            "  bytes out: the subscriber received {} of gRPC messages for {} of field data in them ({:.2}x)",
+            kb(received.bytes_out),
+            kb(received.field_bytes_out),
+            received.bytes_out as f64 / received.field_bytes_out as f64,
+        );
+    }
 }
 
 /// What the privacy stages did, over all streams, and the aggregation if the policy has any.
@@ -370,5 +401,42 @@ fn print_devices(received: &Received) {
             "",
             out.unwrap_or_else(|| "(nothing yet)".into())
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hubgate_privacy::{Record, Value};
+    use prost::Message as _;
+
+    /// The subscriber counts a record's field data as the pipeline did when it kept the record,
+    /// and the message's bytes as they come over gRPC.
+    #[test]
+    fn the_subscriber_counts_field_data_as_the_pipeline_does() {
+        let record = Record {
+            event_time_ms: 1_700_000_000_000,
+            fields: [
+                ("count".into(), Value::Int(12)),
+                ("cell".into(), Value::Str("891f1d48177ffff".into())),
+                ("temperature".into(), Value::Float(21.5)),
+                ("open".into(), Value::Bool(true)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut body = Vec::new();
+        let (_, field_bytes) = crate::record::encode_body("footfall", "ab12", &record, &mut body);
+        let message = v1::SubscribeResponse {
+            event: Some(Event::Record(v1::Record::decode(body.as_slice()).unwrap())),
+        };
+        let (wire, fields) = received_bytes(&message);
+        assert_eq!(fields, field_bytes as u64);
+        assert_eq!(wire, 5 + message.encoded_len() as u64);
+        assert!(wire > body.len() as u64);
+        let gap = v1::SubscribeResponse {
+            event: Some(Event::Gap(v1::Gap::default())),
+        };
+        assert_eq!(received_bytes(&gap).1, 0);
     }
 }
