@@ -237,8 +237,9 @@ impl Recovered {
     }
 }
 
-/// Every intact entry of the log with an id past `folded`, in order of id; a damaged entry does
-/// not hide the ones after it. Each half is read as a chain from its start; where an entry that
+/// The intact entries of the log with ids past `folded`, in order of id, up to the first id
+/// missing, unless an entry was found damaged: then a damaged entry does not hide the ones after
+/// it. Each half is read as a chain from its start; where an entry that
 /// began is not intact, the rest of the half is searched for the next intact one. An intact
 /// entry left from an earlier use of a half has an id no higher than `folded` (a half is reused
 /// only once its entries are in redb), so every intact entry past `folded` is one to replay.
@@ -275,8 +276,15 @@ fn recover(bytes: &[u8], half: usize, folded: u64) -> Recovered {
     found.retain(|(id, _)| *id > folded);
     found.sort_by_key(|(id, _)| *id);
     found.dedup_by_key(|(id, _)| *id);
+    // Without damage, ids end at the first one missing: an entry past a gap was applied to redb
+    // another way (a purge's write-through) and must not be applied again. With damage, the
+    // entries after a damaged one are replayed, and the ids no intact entry has are reported.
+    let damaged = !out.damaged.is_empty();
     let mut expected = folded + 1;
     for (id, inserts) in found {
+        if id != expected && !damaged {
+            break;
+        }
         out.missing.extend(expected..id);
         expected = id + 1;
         out.entries.push(inserts);
