@@ -326,6 +326,62 @@ async fn check_served(
     lost
 }
 
+/// A broker, and a gateway's data directory holding `n` numbered records of stream `seq` on
+/// `engine`, the gateway killed (SIGKILL) once they were all served.
+struct Stored {
+    broker: Mosquitto,
+    publisher: Publisher,
+    client: String,
+    store: String,
+    /// The number each sequence carries.
+    truth: BTreeMap<u64, u64>,
+}
+
+impl Stored {
+    async fn make(engine: &str, n: u64, data: &Path) -> Self {
+        let broker = Mosquitto::start();
+        let stored = Self {
+            publisher: Publisher::connect(broker.port, &format!("pub-{engine}")),
+            client: format!("gw-{engine}"),
+            store: format!("engine = {engine:?}"),
+            broker,
+            truth: BTreeMap::new(),
+        };
+        let gw = Gateway::start(gateway_bin!(), &stored.config(data));
+        gw.wait_ready();
+        let mut stored = stored;
+        stored.publisher.publish_numbers("test/seq", n).await;
+        let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
+            s.numbers.len() as u64 == n
+        })
+        .await;
+        assert_eq!(
+            seen.numbers.len() as u64,
+            n,
+            "{engine}: every record stored"
+        );
+        gw.kill();
+        stored.truth = seen.by_sequence;
+        stored
+    }
+
+    /// The configuration of a gateway on the data directory `data`.
+    fn config(&self, data: &Path) -> String {
+        durable_config(
+            self.broker.port,
+            &self.client,
+            data,
+            &self.store,
+            &sequence_stream("1d"),
+        )
+    }
+
+    /// The last sequence stored.
+    fn last(&self) -> u64 {
+        *self.truth.keys().last().expect("records stored")
+    }
+}
+
 /// Each file of the outbox damaged 6 times (or `HUBGATE_FLIPS`): a byte flipped, a page zeroed or
 /// the file cut short, at random offsets, each on a fresh copy of a data directory left by a
 /// SIGKILL (redb's log holds entries not yet folded) or by a clean stop.
@@ -337,28 +393,13 @@ async fn damaged_copies(engine: &str) {
         .and_then(|n| n.parse().ok())
         .unwrap_or(6);
     let mut rng = Rng::seeded();
-    let broker = Mosquitto::start();
     let home = hubgate_tests::private_dir();
     let pristine = home.path().join("pristine");
-    let client = format!("gw-flips-{engine}");
-    let store = format!("engine = {engine:?}");
-    let config =
-        |data: &Path| durable_config(broker.port, &client, data, &store, &sequence_stream("1d"));
-    let gw = Gateway::start(gateway_bin!(), &config(&pristine));
-    gw.wait_ready();
-    let mut publisher = Publisher::connect(broker.port, &format!("pub-flips-{engine}"));
-    publisher.publish_numbers("test/seq", N).await;
-    let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
-        s.numbers.len() as u64 == N
-    })
-    .await;
-    assert_eq!(seen.numbers.len() as u64, N);
-    let truth = seen.by_sequence;
-    gw.kill();
+    let mut stored = Stored::make(engine, N, &pristine).await;
     // The same records after a clean stop (redb's log folded, sled flushed).
     let stopped = home.path().join("stopped");
     copy_tree(&pristine, &stopped);
-    let gw = Gateway::start(gateway_bin!(), &config(&stopped));
+    let gw = Gateway::start(gateway_bin!(), &stored.config(&stopped));
     gw.wait_ready();
     gw.stop();
     let mut next_number = N + 1;
@@ -370,7 +411,7 @@ async fn damaged_copies(engine: &str) {
                 copy_tree(left, &data);
                 let what = damage(&data.join("outbox").join(&file), round, &mut rng);
                 let case = format!("{engine}, after {after}: {} {what}", file.display());
-                match Gateway::try_start(gateway_bin!(), &config(&data)) {
+                match Gateway::try_start(gateway_bin!(), &stored.config(&data)) {
                     Err(log) => {
                         let name = Path::new("outbox").join(&file);
                         let why = log
@@ -385,8 +426,15 @@ async fn damaged_copies(engine: &str) {
                         outcomes.refused += 1;
                     }
                     Ok(gw) => {
-                        if check_served(&gw, &data, &truth, &mut publisher, &mut next_number, &case)
-                            .await
+                        if check_served(
+                            &gw,
+                            &data,
+                            &stored.truth,
+                            &mut stored.publisher,
+                            &mut next_number,
+                            &case,
+                        )
+                        .await
                         {
                             outcomes.served_with_gaps += 1;
                         } else {
@@ -446,24 +494,10 @@ async fn verify_and_salvage_a_damaged_outbox() {
     let _turn = ONE_AT_A_TIME.lock().await;
     const N: u64 = 300;
     for engine in ["redb", "sled"] {
-        let broker = Mosquitto::start();
         let home = hubgate_tests::private_dir();
         let data = home.path().join("data");
-        let client = format!("gw-salvage-{engine}");
-        let store = format!("engine = {engine:?}");
-        let config = |data: &Path| {
-            durable_config(broker.port, &client, data, &store, &sequence_stream("1d"))
-        };
-        let gw = Gateway::start(gateway_bin!(), &config(&data));
-        gw.wait_ready();
-        let mut publisher = Publisher::connect(broker.port, &format!("pub-salvage-{engine}"));
-        publisher.publish_numbers("test/seq", N).await;
-        let seen = replay(&gw, "seq", Duration::from_secs(30), |s| {
-            s.numbers.len() as u64 == N
-        })
-        .await;
-        let last = *seen.by_sequence.keys().last().expect("records");
-        gw.kill();
+        let stored = Stored::make(engine, N, &data).await;
+        let last = stored.last();
 
         let (code, report) = outbox_tool(&["verify".as_ref(), data.as_os_str()]);
         assert_eq!(code, 0, "{engine}: an intact outbox: {report}");
@@ -502,12 +536,15 @@ async fn verify_and_salvage_a_damaged_outbox() {
         ]);
         assert_eq!(code, 1, "{engine}: {report}");
         assert!(report.contains("salvaged into"), "{report}");
-        let gw = Gateway::start(gateway_bin!(), &config(&salvaged));
+        let gw = Gateway::start(gateway_bin!(), &stored.config(&salvaged));
         gw.wait_ready();
         let seen = replay(&gw, "seq", Duration::from_secs(5), |s| s.reached() >= last).await;
         assert!(seen.by_sequence.is_empty(), "{engine}: {seen:?}");
         assert_eq!(seen.gaps, vec![(1, last)], "{engine}");
-        publisher.publish("test/seq", "{\"n\": 100000}").await;
+        stored
+            .publisher
+            .publish("test/seq", "{\"n\": 100000}")
+            .await;
         let seen = replay(&gw, "seq", Duration::from_secs(10), |s| {
             s.numbers.contains_key(&100_000)
         })

@@ -399,12 +399,13 @@ fn survey_batches<V: AsRef<[u8]>>(
         let last = first + batch.count.max(1) - 1;
         // A purge removes batches before it destroys their keys, so a batch held without its key
         // (no purge runs meanwhile) lost the key to damage: a slot torn, zeroed or cut off.
+        let keys = vault.lock();
         let why = if batch.damaged {
             Some("the batch fails its checksum")
-        } else if !vault.lock().holds(stream, first) {
+        } else if !keys.holds(stream, first) {
             Some("the batch's data key is missing from the key file")
         } else if deep {
-            match decode(&vault.lock(), stream, first, value) {
+            match decode(&keys, stream, first, value) {
                 Decoded::Records(records) => {
                     out.records += records.len() as u64;
                     None
@@ -417,6 +418,7 @@ fn survey_batches<V: AsRef<[u8]>>(
             out.records += batch.count;
             None
         };
+        drop(keys);
         if let Some(why) = why {
             match out.damaged.last_mut() {
                 // Consecutive batches lost for one reason are one range.
